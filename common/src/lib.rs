@@ -1,0 +1,10 @@
+//! Types and formats shared by the vmreplica roles (tracker, shipper, applier).
+//!
+//! Kept deliberately small: names that cross process and network boundaries, and the
+//! durable-file helpers every role uses for its state.
+
+pub mod name;
+pub mod statefile;
+
+pub use name::{validate_name, NameError, MAX_NAME_LEN};
+pub use statefile::{read_state, write_atomic, write_state, StateFileError};

@@ -1,0 +1,1 @@
+//! vmreplica shipper: sends frozen generations to the replica site (not yet implemented).

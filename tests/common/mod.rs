@@ -1,0 +1,187 @@
+//! Helpers for integration tests: run the real `vmreplica` binary and real NBD clients.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmreplica")
+}
+
+/// Runs a tool, failing the test with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?} (is it installed? scripts/install-deps.sh): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).into_owned()
+}
+
+/// Makes a sparse raw image of `size` bytes.
+pub fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    p
+}
+
+pub struct TrackerProc {
+    pub child: Option<Child>,
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TrackerProc {
+    /// Starts `vmreplica tracker` on `disks` (NAME, PATH) with extra args; waits until ready.
+    pub fn start(dir: &Path, disks: &[(&str, &Path)], extra: &[&str]) -> TrackerProc {
+        let state = dir.join("state");
+        let socket = dir.join("nbd.sock");
+        let control = state.join("control.sock");
+        let log = dir.join(format!("tracker-{}.log", std::process::id()));
+        let mut cmd = Command::new(bin());
+        cmd.arg("tracker")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(&socket);
+        for (n, p) in disks {
+            cmd.arg("--disk").arg(format!("{n}={}", p.display()));
+        }
+        cmd.args(extra);
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stdout(Stdio::null()).stderr(logf);
+        let child = cmd.spawn().expect("spawning vmreplica tracker");
+        let t = TrackerProc {
+            child: Some(child),
+            state,
+            socket,
+            control,
+            log,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.control.exists()
+                && std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("tracker did not become ready; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let st = wait_timeout(&mut c, Duration::from_secs(30));
+        assert!(
+            st.success(),
+            "tracker exited with {st}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        let _ = c.wait();
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> serde_json::Value {
+        let out = run(Command::new(bin())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for TrackerProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(c: &mut Child, t: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("process did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Parses `nbdinfo --map` output into (offset, length, type) rows.
+pub fn parse_map(s: &str) -> Vec<(u64, u64, u32)> {
+    s.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The byte ranges a map marks with bit `bit` set, merged.
+pub fn ranges_with(map: &[(u64, u64, u32)], bit: u32) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l, t) in map {
+        if t & bit != 0 {
+            match out.last_mut() {
+                Some((so, sl)) if *so + *sl == *o => *sl += l,
+                _ => out.push((*o, *l)),
+            }
+        }
+    }
+    out
+}

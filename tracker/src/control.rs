@@ -1,0 +1,139 @@
+//! The local control socket: one JSON request per line, one JSON response per line.
+//!
+//! Requests: `{"op":"status"}`, `{"op":"freeze"}`, `{"op":"release","generation":N}`,
+//! `{"op":"merge","generation":N}`, `{"op":"clear-resync","disk":"NAME"}`.
+//! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::tracker::Tracker;
+
+/// Longest request line accepted.
+const MAX_LINE: u64 = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Freeze,
+    Release { generation: u64 },
+    Merge { generation: u64 },
+    ClearResync { disk: String },
+}
+
+fn handle(tracker: &Tracker, line: &str) -> Value {
+    let req: Request = match serde_json::from_str(line) {
+        Ok(r) => r,
+        Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let result = match req {
+        Request::Status => {
+            let st = tracker.state();
+            let disks: Vec<Value> = tracker
+                .disks()
+                .iter()
+                .zip(&st.disks)
+                .map(|(d, ds)| {
+                    let t = d.tracking();
+                    json!({
+                        "name": d.name,
+                        "image": d.path,
+                        "size": d.size,
+                        "dirty_blocks": t.map(|t| t.bitmap().count(t.slots().active)),
+                        "resync_required": ds.resync_required,
+                    })
+                })
+                .collect();
+            Ok(json!({
+                "engine": tracker.engine_name(),
+                "granularity": st.granularity,
+                "frozen": tracker.frozen(),
+                "disks": disks,
+            }))
+        }
+        Request::Freeze => tracker.freeze().map(|g| json!(g)),
+        Request::Release { generation } => tracker.release(generation).map(|_| json!(null)),
+        Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
+        Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),
+    };
+    match result {
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    }
+}
+
+fn serve_client(tracker: &Tracker, s: UnixStream) -> io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        let n = (&mut r).take(MAX_LINE).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !line.ends_with('\n') && n as u64 >= MAX_LINE {
+            let v = json!({"ok": false, "error": "request line too long"});
+            writeln!(w, "{v}")?;
+            return Ok(());
+        }
+        let v = handle(tracker, line.trim());
+        writeln!(w, "{v}")?;
+    }
+}
+
+/// Serves the control socket until the listener is shut down.
+pub fn serve(tracker: Arc<Tracker>, listener: UnixListener) {
+    for s in listener.incoming() {
+        match s {
+            Ok(s) => {
+                let t = Arc::clone(&tracker);
+                let _ = std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_client(&t, s) {
+                            tracing::debug!("control client: {e}");
+                        }
+                    });
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends one request to a control socket and returns its result (or its error as Err).
+pub fn call(socket: &Path, req: &Request) -> io::Result<Value> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach tracker control socket {}: {e}",
+                socket.display()
+            ),
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let line = serde_json::to_string(req).map_err(io::Error::other)?;
+    writeln!(s, "{line}")?;
+    let mut resp = String::new();
+    BufReader::new(s).take(64 << 20).read_line(&mut resp)?;
+    let v: Value = serde_json::from_str(&resp).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad control response: {e}"),
+        )
+    })?;
+    if v["ok"] == json!(true) {
+        Ok(v["result"].clone())
+    } else {
+        Err(io::Error::other(
+            v["error"].as_str().unwrap_or("unknown error").to_string(),
+        ))
+    }
+}

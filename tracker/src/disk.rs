@@ -1,0 +1,261 @@
+//! One exported disk: its raw image, the I/O engine, dirty tracking and the write gate.
+//!
+//! Every modifying operation follows the same order: enter the gate, mark the blocks dirty
+//! (durably, see [`crate::activity_log`]), copy aside frozen blocks it would overwrite, then
+//! issue the I/O; the gate is left when the I/O completes.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::engine::{Completion, Engine, Op};
+use crate::gate::Gate;
+use crate::tracking::{Tracking, TrackingError};
+
+pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+pub type ReadDone = Box<dyn FnOnce(io::Result<Vec<u8>>) + Send>;
+
+pub struct Disk {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub(crate) file: File,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) tracking: Option<Tracking>,
+    pub(crate) gate: Gate,
+}
+
+/// Modes for fallocate.
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+impl Disk {
+    pub fn tracking(&self) -> Option<&Tracking> {
+        self.tracking.as_ref()
+    }
+
+    fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    pub fn read(&self, offset: u64, len: u32, done: ReadDone) {
+        self.engine.submit(
+            Op::Read {
+                fd: self.fd(),
+                offset,
+                buf: vec![0u8; len as usize],
+            },
+            Box::new(move |c: Completion| done(c.result.map(|_| c.buf))),
+        );
+    }
+
+    /// Marks and copies aside; on failure the gate is left and the error returned.
+    fn prepare_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let Some(t) = &self.tracking else {
+            return Ok(());
+        };
+        let res = t.mark(offset, len).and_then(|frozen| match frozen {
+            Some(f) => t.copy_on_write(f, &self.file, &self.path, offset, len),
+            None => Ok(()),
+        });
+        res.map_err(|e: TrackingError| {
+            tracing::error!(disk = %self.name, "tracking failed, refusing the write: {e}");
+            io::Error::other(e.to_string())
+        })
+    }
+
+    /// Runs `op` inside the gate, then an fdatasync if `fua`.
+    fn modify(self: &Arc<Self>, offset: u64, len: u64, op: Op, fua: bool, done: Done) {
+        self.gate.enter();
+        if let Err(e) = self.prepare_write(offset, len) {
+            self.gate.exit();
+            return done(Err(e));
+        }
+        let disk = Arc::clone(self);
+        self.engine.submit(
+            op,
+            Box::new(move |c: Completion| {
+                disk.gate.exit();
+                match c.result {
+                    Ok(()) if fua => disk.flush(done),
+                    r => done(r),
+                }
+            }),
+        );
+    }
+
+    pub fn write(self: &Arc<Self>, offset: u64, buf: Vec<u8>, fua: bool, done: Done) {
+        let len = buf.len() as u64;
+        let op = Op::Write {
+            fd: self.fd(),
+            offset,
+            buf,
+        };
+        self.modify(offset, len, op, fua, done);
+    }
+
+    /// Deallocates a range (reads back as zeroes), keeping the image sparse.
+    pub fn trim(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done) {
+        self.zero(offset, len, fua, false, false, done)
+    }
+
+    /// Zeroes a range: punches a hole unless `no_hole`; with `fast`, fails with ENOTSUP
+    /// rather than writing zeroes slowly.
+    pub fn zero(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+        done: Done,
+    ) {
+        if len == 0 {
+            return done(Ok(()));
+        }
+        let mode = if no_hole { ZERO_RANGE } else { PUNCH };
+        let op = Op::Fallocate {
+            fd: self.fd(),
+            offset,
+            len,
+            mode,
+        };
+        let disk = Arc::clone(self);
+        self.modify(
+            offset,
+            len,
+            op,
+            fua,
+            Box::new(move |r| match r {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !fast => {
+                    disk.write_zeroes_slowly(offset, len, fua, done)
+                }
+                r => done(r),
+            }),
+        );
+    }
+
+    fn write_zeroes_slowly(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done) {
+        const CHUNK: u64 = 1 << 20;
+        let n = len.min(CHUNK);
+        let disk = Arc::clone(self);
+        self.write(
+            offset,
+            vec![0u8; n as usize],
+            fua,
+            Box::new(move |r| match r {
+                Ok(()) if n < len => disk.write_zeroes_slowly(offset + n, len - n, fua, done),
+                r => done(r),
+            }),
+        );
+    }
+
+    /// Makes every completed write durable (image, bitmap and copy-on-write store).
+    pub fn flush(&self, done: Done) {
+        self.engine.submit(
+            Op::Sync {
+                fd: self.fd(),
+                datasync: true,
+            },
+            Box::new(move |c| done(c.result)),
+        );
+    }
+
+    /// `base:allocation` extents from `offset`, at most `len` bytes: (length, flags).
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, u32)>> {
+        use crate::nbd::consts::{STATE_HOLE, STATE_ZERO};
+        let end = offset + len;
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max {
+            let data = seek(self.fd(), pos, libc::SEEK_DATA)?;
+            let (next, flags) = match data {
+                None => (end, STATE_HOLE | STATE_ZERO),
+                Some(d) if d > pos => (d.min(end), STATE_HOLE | STATE_ZERO),
+                Some(_) => {
+                    let hole = seek(self.fd(), pos, libc::SEEK_HOLE)?.unwrap_or(self.size);
+                    (hole.min(end), 0)
+                }
+            };
+            if next <= pos {
+                // Defensive: never loop without progress.
+                out.push((end - pos, 0));
+                break;
+            }
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += next - pos,
+                _ => out.push((next - pos, flags)),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    /// `qemu:dirty-bitmap:vmreplica` extents from `offset`, at most `len` bytes.
+    pub fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
+        use crate::nbd::consts::STATE_DIRTY;
+        let Some(t) = &self.tracking else {
+            return vec![(len, 0)];
+        };
+        let g = u64::from(t.geometry().granularity);
+        let end = offset + len;
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / g;
+            let next = ((b + 1) * g).min(end);
+            let flags = if t.is_dirty(b) { STATE_DIRTY } else { 0 };
+            let full = out.len() == max;
+            match out.last_mut() {
+                Some((l, f)) if *f == flags => *l += next - pos,
+                _ if full => break,
+                _ => out.push((next - pos, flags)),
+            }
+            pos = next;
+        }
+        out
+    }
+
+    /// Hints the kernel to read a range into the page cache.
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on the image descriptor we own.
+        let r = unsafe {
+            libc::posix_fadvise(
+                self.fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(())
+    }
+
+    /// Reads `[offset, offset+len)` as of the frozen generation (live data if none).
+    pub fn read_frozen(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match &self.tracking {
+            Some(t) if t.slots().frozen.is_some() => t
+                .read_frozen(&self.file, &self.path, offset, buf)
+                .map_err(|e| io::Error::other(e.to_string())),
+            _ => self.file.read_exact_at(buf, offset),
+        }
+    }
+}
+
+fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on our own descriptor has no memory-safety preconditions.
+    let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}

@@ -1,0 +1,76 @@
+//! Fallback engine: blocking positional I/O on a few threads.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::{into_completion, run_blocking, Callback, Engine, Op};
+
+pub struct PoolEngine {
+    tx: Mutex<Option<Sender<(Op, Callback)>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PoolEngine {
+    pub fn new(threads: usize) -> Self {
+        let (tx, rx) = channel::<(Op, Callback)>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..threads.max(1))
+            .map(|i| {
+                let rx = Arc::clone(&rx);
+                std::thread::Builder::new()
+                    .name(format!("io-pool-{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((mut op, done)) = job else { return };
+                        let result = run_blocking(&mut op, 0);
+                        done(into_completion(op, result));
+                    })
+                    .expect("spawning an I/O thread")
+            })
+            .collect();
+        PoolEngine {
+            tx: Mutex::new(Some(tx)),
+            threads,
+        }
+    }
+}
+
+impl Engine for PoolEngine {
+    fn submit(&self, op: Op, done: Callback) {
+        let tx = self.tx.lock().ok().and_then(|t| t.clone());
+        match tx {
+            Some(tx) => {
+                if let Err(e) = tx.send((op, done)) {
+                    let (op, done) = e.0;
+                    done(into_completion(
+                        op,
+                        Err(std::io::Error::other("I/O engine stopped")),
+                    ));
+                }
+            }
+            None => done(into_completion(
+                op,
+                Err(std::io::Error::other("I/O engine stopped")),
+            )),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "thread-pool"
+    }
+}
+
+impl Drop for PoolEngine {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.tx.lock() {
+            t.take();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}

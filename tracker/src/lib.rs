@@ -1,0 +1,26 @@
+//! vmreplica tracker: serves a VM's disks over NBD, writes them through io_uring, and records
+//! every changed block in crash-safe, memory-mapped dirty bitmaps that the shipper reads.
+//!
+//! Layers, from the wire down:
+//! - [`nbd`]: the NBD protocol as pure codecs and a handshake state machine (no I/O);
+//! - [`server`]: the thin socket driver around it;
+//! - [`disk`]: one exported image, its write path and block-status queries;
+//! - [`tracking`], [`bitmap`], [`activity_log`]: dirty bits, their crash safety, and
+//!   copy-on-write of frozen blocks;
+//! - [`tracker`]: the set of disks, the state directory, and frozen generations;
+//! - [`control`]: the local control socket (freeze, release, merge, status);
+//! - [`engine`]: io_uring and thread-pool image I/O.
+
+pub mod activity_log;
+pub mod bitmap;
+pub mod control;
+pub mod disk;
+pub mod engine;
+mod gate;
+pub mod nbd;
+pub mod server;
+pub mod stream;
+pub mod tracker;
+pub mod tracking;
+
+pub use tracker::{Generation, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY};
