@@ -59,6 +59,9 @@ struct TrackerArgs {
     /// Serve without dirty tracking (for benchmarks: shows what tracking costs).
     #[arg(long)]
     no_tracking: bool,
+    /// Activity-log capacity in 4 MiB extents (smaller: more frequent bitmap checkpoints).
+    #[arg(long, default_value_t = vmreplica_tracker::activity_log::CAPACITY, hide = true)]
+    al_extents: usize,
     /// Image I/O engine.
     #[arg(long, default_value = "auto", value_parser = ["auto", "io_uring", "thread-pool"])]
     io_engine: String,
@@ -118,6 +121,7 @@ fn run_tracker(a: TrackerArgs) -> Result<()> {
             granularity,
             tracking: !a.no_tracking,
             force_thread_pool: a.io_engine == "thread-pool",
+            al_extents: a.al_extents,
         })
         .context("cannot start the tracker")?,
     );

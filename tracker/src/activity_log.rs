@@ -20,7 +20,7 @@ use thiserror::Error;
 
 /// Extents are 4 MiB of disk.
 pub const EXTENT_SHIFT: u32 = 22;
-/// Extents the log holds before it is checkpointed.
+/// Most extents the log can hold (the default capacity); a copy must fit in `COPY_LEN`.
 pub const CAPACITY: usize = 1000;
 const MAGIC: &[u8; 8] = b"VMRAL001";
 const COPY_LEN: u64 = 8192;
@@ -137,10 +137,6 @@ impl ActivityLog {
 
     pub fn extents(&self) -> &[u64] {
         &self.extents
-    }
-
-    pub fn is_full_with(&self, more: usize) -> bool {
-        self.extents.len() + more > CAPACITY
     }
 
     /// Replaces the logged set and makes it durable.

@@ -85,6 +85,8 @@ pub struct TrackerConfig {
     pub tracking: bool,
     /// Use the thread-pool engine even where io_uring works.
     pub force_thread_pool: bool,
+    /// Activity-log capacity in 4 MiB extents (default [`crate::activity_log::CAPACITY`]).
+    pub al_extents: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -289,11 +291,12 @@ impl Tracker {
                     active: ds.active_slot,
                     frozen: state.frozen.as_ref().map(|_| 1 - ds.active_slot),
                 };
-                let (t, outcome) = Tracking::open(&dir, &name, geo, slots, unclean, existed)
-                    .map_err(|source| TrackerError::Tracking {
-                        name: name.clone(),
-                        source,
-                    })?;
+                let (t, outcome) =
+                    Tracking::open(&dir, &name, geo, slots, unclean, existed, cfg.al_extents)
+                        .map_err(|source| TrackerError::Tracking {
+                            name: name.clone(),
+                            source,
+                        })?;
                 match outcome {
                     OpenOutcome::Clean => {}
                     OpenOutcome::Replayed(n) => {
@@ -422,6 +425,12 @@ impl Tracker {
     /// Freezes all disks at one instant: writes acknowledged before are in the generation,
     /// later ones are not, and the generation's blocks stay readable as they were.
     pub fn freeze(&self) -> Result<Generation, TrackerError> {
+        self.freeze_with(|| {})
+    }
+
+    /// [`Self::freeze`], running `at_freeze` at the freeze instant, while every disk is
+    /// quiesced (tests use it to copy the images exactly as frozen).
+    pub fn freeze_with(&self, at_freeze: impl FnOnce()) -> Result<Generation, TrackerError> {
         let tracked = self.tracked()?;
         let mut st = self.lock_state();
         if let Some(f) = &st.frozen {
@@ -429,6 +438,7 @@ impl Tracker {
         }
         let generation = st.next_generation;
         self.quiesced(|| -> Result<(), TrackerError> {
+            at_freeze();
             let mut next = st.clone();
             for ((d, t), ds) in tracked.iter().zip(next.disks.iter_mut()) {
                 let slots = t.freeze().map_err(|source| TrackerError::Tracking {

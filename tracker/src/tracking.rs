@@ -45,6 +45,8 @@ pub struct Tracking {
     bitmap: Bitmap,
     al: Mutex<ActivityLog>,
     hot: Vec<AtomicBool>,
+    /// Extents the activity log holds before it is checkpointed.
+    al_capacity: usize,
     slots: RwLock<Slots>,
     cow_path: PathBuf,
     cow: File,
@@ -72,7 +74,9 @@ impl Tracking {
         slots: Slots,
         unclean: bool,
         existed_before: bool,
+        al_capacity: usize,
     ) -> Result<(Tracking, OpenOutcome), TrackingError> {
+        let al_capacity = al_capacity.clamp(2, CAPACITY);
         let (bitmap, created) = Bitmap::open(&dir.join(format!("{name}.bitmap")), geo)?;
         let (al, recovered) = ActivityLog::open(&dir.join(format!("{name}.al")))?;
         let cow_path = dir.join(format!("{name}.cow"));
@@ -93,6 +97,7 @@ impl Tracking {
             bitmap,
             al: Mutex::new(al),
             hot,
+            al_capacity,
             slots: RwLock::new(slots),
             cow_path,
             cow,
@@ -171,7 +176,7 @@ impl Tracking {
         }
         let first = offset >> EXTENT_SHIFT;
         let last = (offset + len - 1) >> EXTENT_SHIFT;
-        if last - first + 1 > (CAPACITY / 2) as u64 {
+        if last - first + 1 > (self.al_capacity / 2) as u64 {
             // A range too large for the log (a trim of the whole disk, say): set the bits and
             // flush the bitmap before the write may proceed.
             let slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
@@ -204,7 +209,7 @@ impl Tracking {
             return Ok(());
         }
         let mut logged = al.extents().to_vec();
-        if al.is_full_with(cold.len()) {
+        if al.extents().len() + cold.len() > self.al_capacity {
             // Checkpoint: with no writer between its hot check and its bit set, the bitmap
             // becomes durable and every logged extent can leave the log.
             let _w = self.slots.write().unwrap_or_else(|e| e.into_inner());
