@@ -35,7 +35,7 @@ fn bad_arguments_are_refused_before_anything_is_created() {
     );
     assert!(!ok && err.contains("nope.img"), "{err}");
     for g in ["3000", "2M", "2K", "96K"] {
-        let (ok, err) = tracker(&state, &[disk.clone()], &["--granularity", g]);
+        let (ok, err) = tracker(&state, std::slice::from_ref(&disk), &["--granularity", g]);
         assert!(!ok && err.contains("granularity"), "{g}: {err}");
     }
     let (ok, err) = tracker(&state, &["../x=/dev/null".into()], &[]);
