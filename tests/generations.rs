@@ -112,9 +112,9 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
         .frozen()
         .expect("frozen generation survives restart");
     assert_eq!(frozen.generation, generation.generation);
-    for i in 0..2 {
+    for (i, copy) in copies.iter().enumerate() {
         assert!(
-            frozen_view(&tracker, i) == copies[i],
+            frozen_view(&tracker, i) == *copy,
             "frozen view of disk {i} lost on restart"
         );
     }
