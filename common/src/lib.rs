@@ -5,6 +5,7 @@
 
 pub mod name;
 pub mod statefile;
+pub mod wire;
 
 pub use name::{validate_name, NameError, MAX_NAME_LEN};
 pub use statefile::{read_state, write_atomic, write_state, StateFileError};

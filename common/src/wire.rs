@@ -1,0 +1,678 @@
+//! The replication protocol between shipper and applier, as a pure codec.
+//!
+//! Every message is a frame: `u32 length` (of what follows), `u8 type`, body; integers are
+//! big-endian, strings are `u16 length` + UTF-8. Frames are bounded by [`MAX_FRAME`], counts
+//! and strings by their own limits, so a hostile peer cannot make the decoder allocate
+//! without bound. Block data travels in [`Chunk`]s: all-zero runs as a marker, the rest lz4
+//! compressed (raw when that does not shrink it), each with an xxh3 checksum of the
+//! uncompressed bytes.
+
+use thiserror::Error;
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Most uncompressed bytes in one chunk.
+pub const MAX_CHUNK: u32 = 1 << 20;
+/// Largest frame (a chunk that did not compress, plus headers, fits easily).
+pub const MAX_FRAME: u32 = 4 << 20;
+/// Most entries in a list (disks, staged chunk ids, hashes).
+pub const MAX_LIST: u32 = 1 << 20;
+pub const MAX_STRING: u16 = 4096;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(u32),
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("truncated {0}")]
+    Truncated(&'static str),
+    #[error("{0} trailing bytes in a frame")]
+    Trailing(usize),
+    #[error("list of {0} entries exceeds the limit")]
+    ListTooLong(u32),
+    #[error("string is not UTF-8 or too long")]
+    BadString,
+    #[error("unknown chunk encoding {0}")]
+    BadEncoding(u8),
+    #[error("chunk of {0} bytes exceeds the {MAX_CHUNK}-byte limit")]
+    ChunkTooLarge(u32),
+    #[error("chunk at disk {disk} offset {offset}: {reason}")]
+    BadChunk {
+        disk: u16,
+        offset: u64,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CycleKind {
+    /// Changed blocks since the previous cycle.
+    Delta = 0,
+    /// The initial full copy of every allocated region.
+    Initial = 1,
+    /// Differences found by comparing checksums (tracking was lost).
+    Resync = 2,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    pub size: u64,
+    pub granularity: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Zero = 0,
+    Lz4 = 1,
+    Raw = 2,
+}
+
+/// Identifies a chunk within a cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkId {
+    pub disk: u16,
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub cycle: u64,
+    pub disk: u16,
+    pub offset: u64,
+    /// Uncompressed length.
+    pub len: u32,
+    pub encoding: Encoding,
+    /// xxh3-64 of the uncompressed bytes.
+    pub checksum: u64,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Shipper → applier, first on the control stream.
+    Hello { version: u16, vm: String },
+    /// Applier → shipper: the last cycle applied for this VM (0: none).
+    Welcome { version: u16, last_cycle: u64 },
+    /// Shipper → applier: a cycle starts (or resumes).
+    BeginCycle {
+        cycle: u64,
+        kind: CycleKind,
+        disks: Vec<DiskInfo>,
+    },
+    /// Applier → shipper: chunks of this cycle already staged durably (skip them).
+    Staged { cycle: u64, chunks: Vec<ChunkId> },
+    /// Block data, on data streams.
+    Chunk(Chunk),
+    /// Shipper → applier: the cycle is complete: `chunks` chunks, with `digest` over them.
+    Manifest {
+        cycle: u64,
+        chunks: u64,
+        digest: u64,
+    },
+    /// Applier → shipper: the cycle is applied and durable.
+    Applied { cycle: u64 },
+    /// Either way: a refusal or failure, with a message for the log.
+    Error { code: u16, message: String },
+    /// Shipper → applier: checksums of `disk` from `offset`, `count` blocks of `block` bytes.
+    HashRequest {
+        disk: String,
+        offset: u64,
+        block: u32,
+        count: u32,
+    },
+    /// Applier → shipper: the checksums (xxh3-64 of each block; zero blocks hash as zeroes).
+    Hashes {
+        disk: String,
+        offset: u64,
+        hashes: Vec<u64>,
+    },
+}
+
+/// Error codes in [`Message::Error`].
+pub mod code {
+    pub const PROTOCOL: u16 = 1;
+    pub const NOT_ALLOWED: u16 = 2;
+    pub const BAD_DATA: u16 = 3;
+    pub const NO_SPACE: u16 = 4;
+    pub const INTERNAL: u16 = 5;
+    pub const INCOMPLETE: u16 = 6;
+}
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_BEGIN: u8 = 3;
+const T_STAGED: u8 = 4;
+const T_CHUNK: u8 = 5;
+const T_MANIFEST: u8 = 6;
+const T_APPLIED: u8 = 7;
+const T_ERROR: u8 = 8;
+const T_HASH_REQ: u8 = 9;
+const T_HASHES: u8 = 10;
+
+struct W<'a>(&'a mut Vec<u8>);
+
+impl W<'_> {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_be_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        let b = &s.as_bytes()[..s.len().min(MAX_STRING as usize)];
+        self.u16(b.len() as u16);
+        self.0.extend_from_slice(b);
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let (h, t) = self
+            .0
+            .split_at_checked(n)
+            .ok_or(WireError::Truncated(what))?;
+        self.0 = t;
+        Ok(h)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1, "u8")?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2, "u16")?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4, "u32")?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok((u64::from(self.u32()?) << 32) | u64::from(self.u32()?))
+    }
+    fn str(&mut self) -> Result<String, WireError> {
+        let n = self.u16()?;
+        if n > MAX_STRING {
+            return Err(WireError::BadString);
+        }
+        String::from_utf8(self.take(n as usize, "string")?.to_vec())
+            .map_err(|_| WireError::BadString)
+    }
+    fn count(&mut self, entry_size: usize) -> Result<usize, WireError> {
+        let n = self.u32()?;
+        if n > MAX_LIST || (n as usize).saturating_mul(entry_size) > self.0.len() {
+            return Err(WireError::ListTooLong(n));
+        }
+        Ok(n as usize)
+    }
+}
+
+/// Appends the frame for `m` to `out`.
+pub fn encode(m: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let mut w = W(out);
+    match m {
+        Message::Hello { version, vm } => {
+            w.u8(T_HELLO);
+            w.u16(*version);
+            w.str(vm);
+        }
+        Message::Welcome {
+            version,
+            last_cycle,
+        } => {
+            w.u8(T_WELCOME);
+            w.u16(*version);
+            w.u64(*last_cycle);
+        }
+        Message::BeginCycle { cycle, kind, disks } => {
+            w.u8(T_BEGIN);
+            w.u64(*cycle);
+            w.u8(*kind as u8);
+            w.u32(disks.len() as u32);
+            for d in disks {
+                w.str(&d.name);
+                w.u64(d.size);
+                w.u32(d.granularity);
+            }
+        }
+        Message::Staged { cycle, chunks } => {
+            w.u8(T_STAGED);
+            w.u64(*cycle);
+            w.u32(chunks.len() as u32);
+            for c in chunks {
+                w.u16(c.disk);
+                w.u64(c.offset);
+            }
+        }
+        Message::Chunk(c) => {
+            w.u8(T_CHUNK);
+            w.u64(c.cycle);
+            w.u16(c.disk);
+            w.u64(c.offset);
+            w.u32(c.len);
+            w.u8(c.encoding as u8);
+            w.u64(c.checksum);
+            w.u32(c.payload.len() as u32);
+            w.0.extend_from_slice(&c.payload);
+        }
+        Message::Manifest {
+            cycle,
+            chunks,
+            digest,
+        } => {
+            w.u8(T_MANIFEST);
+            w.u64(*cycle);
+            w.u64(*chunks);
+            w.u64(*digest);
+        }
+        Message::Applied { cycle } => {
+            w.u8(T_APPLIED);
+            w.u64(*cycle);
+        }
+        Message::Error { code, message } => {
+            w.u8(T_ERROR);
+            w.u16(*code);
+            w.str(message);
+        }
+        Message::HashRequest {
+            disk,
+            offset,
+            block,
+            count,
+        } => {
+            w.u8(T_HASH_REQ);
+            w.str(disk);
+            w.u64(*offset);
+            w.u32(*block);
+            w.u32(*count);
+        }
+        Message::Hashes {
+            disk,
+            offset,
+            hashes,
+        } => {
+            w.u8(T_HASHES);
+            w.str(disk);
+            w.u64(*offset);
+            w.u32(hashes.len() as u32);
+            for h in hashes {
+                w.u64(*h);
+            }
+        }
+    }
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Length of the frame at the front of `buf`, once its 4-byte header is there.
+pub fn frame_len(header: [u8; 4]) -> Result<u32, WireError> {
+    let n = u32::from_be_bytes(header);
+    if n > MAX_FRAME {
+        return Err(WireError::FrameTooLarge(n));
+    }
+    Ok(n)
+}
+
+/// Decodes one frame from the front of `buf`; `Ok(None)` if it is not complete yet.
+pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    let Some(h) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let n = frame_len([h[0], h[1], h[2], h[3]])? as usize;
+    let Some(body) = buf.get(4..4 + n) else {
+        return Ok(None);
+    };
+    Ok(Some((decode_body(body)?, 4 + n)))
+}
+
+/// Decodes a frame body (everything after the length).
+pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    let mut r = R(body);
+    let m = match r.u8()? {
+        T_HELLO => Message::Hello {
+            version: r.u16()?,
+            vm: r.str()?,
+        },
+        T_WELCOME => Message::Welcome {
+            version: r.u16()?,
+            last_cycle: r.u64()?,
+        },
+        T_BEGIN => {
+            let cycle = r.u64()?;
+            let kind = match r.u8()? {
+                0 => CycleKind::Delta,
+                1 => CycleKind::Initial,
+                2 => CycleKind::Resync,
+                k => return Err(WireError::BadEncoding(k)),
+            };
+            let n = r.count(14)?;
+            let mut disks = Vec::with_capacity(n);
+            for _ in 0..n {
+                disks.push(DiskInfo {
+                    name: r.str()?,
+                    size: r.u64()?,
+                    granularity: r.u32()?,
+                });
+            }
+            Message::BeginCycle { cycle, kind, disks }
+        }
+        T_STAGED => {
+            let cycle = r.u64()?;
+            let n = r.count(10)?;
+            let mut chunks = Vec::with_capacity(n);
+            for _ in 0..n {
+                chunks.push(ChunkId {
+                    disk: r.u16()?,
+                    offset: r.u64()?,
+                });
+            }
+            Message::Staged { cycle, chunks }
+        }
+        T_CHUNK => {
+            let cycle = r.u64()?;
+            let disk = r.u16()?;
+            let offset = r.u64()?;
+            let len = r.u32()?;
+            if len > MAX_CHUNK {
+                return Err(WireError::ChunkTooLarge(len));
+            }
+            let encoding = match r.u8()? {
+                0 => Encoding::Zero,
+                1 => Encoding::Lz4,
+                2 => Encoding::Raw,
+                e => return Err(WireError::BadEncoding(e)),
+            };
+            let checksum = r.u64()?;
+            let plen = r.u32()? as usize;
+            let payload = r.take(plen, "chunk payload")?.to_vec();
+            Message::Chunk(Chunk {
+                cycle,
+                disk,
+                offset,
+                len,
+                encoding,
+                checksum,
+                payload,
+            })
+        }
+        T_MANIFEST => Message::Manifest {
+            cycle: r.u64()?,
+            chunks: r.u64()?,
+            digest: r.u64()?,
+        },
+        T_APPLIED => Message::Applied { cycle: r.u64()? },
+        T_ERROR => Message::Error {
+            code: r.u16()?,
+            message: r.str()?,
+        },
+        T_HASH_REQ => Message::HashRequest {
+            disk: r.str()?,
+            offset: r.u64()?,
+            block: r.u32()?,
+            count: r.u32()?,
+        },
+        T_HASHES => {
+            let disk = r.str()?;
+            let offset = r.u64()?;
+            let n = r.count(8)?;
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                hashes.push(r.u64()?);
+            }
+            Message::Hashes {
+                disk,
+                offset,
+                hashes,
+            }
+        }
+        t => return Err(WireError::UnknownType(t)),
+    };
+    if !r.0.is_empty() {
+        return Err(WireError::Trailing(r.0.len()));
+    }
+    Ok(m)
+}
+
+/// Checksum of a block as used by chunks and verification.
+pub fn checksum(data: &[u8]) -> u64 {
+    xxh3_64(data)
+}
+
+impl Chunk {
+    /// Packs `data`: a zero marker if all zero, else lz4 if `compress` and it shrinks, else raw.
+    pub fn pack(cycle: u64, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
+        assert!(data.len() <= MAX_CHUNK as usize);
+        let checksum = checksum(data);
+        let (encoding, payload) = if data.iter().all(|b| *b == 0) {
+            (Encoding::Zero, Vec::new())
+        } else if compress {
+            let c = lz4_flex::block::compress(data);
+            if c.len() < data.len() {
+                (Encoding::Lz4, c)
+            } else {
+                (Encoding::Raw, data.to_vec())
+            }
+        } else {
+            (Encoding::Raw, data.to_vec())
+        };
+        Chunk {
+            cycle,
+            disk,
+            offset,
+            len: data.len() as u32,
+            encoding,
+            checksum,
+            payload,
+        }
+    }
+
+    pub fn id(&self) -> ChunkId {
+        ChunkId {
+            disk: self.disk,
+            offset: self.offset,
+        }
+    }
+
+    fn bad(&self, reason: impl Into<String>) -> WireError {
+        WireError::BadChunk {
+            disk: self.disk,
+            offset: self.offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// The uncompressed bytes, checked against the checksum. `None` for a zero chunk.
+    pub fn unpack(&self) -> Result<Option<Vec<u8>>, WireError> {
+        if self.len > MAX_CHUNK {
+            return Err(WireError::ChunkTooLarge(self.len));
+        }
+        let data = match self.encoding {
+            Encoding::Zero => {
+                if !self.payload.is_empty() {
+                    return Err(self.bad("zero chunk with a payload"));
+                }
+                if self.checksum != checksum(&vec![0u8; self.len as usize]) {
+                    return Err(self.bad("checksum mismatch"));
+                }
+                return Ok(None);
+            }
+            Encoding::Raw => self.payload.clone(),
+            Encoding::Lz4 => {
+                let mut out = vec![0u8; self.len as usize];
+                let n = lz4_flex::block::decompress_into(&self.payload, &mut out)
+                    .map_err(|e| self.bad(format!("lz4: {e}")))?;
+                if n != out.len() {
+                    return Err(self.bad("decompressed length differs"));
+                }
+                out
+            }
+        };
+        if data.len() != self.len as usize {
+            return Err(self.bad("length differs"));
+        }
+        if checksum(&data) != self.checksum {
+            return Err(self.bad("checksum mismatch"));
+        }
+        Ok(Some(data))
+    }
+}
+
+/// Order-independent digest of a cycle's chunks, for the manifest.
+pub fn digest(chunks: impl IntoIterator<Item = (ChunkId, u64)>) -> u64 {
+    chunks
+        .into_iter()
+        .map(|(id, sum)| {
+            let mut b = [0u8; 18];
+            b[..2].copy_from_slice(&id.disk.to_be_bytes());
+            b[2..10].copy_from_slice(&id.offset.to_be_bytes());
+            b[10..].copy_from_slice(&sum.to_be_bytes());
+            xxh3_64(&b)
+        })
+        .fold(0u64, |a, h| a.wrapping_add(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all() -> Vec<Message> {
+        vec![
+            Message::Hello {
+                version: 1,
+                vm: "vm1".into(),
+            },
+            Message::Welcome {
+                version: 1,
+                last_cycle: 7,
+            },
+            Message::BeginCycle {
+                cycle: 8,
+                kind: CycleKind::Initial,
+                disks: vec![DiskInfo {
+                    name: "sys".into(),
+                    size: 1 << 30,
+                    granularity: 65536,
+                }],
+            },
+            Message::Staged {
+                cycle: 8,
+                chunks: vec![ChunkId {
+                    disk: 0,
+                    offset: 4096,
+                }],
+            },
+            Message::Chunk(Chunk::pack(8, 0, 65536, &[7u8; 4096], true)),
+            Message::Manifest {
+                cycle: 8,
+                chunks: 3,
+                digest: 99,
+            },
+            Message::Applied { cycle: 8 },
+            Message::Error {
+                code: code::NOT_ALLOWED,
+                message: "no".into(),
+            },
+            Message::HashRequest {
+                disk: "sys".into(),
+                offset: 0,
+                block: 65536,
+                count: 16,
+            },
+            Message::Hashes {
+                disk: "sys".into(),
+                offset: 0,
+                hashes: vec![1, 2, 3],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_partial_frames_wait() {
+        for m in all() {
+            let mut buf = Vec::new();
+            encode(&m, &mut buf);
+            for cut in 0..buf.len() {
+                assert_eq!(decode(&buf[..cut]), Ok(None), "{m:?} cut at {cut}");
+            }
+            assert_eq!(decode(&buf), Ok(Some((m.clone(), buf.len()))));
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_without_big_allocations() {
+        assert_eq!(
+            decode(&[0xff, 0xff, 0xff, 0xff]),
+            Err(WireError::FrameTooLarge(u32::MAX))
+        );
+        // A list count far beyond the frame's bytes.
+        let mut f = vec![0, 0, 0, 13, T_STAGED];
+        f.extend(8u64.to_be_bytes());
+        f.extend(u32::MAX.to_be_bytes());
+        assert!(matches!(decode(&f), Err(WireError::ListTooLong(_))));
+        assert!(matches!(
+            decode(&[0, 0, 0, 1, 200]),
+            Err(WireError::UnknownType(200))
+        ));
+        let mut buf = Vec::new();
+        encode(&Message::Applied { cycle: 1 }, &mut buf);
+        buf[3] += 1;
+        buf.push(0);
+        assert_eq!(decode(&buf), Err(WireError::Trailing(1)));
+    }
+
+    #[test]
+    fn chunks_pick_their_encoding_and_verify_checksums() {
+        let zero = Chunk::pack(1, 0, 0, &[0u8; 65536], true);
+        assert_eq!((zero.encoding, zero.payload.len()), (Encoding::Zero, 0));
+        assert_eq!(zero.unpack(), Ok(None));
+        let text: Vec<u8> = b"replicate me "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let c = Chunk::pack(1, 0, 0, &text, true);
+        assert_eq!(c.encoding, Encoding::Lz4);
+        assert!(c.payload.len() < 2000);
+        assert_eq!(c.unpack().unwrap().unwrap(), text);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let r = Chunk::pack(1, 0, 0, &noise, true);
+        assert_eq!(r.encoding, Encoding::Raw);
+        let mut bad = c.clone();
+        bad.payload[10] ^= 0x55;
+        assert!(bad.unpack().is_err());
+        let mut lie = r.clone();
+        lie.checksum ^= 1;
+        assert!(matches!(lie.unpack(), Err(WireError::BadChunk { .. })));
+        let mut zlie = zero.clone();
+        zlie.len = 4096;
+        assert!(zlie.unpack().is_err());
+    }
+
+    #[test]
+    fn digest_is_order_independent_and_sensitive() {
+        let a = (ChunkId { disk: 0, offset: 0 }, 1);
+        let b = (ChunkId { disk: 1, offset: 0 }, 2);
+        assert_eq!(digest([a, b]), digest([b, a]));
+        assert_ne!(digest([a, b]), digest([a]));
+        assert_ne!(digest([a]), digest([(a.0, 3)]));
+    }
+}
