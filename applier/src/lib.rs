@@ -1,1 +1,14 @@
-//! vmreplica applier: receives cycles and keeps replicas with recovery points (not yet implemented).
+//! vmreplica applier: receives cycles from primaries, stages them durably, applies each one
+//! all-or-nothing into sparse replica images, and keeps recovery points as undo logs.
+//!
+//! - [`staging`]: the durable, resumable log of a cycle's chunks as they arrive;
+//! - [`undo`]: undo logs (the old contents of blocks a cycle overwrote);
+//! - [`store`]: per-VM replicas, state, apply with crash recovery, recovery points.
+
+pub mod staging;
+pub mod store;
+pub mod undo;
+
+mod sparse;
+
+pub use store::{PointInfo, Store, StoreError, VmStore};

@@ -1,0 +1,1064 @@
+//! Per-VM replica storage: sparse replica images, the staged cycle, all-or-nothing apply and
+//! recovery points.
+//!
+//! Layout under the store root, per VM: `state.json` (versioned, atomic), `disks/NAME.img`
+//! (sparse replica images, always at the newest point), `staging/CYCLE/` (the cycle being
+//! received: `cycle.json` and `chunks.log`), `undo/*.undo` (recovery points).
+//!
+//! Apply order, so that a crash at any instant leaves the replica at the previous cycle or
+//! the new one: (1) every staged chunk is verified against its checksum and the manifest;
+//! (2) the undo log is written and fsynced; (3) the state records `applying = CYCLE`; (4) the
+//! chunks are written (zero runs punched as holes) and the images fsynced; (5) the state
+//! records the new point; (6) staging is removed. A restart that finds `applying` set redoes
+//! (4)-(6) from the staged chunks, which stay until (5) is durable.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use vmreplica_common::wire::{self, Chunk, ChunkId, CycleKind, DiskInfo, MAX_CHUNK};
+use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
+
+use crate::sparse::{data_regions, punch_hole};
+use crate::staging::Staging;
+use crate::undo;
+
+const STATE_FORMAT: &str = "vmreplica-replica";
+const STATE_VERSION: u32 = 1;
+const CYCLE_FORMAT: &str = "vmreplica-staged-cycle";
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("no space left for VM {vm} at {path}")]
+    NoSpace { vm: String, path: PathBuf },
+    #[error("VM name {name:?}: {source}")]
+    Name { name: String, source: NameError },
+    #[error("VM {vm} belongs to primary {owner:?}; {peer:?} may not write it")]
+    NotOwner {
+        vm: String,
+        owner: String,
+        peer: String,
+    },
+    #[error("VM {vm}: disks {given:?} do not match the replica's {have:?}")]
+    DiskMismatch {
+        vm: String,
+        given: Vec<String>,
+        have: Vec<String>,
+    },
+    #[error("VM {vm}: cycle {cycle} is not after the last applied cycle {last}")]
+    OldCycle { vm: String, cycle: u64, last: u64 },
+    #[error("VM {vm}: no cycle {cycle} is being received")]
+    NoSuchCycle { vm: String, cycle: u64 },
+    #[error(
+        "VM {vm} cycle {cycle}: {have} chunks staged, manifest says {want} (or digests differ)"
+    )]
+    Incomplete {
+        vm: String,
+        cycle: u64,
+        have: u64,
+        want: u64,
+    },
+    #[error("VM {vm}: bad chunk: {reason}")]
+    BadChunk { vm: String, reason: String },
+    #[error("VM {vm} has no recovery point {cycle}")]
+    NoSuchPoint { vm: String, cycle: u64 },
+    #[error("VM {0} has no replica")]
+    NoReplica(String),
+    #[error(transparent)]
+    State(#[from] StateFileError),
+}
+
+/// One recovery point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointInfo {
+    pub cycle: u64,
+    /// Seconds since the epoch when it was applied.
+    pub applied_at: u64,
+    pub kind: String,
+    /// Bytes it costs: the undo log that leads to it (0 for the newest point).
+    pub bytes: u64,
+}
+
+/// An undo log turning point `from` into point `to` (`to` < `from`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct UndoRef {
+    from: u64,
+    to: u64,
+    file: String,
+    bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct DiskMeta {
+    name: String,
+    size: u64,
+    granularity: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct VmState {
+    owner: String,
+    disks: Vec<DiskMeta>,
+    last_cycle: u64,
+    applying: Option<u64>,
+    points: Vec<PointInfo>,
+    undo: Vec<UndoRef>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CycleMeta {
+    cycle: u64,
+    kind: String,
+}
+
+/// Retention of recovery points.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Most points kept (the newest always is).
+    pub keep: usize,
+    /// Points older than this many seconds are thinned to one per hour.
+    pub hourly_after: Option<u64>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep: 24,
+            hourly_after: None,
+        }
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn kind_name(k: CycleKind) -> &'static str {
+    match k {
+        CycleKind::Delta => "delta",
+        CycleKind::Initial => "initial",
+        CycleKind::Resync => "resync",
+    }
+}
+
+/// The root of all replicas on this host.
+pub struct Store {
+    root: PathBuf,
+    retention: Retention,
+}
+
+impl Store {
+    pub fn new(root: &Path, retention: Retention) -> Result<Store, StoreError> {
+        fs::create_dir_all(root).map_err(|source| StoreError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            retention,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Opens the replica of `vm` for primary `peer` (creating it on first contact), after
+    /// finishing any apply a crash interrupted.
+    pub fn open_vm(&self, vm: &str, peer: &str) -> Result<VmStore, StoreError> {
+        VmStore::open(&self.root, vm, Some(peer), self.retention)
+    }
+
+    /// Opens an existing replica for local administration (points, export, verify).
+    pub fn open_existing(&self, vm: &str) -> Result<VmStore, StoreError> {
+        VmStore::open(&self.root, vm, None, self.retention)
+    }
+
+    /// VMs with a replica here.
+    pub fn vms(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("state.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+struct Receiving {
+    cycle: u64,
+    kind: CycleKind,
+    staging: Staging,
+}
+
+pub struct VmStore {
+    vm: String,
+    dir: PathBuf,
+    state: VmState,
+    retention: Retention,
+    images: Vec<File>,
+    receiving: Option<Receiving>,
+    /// Test hook: fail (as a crash would) after writing this many chunks of an apply.
+    #[cfg(test)]
+    crash_after: Option<u64>,
+}
+
+impl VmStore {
+    fn open(
+        root: &Path,
+        vm: &str,
+        peer: Option<&str>,
+        retention: Retention,
+    ) -> Result<VmStore, StoreError> {
+        validate_name(vm).map_err(|source| StoreError::Name {
+            name: vm.to_string(),
+            source,
+        })?;
+        let dir = root.join(vm);
+        let state_path = dir.join("state.json");
+        let state: VmState = match read_state(&state_path, STATE_FORMAT, STATE_VERSION)? {
+            Some(s) => s,
+            None => {
+                let Some(peer) = peer else {
+                    return Err(StoreError::NoReplica(vm.to_string()));
+                };
+                VmState {
+                    owner: peer.to_string(),
+                    disks: Vec::new(),
+                    last_cycle: 0,
+                    applying: None,
+                    points: Vec::new(),
+                    undo: Vec::new(),
+                }
+            }
+        };
+        if let Some(peer) = peer {
+            if state.owner != peer {
+                return Err(StoreError::NotOwner {
+                    vm: vm.to_string(),
+                    owner: state.owner,
+                    peer: peer.to_string(),
+                });
+            }
+        }
+        let mut s = VmStore {
+            vm: vm.to_string(),
+            dir,
+            state,
+            retention,
+            images: Vec::new(),
+            receiving: None,
+            #[cfg(test)]
+            crash_after: None,
+        };
+        s.open_images(false)?;
+        if let Some(cycle) = s.state.applying {
+            tracing::warn!(
+                vm,
+                cycle,
+                "an apply was interrupted; finishing it from the staged chunks"
+            );
+            let meta: CycleMeta = read_state(&s.cycle_meta_path(cycle), CYCLE_FORMAT, 1)?.ok_or(
+                StoreError::NoSuchCycle {
+                    vm: vm.to_string(),
+                    cycle,
+                },
+            )?;
+            let staging = s.open_staging(cycle)?;
+            let kind = match meta.kind.as_str() {
+                "initial" => CycleKind::Initial,
+                "resync" => CycleKind::Resync,
+                _ => CycleKind::Delta,
+            };
+            s.finish_apply(cycle, kind, &staging)?;
+        }
+        s.remove_stale_staging()?;
+        Ok(s)
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        let vm = self.vm.clone();
+        move |source| {
+            if source.kind() == io::ErrorKind::StorageFull
+                || source.raw_os_error() == Some(libc::ENOSPC)
+            {
+                StoreError::NoSpace {
+                    vm: vm.clone(),
+                    path: path.clone(),
+                }
+            } else {
+                StoreError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        }
+    }
+
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.state.owner
+    }
+
+    pub fn last_cycle(&self) -> u64 {
+        self.state.last_cycle
+    }
+
+    pub fn points(&self) -> Vec<PointInfo> {
+        self.state.points.clone()
+    }
+
+    pub fn disk_names(&self) -> Vec<String> {
+        self.state.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    pub fn image_path(&self, disk: &str) -> PathBuf {
+        self.dir.join("disks").join(format!("{disk}.img"))
+    }
+
+    fn cycle_dir(&self, cycle: u64) -> PathBuf {
+        self.dir.join("staging").join(cycle.to_string())
+    }
+
+    fn cycle_meta_path(&self, cycle: u64) -> PathBuf {
+        self.cycle_dir(cycle).join("cycle.json")
+    }
+
+    fn open_staging(&self, cycle: u64) -> Result<Staging, StoreError> {
+        let p = self.cycle_dir(cycle).join("chunks.log");
+        Staging::open(&p, cycle).map_err(self.io(&p))
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        write_state(
+            &self.dir.join("state.json"),
+            STATE_FORMAT,
+            STATE_VERSION,
+            &self.state,
+        )?;
+        Ok(())
+    }
+
+    fn open_images(&mut self, create: bool) -> Result<(), StoreError> {
+        self.images.clear();
+        let ddir = self.dir.join("disks");
+        if create {
+            fs::create_dir_all(&ddir).map_err(self.io(&ddir))?;
+        }
+        for d in self.state.disks.clone() {
+            let p = self.image_path(&d.name);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(&p)
+                .map_err(self.io(&p))?;
+            if create && f.metadata().map_err(self.io(&p))?.len() != d.size {
+                f.set_len(d.size).map_err(self.io(&p))?;
+            }
+            self.images.push(f);
+        }
+        Ok(())
+    }
+
+    fn remove_stale_staging(&self) -> Result<(), StoreError> {
+        let sdir = self.dir.join("staging");
+        for e in fs::read_dir(&sdir).into_iter().flatten().flatten() {
+            let keep = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|c| c > self.state.last_cycle);
+            if !keep {
+                fs::remove_dir_all(e.path()).map_err(self.io(&e.path()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A cycle starts or resumes: returns the chunks already staged for it.
+    pub fn begin(
+        &mut self,
+        cycle: u64,
+        kind: CycleKind,
+        disks: &[DiskInfo],
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        if cycle <= self.state.last_cycle {
+            return Err(StoreError::OldCycle {
+                vm: self.vm.clone(),
+                cycle,
+                last: self.state.last_cycle,
+            });
+        }
+        let given: Vec<DiskMeta> = disks
+            .iter()
+            .map(|d| DiskMeta {
+                name: d.name.clone(),
+                size: d.size,
+                granularity: d.granularity,
+            })
+            .collect();
+        for d in &given {
+            validate_name(&d.name).map_err(|source| StoreError::Name {
+                name: d.name.clone(),
+                source,
+            })?;
+        }
+        if self.state.disks.is_empty() {
+            fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+            self.state.disks = given;
+            self.open_images(true)?;
+            self.save()?;
+        } else if self.state.disks != given {
+            return Err(StoreError::DiskMismatch {
+                vm: self.vm.clone(),
+                given: disks
+                    .iter()
+                    .map(|d| format!("{}:{}", d.name, d.size))
+                    .collect(),
+                have: self
+                    .state
+                    .disks
+                    .iter()
+                    .map(|d| format!("{}:{}", d.name, d.size))
+                    .collect(),
+            });
+        }
+        // Another cycle's partial staging is obsolete (the primary merged it into this one).
+        let sdir = self.dir.join("staging");
+        for e in fs::read_dir(&sdir).into_iter().flatten().flatten() {
+            if e.file_name().to_str() != Some(&cycle.to_string()) {
+                fs::remove_dir_all(e.path()).map_err(self.io(&e.path()))?;
+            }
+        }
+        let cdir = self.cycle_dir(cycle);
+        fs::create_dir_all(&cdir).map_err(self.io(&cdir))?;
+        write_state(
+            &self.cycle_meta_path(cycle),
+            CYCLE_FORMAT,
+            1,
+            &CycleMeta {
+                cycle,
+                kind: kind_name(kind).to_string(),
+            },
+        )?;
+        let staging = self.open_staging(cycle)?;
+        let ids = staging.ids();
+        self.receiving = Some(Receiving {
+            cycle,
+            kind,
+            staging,
+        });
+        Ok(ids)
+    }
+
+    fn bad_chunk(&self, reason: String) -> StoreError {
+        StoreError::BadChunk {
+            vm: self.vm.clone(),
+            reason,
+        }
+    }
+
+    /// Verifies and stages one chunk of the cycle being received.
+    pub fn stage(&mut self, c: &Chunk) -> Result<(), StoreError> {
+        let Some(r) = &self.receiving else {
+            return Err(StoreError::NoSuchCycle {
+                vm: self.vm.clone(),
+                cycle: c.cycle,
+            });
+        };
+        if r.cycle != c.cycle {
+            return Err(StoreError::NoSuchCycle {
+                vm: self.vm.clone(),
+                cycle: c.cycle,
+            });
+        }
+        let Some(d) = self.state.disks.get(c.disk as usize) else {
+            return Err(self.bad_chunk(format!("disk index {} out of range", c.disk)));
+        };
+        if c.offset
+            .checked_add(u64::from(c.len))
+            .is_none_or(|e| e > d.size)
+        {
+            return Err(self.bad_chunk(format!(
+                "{}+{} is beyond the end of disk {} ({} bytes)",
+                c.offset, c.len, d.name, d.size
+            )));
+        }
+        c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
+        let p = self.cycle_dir(c.cycle);
+        let io = self.io(&p);
+        let r = self.receiving.as_mut().expect("checked above");
+        r.staging.append(c).map_err(io)
+    }
+
+    /// Makes the staged chunks durable and lists them (for a resuming shipper).
+    pub fn staged(&mut self) -> Result<Vec<ChunkId>, StoreError> {
+        let p = self.dir.clone();
+        let io = self.io(&p);
+        match &mut self.receiving {
+            Some(r) => {
+                r.staging.sync().map_err(io)?;
+                Ok(r.staging.ids())
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The manifest arrived: verify completeness, then apply all-or-nothing.
+    pub fn commit(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
+        let Some(mut r) = self.receiving.take() else {
+            return Err(StoreError::NoSuchCycle {
+                vm: self.vm.clone(),
+                cycle,
+            });
+        };
+        if r.cycle != cycle {
+            let c = r.cycle;
+            self.receiving = Some(r);
+            return Err(StoreError::NoSuchCycle {
+                vm: self.vm.clone(),
+                cycle: c,
+            });
+        }
+        let sp = self.cycle_dir(cycle);
+        if let Err(e) = r.staging.sync() {
+            self.receiving = Some(r);
+            return Err(self.io(&sp)(e));
+        }
+        if r.staging.count() != chunks || r.staging.digest() != digest {
+            let have = r.staging.count();
+            self.receiving = Some(r);
+            return Err(StoreError::Incomplete {
+                vm: self.vm.clone(),
+                cycle,
+                have,
+                want: chunks,
+            });
+        }
+        // Re-read and verify everything staged before touching the replica.
+        for c in r.staging.chunks() {
+            let c = c.map_err(self.io(&sp))?;
+            c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
+        }
+        if r.kind != CycleKind::Initial && self.state.last_cycle > 0 {
+            let entries = self.undo_entries(&r.staging)?;
+            let name = format!("{cycle}.undo");
+            let udir = self.dir.join("undo");
+            fs::create_dir_all(&udir).map_err(self.io(&udir))?;
+            let up = udir.join(&name);
+            let bytes = undo::write(&up, cycle, &entries).map_err(self.io(&up))?;
+            self.state.undo.retain(|u| u.from != cycle);
+            self.state.undo.push(UndoRef {
+                from: cycle,
+                to: self.state.last_cycle,
+                file: name,
+                bytes,
+            });
+        }
+        self.state.applying = Some(cycle);
+        self.save()?;
+        self.finish_apply(cycle, r.kind, &r.staging)
+    }
+
+    /// Old contents of every range the staged cycle will write.
+    fn undo_entries(&self, staging: &Staging) -> Result<Vec<Chunk>, StoreError> {
+        let mut out = Vec::new();
+        for c in staging.chunks() {
+            let c = c.map_err(self.io(&self.dir))?;
+            let mut buf = vec![0u8; c.len as usize];
+            let p = self.image_path(&self.state.disks[c.disk as usize].name);
+            self.images[c.disk as usize]
+                .read_exact_at(&mut buf, c.offset)
+                .map_err(self.io(&p))?;
+            out.push(Chunk::pack(c.cycle, c.disk, c.offset, &buf, true));
+        }
+        Ok(out)
+    }
+
+    fn write_chunk(&self, c: &Chunk) -> Result<(), StoreError> {
+        let d = &self.state.disks[c.disk as usize];
+        let p = self.image_path(&d.name);
+        let f = &self.images[c.disk as usize];
+        match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
+            Some(data) => f.write_all_at(&data, c.offset).map_err(self.io(&p)),
+            None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&p)),
+        }
+    }
+
+    fn finish_apply(
+        &mut self,
+        cycle: u64,
+        kind: CycleKind,
+        staging: &Staging,
+    ) -> Result<(), StoreError> {
+        let total = staging.count();
+        let mut done = 0u64;
+        let mut last_log = std::time::Instant::now();
+        for c in staging.chunks() {
+            let c = c.map_err(self.io(&self.dir))?;
+            #[cfg(test)]
+            if self.crash_after == Some(done) {
+                return Err(StoreError::Io {
+                    path: self.dir.clone(),
+                    source: io::Error::other("simulated crash"),
+                });
+            }
+            self.write_chunk(&c)?;
+            done += 1;
+            if last_log.elapsed().as_secs() >= 5 {
+                tracing::info!(vm = %self.vm, cycle, done, total, "applying");
+                last_log = std::time::Instant::now();
+            }
+        }
+        for (f, d) in self.images.iter().zip(&self.state.disks) {
+            f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
+        }
+        self.state.applying = None;
+        self.state.last_cycle = cycle;
+        self.state.points.push(PointInfo {
+            cycle,
+            applied_at: now(),
+            kind: kind_name(kind).to_string(),
+            bytes: 0,
+        });
+        if kind == CycleKind::Initial {
+            // Nothing before an initial copy can be rebuilt: it starts the history afresh.
+            self.state.points.retain(|p| p.cycle == cycle);
+            self.state.undo.clear();
+        }
+        self.refresh_point_sizes();
+        self.save()?;
+        let cdir = self.cycle_dir(cycle);
+        fs::remove_dir_all(&cdir).map_err(self.io(&cdir))?;
+        self.retain()?;
+        self.remove_unreferenced_undo()?;
+        tracing::info!(vm = %self.vm, cycle, chunks = total, "cycle applied");
+        Ok(())
+    }
+
+    fn refresh_point_sizes(&mut self) {
+        for p in &mut self.state.points {
+            p.bytes = self
+                .state
+                .undo
+                .iter()
+                .find(|u| u.to == p.cycle)
+                .map(|u| u.bytes)
+                .unwrap_or(0);
+        }
+    }
+
+    fn remove_unreferenced_undo(&self) -> Result<(), StoreError> {
+        let udir = self.dir.join("undo");
+        for e in fs::read_dir(&udir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !self.state.undo.iter().any(|u| u.file == name) {
+                fs::remove_file(e.path()).map_err(self.io(&e.path()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops point `cycle` (not the newest), merging the undo logs around it.
+    fn drop_point(&mut self, cycle: u64) -> Result<(), StoreError> {
+        let to_it = self.state.undo.iter().position(|u| u.to == cycle);
+        let from_it = self.state.undo.iter().position(|u| u.from == cycle);
+        match (to_it, from_it) {
+            (Some(a), Some(b)) => {
+                let newer = self.state.undo[a].clone();
+                let older = self.state.undo[b].clone();
+                let udir = self.dir.join("undo");
+                let np = udir.join(&newer.file);
+                let op = udir.join(&older.file);
+                let n = undo::read(&np).map_err(self.io(&np))?;
+                let o = undo::read(&op).map_err(self.io(&op))?;
+                let merged = undo::merge(&o, &n, newer.from).map_err(self.io(&np))?;
+                let name = format!("{}-{}.undo", newer.from, older.to);
+                let mp = udir.join(&name);
+                let bytes = undo::write(&mp, newer.from, &merged).map_err(self.io(&mp))?;
+                self.state.undo.retain(|u| u.to != cycle && u.from != cycle);
+                self.state.undo.push(UndoRef {
+                    from: newer.from,
+                    to: older.to,
+                    file: name,
+                    bytes,
+                });
+            }
+            (Some(_), None) => self.state.undo.retain(|u| u.to != cycle),
+            _ => {}
+        }
+        self.state.points.retain(|p| p.cycle != cycle);
+        Ok(())
+    }
+
+    /// Applies the retention policy: hourly thinning of old points, then the count limit.
+    fn retain(&mut self) -> Result<(), StoreError> {
+        let mut changed = false;
+        if let Some(after) = self.retention.hourly_after {
+            let cutoff = now().saturating_sub(after);
+            let newest = self.state.points.last().map(|p| p.cycle);
+            // Newest first: within an hour, keep the newest point.
+            let mut seen_hours = std::collections::HashSet::new();
+            let mut drop = Vec::new();
+            for p in self.state.points.iter().rev() {
+                if Some(p.cycle) == newest || p.applied_at >= cutoff {
+                    continue;
+                }
+                if !seen_hours.insert(p.applied_at / 3600) {
+                    drop.push(p.cycle);
+                }
+            }
+            for c in drop {
+                self.drop_point(c)?;
+                changed = true;
+            }
+        }
+        while self.state.points.len() > self.retention.keep.max(1) {
+            let oldest = self.state.points[0].cycle;
+            self.drop_point(oldest)?;
+            changed = true;
+        }
+        if changed {
+            self.refresh_point_sizes();
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the images of recovery point `cycle` into `out_dir` (sparse), one per disk.
+    pub fn export_point(&self, cycle: u64, out_dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+        if !self.state.points.iter().any(|p| p.cycle == cycle) {
+            return Err(StoreError::NoSuchPoint {
+                vm: self.vm.clone(),
+                cycle,
+            });
+        }
+        fs::create_dir_all(out_dir).map_err(self.io(out_dir))?;
+        let mut outs = Vec::new();
+        for (i, d) in self.state.disks.iter().enumerate() {
+            let op = out_dir.join(format!("{}.img", d.name));
+            let out = File::create(&op).map_err(self.io(&op))?;
+            out.set_len(d.size).map_err(self.io(&op))?;
+            let src = &self.images[i];
+            let sp = self.image_path(&d.name);
+            let mut buf = vec![0u8; MAX_CHUNK as usize];
+            for (off, len) in data_regions(src, d.size).map_err(self.io(&sp))? {
+                let mut pos = off;
+                while pos < off + len {
+                    let n = (off + len - pos).min(buf.len() as u64) as usize;
+                    src.read_exact_at(&mut buf[..n], pos)
+                        .map_err(self.io(&sp))?;
+                    if buf[..n].iter().any(|b| *b != 0) {
+                        out.write_all_at(&buf[..n], pos).map_err(self.io(&op))?;
+                    }
+                    pos += n as u64;
+                }
+            }
+            outs.push((op, out));
+        }
+        // Walk the undo chain from the newest point back to `cycle`.
+        let mut at = self.state.last_cycle;
+        while at != cycle {
+            let u =
+                self.state
+                    .undo
+                    .iter()
+                    .find(|u| u.from == at)
+                    .ok_or(StoreError::NoSuchPoint {
+                        vm: self.vm.clone(),
+                        cycle,
+                    })?;
+            let up = self.dir.join("undo").join(&u.file);
+            for c in undo::read(&up).map_err(self.io(&up))? {
+                let (op, out) = &outs[c.disk as usize];
+                match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
+                    Some(data) => out.write_all_at(&data, c.offset).map_err(self.io(op))?,
+                    None => punch_hole(out, c.offset, u64::from(c.len)).map_err(self.io(op))?,
+                }
+            }
+            at = u.to;
+        }
+        let mut paths = Vec::new();
+        for (op, out) in outs {
+            out.sync_all().map_err(self.io(&op))?;
+            paths.push(op);
+        }
+        Ok(paths)
+    }
+
+    /// xxh3 checksums of `count` blocks of `block` bytes of `disk` from `offset`.
+    pub fn hashes(
+        &self,
+        disk: &str,
+        offset: u64,
+        block: u32,
+        count: u32,
+    ) -> Result<Vec<u64>, StoreError> {
+        let i = self
+            .state
+            .disks
+            .iter()
+            .position(|d| d.name == disk)
+            .ok_or_else(|| self.bad_chunk(format!("no disk {disk}")))?;
+        let size = self.state.disks[i].size;
+        let p = self.image_path(disk);
+        let block = u64::from(block.clamp(4096, MAX_CHUNK));
+        let mut buf = vec![0u8; block as usize];
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for _ in 0..count.min(wire::MAX_LIST) {
+            if pos >= size {
+                break;
+            }
+            let n = block.min(size - pos) as usize;
+            self.images[i]
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(self.io(&p))?;
+            out.push(wire::checksum(&buf[..n]));
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    /// Staged chunk ids grouped per disk (for diagnostics).
+    pub fn receiving_cycle(&self) -> Option<u64> {
+        self.receiving.as_ref().map(|r| r.cycle)
+    }
+}
+
+/// Counts of chunks per disk in a list of ids.
+pub fn per_disk(ids: &[ChunkId]) -> BTreeMap<u16, usize> {
+    let mut m = BTreeMap::new();
+    for id in ids {
+        *m.entry(id.disk).or_insert(0) += 1;
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    const SIZE: u64 = 4 << 20;
+    const G: u32 = 65536;
+
+    fn disks() -> Vec<DiskInfo> {
+        ["a", "b"]
+            .iter()
+            .map(|n| DiskInfo {
+                name: n.to_string(),
+                size: SIZE,
+                granularity: G,
+            })
+            .collect()
+    }
+
+    /// Ships blocks `blocks` of the primary images as one cycle.
+    fn ship(
+        vs: &mut VmStore,
+        cycle: u64,
+        kind: CycleKind,
+        primary: &[Vec<u8>],
+        blocks: &[(u16, u64)],
+    ) -> Result<(), StoreError> {
+        vs.begin(cycle, kind, &disks())?;
+        let mut ids = Vec::new();
+        for &(d, b) in blocks {
+            let off = b * u64::from(G);
+            let c = Chunk::pack(
+                cycle,
+                d,
+                off,
+                &primary[d as usize][off as usize..(off + u64::from(G)) as usize],
+                true,
+            );
+            ids.push((c.id(), c.checksum));
+            vs.stage(&c)?;
+        }
+        vs.commit(cycle, ids.len() as u64, wire::digest(ids))
+    }
+
+    fn mutate(rng: &mut impl Rng, primary: &mut [Vec<u8>]) -> Vec<(u16, u64)> {
+        let mut blocks = Vec::new();
+        for _ in 0..rng.gen_range(1..12) {
+            let d = rng.gen_range(0..2u16);
+            let b = rng.gen_range(0..SIZE / u64::from(G));
+            let off = (b * u64::from(G)) as usize;
+            let fill = if rng.gen_bool(0.2) { 0 } else { rng.gen() };
+            primary[d as usize][off..off + G as usize].fill(fill);
+            if !blocks.contains(&(d, b)) {
+                blocks.push((d, b));
+            }
+        }
+        blocks
+    }
+
+    fn read_images(vs: &VmStore) -> Vec<Vec<u8>> {
+        ["a", "b"]
+            .iter()
+            .map(|n| fs::read(vs.image_path(n)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn cycles_points_retention_and_interrupted_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(
+            dir.path(),
+            Retention {
+                keep: 4,
+                hourly_after: None,
+            },
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut primary = vec![vec![0u8; SIZE as usize]; 2];
+        let mut history = BTreeMap::new();
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        let all: Vec<(u16, u64)> = (0..2)
+            .flat_map(|d| (0..SIZE / u64::from(G)).map(move |b| (d, b)))
+            .collect();
+        primary[0][..1000].fill(9);
+        ship(&mut vs, 1, CycleKind::Initial, &primary, &all).unwrap();
+        history.insert(1, primary.clone());
+        for cycle in 2..=7 {
+            let blocks = mutate(&mut rng, &mut primary);
+            ship(&mut vs, cycle, CycleKind::Delta, &primary, &blocks).unwrap();
+            history.insert(cycle, primary.clone());
+            assert!(
+                read_images(&vs) == primary,
+                "replica differs after cycle {cycle}"
+            );
+        }
+        let points: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
+        assert_eq!(points, vec![4, 5, 6, 7]);
+        for &k in &points {
+            let out = dir.path().join(format!("point-{k}"));
+            let files = vs.export_point(k, &out).unwrap();
+            for (i, f) in files.iter().enumerate() {
+                assert!(
+                    fs::read(f).unwrap() == history[&k][i],
+                    "point {k} disk {i} differs"
+                );
+            }
+        }
+        assert!(matches!(
+            vs.export_point(3, dir.path()),
+            Err(StoreError::NoSuchPoint { .. })
+        ));
+        // Thinning drops a middle point by merging the undo logs around it.
+        vs.drop_point(5).unwrap();
+        vs.save().unwrap();
+        assert_eq!(
+            vs.points().iter().map(|p| p.cycle).collect::<Vec<_>>(),
+            vec![4, 6, 7]
+        );
+        for k in [4u64, 6] {
+            let out = dir.path().join(format!("thinned-{k}"));
+            let files = vs.export_point(k, &out).unwrap();
+            for (i, f) in files.iter().enumerate() {
+                assert!(
+                    fs::read(f).unwrap() == history[&k][i],
+                    "after thinning, point {k} disk {i} differs"
+                );
+            }
+        }
+        // Zero blocks are holes in the replica.
+        let regions = data_regions(&File::open(vs.image_path("a")).unwrap(), SIZE).unwrap();
+        let allocated: u64 = regions.iter().map(|r| r.1).sum();
+        assert!(allocated < SIZE, "replica is not sparse");
+
+        // An apply interrupted after 2 chunks: reopening finishes it.
+        let blocks = mutate(&mut rng, &mut primary);
+        vs.crash_after = Some(2);
+        let err = ship(&mut vs, 8, CycleKind::Delta, &primary, &blocks);
+        assert!(err.is_err());
+        drop(vs);
+        let vs = store.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(vs.last_cycle(), 8);
+        assert!(
+            read_images(&vs) == primary,
+            "interrupted apply not finished on restart"
+        );
+        let out = dir.path().join("point-7");
+        let files = vs.export_point(7, &out).unwrap();
+        assert!(fs::read(&files[1]).unwrap() == history[&7][1]);
+        assert!(!vs.dir.join("staging").join("8").exists());
+    }
+
+    #[test]
+    fn incomplete_cycles_owner_and_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut vs = store.open_vm("vm1", "p1").unwrap();
+        let primary = vec![vec![3u8; SIZE as usize]; 2];
+        ship(&mut vs, 1, CycleKind::Initial, &primary, &[(0, 0), (1, 0)]).unwrap();
+        // A manifest that promises more than arrived: nothing applied, staging kept.
+        vs.begin(2, CycleKind::Delta, &disks()).unwrap();
+        let c = Chunk::pack(2, 0, 65536, &[5u8; G as usize], true);
+        vs.stage(&c).unwrap();
+        let before = read_images(&vs);
+        assert!(matches!(
+            vs.commit(2, 2, 0),
+            Err(StoreError::Incomplete {
+                have: 1,
+                want: 2,
+                ..
+            })
+        ));
+        assert!(read_images(&vs) == before);
+        // Resume: the staged chunk is reported, so the shipper skips it.
+        drop(vs);
+        let mut vs = store.open_vm("vm1", "p1").unwrap();
+        assert_eq!(
+            vs.begin(2, CycleKind::Delta, &disks()).unwrap(),
+            vec![c.id()]
+        );
+        // Out of range, corrupt, wrong disk: refused.
+        let mut far = Chunk::pack(2, 0, SIZE - 4096, &[1u8; 8192], true);
+        assert!(matches!(vs.stage(&far), Err(StoreError::BadChunk { .. })));
+        far.disk = 9;
+        assert!(matches!(vs.stage(&far), Err(StoreError::BadChunk { .. })));
+        let mut bad = Chunk::pack(2, 0, 0, &[1u8; 4096], false);
+        bad.payload[0] = 2;
+        assert!(matches!(vs.stage(&bad), Err(StoreError::BadChunk { .. })));
+        assert!(matches!(
+            vs.begin(1, CycleKind::Delta, &disks()),
+            Err(StoreError::OldCycle { .. })
+        ));
+        let mut other = disks();
+        other[0].size += 4096;
+        assert!(matches!(
+            vs.begin(3, CycleKind::Delta, &other),
+            Err(StoreError::DiskMismatch { .. })
+        ));
+        drop(vs);
+        assert!(matches!(
+            store.open_vm("vm1", "p2"),
+            Err(StoreError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            store.open_vm("../x", "p1"),
+            Err(StoreError::Name { .. })
+        ));
+    }
+}

@@ -1,0 +1,193 @@
+//! Undo logs: the contents a cycle overwrote, so older recovery points can be rebuilt from the
+//! replica (which always holds the newest point).
+//!
+//! An undo log is a file of wire frames: one [`Chunk`] per overwritten range (zero runs as
+//! markers, the rest lz4), then a [`Message::Manifest`] trailer with their count and digest.
+//! It is written to a temporary name, fsynced and renamed, so it is either complete or absent.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use vmreplica_common::wire::{self, Chunk, ChunkId, Message, MAX_CHUNK};
+
+/// Writes an undo log of `entries` atomically at `path`.
+pub fn write(path: &Path, cycle: u64, entries: &[Chunk]) -> io::Result<u64> {
+    let tmp = path.with_extension("undo.tmp");
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    let mut buf = Vec::new();
+    for e in entries {
+        buf.clear();
+        wire::encode(&Message::Chunk(e.clone()), &mut buf);
+        w.write_all(&buf)?;
+    }
+    buf.clear();
+    let digest = wire::digest(entries.iter().map(|e| (e.id(), e.checksum)));
+    wire::encode(
+        &Message::Manifest {
+            cycle,
+            chunks: entries.len() as u64,
+            digest,
+        },
+        &mut buf,
+    );
+    w.write_all(&buf)?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    let bytes = f.metadata()?.len();
+    drop(f);
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(bytes)
+}
+
+/// Reads a complete undo log; an incomplete or corrupt one is an error naming the file.
+pub fn read(path: &Path) -> io::Result<Vec<Chunk>> {
+    let bad = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("undo log {}: {why}", path.display()),
+        )
+    };
+    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let mut out = Vec::new();
+    loop {
+        let mut h = [0u8; 4];
+        r.read_exact(&mut h)
+            .map_err(|_| bad("no trailer (incomplete)".into()))?;
+        let n = wire::frame_len(h).map_err(|e| bad(e.to_string()))?;
+        let mut body = vec![0u8; n as usize];
+        r.read_exact(&mut body)
+            .map_err(|_| bad("truncated".into()))?;
+        match wire::decode_body(&body).map_err(|e| bad(e.to_string()))? {
+            Message::Chunk(c) => {
+                c.unpack().map_err(|e| bad(e.to_string()))?;
+                out.push(c)
+            }
+            Message::Manifest { chunks, digest, .. } => {
+                let d = wire::digest(out.iter().map(|e| (e.id(), e.checksum)));
+                if chunks != out.len() as u64 || d != digest {
+                    return Err(bad("trailer does not match its entries".into()));
+                }
+                return Ok(out);
+            }
+            other => return Err(bad(format!("unexpected frame {other:?}"))),
+        }
+    }
+}
+
+/// Byte ranges per disk, sorted.
+fn ranges(entries: &[Chunk]) -> BTreeMap<u16, Vec<(u64, u64)>> {
+    let mut m: BTreeMap<u16, Vec<(u64, u64)>> = BTreeMap::new();
+    for e in entries {
+        m.entry(e.disk)
+            .or_default()
+            .push((e.offset, e.offset + u64::from(e.len)));
+    }
+    for v in m.values_mut() {
+        v.sort();
+    }
+    m
+}
+
+/// Parts of `[start, end)` not covered by the sorted `covered` ranges.
+fn subtract(start: u64, end: u64, covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    for &(s, e) in covered {
+        if e <= pos || s >= end {
+            continue;
+        }
+        if s > pos {
+            out.push((pos, s));
+        }
+        pos = pos.max(e);
+        if pos >= end {
+            break;
+        }
+    }
+    if pos < end {
+        out.push((pos, end));
+    }
+    out
+}
+
+/// Combines two consecutive undo logs into one that reverts both: `newer` reverts point B to
+/// A, `older` reverts A to the point before it; where both cover a byte, the older one wins.
+pub fn merge(older: &[Chunk], newer: &[Chunk], cycle: u64) -> io::Result<Vec<Chunk>> {
+    let cov = ranges(older);
+    let mut out: Vec<Chunk> = older.to_vec();
+    for e in newer {
+        let empty = Vec::new();
+        let covered = cov.get(&e.disk).unwrap_or(&empty);
+        let end = e.offset + u64::from(e.len);
+        let parts = subtract(e.offset, end, covered);
+        if parts.len() == 1 && parts[0] == (e.offset, end) {
+            out.push(e.clone());
+            continue;
+        }
+        if parts.is_empty() {
+            continue;
+        }
+        let data = e
+            .unpack()
+            .map_err(io::Error::other)?
+            .unwrap_or_else(|| vec![0u8; e.len as usize]);
+        for (s, t) in parts {
+            let slice = &data[(s - e.offset) as usize..(t - e.offset) as usize];
+            debug_assert!(slice.len() <= MAX_CHUNK as usize);
+            out.push(Chunk::pack(cycle, e.disk, s, slice, true));
+        }
+    }
+    out.sort_by_key(|c| ChunkId {
+        disk: c.disk,
+        offset: c.offset,
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_and_reject_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("3.undo");
+        let entries = vec![
+            Chunk::pack(3, 0, 0, &[1u8; 8192], true),
+            Chunk::pack(3, 1, 65536, &[0u8; 4096], true),
+        ];
+        write(&p, 3, &entries).unwrap();
+        assert_eq!(read(&p).unwrap(), entries);
+        let data = fs::read(&p).unwrap();
+        fs::write(&p, &data[..data.len() - 5]).unwrap();
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("3.undo"), "{e}");
+    }
+
+    #[test]
+    fn merge_keeps_the_older_contents_where_both_cover() {
+        let older = vec![Chunk::pack(2, 0, 4096, &[2u8; 4096], true)];
+        let newer = vec![Chunk::pack(3, 0, 0, &[3u8; 12288], true)];
+        let m = merge(&older, &newer, 3).unwrap();
+        let mut img = vec![0u8; 12288];
+        for c in &m {
+            let d = c
+                .unpack()
+                .unwrap()
+                .unwrap_or_else(|| vec![0; c.len as usize]);
+            img[c.offset as usize..c.offset as usize + d.len()].copy_from_slice(&d);
+        }
+        assert_eq!(&img[..4096], &[3u8; 4096][..]);
+        assert_eq!(&img[4096..8192], &[2u8; 4096][..]);
+        assert_eq!(&img[8192..], &[3u8; 4096][..]);
+        assert_eq!(
+            subtract(0, 10, &[(2, 4), (3, 6), (8, 20)]),
+            vec![(0, 2), (6, 8)]
+        );
+    }
+}
