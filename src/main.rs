@@ -72,7 +72,11 @@ enum CtlOp {
     /// Disks, dirty block counts, frozen generation.
     Status,
     /// Freeze all disks at one instant; prints the generation.
-    Freeze,
+    Freeze {
+        /// Freeze every block, not just the changed ones (initial sync, resync).
+        #[arg(long)]
+        full: bool,
+    },
     /// Forget a frozen generation (it reached the replica).
     Release { generation: u64 },
     /// Put a frozen generation's blocks back into the dirty set.
@@ -183,7 +187,7 @@ fn run_tracker(a: TrackerArgs) -> Result<()> {
 fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
     let req = match op {
         CtlOp::Status => Request::Status,
-        CtlOp::Freeze => Request::Freeze,
+        CtlOp::Freeze { full } => Request::Freeze { full },
         CtlOp::Release { generation } => Request::Release { generation },
         CtlOp::Merge { generation } => Request::Merge { generation },
     };

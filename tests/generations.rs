@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
+use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::server::Server;
 use vmreplica_tracker::{Tracker, TrackerConfig};
 
@@ -75,7 +76,7 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let mut copies = Vec::new();
     let generation = tracker
-        .freeze_with(|| {
+        .freeze_with(false, || {
             copies = disks
                 .iter()
                 .map(|(_, p)| std::fs::read(p).unwrap())
@@ -101,6 +102,16 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
             frozen_view(&tracker, i) == copies[i],
             "frozen view of disk {i} differs from the copy at freeze"
         );
+        // The shipper's path: another mapping of the bitmap, reads of image and store.
+        let r = FrozenReader::open(&generation.disks[i]).unwrap();
+        for (off, len) in r.runs(1 << 20, false).unwrap() {
+            let mut buf = vec![0u8; len as usize];
+            r.read(off, &mut buf).unwrap();
+            assert!(
+                buf == copies[i][off as usize..(off + len) as usize],
+                "frozen reader differs at {off}"
+            );
+        }
     }
 
     // Die without a clean stop (state stays unclean), restart: the frozen view survives.
@@ -153,5 +164,69 @@ fn merge_returns_frozen_blocks_to_the_dirty_set() {
     assert!(t.frozen().is_none());
     let dirty: Vec<u64> = tr.bitmap().iter_set(tr.slots().active).collect();
     assert_eq!(dirty, vec![0, 80, 81, 82, 83]);
+    t.close().unwrap();
+}
+
+#[test]
+fn full_freeze_keeps_the_whole_disk_readable_as_of_the_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", SIZE);
+    let disks = vec![("d".to_string(), img.clone())];
+    let t = open(dir.path(), &disks);
+    let server = Server::new(Arc::clone(&t));
+    let sock = dir.path().join("nbd.sock");
+    server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let uri = format!("nbd+unix:///d?socket={}", sock.display());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 1 0 4M",
+        "-c",
+        "write -P 2 8M 1M",
+    ]));
+    let mut copy = Vec::new();
+    let g = t
+        .freeze_with(true, || copy = std::fs::read(&img).unwrap())
+        .unwrap();
+    assert_eq!(
+        g.disks[0].blocks,
+        SIZE / 65536,
+        "a full freeze holds every block"
+    );
+    // The guest rewrites data, trims data and writes into a hole after the freeze.
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 3 1M 1M",
+        "-c",
+        "discard 8M 1M",
+        "-c",
+        "write -P 4 12M 64k",
+    ]));
+    let r = FrozenReader::open(&g.disks[0]).unwrap();
+    let mut covered = vec![false; SIZE as usize];
+    for (off, len) in r.runs(1 << 20, true).unwrap() {
+        let mut buf = vec![0u8; len as usize];
+        r.read(off, &mut buf).unwrap();
+        assert!(
+            buf == copy[off as usize..(off + len) as usize],
+            "differs at {off}"
+        );
+        covered[off as usize..(off + len) as usize].fill(true);
+    }
+    // Every byte that held data at the freeze is covered, trimmed ones included.
+    for (i, b) in copy.iter().enumerate() {
+        assert!(*b == 0 || covered[i], "data at {i} was skipped");
+    }
+    assert!(
+        !covered[14 << 20],
+        "never-written space should be skipped as a hole"
+    );
+    server.shutdown();
+    t.release(g.generation).unwrap();
     t.close().unwrap();
 }

@@ -9,6 +9,4 @@ pub mod staging;
 pub mod store;
 pub mod undo;
 
-mod sparse;
-
 pub use store::{PointInfo, Store, StoreError, VmStore};

@@ -23,9 +23,9 @@ use thiserror::Error;
 use vmreplica_common::wire::{self, Chunk, ChunkId, CycleKind, DiskInfo, MAX_CHUNK};
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
-use crate::sparse::{data_regions, punch_hole};
 use crate::staging::Staging;
 use crate::undo;
+use vmreplica_common::sparse::{data_regions, punch_hole};
 
 const STATE_FORMAT: &str = "vmreplica-replica";
 const STATE_VERSION: u32 = 1;

@@ -4,6 +4,7 @@
 //! durable-file helpers every role uses for its state.
 
 pub mod name;
+pub mod sparse;
 pub mod statefile;
 pub mod wire;
 

@@ -73,6 +73,18 @@ impl Geometry {
     }
 }
 
+/// The words of `slot` in a mapped bitmap file, as atomics.
+pub(crate) fn slot_words(map: &[u8], geo: Geometry, slot: usize) -> &[AtomicU64] {
+    assert!(slot < 3);
+    let start = HEADER_LEN as usize + slot * geo.slot_bytes() as usize;
+    let ptr = map[start..start + geo.words() * 8].as_ptr();
+    // SAFETY: the range is inside the mapping (checked by the slice above), 8-byte aligned
+    // (mappings are page aligned and slot offsets are page multiples), lives as long as the
+    // borrowed mapping, and AtomicU64 has the layout of u64. Every access goes through
+    // atomics, also across processes sharing the file.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), geo.words()) }
+}
+
 pub struct Bitmap {
     path: PathBuf,
     file: File,
@@ -187,13 +199,7 @@ impl Bitmap {
     }
 
     fn words(&self, slot: usize) -> &[AtomicU64] {
-        assert!(slot < 3);
-        let start = HEADER_LEN as usize + slot * self.geo.slot_bytes() as usize;
-        let ptr = self.map[start..start + self.geo.words() * 8].as_ptr();
-        // SAFETY: the range is inside the mapping (checked by the slice above), 8-byte aligned
-        // (the mapping is page aligned and the slot offsets are page multiples), lives as long
-        // as `self`, and AtomicU64 has the layout of u64. All accesses go through atomics.
-        unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), self.geo.words()) }
+        slot_words(&self.map, self.geo, slot)
     }
 
     /// Sets bit `b` in `slot`; returns true if it was clear.

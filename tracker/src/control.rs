@@ -1,6 +1,6 @@
 //! The local control socket: one JSON request per line, one JSON response per line.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"freeze"}`, `{"op":"release","generation":N}`,
+//! Requests: `{"op":"status"}`, `{"op":"freeze","full":false}`, `{"op":"release","generation":N}`,
 //! `{"op":"merge","generation":N}`, `{"op":"clear-resync","disk":"NAME"}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 
@@ -22,10 +22,19 @@ const MAX_LINE: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
-    Freeze,
-    Release { generation: u64 },
-    Merge { generation: u64 },
-    ClearResync { disk: String },
+    Freeze {
+        #[serde(default)]
+        full: bool,
+    },
+    Release {
+        generation: u64,
+    },
+    Merge {
+        generation: u64,
+    },
+    ClearResync {
+        disk: String,
+    },
 }
 
 fn handle(tracker: &Tracker, line: &str) -> Value {
@@ -58,7 +67,7 @@ fn handle(tracker: &Tracker, line: &str) -> Value {
                 "disks": disks,
             }))
         }
-        Request::Freeze => tracker.freeze().map(|g| json!(g)),
+        Request::Freeze { full } => tracker.freeze_with(full, || {}).map(|g| json!(g)),
         Request::Release { generation } => tracker.release(generation).map(|_| json!(null)),
         Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
         Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),

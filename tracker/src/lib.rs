@@ -16,6 +16,7 @@ pub mod bitmap;
 pub mod control;
 pub mod disk;
 pub mod engine;
+pub mod frozen;
 mod gate;
 pub mod nbd;
 pub mod server;

@@ -425,12 +425,17 @@ impl Tracker {
     /// Freezes all disks at one instant: writes acknowledged before are in the generation,
     /// later ones are not, and the generation's blocks stay readable as they were.
     pub fn freeze(&self) -> Result<Generation, TrackerError> {
-        self.freeze_with(|| {})
+        self.freeze_with(false, || {})
     }
 
     /// [`Self::freeze`], running `at_freeze` at the freeze instant, while every disk is
-    /// quiesced (tests use it to copy the images exactly as frozen).
-    pub fn freeze_with(&self, at_freeze: impl FnOnce()) -> Result<Generation, TrackerError> {
+    /// quiesced (tests use it to copy the images exactly as frozen). With `full`, every block
+    /// of every disk belongs to the generation (initial sync and resync read whole disks).
+    pub fn freeze_with(
+        &self,
+        full: bool,
+        at_freeze: impl FnOnce(),
+    ) -> Result<Generation, TrackerError> {
         let tracked = self.tracked()?;
         let mut st = self.lock_state();
         if let Some(f) = &st.frozen {
@@ -441,7 +446,7 @@ impl Tracker {
             at_freeze();
             let mut next = st.clone();
             for ((d, t), ds) in tracked.iter().zip(next.disks.iter_mut()) {
-                let slots = t.freeze().map_err(|source| TrackerError::Tracking {
+                let slots = t.freeze(full).map_err(|source| TrackerError::Tracking {
                     name: d.name.clone(),
                     source,
                 })?;
@@ -456,7 +461,7 @@ impl Tracker {
             *st = next;
             Ok(())
         })?;
-        tracing::info!(generation, "froze all disks");
+        tracing::info!(generation, full, "froze all disks");
         Ok(self.generation_info(&st).expect("just frozen"))
     }
 

@@ -306,12 +306,17 @@ impl Tracking {
 
     /// Freeze: the active slot becomes frozen, the other (cleared) slot active. Callers have
     /// drained in-flight writes. Durable before it returns.
-    pub fn freeze(&self) -> Result<Slots, TrackingError> {
+    /// With `full`, every block is frozen (initial sync, resync): the whole disk stays readable
+    /// as of the freeze, and only blocks the guest rewrites cost a copy.
+    pub fn freeze(&self, full: bool) -> Result<Slots, TrackingError> {
         let mut s = self.slots.write().unwrap_or_else(|e| e.into_inner());
         let next = 1 - s.active;
         self.bitmap.clear_slot(next);
         self.bitmap.clear_slot(COW_SLOT);
         self.truncate_cow()?;
+        if full {
+            self.bitmap.set_range(s.active, 0..self.geo.blocks());
+        }
         self.bitmap.flush()?;
         *s = Slots {
             active: next,

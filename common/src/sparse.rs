@@ -1,4 +1,4 @@
-//! Small helpers for sparse files.
+//! Small helpers for sparse files (images on both sites stay sparse).
 
 use std::fs::File;
 use std::io;
