@@ -8,14 +8,15 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vmreplica_common::wire::{self, Chunk, ChunkId, Message};
+use vmreplica_common::wire::{self, Chunk, ChunkId, Message, StagedChunk};
 
 pub struct Staging {
     path: PathBuf,
     file: File,
     len: u64,
-    /// Where each chunk's frame is in the log, and its checksum.
-    index: BTreeMap<ChunkId, (u64, u64)>,
+    /// Where each chunk's frame is in the log, its length and checksum. A chunk staged again
+    /// under the same id replaces the earlier one.
+    index: BTreeMap<ChunkId, (u64, u32, u64)>,
     synced: bool,
 }
 
@@ -59,7 +60,7 @@ impl Staging {
             }
             match wire::decode_body(&body) {
                 Ok(Message::Chunk(c)) if c.cycle == cycle && c.unpack().is_ok() => {
-                    s.index.insert(c.id(), (pos, c.checksum));
+                    s.index.insert(c.id(), (pos, c.len, c.checksum));
                 }
                 _ => break,
             }
@@ -81,7 +82,7 @@ impl Staging {
         self.file
             .write_all_at(&buf, self.len)
             .map_err(|e| io_ctx(&self.path, e))?;
-        self.index.insert(c.id(), (self.len, c.checksum));
+        self.index.insert(c.id(), (self.len, c.len, c.checksum));
         self.len += buf.len() as u64;
         self.synced = false;
         Ok(())
@@ -96,8 +97,15 @@ impl Staging {
         Ok(())
     }
 
-    pub fn ids(&self) -> Vec<ChunkId> {
-        self.index.keys().copied().collect()
+    pub fn entries(&self) -> Vec<StagedChunk> {
+        self.index
+            .iter()
+            .map(|(id, (_, len, checksum))| StagedChunk {
+                id: *id,
+                len: *len,
+                checksum: *checksum,
+            })
+            .collect()
     }
 
     pub fn count(&self) -> u64 {
@@ -109,12 +117,12 @@ impl Staging {
     }
 
     pub fn digest(&self) -> u64 {
-        wire::digest(self.index.iter().map(|(id, (_, sum))| (*id, *sum)))
+        wire::digest(self.index.iter().map(|(id, (_, _, sum))| (*id, *sum)))
     }
 
     /// Reads back every staged chunk, in (disk, offset) order.
     pub fn chunks(&self) -> impl Iterator<Item = io::Result<Chunk>> + '_ {
-        self.index.values().map(move |(pos, _)| {
+        self.index.values().map(move |(pos, _, _)| {
             let mut h = [0u8; 4];
             self.file.read_exact_at(&mut h, *pos)?;
             let n = wire::frame_len(h).map_err(io::Error::other)?;

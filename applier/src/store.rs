@@ -12,7 +12,6 @@
 //! records the new point; (6) staging is removed. A restart that finds `applying` set redoes
 //! (4)-(6) from the staged chunks, which stay until (5) is durable.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -20,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vmreplica_common::wire::{self, Chunk, ChunkId, CycleKind, DiskInfo, MAX_CHUNK};
+use vmreplica_common::wire::{self, Chunk, CycleKind, DiskInfo, StagedChunk, MAX_CHUNK};
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
 use crate::staging::Staging;
@@ -399,7 +398,7 @@ impl VmStore {
         cycle: u64,
         kind: CycleKind,
         disks: &[DiskInfo],
-    ) -> Result<Vec<ChunkId>, StoreError> {
+    ) -> Result<Vec<StagedChunk>, StoreError> {
         if cycle <= self.state.last_cycle {
             return Err(StoreError::OldCycle {
                 vm: self.vm.clone(),
@@ -460,7 +459,7 @@ impl VmStore {
             },
         )?;
         let staging = self.open_staging(cycle)?;
-        let ids = staging.ids();
+        let ids = staging.entries();
         self.receiving = Some(Receiving {
             cycle,
             kind,
@@ -510,13 +509,13 @@ impl VmStore {
     }
 
     /// Makes the staged chunks durable and lists them (for a resuming shipper).
-    pub fn staged(&mut self) -> Result<Vec<ChunkId>, StoreError> {
+    pub fn staged(&mut self) -> Result<Vec<StagedChunk>, StoreError> {
         let p = self.dir.clone();
         let io = self.io(&p);
         match &mut self.receiving {
             Some(r) => {
                 r.staging.sync().map_err(io)?;
-                Ok(r.staging.ids())
+                Ok(r.staging.entries())
             }
             None => Ok(Vec::new()),
         }
@@ -844,19 +843,11 @@ impl VmStore {
     }
 }
 
-/// Counts of chunks per disk in a list of ids.
-pub fn per_disk(ids: &[ChunkId]) -> BTreeMap<u16, usize> {
-    let mut m = BTreeMap::new();
-    for id in ids {
-        *m.entry(id.disk).or_insert(0) += 1;
-    }
-    m
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
 
     const SIZE: u64 = 4 << 20;
     const G: u32 = 65536;
@@ -1031,7 +1022,11 @@ mod tests {
         let mut vs = store.open_vm("vm1", "p1").unwrap();
         assert_eq!(
             vs.begin(2, CycleKind::Delta, &disks()).unwrap(),
-            vec![c.id()]
+            vec![StagedChunk {
+                id: c.id(),
+                len: c.len,
+                checksum: c.checksum
+            }]
         );
         // Out of range, corrupt, wrong disk: refused.
         let mut far = Chunk::pack(2, 0, SIZE - 4096, &[1u8; 8192], true);

@@ -6,6 +6,7 @@
 pub mod name;
 pub mod sparse;
 pub mod statefile;
+pub mod tls;
 pub mod wire;
 
 pub use name::{validate_name, NameError, MAX_NAME_LEN};

@@ -69,6 +69,15 @@ pub enum Encoding {
     Raw = 2,
 }
 
+/// A chunk the applier already holds for a cycle: the shipper skips it when resuming, and
+/// counts it into the manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagedChunk {
+    pub id: ChunkId,
+    pub len: u32,
+    pub checksum: u64,
+}
+
 /// Identifies a chunk within a cycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkId {
@@ -101,8 +110,12 @@ pub enum Message {
         kind: CycleKind,
         disks: Vec<DiskInfo>,
     },
-    /// Applier → shipper: chunks of this cycle already staged durably (skip them).
-    Staged { cycle: u64, chunks: Vec<ChunkId> },
+    /// Applier → shipper: chunks of this cycle already staged durably (skip them). Also the
+    /// answer to a finished data stream (then with no entries): all of it is staged.
+    Staged {
+        cycle: u64,
+        chunks: Vec<StagedChunk>,
+    },
     /// Block data, on data streams.
     Chunk(Chunk),
     /// Shipper → applier: the cycle is complete: `chunks` chunks, with `digest` over them.
@@ -250,8 +263,10 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
             w.u64(*cycle);
             w.u32(chunks.len() as u32);
             for c in chunks {
-                w.u16(c.disk);
-                w.u64(c.offset);
+                w.u16(c.id.disk);
+                w.u64(c.id.offset);
+                w.u32(c.len);
+                w.u64(c.checksum);
             }
         }
         Message::Chunk(c) => {
@@ -368,12 +383,16 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         }
         T_STAGED => {
             let cycle = r.u64()?;
-            let n = r.count(10)?;
+            let n = r.count(22)?;
             let mut chunks = Vec::with_capacity(n);
             for _ in 0..n {
-                chunks.push(ChunkId {
-                    disk: r.u16()?,
-                    offset: r.u64()?,
+                chunks.push(StagedChunk {
+                    id: ChunkId {
+                        disk: r.u16()?,
+                        offset: r.u64()?,
+                    },
+                    len: r.u32()?,
+                    checksum: r.u64()?,
                 });
             }
             Message::Staged { cycle, chunks }
@@ -566,9 +585,13 @@ mod tests {
             },
             Message::Staged {
                 cycle: 8,
-                chunks: vec![ChunkId {
-                    disk: 0,
-                    offset: 4096,
+                chunks: vec![StagedChunk {
+                    id: ChunkId {
+                        disk: 0,
+                        offset: 4096,
+                    },
+                    len: 4096,
+                    checksum: 5,
                 }],
             },
             Message::Chunk(Chunk::pack(8, 0, 65536, &[7u8; 4096], true)),

@@ -104,6 +104,9 @@ pub struct FrozenState {
     pub generation: u64,
     /// Seconds since the Unix epoch.
     pub frozen_at: u64,
+    /// Every block was frozen (initial sync or resync), not just the changed ones.
+    #[serde(default)]
+    pub full: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,6 +137,9 @@ pub struct FrozenDisk {
 pub struct Generation {
     pub generation: u64,
     pub frozen_at: u64,
+    /// A full freeze (every block), for initial sync or resync.
+    #[serde(default)]
+    pub full: bool,
     pub disks: Vec<FrozenDisk>,
 }
 
@@ -413,6 +419,7 @@ impl Tracker {
         Some(Generation {
             generation: frozen.generation,
             frozen_at: frozen.frozen_at,
+            full: frozen.full,
             disks,
         })
     }
@@ -455,6 +462,7 @@ impl Tracker {
             next.frozen = Some(FrozenState {
                 generation,
                 frozen_at: now(),
+                full,
             });
             next.next_generation = generation + 1;
             self.save(&next)?;

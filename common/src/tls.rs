@@ -1,0 +1,338 @@
+//! Certificates and TLS for the link between sites: a private CA, node certificates, and
+//! rustls configurations for mutual TLS 1.3 with one explicit crypto provider (ring).
+//!
+//! Like Hyper-V's certificate-based replication, two hosts trust each other through a CA of
+//! their own, without a domain: `init_ca` once, `issue` a certificate per host, copy the CA
+//! certificate (not its key) and each host's certificate and key to that host.
+
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use thiserror::Error;
+
+/// ALPN protocol of vmreplica's replication link.
+pub const ALPN: &[u8] = b"vmreplica/1";
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                TlsError::Exists(path.to_path_buf())
+            } else {
+                io_err(path)(e)
+            }
+        })?;
+    io::Write::write_all(&mut f, data.as_bytes()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Paths of a CA directory.
+pub fn ca_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    (dir.join("ca.pem"), dir.join("ca.key"))
+}
+
+/// Creates a CA (`ca.pem`, and `ca.key` readable by the owner only) in `dir`.
+pub fn init_ca(dir: &Path, name: &str, days: i64) -> Result<PathBuf, TlsError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let (cert_path, key_path) = ca_paths(dir);
+    if cert_path.exists() {
+        return Err(TlsError::Exists(cert_path));
+    }
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    let cert = p.self_signed(&key)?;
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok(cert_path)
+}
+
+/// Validity of an issued certificate, relative to now.
+#[derive(Clone, Copy, Debug)]
+pub struct Validity {
+    pub from: time::Duration,
+    pub until: time::Duration,
+}
+
+impl Validity {
+    pub fn days(d: i64) -> Validity {
+        Validity {
+            from: -time::Duration::hours(1),
+            until: time::Duration::days(d),
+        }
+    }
+}
+
+/// Issues a node certificate for `name` (and `ips`) signed by the CA in `ca_dir`; writes
+/// `NAME.pem` and `NAME.key` into `out`. Returns their paths.
+pub fn issue(
+    ca_dir: &Path,
+    name: &str,
+    ips: &[IpAddr],
+    validity: Validity,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), TlsError> {
+    let (ca_cert_path, ca_key_path) = ca_paths(ca_dir);
+    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
+    let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Pem {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)
+        .map_err(|e| TlsError::Pem {
+            path: ca_cert_path.clone(),
+            reason: e.to_string(),
+        })?
+        .self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![name.to_string()])?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    for ip in ips {
+        p.subject_alt_names.push(SanType::IpAddress(*ip));
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = time::OffsetDateTime::now_utc() + validity.from;
+    p.not_after = time::OffsetDateTime::now_utc() + validity.until;
+    let cert = p.signed_by(&key, &ca, &ca_key)?;
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    let cert_path = out.join(format!("{name}.pem"));
+    let key_path = out.join(format!("{name}.key"));
+    write_new(&key_path, &key.serialize_pem(), 0o600)?;
+    write_new(&cert_path, &cert.pem(), 0o644)?;
+    Ok((cert_path, key_path))
+}
+
+/// A host's certificate chain and key, and the CA it trusts.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    let certs = certs.map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+impl Identity {
+    pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Identity, TlsError> {
+        Ok(Identity {
+            chain: pem_certs(cert)?,
+            key: PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+                path: key.to_path_buf(),
+                reason: e.to_string(),
+            })?,
+            ca: pem_certs(ca)?,
+        })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots
+                .add(c.clone())
+                .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        }
+        Ok(roots)
+    }
+
+    /// Server side: TLS 1.3 only, client certificates required and verified against the CA.
+    pub fn server_config(&self) -> Result<ServerConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut cfg = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// Client side: TLS 1.3 only, server verified against the CA, our certificate presented.
+    pub fn client_config(&self) -> Result<ClientConfig, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// The names a certificate speaks for: its DNS subject alternative names, else its CN.
+pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = x.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(
+            x.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok().map(str::to_string)),
+        );
+    }
+    names
+}
+
+/// Which primaries an applier admits: exact names and `*.suffix` patterns.
+#[derive(Clone, Debug, Default)]
+pub struct AllowList {
+    patterns: Vec<String>,
+}
+
+impl AllowList {
+    pub fn new(patterns: &[String]) -> AllowList {
+        AllowList {
+            patterns: patterns.iter().map(|p| p.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// The first of `names` admitted by the list.
+    pub fn admit(&self, names: &[String]) -> Option<String> {
+        names
+            .iter()
+            .find(|n| {
+                let n = n.to_ascii_lowercase();
+                self.patterns.iter().any(|p| match p.strip_prefix("*.") {
+                    // `*.dr.example` admits `a.dr.example` and `b.c.dr.example`, not
+                    // `dr.example` itself nor `xdr.example`.
+                    Some(suffix) => {
+                        n.len() > suffix.len() + 1 && n.ends_with(&format!(".{suffix}"))
+                    }
+                    None => *p == n,
+                })
+            })
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matches_exact_names_and_suffixes() {
+        let a = AllowList::new(&["primary-1".into(), "*.dc1.example".into()]);
+        let ok = |n: &str| a.admit(&[n.to_string()]).is_some();
+        assert!(
+            ok("primary-1") && ok("PRIMARY-1") && ok("h1.dc1.example") && ok("a.b.dc1.example")
+        );
+        assert!(
+            !ok("primary-2")
+                && !ok("dc1.example")
+                && !ok("xdc1.example")
+                && !ok("h1.dc1.example.evil")
+        );
+    }
+
+    #[test]
+    fn issued_certificates_carry_their_names_and_configs_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "vmreplica test CA", 30).unwrap();
+        assert!(matches!(
+            init_ca(&ca, "again", 30),
+            Err(TlsError::Exists(_))
+        ));
+        let (c, k) = issue(
+            &ca,
+            "primary-1",
+            &["127.0.0.1".parse().unwrap()],
+            Validity::days(7),
+            dir.path(),
+        )
+        .unwrap();
+        let id = Identity::load(&c, &k, &ca.join("ca.pem")).unwrap();
+        assert_eq!(cert_names(&id.chain[0]), vec!["primary-1".to_string()]);
+        id.server_config().unwrap();
+        id.client_config().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let e = Identity::load(&dir.path().join("nope.pem"), &k, &c)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope.pem"), "{e}");
+    }
+}
