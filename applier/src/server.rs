@@ -1,0 +1,350 @@
+//! The applier's QUIC server: admits only primaries whose certificate names are on the
+//! allow-list, and lets each write only the replicas it created.
+//!
+//! Per connection, the first bidirectional stream opened with `Hello` is the control stream
+//! (cycle begin/resume, manifest, checksum requests); every other stream starts with a chunk
+//! and carries chunks until the shipper finishes it, then gets one `Staged` answer once its
+//! chunks are durably staged.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use vmreplica_common::link::{self, LinkError, Tuning};
+use vmreplica_common::tls::{AllowList, Identity};
+use vmreplica_common::validate_name;
+use vmreplica_common::wire::{code, Message, PROTOCOL_VERSION};
+
+use crate::store::{Retention, Store, StoreError, VmStore};
+
+pub struct ApplierConfig {
+    pub store: PathBuf,
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub allow: AllowList,
+    pub retention: Retention,
+    pub tuning: Tuning,
+}
+
+struct App {
+    store: Store,
+    allow: AllowList,
+    vms: Mutex<HashMap<String, Arc<Mutex<VmStore>>>>,
+}
+
+type Vm = Arc<Mutex<VmStore>>;
+
+fn error_code(e: &StoreError) -> u16 {
+    match e {
+        StoreError::NoSpace { .. } => code::NO_SPACE,
+        StoreError::BadChunk { .. } => code::BAD_DATA,
+        StoreError::NotOwner { .. } | StoreError::Name { .. } => code::NOT_ALLOWED,
+        StoreError::Incomplete { .. } => code::INCOMPLETE,
+        StoreError::OldCycle { .. }
+        | StoreError::NoSuchCycle { .. }
+        | StoreError::DiskMismatch { .. } => code::PROTOCOL,
+        _ => code::INTERNAL,
+    }
+}
+
+/// A running applier.
+pub struct Applier {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Applier {
+    /// Binds and starts serving.
+    pub fn start(cfg: ApplierConfig) -> Result<Applier, Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::new(&cfg.store, cfg.retention)?;
+        // Finish any apply a crash interrupted before accepting anybody.
+        for vm in store.vms() {
+            if let Err(e) = store.open_existing(&vm) {
+                tracing::error!(vm, "replica needs attention: {e}");
+            }
+        }
+        let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning)?;
+        let app = Arc::new(App {
+            store,
+            allow: cfg.allow,
+            vms: Mutex::new(HashMap::new()),
+        });
+        let ep = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let app = Arc::clone(&app);
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => connection(app, conn).await,
+                        Err(e) => tracing::warn!(%remote, "refused a connection: {e}"),
+                    }
+                });
+            }
+        });
+        Ok(Applier { endpoint, task })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops accepting, closes connections, waits for them.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(VarInt::from_u32(0), b"applier shutting down");
+        self.endpoint.wait_idle().await;
+        self.task.abort();
+    }
+}
+
+async fn connection(app: Arc<App>, conn: Connection) {
+    let remote = conn.remote_address();
+    let names = link::peer_names(&conn);
+    let Some(peer) = app.allow.admit(&names) else {
+        tracing::warn!(%remote, ?names, "refused primary: its certificate name is not in the allow-list");
+        conn.close(
+            VarInt::from_u32(u32::from(code::NOT_ALLOWED)),
+            b"not allowed: certificate name is not in the applier's allow-list",
+        );
+        return;
+    };
+    tracing::info!(%remote, peer, "primary connected");
+    let vm: Arc<OnceLock<(String, Vm)>> = Arc::new(OnceLock::new());
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, peer, "primary disconnected: {e}");
+                return;
+            }
+        };
+        let (app, peer, vm) = (Arc::clone(&app), peer.clone(), Arc::clone(&vm));
+        tokio::spawn(async move {
+            if let Err(e) = stream(app, &peer, vm, send, recv).await {
+                tracing::warn!(peer, "stream ended: {e}");
+            }
+        });
+    }
+}
+
+async fn reply_error(send: &mut SendStream, code: u16, message: String) -> Result<(), LinkError> {
+    link::send(send, &Message::Error { code, message }).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Runs a store operation on a blocking thread.
+async fn with_vm<T: Send + 'static>(
+    vm: &Vm,
+    f: impl FnOnce(&mut VmStore) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let vm = Arc::clone(vm);
+    tokio::task::spawn_blocking(move || {
+        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+async fn stream(
+    app: Arc<App>,
+    peer: &str,
+    vm: Arc<OnceLock<(String, Vm)>>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), LinkError> {
+    match link::recv(&mut recv).await? {
+        Some(Message::Hello { version, vm: name }) => {
+            if version != PROTOCOL_VERSION {
+                return reply_error(
+                    &mut send,
+                    code::PROTOCOL,
+                    format!("protocol version {version} is not supported"),
+                )
+                .await;
+            }
+            if let Err(e) = validate_name(&name) {
+                return reply_error(&mut send, code::NOT_ALLOWED, format!("VM name: {e}")).await;
+            }
+            let store = {
+                let cached = app
+                    .vms
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&name)
+                    .cloned();
+                match cached {
+                    Some(v) => {
+                        let owner = v
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .owner()
+                            .to_string();
+                        if owner != peer {
+                            let e = StoreError::NotOwner {
+                                vm: name.clone(),
+                                owner,
+                                peer: peer.to_string(),
+                            };
+                            tracing::warn!("{e}");
+                            return reply_error(&mut send, code::NOT_ALLOWED, e.to_string()).await;
+                        }
+                        v
+                    }
+                    None => match app.store.open_vm(&name, peer) {
+                        Ok(v) => {
+                            let v = Arc::new(Mutex::new(v));
+                            app.vms
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(name.clone(), Arc::clone(&v));
+                            v
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer, "refused VM {name}: {e}");
+                            return reply_error(&mut send, error_code(&e), e.to_string()).await;
+                        }
+                    },
+                }
+            };
+            let last_cycle = store.lock().unwrap_or_else(|e| e.into_inner()).last_cycle();
+            let _ = vm.set((name.clone(), Arc::clone(&store)));
+            link::send(
+                &mut send,
+                &Message::Welcome {
+                    version: PROTOCOL_VERSION,
+                    last_cycle,
+                },
+            )
+            .await?;
+            control(&store, &name, &mut send, &mut recv).await
+        }
+        Some(Message::Chunk(first)) => {
+            let Some((name, store)) = vm.get().cloned() else {
+                return reply_error(&mut send, code::PROTOCOL, "chunks before Hello".into()).await;
+            };
+            let cycle = first.cycle;
+            let mut next = Some(first);
+            while let Some(c) = next {
+                if let Err(e) = with_vm(&store, move |v| v.stage(&c)).await {
+                    tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
+                    return reply_error(&mut send, error_code(&e), e.to_string()).await;
+                }
+                next = match link::recv(&mut recv).await? {
+                    Some(Message::Chunk(c)) => Some(c),
+                    None => None,
+                    Some(other) => {
+                        return reply_error(
+                            &mut send,
+                            code::PROTOCOL,
+                            format!("unexpected {other:?} on a data stream"),
+                        )
+                        .await
+                    }
+                };
+            }
+            match with_vm(&store, |v| v.staged()).await {
+                Ok(_) => {
+                    link::send(
+                        &mut send,
+                        &Message::Staged {
+                            cycle,
+                            chunks: Vec::new(),
+                        },
+                    )
+                    .await?;
+                    send.finish()?;
+                    Ok(())
+                }
+                Err(e) => reply_error(&mut send, error_code(&e), e.to_string()).await,
+            }
+        }
+        Some(other) => {
+            reply_error(
+                &mut send,
+                code::PROTOCOL,
+                format!("unexpected first message {other:?}"),
+            )
+            .await
+        }
+        None => Ok(()),
+    }
+}
+
+async fn control(
+    vm: &Vm,
+    name: &str,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+) -> Result<(), LinkError> {
+    while let Some(m) = link::recv(recv).await? {
+        let reply = match m {
+            Message::BeginCycle { cycle, kind, disks } => {
+                match with_vm(vm, move |v| v.begin(cycle, kind, &disks)).await {
+                    Ok(chunks) => {
+                        tracing::info!(
+                            vm = name,
+                            cycle,
+                            ?kind,
+                            staged = chunks.len(),
+                            "cycle started"
+                        );
+                        Message::Staged { cycle, chunks }
+                    }
+                    Err(e) => Message::Error {
+                        code: error_code(&e),
+                        message: e.to_string(),
+                    },
+                }
+            }
+            Message::Manifest {
+                cycle,
+                chunks,
+                digest,
+            } => match with_vm(vm, move |v| v.commit(cycle, chunks, digest)).await {
+                Ok(()) => Message::Applied { cycle },
+                Err(e) => {
+                    tracing::warn!(vm = name, cycle, "cycle not applied: {e}");
+                    Message::Error {
+                        code: error_code(&e),
+                        message: e.to_string(),
+                    }
+                }
+            },
+            Message::HashRequest {
+                disk,
+                offset,
+                block,
+                count,
+            } => {
+                let d = disk.clone();
+                match with_vm(vm, move |v| v.hashes(&d, offset, block, count)).await {
+                    Ok(hashes) => Message::Hashes {
+                        disk,
+                        offset,
+                        hashes,
+                    },
+                    Err(e) => Message::Error {
+                        code: error_code(&e),
+                        message: e.to_string(),
+                    },
+                }
+            }
+            other => Message::Error {
+                code: code::PROTOCOL,
+                message: format!("unexpected {other:?} on the control stream"),
+            },
+        };
+        link::send(send, &reply).await?;
+    }
+    Ok(())
+}

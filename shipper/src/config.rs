@@ -1,0 +1,210 @@
+//! The shipper's configuration file (TOML).
+//!
+//! ```toml
+//! vm = "vm1"
+//! tracker = "/var/lib/vmreplica/vm1/control.sock"  # the tracker's control socket
+//! replica = "192.0.2.10:7443"                       # the applier
+//! server_name = "replica-1"                         # name in the applier's certificate
+//! ca = "/etc/vmreplica/ca.pem"
+//! cert = "/etc/vmreplica/primary-1.pem"
+//! key = "/etc/vmreplica/primary-1.key"
+//! interval = "5m"              # any duration (30s, 5m, 15m, ...) or "continuous"
+//! bandwidth_limit = "50M"      # bytes per second; absent: unlimited
+//! compression = true
+//! streams = 4                  # parallel QUIC streams
+//! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! [tuning]
+//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use thiserror::Error;
+use vmreplica_common::link::Tuning;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    vm: String,
+    tracker: PathBuf,
+    replica: String,
+    server_name: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_interval")]
+    interval: String,
+    bandwidth_limit: Option<String>,
+    #[serde(default = "yes")]
+    compression: bool,
+    #[serde(default = "default_streams")]
+    streams: usize,
+    initial_sync_at: Option<String>,
+    #[serde(default)]
+    tuning: Tuning,
+}
+
+fn default_interval() -> String {
+    "5m".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_streams() -> usize {
+    4
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interval {
+    Every(Duration),
+    Continuous,
+}
+
+#[derive(Clone, Debug)]
+pub struct ShipperConfig {
+    pub vm: String,
+    pub tracker: PathBuf,
+    pub replica: String,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub interval: Interval,
+    /// Bytes per second.
+    pub bandwidth_limit: Option<u64>,
+    pub compression: bool,
+    pub streams: usize,
+    pub initial_sync_at: Option<SystemTime>,
+    pub tuning: Tuning,
+}
+
+/// Parses sizes like `100M`, `1G`, `500K` or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a byte count (examples: 500K, 100M, 1G)"))
+}
+
+impl ShipperConfig {
+    pub fn parse(text: &str, path: &Path) -> Result<ShipperConfig, ConfigError> {
+        let bad = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        vmreplica_common::validate_name(&raw.vm).map_err(|e| bad(format!("vm: {e}")))?;
+        let interval = if raw.interval == "continuous" {
+            Interval::Continuous
+        } else {
+            let d = humantime::parse_duration(&raw.interval)
+                .map_err(|e| bad(format!("interval {:?}: {e}", raw.interval)))?;
+            if d.is_zero() {
+                return Err(bad("interval must be positive (or \"continuous\")".into()));
+            }
+            Interval::Every(d)
+        };
+        let bandwidth_limit = raw
+            .bandwidth_limit
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(|e| bad(format!("bandwidth_limit: {e}")))?;
+        let initial_sync_at = raw
+            .initial_sync_at
+            .as_deref()
+            .map(humantime::parse_rfc3339_weak)
+            .transpose()
+            .map_err(|e| bad(format!("initial_sync_at: {e}")))?;
+        if raw.streams == 0 || raw.streams > 64 {
+            return Err(bad("streams must be 1 to 64".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(ShipperConfig {
+            vm: raw.vm,
+            tracker: rel(raw.tracker),
+            replica: raw.replica,
+            server_name: raw.server_name,
+            ca: rel(raw.ca),
+            cert: rel(raw.cert),
+            key: rel(raw.key),
+            interval,
+            bandwidth_limit,
+            compression: raw.compression,
+            streams: raw.streams,
+            initial_sync_at,
+            tuning: raw.tuning,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<ShipperConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+vm = "vm1"
+tracker = "t.sock"
+replica = "127.0.0.1:7443"
+server_name = "replica-1"
+ca = "ca.pem"
+cert = "p.pem"
+key = "p.key"
+"#;
+
+    #[test]
+    fn parses_intervals_limits_and_relative_paths() {
+        let p = Path::new("/etc/vmr/shipper.toml");
+        let c = ShipperConfig::parse(BASE, p).unwrap();
+        assert_eq!(c.interval, Interval::Every(Duration::from_secs(300)));
+        assert_eq!(c.tracker, PathBuf::from("/etc/vmr/t.sock"));
+        assert!(c.compression && c.bandwidth_limit.is_none());
+        let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
+        assert_eq!(c.interval, Interval::Continuous);
+        assert_eq!(c.bandwidth_limit, Some(10 << 20));
+        for bad in [
+            "interval = \"soon\"",
+            "bandwidth_limit = \"lots\"",
+            "streams = 0",
+            "colour = 1",
+            "initial_sync_at = \"tomorrow\"",
+        ] {
+            let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("shipper.toml"), "{bad}: {e}");
+        }
+        assert!(ShipperConfig::parse("vm = \"../x\"", p).is_err());
+    }
+}

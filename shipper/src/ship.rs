@@ -1,0 +1,402 @@
+//! Shipping one frozen generation as a cycle: plan the chunks, skip what the applier already
+//! staged, read (io_uring) and pack the rest over parallel QUIC streams within the bandwidth
+//! limit, then close the cycle with a manifest and wait until it is applied.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use thiserror::Error;
+use vmreplica_common::link::{self, LinkError};
+use vmreplica_common::wire::{
+    self, Chunk, ChunkId, CycleKind, DiskInfo, Message, StagedChunk, MAX_CHUNK,
+};
+use vmreplica_tracker::engine::{Engine, Op};
+use vmreplica_tracker::frozen::FrozenReader;
+use vmreplica_tracker::Generation;
+
+use crate::ratelimit::RateLimit;
+
+#[derive(Debug, Error)]
+pub enum ShipError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("reading disk {disk}: {source}")]
+    Read { disk: String, source: io::Error },
+    #[error("the applier refused cycle {cycle}: {reason}")]
+    Refused { cycle: u64, reason: String },
+    #[error("unexpected answer from the applier: {0}")]
+    Protocol(String),
+}
+
+/// What a cycle moved.
+#[derive(Clone, Debug, Default)]
+pub struct CycleStats {
+    pub cycle: u64,
+    pub chunks_sent: u64,
+    pub chunks_skipped: u64,
+    /// Uncompressed bytes covered by the chunks sent.
+    pub data_bytes: u64,
+    /// Bytes of chunk frames written to the link.
+    pub wire_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Knobs of one cycle.
+pub struct ShipOptions {
+    pub compression: bool,
+    pub streams: usize,
+    pub limit: Option<Arc<RateLimit>>,
+    pub engine: Arc<dyn Engine>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Work {
+    disk: u16,
+    offset: u64,
+    len: u64,
+}
+
+/// Test hook: corrupt this many chunks after packing, as a damaged transfer would.
+static CORRUPT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+fn corrupt_budget() -> &'static AtomicU64 {
+    if CORRUPT.load(Ordering::Relaxed) == u64::MAX {
+        let n = std::env::var("VMREPLICA_FAULT_CORRUPT_CHUNKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let _ = CORRUPT.compare_exchange(u64::MAX, n, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    &CORRUPT
+}
+
+async fn read_frozen(
+    engine: &Arc<dyn Engine>,
+    r: &Arc<FrozenReader>,
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<u8>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    engine.submit(
+        Op::Read {
+            fd: r.image_fd(),
+            offset,
+            buf: vec![0u8; len as usize],
+        },
+        Box::new(move |c| {
+            let _ = tx.send(c);
+        }),
+    );
+    let c = rx
+        .await
+        .map_err(|_| io::Error::other("I/O engine stopped"))?;
+    c.result?;
+    let mut buf = c.buf;
+    r.fix_up(offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Opens the frozen disks of a generation.
+pub fn open_readers(g: &Generation) -> Result<Vec<Arc<FrozenReader>>, ShipError> {
+    g.disks
+        .iter()
+        .map(|d| {
+            FrozenReader::open(d)
+                .map(Arc::new)
+                .map_err(|source| ShipError::Read {
+                    disk: d.name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+pub fn disk_infos(g: &Generation) -> Vec<DiskInfo> {
+    g.disks
+        .iter()
+        .map(|d| DiskInfo {
+            name: d.name.clone(),
+            size: d.size,
+            granularity: d.granularity,
+        })
+        .collect()
+}
+
+/// Blocks of a resync that differ from the replica: compares checksums of the frozen view
+/// with the applier's, range by range; only checksums cross the link.
+async fn resync_runs(
+    ctl: &mut (SendStream, RecvStream),
+    r: &Arc<FrozenReader>,
+    opts: &ShipOptions,
+    disk: u16,
+) -> Result<Vec<(u64, u64)>, ShipError> {
+    const BATCH: u32 = 1024;
+    let geo = r.geometry();
+    let g = u64::from(geo.granularity);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0u64;
+    while offset < geo.disk_size {
+        link::send(
+            &mut ctl.0,
+            &Message::HashRequest {
+                disk: r.name.clone(),
+                offset,
+                block: geo.granularity,
+                count: BATCH,
+            },
+        )
+        .await?;
+        let remote = match link::expect(&mut ctl.1).await? {
+            Message::Hashes { hashes, .. } => hashes,
+            other => return Err(ShipError::Protocol(format!("{other:?}"))),
+        };
+        let span = (u64::from(BATCH) * g).min(geo.disk_size - offset);
+        let local = read_frozen(&opts.engine, r, offset, span)
+            .await
+            .map_err(|source| ShipError::Read {
+                disk: r.name.clone(),
+                source,
+            })?;
+        for (i, block) in local.chunks(g as usize).enumerate() {
+            let off = offset + i as u64 * g;
+            if remote.get(i) == Some(&wire::checksum(block)) {
+                continue;
+            }
+            let len = block.len() as u64;
+            match runs.last_mut() {
+                Some((o, l)) if *o + *l == off && *l + len <= u64::from(MAX_CHUNK) => *l += len,
+                _ => runs.push((off, len)),
+            }
+        }
+        offset += span;
+    }
+    let _ = disk;
+    Ok(runs)
+}
+
+/// Ships generation `g` as cycle `g.generation` of kind `kind` over `conn`, using the open
+/// control stream `ctl`. Returns once the applier reports the cycle applied.
+pub async fn ship_cycle(
+    conn: &Connection,
+    ctl: &mut (SendStream, RecvStream),
+    g: &Generation,
+    kind: CycleKind,
+    opts: &ShipOptions,
+) -> Result<CycleStats, ShipError> {
+    let start = Instant::now();
+    let cycle = g.generation;
+    let readers = open_readers(g)?;
+    link::send(
+        &mut ctl.0,
+        &Message::BeginCycle {
+            cycle,
+            kind,
+            disks: disk_infos(g),
+        },
+    )
+    .await?;
+    let staged = match link::expect(&mut ctl.1).await {
+        Ok(Message::Staged { chunks, .. }) => chunks,
+        Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
+        Err(LinkError::Peer(reason)) => return Err(ShipError::Refused { cycle, reason }),
+        Err(e) => return Err(e.into()),
+    };
+    let mut manifest: HashMap<ChunkId, (u32, u64)> =
+        staged.iter().map(|s| (s.id, (s.len, s.checksum))).collect();
+
+    // Plan.
+    let mut work = VecDeque::new();
+    let mut total = 0u64;
+    let mut skipped = 0u64;
+    for (i, r) in readers.iter().enumerate() {
+        let runs = match kind {
+            CycleKind::Resync => resync_runs(ctl, r, opts, i as u16).await?,
+            _ => {
+                let r2 = Arc::clone(r);
+                let skip_holes = kind == CycleKind::Initial;
+                tokio::task::spawn_blocking(move || r2.runs(u64::from(MAX_CHUNK), skip_holes))
+                    .await
+                    .map_err(|e| ShipError::Protocol(e.to_string()))?
+                    .map_err(|source| ShipError::Read {
+                        disk: r.name.clone(),
+                        source,
+                    })?
+            }
+        };
+        for (offset, len) in runs {
+            let id = ChunkId {
+                disk: i as u16,
+                offset,
+            };
+            if manifest.get(&id).is_some_and(|(l, _)| u64::from(*l) == len) {
+                skipped += 1;
+                continue;
+            }
+            total += len;
+            work.push_back(Work {
+                disk: i as u16,
+                offset,
+                len,
+            });
+        }
+    }
+    tracing::info!(
+        vm_cycle = cycle,
+        ?kind,
+        chunks = work.len(),
+        skipped,
+        bytes = total,
+        "cycle planned"
+    );
+
+    // Send over parallel streams.
+    let queue = Arc::new(Mutex::new(work));
+    let done = Arc::new(AtomicU64::new(0));
+    let wire_bytes = Arc::new(AtomicU64::new(0));
+    let progress =
+        {
+            let done = Arc::clone(&done);
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let d = done.load(Ordering::Relaxed);
+                    let rate = d as f64 / t0.elapsed().as_secs_f64();
+                    let eta = if rate > 0.0 {
+                        (total.saturating_sub(d)) as f64 / rate
+                    } else {
+                        0.0
+                    };
+                    tracing::info!(
+                    "cycle {cycle} ({kind:?}): {:.1} / {:.1} MiB ({:.0}%), {:.1} MB/s, ETA {:.0} s",
+                    d as f64 / 1048576.0,
+                    total as f64 / 1048576.0,
+                    if total > 0 { 100.0 * d as f64 / total as f64 } else { 100.0 },
+                    rate / 1e6,
+                    eta
+                );
+                }
+            })
+        };
+    let mut tasks = Vec::new();
+    for _ in 0..opts.streams.max(1) {
+        let (conn, queue, readers) = (conn.clone(), Arc::clone(&queue), readers.clone());
+        let (engine, limit, compress) = (
+            Arc::clone(&opts.engine),
+            opts.limit.clone(),
+            opts.compression,
+        );
+        let (done, wire_bytes) = (Arc::clone(&done), Arc::clone(&wire_bytes));
+        tasks.push(tokio::spawn(async move {
+            let mut stream: Option<(SendStream, RecvStream)> = None;
+            let mut sent: Vec<StagedChunk> = Vec::new();
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some(w) = next else { break };
+                let r = &readers[w.disk as usize];
+                let data = read_frozen(&engine, r, w.offset, w.len)
+                    .await
+                    .map_err(|source| ShipError::Read {
+                        disk: r.name.clone(),
+                        source,
+                    })?;
+                let mut chunk = tokio::task::spawn_blocking(move || {
+                    Chunk::pack(cycle, w.disk, w.offset, &data, compress)
+                })
+                .await
+                .map_err(|e| ShipError::Protocol(e.to_string()))?;
+                let entry = StagedChunk {
+                    id: chunk.id(),
+                    len: chunk.len,
+                    checksum: chunk.checksum,
+                };
+                let budget = corrupt_budget();
+                if budget.load(Ordering::Relaxed) > 0 && budget.fetch_sub(1, Ordering::Relaxed) > 0
+                {
+                    tracing::warn!("test hook: corrupting chunk at {}", chunk.offset);
+                    match chunk.payload.first_mut() {
+                        Some(b) => *b ^= 0x5a,
+                        None => chunk.checksum ^= 1,
+                    }
+                }
+                let frame = chunk.payload.len() as u64 + 48;
+                if let Some(l) = &limit {
+                    l.acquire(frame).await;
+                }
+                if stream.is_none() {
+                    stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
+                }
+                let (s, _) = stream.as_mut().expect("opened above");
+                link::send(s, &Message::Chunk(chunk)).await?;
+                wire_bytes.fetch_add(frame, Ordering::Relaxed);
+                done.fetch_add(w.len, Ordering::Relaxed);
+                sent.push(entry);
+            }
+            if let Some((mut s, mut r)) = stream {
+                s.finish().map_err(LinkError::from)?;
+                match link::expect(&mut r).await {
+                    Ok(Message::Staged { .. }) => {}
+                    Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
+                    Err(LinkError::Peer(reason)) => {
+                        return Err(ShipError::Refused { cycle, reason })
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok::<_, ShipError>(sent)
+        }));
+    }
+    let mut result = Ok(());
+    let mut sent_count = 0u64;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(sent)) => {
+                sent_count += sent.len() as u64;
+                for s in sent {
+                    manifest.insert(s.id, (s.len, s.checksum));
+                }
+            }
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(ShipError::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+    progress.abort();
+    result?;
+
+    let digest = wire::digest(manifest.iter().map(|(id, (_, sum))| (*id, *sum)));
+    link::send(
+        &mut ctl.0,
+        &Message::Manifest {
+            cycle,
+            chunks: manifest.len() as u64,
+            digest,
+        },
+    )
+    .await?;
+    match link::expect(&mut ctl.1).await {
+        Ok(Message::Applied { cycle: c }) if c == cycle => {}
+        Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
+        Err(LinkError::Peer(reason)) => return Err(ShipError::Refused { cycle, reason }),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(CycleStats {
+        cycle,
+        chunks_sent: sent_count,
+        chunks_skipped: skipped,
+        data_bytes: done.load(Ordering::Relaxed),
+        wire_bytes: wire_bytes.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+    })
+}
