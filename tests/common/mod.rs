@@ -79,6 +79,51 @@ impl TrackerProc {
         t
     }
 
+    /// Like [`TrackerProc::start`], but with the state dir at `state` (which may sit on a file
+    /// system that cannot hold unix sockets, such as a FUSE test mount) and the NBD socket,
+    /// the control socket and the log in `run_dir`. Stale sockets there (from a killed
+    /// tracker) are removed first.
+    pub fn start_split(
+        state: &Path,
+        run_dir: &Path,
+        disks: &[(&str, &Path)],
+        extra: &[&str],
+    ) -> TrackerProc {
+        let socket = run_dir.join("nbd.sock");
+        let control = run_dir.join("control.sock");
+        let log = run_dir.join(format!("tracker-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&control);
+        let mut cmd = Command::new(bin());
+        cmd.arg("tracker")
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control);
+        for (n, p) in disks {
+            cmd.arg("--disk").arg(format!("{n}={}", p.display()));
+        }
+        cmd.args(extra);
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        cmd.stdout(Stdio::null()).stderr(logf);
+        let child = cmd.spawn().expect("spawning vmreplica tracker");
+        let t = TrackerProc {
+            child: Some(child),
+            state: state.to_path_buf(),
+            socket,
+            control,
+            log,
+        };
+        t.wait_ready();
+        t
+    }
+
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
