@@ -34,9 +34,9 @@ pub enum LinkError {
     #[error("connection: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream write: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
     #[error("stream read: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     #[error("stream closed: {0}")]
     Closed(#[from] quinn::ClosedStream),
     #[error("peer sent a bad frame: {0}")]
@@ -45,6 +45,25 @@ pub enum LinkError {
     Truncated,
     #[error("peer: {0}")]
     Peer(String),
+}
+
+// A lost connection says why (e.g. the applier's refusal), not just "connection lost".
+impl From<quinn::ReadError> for LinkError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::ConnectionLost(c) => LinkError::Connection(c),
+            e => LinkError::Read(e),
+        }
+    }
+}
+
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::ConnectionLost(c) => LinkError::Connection(c),
+            e => LinkError::Write(e),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
