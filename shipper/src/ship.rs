@@ -330,8 +330,17 @@ pub async fn ship_cycle(
                 if stream.is_none() {
                     stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
                 }
-                let (s, _) = stream.as_mut().expect("opened above");
-                link::send(s, &Message::Chunk(chunk)).await?;
+                let (s, r) = stream.as_mut().expect("opened above");
+                if let Err(e) = link::send(s, &Message::Chunk(chunk)).await {
+                    // The applier stops a stream it refuses; its answer says why.
+                    return match tokio::time::timeout(Duration::from_secs(5), link::expect(r)).await
+                    {
+                        Ok(Err(LinkError::Peer(reason))) => {
+                            Err(ShipError::Refused { cycle, reason })
+                        }
+                        _ => Err(e.into()),
+                    };
+                }
                 wire_bytes.fetch_add(frame, Ordering::Relaxed);
                 done.fetch_add(w.len, Ordering::Relaxed);
                 sent.push(entry);

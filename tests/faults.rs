@@ -1,0 +1,325 @@
+//! Faults with the real processes: kill -9 of the shipper, the applier and the tracker at
+//! random instants while a guest writes; chunks corrupted in flight; a full replica disk.
+//! Each ends with a replica equal to the primary (checked with `vmreplica verify` and cmp).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use vmreplica_common::tls::{self, Validity};
+
+const MIB: u64 = 1 << 20;
+
+struct Site {
+    dir: PathBuf,
+    ca: PathBuf,
+    port: u16,
+    store: PathBuf,
+}
+
+impl Site {
+    fn new(dir: &Path, store: PathBuf) -> Site {
+        let ca = dir.join("ca");
+        tls::init_ca(&ca, "test CA", 30).unwrap();
+        tls::issue(&ca, "primary-1", &[], Validity::days(30), &ca).unwrap();
+        tls::issue(
+            &ca,
+            "replica-1",
+            &["127.0.0.1".parse().unwrap()],
+            Validity::days(30),
+            &ca,
+        )
+        .unwrap();
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Site {
+            dir: dir.to_path_buf(),
+            ca,
+            port,
+            store,
+        }
+    }
+
+    fn applier(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("applier.log"))
+            .unwrap();
+        Command::new(bin())
+            .args(["applier", "--store"])
+            .arg(&self.store)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--allow",
+                "primary-1",
+            ])
+            .arg("--cert")
+            .arg(self.ca.join("replica-1.pem"))
+            .arg("--key")
+            .arg(self.ca.join("replica-1.key"))
+            .arg("--ca")
+            .arg(self.ca.join("ca.pem"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn config(&self, tracker: &TrackerProc) -> PathBuf {
+        let p = self.dir.join("shipper.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"127.0.0.1:{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n",
+                tracker.control.display(),
+                self.port,
+                ca = self.ca.display()
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    fn shipper(&self, config: &Path, env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("shipper.log"))
+            .unwrap();
+        Command::new(bin())
+            .args(["shipper", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default()
+    }
+
+    fn applied(&self) -> usize {
+        self.log("shipper")
+            .matches("cycle applied on the replica")
+            .count()
+    }
+
+    /// Waits until `n` more cycles than `since` were applied.
+    fn wait_cycles(&self, since: usize, n: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.applied() < since + n {
+            assert!(
+                Instant::now() < deadline,
+                "replication did not converge; shipper log:\n{}\napplier log:\n{}",
+                tail(&self.log("shipper")),
+                tail(&self.log("applier"))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `vmreplica verify` succeeds and the replica image is byte-for-byte the primary.
+    fn assert_equal(&self, config: &Path, img: &Path) {
+        let out = run(Command::new(bin()).args(["verify", "--config"]).arg(config));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("replica equal to primary"));
+        let replica = self.store.join("vm1/disks/sys.img");
+        assert!(
+            std::fs::read(img).unwrap() == std::fs::read(&replica).unwrap(),
+            "cmp: replica differs"
+        );
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn kill9(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn fio(uri: &str, seconds: u64) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=guest",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bsrange=4k-128k",
+            "--iodepth=4",
+            "--rate=8m",
+            "--time_based",
+            &format!("--runtime={seconds}"),
+            "--refill_buffers",
+            "--size=64M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running fio")
+}
+
+#[test]
+fn kill9_of_shipper_applier_and_tracker_loses_nothing() {
+    let seed: u64 = std::env::var("FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("FAULT_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 64 * MIB);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&img)
+        .args(["-c", "write -P 3 0 16M"]));
+    let mut tracker = Some(TrackerProc::start(dir.path(), &[("sys", &img)], &[]));
+    let config = site.config(tracker.as_ref().unwrap());
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[]);
+    site.wait_cycles(0, 1, Duration::from_secs(60));
+    let uri = tracker.as_ref().unwrap().uri("sys");
+    let mut guest = fio(&uri, 30);
+    let mut kills = [0; 3];
+    for _ in 0..9 {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+        let victim = rng.gen_range(0..3);
+        kills[victim] += 1;
+        match victim {
+            0 => {
+                kill9(&mut shipper);
+                shipper = site.shipper(&config, &[]);
+            }
+            1 => {
+                kill9(&mut applier);
+                std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
+                applier = site.applier();
+            }
+            _ => {
+                tracker.take().unwrap().kill9();
+                kill9(&mut guest);
+                tracker = Some(TrackerProc::start(dir.path(), &[("sys", &img)], &[]));
+                guest = fio(&uri, 30);
+            }
+        }
+    }
+    kill9(&mut guest);
+    eprintln!(
+        "kills: shipper {}, applier {}, tracker {}",
+        kills[0], kills[1], kills[2]
+    );
+    // Writes have stopped: two more cycles and the replica must be the primary.
+    let n = site.applied();
+    site.wait_cycles(n, 2, Duration::from_secs(90));
+    site.assert_equal(&config, &img);
+    assert!(site.log("applier").contains("cycle applied"));
+    kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.take().unwrap().stop();
+}
+
+#[test]
+fn corrupted_chunks_are_refused_and_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 32 * MIB);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&img)
+        .args(["-c", "write -P 7 0 8M"]));
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let config = site.config(&tracker);
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[("VMREPLICA_FAULT_CORRUPT_CHUNKS", "3")]);
+    site.wait_cycles(0, 2, Duration::from_secs(90));
+    let alog = site.log("applier");
+    // Caught by the lz4 decoder or the checksum, depending on where the damage fell.
+    assert!(
+        alog.contains("refused a chunk") && alog.contains("bad chunk"),
+        "{}",
+        tail(&alog)
+    );
+    assert!(
+        site.log("shipper").contains("the applier refused cycle 1"),
+        "{}",
+        tail(&site.log("shipper"))
+    );
+    site.assert_equal(&config, &img);
+    kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.stop();
+}
+
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&store));
+    let _mount = Tmpfs(store.clone());
+    let site = Site::new(dir.path(), store.clone());
+    let img = image(dir.path(), "sys.img", 64 * MIB);
+    // 40 MiB of incompressible data: does not fit in 24 MiB.
+    run(Command::new("fio")
+        .args([
+            "--name=fill",
+            "--rw=write",
+            "--bs=1M",
+            "--size=40M",
+            "--refill_buffers",
+        ])
+        .arg(format!("--filename={}", img.display())));
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let config = site.config(&tracker);
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !site.log("shipper").contains("no space") {
+        assert!(
+            Instant::now() < deadline,
+            "no 'no space' error; shipper log:\n{}",
+            tail(&site.log("shipper"))
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        site.log("applier").contains("no space"),
+        "{}",
+        tail(&site.log("applier"))
+    );
+    assert_eq!(site.applied(), 0);
+    // Space comes back: the same cycle resumes and lands.
+    run(Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&store));
+    site.wait_cycles(0, 1, Duration::from_secs(90));
+    site.wait_cycles(1, 1, Duration::from_secs(30));
+    site.assert_equal(&config, &img);
+    kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.stop();
+}
