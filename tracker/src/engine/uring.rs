@@ -130,8 +130,12 @@ impl UringEngine {
         }
         sq.sync();
         drop(sq);
-        self.inner.ring.submitter().submit()?;
-        Ok(())
+        // EBUSY: the kernel holds overflowed completions; the entry stays queued and goes in
+        // with the next submit (the completion thread flushes the overflow).
+        match self.inner.ring.submitter().submit() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            r => r.map(|_| ()),
+        }
     }
 }
 
@@ -168,18 +172,22 @@ fn entry_for(op: &mut Op) -> io_uring::squeue::Entry {
 
 fn completion_loop(inner: &Inner) {
     let mut counter = [0u8; 8];
+    let mut wait = true;
     loop {
-        // SAFETY: reading 8 bytes into a local buffer from our own eventfd.
-        let n = unsafe {
-            libc::read(
-                inner.eventfd.as_raw_fd(),
-                counter.as_mut_ptr().cast(),
-                counter.len(),
-            )
-        };
-        if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return;
+        if wait {
+            // SAFETY: reading 8 bytes into a local buffer from our own eventfd.
+            let n = unsafe {
+                libc::read(
+                    inner.eventfd.as_raw_fd(),
+                    counter.as_mut_ptr().cast(),
+                    counter.len(),
+                )
+            };
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return;
+            }
         }
+        wait = true;
         let mut ready = Vec::new();
         {
             // SAFETY: only this thread uses the completion queue.
@@ -206,6 +214,18 @@ fn completion_loop(inner: &Inner) {
                 }
             };
             done(into_completion(op, result));
+        }
+        // More completions than the CQ holds wait in the kernel's overflow list; only an enter
+        // with GETEVENTS (which submit() adds when the overflow flag is up) moves them into the
+        // CQ, and that does not necessarily signal the eventfd: flush, then drain again.
+        if let Ok(_guard) = inner.sq_lock.lock() {
+            // SAFETY: the submission queue is only touched while `sq_lock` is held.
+            let overflow = unsafe { inner.ring.submission_shared() }.cq_overflow();
+            if overflow {
+                let _ = inner.ring.submitter().submit();
+                wait = false;
+                continue;
+            }
         }
         if inner.stop.load(Ordering::Acquire) {
             let empty = inner
