@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,7 +47,7 @@ impl Site {
         }
     }
 
-    fn applier(&self) -> Child {
+    fn applier(&self) -> Guard {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -71,6 +71,7 @@ impl Site {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(Guard)
             .unwrap()
     }
 
@@ -89,7 +90,7 @@ impl Site {
         p
     }
 
-    fn shipper(&self, config: &Path, env: &[(&str, &str)]) -> Child {
+    fn shipper(&self, config: &Path, env: &[(&str, &str)]) -> Guard {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,6 +103,7 @@ impl Site {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .map(Guard)
             .unwrap()
     }
 
@@ -146,16 +148,16 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(25)..].join("\n")
 }
 
-fn kill9(c: &mut Child) {
-    let _ = c.kill();
-    let _ = c.wait();
+fn kill9(c: &mut Guard) {
+    c.kill();
 }
 
-fn fio(uri: &str, seconds: u64) -> Child {
+fn fio(uri: &str, seconds: u64) -> Guard {
     Command::new("fio")
         .args([
             "--name=guest",
             "--ioengine=nbd",
+            "--thread",
             &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bsrange=4k-128k",
@@ -169,6 +171,7 @@ fn fio(uri: &str, seconds: u64) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Guard)
         .expect("running fio")
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
@@ -28,11 +28,12 @@ fn open(dir: &std::path::Path, disks: &[(String, std::path::PathBuf)]) -> Arc<Tr
     )
 }
 
-fn fio_randwrite(uri: &str, seconds: u32, seed: u32) -> Child {
+fn fio_randwrite(uri: &str, seconds: u32, seed: u32) -> Guard {
     Command::new("fio")
         .args([
             "--name=rw",
             "--ioengine=nbd",
+            "--thread",
             &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bsrange=4k-128k",
@@ -46,6 +47,7 @@ fn fio_randwrite(uri: &str, seconds: u32, seed: u32) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Guard)
         .expect("running fio (scripts/install-deps.sh installs it)")
 }
 
@@ -89,7 +91,7 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
         "{generation:?}"
     );
     for w in &mut writers {
-        assert!(w.wait().unwrap().success(), "fio failed");
+        assert!(w.wait().success(), "fio failed");
     }
     // The guest really rewrote frozen blocks after the freeze.
     for (i, (_, p)) in disks.iter().enumerate() {

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
@@ -60,11 +60,12 @@ fn shipper_toml(
     p
 }
 
-fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Child {
+fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Guard {
     Command::new("fio")
         .args([
             "--name=guest",
             "--ioengine=nbd",
+            "--thread",
             &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bsrange=4k-256k",
@@ -79,6 +80,7 @@ fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Guard)
         .expect("running fio")
 }
 
@@ -159,10 +161,10 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     loop {
         k += 1;
         // Cycle while the guest writes; one last cycle after it stopped.
-        let writing = writers.iter_mut().any(|w| w.try_wait().unwrap().is_none());
+        let writing = writers.iter_mut().any(|w| w.try_wait().is_none());
         if !writing {
             for w in &mut writers {
-                assert!(w.wait().unwrap().success(), "fio failed");
+                assert!(w.wait().success(), "fio failed");
             }
         }
         let t = Arc::clone(&tracker);

@@ -230,3 +230,25 @@ pub fn ranges_with(map: &[(u64, u64, u32)], bit: u32) -> Vec<(u64, u64)> {
     }
     out
 }
+
+/// A child process killed and reaped when dropped, also when a test panics.
+pub struct Guard(pub Child);
+
+impl Guard {
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().unwrap()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
