@@ -269,6 +269,17 @@ impl Bitmap {
         })
     }
 
+    /// Makes one slot durable.
+    pub fn flush_slot(&self, slot: usize) -> Result<(), BitmapError> {
+        let start = HEADER_LEN + slot as u64 * self.geo.slot_bytes();
+        self.map
+            .flush_range(start as usize, self.geo.slot_bytes() as usize)
+            .map_err(|source| BitmapError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Makes the page holding bit `b` of `slot` durable.
     pub fn flush_bit(&self, slot: usize, b: u64) -> Result<(), BitmapError> {
         let byte = HEADER_LEN + slot as u64 * self.geo.slot_bytes() + b / 8;

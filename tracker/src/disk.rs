@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::engine::{Completion, Engine, Op};
 use crate::gate::Gate;
-use crate::tracking::{Tracking, TrackingError};
+use crate::tracking::Tracking;
 
 pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
 pub type ReadDone = Box<dyn FnOnce(io::Result<Vec<u8>>) + Send>;
@@ -51,39 +51,40 @@ impl Disk {
         );
     }
 
-    /// Marks and copies aside; on failure the gate is left and the error returned.
-    fn prepare_write(&self, offset: u64, len: u64) -> io::Result<()> {
-        let Some(t) = &self.tracking else {
-            return Ok(());
-        };
-        let res = t.mark(offset, len).and_then(|frozen| match frozen {
-            Some(f) => t.copy_on_write(f, &self.file, &self.path, offset, len),
-            None => Ok(()),
-        });
-        res.map_err(|e: TrackingError| {
-            tracing::error!(disk = %self.name, "tracking failed, refusing the write: {e}");
-            io::Error::other(e.to_string())
-        })
-    }
-
-    /// Runs `op` inside the gate, then an fdatasync if `fua`.
+    /// Runs `op` inside the gate, after marking its blocks dirty and copying aside the
+    /// frozen blocks it overwrites (which may wait for the copies' group commit), then an
+    /// fdatasync if `fua`.
     fn modify(self: &Arc<Self>, offset: u64, len: u64, op: Op, fua: bool, done: Done) {
         self.gate.enter();
-        if let Err(e) = self.prepare_write(offset, len) {
-            self.gate.exit();
-            return done(Err(e));
-        }
         let disk = Arc::clone(self);
-        self.engine.submit(
-            op,
-            Box::new(move |c: Completion| {
+        let issue = move |r: Result<(), String>| {
+            if let Err(e) = r {
+                tracing::error!(disk = %disk.name, "tracking failed, refusing the write: {e}");
                 disk.gate.exit();
-                match c.result {
-                    Ok(()) if fua => disk.flush(done),
-                    r => done(r),
-                }
-            }),
-        );
+                return done(Err(io::Error::other(e)));
+            }
+            let d2 = Arc::clone(&disk);
+            disk.engine.submit(
+                op,
+                Box::new(move |c: Completion| {
+                    d2.gate.exit();
+                    match c.result {
+                        Ok(()) if fua => d2.flush(done),
+                        r => done(r),
+                    }
+                }),
+            );
+        };
+        let Some(t) = &self.tracking else {
+            return issue(Ok(()));
+        };
+        match t.mark(offset, len) {
+            Err(e) => issue(Err(e.to_string())),
+            Ok(None) => issue(Ok(())),
+            Ok(Some(frozen)) => {
+                t.copy_on_write(frozen, &self.file, &self.path, offset, len, Box::new(issue))
+            }
+        }
     }
 
     pub fn write(self: &Arc<Self>, offset: u64, buf: Vec<u8>, fua: bool, done: Done) {

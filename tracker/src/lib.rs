@@ -14,6 +14,7 @@
 pub mod activity_log;
 pub mod bitmap;
 pub mod control;
+pub mod cow;
 pub mod disk;
 pub mod engine;
 pub mod frozen;

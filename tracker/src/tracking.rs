@@ -6,12 +6,13 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use thiserror::Error;
 
 use crate::activity_log::{ActivityLog, ActivityLogError, Recovered, CAPACITY, EXTENT_SHIFT};
 use crate::bitmap::{Bitmap, BitmapError, Geometry, COW_SLOT};
+use crate::cow::{CowStore, Then};
 
 #[derive(Debug, Error)]
 pub enum TrackingError {
@@ -38,19 +39,25 @@ pub struct Slots {
     pub frozen: Option<usize>,
 }
 
-const COW_STRIPES: usize = 64;
-
 pub struct Tracking {
     geo: Geometry,
-    bitmap: Bitmap,
+    bitmap: Arc<Bitmap>,
     al: Mutex<ActivityLog>,
     hot: Vec<AtomicBool>,
     /// Extents the activity log holds before it is checkpointed.
     al_capacity: usize,
     slots: RwLock<Slots>,
-    cow_path: PathBuf,
-    cow: File,
-    cow_locks: Vec<Mutex<()>>,
+    cow: Arc<CowStore>,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.cow.stop();
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How opening the tracking files went.
@@ -94,14 +101,13 @@ impl Tracking {
         let hot = (0..extents).map(|_| AtomicBool::new(false)).collect();
         let mut t = Tracking {
             geo,
-            bitmap,
+            bitmap: Arc::new(bitmap),
             al: Mutex::new(al),
             hot,
             al_capacity,
             slots: RwLock::new(slots),
-            cow_path,
-            cow,
-            cow_locks: (0..COW_STRIPES).map(|_| Mutex::new(())).collect(),
+            cow: Arc::new(CowStore::new(cow_path, cow)),
+            syncer: None,
         };
         let outcome = if existed_before && created {
             t.mark_all();
@@ -133,6 +139,7 @@ impl Tracking {
         t.al.get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .set(Vec::new())?;
+        t.syncer = Some(t.cow.spawn_syncer(Arc::clone(&t.bitmap), name));
         Ok((t, outcome))
     }
 
@@ -161,7 +168,7 @@ impl Tracking {
     }
 
     pub fn cow_path(&self) -> &Path {
-        &self.cow_path
+        &self.cow.path
     }
 
     pub fn slots(&self) -> Slots {
@@ -227,7 +234,7 @@ impl Tracking {
     }
 
     /// Before blocks of `[offset, offset+len)` are overwritten: copies aside those that are
-    /// frozen and not yet copied. Durable before it returns.
+    /// frozen and not yet copied, and runs `then` once the copies are durable.
     pub fn copy_on_write(
         &self,
         frozen: usize,
@@ -235,38 +242,23 @@ impl Tracking {
         image_path: &Path,
         offset: u64,
         len: u64,
-    ) -> Result<(), TrackingError> {
-        for b in self.geo.block_range(offset, len) {
-            if !self.bitmap.test(frozen, b) || self.bitmap.test(COW_SLOT, b) {
-                continue;
-            }
-            let _g = self.cow_locks[b as usize % COW_STRIPES]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if self.bitmap.test(COW_SLOT, b) {
-                continue;
-            }
-            let (start, n) = self.geo.block_bytes(b);
-            let mut buf = vec![0u8; n as usize];
-            image
-                .read_exact_at(&mut buf, start)
-                .map_err(|source| TrackingError::Image {
-                    path: image_path.to_path_buf(),
-                    source,
-                })?;
-            let cow_err = |source| TrackingError::Cow {
-                path: self.cow_path.clone(),
-                source,
-            };
-            self.cow.write_all_at(&buf, start).map_err(cow_err)?;
-            self.cow.sync_data().map_err(cow_err)?;
-            self.bitmap.set(COW_SLOT, b);
-            self.bitmap.flush_bit(COW_SLOT, b)?;
-        }
-        Ok(())
+        then: Then,
+    ) {
+        self.cow.before_overwrite(
+            &self.bitmap,
+            self.geo,
+            frozen,
+            image,
+            image_path,
+            offset,
+            len,
+            then,
+        )
     }
 
-    /// Reads `[offset, offset+len)` as it was at the freeze of the frozen generation.
+    /// Reads `[offset, offset+len)` as it was at the freeze of the frozen generation: the
+    /// image first, then, for blocks whose copy-on-write bit is set by now, the store (the bit
+    /// is set before any overwrite is issued, so this never returns a torn block).
     pub fn read_frozen(
         &self,
         image: &File,
@@ -274,32 +266,26 @@ impl Tracking {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<(), TrackingError> {
-        let g = u64::from(self.geo.granularity);
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let at = offset + pos as u64;
-            let b = at / g;
-            let n = ((b + 1) * g - at).min((buf.len() - pos) as u64) as usize;
-            let _l = self.cow_locks[b as usize % COW_STRIPES]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let dst = &mut buf[pos..pos + n];
-            if self.bitmap.test(COW_SLOT, b) {
-                self.cow
-                    .read_exact_at(dst, at)
-                    .map_err(|source| TrackingError::Cow {
-                        path: self.cow_path.clone(),
-                        source,
-                    })?;
-            } else {
-                image
-                    .read_exact_at(dst, at)
-                    .map_err(|source| TrackingError::Image {
-                        path: image_path.to_path_buf(),
-                        source,
-                    })?;
+        image
+            .read_exact_at(buf, offset)
+            .map_err(|source| TrackingError::Image {
+                path: image_path.to_path_buf(),
+                source,
+            })?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        for b in self.geo.block_range(offset, buf.len() as u64) {
+            if !self.bitmap.test(COW_SLOT, b) {
+                continue;
             }
-            pos += n;
+            let (bs, bl) = self.geo.block_bytes(b);
+            let s = bs.max(offset);
+            let e = (bs + bl).min(offset + buf.len() as u64);
+            self.cow
+                .read(&mut buf[(s - offset) as usize..(e - offset) as usize], s)
+                .map_err(|source| TrackingError::Cow {
+                    path: self.cow.path.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -352,13 +338,10 @@ impl Tracking {
     }
 
     fn truncate_cow(&self) -> Result<(), TrackingError> {
-        self.cow
-            .set_len(0)
-            .and_then(|_| self.cow.sync_all())
-            .map_err(|source| TrackingError::Cow {
-                path: self.cow_path.clone(),
-                source,
-            })
+        self.cow.truncate().map_err(|source| TrackingError::Cow {
+            path: self.cow.path.clone(),
+            source,
+        })
     }
 
     /// Blocks changed and not yet replicated (active or frozen).
