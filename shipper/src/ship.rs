@@ -45,6 +45,9 @@ pub struct CycleStats {
     pub elapsed: Duration,
 }
 
+/// Chunks read and packed ahead of each stream's sender.
+const READ_AHEAD_PER_STREAM: usize = 4;
+
 /// Knobs of one cycle.
 pub struct ShipOptions {
     pub compression: bool,
@@ -282,33 +285,60 @@ pub async fn ship_cycle(
                 }
             })
         };
+    // Read and pack ahead of the senders, a bounded number of chunks at a time, so disk reads,
+    // compression and the link overlap; memory stays within `depth` chunks.
+    let depth = opts.streams.max(1) * READ_AHEAD_PER_STREAM;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<(Work, Chunk), ShipError>>(depth);
+    let producer = {
+        let (queue, readers, engine) = (queue, readers.clone(), Arc::clone(&opts.engine));
+        let compress = opts.compression;
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(depth));
+            loop {
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some(w) = next else { return };
+                let (tx, r, engine) = (
+                    tx.clone(),
+                    Arc::clone(&readers[w.disk as usize]),
+                    Arc::clone(&engine),
+                );
+                tokio::spawn(async move {
+                    let packed = async {
+                        let data =
+                            read_frozen(&engine, &r, w.offset, w.len)
+                                .await
+                                .map_err(|source| ShipError::Read {
+                                    disk: r.name.clone(),
+                                    source,
+                                })?;
+                        tokio::task::spawn_blocking(move || {
+                            Chunk::pack(cycle, w.disk, w.offset, &data, compress)
+                        })
+                        .await
+                        .map_err(|e| ShipError::Protocol(e.to_string()))
+                    }
+                    .await;
+                    let _ = tx.send(packed.map(|c| (w, c))).await;
+                    drop(slot);
+                });
+            }
+        })
+    };
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut tasks = Vec::new();
     for _ in 0..opts.streams.max(1) {
-        let (conn, queue, readers) = (conn.clone(), Arc::clone(&queue), readers.clone());
-        let (engine, limit, compress) = (
-            Arc::clone(&opts.engine),
-            opts.limit.clone(),
-            opts.compression,
-        );
+        let (conn, rx, limit) = (conn.clone(), Arc::clone(&rx), opts.limit.clone());
         let (done, wire_bytes) = (Arc::clone(&done), Arc::clone(&wire_bytes));
         tasks.push(tokio::spawn(async move {
             let mut stream: Option<(SendStream, RecvStream)> = None;
             let mut sent: Vec<StagedChunk> = Vec::new();
             loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                let Some(w) = next else { break };
-                let r = &readers[w.disk as usize];
-                let data = read_frozen(&engine, r, w.offset, w.len)
-                    .await
-                    .map_err(|source| ShipError::Read {
-                        disk: r.name.clone(),
-                        source,
-                    })?;
-                let mut chunk = tokio::task::spawn_blocking(move || {
-                    Chunk::pack(cycle, w.disk, w.offset, &data, compress)
-                })
-                .await
-                .map_err(|e| ShipError::Protocol(e.to_string()))?;
+                let next = rx.lock().await.recv().await;
+                let Some(packed) = next else { break };
+                let (w, mut chunk) = packed?;
                 let entry = StagedChunk {
                     id: chunk.id(),
                     len: chunk.len,
@@ -359,8 +389,11 @@ pub async fn ship_cycle(
             Ok::<_, ShipError>(sent)
         }));
     }
+    // Only the senders may keep the receiver: once they are gone, the packers' sends fail.
+    drop(rx);
     let mut result = Ok(());
     let mut sent_count = 0u64;
+    let stop_producer = producer.abort_handle();
     for t in tasks {
         match t.await {
             Ok(Ok(sent)) => {
@@ -382,6 +415,7 @@ pub async fn ship_cycle(
         }
     }
     progress.abort();
+    stop_producer.abort();
     result?;
 
     let digest = wire::digest(manifest.iter().map(|(id, (_, sum))| (*id, *sum)));
