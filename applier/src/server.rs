@@ -235,7 +235,21 @@ async fn stream(
             let cycle = first.cycle;
             let mut next = Some(first);
             while let Some(c) = next {
-                if let Err(e) = with_vm(&store, move |v| v.stage(&c)).await {
+                let verified = tokio::task::spawn_blocking(move || match c.unpack() {
+                    Ok(_) => Ok(c),
+                    Err(e) => Err(e.to_string()),
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+                .map_err(|reason| StoreError::BadChunk {
+                    vm: name.clone(),
+                    reason,
+                });
+                let staged = match verified {
+                    Ok(c) => with_vm(&store, move |v| v.stage_verified(&c)).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = staged {
                     tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
                     return reply_error(&mut send, error_code(&e), e.to_string()).await;
                 }

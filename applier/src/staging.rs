@@ -78,7 +78,7 @@ impl Staging {
     /// Appends a verified chunk (callers check it with [`Chunk::unpack`] first).
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
         let mut buf = Vec::with_capacity(c.payload.len() + 64);
-        wire::encode(&Message::Chunk(c.clone()), &mut buf);
+        wire::encode_chunk(c, &mut buf);
         self.file
             .write_all_at(&buf, self.len)
             .map_err(|e| io_ctx(&self.path, e))?;
@@ -106,6 +106,14 @@ impl Staging {
                 checksum: *checksum,
             })
             .collect()
+    }
+
+    /// (disk, offset, length) of every staged chunk, in (disk, offset) order, without reading
+    /// the log.
+    pub fn ranges(&self) -> impl Iterator<Item = (u16, u64, u32)> + '_ {
+        self.index
+            .iter()
+            .map(|(id, (_, len, _))| (id.disk, id.offset, *len))
     }
 
     pub fn count(&self) -> u64 {

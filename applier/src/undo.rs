@@ -12,22 +12,30 @@ use std::path::Path;
 
 use vmreplica_common::wire::{self, Chunk, ChunkId, Message, MAX_CHUNK};
 
-/// Writes an undo log of `entries` atomically at `path`.
-pub fn write(path: &Path, cycle: u64, entries: &[Chunk]) -> io::Result<u64> {
+/// Writes an undo log of `entries` atomically at `path`, one entry at a time (a cycle's
+/// undo log is never held in memory whole).
+pub fn write(
+    path: &Path,
+    cycle: u64,
+    entries: impl IntoIterator<Item = io::Result<Chunk>>,
+) -> io::Result<u64> {
     let tmp = path.with_extension("undo.tmp");
     let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
     let mut buf = Vec::new();
+    let (mut count, mut digest) = (0u64, 0u64);
     for e in entries {
+        let e = e?;
         buf.clear();
-        wire::encode(&Message::Chunk(e.clone()), &mut buf);
+        wire::encode_chunk(&e, &mut buf);
         w.write_all(&buf)?;
+        count += 1;
+        digest = digest.wrapping_add(wire::digest([(e.id(), e.checksum)]));
     }
     buf.clear();
-    let digest = wire::digest(entries.iter().map(|e| (e.id(), e.checksum)));
     wire::encode(
         &Message::Manifest {
             cycle,
-            chunks: entries.len() as u64,
+            chunks: count,
             digest,
         },
         &mut buf,
@@ -161,7 +169,7 @@ mod tests {
             Chunk::pack(3, 0, 0, &[1u8; 8192], true),
             Chunk::pack(3, 1, 65536, &[0u8; 4096], true),
         ];
-        write(&p, 3, &entries).unwrap();
+        write(&p, 3, entries.iter().cloned().map(Ok)).unwrap();
         assert_eq!(read(&p).unwrap(), entries);
         let data = fs::read(&p).unwrap();
         fs::write(&p, &data[..data.len() - 5]).unwrap();
