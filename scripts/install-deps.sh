@@ -18,6 +18,7 @@ have rsync || need_apt+=(rsync)
 have debugfs || need_apt+=(e2fsprogs)
 have cpio || need_apt+=(cpio)
 have ip || need_apt+=(iproute2)
+have python3 || need_apt+=(python3)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

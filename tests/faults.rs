@@ -76,13 +76,18 @@ impl Site {
     }
 
     fn config(&self, tracker: &TrackerProc) -> PathBuf {
+        self.config_via(tracker, self.port, "")
+    }
+
+    /// A shipper config reaching the applier through `port` (a relay's), plus `extra` TOML.
+    fn config_via(&self, tracker: &TrackerProc, port: u16, extra: &str) -> PathBuf {
         let p = self.dir.join("shipper.toml");
         std::fs::write(
             &p,
             format!(
-                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"127.0.0.1:{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n",
+                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"127.0.0.1:{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n{extra}",
                 tracker.control.display(),
-                self.port,
+                port,
                 ca = self.ca.display()
             ),
         )
@@ -324,5 +329,112 @@ fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() 
     site.assert_equal(&config, &img);
     kill9(&mut shipper);
     kill9(&mut applier);
+    tracker.stop();
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `cond` holds on the log of `who`, or fails showing it.
+fn wait_log(site: &Site, who: &str, what: &str, limit: Duration, cond: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond(&site.log(who)) {
+        assert!(
+            Instant::now() < deadline,
+            "waited for {what}; {who} log:\n{}",
+            tail(&site.log(who))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 64 * MIB);
+    // 48 MiB of incompressible data: about 5 s through a 80 Mbit/s link.
+    run(Command::new("fio")
+        .args([
+            "--name=fill",
+            "--rw=write",
+            "--bs=1M",
+            "--size=48M",
+            "--refill_buffers",
+        ])
+        .arg(format!("--filename={}", img.display())));
+    let relay_port = free_udp_port();
+    let relay = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wan-relay.py"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{relay_port}"),
+            "--to",
+            &format!("127.0.0.1:{}", site.port),
+            "--delay-ms",
+            "5",
+            "--rate",
+            "80M",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Guard)
+        .expect("running scripts/wan-relay.py");
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    // A 2 s idle timeout, so a cut longer than that drops the connection.
+    let config = site.config_via(&tracker, relay_port, "[tuning]\nidle_timeout_s = 2\n");
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[]);
+    wait_log(
+        &site,
+        "shipper",
+        "the initial cycle",
+        Duration::from_secs(30),
+        |l| l.contains("cycle planned"),
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    let cut = |on: &str| {
+        eprintln!("link {on}");
+        run(Command::new("kill")
+            .arg("-USR1")
+            .arg(relay.0.id().to_string()));
+    };
+    cut("down");
+    wait_log(
+        &site,
+        "shipper",
+        "the connection to drop",
+        Duration::from_secs(30),
+        |l| l.contains("replication interrupted"),
+    );
+    assert_eq!(
+        site.applied(),
+        0,
+        "the cycle cannot have landed during the cut"
+    );
+    cut("up");
+    site.wait_cycles(0, 1, Duration::from_secs(90));
+    let log = site.log("shipper");
+    let line = log
+        .lines()
+        .find(|l| l.contains("cycle applied on the replica"))
+        .unwrap();
+    let skipped: u64 = line
+        .split("resumed_skipped=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no resumed_skipped in {line}"));
+    assert!(skipped > 0, "the resumed cycle resent everything: {line}");
+    site.assert_equal(&config, &img);
+    kill9(&mut shipper);
+    kill9(&mut applier);
+    drop(relay);
     tracker.stop();
 }

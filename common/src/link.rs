@@ -87,6 +87,9 @@ pub struct Tuning {
     pub udp_buffer: usize,
     /// Assumed RTT before the first measurement, in milliseconds.
     pub initial_rtt_ms: u64,
+    /// A connection silent this long (link cut, peer gone) is given up and re-established;
+    /// the cycle then resumes. The shorter of the two sides' values applies.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for Tuning {
@@ -98,6 +101,7 @@ impl Default for Tuning {
             send_window: 64 << 20,
             udp_buffer: 8 << 20,
             initial_rtt_ms: 100,
+            idle_timeout_s: 30,
         }
     }
 }
@@ -106,16 +110,15 @@ impl Tuning {
     pub fn transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
         let var = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
+        let idle = Duration::from_secs(self.idle_timeout_s.clamp(1, 3600));
         t.stream_receive_window(var(self.stream_window))
             .receive_window(var(self.connection_window))
             .send_window(self.send_window)
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .initial_rtt(Duration::from_millis(self.initial_rtt_ms.max(1)))
-            .keep_alive_interval(Some(Duration::from_secs(5)))
-            .max_idle_timeout(Some(
-                quinn::IdleTimeout::try_from(Duration::from_secs(30)).expect("30 s fits"),
-            ));
+            .keep_alive_interval(Some(idle / 3))
+            .max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
         match self.congestion {
             Congestion::Cubic => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
