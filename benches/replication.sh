@@ -1,0 +1,323 @@
+#!/usr/bin/env bash
+# Replication benchmark: vmreplica against nbdcopy, qemu-img convert and rsync, side by side.
+#
+# The replica site is a network namespace joined to the host by a veth pair, so every byte
+# between the sites crosses one interface whose counters count nothing else (IP + transport
+# headers included, both directions). The primary (tracker, shipper, qemu-nbd, rsync client)
+# runs on the host; the applier, rsync daemon and the NBD copy tools' destination in the
+# namespace.
+#
+# Data: a sparse BENCH_SIZE (8 GiB) image holding an ext4 filesystem filled with real files
+# (hard-linked from /usr into a staging tree, so it is the kind of data a guest disk holds:
+# binaries, libraries, text) up to about BENCH_ALLOC (2 GiB) allocated.
+#
+#   (3) initial sync of that image: vmreplica's initial cycle (freeze --full, holes skipped,
+#       lz4) vs `nbdcopy` and `qemu-img convert` pulling the same image from qemu-nbd over the
+#       veth. Time (until the copy is durable: a sync of the copy is included, as vmreplica
+#       acknowledges a cycle only after fsync) and bytes on the wire.
+#   (4) compression: bytes of data vs bytes on the wire for that initial sync.
+#   (2) BENCH_CHANGE_PCT (1) % of the image's 64 KiB blocks rewritten at random through the
+#       tracker (fio, nbd engine, 50%-compressible data): vmreplica's delta cycle vs
+#       `rsync --inplace --no-whole-file` of the same change to an rsync daemon holding the
+#       pre-change copy. Time and bytes on the wire.
+#   (1) BENCH_CYCLE_MIB (1024) MiB of dirty 64 KiB blocks: the delta cycle's rate vs reading the
+#       same blocks locally (python preads in offset order), both from a cold page cache.
+#
+# Every copy is checked: replica == primary (cmp), nbdcopy/qemu-img/rsync copies == source.
+# Output: markdown on stdout and in benches/results/replication-<stamp>.md.
+# Environment: BENCH_SIZE=8G BENCH_ALLOC=2G BENCH_CHANGE_PCT=1 BENCH_CYCLE_MIB=1024
+#   VMREPLICA=target/release/vmreplica BENCH_DIR=<mktemp under /var/tmp> BENCH_KEEP=0
+#   BENCH_MAX_SECONDS=1800
+# Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
+set -euo pipefail
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_dir=$(cd "$script_dir/.." && pwd)
+log() { echo "replication-bench: $*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+BENCH_SIZE=${BENCH_SIZE:-8G}
+BENCH_ALLOC=${BENCH_ALLOC:-2G}
+BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
+BENCH_CYCLE_MIB=${BENCH_CYCLE_MIB:-1024}
+BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-1800}
+BENCH_KEEP=${BENCH_KEEP:-0}
+VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
+[[ -x $VMREPLICA ]] || die "no $VMREPLICA (cargo build --release --bin vmreplica)"
+for t in rsync qemu-nbd qemu-img nbdcopy fio mke2fs ip python3; do
+  command -v $t >/dev/null || die "$t not found (scripts/install-deps.sh)"
+done
+size_bytes=$(numfmt --from=iec "${BENCH_SIZE%iB}")
+alloc_bytes=$(numfmt --from=iec "${BENCH_ALLOC%iB}")
+
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/repl-bench.XXXXXX)}
+mkdir -p "$work"
+work=$(cd "$work" && pwd)
+ns=vmrb$$
+hveth=vrb$$h
+rveth=vrb$$r
+host_ip=10.231.7.1
+rep_ip=10.231.7.2
+pids=()
+stamp=$(date +%Y-%m-%d-%H%M%S)
+md_out=$repo_dir/benches/results/replication-$stamp.md
+mkdir -p "$repo_dir/benches/results"
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  [[ -n ${watchdog:-} ]] && { kill "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null; } || true
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+  ip link del "$hveth" 2>/dev/null || true
+  ip netns del "$ns" 2>/dev/null || true
+  if [[ $BENCH_KEEP == 1 ]]; then log "kept $work"; else rm -rf "$work"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'log "time limit or signal"; exit 124' TERM
+( sleep "$BENCH_MAX_SECONDS"; log "time limit ${BENCH_MAX_SECONDS}s reached"; kill -TERM $$ ) &
+watchdog=$!
+
+# ---- two sites --------------------------------------------------------------------------------
+ip netns add "$ns"
+ip link add "$hveth" type veth peer name "$rveth"
+ip link set "$rveth" netns "$ns"
+ip addr add "$host_ip/30" dev "$hveth"
+ip link set "$hveth" up
+ip -n "$ns" addr add "$rep_ip/30" dev "$rveth"
+ip -n "$ns" link set "$rveth" up
+ip -n "$ns" link set lo up
+inns() { ip netns exec "$ns" "$@"; }
+wire() { # bytes both ways on the veth so far
+  echo $(( $(cat /sys/class/net/$hveth/statistics/tx_bytes) + $(cat /sys/class/net/$hveth/statistics/rx_bytes) ))
+}
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+cold() { sync; echo 1 >/proc/sys/vm/drop_caches; }
+wait_for() { # SECONDS CMD...
+  local t=$1; shift
+  for _ in $(seq $((t * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  die "timed out waiting for: $*"
+}
+start() { "$@" & pids+=($!); }
+
+# ---- the image: real files in ext4, BENCH_ALLOC allocated ---------------------------------------
+log "building a ${BENCH_SIZE} image with ~${BENCH_ALLOC} of files from /usr"
+stage=$work/stage
+mkdir -p "$stage"
+budget=$((alloc_bytes * 93 / 100))   # leave room for ext4's metadata
+python3 - "$stage" "$budget" >/dev/null <<'PY'
+import os, sys
+stage, budget = sys.argv[1], int(sys.argv[2])
+used = 0
+for root in ("/usr/share", "/usr/bin", "/usr/lib", "/usr/libexec", "/usr/sbin"):
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort(); files.sort()
+        for f in files:
+            src = os.path.join(dirpath, f)
+            try:
+                st = os.lstat(src)
+            except OSError:
+                continue
+            if not os.path.isfile(src) or os.path.islink(src):
+                continue
+            if used + st.st_size > budget:
+                continue
+            dst = os.path.join(stage, src.lstrip("/"))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                continue
+            used += st.st_size
+print(used)
+PY
+
+img=$work/vm1-sys.img
+rm -f "$img"
+mke2fs -q -t ext4 -d "$stage" -E lazy_itable_init=0,lazy_journal_init=0 "$img" "$((size_bytes / 1024))k" >/dev/null
+rm -rf "$stage"
+allocated=$(( $(stat -c %b "$img") * 512 ))
+log "image: $(mib "$size_bytes") MiB, $(mib "$allocated") MiB allocated"
+
+# ---- certificates, applier in the replica namespace -------------------------------------------
+"$VMREPLICA" certs init-ca --dir "$work/ca" >/dev/null
+"$VMREPLICA" certs issue --ca "$work/ca" --name primary-1 >/dev/null
+"$VMREPLICA" certs issue --ca "$work/ca" --name replica-1 --ip "$rep_ip" >/dev/null
+start inns "$VMREPLICA" applier --store "$work/replica" --listen "$rep_ip:7443" \
+  --cert "$work/ca/replica-1.pem" --key "$work/ca/replica-1.key" --ca "$work/ca/ca.pem" \
+  --allow primary-1 2>"$work/applier.log"
+start "$VMREPLICA" tracker --state-dir "$work/primary" --disk "sys=$img" 2>"$work/tracker.log"
+wait_for 20 test -S "$work/primary/control.sock"
+uri="nbd+unix:///sys?socket=$work/primary/nbd.sock"
+cat >"$work/shipper.toml" <<TOML
+vm = "vm1"
+tracker = "$work/primary/control.sock"
+replica = "$rep_ip:7443"
+server_name = "replica-1"
+ca = "$work/ca/ca.pem"
+cert = "$work/ca/primary-1.pem"
+key = "$work/ca/primary-1.key"
+interval = "1h"
+compression = true
+streams = 4
+TOML
+replica_img=$work/replica/vm1/disks/sys.img
+shipper_pid=""
+# Runs the shipper until it logs its Nth applied cycle; sets cyc_* from that log line.
+run_shipper_until() {
+  local n=$1 logf=$work/shipper.$1.log line
+  "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
+  shipper_pid=$!
+  for _ in $(seq 6000); do
+    line=$(grep 'cycle applied' "$logf" | tail -n 1 || true)
+    [[ -n $line ]] && break
+    kill -0 "$shipper_pid" 2>/dev/null || die "shipper exited: $(tail -n 3 "$logf")"
+    sleep 0.1
+  done
+  [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
+  kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
+  field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
+  cyc_secs=$(field secs); cyc_data=$(field data_mib); cyc_wire=$(field wire_mib); cyc_kind=$(field kind)
+  log "cycle: kind=$cyc_kind secs=$cyc_secs data_mib=$cyc_data wire_mib=$cyc_wire"
+}
+same() { cmp "$1" "$2" >/dev/null || die "$3: $1 differs from $2"; }
+
+# ---- (3)+(4) initial sync ---------------------------------------------------------------------
+cold
+w0=$(wire)
+run_shipper_until 1
+v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_wire
+v_init_wire=$(( $(wire) - w0 ))
+same "$img" "$replica_img" "vmreplica initial sync"
+
+start qemu-nbd --read-only --persistent -f raw -x sys -b "$host_ip" -p 10810 "$img"
+qnbd_pid=${pids[-1]}
+wait_for 20 nbdinfo --size "nbd://$host_ip:10810/sys"
+copy_with() { # label, command in the namespace (dst $work/copy.img)
+  rm -f "$work/copy.img"
+  cold
+  local w t0 t1
+  w=$(wire); t0=$(now)
+  inns "$@" >/dev/null
+  sync "$work/copy.img"   # durable, as vmreplica's replica is when its cycle is acknowledged
+  t1=$(now)
+  eval "$label_var=\$(secs \$t0 \$t1) ${label_var}_wire=\$(( \$(wire) - w ))"
+  same "$img" "$work/copy.img" "$label_var"
+}
+label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$work/copy.img"
+label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$work/copy.img"
+kill -TERM "$qnbd_pid"; wait "$qnbd_pid" 2>/dev/null || true
+
+# ---- (2) 1% random change: vmreplica delta vs rsync ------------------------------------------
+blocks=$((size_bytes / 65536))
+nchange=$((blocks * BENCH_CHANGE_PCT / 100))
+log "rewriting $nchange random 64 KiB blocks (${BENCH_CHANGE_PCT}%) through the tracker"
+# The rsync daemon's copy: the replica as of now (== the primary before the change).
+mkdir -p "$work/rsync"
+mv "$work/copy.img" "$work/rsync/vm1-sys.img"
+cat >"$work/rsyncd.conf" <<CONF
+use chroot = no
+uid = root
+gid = root
+[site]
+path = $work/rsync
+read only = no
+CONF
+start inns rsync --daemon --no-detach --address="$rep_ip" --port=8730 --config="$work/rsyncd.conf"
+fio --name=change --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
+  --size="$size_bytes" --io_size=$((nchange * 65536)) --randrepeat=0 --thread \
+  --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
+cold
+w0=$(wire)
+run_shipper_until 1
+v_delta_secs=$cyc_secs v_delta_data=$cyc_data v_delta_appwire=$cyc_wire
+v_delta_wire=$(( $(wire) - w0 ))
+same "$img" "$replica_img" "vmreplica delta"
+cold
+w0=$(wire); t0=$(now)
+rsync --inplace --no-whole-file --stats "$img" "rsync://$rep_ip:8730/site/vm1-sys.img" >"$work/rsync.stats"
+t1=$(now)
+rsync_secs=$(secs "$t0" "$t1") rsync_wire=$(( $(wire) - w0 ))
+same "$img" "$work/rsync/vm1-sys.img" "rsync"
+
+# ---- (1) cycle throughput vs local read -------------------------------------------------------
+nblk=$((BENCH_CYCLE_MIB * 16))
+log "dirtying $nblk random 64 KiB blocks (${BENCH_CYCLE_MIB} MiB)"
+fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
+  --size="$size_bytes" --io_size=$((nblk * 65536)) --randrepeat=0 --thread \
+  --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
+nbdinfo --map=qemu:dirty-bitmap:vmreplica "$uri" >"$work/dirty.map"
+cold
+read -r local_bytes local_secs < <(python3 - "$img" "$work/dirty.map" <<'PY'
+import os, sys, time
+img, mapf = sys.argv[1], sys.argv[2]
+ranges = []
+for line in open(mapf):
+    f = line.split()
+    if len(f) >= 3 and f[2] == "1":          # offset length type(1 = dirty) description
+        ranges.append((int(f[0]), int(f[1])))
+fd = os.open(img, os.O_RDONLY)
+t0 = time.monotonic(); total = 0
+for off, n in sorted(ranges):
+    while n:
+        got = len(os.pread(fd, min(n, 1 << 20), off))
+        off += got; n -= got; total += got
+print(total, f"{time.monotonic() - t0:.2f}")
+PY
+)
+# What the disk itself can write durably: the replica has to write the same amount and fsync.
+t0=$(now)
+dd if=/dev/zero of="$work/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
+dd_secs=$(secs "$t0" "$(now)")
+rm -f "$work/ddtest"
+cold
+w0=$(wire)
+run_shipper_until 1
+v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$(( $(wire) - w0 ))
+same "$img" "$replica_img" "vmreplica 1 GiB cycle"
+
+# ---- report ---------------------------------------------------------------------------------
+r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+rate() { awk -v m="$1" -v s="$2" 'BEGIN { printf "%.0f", m / s }'; }
+local_mib=$(mib "$local_bytes")
+{
+  echo "# Replication benchmark — $stamp"
+  echo
+  echo "- repo $(git -C "$repo_dir" rev-parse --short HEAD)$(git -C "$repo_dir" diff --quiet || echo ' (uncommitted changes)'); $(nproc) cores; $(uname -r); $(rsync --version | head -n 1); $(qemu-img --version | head -n 1); $(nbdcopy --version | head -n 1)"
+  echo "- sites: host and a network namespace joined by a veth pair; wire = bytes on the veth, both directions, headers included"
+  echo "- image: $(mib "$size_bytes") MiB raw, ext4 with real files from /usr, $(mib "$allocated") MiB allocated; page cache dropped before every run; every copy checked equal with cmp"
+  echo
+  echo "### (3) initial sync, (4) compression"
+  echo
+  echo "| tool | time s | MiB on wire | wire / allocated |"
+  echo "|---|---:|---:|---:|"
+  echo "| vmreplica initial cycle (lz4, 4 QUIC streams) | $v_init_secs | $(mib "$v_init_wire") | $(r "$v_init_wire" "$allocated") |"
+  echo "| nbdcopy from qemu-nbd, then sync | $nbdcopy_secs | $(mib "$nbdcopy_secs_wire") | $(r "$nbdcopy_secs_wire" "$allocated") |"
+  echo "| qemu-img convert from qemu-nbd, then sync | $qemuimg_secs | $(mib "$qemuimg_secs_wire") | $(r "$qemuimg_secs_wire" "$allocated") |"
+  echo
+  echo "vmreplica: $v_init_data MiB of data shipped as $v_init_appwire MiB of chunk frames (compression $(r "$v_init_data" "$v_init_appwire")×); time vs nbdcopy $(r "$nbdcopy_secs" "$v_init_secs")×, vs qemu-img $(r "$qemuimg_secs" "$v_init_secs")× (higher = vmreplica faster)."
+  echo
+  echo "### (2) ${BENCH_CHANGE_PCT}% of the 64 KiB blocks rewritten ($nchange blocks, $(mib $((nchange * 65536))) MiB, 50% compressible)"
+  echo
+  echo "| tool | time s | MiB on wire |"
+  echo "|---|---:|---:|"
+  echo "| vmreplica delta cycle | $v_delta_secs | $(mib "$v_delta_wire") |"
+  echo "| rsync --inplace --no-whole-file (daemon) | $rsync_secs | $(mib "$rsync_wire") |"
+  echo
+  echo "vmreplica is $(r "$rsync_secs" "$v_delta_secs")× faster than rsync and sends $(r "$v_delta_wire" "$rsync_wire")× its bytes (target: ≥ 20× faster, ≤ 1.00× bytes). Cycle: $v_delta_data MiB of data, $v_delta_appwire MiB of chunk frames."
+  echo
+  echo "### (1) cycle throughput: $nblk dirty 64 KiB blocks (${BENCH_CYCLE_MIB} MiB, 50% compressible)"
+  echo
+  echo "| what | MiB | s | MiB/s |"
+  echo "|---|---:|---:|---:|"
+  echo "| local read of the dirty blocks (pread in offset order, cold cache) | $local_mib | $local_secs | $(rate "$local_mib" "$local_secs") |"
+  echo "| vmreplica delta cycle (freeze → applied and fsynced on the replica) | $v_cyc_data | $v_cyc_secs | $(rate "$v_cyc_data" "$v_cyc_secs") |"
+  echo "| for scale: the same disk's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
+  echo
+  echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $(nproc) cores and one disk: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same CPUs and disk that the local read has to itself."
+} | tee "$md_out"
+log "wrote $md_out"
