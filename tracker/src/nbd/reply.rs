@@ -75,7 +75,12 @@ impl ReplyWriter {
         match self.mode {
             ReplyMode::Simple => Self::simple(out, errno, cookie),
             _ => {
-                let msg = &message.as_bytes()[..message.len().min(4096)];
+                // At most 4096 bytes, cut at a character boundary: the protocol wants UTF-8.
+                let mut end = message.len().min(4096);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let msg = &message.as_bytes()[..end];
                 self.chunk(
                     out,
                     REPLY_FLAG_DONE,
@@ -199,5 +204,15 @@ mod tests {
         assert_eq!(u64::from_be_bytes(out[24..32].try_into().unwrap()), 40);
         assert_eq!(u32::from_be_bytes(out[36..40].try_into().unwrap()), 2);
         assert_eq!(u64::from_be_bytes(out[40..48].try_into().unwrap()), 1 << 33);
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_at_a_character_boundary() {
+        let mut out = Vec::new();
+        let message = format!("{}é", "x".repeat(4095));
+        w(ReplyMode::Structured).error(&mut out, 1, 0, 22, &message);
+        let len = u16::from_be_bytes([out[out.len() - 4095 - 2], out[out.len() - 4095 - 1]]);
+        assert_eq!(len, 4095);
+        assert!(std::str::from_utf8(&out[out.len() - 4095..]).is_ok());
     }
 }
