@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Writes the seed inputs under fuzz/seeds/<target>/ (run from anywhere; idempotent).
+
+The seeds are small, valid protocol exchanges so that libFuzzer starts from deep states
+instead of having to discover the magic numbers. Values follow the NBD protocol document
+(doc/proto.md) as implemented in tracker/src/nbd/consts.rs. Exports match the fuzz targets:
+"disk0" (1 MiB, dirty bitmap "vmreplica") and "disk1" (4 KiB, read-only).
+"""
+import os
+import struct
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+EXTENDED_REQUEST_MAGIC = 0x21E41C71
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_INFO, OPT_GO = 1, 2, 3, 6, 7
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+OPT_EXTENDED_HEADERS = 11
+INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 1, 2, 3
+CMD_READ, CMD_WRITE, CMD_BLOCK_STATUS = 0, 1, 7
+CMD_FLAG_FUA, CMD_FLAG_REQ_ONE, CMD_FLAG_PAYLOAD_LEN = 1 << 0, 1 << 3, 1 << 5
+
+FIXED_NO_ZEROES = struct.pack(">I", 3)
+FIXED_ONLY = struct.pack(">I", 1)
+
+
+def opt(o, data=b""):
+    return struct.pack(">QII", IHAVEOPT, o, len(data)) + data
+
+
+def go_data(name, infos=()):
+    n = name.encode()
+    return struct.pack(">I", len(n)) + n + struct.pack(">H", len(infos)) + b"".join(
+        struct.pack(">H", i) for i in infos
+    )
+
+
+def meta_data(name, queries):
+    n = name.encode()
+    d = struct.pack(">I", len(n)) + n + struct.pack(">I", len(queries))
+    for q in queries:
+        d += struct.pack(">I", len(q)) + q.encode()
+    return d
+
+
+def compact(flags, typ, cookie, offset, length):
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, typ, cookie, offset, length)
+
+
+def extended(flags, typ, cookie, offset, length):
+    return struct.pack(">IHHQQQ", EXTENDED_REQUEST_MAGIC, flags, typ, cookie, offset, length)
+
+
+# handshake: first byte selects the read sizes (0x00 = 1 byte at a time, 0x07 = 8 bytes,
+# bit 0x80 = pseudo-random 1..64); with bit 0x40, a repeat header follows (see expand()).
+# The rest is what the client sends after the greeting.
+
+
+def repeat(pos, seg, reps):
+    """The handshake target's repeat header: stream[pos:pos+seg] occurs reps more times."""
+    return struct.pack(">HBH", pos, seg, reps)
+
+
+OVERSIZED = 70000  # > MAX_OPTION_LEN (64 KiB): discarded and answered with ERR_TOO_BIG
+HANDSHAKE = {
+    "go_extended_meta": b"\x00"
+    + FIXED_NO_ZEROES
+    + opt(OPT_EXTENDED_HEADERS)
+    + opt(
+        OPT_SET_META_CONTEXT,
+        meta_data("disk0", ["base:allocation", "qemu:dirty-bitmap:vmreplica"]),
+    )
+    + opt(OPT_GO, go_data("disk0", [INFO_BLOCK_SIZE])),
+    "structured_list_info_go": b"\x87"
+    + FIXED_NO_ZEROES
+    + opt(OPT_STRUCTURED_REPLY)
+    + opt(OPT_LIST)
+    + opt(OPT_LIST_META_CONTEXT, meta_data("disk0", []))
+    + opt(OPT_LIST_META_CONTEXT, meta_data("disk0", ["qemu:"]))
+    + opt(OPT_INFO, go_data("disk1", [INFO_NAME, INFO_DESCRIPTION]))
+    + opt(OPT_GO, go_data("")),
+    "export_name_oldstyle": b"\x07" + FIXED_ONLY + opt(OPT_EXPORT_NAME, b"disk1"),
+    "abort": b"\x03" + FIXED_NO_ZEROES + opt(99, b"junk") + opt(OPT_ABORT),
+    # An option over 64 KiB (the two zero bytes at offset 20 become 70000), then ABORT.
+    "oversized_option": b"\x7f"
+    + repeat(20, 2, OVERSIZED // 2 - 1)
+    + FIXED_NO_ZEROES
+    + struct.pack(">QII", IHAVEOPT, OPT_LIST_META_CONTEXT, OVERSIZED)
+    + b"\0\0"
+    + opt(OPT_ABORT),
+    # 4097 unknown options: one more than MAX_OPTIONS, read in pseudo-random sizes.
+    "too_many_options": b"\xc0" + repeat(4, 16, 4096) + FIXED_NO_ZEROES + opt(99),
+}
+
+# request: raw header bytes (decoded both as compact and as extended by the target).
+REQUEST = {
+    "compact_read": compact(0, CMD_READ, 1, 4096, 65536),
+    "compact_write_fua": compact(CMD_FLAG_FUA, CMD_WRITE, 2, 0, 512),
+    "extended_block_status": extended(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 3, 0, 1 << 30),
+    "extended_write_payload": extended(CMD_FLAG_PAYLOAD_LEN, CMD_WRITE, 4, 8192, 4096),
+}
+
+
+def main():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+    for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST)):
+        d = os.path.join(root, target)
+        os.makedirs(d, exist_ok=True)
+        for name, data in seeds.items():
+            with open(os.path.join(d, name), "wb") as f:
+                f.write(data)
+            print(f"{target}/{name}: {len(data)} bytes")
+
+
+if __name__ == "__main__":
+    main()
