@@ -1,6 +1,8 @@
 //! Faults with the real processes: kill -9 of the shipper, the applier and the tracker at
-//! random instants while a guest writes; chunks corrupted in flight; a full replica disk.
-//! Each ends with a replica equal to the primary (checked with `vmreplica verify` and cmp).
+//! random instants while a guest writes; chunks corrupted in flight; a full replica disk; a
+//! link cut mid-cycle (through scripts/wan-relay.py); and the two sites in two network
+//! namespaces joined by a veth pair. Each ends with a replica equal to the primary (checked
+//! with `vmreplica verify` and cmp).
 
 mod common;
 
@@ -19,6 +21,23 @@ struct Site {
     ca: PathBuf,
     port: u16,
     store: PathBuf,
+    /// Where the applier listens, and the network namespaces of the applier and the shipper
+    /// (None: this one, on loopback).
+    replica_ip: String,
+    replica_ns: Option<String>,
+    primary_ns: Option<String>,
+}
+
+/// `cmd` run inside network namespace `ns`, if any.
+fn in_ns(ns: &Option<String>, program: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl Site {
@@ -44,6 +63,9 @@ impl Site {
             ca,
             port,
             store,
+            replica_ip: "127.0.0.1".into(),
+            replica_ns: None,
+            primary_ns: None,
         }
     }
 
@@ -53,12 +75,12 @@ impl Site {
             .append(true)
             .open(self.dir.join("applier.log"))
             .unwrap();
-        Command::new(bin())
+        in_ns(&self.replica_ns, bin())
             .args(["applier", "--store"])
             .arg(&self.store)
             .args([
                 "--listen",
-                &format!("127.0.0.1:{}", self.port),
+                &format!("{}:{}", self.replica_ip, self.port),
                 "--allow",
                 "primary-1",
             ])
@@ -76,18 +98,18 @@ impl Site {
     }
 
     fn config(&self, tracker: &TrackerProc) -> PathBuf {
-        self.config_via(tracker, self.port, "")
+        self.config_via(tracker, &format!("{}:{}", self.replica_ip, self.port), "")
     }
 
     /// A shipper config reaching the applier through `port` (a relay's), plus `extra` TOML.
-    fn config_via(&self, tracker: &TrackerProc, port: u16, extra: &str) -> PathBuf {
+    fn config_via(&self, tracker: &TrackerProc, replica: &str, extra: &str) -> PathBuf {
         let p = self.dir.join("shipper.toml");
         std::fs::write(
             &p,
             format!(
-                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"127.0.0.1:{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n{extra}",
+                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n{extra}",
                 tracker.control.display(),
-                port,
+                replica,
                 ca = self.ca.display()
             ),
         )
@@ -101,7 +123,7 @@ impl Site {
             .append(true)
             .open(self.dir.join("shipper.log"))
             .unwrap();
-        Command::new(bin())
+        in_ns(&self.primary_ns, bin())
             .args(["shipper", "--config"])
             .arg(config)
             .envs(env.iter().copied())
@@ -138,7 +160,9 @@ impl Site {
 
     /// `vmreplica verify` succeeds and the replica image is byte-for-byte the primary.
     fn assert_equal(&self, config: &Path, img: &Path) {
-        let out = run(Command::new(bin()).args(["verify", "--config"]).arg(config));
+        let out = run(in_ns(&self.primary_ns, bin())
+            .args(["verify", "--config"])
+            .arg(config));
         assert!(String::from_utf8_lossy(&out.stdout).contains("replica equal to primary"));
         let replica = self.store.join("vm1/disks/sys.img");
         assert!(
@@ -388,7 +412,11 @@ fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
         .expect("running scripts/wan-relay.py");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
     // A 2 s idle timeout, so a cut longer than that drops the connection.
-    let config = site.config_via(&tracker, relay_port, "[tuning]\nidle_timeout_s = 2\n");
+    let config = site.config_via(
+        &tracker,
+        &format!("127.0.0.1:{relay_port}"),
+        "[tuning]\nidle_timeout_s = 2\n",
+    );
     let mut applier = site.applier();
     let mut shipper = site.shipper(&config, &[]);
     wait_log(
@@ -436,5 +464,80 @@ fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
     kill9(&mut shipper);
     kill9(&mut applier);
     drop(relay);
+    tracker.stop();
+}
+
+/// Two network namespaces joined by a veth pair; removed on drop.
+struct TwoSites {
+    primary: String,
+    replica: String,
+}
+
+impl TwoSites {
+    fn new() -> TwoSites {
+        let id = std::process::id() % 100_000;
+        let t = TwoSites {
+            primary: format!("vmr-p{id}"),
+            replica: format!("vmr-r{id}"),
+        };
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &t.primary]);
+        ip(&["netns", "add", &t.replica]);
+        let (a, b) = (format!("vp{id}"), format!("vr{id}"));
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        ip(&["link", "set", &a, "netns", &t.primary]);
+        ip(&["link", "set", &b, "netns", &t.replica]);
+        for (ns, dev, addr) in [
+            (&t.primary, &a, "10.233.0.1/30"),
+            (&t.replica, &b, "10.233.0.2/30"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        t
+    }
+}
+
+impl Drop for TwoSites {
+    fn drop(&mut self) {
+        for ns in [&self.primary, &self.replica] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+#[test]
+fn replication_between_two_network_namespaces() {
+    let sites = TwoSites::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = Site::new(dir.path(), dir.path().join("store"));
+    site.replica_ip = "10.233.0.2".into();
+    site.replica_ns = Some(sites.replica.clone());
+    site.primary_ns = Some(sites.primary.clone());
+    let img = image(dir.path(), "sys.img", 64 * MIB);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&img)
+        .args(["-c", "write -P 5 0 12M"]));
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let config = site.config(&tracker);
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[]);
+    site.wait_cycles(0, 1, Duration::from_secs(60));
+    // The guest writes while cycles run every second across the namespaces.
+    let mut guest = fio(&tracker.uri("sys"), 4);
+    guest.wait();
+    let n = site.applied();
+    site.wait_cycles(n, 2, Duration::from_secs(60));
+    site.assert_equal(&config, &img);
+    assert!(
+        site.log("applier")
+            .contains("primary connected remote=10.233.0.1:"),
+        "the primary did not come from the other namespace:\n{}",
+        tail(&site.log("applier"))
+    );
+    kill9(&mut shipper);
+    kill9(&mut applier);
     tracker.stop();
 }
