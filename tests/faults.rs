@@ -158,6 +158,12 @@ impl Site {
         }
     }
 
+    /// Applier and shipper for `tracker`'s disks; returns the shipper's config too.
+    fn start(&self, tracker: &TrackerProc, env: &[(&str, &str)]) -> (PathBuf, Guard, Guard) {
+        let config = self.config(tracker);
+        (config.clone(), self.applier(), self.shipper(&config, env))
+    }
+
     /// `vmreplica verify` succeeds and the replica image is byte-for-byte the primary.
     fn assert_equal(&self, config: &Path, img: &Path) {
         let out = run(in_ns(&self.primary_ns, bin())
@@ -170,6 +176,14 @@ impl Site {
             "cmp: replica differs"
         );
     }
+}
+
+/// Writes `len` bytes of `byte` at the start of the raw image, with qemu-io.
+fn qemu_write(img: &Path, byte: u8, len: &str) {
+    run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(img)
+        .args(["-c", &format!("write -P {byte} 0 {len}")]));
 }
 
 fn tail(s: &str) -> String {
@@ -215,10 +229,7 @@ fn kill9_of_shipper_applier_and_tracker_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path(), dir.path().join("store"));
     let img = image(dir.path(), "sys.img", 64 * MIB);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&img)
-        .args(["-c", "write -P 3 0 16M"]));
+    qemu_write(&img, 3, "16M");
     let mut tracker = Some(TrackerProc::start(dir.path(), &[("sys", &img)], &[]));
     let config = site.config(tracker.as_ref().unwrap());
     let mut applier = site.applier();
@@ -269,14 +280,10 @@ fn corrupted_chunks_are_refused_and_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path(), dir.path().join("store"));
     let img = image(dir.path(), "sys.img", 32 * MIB);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&img)
-        .args(["-c", "write -P 7 0 8M"]));
+    qemu_write(&img, 7, "8M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
-    let config = site.config(&tracker);
-    let mut applier = site.applier();
-    let mut shipper = site.shipper(&config, &[("VMREPLICA_FAULT_CORRUPT_CHUNKS", "3")]);
+    let (config, mut applier, mut shipper) =
+        site.start(&tracker, &[("VMREPLICA_FAULT_CORRUPT_CHUNKS", "3")]);
     site.wait_cycles(0, 2, Duration::from_secs(90));
     let alog = site.log("applier");
     // Caught by the lz4 decoder or the checksum, depending on where the damage fell.
@@ -326,9 +333,7 @@ fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() 
         ])
         .arg(format!("--filename={}", img.display())));
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
-    let config = site.config(&tracker);
-    let mut applier = site.applier();
-    let mut shipper = site.shipper(&config, &[]);
+    let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !site.log("shipper").contains("no space") {
         assert!(
@@ -516,14 +521,9 @@ fn replication_between_two_network_namespaces() {
     site.replica_ns = Some(sites.replica.clone());
     site.primary_ns = Some(sites.primary.clone());
     let img = image(dir.path(), "sys.img", 64 * MIB);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&img)
-        .args(["-c", "write -P 5 0 12M"]));
+    qemu_write(&img, 5, "12M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
-    let config = site.config(&tracker);
-    let mut applier = site.applier();
-    let mut shipper = site.shipper(&config, &[]);
+    let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     site.wait_cycles(0, 1, Duration::from_secs(60));
     // The guest writes while cycles run every second across the namespaces.
     let mut guest = fio(&tracker.uri("sys"), 4);

@@ -915,6 +915,16 @@ mod tests {
         blocks
     }
 
+    /// Opens vm1 and ships `primary` whole as its initial cycle 1; history holds point 1.
+    fn initial(store: &Store, primary: &[Vec<u8>]) -> (VmStore, BTreeMap<u64, Vec<Vec<u8>>>) {
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        let all: Vec<(u16, u64)> = (0..2)
+            .flat_map(|d| (0..SIZE / u64::from(G)).map(move |b| (d, b)))
+            .collect();
+        ship(&mut vs, 1, CycleKind::Initial, primary, &all).unwrap();
+        (vs, BTreeMap::from([(1, primary.to_vec())]))
+    }
+
     fn read_images(vs: &VmStore) -> Vec<Vec<u8>> {
         ["a", "b"]
             .iter()
@@ -935,14 +945,8 @@ mod tests {
         .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut primary = vec![vec![0u8; SIZE as usize]; 2];
-        let mut history = BTreeMap::new();
-        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
-        let all: Vec<(u16, u64)> = (0..2)
-            .flat_map(|d| (0..SIZE / u64::from(G)).map(move |b| (d, b)))
-            .collect();
         primary[0][..1000].fill(9);
-        ship(&mut vs, 1, CycleKind::Initial, &primary, &all).unwrap();
-        history.insert(1, primary.clone());
+        let (mut vs, mut history) = initial(&store, &primary);
         for cycle in 2..=7 {
             let blocks = mutate(&mut rng, &mut primary);
             ship(&mut vs, cycle, CycleKind::Delta, &primary, &blocks).unwrap();
@@ -1021,13 +1025,7 @@ mod tests {
         .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let mut primary = vec![vec![0u8; SIZE as usize]; 2];
-        let mut history = BTreeMap::new();
-        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
-        let all: Vec<(u16, u64)> = (0..2)
-            .flat_map(|d| (0..SIZE / u64::from(G)).map(move |b| (d, b)))
-            .collect();
-        ship(&mut vs, 1, CycleKind::Initial, &primary, &all).unwrap();
-        history.insert(1, primary.clone());
+        let (mut vs, mut history) = initial(&store, &primary);
         for cycle in 2..=7 {
             let blocks = mutate(&mut rng, &mut primary);
             ship(&mut vs, cycle, CycleKind::Delta, &primary, &blocks).unwrap();
