@@ -39,6 +39,7 @@
 #   WAN_CCS="cubic bbr newreno"   congestion controllers ([tuning] congestion)
 #   WAN_LIMIT=20M           bandwidth_limit for the accuracy row; "" skips it
 #   WAN_STREAMS=4           shipper streams
+#   WAN_CONNECTIONS=1       QUIC connections the streams are spread over (shipper `connections`)
 #   WAN_CAP_S=60            per case: stop if the cycle has not finished by then
 #   WAN_MAX_SECONDS=570     hard limit for the whole script (cases left are skipped)
 #   WAN_KEEP=0              1: keep the work directory (logs, images) under /var/tmp
@@ -58,13 +59,14 @@ WAN_LOSSES=${WAN_LOSSES:-"0 0.005"}
 WAN_CCS=${WAN_CCS:-"cubic bbr newreno"}
 WAN_LIMIT=${WAN_LIMIT-20M}
 WAN_STREAMS=${WAN_STREAMS:-4}
+WAN_CONNECTIONS=${WAN_CONNECTIONS:-1}
 WAN_CAP_S=${WAN_CAP_S:-60}
 WAN_MAX_SECONDS=${WAN_MAX_SECONDS:-570}
 WAN_KEEP=${WAN_KEEP:-0}
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
 RELAY=$repo_dir/scripts/wan-relay.py
 
-for v in WAN_SIZE_MIB WAN_CAP_S WAN_MAX_SECONDS WAN_STREAMS; do
+for v in WAN_SIZE_MIB WAN_CAP_S WAN_MAX_SECONDS WAN_STREAMS WAN_CONNECTIONS; do
   [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number (got '${!v}')"
 done
 [[ $WAN_DELAY_MS =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "WAN_DELAY_MS must be a number of ms"
@@ -191,6 +193,7 @@ run_case() {
     echo "interval = \"24h\""
     echo "compression = true"
     echo "streams = $WAN_STREAMS"
+    echo "connections = $WAN_CONNECTIONS"
     [[ -n $limit ]] && echo "bandwidth_limit = \"$limit\""
     echo "[tuning]"
     echo "congestion = \"$cc\""
@@ -286,7 +289,7 @@ commit=$(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | grep -q . && echo " (uncommitted changes)" || true)
 python3 - "$ROWS" "$stamp" "$commit$dirty" "$WAN_DELAY_MS" "$WAN_CAP_S" "$WAN_STREAMS" \
   "$(nproc)" "$(uname -r)" >"$out" <<'PY'
-import json, sys
+import json, os, sys
 rows_file, stamp, commit, delay, cap, streams, cores, kernel = sys.argv[1:]
 rows = [json.loads(l) for l in open(rows_file) if l.strip()]
 rtt = 2 * float(delay)
@@ -295,7 +298,7 @@ print(f"> Shipper, applier, tracker and the python WAN relay share this machine'
       "and its virtual disk; the relay costs ~10 µs of CPU per datagram. Compare rows within a run.\n")
 print(f"- repo: {commit}; kernel {kernel}; {cores} cores")
 print(f"- one case = the initial sync of an image holding {rows[0]['size_mib'] if rows else '?'} MiB of random "
-      f"data, fresh tracker/applier/relay/shipper, {streams} streams, compression on (incompressible data)")
+      f"data, fresh tracker/applier/relay/shipper, {streams} streams over {os.environ.get('WAN_CONNECTIONS', '1')} QUIC connection(s), compression on (incompressible data)")
 print(f"- link: scripts/wan-relay.py, RTT {rtt:g} ms ({float(delay):g} ms each way), loss per datagram in "
       "both directions, bottleneck rate with a drop-tail queue of one BDP")
 print("- transfer s: shipper's \"cycle planned\" to the last big client->server datagram delivered by the "

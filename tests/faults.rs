@@ -523,7 +523,14 @@ fn replication_between_two_network_namespaces() {
     let img = image(dir.path(), "sys.img", 64 * MIB);
     qemu_write(&img, 5, "12M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
-    let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
+    // Data spread over three QUIC connections.
+    let config = site.config_via(
+        &tracker,
+        &format!("{}:{}", site.replica_ip, site.port),
+        "connections = 3\n",
+    );
+    let mut applier = site.applier();
+    let mut shipper = site.shipper(&config, &[]);
     site.wait_cycles(0, 1, Duration::from_secs(60));
     // The guest writes while cycles run every second across the namespaces.
     let mut guest = fio(&tracker.uri("sys"), 4);

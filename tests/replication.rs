@@ -186,9 +186,15 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         } else {
             CycleKind::Delta
         };
-        let stats = ship_cycle(&session.conn, &mut session.ctl, &g, kind, &opts)
-            .await
-            .unwrap();
+        let stats = ship_cycle(
+            std::slice::from_ref(&session.conn),
+            &mut session.ctl,
+            &g,
+            kind,
+            &opts,
+        )
+        .await
+        .unwrap();
         if k > 1 && stats.chunks_sent > 0 {
             shipped_deltas += 1;
         }

@@ -12,6 +12,7 @@
 //! bandwidth_limit = "50M"      # bytes per second; absent: unlimited
 //! compression = true
 //! streams = 4                  # parallel QUIC streams
+//! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
@@ -52,6 +53,8 @@ struct Raw {
     compression: bool,
     #[serde(default = "default_streams")]
     streams: usize,
+    #[serde(default = "one")]
+    connections: usize,
     initial_sync_at: Option<String>,
     #[serde(default)]
     tuning: Tuning,
@@ -65,6 +68,9 @@ fn yes() -> bool {
 }
 fn default_streams() -> usize {
     4
+}
+fn one() -> usize {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +93,9 @@ pub struct ShipperConfig {
     pub bandwidth_limit: Option<u64>,
     pub compression: bool,
     pub streams: usize,
+    /// QUIC connections the streams are spread over: each has its own congestion control,
+    /// which helps on long links with random loss, where one flow stays far below the link.
+    pub connections: usize,
     pub initial_sync_at: Option<SystemTime>,
     pub tuning: Tuning,
 }
@@ -141,6 +150,9 @@ impl ShipperConfig {
         if raw.streams == 0 || raw.streams > 64 {
             return Err(bad("streams must be 1 to 64".into()));
         }
+        if raw.connections == 0 || raw.connections > 16 {
+            return Err(bad("connections must be 1 to 16".into()));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(ShipperConfig {
@@ -155,6 +167,7 @@ impl ShipperConfig {
             bandwidth_limit,
             compression: raw.compression,
             streams: raw.streams,
+            connections: raw.connections,
             initial_sync_at,
             tuning: raw.tuning,
         })
@@ -197,6 +210,8 @@ key = "p.key"
             "interval = \"soon\"",
             "bandwidth_limit = \"lots\"",
             "streams = 0",
+            "connections = 0",
+            "connections = 17",
             "colour = 1",
             "initial_sync_at = \"tomorrow\"",
         ] {

@@ -39,6 +39,28 @@ pub struct Session {
     pub conn: Connection,
     pub ctl: (SendStream, RecvStream),
     pub last_cycle: u64,
+    /// Further connections for data streams (`connections` in the config), each greeted for
+    /// the same VM; their control streams stay open and idle.
+    pub extra: Vec<(Connection, (SendStream, RecvStream))>,
+}
+
+impl Session {
+    /// Every connection data streams may use, the first one first.
+    pub fn conns(&self) -> Vec<Connection> {
+        std::iter::once(self.conn.clone())
+            .chain(self.extra.iter().map(|(c, _)| c.clone()))
+            .collect()
+    }
+}
+
+/// Connects `cfg.connections` times for the configured VM.
+pub async fn connect_all(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, ShipError> {
+    let mut s = connect(ep, cfg).await?;
+    for _ in 1..cfg.connections {
+        let more = connect(ep, cfg).await?;
+        s.extra.push((more.conn, more.ctl));
+    }
+    Ok(s)
 }
 
 pub fn resolve(addr: &str) -> Result<SocketAddr, ShipError> {
@@ -87,6 +109,7 @@ pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, Ship
             conn,
             ctl,
             last_cycle,
+            extra: Vec::new(),
         }),
         Ok(other) => Err(ShipError::Protocol(format!("{other:?}"))),
         Err(LinkError::Peer(reason)) => Err(ShipError::Refused { cycle: 0, reason }),
@@ -162,7 +185,7 @@ pub async fn run(
     let mut last_freeze: Option<Instant> = None;
     loop {
         let attempt = async {
-            let mut s = connect(&ep, &cfg).await?;
+            let mut s = connect_all(&ep, &cfg).await?;
             tracing::info!(
                 vm = cfg.vm,
                 replica = cfg.replica,
@@ -183,7 +206,8 @@ pub async fn run(
                     continue;
                 }
                 last_freeze.get_or_insert_with(Instant::now);
-                let stats = ship_cycle(&s.conn, &mut s.ctl, &g, kind, &opts).await?;
+                let conns = s.conns();
+                let stats = ship_cycle(&conns, &mut s.ctl, &g, kind, &opts).await?;
                 tracker(
                     &cfg.tracker,
                     Request::Release {

@@ -181,15 +181,19 @@ async fn resync_runs(
     Ok(runs)
 }
 
-/// Ships generation `g` as cycle `g.generation` of kind `kind` over `conn`, using the open
-/// control stream `ctl`. Returns once the applier reports the cycle applied.
+/// Ships generation `g` as cycle `g.generation` of kind `kind` over `conns` (data streams
+/// spread over them, at least one each), using the open control stream `ctl` of the first.
+/// Returns once the applier reports the cycle applied.
 pub async fn ship_cycle(
-    conn: &Connection,
+    conns: &[Connection],
     ctl: &mut (SendStream, RecvStream),
     g: &Generation,
     kind: CycleKind,
     opts: &ShipOptions,
 ) -> Result<CycleStats, ShipError> {
+    if conns.is_empty() {
+        return Err(ShipError::Protocol("no connection to ship over".into()));
+    }
     let start = Instant::now();
     let cycle = g.generation;
     let readers = open_readers(g)?;
@@ -329,8 +333,9 @@ pub async fn ship_cycle(
     };
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let mut tasks = Vec::new();
-    for _ in 0..opts.streams.max(1) {
-        let (conn, rx, limit) = (conn.clone(), Arc::clone(&rx), opts.limit.clone());
+    for i in 0..opts.streams.max(conns.len()).max(1) {
+        let conn = conns[i % conns.len()].clone();
+        let (rx, limit) = (Arc::clone(&rx), opts.limit.clone());
         let (done, wire_bytes) = (Arc::clone(&done), Arc::clone(&wire_bytes));
         tasks.push(tokio::spawn(async move {
             let mut stream: Option<(SendStream, RecvStream)> = None;
