@@ -603,16 +603,6 @@ impl VmStore {
         })
     }
 
-    fn write_chunk(&self, c: &Chunk) -> Result<(), StoreError> {
-        let d = &self.state.disks[c.disk as usize];
-        let p = self.image_path(&d.name);
-        let f = &self.images[c.disk as usize];
-        match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
-            Some(data) => f.write_all_at(&data, c.offset).map_err(self.io(&p)),
-            None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&p)),
-        }
-    }
-
     fn finish_apply(
         &mut self,
         cycle: u64,
@@ -620,24 +610,56 @@ impl VmStore {
         staging: &Staging,
     ) -> Result<(), StoreError> {
         let total = staging.count();
-        let mut done = 0u64;
-        let mut last_log = std::time::Instant::now();
-        for c in staging.chunks() {
-            let c = c.map_err(self.io(&self.dir))?;
-            #[cfg(test)]
-            if self.crash_after == Some(done) {
-                return Err(StoreError::Io {
-                    path: self.dir.clone(),
-                    source: io::Error::other("simulated crash"),
+        let this = &*self;
+        // A reader thread reads and decompresses the staged chunks while this one writes them,
+        // so decompression and the image writes overlap; a few chunks are in flight at most.
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            scope.spawn(move || {
+                for c in staging.chunks() {
+                    let item = c.map_err(this.io(&this.dir)).and_then(|c| {
+                        let data = c.unpack().map_err(|e| this.bad_chunk(e.to_string()))?;
+                        Ok((c.disk, c.offset, c.len, data))
+                    });
+                    let failed = item.is_err();
+                    if tx.send(item).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut done = 0u64;
+            let mut last_log = std::time::Instant::now();
+            for item in rx {
+                let (disk, offset, len, data) = item?;
+                #[cfg(test)]
+                if this.crash_after == Some(done) {
+                    return Err(StoreError::Io {
+                        path: this.dir.clone(),
+                        source: io::Error::other("simulated crash"),
+                    });
+                }
+                let f = &this.images[disk as usize];
+                let p = this.image_path(&this.state.disks[disk as usize].name);
+                match data {
+                    Some(data) => f.write_all_at(&data, offset).map_err(this.io(&p))?,
+                    None => punch_hole(f, offset, u64::from(len)).map_err(this.io(&p))?,
+                }
+                done += 1;
+                if last_log.elapsed().as_secs() >= 5 {
+                    tracing::info!(vm = %this.vm, cycle, done, total, "applying");
+                    last_log = std::time::Instant::now();
+                }
+            }
+            if done != total {
+                return Err(StoreError::Incomplete {
+                    vm: this.vm.clone(),
+                    cycle,
+                    have: done,
+                    want: total,
                 });
             }
-            self.write_chunk(&c)?;
-            done += 1;
-            if last_log.elapsed().as_secs() >= 5 {
-                tracing::info!(vm = %self.vm, cycle, done, total, "applying");
-                last_log = std::time::Instant::now();
-            }
-        }
+            Ok(())
+        })?;
         for (f, d) in self.images.iter().zip(&self.state.disks) {
             f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
         }
