@@ -6,11 +6,15 @@
 //! received: `cycle.json` and `chunks.log`), `undo/*.undo` (recovery points).
 //!
 //! Apply order, so that a crash at any instant leaves the replica at the previous cycle or
-//! the new one: (1) every staged chunk is verified against its checksum and the manifest;
-//! (2) the undo log is written and fsynced; (3) the state records `applying = CYCLE`; (4) the
-//! chunks are written (zero runs punched as holes) and the images fsynced; (5) the state
-//! records the new point; (6) staging is removed. A restart that finds `applying` set redoes
-//! (4)-(6) from the staged chunks, which stay until (5) is durable.
+//! the new one: (1) every staged chunk is verified against its checksum as it arrives and
+//! the set against the manifest; (2) the undo log is written and fsynced; (3) `cycle.json`
+//! records the manifest and the state `applying = CYCLE`; (4) the chunks are written (zero
+//! runs punched as holes) and the images fsynced; (5) the state records the new point; (6)
+//! staging is removed. A restart that finds `applying` set redoes (4)-(6) from the staged
+//! chunks, which stay until (5) is durable. If the staged chunks no longer match the manifest
+//! or fail their checksum during (4) (the disk under the staging log failed), the undo log
+//! puts the old contents back: the replica is the previous point again and the cycle is sent
+//! anew.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -114,6 +118,10 @@ struct VmState {
 struct CycleMeta {
     cycle: u64,
     kind: String,
+    /// Chunk count and digest of the manifest, recorded before the apply starts, so a
+    /// restart can tell whether the staged chunks are still all there.
+    #[serde(default)]
+    manifest: Option<(u64, u64)>,
 }
 
 /// Retention of recovery points.
@@ -281,7 +289,26 @@ impl VmStore {
                 "resync" => CycleKind::Resync,
                 _ => CycleKind::Delta,
             };
-            s.finish_apply(cycle, kind, &staging)?;
+            let intact = meta
+                .manifest
+                .is_some_and(|(n, d)| staging.count() == n && staging.digest() == d);
+            let finished = if intact {
+                s.finish_apply(cycle, kind, &staging)
+            } else {
+                Err(StoreError::Incomplete {
+                    vm: vm.to_string(),
+                    cycle,
+                    have: staging.count(),
+                    want: meta.manifest.map_or(0, |m| m.0),
+                })
+            };
+            match finished {
+                Err(e @ (StoreError::BadChunk { .. } | StoreError::Incomplete { .. })) => {
+                    drop(staging);
+                    s.roll_back(cycle, &e)?;
+                }
+                other => other?,
+            }
         }
         s.remove_stale_staging()?;
         Ok(s)
@@ -456,6 +483,7 @@ impl VmStore {
             &CycleMeta {
                 cycle,
                 kind: kind_name(kind).to_string(),
+                manifest: None,
             },
         )?;
         let staging = self.open_staging(cycle)?;
@@ -578,9 +606,26 @@ impl VmStore {
             });
         }
         let verified = t0.elapsed();
+        write_state(
+            &self.cycle_meta_path(cycle),
+            CYCLE_FORMAT,
+            1,
+            &CycleMeta {
+                cycle,
+                kind: kind_name(r.kind).to_string(),
+                manifest: Some((chunks, digest)),
+            },
+        )?;
         self.state.applying = Some(cycle);
         self.save()?;
-        self.finish_apply(cycle, r.kind, &r.staging)?;
+        match self.finish_apply(cycle, r.kind, &r.staging) {
+            Err(e @ (StoreError::BadChunk { .. } | StoreError::Incomplete { .. })) => {
+                drop(r);
+                self.roll_back(cycle, &e)?;
+                return Err(e);
+            }
+            other => other?,
+        }
         tracing::debug!(vm = %self.vm, cycle, verify_and_undo_secs = verified.as_secs_f64(), total_secs = t0.elapsed().as_secs_f64(), "commit timing");
         Ok(())
     }
@@ -601,6 +646,34 @@ impl VmStore {
                 })?;
             Ok(Chunk::pack(cycle, disk, offset, &buf, true))
         })
+    }
+
+    /// The staged cycle turned out damaged during its apply (its chunks were verified when
+    /// they arrived, so only the disk under the staging log can have changed): puts back the
+    /// old contents from the cycle's undo log, so the replica is the previous point again, and
+    /// drops the cycle; the shipper sends it again.
+    fn roll_back(&mut self, cycle: u64, why: &StoreError) -> Result<(), StoreError> {
+        tracing::error!(vm = %self.vm, cycle, "apply failed ({why}): rolling back to the previous point");
+        if let Some(pos) = self.state.undo.iter().position(|u| u.from == cycle) {
+            let up = self.dir.join("undo").join(&self.state.undo[pos].file);
+            for c in undo::read(&up).map_err(self.io(&up))? {
+                let f = &self.images[c.disk as usize];
+                let p = self.image_path(&self.state.disks[c.disk as usize].name);
+                match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
+                    Some(data) => f.write_all_at(&data, c.offset).map_err(self.io(&p))?,
+                    None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&p))?,
+                }
+            }
+            for (f, d) in self.images.iter().zip(&self.state.disks) {
+                f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
+            }
+            self.state.undo.remove(pos);
+        }
+        self.state.applying = None;
+        self.save()?;
+        let cdir = self.cycle_dir(cycle);
+        fs::remove_dir_all(&cdir).map_err(self.io(&cdir))?;
+        self.remove_unreferenced_undo()
     }
 
     fn finish_apply(
@@ -1084,6 +1157,90 @@ mod tests {
         let vs = store.open_vm("vm1", "primary-1").unwrap();
         let again: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
         assert_eq!(again, kept);
+    }
+
+    /// Stages `blocks` of `primary` as `cycle` and returns the manifest, without committing.
+    fn stage_only(
+        vs: &mut VmStore,
+        cycle: u64,
+        primary: &[Vec<u8>],
+        blocks: &[(u16, u64)],
+    ) -> (u64, u64) {
+        vs.begin(cycle, CycleKind::Delta, &disks()).unwrap();
+        let mut ids = Vec::new();
+        for &(d, b) in blocks {
+            let off = (b * u64::from(G)) as usize;
+            let c = Chunk::pack(
+                cycle,
+                d,
+                off as u64,
+                &primary[d as usize][off..off + G as usize],
+                true,
+            );
+            ids.push((c.id(), c.checksum));
+            vs.stage(&c).unwrap();
+        }
+        (ids.len() as u64, wire::digest(ids))
+    }
+
+    /// Flips a byte in the middle of the staged chunk log of `cycle` (the disk under it failed).
+    fn damage_staging(vs: &VmStore, cycle: u64) {
+        let p = vs.cycle_dir(cycle).join("chunks.log");
+        let mut bytes = fs::read(&p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::write(&p, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_staged_cycle_damaged_during_apply_is_rolled_back_to_the_previous_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut primary = vec![vec![0u8; SIZE as usize]; 2];
+        primary[1].fill(4);
+        let (mut vs, _) = initial(&store, &primary);
+        let before = read_images(&vs);
+        // Enough blocks that the damage falls in a chunk the apply reaches after others.
+        let mut blocks = Vec::new();
+        while blocks.len() < 8 {
+            for b in mutate(&mut rng, &mut primary) {
+                if !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+        }
+        // Live: the damage is found during the apply.
+        let (n, d) = stage_only(&mut vs, 2, &primary, &blocks);
+        damage_staging(&vs, 2);
+        let e = vs.commit(2, n, d).unwrap_err();
+        assert!(matches!(e, StoreError::BadChunk { .. }), "{e}");
+        assert!(read_images(&vs) == before, "replica left between points");
+        assert_eq!(vs.last_cycle(), 1);
+        // Sent again, the cycle lands.
+        ship(&mut vs, 2, CycleKind::Delta, &primary, &blocks).unwrap();
+        assert!(read_images(&vs) == primary);
+        let at2 = primary.clone();
+
+        // After a crash mid-apply: the restart finds the staging damaged and rolls back.
+        let mut more = blocks.clone();
+        for b in mutate(&mut rng, &mut primary) {
+            if !more.contains(&b) {
+                more.push(b);
+            }
+        }
+        let (n, d) = stage_only(&mut vs, 3, &primary, &more);
+        vs.crash_after = Some(2);
+        assert!(vs.commit(3, n, d).is_err());
+        damage_staging(&vs, 3);
+        drop(vs);
+        let vs = store.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(vs.last_cycle(), 2);
+        assert!(
+            read_images(&vs) == at2,
+            "restart left the replica between points"
+        );
+        assert!(!vs.cycle_dir(3).exists());
     }
 
     #[test]
