@@ -236,7 +236,7 @@ async fn stream(
             let mut next = Some(first);
             while let Some(c) = next {
                 let verified = tokio::task::spawn_blocking(move || match c.unpack() {
-                    Ok(_) => Ok(c),
+                    Ok(data) => Ok((c, data)),
                     Err(e) => Err(e.to_string()),
                 })
                 .await
@@ -246,7 +246,9 @@ async fn stream(
                     reason,
                 });
                 let staged = match verified {
-                    Ok(c) => with_vm(&store, move |v| v.stage_verified(&c)).await,
+                    Ok((c, data)) => {
+                        with_vm(&store, move |v| v.stage_verified(&c, data.as_deref())).await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = staged {

@@ -1,6 +1,11 @@
 //! Staging of one cycle: chunks are appended to a log file as they arrive (in wire format),
 //! so a broken connection or a restart resumes without resending what was staged. Opening
 //! the log scans it, keeps every intact frame and cuts a torn tail.
+//!
+//! A *direct* log (an initial copy, written straight into the replica images: there is no
+//! earlier point to keep) holds only the chunks' headers, as an index of what the images
+//! hold. Its entries are kept in memory until [`Staging::sync`], which callers run only
+//! after fsyncing the images, so the log never lists data that is not durable.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -18,6 +23,9 @@ pub struct Staging {
     /// under the same id replaces the earlier one.
     index: BTreeMap<ChunkId, (u64, u32, u64)>,
     synced: bool,
+    direct: bool,
+    /// Direct mode: header frames not yet in the file.
+    deferred: Vec<u8>,
 }
 
 fn io_ctx(path: &Path, e: io::Error) -> io::Error {
@@ -25,8 +33,9 @@ fn io_ctx(path: &Path, e: io::Error) -> io::Error {
 }
 
 impl Staging {
-    /// Opens or creates the log at `path`, keeping the intact chunks of `cycle`.
-    pub fn open(path: &Path, cycle: u64) -> io::Result<Staging> {
+    /// Opens or creates the log at `path`, keeping the intact chunks of `cycle` (headers only
+    /// if `direct`).
+    pub fn open(path: &Path, cycle: u64, direct: bool) -> io::Result<Staging> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -40,6 +49,8 @@ impl Staging {
             len: 0,
             index: BTreeMap::new(),
             synced: true,
+            direct,
+            deferred: Vec::new(),
         };
         let total = s.file.metadata()?.len();
         let mut r = io::BufReader::with_capacity(1 << 20, &s.file);
@@ -59,7 +70,14 @@ impl Staging {
                 break;
             }
             match wire::decode_body(&body) {
-                Ok(Message::Chunk(c)) if c.cycle == cycle && c.unpack().is_ok() => {
+                Ok(Message::Chunk(c))
+                    if c.cycle == cycle
+                        && if direct {
+                            c.payload.is_empty()
+                        } else {
+                            c.unpack().is_ok()
+                        } =>
+                {
                     s.index.insert(c.id(), (pos, c.len, c.checksum));
                 }
                 _ => break,
@@ -88,8 +106,34 @@ impl Staging {
         Ok(())
     }
 
-    /// Makes everything appended so far durable.
+    /// Direct mode: records that the image now holds chunk `c` (written, not yet fsynced).
+    pub fn append_header(&mut self, c: &Chunk) {
+        debug_assert!(self.direct);
+        let header = Chunk {
+            cycle: c.cycle,
+            disk: c.disk,
+            offset: c.offset,
+            len: c.len,
+            encoding: c.encoding,
+            checksum: c.checksum,
+            payload: Vec::new(),
+        };
+        let pos = self.len + self.deferred.len() as u64;
+        wire::encode_chunk(&header, &mut self.deferred);
+        self.index.insert(c.id(), (pos, c.len, c.checksum));
+        self.synced = false;
+    }
+
+    /// Makes everything appended so far durable (direct mode: callers fsync the images
+    /// first).
     pub fn sync(&mut self) -> io::Result<()> {
+        if !self.deferred.is_empty() {
+            self.file
+                .write_all_at(&self.deferred, self.len)
+                .map_err(|e| io_ctx(&self.path, e))?;
+            self.len += self.deferred.len() as u64;
+            self.deferred.clear();
+        }
         if !self.synced {
             self.file.sync_data().map_err(|e| io_ctx(&self.path, e))?;
             self.synced = true;
@@ -156,7 +200,7 @@ mod tests {
     fn resumes_with_intact_chunks_and_cuts_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("chunks.log");
-        let mut s = Staging::open(&p, 5).unwrap();
+        let mut s = Staging::open(&p, 5, false).unwrap();
         for i in 0..3u64 {
             s.append(&Chunk::pack(5, 0, i * 4096, &[i as u8 + 1; 4096], true))
                 .unwrap();
@@ -168,7 +212,7 @@ mod tests {
         // A torn append: half a frame at the end.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0, 0, 1, 0, 5, 9, 9], full).unwrap();
-        let s = Staging::open(&p, 5).unwrap();
+        let s = Staging::open(&p, 5, false).unwrap();
         assert_eq!(s.count(), 3);
         assert_eq!(s.bytes(), full);
         assert_eq!(s.digest(), digest);
@@ -176,7 +220,7 @@ mod tests {
         assert_eq!(back[2].unpack().unwrap().unwrap(), vec![3u8; 4096]);
         // A log of another cycle keeps nothing.
         drop(s);
-        let s = Staging::open(&p, 6).unwrap();
+        let s = Staging::open(&p, 6, false).unwrap();
         assert_eq!(s.count(), 0);
     }
 }

@@ -208,7 +208,15 @@ struct Receiving {
     cycle: u64,
     kind: CycleKind,
     staging: Staging,
+    /// An initial copy: chunks go straight into the images (see [`Staging`]).
+    direct: bool,
+    /// Direct: bytes written into the images since they were last made durable.
+    unsynced: u64,
 }
+
+/// A direct (in-place) copy makes what it wrote durable at least this often, so a crash
+/// resends at most about this much.
+const DIRECT_SYNC_BYTES: u64 = 64 << 20;
 
 pub struct VmStore {
     vm: String,
@@ -283,7 +291,7 @@ impl VmStore {
                     cycle,
                 },
             )?;
-            let staging = s.open_staging(cycle)?;
+            let staging = s.open_staging(cycle, false)?;
             let kind = match meta.kind.as_str() {
                 "initial" => CycleKind::Initial,
                 "resync" => CycleKind::Resync,
@@ -366,9 +374,17 @@ impl VmStore {
         self.cycle_dir(cycle).join("cycle.json")
     }
 
-    fn open_staging(&self, cycle: u64) -> Result<Staging, StoreError> {
+    fn open_staging(&self, cycle: u64, direct: bool) -> Result<Staging, StoreError> {
         let p = self.cycle_dir(cycle).join("chunks.log");
-        Staging::open(&p, cycle).map_err(self.io(&p))
+        Staging::open(&p, cycle, direct).map_err(self.io(&p))
+    }
+
+    /// fsyncs every replica image.
+    fn sync_images(&self) -> Result<(), StoreError> {
+        for (f, d) in self.images.iter().zip(&self.state.disks) {
+            f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
+        }
+        Ok(())
     }
 
     fn save(&self) -> Result<(), StoreError> {
@@ -426,6 +442,10 @@ impl VmStore {
         kind: CycleKind,
         disks: &[DiskInfo],
     ) -> Result<Vec<StagedChunk>, StoreError> {
+        // Resuming the cycle being received: what it holds so far becomes durable and listed.
+        if self.receiving.as_ref().is_some_and(|r| r.cycle == cycle) {
+            self.sync_staging()?;
+        }
         if cycle <= self.state.last_cycle {
             return Err(StoreError::OldCycle {
                 vm: self.vm.clone(),
@@ -475,6 +495,18 @@ impl VmStore {
             }
         }
         let cdir = self.cycle_dir(cycle);
+        // An initial copy with no point before it goes straight into the images. Starting
+        // afresh (not resuming this cycle), they are emptied first: an abandoned earlier
+        // attempt may have written where this copy has holes.
+        let direct = kind == CycleKind::Initial && self.state.last_cycle == 0;
+        if direct && !cdir.join("chunks.log").exists() {
+            for (f, d) in self.images.iter().zip(&self.state.disks) {
+                let p = self.image_path(&d.name);
+                f.set_len(0).map_err(self.io(&p))?;
+                f.set_len(d.size).map_err(self.io(&p))?;
+            }
+            self.sync_images()?;
+        }
         fs::create_dir_all(&cdir).map_err(self.io(&cdir))?;
         write_state(
             &self.cycle_meta_path(cycle),
@@ -486,12 +518,14 @@ impl VmStore {
                 manifest: None,
             },
         )?;
-        let staging = self.open_staging(cycle)?;
+        let staging = self.open_staging(cycle, direct)?;
         let ids = staging.entries();
         self.receiving = Some(Receiving {
             cycle,
             kind,
             staging,
+            direct,
+            unsynced: 0,
         });
         Ok(ids)
     }
@@ -505,13 +539,14 @@ impl VmStore {
 
     /// Verifies and stages one chunk of the cycle being received.
     pub fn stage(&mut self, c: &Chunk) -> Result<(), StoreError> {
-        c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
-        self.stage_verified(c)
+        let data = c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
+        self.stage_verified(c, data.as_deref())
     }
 
     /// Stages one chunk whose payload the caller verified with [`Chunk::unpack`] (so that
-    /// decompressing and checksumming run outside the VM's lock, one stream each).
-    pub fn stage_verified(&mut self, c: &Chunk) -> Result<(), StoreError> {
+    /// decompressing and checksumming run outside the VM's lock, one stream each); `data` is
+    /// what it unpacked to (None: zeroes).
+    pub fn stage_verified(&mut self, c: &Chunk, data: Option<&[u8]>) -> Result<(), StoreError> {
         let Some(r) = &self.receiving else {
             return Err(StoreError::NoSuchCycle {
                 vm: self.vm.clone(),
@@ -538,26 +573,54 @@ impl VmStore {
         }
         let p = self.cycle_dir(c.cycle);
         let io = self.io(&p);
+        if self.receiving.as_ref().is_some_and(|r| r.direct) {
+            let f = &self.images[c.disk as usize];
+            let ip = self.image_path(&d.name);
+            match data {
+                Some(data) => f.write_all_at(data, c.offset).map_err(self.io(&ip))?,
+                None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&ip))?,
+            }
+            let r = self.receiving.as_mut().expect("checked above");
+            r.staging.append_header(c);
+            r.unsynced += u64::from(c.len);
+            if r.unsynced >= DIRECT_SYNC_BYTES {
+                self.sync_staging()?;
+            }
+            return Ok(());
+        }
         let r = self.receiving.as_mut().expect("checked above");
         r.staging.append(c).map_err(io)
     }
 
-    /// Makes the staged chunks durable and lists them (for a resuming shipper).
-    pub fn staged(&mut self) -> Result<Vec<StagedChunk>, StoreError> {
+    /// Makes the staged chunks durable (for a direct cycle: the images first, then the log
+    /// that lists what they hold).
+    fn sync_staging(&mut self) -> Result<(), StoreError> {
+        let Some(r) = &self.receiving else {
+            return Ok(());
+        };
+        if r.direct {
+            self.sync_images()?;
+        }
         let p = self.dir.clone();
         let io = self.io(&p);
-        match &mut self.receiving {
-            Some(r) => {
-                r.staging.sync().map_err(io)?;
-                Ok(r.staging.entries())
-            }
-            None => Ok(Vec::new()),
-        }
+        let r = self.receiving.as_mut().expect("checked above");
+        r.unsynced = 0;
+        r.staging.sync().map_err(io)
+    }
+
+    /// Makes the staged chunks durable and lists them (for a resuming shipper).
+    pub fn staged(&mut self) -> Result<Vec<StagedChunk>, StoreError> {
+        self.sync_staging()?;
+        Ok(self
+            .receiving
+            .as_ref()
+            .map(|r| r.staging.entries())
+            .unwrap_or_default())
     }
 
     /// The manifest arrived: verify completeness, then apply all-or-nothing.
     pub fn commit(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
-        let Some(mut r) = self.receiving.take() else {
+        let Some(r) = self.receiving.take() else {
             return Err(StoreError::NoSuchCycle {
                 vm: self.vm.clone(),
                 cycle,
@@ -571,11 +634,9 @@ impl VmStore {
                 cycle: c,
             });
         }
-        let sp = self.cycle_dir(cycle);
-        if let Err(e) = r.staging.sync() {
-            self.receiving = Some(r);
-            return Err(self.io(&sp)(e));
-        }
+        self.receiving = Some(r);
+        self.sync_staging()?;
+        let r = self.receiving.take().expect("put back above");
         if r.staging.count() != chunks || r.staging.digest() != digest {
             let have = r.staging.count();
             self.receiving = Some(r);
@@ -585,6 +646,12 @@ impl VmStore {
                 have,
                 want: chunks,
             });
+        }
+        if r.direct {
+            // Already in the images, and durable (sync_staging): it only becomes the point.
+            tracing::info!(vm = %self.vm, cycle, chunks, "initial copy received in place");
+            drop(r);
+            return self.record_point(cycle, CycleKind::Initial, chunks);
         }
         let t0 = std::time::Instant::now();
         tracing::info!(vm = %self.vm, cycle, chunks, staged_mib = r.staging.bytes() >> 20, "cycle received: verifying and applying");
@@ -733,9 +800,13 @@ impl VmStore {
             }
             Ok(())
         })?;
-        for (f, d) in self.images.iter().zip(&self.state.disks) {
-            f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
-        }
+        self.record_point(cycle, kind, total)
+    }
+
+    /// The images hold cycle `cycle` (written, maybe not yet durable): fsyncs them and
+    /// records the new point, then drops the staging and applies the retention policy.
+    fn record_point(&mut self, cycle: u64, kind: CycleKind, total: u64) -> Result<(), StoreError> {
+        self.sync_images()?;
         self.state.applying = None;
         self.state.last_cycle = cycle;
         self.state.points.push(PointInfo {
@@ -1241,6 +1312,79 @@ mod tests {
             "restart left the replica between points"
         );
         assert!(!vs.cycle_dir(3).exists());
+    }
+
+    #[test]
+    fn an_initial_copy_goes_in_place_resumes_and_a_new_one_starts_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut primary = vec![vec![0u8; SIZE as usize]; 2];
+        let blocks: Vec<(u16, u64)> = (0..2)
+            .flat_map(|d| (0..SIZE / u64::from(G)).map(move |b| (d, b)))
+            .collect();
+        for (i, &(d, b)) in blocks.iter().enumerate() {
+            let off = (b * u64::from(G)) as usize;
+            primary[d as usize][off..off + G as usize].fill(i as u8 | 1);
+        }
+        let pack = |cycle, &(d, b): &(u16, u64), data: &[Vec<u8>]| {
+            let off = (b * u64::from(G)) as usize;
+            Chunk::pack(
+                cycle,
+                d,
+                off as u64,
+                &data[d as usize][off..off + G as usize],
+                true,
+            )
+        };
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        vs.begin(1, CycleKind::Initial, &disks()).unwrap();
+        let half = blocks.len() / 2;
+        for b in &blocks[..half] {
+            vs.stage(&pack(1, b, &primary)).unwrap();
+        }
+        assert_eq!(vs.staged().unwrap().len(), half);
+        // Written after the last sync: a crash forgets them, they are sent again.
+        for b in &blocks[half..half + 3] {
+            vs.stage(&pack(1, b, &primary)).unwrap();
+        }
+        drop(vs);
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        let have = vs.begin(1, CycleKind::Initial, &disks()).unwrap();
+        assert_eq!(have.len(), half, "only durable chunks are listed");
+        let log = vs.cycle_dir(1).join("chunks.log");
+        assert!(
+            fs::metadata(&log).unwrap().len() < u64::from(G),
+            "an in-place initial copy must not stage its data"
+        );
+        let mut ids: Vec<_> = have.iter().map(|s| (s.id, s.checksum)).collect();
+        for b in &blocks[half..] {
+            let c = pack(1, b, &primary);
+            ids.push((c.id(), c.checksum));
+            vs.stage(&c).unwrap();
+        }
+        vs.commit(1, ids.len() as u64, wire::digest(ids)).unwrap();
+        assert!(read_images(&vs) == primary);
+        assert_eq!(vs.last_cycle(), 1);
+
+        // An initial copy abandoned part-way, then a new one (another cycle) where the
+        // primary has holes: nothing of the first attempt may remain.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        vs.begin(1, CycleKind::Initial, &disks()).unwrap();
+        for b in &blocks[..4] {
+            vs.stage(&pack(1, b, &primary)).unwrap();
+        }
+        vs.staged().unwrap();
+        drop(vs);
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        let empty = vec![vec![0u8; SIZE as usize]; 2];
+        vs.begin(2, CycleKind::Initial, &disks()).unwrap();
+        vs.commit(2, 0, wire::digest([])).unwrap();
+        assert!(
+            read_images(&vs) == empty,
+            "data of the abandoned copy survived"
+        );
     }
 
     #[test]
