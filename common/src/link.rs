@@ -143,9 +143,25 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, LinkError> {
     };
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
         .map_err(err)?;
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max; say so, since a small
+    // receive buffer drops bursts on a long fat link. (Linux reports twice what it grants.)
     let _ = s.set_recv_buffer_size(buffer);
     let _ = s.set_send_buffer_size(buffer);
+    for (what, got, sysctl) in [
+        ("receive", s.recv_buffer_size(), "net.core.rmem_max"),
+        ("send", s.send_buffer_size(), "net.core.wmem_max"),
+    ] {
+        if let Ok(got) = got {
+            if got / 2 < buffer {
+                tracing::warn!(
+                    %addr,
+                    "UDP {what} buffer is {} KiB, not the {} KiB asked for (udp_buffer): raise {sysctl} for long fat links",
+                    got / 2 / 1024,
+                    buffer / 1024
+                );
+            }
+        }
+    }
     s.bind(&addr.into()).map_err(err)?;
     Ok(s.into())
 }
