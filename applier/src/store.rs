@@ -279,47 +279,57 @@ impl VmStore {
             crash_after: None,
         };
         s.open_images(false)?;
-        if let Some(cycle) = s.state.applying {
-            tracing::warn!(
-                vm,
-                cycle,
-                "an apply was interrupted; finishing it from the staged chunks"
-            );
-            let meta: CycleMeta = read_state(&s.cycle_meta_path(cycle), CYCLE_FORMAT, 1)?.ok_or(
-                StoreError::NoSuchCycle {
-                    vm: vm.to_string(),
-                    cycle,
-                },
-            )?;
-            let staging = s.open_staging(cycle, false)?;
-            let kind = match meta.kind.as_str() {
-                "initial" => CycleKind::Initial,
-                "resync" => CycleKind::Resync,
-                _ => CycleKind::Delta,
-            };
-            let intact = meta
-                .manifest
-                .is_some_and(|(n, d)| staging.count() == n && staging.digest() == d);
-            let finished = if intact {
-                s.finish_apply(cycle, kind, &staging)
-            } else {
-                Err(StoreError::Incomplete {
-                    vm: vm.to_string(),
-                    cycle,
-                    have: staging.count(),
-                    want: meta.manifest.map_or(0, |m| m.0),
-                })
-            };
-            match finished {
-                Err(e @ (StoreError::BadChunk { .. } | StoreError::Incomplete { .. })) => {
-                    drop(staging);
-                    s.roll_back(cycle, &e)?;
-                }
-                other => other?,
-            }
-        }
+        s.finish_interrupted_apply()?;
         s.remove_stale_staging()?;
         Ok(s)
+    }
+
+    /// An apply that stopped part-way (crash, full disk, I/O error) is finished from its
+    /// staged chunks before anything else happens to the replica, or rolled back if they
+    /// are damaged. Until then nothing else may touch the images: the undo log of a later
+    /// cycle would record half-applied contents as the old ones.
+    fn finish_interrupted_apply(&mut self) -> Result<(), StoreError> {
+        let Some(cycle) = self.state.applying else {
+            return Ok(());
+        };
+        tracing::warn!(
+            vm = %self.vm,
+            cycle,
+            "an apply was interrupted; finishing it from the staged chunks"
+        );
+        let meta: CycleMeta = read_state(&self.cycle_meta_path(cycle), CYCLE_FORMAT, 1)?.ok_or(
+            StoreError::NoSuchCycle {
+                vm: self.vm.clone(),
+                cycle,
+            },
+        )?;
+        let staging = self.open_staging(cycle, false)?;
+        let kind = match meta.kind.as_str() {
+            "initial" => CycleKind::Initial,
+            "resync" => CycleKind::Resync,
+            _ => CycleKind::Delta,
+        };
+        let intact = meta
+            .manifest
+            .is_some_and(|(n, d)| staging.count() == n && staging.digest() == d);
+        let finished = if intact {
+            self.finish_apply(cycle, kind, &staging)
+        } else {
+            Err(StoreError::Incomplete {
+                vm: self.vm.clone(),
+                cycle,
+                have: staging.count(),
+                want: meta.manifest.map_or(0, |m| m.0),
+            })
+        };
+        match finished {
+            Err(e @ (StoreError::BadChunk { .. } | StoreError::Incomplete { .. })) => {
+                drop(staging);
+                self.roll_back(cycle, &e)?;
+            }
+            other => other?,
+        }
+        Ok(())
     }
 
     fn io(&self, path: &Path) -> impl Fn(io::Error) -> StoreError {
@@ -442,6 +452,7 @@ impl VmStore {
         kind: CycleKind,
         disks: &[DiskInfo],
     ) -> Result<Vec<StagedChunk>, StoreError> {
+        self.finish_interrupted_apply()?;
         // Resuming the cycle being received: what it holds so far becomes durable and listed.
         if self.receiving.as_ref().is_some_and(|r| r.cycle == cycle) {
             self.sync_staging()?;
@@ -1385,6 +1396,51 @@ mod tests {
             read_images(&vs) == empty,
             "data of the abandoned copy survived"
         );
+    }
+
+    #[test]
+    fn an_apply_that_failed_live_is_finished_before_the_next_cycle_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut primary = vec![vec![0u8; SIZE as usize]; 2];
+        primary[0].fill(1);
+        let (mut vs, mut history) = initial(&store, &primary);
+        let blocks = mutate(&mut rng, &mut primary);
+        ship(&mut vs, 2, CycleKind::Delta, &primary, &blocks).unwrap();
+        history.insert(2, primary.clone());
+        // The apply of cycle 3 fails part-way (as a full disk or an I/O error would) and the
+        // applier keeps running: the shipper comes back with cycle 3 again.
+        let mut blocks = Vec::new();
+        while blocks.len() < 4 {
+            for b in mutate(&mut rng, &mut primary) {
+                if !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+        }
+        vs.crash_after = Some(2);
+        assert!(ship(&mut vs, 3, CycleKind::Delta, &primary, &blocks).is_err());
+        vs.crash_after = None;
+        history.insert(3, primary.clone());
+        assert!(matches!(
+            vs.begin(3, CycleKind::Delta, &disks()),
+            Err(StoreError::OldCycle { .. })
+        ));
+        assert_eq!(vs.last_cycle(), 3);
+        assert!(read_images(&vs) == primary);
+        // The next cycle's undo log records cycle 3's contents, not half of them.
+        let blocks = mutate(&mut rng, &mut primary);
+        ship(&mut vs, 4, CycleKind::Delta, &primary, &blocks).unwrap();
+        for k in [2u64, 3] {
+            let out = dir.path().join(format!("point-{k}"));
+            for (i, f) in vs.export_point(k, &out).unwrap().iter().enumerate() {
+                assert!(
+                    fs::read(f).unwrap() == history[&k][i],
+                    "point {k} disk {i} differs"
+                );
+            }
+        }
     }
 
     #[test]
