@@ -389,6 +389,23 @@ impl VmStore {
         Staging::open(&p, cycle, direct).map_err(self.io(&p))
     }
 
+    /// Writes `data` at `offset` of disk `disk`'s image, or punches `len` bytes there if it
+    /// is all zeroes (None), so the replica stays sparse.
+    fn write_range(
+        &self,
+        disk: u16,
+        offset: u64,
+        len: u32,
+        data: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let f = &self.images[disk as usize];
+        let p = self.image_path(&self.state.disks[disk as usize].name);
+        match data {
+            Some(data) => f.write_all_at(data, offset).map_err(self.io(&p)),
+            None => punch_hole(f, offset, u64::from(len)).map_err(self.io(&p)),
+        }
+    }
+
     /// fsyncs every replica image.
     fn sync_images(&self) -> Result<(), StoreError> {
         for (f, d) in self.images.iter().zip(&self.state.disks) {
@@ -582,15 +599,8 @@ impl VmStore {
                 c.offset, c.len, d.name, d.size
             )));
         }
-        let p = self.cycle_dir(c.cycle);
-        let io = self.io(&p);
         if self.receiving.as_ref().is_some_and(|r| r.direct) {
-            let f = &self.images[c.disk as usize];
-            let ip = self.image_path(&d.name);
-            match data {
-                Some(data) => f.write_all_at(data, c.offset).map_err(self.io(&ip))?,
-                None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&ip))?,
-            }
+            self.write_range(c.disk, c.offset, c.len, data)?;
             let r = self.receiving.as_mut().expect("checked above");
             r.staging.append_header(c);
             r.unsynced += u64::from(c.len);
@@ -599,6 +609,7 @@ impl VmStore {
             }
             return Ok(());
         }
+        let io = self.io(&self.cycle_dir(c.cycle));
         let r = self.receiving.as_mut().expect("checked above");
         r.staging.append(c).map_err(io)
     }
@@ -631,41 +642,33 @@ impl VmStore {
 
     /// The manifest arrived: verify completeness, then apply all-or-nothing.
     pub fn commit(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
-        let Some(r) = self.receiving.take() else {
-            return Err(StoreError::NoSuchCycle {
-                vm: self.vm.clone(),
-                cycle,
-            });
-        };
-        if r.cycle != cycle {
-            let c = r.cycle;
-            self.receiving = Some(r);
-            return Err(StoreError::NoSuchCycle {
-                vm: self.vm.clone(),
-                cycle: c,
-            });
+        match &self.receiving {
+            Some(r) if r.cycle == cycle => {}
+            other => {
+                return Err(StoreError::NoSuchCycle {
+                    vm: self.vm.clone(),
+                    cycle: other.as_ref().map_or(cycle, |r| r.cycle),
+                })
+            }
         }
-        self.receiving = Some(r);
         self.sync_staging()?;
-        let r = self.receiving.take().expect("put back above");
+        let r = self.receiving.as_ref().expect("matched above");
         if r.staging.count() != chunks || r.staging.digest() != digest {
-            let have = r.staging.count();
-            self.receiving = Some(r);
             return Err(StoreError::Incomplete {
                 vm: self.vm.clone(),
                 cycle,
-                have,
+                have: r.staging.count(),
                 want: chunks,
             });
         }
+        let r = self.receiving.take().expect("matched above");
         if r.direct {
             // Already in the images, and durable (sync_staging): it only becomes the point.
             tracing::info!(vm = %self.vm, cycle, chunks, "initial copy received in place");
             drop(r);
             return self.record_point(cycle, CycleKind::Initial, chunks);
         }
-        let t0 = std::time::Instant::now();
-        tracing::info!(vm = %self.vm, cycle, chunks, staged_mib = r.staging.bytes() >> 20, "cycle received: verifying and applying");
+        tracing::info!(vm = %self.vm, cycle, chunks, staged_mib = r.staging.bytes() >> 20, "cycle received: applying");
         // Every staged chunk was verified (length, checksum) when it arrived or, after a
         // restart, when the staging log was reopened; count and digest match the manifest.
         if r.kind != CycleKind::Initial && self.state.last_cycle > 0 {
@@ -683,7 +686,6 @@ impl VmStore {
                 bytes,
             });
         }
-        let verified = t0.elapsed();
         write_state(
             &self.cycle_meta_path(cycle),
             CYCLE_FORMAT,
@@ -700,12 +702,10 @@ impl VmStore {
             Err(e @ (StoreError::BadChunk { .. } | StoreError::Incomplete { .. })) => {
                 drop(r);
                 self.roll_back(cycle, &e)?;
-                return Err(e);
+                Err(e)
             }
-            other => other?,
+            other => other,
         }
-        tracing::debug!(vm = %self.vm, cycle, verify_and_undo_secs = verified.as_secs_f64(), total_secs = t0.elapsed().as_secs_f64(), "commit timing");
-        Ok(())
     }
 
     /// Old contents of every range the staged cycle will write, one range at a time.
@@ -735,16 +735,10 @@ impl VmStore {
         if let Some(pos) = self.state.undo.iter().position(|u| u.from == cycle) {
             let up = self.dir.join("undo").join(&self.state.undo[pos].file);
             for c in undo::read(&up).map_err(self.io(&up))? {
-                let f = &self.images[c.disk as usize];
-                let p = self.image_path(&self.state.disks[c.disk as usize].name);
-                match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
-                    Some(data) => f.write_all_at(&data, c.offset).map_err(self.io(&p))?,
-                    None => punch_hole(f, c.offset, u64::from(c.len)).map_err(self.io(&p))?,
-                }
+                let data = c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
+                self.write_range(c.disk, c.offset, c.len, data.as_deref())?;
             }
-            for (f, d) in self.images.iter().zip(&self.state.disks) {
-                f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
-            }
+            self.sync_images()?;
             self.state.undo.remove(pos);
         }
         self.state.applying = None;
@@ -789,12 +783,7 @@ impl VmStore {
                         source: io::Error::other("simulated crash"),
                     });
                 }
-                let f = &this.images[disk as usize];
-                let p = this.image_path(&this.state.disks[disk as usize].name);
-                match data {
-                    Some(data) => f.write_all_at(&data, offset).map_err(this.io(&p))?,
-                    None => punch_hole(f, offset, u64::from(len)).map_err(this.io(&p))?,
-                }
+                this.write_range(disk, offset, len, data.as_deref())?;
                 done += 1;
                 if last_log.elapsed().as_secs() >= 5 {
                     tracing::info!(vm = %this.vm, cycle, done, total, "applying");
