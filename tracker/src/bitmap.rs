@@ -280,18 +280,6 @@ impl Bitmap {
             })
     }
 
-    /// Makes the page holding bit `b` of `slot` durable.
-    pub fn flush_bit(&self, slot: usize, b: u64) -> Result<(), BitmapError> {
-        let byte = HEADER_LEN + slot as u64 * self.geo.slot_bytes() + b / 8;
-        let page = byte / PAGE * PAGE;
-        self.map
-            .flush_range(page as usize, PAGE as usize)
-            .map_err(|source| BitmapError::Io {
-                path: self.path.clone(),
-                source,
-            })
-    }
-
     pub fn file(&self) -> &File {
         &self.file
     }

@@ -36,7 +36,7 @@ struct State {
 
 pub struct CowStore {
     pub path: PathBuf,
-    pub file: File,
+    file: File,
     state: Mutex<State>,
     cv: Condvar,
 }
