@@ -178,6 +178,14 @@ impl Site {
     }
 }
 
+/// Writes `mib` MiB of incompressible data at the start of the raw image, with fio.
+fn fill_random(img: &Path, mib: u64) {
+    run(Command::new("fio")
+        .args(["--name=fill", "--rw=write", "--bs=1M", "--refill_buffers"])
+        .arg(format!("--size={mib}M"))
+        .arg(format!("--filename={}", img.display())));
+}
+
 /// Writes `len` bytes of `byte` at the start of the raw image, with qemu-io.
 fn qemu_write(img: &Path, byte: u8, len: &str) {
     run(Command::new("qemu-io")
@@ -323,15 +331,7 @@ fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() 
     let site = Site::new(dir.path(), store.clone());
     let img = image(dir.path(), "sys.img", 64 * MIB);
     // 40 MiB of incompressible data: does not fit in 24 MiB.
-    run(Command::new("fio")
-        .args([
-            "--name=fill",
-            "--rw=write",
-            "--bs=1M",
-            "--size=40M",
-            "--refill_buffers",
-        ])
-        .arg(format!("--filename={}", img.display())));
+    fill_random(&img, 40);
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
     let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -388,15 +388,7 @@ fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
     let site = Site::new(dir.path(), dir.path().join("store"));
     let img = image(dir.path(), "sys.img", 64 * MIB);
     // 48 MiB of incompressible data: about 5 s through a 80 Mbit/s link.
-    run(Command::new("fio")
-        .args([
-            "--name=fill",
-            "--rw=write",
-            "--bs=1M",
-            "--size=48M",
-            "--refill_buffers",
-        ])
-        .arg(format!("--filename={}", img.display())));
+    fill_random(&img, 48);
     let relay_port = free_udp_port();
     let relay = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/wan-relay.py"))
