@@ -167,9 +167,13 @@ streams = 4
 TOML
 replica_img=$work/replica/vm1/disks/sys.img
 shipper_pid=""
-# Runs the shipper until it logs its Nth applied cycle; sets cyc_* from that log line.
-run_shipper_until() {
-  local n=$1 logf=$work/shipper.$1.log line
+# From a cold page cache, runs the shipper until it has applied one cycle, checks the replica
+# equals the primary, and sets cyc_secs, cyc_data, cyc_appwire (MiB, from its log line) and
+# cyc_net (bytes on the veth). $1 names the cycle in messages.
+ship_one_cycle() {
+  local logf=$work/shipper.log line w0
+  cold
+  w0=$(wire)
   "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
   shipper_pid=$!
   for _ in $(seq 6000); do
@@ -180,19 +184,17 @@ run_shipper_until() {
   done
   [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
+  cyc_net=$(( $(wire) - w0 ))
   field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
-  cyc_secs=$(field secs); cyc_data=$(field data_mib); cyc_wire=$(field wire_mib); cyc_kind=$(field kind)
-  log "cycle: kind=$cyc_kind secs=$cyc_secs data_mib=$cyc_data wire_mib=$cyc_wire"
+  cyc_secs=$(field secs); cyc_data=$(field data_mib); cyc_appwire=$(field wire_mib)
+  log "$1: kind=$(field kind) secs=$cyc_secs data_mib=$cyc_data wire_mib=$cyc_appwire"
+  same "$img" "$replica_img" "vmreplica $1"
 }
 same() { cmp "$1" "$2" >/dev/null || die "$3: $1 differs from $2"; }
 
 # ---- (3)+(4) initial sync ---------------------------------------------------------------------
-cold
-w0=$(wire)
-run_shipper_until 1
-v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_wire
-v_init_wire=$(( $(wire) - w0 ))
-same "$img" "$replica_img" "vmreplica initial sync"
+ship_one_cycle "initial sync"
+v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
 
 start qemu-nbd --read-only --persistent -f raw -x sys -b "$host_ip" -p 10810 "$img"
 qnbd_pid=${pids[-1]}
@@ -231,12 +233,8 @@ start inns rsync --daemon --no-detach --address="$rep_ip" --port=8730 --config="
 fio --name=change --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
   --size="$size_bytes" --io_size=$((nchange * 65536)) --randrepeat=0 --thread \
   --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
-cold
-w0=$(wire)
-run_shipper_until 1
-v_delta_secs=$cyc_secs v_delta_data=$cyc_data v_delta_appwire=$cyc_wire
-v_delta_wire=$(( $(wire) - w0 ))
-same "$img" "$replica_img" "vmreplica delta"
+ship_one_cycle "1% delta"
+v_delta_secs=$cyc_secs v_delta_data=$cyc_data v_delta_appwire=$cyc_appwire v_delta_wire=$cyc_net
 cold
 w0=$(wire); t0=$(now)
 rsync --inplace --no-whole-file --stats "$img" "rsync://$rep_ip:8730/site/vm1-sys.img" >"$work/rsync.stats"
@@ -274,11 +272,8 @@ t0=$(now)
 dd if=/dev/zero of="$work/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
 dd_secs=$(secs "$t0" "$(now)")
 rm -f "$work/ddtest"
-cold
-w0=$(wire)
-run_shipper_until 1
-v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$(( $(wire) - w0 ))
-same "$img" "$replica_img" "vmreplica 1 GiB cycle"
+ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle"
+v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$cyc_net
 
 # ---- report ---------------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
