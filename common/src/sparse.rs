@@ -26,6 +26,23 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     Err(e)
 }
 
+/// Whether `[offset, offset+len)` of `f` is all hole (reads back as zeroes without touching
+/// the disk).
+pub fn is_hole(f: &File, offset: u64, len: u64) -> io::Result<bool> {
+    // SAFETY: lseek on a descriptor we own; callers use positioned I/O, so moving the file
+    // offset is harmless.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(r as u64 >= offset + len)
+}
+
 /// Data (allocated) regions of `f` within `[0, size)`, as (offset, len).
 pub fn data_regions(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
@@ -56,4 +73,31 @@ pub fn data_regions(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         pos = hole;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn holes_and_data_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("img"))
+            .unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1u8; 65536], 1 << 20).unwrap();
+        assert!(is_hole(&f, 0, 1 << 20).unwrap());
+        assert!(!is_hole(&f, 0, (1 << 20) + 1).unwrap());
+        assert!(!is_hole(&f, (1 << 20) + 4096, 4096).unwrap());
+        assert!(is_hole(&f, 2 << 20, 2 << 20).unwrap());
+        assert_eq!(data_regions(&f, 4 << 20).unwrap(), vec![(1 << 20, 65536)]);
+        punch_hole(&f, 1 << 20, 65536).unwrap();
+        assert!(is_hole(&f, 0, 4 << 20).unwrap());
+    }
 }

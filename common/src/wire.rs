@@ -485,7 +485,24 @@ pub fn is_zero(data: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
+/// MAX_CHUNK zero bytes, for checksums of zero runs without allocating them.
+static ZEROES: [u8; MAX_CHUNK as usize] = [0; MAX_CHUNK as usize];
+
 impl Chunk {
+    /// A zero marker for `len` bytes at `offset` (what [`Chunk::pack`] makes of zeroes).
+    pub fn zeroes(cycle: u64, disk: u16, offset: u64, len: u32) -> Chunk {
+        assert!(len <= MAX_CHUNK);
+        Chunk {
+            cycle,
+            disk,
+            offset,
+            len,
+            encoding: Encoding::Zero,
+            checksum: checksum(&ZEROES[..len as usize]),
+            payload: Vec::new(),
+        }
+    }
+
     /// Packs `data`: a zero marker if all zero, else lz4 if `compress` and it shrinks, else raw.
     pub fn pack(cycle: u64, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
         assert!(data.len() <= MAX_CHUNK as usize);
@@ -538,7 +555,7 @@ impl Chunk {
                 if !self.payload.is_empty() {
                     return Err(self.bad("zero chunk with a payload"));
                 }
-                if self.checksum != checksum(&vec![0u8; self.len as usize]) {
+                if self.checksum != checksum(&ZEROES[..self.len as usize]) {
                     return Err(self.bad("checksum mismatch"));
                 }
                 return Ok(None);
