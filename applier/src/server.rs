@@ -235,22 +235,27 @@ async fn stream(
             let cycle = first.cycle;
             let mut next = Some(first);
             while let Some(c) = next {
-                let verified = tokio::task::spawn_blocking(move || match c.unpack() {
-                    Ok(data) => Ok((c, data)),
-                    Err(e) => Err(e.to_string()),
+                // Verified (decompressed, checksummed) before taking the VM's lock, so the
+                // streams verify in parallel; one blocking hop per chunk.
+                let (vm, vm_name) = (Arc::clone(&store), name.clone());
+                let staged = tokio::task::spawn_blocking(move || {
+                    let data = c.unpack().map_err(|e| StoreError::BadChunk {
+                        vm: vm_name,
+                        reason: e.to_string(),
+                    })?;
+                    // The old contents for the undo log are read outside the lock too.
+                    let source = vm.lock().unwrap_or_else(|e| e.into_inner()).undo_source();
+                    let undo = source.and_then(|s| s.capture(&c).ok());
+                    let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+                    g.stage_verified(&c, data.as_deref(), undo)
                 })
                 .await
-                .unwrap_or_else(|e| Err(e.to_string()))
-                .map_err(|reason| StoreError::BadChunk {
-                    vm: name.clone(),
-                    reason,
+                .unwrap_or_else(|e| {
+                    Err(StoreError::BadChunk {
+                        vm: name.clone(),
+                        reason: e.to_string(),
+                    })
                 });
-                let staged = match verified {
-                    Ok((c, data)) => {
-                        with_vm(&store, move |v| v.stage_verified(&c, data.as_deref())).await
-                    }
-                    Err(e) => Err(e),
-                };
                 if let Err(e) = staged {
                     tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
                     return reply_error(&mut send, error_code(&e), e.to_string()).await;

@@ -3,11 +3,13 @@
 //!
 //! Layout under the store root, per VM: `state.json` (versioned, atomic), `disks/NAME.img`
 //! (sparse replica images, always at the newest point), `staging/CYCLE/` (the cycle being
-//! received: `cycle.json` and `chunks.log`), `undo/*.undo` (recovery points).
+//! received: `cycle.json`, `chunks.log` and `undo.journal`), `undo/*.undo` (recovery points).
 //!
 //! Apply order, so that a crash at any instant leaves the replica at the previous cycle or
 //! the new one: (1) every staged chunk is verified against its checksum as it arrives and
-//! the set against the manifest; (2) the undo log is written and fsynced; (3) `cycle.json`
+//! the set against the manifest; (2) the undo log, journalled as the chunks arrived (the
+//! old contents of their ranges: the images do not change before the apply), is completed
+//! with whatever a restart cut from it, and fsynced; (3) `cycle.json`
 //! records the manifest and the state `applying = CYCLE`; (4) the chunks are written (zero
 //! runs punched as holes) and the images fsynced; (5) the state records the new point; (6)
 //! staging is removed. A restart that finds `applying` set redoes (4)-(6) from the staged
@@ -20,6 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -27,8 +30,8 @@ use vmreplica_common::wire::{self, Chunk, CycleKind, DiskInfo, StagedChunk, MAX_
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
 use crate::staging::Staging;
-use crate::undo;
-use vmreplica_common::sparse::{data_regions, punch_hole};
+use crate::undo::{self, Journal};
+use vmreplica_common::sparse::{data_regions, is_hole, punch_hole};
 
 const STATE_FORMAT: &str = "vmreplica-replica";
 const STATE_VERSION: u32 = 1;
@@ -157,6 +160,42 @@ fn kind_name(k: CycleKind) -> &'static str {
     }
 }
 
+/// The old contents of `len` bytes at `offset` of image `f`, packed as an undo entry of
+/// `cycle`; a hole becomes a zero marker without being read.
+fn read_old(
+    f: &File,
+    cycle: u64,
+    disk: u16,
+    offset: u64,
+    len: u32,
+    buf: &mut Vec<u8>,
+) -> io::Result<Chunk> {
+    if is_hole(f, offset, u64::from(len))? {
+        return Ok(Chunk::zeroes(cycle, disk, offset, len));
+    }
+    buf.resize(len as usize, 0);
+    f.read_exact_at(buf, offset)?;
+    Ok(Chunk::pack(cycle, disk, offset, buf, true))
+}
+
+/// Reads the old contents of ranges a receiving cycle will overwrite, without the VM's
+/// lock (the images do not change while a cycle is received).
+pub struct UndoSource {
+    images: Arc<Vec<File>>,
+    cycle: u64,
+}
+
+impl UndoSource {
+    /// The undo entry for chunk `c`'s range.
+    pub fn capture(&self, c: &Chunk) -> io::Result<Chunk> {
+        let f = self
+            .images
+            .get(c.disk as usize)
+            .ok_or_else(|| io::Error::other(format!("no disk {}", c.disk)))?;
+        read_old(f, self.cycle, c.disk, c.offset, c.len, &mut Vec::new())
+    }
+}
+
 /// The root of all replicas on this host.
 pub struct Store {
     root: PathBuf,
@@ -212,6 +251,8 @@ struct Receiving {
     direct: bool,
     /// Direct: bytes written into the images since they were last made durable.
     unsynced: u64,
+    /// The cycle's undo log, built as its chunks arrive (a delta or resync after a point).
+    journal: Option<Journal>,
 }
 
 /// A direct (in-place) copy makes what it wrote durable at least this often, so a crash
@@ -223,7 +264,8 @@ pub struct VmStore {
     dir: PathBuf,
     state: VmState,
     retention: Retention,
-    images: Vec<File>,
+    /// Shared with [`UndoSource`]s, which read old contents outside the VM's lock.
+    images: Arc<Vec<File>>,
     receiving: Option<Receiving>,
     /// Test hook: fail (as a crash would) after writing this many chunks of an apply.
     #[cfg(test)]
@@ -273,7 +315,7 @@ impl VmStore {
             dir,
             state,
             retention,
-            images: Vec::new(),
+            images: Arc::new(Vec::new()),
             receiving: None,
             #[cfg(test)]
             crash_after: None,
@@ -425,7 +467,7 @@ impl VmStore {
     }
 
     fn open_images(&mut self, create: bool) -> Result<(), StoreError> {
-        self.images.clear();
+        let mut images = Vec::new();
         let ddir = self.dir.join("disks");
         if create {
             fs::create_dir_all(&ddir).map_err(self.io(&ddir))?;
@@ -442,8 +484,9 @@ impl VmStore {
             if create && f.metadata().map_err(self.io(&p))?.len() != d.size {
                 f.set_len(d.size).map_err(self.io(&p))?;
             }
-            self.images.push(f);
+            images.push(f);
         }
+        self.images = Arc::new(images);
         Ok(())
     }
 
@@ -547,6 +590,12 @@ impl VmStore {
             },
         )?;
         let staging = self.open_staging(cycle, direct)?;
+        let journal = if kind != CycleKind::Initial && self.state.last_cycle > 0 {
+            let jp = cdir.join("undo.journal");
+            Some(Journal::open(&jp, cycle).map_err(self.io(&jp))?)
+        } else {
+            None
+        };
         let ids = staging.entries();
         self.receiving = Some(Receiving {
             cycle,
@@ -554,6 +603,7 @@ impl VmStore {
             staging,
             direct,
             unsynced: 0,
+            journal,
         });
         Ok(ids)
     }
@@ -568,13 +618,20 @@ impl VmStore {
     /// Verifies and stages one chunk of the cycle being received.
     pub fn stage(&mut self, c: &Chunk) -> Result<(), StoreError> {
         let data = c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
-        self.stage_verified(c, data.as_deref())
+        self.stage_verified(c, data.as_deref(), None)
     }
 
     /// Stages one chunk whose payload the caller verified with [`Chunk::unpack`] (so that
     /// decompressing and checksumming run outside the VM's lock, one stream each); `data` is
     /// what it unpacked to (None: zeroes).
-    pub fn stage_verified(&mut self, c: &Chunk, data: Option<&[u8]>) -> Result<(), StoreError> {
+    /// `undo`: the old contents of the chunk's range, from [`VmStore::undo_source`] (None:
+    /// read them here).
+    pub fn stage_verified(
+        &mut self,
+        c: &Chunk,
+        data: Option<&[u8]>,
+        undo: Option<Chunk>,
+    ) -> Result<(), StoreError> {
         let Some(r) = &self.receiving else {
             return Err(StoreError::NoSuchCycle {
                 vm: self.vm.clone(),
@@ -609,9 +666,58 @@ impl VmStore {
             }
             return Ok(());
         }
+        self.capture_undo(c.disk, c.offset, c.len, undo)?;
         let io = self.io(&self.cycle_dir(c.cycle));
         let r = self.receiving.as_mut().expect("checked above");
         r.staging.append(c).map_err(io)
+    }
+
+    /// While a cycle that keeps an undo log is received: a handle that reads the old contents
+    /// of a chunk's range without this store's lock, for [`VmStore::stage_verified`].
+    pub fn undo_source(&self) -> Option<UndoSource> {
+        let r = self.receiving.as_ref()?;
+        r.journal.as_ref()?;
+        Some(UndoSource {
+            images: Arc::clone(&self.images),
+            cycle: r.cycle,
+        })
+    }
+
+    /// Records in the receiving cycle's undo journal the old contents of `[offset,
+    /// offset+len)` of disk `disk`, where it holds none yet. The images do not change until
+    /// the cycle's apply, so what they hold now is what the cycle overwrites. `prepared`: those
+    /// contents read beforehand by an [`UndoSource`].
+    fn capture_undo(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        len: u32,
+        prepared: Option<Chunk>,
+    ) -> Result<(), StoreError> {
+        if self.receiving.as_ref().is_none_or(|r| r.journal.is_none()) {
+            return Ok(());
+        }
+        let img_err = self.io(&self.image_path(&self.state.disks[disk as usize].name));
+        let journal_err = self.io(&self.dir.join("staging"));
+        let f = &self.images[disk as usize];
+        let r = self.receiving.as_mut().expect("checked above");
+        let j = r.journal.as_mut().expect("checked above");
+        let end = offset + u64::from(len);
+        let parts = j.uncovered(disk, offset, end);
+        if let Some(p) = prepared {
+            if parts == [(offset, end)]
+                && (p.cycle, p.disk, p.offset, p.len) == (r.cycle, disk, offset, len)
+            {
+                return j.append(&p).map_err(journal_err);
+            }
+        }
+        let mut buf = Vec::new();
+        for (start, end) in parts {
+            let old = read_old(f, r.cycle, disk, start, (end - start) as u32, &mut buf)
+                .map_err(&img_err)?;
+            j.append(&old).map_err(&journal_err)?;
+        }
+        Ok(())
     }
 
     /// Makes the staged chunks durable (for a direct cycle: the images first, then the log
@@ -661,7 +767,15 @@ impl VmStore {
                 want: chunks,
             });
         }
-        let r = self.receiving.take().expect("matched above");
+        // The journal is not fsynced as it grows: after a restart it may lack ranges that the
+        // staging log kept. They are captured now; the images are still unchanged.
+        if r.journal.is_some() {
+            let ranges: Vec<(u16, u64, u32)> = r.staging.ranges().collect();
+            for (disk, offset, len) in ranges {
+                self.capture_undo(disk, offset, len, None)?;
+            }
+        }
+        let mut r = self.receiving.take().expect("matched above");
         if r.direct {
             // Already in the images, and durable (sync_staging): it only becomes the point.
             tracing::info!(vm = %self.vm, cycle, chunks, "initial copy received in place");
@@ -671,13 +785,12 @@ impl VmStore {
         tracing::info!(vm = %self.vm, cycle, chunks, staged_mib = r.staging.bytes() >> 20, "cycle received: applying");
         // Every staged chunk was verified (length, checksum) when it arrived or, after a
         // restart, when the staging log was reopened; count and digest match the manifest.
-        if r.kind != CycleKind::Initial && self.state.last_cycle > 0 {
+        if let Some(journal) = r.journal.take() {
             let name = format!("{cycle}.undo");
             let udir = self.dir.join("undo");
             fs::create_dir_all(&udir).map_err(self.io(&udir))?;
             let up = udir.join(&name);
-            let bytes = undo::write(&up, cycle, self.undo_entries(cycle, &r.staging))
-                .map_err(self.io(&up))?;
+            let bytes = journal.finish(cycle, &up).map_err(self.io(&up))?;
             self.state.undo.retain(|u| u.from != cycle);
             self.state.undo.push(UndoRef {
                 from: cycle,
@@ -706,24 +819,6 @@ impl VmStore {
             }
             other => other,
         }
-    }
-
-    /// Old contents of every range the staged cycle will write, one range at a time.
-    fn undo_entries<'a>(
-        &'a self,
-        cycle: u64,
-        staging: &'a Staging,
-    ) -> impl Iterator<Item = io::Result<Chunk>> + 'a {
-        staging.ranges().map(move |(disk, offset, len)| {
-            let mut buf = vec![0u8; len as usize];
-            self.images[disk as usize]
-                .read_exact_at(&mut buf, offset)
-                .map_err(|e| {
-                    let p = self.image_path(&self.state.disks[disk as usize].name);
-                    io::Error::new(e.kind(), format!("replica image {}: {e}", p.display()))
-                })?;
-            Ok(Chunk::pack(cycle, disk, offset, &buf, true))
-        })
     }
 
     /// The staged cycle turned out damaged during its apply (its chunks were verified when
@@ -1312,6 +1407,52 @@ mod tests {
             "restart left the replica between points"
         );
         assert!(!vs.cycle_dir(3).exists());
+    }
+
+    #[test]
+    fn undo_is_captured_as_chunks_arrive_and_completed_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let mut primary = vec![vec![0u8; SIZE as usize]; 2];
+        primary[0][..SIZE as usize / 2].fill(6);
+        let (mut vs, mut history) = initial(&store, &primary);
+        let mut blocks = Vec::new();
+        while blocks.len() < 10 {
+            for b in mutate(&mut rng, &mut primary) {
+                if !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+        }
+        let (n, d) = stage_only(&mut vs, 2, &primary, &blocks);
+        vs.staged().unwrap();
+        let journal = vs.cycle_dir(2).join("undo.journal");
+        let full = fs::metadata(&journal).unwrap().len();
+        assert!(
+            full > 0,
+            "old contents are journalled while the cycle arrives"
+        );
+        // A crash loses the journal's unsynced tail; the staged chunks survive.
+        drop(vs);
+        let f = OpenOptions::new().write(true).open(&journal).unwrap();
+        f.set_len(full / 3).unwrap();
+        let mut vs = store.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(
+            vs.begin(2, CycleKind::Delta, &disks()).unwrap().len(),
+            blocks.len()
+        );
+        vs.commit(2, n, d).unwrap();
+        history.insert(2, primary.clone());
+        assert!(read_images(&vs) == primary);
+        let out = dir.path().join("point-1");
+        for (i, f) in vs.export_point(1, &out).unwrap().iter().enumerate() {
+            assert!(
+                fs::read(f).unwrap() == history[&1][i],
+                "point 1 disk {i} differs: the undo log lost old contents"
+            );
+        }
+        assert!(!journal.exists());
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //! An undo log is a file of wire frames: one [`Chunk`] per overwritten range (zero runs as
 //! markers, the rest lz4), then a [`Message::Manifest`] trailer with their count and digest.
 //! It is written to a temporary name, fsynced and renamed, so it is either complete or absent.
+//!
+//! The undo log of a received cycle is built as a [`Journal`] while the cycle arrives (the
+//! images do not change before its apply, so their contents are the old ones), and finished
+//! into that form when the cycle commits.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use vmreplica_common::wire::{self, Chunk, ChunkId, Message, MAX_CHUNK};
 
@@ -84,6 +89,159 @@ pub fn read(path: &Path) -> io::Result<Vec<Chunk>> {
             }
             other => return Err(bad(format!("unexpected frame {other:?}"))),
         }
+    }
+}
+
+/// The undo log of the cycle being received, appended a range at a time (not fsynced until
+/// [`Journal::finish`]). It knows which byte ranges it covers, so a range staged again, or
+/// overlapping one staged before, is captured once: the first capture holds the old contents.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    count: u64,
+    digest: u64,
+    /// Per disk, disjoint covered ranges: start → end.
+    covered: BTreeMap<u16, BTreeMap<u64, u64>>,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Opens or creates the journal of `cycle` at `path`, keeping its intact entries (a torn
+    /// tail or an earlier trailer is cut off).
+    pub fn open(path: &Path, cycle: u64) -> io::Result<Journal> {
+        let ctx = |e: io::Error| {
+            io::Error::new(e.kind(), format!("undo journal {}: {e}", path.display()))
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(ctx)?;
+        let mut j = Journal {
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+            count: 0,
+            digest: 0,
+            covered: BTreeMap::new(),
+            buf: Vec::new(),
+        };
+        let total = j.file.metadata().map_err(ctx)?.len();
+        let mut r = BufReader::with_capacity(1 << 20, &j.file);
+        let mut pos = 0u64;
+        let mut body = Vec::new();
+        let mut entries = Vec::new();
+        while pos + 4 <= total {
+            let mut h = [0u8; 4];
+            if r.read_exact(&mut h).is_err() {
+                break;
+            }
+            let Ok(n) = wire::frame_len(h) else { break };
+            if pos + 4 + u64::from(n) > total {
+                break;
+            }
+            body.resize(n as usize, 0);
+            if r.read_exact(&mut body).is_err() {
+                break;
+            }
+            match wire::decode_body(&body) {
+                Ok(Message::Chunk(c)) if c.cycle == cycle && c.unpack().is_ok() => {
+                    entries.push((c.id(), c.len, c.checksum))
+                }
+                _ => break,
+            }
+            pos += 4 + u64::from(n);
+        }
+        drop(r);
+        if pos != total {
+            j.file.set_len(pos).map_err(ctx)?;
+        }
+        j.len = pos;
+        for (id, len, sum) in entries {
+            j.note(id, len, sum);
+        }
+        Ok(j)
+    }
+
+    fn note(&mut self, id: ChunkId, len: u32, checksum: u64) {
+        self.count += 1;
+        self.digest = self.digest.wrapping_add(wire::digest([(id, checksum)]));
+        let (mut start, mut end) = (id.offset, id.offset + u64::from(len));
+        let m = self.covered.entry(id.disk).or_default();
+        // Merge with every range that touches [start, end).
+        let touching: Vec<(u64, u64)> = m
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in touching {
+            m.remove(&s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        m.insert(start, end);
+    }
+
+    /// Parts of `[start, end)` of `disk` not captured yet.
+    pub fn uncovered(&self, disk: u16, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let Some(m) = self.covered.get(&disk) else {
+            return vec![(start, end)];
+        };
+        let mut over: Vec<(u64, u64)> = m
+            .range(..end)
+            .rev()
+            .take_while(|(_, e)| **e > start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        over.reverse();
+        subtract(start, end, &over)
+    }
+
+    /// Appends the old contents of one range (not yet covered).
+    pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
+        self.buf.clear();
+        wire::encode_chunk(c, &mut self.buf);
+        self.file.write_all_at(&self.buf, self.len).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("undo journal {}: {e}", self.path.display()),
+            )
+        })?;
+        self.len += self.buf.len() as u64;
+        self.note(c.id(), c.len, c.checksum);
+        Ok(())
+    }
+
+    /// Closes the journal with its trailer, makes it durable and moves it to `dest` as the
+    /// cycle's undo log. Returns its size.
+    pub fn finish(mut self, cycle: u64, dest: &Path) -> io::Result<u64> {
+        let ctx = |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!("undo journal {}: {e}", self.path.display()),
+            )
+        };
+        self.buf.clear();
+        wire::encode(
+            &Message::Manifest {
+                cycle,
+                chunks: self.count,
+                digest: self.digest,
+            },
+            &mut self.buf,
+        );
+        self.file.write_all_at(&self.buf, self.len).map_err(ctx)?;
+        let bytes = self.len + self.buf.len() as u64;
+        self.file.sync_all().map_err(ctx)?;
+        fs::rename(&self.path, dest).map_err(ctx)?;
+        if let Some(dir) = dest.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(bytes)
     }
 }
 
@@ -175,6 +333,37 @@ mod tests {
         fs::write(&p, &data[..data.len() - 5]).unwrap();
         let e = read(&p).unwrap_err().to_string();
         assert!(e.contains("3.undo"), "{e}");
+    }
+
+    #[test]
+    fn a_journal_captures_each_range_once_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        let done = dir.path().join("4.undo");
+        let mut j = Journal::open(&p, 4).unwrap();
+        assert_eq!(j.uncovered(0, 0, 100), vec![(0, 100)]);
+        j.append(&Chunk::pack(4, 0, 20, &[7u8; 30], true)).unwrap();
+        j.append(&Chunk::zeroes(4, 0, 50, 10)).unwrap();
+        j.append(&Chunk::pack(4, 1, 0, &[8u8; 10], true)).unwrap();
+        // 20..60 merged into one range; disk 1 apart.
+        assert_eq!(j.uncovered(0, 0, 100), vec![(0, 20), (60, 100)]);
+        assert_eq!(j.uncovered(0, 30, 40), vec![]);
+        assert_eq!(j.uncovered(1, 5, 15), vec![(10, 15)]);
+        let full = j.len;
+        drop(j);
+        // A torn append: reopening keeps the three entries and their coverage.
+        let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0, 0, 1, 0, 5], full).unwrap();
+        let mut j = Journal::open(&p, 4).unwrap();
+        assert_eq!((j.len, j.count), (full, 3));
+        assert_eq!(j.uncovered(0, 0, 100), vec![(0, 20), (60, 100)]);
+        j.append(&Chunk::pack(4, 0, 0, &[9u8; 20], true)).unwrap();
+        let bytes = j.finish(4, &done).unwrap();
+        assert!(!p.exists());
+        assert_eq!(fs::metadata(&done).unwrap().len(), bytes);
+        let back = read(&done).unwrap();
+        assert_eq!(back.len(), 4);
+        assert_eq!(back[3].unpack().unwrap().unwrap(), vec![9u8; 20]);
     }
 
     #[test]
