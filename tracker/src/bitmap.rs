@@ -139,19 +139,30 @@ impl Bitmap {
             source,
         };
         let created = !path.exists();
+        if created {
+            // Built under a temporary name and renamed, so a crash or power cut while it is
+            // made never leaves a headerless bitmap that the next start would refuse.
+            use std::os::unix::fs::FileExt;
+            let tmp = path.with_extension("bitmap.tmp");
+            let tmp_err = |source| BitmapError::Io {
+                path: tmp.clone(),
+                source,
+            };
+            let f = File::create(&tmp).map_err(tmp_err)?;
+            f.set_len(geo.file_len()).map_err(tmp_err)?;
+            f.write_all_at(&header_bytes(&geo), 0).map_err(tmp_err)?;
+            f.sync_all().map_err(tmp_err)?;
+            std::fs::rename(&tmp, path).map_err(io_err)?;
+            if let Some(dir) = path.parent() {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(io_err)?;
+            }
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(false)
             .open(path)
             .map_err(io_err)?;
-        if created {
-            use std::os::unix::fs::FileExt;
-            file.set_len(geo.file_len()).map_err(io_err)?;
-            file.write_all_at(&header_bytes(&geo), 0).map_err(io_err)?;
-            file.sync_all().map_err(io_err)?;
-        } else {
+        if !created {
             let len = file.metadata().map_err(io_err)?.len();
             let mut h = vec![0u8; 36.min(len as usize)];
             use std::os::unix::fs::FileExt;
@@ -330,6 +341,25 @@ mod tests {
             Bitmap::open(&p, geo),
             Err(BitmapError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn an_interrupted_creation_leaves_no_bitmap_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.bitmap");
+        let geo = Geometry {
+            disk_size: 1 << 30,
+            granularity: 65536,
+        };
+        // What a power cut during the first start leaves: a half-made temporary file only.
+        std::fs::write(p.with_extension("bitmap.tmp"), b"").unwrap();
+        assert!(!p.exists());
+        let (bm, created) = Bitmap::open(&p, geo).unwrap();
+        assert!(created);
+        assert_eq!(bm.count(0), 0);
+        assert!(!p.with_extension("bitmap.tmp").exists());
+        drop(bm);
+        assert!(!Bitmap::open(&p, geo).unwrap().1);
     }
 
     #[test]
