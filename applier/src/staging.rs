@@ -15,6 +15,39 @@ use std::path::{Path, PathBuf};
 
 use vmreplica_common::wire::{self, Chunk, ChunkId, Message, StagedChunk};
 
+/// Reads the chunk frames at the start of a log file of `total` bytes, handing each with its
+/// position to `keep` until a torn or foreign frame or one `keep` refuses; returns where the
+/// intact prefix ends.
+pub(crate) fn scan_log(
+    file: &File,
+    total: u64,
+    mut keep: impl FnMut(&Chunk, u64) -> bool,
+) -> io::Result<u64> {
+    let mut r = io::BufReader::with_capacity(1 << 20, file);
+    let mut pos = 0u64;
+    let mut body = Vec::new();
+    while pos + 4 <= total {
+        let mut h = [0u8; 4];
+        if r.read_exact(&mut h).is_err() {
+            break;
+        }
+        let Ok(n) = wire::frame_len(h) else { break };
+        if pos + 4 + u64::from(n) > total {
+            break;
+        }
+        body.resize(n as usize, 0);
+        if r.read_exact(&mut body).is_err() {
+            break;
+        }
+        match wire::decode_body(&body) {
+            Ok(Message::Chunk(c)) if keep(&c, pos) => {}
+            _ => break,
+        }
+        pos += 4 + u64::from(n);
+    }
+    Ok(pos)
+}
+
 pub struct Staging {
     path: PathBuf,
     file: File,
@@ -53,37 +86,18 @@ impl Staging {
             deferred: Vec::new(),
         };
         let total = s.file.metadata()?.len();
-        let mut r = io::BufReader::with_capacity(1 << 20, &s.file);
-        let mut pos = 0u64;
-        let mut body = Vec::new();
-        while pos + 4 <= total {
-            let mut h = [0u8; 4];
-            if r.read_exact(&mut h).is_err() {
-                break;
+        let pos = scan_log(&s.file, total, |c, pos| {
+            let intact = c.cycle == cycle
+                && if direct {
+                    c.payload.is_empty()
+                } else {
+                    c.unpack().is_ok()
+                };
+            if intact {
+                s.index.insert(c.id(), (pos, c.len, c.checksum));
             }
-            let Ok(n) = wire::frame_len(h) else { break };
-            if pos + 4 + u64::from(n) > total {
-                break;
-            }
-            body.resize(n as usize, 0);
-            if r.read_exact(&mut body).is_err() {
-                break;
-            }
-            match wire::decode_body(&body) {
-                Ok(Message::Chunk(c))
-                    if c.cycle == cycle
-                        && if direct {
-                            c.payload.is_empty()
-                        } else {
-                            c.unpack().is_ok()
-                        } =>
-                {
-                    s.index.insert(c.id(), (pos, c.len, c.checksum));
-                }
-                _ => break,
-            }
-            pos += 4 + u64::from(n);
-        }
+            intact
+        })?;
         if pos != total {
             tracing::warn!(log = %path.display(), kept = pos, total, "cutting a torn tail off the staging log");
             s.file.set_len(pos).map_err(|e| io_ctx(path, e))?;

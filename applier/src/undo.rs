@@ -130,32 +130,15 @@ impl Journal {
             buf: Vec::new(),
         };
         let total = j.file.metadata().map_err(ctx)?.len();
-        let mut r = BufReader::with_capacity(1 << 20, &j.file);
-        let mut pos = 0u64;
-        let mut body = Vec::new();
         let mut entries = Vec::new();
-        while pos + 4 <= total {
-            let mut h = [0u8; 4];
-            if r.read_exact(&mut h).is_err() {
-                break;
+        let pos = crate::staging::scan_log(&j.file, total, |c, _| {
+            let intact = c.cycle == cycle && c.unpack().is_ok();
+            if intact {
+                entries.push((c.id(), c.len, c.checksum));
             }
-            let Ok(n) = wire::frame_len(h) else { break };
-            if pos + 4 + u64::from(n) > total {
-                break;
-            }
-            body.resize(n as usize, 0);
-            if r.read_exact(&mut body).is_err() {
-                break;
-            }
-            match wire::decode_body(&body) {
-                Ok(Message::Chunk(c)) if c.cycle == cycle && c.unpack().is_ok() => {
-                    entries.push((c.id(), c.len, c.checksum))
-                }
-                _ => break,
-            }
-            pos += 4 + u64::from(n);
-        }
-        drop(r);
+            intact
+        })
+        .map_err(ctx)?;
         if pos != total {
             j.file.set_len(pos).map_err(ctx)?;
         }

@@ -26,49 +26,40 @@ pub fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
     Err(e)
 }
 
-/// Whether `[offset, offset+len)` of `f` is all hole (reads back as zeroes without touching
-/// the disk).
-pub fn is_hole(f: &File, offset: u64, len: u64) -> io::Result<bool> {
-    // SAFETY: lseek on a descriptor we own; callers use positioned I/O, so moving the file
-    // offset is harmless.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+/// `lseek(f, pos, whence)` for SEEK_DATA/SEEK_HOLE: None when there is no data at or after
+/// `pos` (ENXIO). Callers use positioned I/O, so moving the file offset is harmless.
+fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on a descriptor we own.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(true)
+            Ok(None)
         } else {
             Err(e)
         };
     }
-    Ok(r as u64 >= offset + len)
+    Ok(Some(r as u64))
+}
+
+/// Whether `[offset, offset+len)` of `f` is all hole (reads back as zeroes without touching
+/// the disk).
+pub fn is_hole(f: &File, offset: u64, len: u64) -> io::Result<bool> {
+    Ok(seek(f, offset, libc::SEEK_DATA)?.is_none_or(|data| data >= offset + len))
 }
 
 /// Data (allocated) regions of `f` within `[0, size)`, as (offset, len).
 pub fn data_regions(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = f.as_raw_fd();
-    let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor we own.
-        let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(r as u64))
-    };
     let mut out = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let Some(data) = seek(pos, libc::SEEK_DATA)? else {
+        let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
             break;
         };
         if data >= size {
             break;
         }
-        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
         out.push((data, hole - data));
         pos = hole;
     }
