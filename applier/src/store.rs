@@ -829,8 +829,17 @@ impl VmStore {
         tracing::error!(vm = %self.vm, cycle, "apply failed ({why}): rolling back to the previous point");
         if let Some(pos) = self.state.undo.iter().position(|u| u.from == cycle) {
             let up = self.dir.join("undo").join(&self.state.undo[pos].file);
-            for c in undo::read(&up).map_err(self.io(&up))? {
-                let data = c.unpack().map_err(|e| self.bad_chunk(e.to_string()))?;
+            // Checked whole before anything is put back; then streamed, one entry at a time.
+            undo::check(&up).map_err(self.io(&up))?;
+            for e in undo::Entries::open(&up).map_err(self.io(&up))? {
+                let (c, data) = e.map_err(self.io(&up))?;
+                if usize::from(c.disk) >= self.images.len() {
+                    return Err(self.bad_chunk(format!(
+                        "undo log {}: disk {}",
+                        up.display(),
+                        c.disk
+                    )));
+                }
                 self.write_range(c.disk, c.offset, c.len, data.as_deref())?;
             }
             self.sync_images()?;
@@ -959,13 +968,9 @@ impl VmStore {
                 let udir = self.dir.join("undo");
                 let np = udir.join(&newer.file);
                 let op = udir.join(&older.file);
-                let n = undo::read(&np).map_err(self.io(&np))?;
-                let o = undo::read(&op).map_err(self.io(&op))?;
-                let merged = undo::merge(&o, &n, newer.from).map_err(self.io(&np))?;
                 let name = format!("{}-{}.undo", newer.from, older.to);
                 let mp = udir.join(&name);
-                let bytes = undo::write(&mp, newer.from, merged.into_iter().map(Ok))
-                    .map_err(self.io(&mp))?;
+                let bytes = undo::merge(&op, &np, newer.from, &mp).map_err(self.io(&mp))?;
                 self.state.undo.retain(|u| u.to != cycle && u.from != cycle);
                 self.state.undo.push(UndoRef {
                     from: newer.from,
@@ -1059,9 +1064,12 @@ impl VmStore {
                         cycle,
                     })?;
             let up = self.dir.join("undo").join(&u.file);
-            for c in undo::read(&up).map_err(self.io(&up))? {
-                let (op, out) = &outs[c.disk as usize];
-                match c.unpack().map_err(|e| self.bad_chunk(e.to_string()))? {
+            for e in undo::Entries::open(&up).map_err(self.io(&up))? {
+                let (c, data) = e.map_err(self.io(&up))?;
+                let (op, out) = outs.get(c.disk as usize).ok_or_else(|| {
+                    self.bad_chunk(format!("undo log {}: disk {}", up.display(), c.disk))
+                })?;
+                match data {
                     Some(data) => out.write_all_at(&data, c.offset).map_err(self.io(op))?,
                     None => punch_hole(out, c.offset, u64::from(c.len)).map_err(self.io(op))?,
                 }

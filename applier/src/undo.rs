@@ -15,7 +15,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vmreplica_common::wire::{self, Chunk, ChunkId, Message, MAX_CHUNK};
+use vmreplica_common::wire::{self, Chunk, ChunkId, Message};
 
 /// Writes an undo log of `entries` atomically at `path`, one entry at a time (a cycle's
 /// undo log is never held in memory whole).
@@ -57,39 +57,93 @@ pub fn write(
     Ok(bytes)
 }
 
-/// Reads a complete undo log; an incomplete or corrupt one is an error naming the file.
-pub fn read(path: &Path) -> io::Result<Vec<Chunk>> {
-    let bad = |why: String| {
+/// The entries of an undo log, read one at a time, each checked against its checksum; the
+/// trailer is checked when it is reached, so only a log read to its end is known complete.
+/// Memory stays at one entry whatever the log's size.
+pub struct Entries {
+    path: PathBuf,
+    r: BufReader<File>,
+    count: u64,
+    digest: u64,
+    done: bool,
+}
+
+impl Entries {
+    pub fn open(path: &Path) -> io::Result<Entries> {
+        Ok(Entries {
+            path: path.to_path_buf(),
+            r: BufReader::with_capacity(1 << 20, File::open(path)?),
+            count: 0,
+            digest: 0,
+            done: false,
+        })
+    }
+
+    fn bad(&self, why: impl std::fmt::Display) -> io::Error {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("undo log {}: {why}", path.display()),
+            format!("undo log {}: {why}", self.path.display()),
         )
-    };
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path)?);
-    let mut out = Vec::new();
-    loop {
+    }
+
+    fn next_entry(&mut self) -> io::Result<Option<(Chunk, Option<Vec<u8>>)>> {
         let mut h = [0u8; 4];
-        r.read_exact(&mut h)
-            .map_err(|_| bad("no trailer (incomplete)".into()))?;
-        let n = wire::frame_len(h).map_err(|e| bad(e.to_string()))?;
+        self.r
+            .read_exact(&mut h)
+            .map_err(|_| self.bad("no trailer (incomplete)"))?;
+        let n = wire::frame_len(h).map_err(|e| self.bad(e))?;
         let mut body = vec![0u8; n as usize];
-        r.read_exact(&mut body)
-            .map_err(|_| bad("truncated".into()))?;
-        match wire::decode_body(&body).map_err(|e| bad(e.to_string()))? {
+        self.r
+            .read_exact(&mut body)
+            .map_err(|_| self.bad("truncated"))?;
+        match wire::decode_body(&body).map_err(|e| self.bad(e))? {
             Message::Chunk(c) => {
-                c.unpack().map_err(|e| bad(e.to_string()))?;
-                out.push(c)
+                let data = c.unpack().map_err(|e| self.bad(e))?;
+                self.count += 1;
+                self.digest = self
+                    .digest
+                    .wrapping_add(wire::digest([(c.id(), c.checksum)]));
+                Ok(Some((c, data)))
             }
             Message::Manifest { chunks, digest, .. } => {
-                let d = wire::digest(out.iter().map(|e| (e.id(), e.checksum)));
-                if chunks != out.len() as u64 || d != digest {
-                    return Err(bad("trailer does not match its entries".into()));
+                if chunks != self.count || digest != self.digest {
+                    return Err(self.bad("trailer does not match its entries"));
                 }
-                return Ok(out);
+                Ok(None)
             }
-            other => return Err(bad(format!("unexpected frame {other:?}"))),
+            other => Err(self.bad(format!("unexpected frame {other:?}"))),
         }
     }
+}
+
+impl Iterator for Entries {
+    /// An entry and what it unpacks to (None: zeroes).
+    type Item = io::Result<(Chunk, Option<Vec<u8>>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let item = self.next_entry().transpose();
+        if !matches!(item, Some(Ok(_))) {
+            self.done = true;
+        }
+        item
+    }
+}
+
+/// Reads a whole undo log through, checking it, without keeping it: an incomplete or corrupt
+/// one is an error naming the file. Callers that change anything from a log check it first.
+pub fn check(path: &Path) -> io::Result<()> {
+    for e in Entries::open(path)? {
+        e?;
+    }
+    Ok(())
+}
+
+/// Reads a complete undo log into memory (small logs and tests).
+pub fn read(path: &Path) -> io::Result<Vec<Chunk>> {
+    Entries::open(path)?.map(|e| e.map(|(c, _)| c)).collect()
 }
 
 /// The undo log of the cycle being received, appended a range at a time (not fsynced until
@@ -229,12 +283,12 @@ impl Journal {
 }
 
 /// Byte ranges per disk, sorted.
-fn ranges(entries: &[Chunk]) -> BTreeMap<u16, Vec<(u64, u64)>> {
+fn ranges(entries: impl IntoIterator<Item = (u16, u64, u32)>) -> BTreeMap<u16, Vec<(u64, u64)>> {
     let mut m: BTreeMap<u16, Vec<(u64, u64)>> = BTreeMap::new();
-    for e in entries {
-        m.entry(e.disk)
+    for (disk, offset, len) in entries {
+        m.entry(disk)
             .or_default()
-            .push((e.offset, e.offset + u64::from(e.len)));
+            .push((offset, offset + u64::from(len)));
     }
     for v in m.values_mut() {
         v.sort();
@@ -264,38 +318,52 @@ fn subtract(start: u64, end: u64, covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Combines two consecutive undo logs into one that reverts both: `newer` reverts point B to
-/// A, `older` reverts A to the point before it; where both cover a byte, the older one wins.
-pub fn merge(older: &[Chunk], newer: &[Chunk], cycle: u64) -> io::Result<Vec<Chunk>> {
-    let cov = ranges(older);
-    let mut out: Vec<Chunk> = older.to_vec();
-    for e in newer {
-        let empty = Vec::new();
-        let covered = cov.get(&e.disk).unwrap_or(&empty);
-        let end = e.offset + u64::from(e.len);
-        let parts = subtract(e.offset, end, covered);
-        if parts.len() == 1 && parts[0] == (e.offset, end) {
-            out.push(e.clone());
-            continue;
-        }
-        if parts.is_empty() {
-            continue;
-        }
-        let data = e
-            .unpack()
-            .map_err(io::Error::other)?
-            .unwrap_or_else(|| vec![0u8; e.len as usize]);
-        for (s, t) in parts {
-            let slice = &data[(s - e.offset) as usize..(t - e.offset) as usize];
-            debug_assert!(slice.len() <= MAX_CHUNK as usize);
-            out.push(Chunk::pack(cycle, e.disk, s, slice, true));
-        }
+/// Writes at `dest` one undo log that reverts both of two consecutive logs: `newer` reverts
+/// point B to A, `older` reverts A to the point before it; where both cover a byte, the older
+/// one wins. Both are streamed (only the older log's ranges are held); returns the size.
+pub fn merge(older: &Path, newer: &Path, cycle: u64, dest: &Path) -> io::Result<u64> {
+    check(older)?;
+    check(newer)?;
+    let mut cov_src = Vec::new();
+    for e in Entries::open(older)? {
+        let (c, _) = e?;
+        cov_src.push((c.disk, c.offset, c.len));
     }
-    out.sort_by_key(|c| ChunkId {
-        disk: c.disk,
-        offset: c.offset,
+    let cov = ranges(cov_src);
+    let empty = Vec::new();
+    let older_entries = Entries::open(older)?.map(|e| e.map(|(c, _)| vec![c]));
+    let newer_parts = Entries::open(newer)?.map(|e| {
+        let (c, data) = e?;
+        let covered = cov.get(&c.disk).unwrap_or(&empty);
+        let end = c.offset + u64::from(c.len);
+        let parts = subtract(c.offset, end, covered);
+        if parts == [(c.offset, end)] {
+            return Ok(vec![c]);
+        }
+        Ok(parts
+            .into_iter()
+            .map(|(s, t)| {
+                let n = (t - s) as u32;
+                match &data {
+                    Some(d) => Chunk::pack(
+                        cycle,
+                        c.disk,
+                        s,
+                        &d[(s - c.offset) as usize..(t - c.offset) as usize],
+                        true,
+                    ),
+                    None => Chunk::zeroes(cycle, c.disk, s, n),
+                }
+            })
+            .collect())
     });
-    Ok(out)
+    let all = older_entries
+        .chain(newer_parts)
+        .flat_map(|r: io::Result<Vec<Chunk>>| match r {
+            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => vec![Err(e)],
+        });
+    write(dest, cycle, all)
 }
 
 #[cfg(test)]
@@ -351,23 +419,48 @@ mod tests {
 
     #[test]
     fn merge_keeps_the_older_contents_where_both_cover() {
-        let older = vec![Chunk::pack(2, 0, 4096, &[2u8; 4096], true)];
-        let newer = vec![Chunk::pack(3, 0, 0, &[3u8; 12288], true)];
-        let m = merge(&older, &newer, 3).unwrap();
-        let mut img = vec![0u8; 12288];
-        for c in &m {
+        let dir = tempfile::tempdir().unwrap();
+        let (op, np, mp) = (
+            dir.path().join("2.undo"),
+            dir.path().join("3.undo"),
+            dir.path().join("3-1.undo"),
+        );
+        write(&op, 2, [Ok(Chunk::pack(2, 0, 4096, &[2u8; 4096], true))]).unwrap();
+        write(
+            &np,
+            3,
+            [
+                Ok(Chunk::pack(3, 0, 0, &[3u8; 12288], true)),
+                Ok(Chunk::zeroes(3, 1, 0, 8192)),
+            ],
+        )
+        .unwrap();
+        let bytes = merge(&op, &np, 3, &mp).unwrap();
+        assert_eq!(fs::metadata(&mp).unwrap().len(), bytes);
+        let mut img = vec![9u8; 12288];
+        let mut other = vec![9u8; 8192];
+        for c in read(&mp).unwrap() {
             let d = c
                 .unpack()
                 .unwrap()
                 .unwrap_or_else(|| vec![0; c.len as usize]);
-            img[c.offset as usize..c.offset as usize + d.len()].copy_from_slice(&d);
+            let target = if c.disk == 0 { &mut img } else { &mut other };
+            target[c.offset as usize..c.offset as usize + d.len()].copy_from_slice(&d);
         }
         assert_eq!(&img[..4096], &[3u8; 4096][..]);
         assert_eq!(&img[4096..8192], &[2u8; 4096][..]);
         assert_eq!(&img[8192..], &[3u8; 4096][..]);
+        assert_eq!(other, vec![0u8; 8192]);
         assert_eq!(
             subtract(0, 10, &[(2, 4), (3, 6), (8, 20)]),
             vec![(0, 2), (6, 8)]
         );
+        // A damaged input: nothing is written.
+        let data = fs::read(&np).unwrap();
+        fs::write(&np, &data[..data.len() - 3]).unwrap();
+        fs::remove_file(&mp).unwrap();
+        let e = merge(&op, &np, 3, &mp).unwrap_err().to_string();
+        assert!(e.contains("3.undo"), "{e}");
+        assert!(!mp.exists());
     }
 }
