@@ -22,7 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -258,6 +258,9 @@ struct Receiving {
 /// A direct (in-place) copy makes what it wrote durable at least this often, so a crash
 /// resends at most about this much.
 const DIRECT_SYNC_BYTES: u64 = 64 << 20;
+
+/// An apply has what it wrote written back in the background after this much.
+const WRITEBACK_BYTES: u64 = 128 << 20;
 
 pub struct VmStore {
     vm: String,
@@ -860,9 +863,27 @@ impl VmStore {
     ) -> Result<(), StoreError> {
         let total = staging.count();
         let this = &*self;
+        // The first error of the background writeback: fsync reports a write-back error once
+        // per open file, so one seen there must fail the apply, not vanish.
+        let writeback_error: Mutex<Option<io::Error>> = Mutex::new(None);
         // A reader thread reads and decompresses the staged chunks while this one writes them,
         // so decompression and the image writes overlap; a few chunks are in flight at most.
+        // A third thread writes back what is applied so far while the apply goes on, so the
+        // disk works during the apply and the final fsync has little left.
         std::thread::scope(|scope| -> Result<(), StoreError> {
+            let (tick, ticks) = std::sync::mpsc::sync_channel::<()>(1);
+            let writeback_error = &writeback_error;
+            scope.spawn(move || {
+                while ticks.recv().is_ok() {
+                    for f in this.images.iter() {
+                        if let Err(e) = f.sync_data() {
+                            let mut slot =
+                                writeback_error.lock().unwrap_or_else(|e| e.into_inner());
+                            slot.get_or_insert(e);
+                        }
+                    }
+                }
+            });
             let (tx, rx) = std::sync::mpsc::sync_channel(8);
             scope.spawn(move || {
                 for c in staging.chunks() {
@@ -877,9 +898,16 @@ impl VmStore {
                 }
             });
             let mut done = 0u64;
+            let mut unsynced = 0u64;
             let mut last_log = std::time::Instant::now();
             for item in rx {
                 let (disk, offset, len, data) = item?;
+                unsynced += u64::from(len);
+                if unsynced >= WRITEBACK_BYTES {
+                    // Never waits: a tick already pending covers these pages too.
+                    let _ = tick.try_send(());
+                    unsynced = 0;
+                }
                 #[cfg(test)]
                 if this.crash_after == Some(done) {
                     return Err(StoreError::Io {
@@ -904,6 +932,12 @@ impl VmStore {
             }
             Ok(())
         })?;
+        if let Some(e) = writeback_error
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            return Err(self.io(&self.dir.join("disks"))(e));
+        }
         self.record_point(cycle, kind, total)
     }
 
