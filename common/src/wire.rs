@@ -230,10 +230,7 @@ impl<'a> R<'a> {
 
 /// Appends the frame for `m` to `out`.
 pub fn encode(m: &Message, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    let mut w = W(out);
-    match m {
+    framed(out, |w| match m {
         Message::Hello { version, vm } => {
             w.u8(T_HELLO);
             w.u16(*version);
@@ -269,7 +266,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
                 w.u64(c.checksum);
             }
         }
-        Message::Chunk(c) => chunk_body(&mut w, c),
+        Message::Chunk(c) => chunk_body(w, c),
         Message::Manifest {
             cycle,
             chunks,
@@ -314,7 +311,14 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
                 w.u64(*h);
             }
         }
-    }
+    })
+}
+
+/// Appends one frame to `out`: its 4-byte length, then the body `body` writes.
+fn framed(out: &mut Vec<u8>, body: impl FnOnce(&mut W<'_>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    body(&mut W(out));
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
@@ -333,11 +337,7 @@ fn chunk_body(w: &mut W<'_>, c: &Chunk) {
 
 /// Appends the frame of `Message::Chunk(c)` to `out` without copying `c` into a message.
 pub fn encode_chunk(c: &Chunk, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    chunk_body(&mut W(out), c);
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    framed(out, |w| chunk_body(w, c));
 }
 
 /// Length of the frame at the front of `buf`, once its 4-byte header is there.
