@@ -25,7 +25,25 @@ pub fn write(
     entries: impl IntoIterator<Item = io::Result<Chunk>>,
 ) -> io::Result<u64> {
     let tmp = path.with_extension("undo.tmp");
-    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    let written = write_tmp(&tmp, cycle, entries);
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    let bytes = written?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(bytes)
+}
+
+/// The body of [`write`]: the log at `tmp`, fsynced; its size.
+fn write_tmp(
+    tmp: &Path,
+    cycle: u64,
+    entries: impl IntoIterator<Item = io::Result<Chunk>>,
+) -> io::Result<u64> {
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
     let mut buf = Vec::new();
     let (mut count, mut digest) = (0u64, 0u64);
     for e in entries {
@@ -48,13 +66,7 @@ pub fn write(
     w.write_all(&buf)?;
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    let bytes = f.metadata()?.len();
-    drop(f);
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(bytes)
+    f.metadata().map(|m| m.len())
 }
 
 /// The entries of an undo log, read one at a time, each checked against its checksum; the
@@ -146,6 +158,10 @@ pub fn read(path: &Path) -> io::Result<Vec<Chunk>> {
     Entries::open(path)?.map(|e| e.map(|(c, _)| c)).collect()
 }
 
+fn journal_err(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("undo journal {}: {e}", path.display()))
+}
+
 /// The undo log of the cycle being received, appended a range at a time (not fsynced until
 /// [`Journal::finish`]). It knows which byte ranges it covers, so a range staged again, or
 /// overlapping one staged before, is captured once: the first capture holds the old contents.
@@ -164,9 +180,7 @@ impl Journal {
     /// Opens or creates the journal of `cycle` at `path`, keeping its intact entries (a torn
     /// tail or an earlier trailer is cut off).
     pub fn open(path: &Path, cycle: u64) -> io::Result<Journal> {
-        let ctx = |e: io::Error| {
-            io::Error::new(e.kind(), format!("undo journal {}: {e}", path.display()))
-        };
+        let ctx = |e| journal_err(path, e);
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -242,12 +256,9 @@ impl Journal {
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
         self.buf.clear();
         wire::encode_chunk(c, &mut self.buf);
-        self.file.write_all_at(&self.buf, self.len).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("undo journal {}: {e}", self.path.display()),
-            )
-        })?;
+        self.file
+            .write_all_at(&self.buf, self.len)
+            .map_err(|e| journal_err(&self.path, e))?;
         self.len += self.buf.len() as u64;
         self.note(c.id(), c.len, c.checksum);
         Ok(())
@@ -256,12 +267,8 @@ impl Journal {
     /// Closes the journal with its trailer, makes it durable and moves it to `dest` as the
     /// cycle's undo log. Returns its size.
     pub fn finish(mut self, cycle: u64, dest: &Path) -> io::Result<u64> {
-        let ctx = |e: io::Error| {
-            io::Error::new(
-                e.kind(),
-                format!("undo journal {}: {e}", self.path.display()),
-            )
-        };
+        let path = self.path.clone();
+        let ctx = |e| journal_err(&path, e);
         self.buf.clear();
         wire::encode(
             &Message::Manifest {
@@ -321,9 +328,10 @@ fn subtract(start: u64, end: u64, covered: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// Writes at `dest` one undo log that reverts both of two consecutive logs: `newer` reverts
 /// point B to A, `older` reverts A to the point before it; where both cover a byte, the older
 /// one wins. Both are streamed (only the older log's ranges are held); returns the size.
+/// Reading a damaged log fails before the trailer; [`write`] then renames nothing, so `dest`
+/// appears only whole.
 pub fn merge(older: &Path, newer: &Path, cycle: u64, dest: &Path) -> io::Result<u64> {
-    check(older)?;
-    check(newer)?;
+    // This pass also checks the older log through to its trailer.
     let mut cov_src = Vec::new();
     for e in Entries::open(older)? {
         let (c, _) = e?;
@@ -331,20 +339,22 @@ pub fn merge(older: &Path, newer: &Path, cycle: u64, dest: &Path) -> io::Result<
     }
     let cov = ranges(cov_src);
     let empty = Vec::new();
-    let older_entries = Entries::open(older)?.map(|e| e.map(|(c, _)| vec![c]));
-    let newer_parts = Entries::open(newer)?.map(|e| {
-        let (c, data) = e?;
+    let older_entries = Entries::open(older)?.map(|e| e.map(|(c, _)| c));
+    let newer_parts = Entries::open(newer)?.flat_map(|e| -> Vec<io::Result<Chunk>> {
+        let (c, data) = match e {
+            Ok(e) => e,
+            Err(e) => return vec![Err(e)],
+        };
         let covered = cov.get(&c.disk).unwrap_or(&empty);
         let end = c.offset + u64::from(c.len);
         let parts = subtract(c.offset, end, covered);
         if parts == [(c.offset, end)] {
-            return Ok(vec![c]);
+            return vec![Ok(c)];
         }
-        Ok(parts
+        parts
             .into_iter()
             .map(|(s, t)| {
-                let n = (t - s) as u32;
-                match &data {
+                Ok(match &data {
                     Some(d) => Chunk::pack(
                         cycle,
                         c.disk,
@@ -352,17 +362,12 @@ pub fn merge(older: &Path, newer: &Path, cycle: u64, dest: &Path) -> io::Result<
                         &d[(s - c.offset) as usize..(t - c.offset) as usize],
                         true,
                     ),
-                    None => Chunk::zeroes(cycle, c.disk, s, n),
-                }
+                    None => Chunk::zeroes(cycle, c.disk, s, (t - s) as u32),
+                })
             })
-            .collect())
+            .collect()
     });
-    let all = older_entries
-        .chain(newer_parts)
-        .flat_map(|r: io::Result<Vec<Chunk>>| match r {
-            Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
-            Err(e) => vec![Err(e)],
-        });
+    let all = older_entries.chain(newer_parts);
     write(dest, cycle, all)
 }
 
@@ -462,5 +467,6 @@ mod tests {
         let e = merge(&op, &np, 3, &mp).unwrap_err().to_string();
         assert!(e.contains("3.undo"), "{e}");
         assert!(!mp.exists());
+        assert!(!mp.with_extension("undo.tmp").exists());
     }
 }
