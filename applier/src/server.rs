@@ -136,23 +136,25 @@ async fn reply_error(send: &mut SendStream, code: u16, message: String) -> Resul
     Ok(())
 }
 
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
 /// Runs a store operation on a blocking thread.
 async fn with_vm<T: Send + 'static>(
     vm: &Vm,
     f: impl FnOnce(&mut VmStore) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     let vm = Arc::clone(vm);
-    tokio::task::spawn_blocking(move || {
-        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut g)
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(StoreError::Io {
-            path: PathBuf::new(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })
+    blocking(move || f(&mut vm.lock().unwrap_or_else(|e| e.into_inner()))).await
 }
 
 async fn stream(
@@ -238,7 +240,7 @@ async fn stream(
                 // Verified (decompressed, checksummed) before taking the VM's lock, so the
                 // streams verify in parallel; one blocking hop per chunk.
                 let (vm, vm_name) = (Arc::clone(&store), name.clone());
-                let staged = tokio::task::spawn_blocking(move || {
+                let staged = blocking(move || {
                     let data = c.unpack().map_err(|e| StoreError::BadChunk {
                         vm: vm_name,
                         reason: e.to_string(),
@@ -249,13 +251,7 @@ async fn stream(
                     let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
                     g.stage_verified(&c, data.as_deref(), undo)
                 })
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StoreError::BadChunk {
-                        vm: name.clone(),
-                        reason: e.to_string(),
-                    })
-                });
+                .await;
                 if let Err(e) = staged {
                     tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
                     return reply_error(&mut send, error_code(&e), e.to_string()).await;
