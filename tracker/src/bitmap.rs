@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -142,7 +143,6 @@ impl Bitmap {
         if created {
             // Built under a temporary name and renamed, so a crash or power cut while it is
             // made never leaves a headerless bitmap that the next start would refuse.
-            use std::os::unix::fs::FileExt;
             let tmp = path.with_extension("bitmap.tmp");
             let tmp_err = |source| BitmapError::Io {
                 path: tmp.clone(),
@@ -165,7 +165,6 @@ impl Bitmap {
         if !created {
             let len = file.metadata().map_err(io_err)?.len();
             let mut h = vec![0u8; 36.min(len as usize)];
-            use std::os::unix::fs::FileExt;
             file.read_exact_at(&mut h, 0).map_err(io_err)?;
             let found = parse_header(&h).map_err(|reason| BitmapError::Corrupt {
                 path: path.to_path_buf(),
