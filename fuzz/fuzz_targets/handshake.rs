@@ -21,6 +21,9 @@
 //! - the output stays bounded (< 64 KiB + 1 KiB per input byte).
 #![no_main]
 
+mod bytes;
+
+use bytes::{be16, be32, be64};
 use libfuzzer_sys::fuzz_target;
 use vmreplica_tracker::nbd::consts::*;
 use vmreplica_tracker::nbd::handshake::{
@@ -129,16 +132,6 @@ fn drive(input: &[u8], mut next_len: impl FnMut() -> usize) -> Run {
         end,
         leftover: pending,
     }
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b[..2].try_into().unwrap())
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
 }
 
 /// An NBD string: UTF-8, no NUL, at most 4096 bytes (proto.md, "Conventions").

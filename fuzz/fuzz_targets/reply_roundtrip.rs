@@ -11,6 +11,9 @@
 //! `max_extent()`, and no block status in simple mode.
 #![no_main]
 
+mod bytes;
+
+use bytes::{be16, be32, be64};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use vmreplica_tracker::nbd::consts::*;
@@ -53,16 +56,6 @@ struct Input {
     ops: Vec<Op>,
 }
 
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes(b[..2].try_into().unwrap())
-}
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
-
 /// A parsed reply header: (flags, type, cookie, offset if extended, length), header size.
 struct Chunk {
     flags: u16,
@@ -100,6 +93,15 @@ fn parse_chunk(mode: ReplyMode, b: &[u8]) -> (Chunk, &[u8]) {
         }
         ReplyMode::Simple => unreachable!(),
     }
+}
+
+/// Parses the one chunk of a reply that must be final, of type `typ`, for `cookie` (and, in
+/// extended mode, `offset`).
+fn final_chunk(mode: ReplyMode, b: &[u8], typ: u16, cookie: u64, offset: u64) -> (Chunk, &[u8]) {
+    let (c, rest) = parse_chunk(mode, b);
+    assert_eq!((c.flags, c.typ, c.cookie), (REPLY_FLAG_DONE, typ, cookie));
+    assert!(c.offset.is_none_or(|o| o == offset));
+    (c, rest)
 }
 
 fn message(unit: &str, repeat: u16) -> String {
@@ -163,12 +165,7 @@ fn decode(w: ReplyWriter, op: &Op, out: &[u8]) {
             if w.mode == ReplyMode::Simple {
                 return simple(out, 0, cookie);
             }
-            let (c, rest) = parse_chunk(w.mode, out);
-            assert_eq!(
-                (c.flags, c.typ, c.cookie),
-                (REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie)
-            );
-            assert!(c.offset.is_none_or(|o| o == offset));
+            let (c, rest) = final_chunk(w.mode, out, REPLY_TYPE_NONE, cookie, offset);
             assert_eq!(c.length, 0);
             assert!(rest.is_empty(), "bytes after NBD_REPLY_TYPE_NONE");
         }
@@ -183,12 +180,7 @@ fn decode(w: ReplyWriter, op: &Op, out: &[u8]) {
             if w.mode == ReplyMode::Simple {
                 return simple(out, errno, cookie);
             }
-            let (c, rest) = parse_chunk(w.mode, out);
-            assert_eq!(
-                (c.flags, c.typ, c.cookie),
-                (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie)
-            );
-            assert!(c.offset.is_none_or(|o| o == offset));
+            let (c, rest) = final_chunk(w.mode, out, REPLY_TYPE_ERROR, cookie, offset);
             assert_eq!(c.length, rest.len() as u64, "error chunk length field");
             assert!(rest.len() >= 6);
             assert_eq!(be32(rest), errno);
@@ -226,12 +218,7 @@ fn decode(w: ReplyWriter, op: &Op, out: &[u8]) {
             if w.mode == ReplyMode::Simple {
                 return simple(out, 0, cookie);
             }
-            let (c, rest) = parse_chunk(w.mode, out);
-            assert_eq!(
-                (c.flags, c.typ, c.cookie),
-                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie)
-            );
-            assert!(c.offset.is_none_or(|o| o == offset));
+            let (c, rest) = final_chunk(w.mode, out, REPLY_TYPE_OFFSET_DATA, cookie, offset);
             assert_eq!(rest.len(), 8, "offset-data header");
             assert_eq!(be64(rest), offset);
             assert_eq!(c.length, 8 + u64::from(len), "offset-data length field");

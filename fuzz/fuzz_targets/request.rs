@@ -13,18 +13,14 @@
 //!   range; refusals use an NBD errno and a message.
 #![no_main]
 
+mod bytes;
+
+use bytes::{be32, be64};
 use libfuzzer_sys::fuzz_target;
 use vmreplica_tracker::nbd::consts::*;
 use vmreplica_tracker::nbd::handshake::{MetaContext, Negotiated, MAX_PAYLOAD};
 use vmreplica_tracker::nbd::request::{decode_header, header_len, validate, RequestError};
 use vmreplica_tracker::nbd::{Command, RequestHeader};
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().unwrap())
-}
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().unwrap())
-}
 
 /// (export size, read-only, what was negotiated).
 fn cases(extended: bool) -> [(u64, bool, Negotiated); 3] {
