@@ -10,13 +10,14 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, EndpointConfig, RecvStream, SendStream, TransportConfig, VarInt};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::tls::Identity;
-use crate::wire::{self, Message, WireError};
+use crate::wire::{self, Chunk, Message, WireError};
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -219,7 +220,25 @@ pub async fn send(s: &mut SendStream, m: &Message) -> Result<(), LinkError> {
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames.
+/// Writes one chunk as a frame, handing its payload to the stream without copying it.
+pub async fn send_chunk(s: &mut SendStream, c: Chunk) -> Result<(), LinkError> {
+    let head = Bytes::from(wire::chunk_frame_head(&c));
+    s.write_all_chunks(&mut [head, Bytes::from(c.payload)])
+        .await?;
+    Ok(())
+}
+
+/// Fills `buf` from the stream; a stream that ends first is a truncated frame.
+async fn read_exact(s: &mut RecvStream, buf: &mut [u8]) -> Result<(), LinkError> {
+    match s.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(LinkError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(e.into()),
+    }
+}
+
+/// Reads one frame; `Ok(None)` when the stream finished cleanly between frames. A chunk's
+/// payload is read straight into the chunk.
 pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
     let mut h = [0u8; 4];
     match s.read_exact(&mut h).await {
@@ -228,13 +247,26 @@ pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(LinkError::Truncated),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    let n = wire::frame_len(h)?;
-    let mut body = vec![0u8; n as usize];
-    match s.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(LinkError::Truncated),
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    let n = wire::frame_len(h)? as usize;
+    let mut head = [0u8; wire::CHUNK_HEAD];
+    let first = n.min(wire::CHUNK_HEAD);
+    read_exact(s, &mut head[..first]).await?;
+    if n >= wire::CHUNK_HEAD && wire::is_chunk(&head) {
+        let (mut c, plen) = wire::decode_chunk_head(&head)?;
+        match plen.cmp(&(n - wire::CHUNK_HEAD)) {
+            std::cmp::Ordering::Equal => {}
+            std::cmp::Ordering::Less => {
+                return Err(WireError::Trailing(n - wire::CHUNK_HEAD - plen).into())
+            }
+            std::cmp::Ordering::Greater => return Err(WireError::Truncated("chunk payload").into()),
+        }
+        c.payload = vec![0u8; plen];
+        read_exact(s, &mut c.payload).await?;
+        return Ok(Some(Message::Chunk(c)));
     }
+    let mut body = vec![0u8; n];
+    body[..first].copy_from_slice(&head[..first]);
+    read_exact(s, &mut body[first..]).await?;
     Ok(Some(wire::decode_body(&body)?))
 }
 
@@ -246,5 +278,74 @@ pub async fn expect(s: &mut RecvStream) -> Result<Message, LinkError> {
             Err(LinkError::Peer(format!("{message} (code {code})")))
         }
         Some(m) => Ok(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{init_ca, issue, Validity};
+
+    /// Endpoints and connections that must outlive the test's stream.
+    type Keep = (Endpoint, Endpoint, quinn::Connection, quinn::Connection);
+
+    /// A client and a server endpoint on loopback that trust each other, and one stream
+    /// whose first frame (`Applied { cycle: 1 }`) is already sent.
+    async fn pair(dir: &std::path::Path) -> (SendStream, RecvStream, Keep) {
+        let ca = dir.join("ca");
+        init_ca(&ca, "link test CA", 1).unwrap();
+        let id = |name: &str| {
+            let ips = ["127.0.0.1".parse().unwrap()];
+            let (c, k) = issue(&ca, name, &ips, Validity::days(1), dir).unwrap();
+            Identity::load(&c, &k, &ca.join("ca.pem")).unwrap()
+        };
+        let t = Tuning::default();
+        let srv = server("127.0.0.1:0".parse().unwrap(), &id("replica-1"), &t).unwrap();
+        let cli = client("127.0.0.1:0".parse().unwrap(), &id("primary-1"), &t).unwrap();
+        let addr = srv.local_addr().unwrap();
+        let accept = {
+            let srv = srv.clone();
+            tokio::spawn(async move {
+                let conn = srv.accept().await.unwrap().await.unwrap();
+                let (_, r) = conn.accept_bi().await.unwrap();
+                (r, conn)
+            })
+        };
+        let conn = cli.connect(addr, "replica-1").unwrap().await.unwrap();
+        let (mut s, _) = conn.open_bi().await.unwrap();
+        // The server sees the stream once something is written on it.
+        send(&mut s, &Message::Applied { cycle: 1 }).await.unwrap();
+        let (r, server_conn) = accept.await.unwrap();
+        (s, r, (srv, cli, conn, server_conn))
+    }
+
+    #[tokio::test]
+    async fn frames_and_chunks_cross_a_stream_and_bad_chunk_lengths_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, mut r, _conn) = pair(dir.path()).await;
+        let chunk = Chunk::pack(3, 0, 65536, &[9u8; 8192], true);
+        let raw = Chunk::pack(3, 0, 0, &[], false);
+        send_chunk(&mut s, chunk.clone()).await.unwrap();
+        send_chunk(&mut s, raw.clone()).await.unwrap();
+        send(&mut s, &Message::Chunk(chunk.clone())).await.unwrap();
+        // A chunk frame whose payload length claims less than the frame holds.
+        let mut bad = wire::chunk_frame_head(&chunk);
+        bad.extend_from_slice(&chunk.payload);
+        bad[..4]
+            .copy_from_slice(&((wire::CHUNK_HEAD + chunk.payload.len() + 1) as u32).to_be_bytes());
+        bad.push(0);
+        s.write_all(&bad).await.unwrap();
+        s.finish().unwrap();
+        assert_eq!(
+            recv(&mut r).await.unwrap(),
+            Some(Message::Applied { cycle: 1 })
+        );
+        for want in [chunk.clone(), raw, chunk] {
+            assert_eq!(recv(&mut r).await.unwrap(), Some(Message::Chunk(want)));
+        }
+        assert!(matches!(
+            recv(&mut r).await,
+            Err(LinkError::Wire(WireError::Trailing(1)))
+        ));
     }
 }

@@ -323,7 +323,11 @@ fn framed(out: &mut Vec<u8>, body: impl FnOnce(&mut W<'_>)) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn chunk_body(w: &mut W<'_>, c: &Chunk) {
+/// Bytes of a chunk frame's body before its payload.
+pub const CHUNK_HEAD: usize = 36;
+
+/// A chunk frame's body up to its payload: type, fields, payload length.
+fn chunk_head(w: &mut W<'_>, c: &Chunk) {
     w.u8(T_CHUNK);
     w.u64(c.cycle);
     w.u16(c.disk);
@@ -332,12 +336,71 @@ fn chunk_body(w: &mut W<'_>, c: &Chunk) {
     w.u8(c.encoding as u8);
     w.u64(c.checksum);
     w.u32(c.payload.len() as u32);
+}
+
+fn chunk_body(w: &mut W<'_>, c: &Chunk) {
+    chunk_head(w, c);
     w.0.extend_from_slice(&c.payload);
 }
 
 /// Appends the frame of `Message::Chunk(c)` to `out` without copying `c` into a message.
 pub fn encode_chunk(c: &Chunk, out: &mut Vec<u8>) {
     framed(out, |w| chunk_body(w, c));
+}
+
+/// The frame of `Message::Chunk(c)` up to its payload, which follows it on the wire: a sender
+/// can hand the payload to the link as it is instead of copying it into one frame.
+pub fn chunk_frame_head(c: &Chunk) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + CHUNK_HEAD);
+    framed(&mut out, |w| chunk_head(w, c));
+    let len = (CHUNK_HEAD + c.payload.len()) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Whether a frame body starting with `head` is a chunk (see [`decode_chunk_head`]).
+pub fn is_chunk(head: &[u8]) -> bool {
+    head.first() == Some(&T_CHUNK)
+}
+
+/// Decodes the first [`CHUNK_HEAD`] bytes of a chunk frame's body: the chunk without its
+/// payload, and the payload's length, so a receiver can read the payload straight into the
+/// chunk.
+pub fn decode_chunk_head(head: &[u8; CHUNK_HEAD]) -> Result<(Chunk, usize), WireError> {
+    let mut r = R(head);
+    match r.u8()? {
+        T_CHUNK => chunk_fields(&mut r),
+        t => Err(WireError::UnknownType(t)),
+    }
+}
+
+/// The fields of a chunk after its type byte, then its payload length.
+fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
+    let cycle = r.u64()?;
+    let disk = r.u16()?;
+    let offset = r.u64()?;
+    let len = r.u32()?;
+    if len > MAX_CHUNK {
+        return Err(WireError::ChunkTooLarge(len));
+    }
+    let encoding = match r.u8()? {
+        0 => Encoding::Zero,
+        1 => Encoding::Lz4,
+        2 => Encoding::Raw,
+        e => return Err(WireError::BadEncoding(e)),
+    };
+    let checksum = r.u64()?;
+    let plen = r.u32()? as usize;
+    let chunk = Chunk {
+        cycle,
+        disk,
+        offset,
+        len,
+        encoding,
+        checksum,
+        payload: Vec::new(),
+    };
+    Ok((chunk, plen))
 }
 
 /// Length of the frame at the front of `buf`, once its 4-byte header is there.
@@ -409,31 +472,9 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Message::Staged { cycle, chunks }
         }
         T_CHUNK => {
-            let cycle = r.u64()?;
-            let disk = r.u16()?;
-            let offset = r.u64()?;
-            let len = r.u32()?;
-            if len > MAX_CHUNK {
-                return Err(WireError::ChunkTooLarge(len));
-            }
-            let encoding = match r.u8()? {
-                0 => Encoding::Zero,
-                1 => Encoding::Lz4,
-                2 => Encoding::Raw,
-                e => return Err(WireError::BadEncoding(e)),
-            };
-            let checksum = r.u64()?;
-            let plen = r.u32()? as usize;
-            let payload = r.take(plen, "chunk payload")?.to_vec();
-            Message::Chunk(Chunk {
-                cycle,
-                disk,
-                offset,
-                len,
-                encoding,
-                checksum,
-                payload,
-            })
+            let (mut c, plen) = chunk_fields(&mut r)?;
+            c.payload = r.take(plen, "chunk payload")?.to_vec();
+            Message::Chunk(c)
         }
         T_MANIFEST => Message::Manifest {
             cycle: r.u64()?,
@@ -664,6 +705,33 @@ mod tests {
             }
             assert_eq!(decode(&buf), Ok(Some((m.clone(), buf.len()))));
         }
+    }
+
+    #[test]
+    fn a_chunk_frame_splits_into_head_and_payload() {
+        let c = Chunk::pack(8, 1, 65536, &[7u8; 4096], true);
+        let mut whole = Vec::new();
+        encode(&Message::Chunk(c.clone()), &mut whole);
+        let head = chunk_frame_head(&c);
+        assert_eq!([head.as_slice(), &c.payload].concat(), whole);
+        assert_eq!(head.len(), 4 + CHUNK_HEAD);
+        assert!(is_chunk(&head[4..]));
+        let (got, plen) = decode_chunk_head(head[4..].try_into().unwrap()).unwrap();
+        assert_eq!(plen, c.payload.len());
+        assert_eq!(
+            Chunk {
+                payload: c.payload.clone(),
+                ..got
+            },
+            c
+        );
+        let mut bad = head.clone();
+        bad[4 + 19..4 + 23].copy_from_slice(&(MAX_CHUNK + 1).to_be_bytes());
+        assert_eq!(
+            decode_chunk_head(bad[4..].try_into().unwrap()),
+            Err(WireError::ChunkTooLarge(MAX_CHUNK + 1))
+        );
+        assert!(!is_chunk(&[T_HELLO]));
     }
 
     #[test]
