@@ -48,6 +48,9 @@ pub struct CycleStats {
 /// Chunks read and packed ahead of each stream's sender.
 const READ_AHEAD_PER_STREAM: usize = 4;
 
+/// Read buffers kept for reuse (more than the read-ahead of the usual stream counts).
+const BUFFERS_KEPT: usize = 64;
+
 /// Knobs of one cycle.
 pub struct ShipOptions {
     pub compression: bool,
@@ -101,6 +104,83 @@ async fn read_frozen(
     let mut buf = c.buf;
     r.fix_up(offset, &mut buf)?;
     Ok(buf)
+}
+
+/// A chunk read and packed for a sender; it holds one of the cycle's read-ahead slots.
+struct Packed {
+    work: Work,
+    chunk: Chunk,
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Read buffers of a cycle, reused: fresh ones would be zeroed and faulted in for every chunk.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// A buffer of `len` bytes (their contents are whatever the last read left).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    /// Keeps `b` for reuse, at most `max` buffers.
+    fn put(&self, b: Vec<u8>, max: usize) {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < max {
+            free.push(b);
+        }
+    }
+}
+
+/// Reads chunks from the frozen view and packs them for the senders.
+struct Packer {
+    engine: Arc<dyn Engine>,
+    buffers: Arc<Buffers>,
+    cycle: u64,
+    compress: bool,
+    tx: tokio::sync::mpsc::UnboundedSender<Result<Packed, ShipError>>,
+}
+
+impl Packer {
+    /// Reads `w` and sends it packed to the senders. Fixing up and packing run in the I/O
+    /// engine's completion callback, on its completion thread: that saves two thread hops per
+    /// chunk (to a blocking thread and back), and the engine serves only this shipper's reads.
+    fn read(&self, r: Arc<FrozenReader>, w: Work, slot: tokio::sync::OwnedSemaphorePermit) {
+        let (buffers, tx) = (Arc::clone(&self.buffers), self.tx.clone());
+        let (cycle, compress) = (self.cycle, self.compress);
+        self.engine.submit(
+            Op::Read {
+                fd: r.image_fd(),
+                offset: w.offset,
+                // Every byte is overwritten: a short read is finished or zero-filled past the end.
+                buf: buffers.take(w.len as usize),
+            },
+            Box::new(move |c| {
+                let mut data = c.buf;
+                let packed = c
+                    .result
+                    .and_then(|()| r.fix_up(w.offset, &mut data))
+                    .map(|()| Packed {
+                        work: w,
+                        chunk: Chunk::pack(cycle, w.disk, w.offset, &data, compress),
+                        slot,
+                    })
+                    .map_err(|source| ShipError::Read {
+                        disk: r.name.clone(),
+                        source,
+                    });
+                buffers.put(data, BUFFERS_KEPT);
+                let _ = tx.send(packed);
+            }),
+        );
+    }
 }
 
 /// Opens the frozen disks of a generation.
@@ -290,12 +370,19 @@ pub async fn ship_cycle(
             })
         };
     // Read and pack ahead of the senders, a bounded number of chunks at a time, so disk reads,
-    // compression and the link overlap; memory stays within `depth` chunks.
+    // compression and the link overlap; memory stays within `depth` chunks (a chunk holds its
+    // slot until a sender has handed it to the link).
     let depth = opts.streams.max(1) * READ_AHEAD_PER_STREAM;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<(Work, Chunk), ShipError>>(depth);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Packed, ShipError>>();
     let producer = {
-        let (queue, readers, engine) = (queue, readers.clone(), Arc::clone(&opts.engine));
-        let compress = opts.compression;
+        let packer = Packer {
+            engine: Arc::clone(&opts.engine),
+            buffers: Arc::default(),
+            cycle,
+            compress: opts.compression,
+            tx,
+        };
+        let (queue, readers) = (queue, readers.clone());
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(depth));
             loop {
@@ -304,30 +391,10 @@ pub async fn ship_cycle(
                 };
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                 let Some(w) = next else { return };
-                let (tx, r, engine) = (
-                    tx.clone(),
-                    Arc::clone(&readers[w.disk as usize]),
-                    Arc::clone(&engine),
-                );
-                tokio::spawn(async move {
-                    let packed = async {
-                        let data =
-                            read_frozen(&engine, &r, w.offset, w.len)
-                                .await
-                                .map_err(|source| ShipError::Read {
-                                    disk: r.name.clone(),
-                                    source,
-                                })?;
-                        tokio::task::spawn_blocking(move || {
-                            Chunk::pack(cycle, w.disk, w.offset, &data, compress)
-                        })
-                        .await
-                        .map_err(|e| ShipError::Protocol(e.to_string()))
-                    }
-                    .await;
-                    let _ = tx.send(packed.map(|c| (w, c))).await;
-                    drop(slot);
-                });
+                if packer.tx.is_closed() {
+                    return;
+                }
+                packer.read(Arc::clone(&readers[w.disk as usize]), w, slot);
             }
         })
     };
@@ -343,7 +410,11 @@ pub async fn ship_cycle(
             loop {
                 let next = rx.lock().await.recv().await;
                 let Some(packed) = next else { break };
-                let (w, mut chunk) = packed?;
+                let Packed {
+                    work: w,
+                    mut chunk,
+                    slot,
+                } = packed?;
                 let entry = StagedChunk {
                     id: chunk.id(),
                     len: chunk.len,
@@ -366,7 +437,9 @@ pub async fn ship_cycle(
                     stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
                 }
                 let (s, r) = stream.as_mut().expect("opened above");
-                if let Err(e) = link::send(s, &Message::Chunk(chunk)).await {
+                let sent_ok = link::send_chunk(s, chunk).await;
+                drop(slot);
+                if let Err(e) = sent_ok {
                     // The applier stops a stream it refuses; its answer says why.
                     return match tokio::time::timeout(Duration::from_secs(5), link::expect(r)).await
                     {
