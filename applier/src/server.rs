@@ -136,6 +136,12 @@ async fn reply_error(send: &mut SendStream, code: u16, message: String) -> Resul
     Ok(())
 }
 
+thread_local! {
+    /// Per blocking thread, where chunks are decompressed to be verified (and, for an initial
+    /// copy, written): reused, so no chunk allocates or zeroes a buffer of its own.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs `f` on a blocking thread.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -241,15 +247,17 @@ async fn stream(
                 // streams verify in parallel; one blocking hop per chunk.
                 let (vm, vm_name) = (Arc::clone(&store), name.clone());
                 let staged = blocking(move || {
-                    let data = c.unpack().map_err(|e| StoreError::BadChunk {
-                        vm: vm_name,
-                        reason: e.to_string(),
-                    })?;
-                    // The old contents for the undo log are read outside the lock too.
-                    let source = vm.lock().unwrap_or_else(|e| e.into_inner()).undo_source();
-                    let undo = source.and_then(|s| s.capture(&c).ok());
-                    let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-                    g.stage_verified(&c, data.as_deref(), undo)
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let data = c.unpack_into(scratch).map_err(|e| StoreError::BadChunk {
+                            vm: vm_name,
+                            reason: e.to_string(),
+                        })?;
+                        // The old contents for the undo log are read outside the lock too.
+                        let source = vm.lock().unwrap_or_else(|e| e.into_inner()).undo_source();
+                        let undo = source.and_then(|s| s.capture(&c).ok());
+                        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+                        g.stage_verified(&c, data, undo)
+                    })
                 })
                 .await;
                 if let Err(e) = staged {

@@ -48,6 +48,16 @@ pub(crate) fn scan_log(
     Ok(pos)
 }
 
+/// Writes the frame of chunk `c` at `pos` of a log file, its head and then its payload, so
+/// the payload is not copied into a frame first; returns the frame's length. A crash between
+/// the two writes leaves a torn frame, which [`scan_log`] cuts.
+pub(crate) fn write_chunk_at(file: &File, pos: u64, c: &Chunk) -> io::Result<u64> {
+    let head = wire::chunk_frame_head(c);
+    file.write_all_at(&head, pos)?;
+    file.write_all_at(&c.payload, pos + head.len() as u64)?;
+    Ok((head.len() + c.payload.len()) as u64)
+}
+
 pub struct Staging {
     path: PathBuf,
     file: File,
@@ -109,13 +119,9 @@ impl Staging {
 
     /// Appends a verified chunk (callers check it with [`Chunk::unpack`] first).
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(c.payload.len() + 64);
-        wire::encode_chunk(c, &mut buf);
-        self.file
-            .write_all_at(&buf, self.len)
-            .map_err(|e| io_ctx(&self.path, e))?;
+        let n = write_chunk_at(&self.file, self.len, c).map_err(|e| io_ctx(&self.path, e))?;
         self.index.insert(c.id(), (self.len, c.len, c.checksum));
-        self.len += buf.len() as u64;
+        self.len += n;
         self.synced = false;
         Ok(())
     }

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use vmreplica_common::wire::{self, Chunk, ChunkId, Message};
 
+use crate::staging::write_chunk_at;
+
 /// Writes an undo log of `entries` atomically at `path`, one entry at a time (a cycle's
 /// undo log is never held in memory whole).
 pub fn write(
@@ -173,7 +175,6 @@ pub struct Journal {
     digest: u64,
     /// Per disk, disjoint covered ranges: start → end.
     covered: BTreeMap<u16, BTreeMap<u64, u64>>,
-    buf: Vec<u8>,
 }
 
 impl Journal {
@@ -195,7 +196,6 @@ impl Journal {
             count: 0,
             digest: 0,
             covered: BTreeMap::new(),
-            buf: Vec::new(),
         };
         let total = j.file.metadata().map_err(ctx)?.len();
         let mut entries = Vec::new();
@@ -254,32 +254,28 @@ impl Journal {
 
     /// Appends the old contents of one range (not yet covered).
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
-        self.buf.clear();
-        wire::encode_chunk(c, &mut self.buf);
-        self.file
-            .write_all_at(&self.buf, self.len)
-            .map_err(|e| journal_err(&self.path, e))?;
-        self.len += self.buf.len() as u64;
+        self.len +=
+            write_chunk_at(&self.file, self.len, c).map_err(|e| journal_err(&self.path, e))?;
         self.note(c.id(), c.len, c.checksum);
         Ok(())
     }
 
     /// Closes the journal with its trailer, makes it durable and moves it to `dest` as the
     /// cycle's undo log. Returns its size.
-    pub fn finish(mut self, cycle: u64, dest: &Path) -> io::Result<u64> {
+    pub fn finish(self, cycle: u64, dest: &Path) -> io::Result<u64> {
         let path = self.path.clone();
         let ctx = |e| journal_err(&path, e);
-        self.buf.clear();
+        let mut buf = Vec::new();
         wire::encode(
             &Message::Manifest {
                 cycle,
                 chunks: self.count,
                 digest: self.digest,
             },
-            &mut self.buf,
+            &mut buf,
         );
-        self.file.write_all_at(&self.buf, self.len).map_err(ctx)?;
-        let bytes = self.len + self.buf.len() as u64;
+        self.file.write_all_at(&buf, self.len).map_err(ctx)?;
+        let bytes = self.len + buf.len() as u64;
         self.file.sync_all().map_err(ctx)?;
         fs::rename(&self.path, dest).map_err(ctx)?;
         if let Some(dir) = dest.parent() {

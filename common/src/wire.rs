@@ -588,34 +588,50 @@ impl Chunk {
 
     /// The uncompressed bytes, checked against the checksum. `None` for a zero chunk.
     pub fn unpack(&self) -> Result<Option<Vec<u8>>, WireError> {
+        let mut out = Vec::new();
+        let zero = self.unpack_into(&mut out)?.is_none();
+        Ok(match self.encoding {
+            _ if zero => None,
+            Encoding::Raw => Some(self.payload.clone()),
+            _ => Some(out),
+        })
+    }
+
+    /// Like [`Chunk::unpack`], decompressing into `scratch` (reused across calls: neither
+    /// allocated nor zeroed again once large enough); a raw payload is checked in place.
+    pub fn unpack_into<'a>(
+        &'a self,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<Option<&'a [u8]>, WireError> {
         if self.len > MAX_CHUNK {
             return Err(WireError::ChunkTooLarge(self.len));
         }
-        let data = match self.encoding {
+        let len = self.len as usize;
+        let data: &[u8] = match self.encoding {
             Encoding::Zero => {
                 if !self.payload.is_empty() {
                     return Err(self.bad("zero chunk with a payload"));
                 }
-                if self.checksum != checksum(&ZEROES[..self.len as usize]) {
+                if self.checksum != checksum(&ZEROES[..len]) {
                     return Err(self.bad("checksum mismatch"));
                 }
                 return Ok(None);
             }
-            Encoding::Raw => self.payload.clone(),
+            Encoding::Raw => &self.payload,
             Encoding::Lz4 => {
-                let mut out = vec![0u8; self.len as usize];
-                let n = lz4_flex::block::decompress_into(&self.payload, &mut out)
+                scratch.resize(len, 0);
+                let n = lz4_flex::block::decompress_into(&self.payload, &mut scratch[..len])
                     .map_err(|e| self.bad(format!("lz4: {e}")))?;
-                if n != out.len() {
+                if n != len {
                     return Err(self.bad("decompressed length differs"));
                 }
-                out
+                &scratch[..len]
             }
         };
-        if data.len() != self.len as usize {
+        if data.len() != len {
             return Err(self.bad("length differs"));
         }
-        if checksum(&data) != self.checksum {
+        if checksum(data) != self.checksum {
             return Err(self.bad("checksum mismatch"));
         }
         Ok(Some(data))
@@ -791,6 +807,17 @@ mod tests {
         let mut zlie = zero.clone();
         zlie.len = 4096;
         assert!(zlie.unpack().is_err());
+        // A scratch buffer left longer and dirty by an earlier chunk still unpacks exactly.
+        let mut scratch = vec![0xee; 2 * 65536];
+        let short = Chunk::pack(1, 0, 0, &text[..4096], true);
+        assert_eq!(
+            short.unpack_into(&mut scratch).unwrap(),
+            Some(&text[..4096])
+        );
+        assert_eq!(c.unpack_into(&mut scratch).unwrap(), Some(&text[..]));
+        assert_eq!(r.unpack_into(&mut scratch).unwrap(), Some(&noise[..]));
+        assert_eq!(zero.unpack_into(&mut scratch).unwrap(), None);
+        assert!(bad.unpack_into(&mut scratch).is_err());
     }
 
     #[test]
