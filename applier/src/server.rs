@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use vmreplica_common::link::{self, LinkError, Tuning};
 use vmreplica_common::tls::{AllowList, Identity};
 use vmreplica_common::validate_name;
-use vmreplica_common::wire::{code, Message, PROTOCOL_VERSION};
+use vmreplica_common::wire::{code, Chunk, Message, PROTOCOL_VERSION};
 
 use crate::store::{Retention, Store, StoreError, VmStore};
 
@@ -113,6 +115,7 @@ async fn connection(app: Arc<App>, conn: Connection) {
     };
     tracing::info!(%remote, peer, "primary connected");
     let vm: Arc<OnceLock<(String, Vm)>> = Arc::new(OnceLock::new());
+    let queued = Arc::new(Semaphore::new(QUEUED_BYTES));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -122,8 +125,9 @@ async fn connection(app: Arc<App>, conn: Connection) {
             }
         };
         let (app, peer, vm) = (Arc::clone(&app), peer.clone(), Arc::clone(&vm));
+        let queued = Arc::clone(&queued);
         tokio::spawn(async move {
-            if let Err(e) = stream(app, &peer, vm, send, recv).await {
+            if let Err(e) = stream(app, &peer, vm, queued, send, recv).await {
                 tracing::warn!(peer, "stream ended: {e}");
             }
         });
@@ -167,6 +171,7 @@ async fn stream(
     app: Arc<App>,
     peer: &str,
     vm: Arc<OnceLock<(String, Vm)>>,
+    queued: Arc<Semaphore>,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Result<(), LinkError> {
@@ -240,58 +245,7 @@ async fn stream(
             let Some((name, store)) = vm.get().cloned() else {
                 return reply_error(&mut send, code::PROTOCOL, "chunks before Hello".into()).await;
             };
-            let cycle = first.cycle;
-            let mut next = Some(first);
-            while let Some(c) = next {
-                // Verified (decompressed, checksummed) before taking the VM's lock, so the
-                // streams verify in parallel; one blocking hop per chunk.
-                let (vm, vm_name) = (Arc::clone(&store), name.clone());
-                let staged = blocking(move || {
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        let data = c.unpack_into(scratch).map_err(|e| StoreError::BadChunk {
-                            vm: vm_name,
-                            reason: e.to_string(),
-                        })?;
-                        // The old contents for the undo log are read outside the lock too.
-                        let source = vm.lock().unwrap_or_else(|e| e.into_inner()).undo_source();
-                        let undo = source.and_then(|s| s.capture(&c).ok());
-                        let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
-                        g.stage_verified(&c, data, undo)
-                    })
-                })
-                .await;
-                if let Err(e) = staged {
-                    tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
-                    return reply_error(&mut send, error_code(&e), e.to_string()).await;
-                }
-                next = match link::recv(&mut recv).await? {
-                    Some(Message::Chunk(c)) => Some(c),
-                    None => None,
-                    Some(other) => {
-                        return reply_error(
-                            &mut send,
-                            code::PROTOCOL,
-                            format!("unexpected {other:?} on a data stream"),
-                        )
-                        .await
-                    }
-                };
-            }
-            match with_vm(&store, |v| v.staged()).await {
-                Ok(_) => {
-                    link::send(
-                        &mut send,
-                        &Message::Staged {
-                            cycle,
-                            chunks: Vec::new(),
-                        },
-                    )
-                    .await?;
-                    send.finish()?;
-                    Ok(())
-                }
-                Err(e) => reply_error(&mut send, error_code(&e), e.to_string()).await,
-            }
+            data_stream(&store, &name, peer, first, send, recv, queued).await
         }
         Some(other) => {
             reply_error(
@@ -302,6 +256,105 @@ async fn stream(
             .await
         }
         None => Ok(()),
+    }
+}
+
+/// Bytes of chunk payloads a connection's data streams may hold received but not yet staged
+/// (besides what QUIC's windows hold).
+const QUEUED_BYTES: usize = 32 << 20;
+
+/// Chunks of one data stream staged together in one hop to a blocking thread, at most.
+const BATCH: usize = 8;
+
+/// How a data stream's reader stopped, when not at a clean end.
+enum ReaderEnd {
+    Link(LinkError),
+    Protocol(String),
+}
+
+/// A data stream: a reader task receives chunks while those before them are verified and
+/// staged; the chunks that arrived meanwhile are staged together, in one hop to a blocking
+/// thread. Each is verified (decompressed, checksummed) and its range's old contents read
+/// for the undo log before the VM's lock is taken, so streams verify in parallel.
+async fn data_stream(
+    store: &Vm,
+    name: &str,
+    peer: &str,
+    first: Chunk,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    queued: Arc<Semaphore>,
+) -> Result<(), LinkError> {
+    let cycle = first.cycle;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Chunk, OwnedSemaphorePermit)>(BATCH);
+    let reader = tokio::spawn(async move {
+        let mut next = Some(first);
+        while let Some(c) = next {
+            let cost = c.payload.len().clamp(1, QUEUED_BYTES) as u32;
+            let Ok(permit) = Arc::clone(&queued).acquire_many_owned(cost).await else {
+                return Ok(());
+            };
+            if tx.send((c, permit)).await.is_err() {
+                return Ok(()); // the stager stopped
+            }
+            next = match link::recv(&mut recv).await.map_err(ReaderEnd::Link)? {
+                Some(Message::Chunk(c)) => Some(c),
+                None => None,
+                Some(other) => {
+                    return Err(ReaderEnd::Protocol(format!(
+                        "unexpected {other:?} on a data stream"
+                    )))
+                }
+            };
+        }
+        Ok(())
+    });
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let chunks = std::mem::take(&mut batch);
+        let (vm, vm_name) = (Arc::clone(store), name.to_string());
+        let staged = blocking(move || {
+            SCRATCH.with_borrow_mut(|scratch| {
+                for (c, _permit) in &chunks {
+                    let data = c.unpack_into(scratch).map_err(|e| StoreError::BadChunk {
+                        vm: vm_name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    let source = vm.lock().unwrap_or_else(|e| e.into_inner()).undo_source();
+                    let undo = source.and_then(|s| s.capture(c).ok());
+                    let mut g = vm.lock().unwrap_or_else(|e| e.into_inner());
+                    g.stage_verified(c, data, undo)?;
+                }
+                Ok(())
+            })
+        })
+        .await;
+        if let Err(e) = staged {
+            reader.abort();
+            tracing::warn!(vm = %name, peer, "refused a chunk: {e}");
+            return reply_error(&mut send, error_code(&e), e.to_string()).await;
+        }
+    }
+    match reader.await {
+        Ok(Ok(())) => {}
+        Ok(Err(ReaderEnd::Link(e))) => return Err(e),
+        Ok(Err(ReaderEnd::Protocol(m))) => return reply_error(&mut send, code::PROTOCOL, m).await,
+        Err(e) => return reply_error(&mut send, code::INTERNAL, e.to_string()).await,
+    }
+    match with_vm(store, |v| v.staged()).await {
+        Ok(_) => {
+            link::send(
+                &mut send,
+                &Message::Staged {
+                    cycle,
+                    chunks: Vec::new(),
+                },
+            )
+            .await?;
+            send.finish()?;
+            Ok(())
+        }
+        Err(e) => reply_error(&mut send, error_code(&e), e.to_string()).await,
     }
 }
 
