@@ -101,9 +101,39 @@ REQUEST = {
 }
 
 
+# Replication wire frames (common/src/wire.rs): 4-byte length, type, fields. Checksums are
+# not valid xxh3 values; the frames decode, and unpacking then reaches lz4 and the checksum.
+T_HELLO, T_WELCOME, T_BEGIN, T_STAGED, T_CHUNK, T_HASHES = 1, 2, 3, 4, 5, 10
+
+
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+
+
+def wstr(s):
+    return struct.pack(">H", len(s)) + s
+
+
+def chunk(encoding, length, payload):
+    return frame(struct.pack(">BQHQIBQI", T_CHUNK, 7, 0, 65536, length, encoding, 99, len(payload))
+                 + payload)
+
+
+WIRE = {
+    "hello": frame(struct.pack(">BH", T_HELLO, 1) + wstr(b"vm1")),
+    "welcome": frame(struct.pack(">BHQ", T_WELCOME, 1, 6)),
+    "begin": frame(struct.pack(">BQBI", T_BEGIN, 7, 0, 1) + wstr(b"sys") + struct.pack(">QI", 1 << 30, 65536)),
+    "staged": frame(struct.pack(">BQI", T_STAGED, 7, 1) + struct.pack(">HQIQ", 0, 65536, 4096, 5)),
+    "chunk_zero": chunk(0, 65536, b""),
+    "chunk_lz4": chunk(1, 4, bytes([0x40]) + b"abcd"),
+    "chunk_raw": chunk(2, 8, b"12345678"),
+    "hashes": frame(struct.pack(">B", T_HASHES) + wstr(b"sys") + struct.pack(">QIQQ", 0, 2, 1, 2)),
+}
+
+
 def main():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
-    for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST)):
+    for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST), ("wire", WIRE)):
         d = os.path.join(root, target)
         os.makedirs(d, exist_ok=True)
         for name, data in seeds.items():

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Fuzzes the NBD protocol codecs of the tracker (tracker/src/nbd) with cargo-fuzz/libFuzzer
-# for a bounded time; this is the fuzzing entry point the README points to.
+# Fuzzes the NBD protocol codecs of the tracker (tracker/src/nbd) and the replication wire
+# format (common/src/wire.rs) with cargo-fuzz/libFuzzer for a bounded time; this is the
+# fuzzing entry point the README points to.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]        (default 60)
 #
-# Targets (fuzz/fuzz_targets): handshake, request, reply_roundtrip. Each runs for the given
+# Targets (fuzz/fuzz_targets): handshake, request, reply_roundtrip, wire. Each runs for the given
 # time starting from the committed seeds in fuzz/seeds/<target> (regenerate them with
 # fuzz/gen_seeds.py) plus the corpus kept in fuzz/corpus/<target> (git-ignored), with
 # -rss_limit_mb=2048. Every target runs even if an earlier one crashed; the script exits
@@ -14,7 +15,7 @@
 # sancov passes), which RUSTC_BOOTSTRAP=1 unlocks on stable. Installs cargo-fuzz if missing.
 #
 # Environment:
-#   FUZZ_TARGETS    targets to run (default: all three)
+#   FUZZ_TARGETS    targets to run (default: all four)
 #   FUZZ_SANITIZER  address (default) or none
 #   FUZZ_ARGS       extra libFuzzer flags, e.g. "-max_len=16384" or "-jobs=2"
 set -euo pipefail
@@ -27,7 +28,7 @@ case "$secs" in
     exit 2
     ;;
 esac
-targets="${FUZZ_TARGETS:-handshake request reply_roundtrip}"
+targets="${FUZZ_TARGETS:-handshake request reply_roundtrip wire}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 read -r -a extra <<<"${FUZZ_ARGS:-}"
 

@@ -1,0 +1,65 @@
+//! Fuzzes the replication wire format (`vmreplica_common::wire`), which the applier decodes
+//! from the network (and from its staging logs and undo journals).
+//!
+//! Checked on every input:
+//! - `decode` never panics; `Ok(None)` only when the input holds no whole frame (fewer than
+//!   4 bytes, or fewer than the frame length says); a decoded frame re-encodes to exactly the
+//!   bytes it was decoded from (the encoding is canonical);
+//! - a decoded chunk's head decodes alone (`decode_chunk_head`, as the link's receive path
+//!   does) to the same fields and payload length;
+//! - `Chunk::unpack` and `Chunk::unpack_into` (with a dirty, reused scratch buffer) agree:
+//!   both refuse, or both give the same bytes, exactly `len` of them.
+#![no_main]
+
+mod bytes;
+
+use bytes::be32;
+use libfuzzer_sys::fuzz_target;
+use vmreplica_common::wire::{
+    decode, decode_chunk_head, encode, is_chunk, Chunk, Message, CHUNK_HEAD, MAX_FRAME,
+};
+
+fn check_chunk(c: &Chunk, body: &[u8]) {
+    assert!(is_chunk(body));
+    let head: &[u8; CHUNK_HEAD] = body[..CHUNK_HEAD].try_into().unwrap();
+    let (h, plen) = decode_chunk_head(head).expect("head of a decodable chunk");
+    assert_eq!(plen, c.payload.len());
+    assert_eq!(
+        (h.cycle, h.disk, h.offset, h.len, h.encoding, h.checksum),
+        (c.cycle, c.disk, c.offset, c.len, c.encoding, c.checksum)
+    );
+    let mut scratch = vec![0xa5u8; 4096];
+    let whole = c.unpack();
+    let into = c.unpack_into(&mut scratch).map(|d| d.map(<[u8]>::to_vec));
+    match (&whole, &into) {
+        (Ok(a), Ok(b)) => {
+            assert_eq!(a, b);
+            if let Some(d) = a {
+                assert_eq!(d.len(), c.len as usize);
+            }
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("unpack {whole:?} and unpack_into {into:?} disagree"),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    match decode(data) {
+        Ok(None) => {
+            assert!(data.len() < 4 || {
+                let n = be32(data) as usize;
+                n <= MAX_FRAME as usize && data.len() < 4 + n
+            });
+        }
+        Ok(Some((m, used))) => {
+            assert!(used <= data.len());
+            let mut again = Vec::new();
+            encode(&m, &mut again);
+            assert_eq!(again, &data[..used], "{m:?} re-encodes differently");
+            if let Message::Chunk(c) = &m {
+                check_chunk(c, &data[4..used]);
+            }
+        }
+        Err(_) => {}
+    }
+});
