@@ -11,9 +11,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vmreplica_common::link::{self, LinkError, Tuning};
 use vmreplica_common::tls::{AllowList, Identity};
 use vmreplica_common::validate_name;

@@ -1219,6 +1219,26 @@ mod tests {
     }
 
     /// Opens vm1 and ships `primary` whole as its initial cycle 1; history holds point 1.
+    /// Mutates `primary` at least once and until `blocks` lists `at_least` distinct blocks,
+    /// adding each block written that it does not list yet.
+    fn mutate_until(
+        rng: &mut impl Rng,
+        primary: &mut [Vec<u8>],
+        blocks: &mut Vec<(u16, u64)>,
+        at_least: usize,
+    ) {
+        loop {
+            for b in mutate(rng, primary) {
+                if !blocks.contains(&b) {
+                    blocks.push(b);
+                }
+            }
+            if blocks.len() >= at_least {
+                return;
+            }
+        }
+    }
+
     fn initial(store: &Store, primary: &[Vec<u8>]) -> (VmStore, BTreeMap<u64, Vec<Vec<u8>>>) {
         let mut vs = store.open_vm("vm1", "primary-1").unwrap();
         let all: Vec<(u16, u64)> = (0..2)
@@ -1411,13 +1431,7 @@ mod tests {
         let before = read_images(&vs);
         // Enough blocks that the damage falls in a chunk the apply reaches after others.
         let mut blocks = Vec::new();
-        while blocks.len() < 8 {
-            for b in mutate(&mut rng, &mut primary) {
-                if !blocks.contains(&b) {
-                    blocks.push(b);
-                }
-            }
-        }
+        mutate_until(&mut rng, &mut primary, &mut blocks, 8);
         // Live: the damage is found during the apply.
         let (n, d) = stage_only(&mut vs, 2, &primary, &blocks);
         damage_staging(&vs, 2);
@@ -1432,11 +1446,7 @@ mod tests {
 
         // After a crash mid-apply: the restart finds the staging damaged and rolls back.
         let mut more = blocks.clone();
-        for b in mutate(&mut rng, &mut primary) {
-            if !more.contains(&b) {
-                more.push(b);
-            }
-        }
+        mutate_until(&mut rng, &mut primary, &mut more, 0);
         let (n, d) = stage_only(&mut vs, 3, &primary, &more);
         vs.crash_after = Some(2);
         assert!(vs.commit(3, n, d).is_err());
@@ -1460,13 +1470,7 @@ mod tests {
         primary[0][..SIZE as usize / 2].fill(6);
         let (mut vs, mut history) = initial(&store, &primary);
         let mut blocks = Vec::new();
-        while blocks.len() < 10 {
-            for b in mutate(&mut rng, &mut primary) {
-                if !blocks.contains(&b) {
-                    blocks.push(b);
-                }
-            }
-        }
+        mutate_until(&mut rng, &mut primary, &mut blocks, 10);
         let (n, d) = stage_only(&mut vs, 2, &primary, &blocks);
         vs.staged().unwrap();
         let journal = vs.cycle_dir(2).join("undo.journal");
@@ -1584,13 +1588,7 @@ mod tests {
         // The apply of cycle 3 fails part-way (as a full disk or an I/O error would) and the
         // applier keeps running: the shipper comes back with cycle 3 again.
         let mut blocks = Vec::new();
-        while blocks.len() < 4 {
-            for b in mutate(&mut rng, &mut primary) {
-                if !blocks.contains(&b) {
-                    blocks.push(b);
-                }
-            }
-        }
+        mutate_until(&mut rng, &mut primary, &mut blocks, 4);
         vs.crash_after = Some(2);
         assert!(ship(&mut vs, 3, CycleKind::Delta, &primary, &blocks).is_err());
         vs.crash_after = None;
