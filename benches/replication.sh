@@ -21,7 +21,10 @@
 #       `rsync --inplace --no-whole-file` of the same change to an rsync daemon holding the
 #       pre-change copy. Time and bytes on the wire.
 #   (1) BENCH_CYCLE_MIB (1024) MiB of dirty 64 KiB blocks: the delta cycle's rate vs reading the
-#       same blocks locally (python preads in offset order), both from a cold page cache.
+#       same blocks locally (python preads in offset order), both from a cold page cache. The
+#       report says where the cycle's time went: bytes read and written on the disk under the
+#       work directory, the shipper's and applier's CPU seconds, and how busy all cores were;
+#       and the ceiling on the ratio that the disk traffic alone sets.
 #
 # Every copy is checked: replica == primary (cmp), nbdcopy/qemu-img/rsync copies == source.
 # Output: markdown on stdout and in benches/results/replication-<stamp>.md.
@@ -150,6 +153,7 @@ log "image: $(mib "$size_bytes") MiB, $(mib "$allocated") MiB allocated"
 start inns "$VMREPLICA" applier --store "$work/replica" --listen "$rep_ip:7443" \
   --cert "$work/ca/replica-1.pem" --key "$work/ca/replica-1.key" --ca "$work/ca/ca.pem" \
   --allow primary-1 2>"$work/applier.log"
+applier_pid=${pids[-1]}   # `ip netns exec` execs the applier: same pid
 start "$VMREPLICA" tracker --state-dir "$work/primary" --disk "sys=$img" 2>"$work/tracker.log"
 wait_for 20 test -S "$work/primary/control.sock"
 uri="nbd+unix:///sys?socket=$work/primary/nbd.sock"
@@ -167,13 +171,27 @@ streams = 4
 TOML
 replica_img=$work/replica/vm1/disks/sys.img
 shipper_pid=""
+# Where a cycle's time goes: bytes through the disk under $work, CPU seconds of the shipper
+# and the applier, and how busy the whole machine was (all cores; kernel threads included).
+disk_stat=/sys/dev/block/$(stat -c %Hd:%Ld "$work")/stat
+disk_io() { # sectors read, sectors written so far (0 0 when $work is on no block device)
+  if [[ -r $disk_stat ]]; then awk '{ print $3, $7 }' "$disk_stat"; else echo 0 0; fi
+}
+machine_cpu() { # busy and total clock ticks so far, all cores
+  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat
+}
+proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }  # user + system clock ticks
+hz=$(getconf CLK_TCK)
+
 # From a cold page cache, runs the shipper until it has applied one cycle, checks the replica
 # equals the primary, and sets cyc_secs, cyc_data, cyc_appwire (MiB, from its log line) and
-# cyc_net (bytes on the veth). $1 names the cycle in messages.
+# cyc_net (bytes on the veth); cyc_read/cyc_written (MiB through the disk, written back),
+# cyc_cpu_ship/cyc_cpu_app (CPU seconds) and cyc_busy (% of all cores). $1 names the cycle.
 ship_one_cycle() {
-  local logf=$work/shipper.log line w0
+  local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1
   cold
   w0=$(wire)
+  read -r -a d0 < <(disk_io); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
   "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
   shipper_pid=$!
   for _ in $(seq 6000); do
@@ -183,8 +201,16 @@ ship_one_cycle() {
     sleep 0.1
   done
   [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
+  s1=$(proc_cpu "$shipper_pid")
+  cyc_cpu_app=$(awk -v a="$a0" -v b="$(proc_cpu "$applier_pid")" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz }')
+  read -r -a m1 < <(machine_cpu)
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
   cyc_net=$(( $(wire) - w0 ))
+  sync   # anything of the cycle's still in the page cache is written back and counted
+  read -r -a d1 < <(disk_io)
+  cyc_read=$(mib $(( (d1[0] - d0[0]) * 512 ))) cyc_written=$(mib $(( (d1[1] - d0[1]) * 512 )))
+  cyc_cpu_ship=$(awk -v s="$s1" -v hz="$hz" 'BEGIN { printf "%.2f", s / hz }')
+  cyc_busy=$(awk -v b="$((m1[0] - m0[0]))" -v t="$((m1[1] - m0[1]))" 'BEGIN { printf "%.0f", t ? 100 * b / t : 0 }')
   field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
   cyc_secs=$(field secs); cyc_data=$(field data_mib); cyc_appwire=$(field wire_mib)
   log "$1: kind=$(field kind) secs=$cyc_secs data_mib=$cyc_data wire_mib=$cyc_appwire"
@@ -274,6 +300,8 @@ dd_secs=$(secs "$t0" "$(now)")
 rm -f "$work/ddtest"
 ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle"
 v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$cyc_net
+v_cyc_read=$cyc_read v_cyc_written=$cyc_written v_cyc_busy=$cyc_busy
+v_cyc_cpu_ship=$cyc_cpu_ship v_cyc_cpu_app=$cyc_cpu_app
 
 # ---- report ---------------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -314,5 +342,12 @@ local_mib=$(mib "$local_bytes")
   echo "| for scale: the same disk's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
   echo
   echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $(nproc) cores and one disk: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same CPUs and disk that the local read has to itself."
+  echo
+  # The disk floor: every byte the cycle moves through the disk, at the fastest rate this disk
+  # showed above, and the ratio that floor leaves.
+  io_mib=$(awk -v a="$v_cyc_read" -v b="$v_cyc_written" 'BEGIN { printf "%.0f", a + b }')
+  best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" 'BEGIN { print (a > b ? a : b) }')
+  io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
+  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk (reads: the primary's blocks and the replica's old contents for the undo log; writes: staging, undo log, replica image), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s, so the disk alone caps this ratio at $(r "$local_secs" "$io_floor"). CPU: shipper $v_cyc_cpu_ship s, applier $v_cyc_cpu_app s; all $(nproc) cores were $v_cyc_busy% busy during the cycle."
 } | tee "$md_out"
 log "wrote $md_out"
