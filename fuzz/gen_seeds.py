@@ -4,10 +4,12 @@
 The seeds are small, valid protocol exchanges so that libFuzzer starts from deep states
 instead of having to discover the magic numbers. Values follow the NBD protocol document
 (doc/proto.md) as implemented in tracker/src/nbd/consts.rs. Exports match the fuzz targets:
-"disk0" (1 MiB, dirty bitmap "vmreplica") and "disk1" (4 KiB, read-only).
+"disk0" (1 MiB, dirty bitmap "vmreplica") and "disk1" (4 KiB, read-only). The state seeds
+are valid tracker state files (a bitmap header, activity log copies).
 """
 import os
 import struct
+import zlib
 
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
@@ -131,9 +133,33 @@ WIRE = {
 }
 
 
+# Tracker state files, little-endian, CRC-32 (zlib's): a dirty bitmap header
+# (tracker/src/bitmap.rs) and one activity log copy (tracker/src/activity_log.rs).
+def bitmap_header(disk_size, granularity):
+    words = -(-(-(-disk_size // granularity)) // 64)
+    slot = max(1, -(-(words * 8) // 4096)) * 4096
+    h = b"VMRBMAP1" + struct.pack("<IIQQ", 1, granularity, disk_size, slot)
+    return h + struct.pack("<I", zlib.crc32(h))
+
+
+def activity_copy(seq, extents):
+    head = b"VMRAL001" + struct.pack("<QI", seq, len(extents))
+    body = b"".join(struct.pack("<Q", e) for e in extents)
+    return head + struct.pack("<I", zlib.crc32(head + body)) + body
+
+
+STATE = {
+    "bitmap_8g": bitmap_header(8 << 30, 65536),
+    "bitmap_odd": bitmap_header((1 << 30) + 1, 4096),
+    "activity_empty": activity_copy(1, []),
+    "activity_three": activity_copy(42, [0, 7, 2047]),
+}
+
+
 def main():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
-    for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST), ("wire", WIRE)):
+    for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST), ("wire", WIRE),
+                          ("state", STATE)):
         d = os.path.join(root, target)
         os.makedirs(d, exist_ok=True)
         for name, data in seeds.items():

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Fuzzes the NBD protocol codecs of the tracker (tracker/src/nbd) and the replication wire
-# format (common/src/wire.rs) with cargo-fuzz/libFuzzer for a bounded time; this is the
-# fuzzing entry point the README points to.
+# Fuzzes the NBD protocol codecs of the tracker (tracker/src/nbd), the tracker's binary state
+# files (bitmap header, activity log) and the replication wire format (common/src/wire.rs)
+# with cargo-fuzz/libFuzzer for a bounded time; this is the fuzzing entry point the README
+# points to.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]        (default 60)
 #
-# Targets (fuzz/fuzz_targets): handshake, request, reply_roundtrip, wire. Each runs for the given
-# time starting from the committed seeds in fuzz/seeds/<target> (regenerate them with
-# fuzz/gen_seeds.py) plus the corpus kept in fuzz/corpus/<target> (git-ignored), with
-# -rss_limit_mb=2048. Every target runs even if an earlier one crashed; the script exits
+# Targets (fuzz/fuzz_targets): handshake, request, reply_roundtrip, wire, state. Each runs
+# for the given time starting from the committed seeds in fuzz/seeds/<target> (regenerate
+# them with fuzz/gen_seeds.py) plus the corpus kept in fuzz/corpus/<target> (git-ignored),
+# with -rss_limit_mb=2048. Every target runs even if an earlier one crashed; the script exits
 # non-zero if any target crashed (or failed to build) and prints the artifacts to replay.
 #
 # Works on a stable toolchain: cargo-fuzz needs nightly-only flags (-Zsanitizer=address,
 # sancov passes), which RUSTC_BOOTSTRAP=1 unlocks on stable. Installs cargo-fuzz if missing.
 #
 # Environment:
-#   FUZZ_TARGETS    targets to run (default: all four)
+#   FUZZ_TARGETS    targets to run (default: all five)
 #   FUZZ_SANITIZER  address (default) or none
 #   FUZZ_ARGS       extra libFuzzer flags, e.g. "-max_len=16384" or "-jobs=2"
 set -euo pipefail
@@ -28,7 +29,7 @@ case "$secs" in
     exit 2
     ;;
 esac
-targets="${FUZZ_TARGETS:-handshake request reply_roundtrip wire}"
+targets="${FUZZ_TARGETS:-handshake request reply_roundtrip wire state}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 read -r -a extra <<<"${FUZZ_ARGS:-}"
 

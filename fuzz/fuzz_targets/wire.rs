@@ -46,10 +46,12 @@ fn check_chunk(c: &Chunk, body: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     match decode(data) {
         Ok(None) => {
-            assert!(data.len() < 4 || {
-                let n = be32(data) as usize;
-                n <= MAX_FRAME as usize && data.len() < 4 + n
-            });
+            assert!(
+                data.len() < 4 || {
+                    let n = be32(data) as usize;
+                    n <= MAX_FRAME as usize && data.len() < 4 + n
+                }
+            );
         }
         Ok(Some((m, used))) => {
             assert!(used <= data.len());

@@ -50,7 +50,8 @@ pub enum Recovered {
     Unreadable,
 }
 
-fn encode(seq: u64, extents: &[u64]) -> Vec<u8> {
+/// One copy of the log: `extents` (at most [`CAPACITY`]) under sequence number `seq`.
+pub fn encode(seq: u64, extents: &[u64]) -> Vec<u8> {
     let mut b = vec![0u8; COPY_LEN as usize];
     b[..8].copy_from_slice(MAGIC);
     b[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -66,7 +67,9 @@ fn encode(seq: u64, extents: &[u64]) -> Vec<u8> {
     b
 }
 
-fn decode(b: &[u8]) -> Option<(u64, Vec<u64>)> {
+/// Reads one copy: its sequence number and extents, or `None` if it is damaged (bad magic,
+/// count above [`CAPACITY`], checksum mismatch) or too short.
+pub fn decode(b: &[u8]) -> Option<(u64, Vec<u64>)> {
     if b.len() < HEADER || &b[..8] != MAGIC {
         return None;
     }

@@ -93,7 +93,8 @@ pub struct Bitmap {
     geo: Geometry,
 }
 
-fn header_bytes(geo: &Geometry) -> Vec<u8> {
+/// The header recording `geo`, as [`parse_header`] reads it.
+pub fn header_bytes(geo: &Geometry) -> Vec<u8> {
     let mut h = vec![0u8; HEADER_LEN as usize];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -125,7 +126,12 @@ pub fn parse_header(h: &[u8]) -> Result<Geometry, String> {
         granularity: le32(12),
         disk_size: le64(16),
     };
-    if !geo.granularity.is_power_of_two() || geo.slot_bytes() != le64(24) {
+    // No file is larger than i64::MAX bytes; the bound also keeps the lengths derived from
+    // the geometry (slots, file length) from overflowing.
+    if !geo.granularity.is_power_of_two()
+        || geo.disk_size > i64::MAX as u64
+        || geo.slot_bytes() != le64(24)
+    {
         return Err("inconsistent geometry".into());
     }
     Ok(geo)
@@ -359,6 +365,26 @@ mod tests {
         assert!(!p.with_extension("bitmap.tmp").exists());
         drop(bm);
         assert!(!Bitmap::open(&p, geo).unwrap().1);
+    }
+
+    #[test]
+    fn headers_round_trip_and_damaged_or_impossible_ones_are_refused() {
+        let geo = Geometry {
+            disk_size: 8 << 30,
+            granularity: 65536,
+        };
+        let mut h = header_bytes(&geo);
+        assert_eq!(parse_header(&h), Ok(geo));
+        assert_eq!(parse_header(&h[..35]).unwrap_err(), "file too short");
+        h[17] ^= 1;
+        assert_eq!(parse_header(&h).unwrap_err(), "header checksum mismatch");
+        // Checksummed but larger than any file can be: its lengths would overflow.
+        let huge = Geometry {
+            disk_size: u64::MAX,
+            granularity: 1,
+        };
+        let h = header_bytes(&huge);
+        assert_eq!(parse_header(&h).unwrap_err(), "inconsistent geometry");
     }
 
     #[test]
