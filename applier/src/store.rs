@@ -885,11 +885,18 @@ impl VmStore {
                 }
             });
             let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            // Buffers the writer is done with go back to the reader: no chunk allocates or
+            // zeroes one of its own (at most the queue's few are ever in use).
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             scope.spawn(move || {
                 for c in staging.chunks() {
                     let item = c.map_err(this.io(&this.dir)).and_then(|c| {
-                        let data = c.unpack().map_err(|e| this.bad_chunk(e.to_string()))?;
-                        Ok((c.disk, c.offset, c.len, data))
+                        let (disk, offset, len) = (c.disk, c.offset, c.len);
+                        let buf = done_rx.try_recv().unwrap_or_default();
+                        let data = c
+                            .into_data(buf)
+                            .map_err(|e| this.bad_chunk(e.to_string()))?;
+                        Ok((disk, offset, len, data))
                     });
                     let failed = item.is_err();
                     if tx.send(item).is_err() || failed {
@@ -916,6 +923,9 @@ impl VmStore {
                     });
                 }
                 this.write_range(disk, offset, len, data.as_deref())?;
+                if let Some(buf) = data {
+                    let _ = done_tx.send(buf);
+                }
                 done += 1;
                 if last_log.elapsed().as_secs() >= 5 {
                     tracing::info!(vm = %this.vm, cycle, done, total, "applying");

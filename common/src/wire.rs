@@ -529,6 +529,11 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// MAX_CHUNK zero bytes, for checksums of zero runs without allocating them.
 static ZEROES: [u8; MAX_CHUNK as usize] = [0; MAX_CHUNK as usize];
 
+thread_local! {
+    /// lz4's worst-case output for one chunk, reused by every chunk this thread packs.
+    static LZ4_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Chunk {
     /// A zero marker for `len` bytes at `offset` (what [`Chunk::pack`] makes of zeroes).
     pub fn zeroes(cycle: u64, disk: u16, offset: u64, len: u32) -> Chunk {
@@ -551,11 +556,18 @@ impl Chunk {
         let (encoding, payload) = if is_zero(data) {
             (Encoding::Zero, Vec::new())
         } else if compress {
-            let c = lz4_flex::block::compress(data);
-            if c.len() < data.len() {
-                (Encoding::Lz4, c)
-            } else {
-                (Encoding::Raw, data.to_vec())
+            // Compressed into this thread's worst-case buffer, then copied out at its size: no
+            // chunk zeroes a worst-case buffer of its own or keeps its spare capacity in flight.
+            let c = LZ4_OUT.with_borrow_mut(|out| {
+                out.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
+                lz4_flex::block::compress_into(data, out)
+                    .ok()
+                    .filter(|&n| n < data.len())
+                    .map(|n| out[..n].to_vec())
+            });
+            match c {
+                Some(c) => (Encoding::Lz4, c),
+                None => (Encoding::Raw, data.to_vec()),
             }
         } else {
             (Encoding::Raw, data.to_vec())
@@ -595,6 +607,19 @@ impl Chunk {
             Encoding::Raw => Some(self.payload.clone()),
             _ => Some(out),
         })
+    }
+
+    /// Like [`Chunk::unpack`], but consumes the chunk: a raw payload is returned as it is, and
+    /// lz4 decompresses into `scratch`, returned filled (a buffer to reuse: not allocated or
+    /// zeroed again when large enough).
+    pub fn into_data(self, mut scratch: Vec<u8>) -> Result<Option<Vec<u8>>, WireError> {
+        if self.unpack_into(&mut scratch)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(match self.encoding {
+            Encoding::Raw => self.payload,
+            _ => scratch,
+        }))
     }
 
     /// Like [`Chunk::unpack`], decompressing into `scratch` (reused across calls: neither
@@ -818,6 +843,14 @@ mod tests {
         assert_eq!(r.unpack_into(&mut scratch).unwrap(), Some(&noise[..]));
         assert_eq!(zero.unpack_into(&mut scratch).unwrap(), None);
         assert!(bad.unpack_into(&mut scratch).is_err());
+        // Owned: lz4 fills the (dirty, longer) buffer handed in, raw hands back its payload.
+        let short_data = short.into_data(vec![0xee; 2 * 65536]).unwrap().unwrap();
+        assert_eq!(short_data, &text[..4096]);
+        assert_eq!(r.clone().into_data(Vec::new()).unwrap().unwrap(), noise);
+        assert_eq!(zero.into_data(vec![1; 8]).unwrap(), None);
+        assert!(bad.into_data(Vec::new()).is_err());
+        // A packed payload keeps no worst-case spare capacity while it is in flight.
+        assert_eq!(c.payload.capacity(), c.payload.len());
     }
 
     #[test]
