@@ -150,10 +150,11 @@ log "image: $(mib "$size_bytes") MiB, $(mib "$allocated") MiB allocated"
 "$VMREPLICA" certs init-ca --dir "$work/ca" >/dev/null
 "$VMREPLICA" certs issue --ca "$work/ca" --name primary-1 >/dev/null
 "$VMREPLICA" certs issue --ca "$work/ca" --name replica-1 --ip "$rep_ip" >/dev/null
-start inns "$VMREPLICA" applier --store "$work/replica" --listen "$rep_ip:7443" \
+# Not through inns: `ip netns exec` execs the applier, so the pid started is the applier's.
+start ip netns exec "$ns" "$VMREPLICA" applier --store "$work/replica" --listen "$rep_ip:7443" \
   --cert "$work/ca/replica-1.pem" --key "$work/ca/replica-1.key" --ca "$work/ca/ca.pem" \
   --allow primary-1 2>"$work/applier.log"
-applier_pid=${pids[-1]}   # `ip netns exec` execs the applier: same pid
+applier_pid=${pids[-1]}
 start "$VMREPLICA" tracker --state-dir "$work/primary" --disk "sys=$img" 2>"$work/tracker.log"
 wait_for 20 test -S "$work/primary/control.sock"
 uri="nbd+unix:///sys?socket=$work/primary/nbd.sock"
