@@ -3,6 +3,7 @@
 //! Kept deliberately small: names that cross process and network boundaries, and the
 //! durable-file helpers every role uses for its state.
 
+pub mod direct;
 pub mod link;
 pub mod name;
 pub mod sparse;

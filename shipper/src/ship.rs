@@ -14,7 +14,7 @@ use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::wire::{
     self, Chunk, ChunkId, CycleKind, DiskInfo, Message, StagedChunk, MAX_CHUNK,
 };
-use vmreplica_tracker::engine::{Engine, Op};
+use vmreplica_tracker::engine::Engine;
 use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::Generation;
 
@@ -87,12 +87,9 @@ async fn read_frozen(
     len: u64,
 ) -> io::Result<Vec<u8>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let (op, at) = r.read_op(offset, len as usize, Vec::new());
     engine.submit(
-        Op::Read {
-            fd: r.image_fd(),
-            offset,
-            buf: vec![0u8; len as usize],
-        },
+        op,
         Box::new(move |c| {
             let _ = tx.send(c);
         }),
@@ -102,6 +99,7 @@ async fn read_frozen(
         .map_err(|_| io::Error::other("I/O engine stopped"))?;
     c.result?;
     let mut buf = c.buf;
+    buf.drain(..at);
     r.fix_up(offset, &mut buf)?;
     Ok(buf)
 }
@@ -118,16 +116,13 @@ struct Packed {
 struct Buffers(Mutex<Vec<Vec<u8>>>);
 
 impl Buffers {
-    /// A buffer of `len` bytes (their contents are whatever the last read left).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let mut b = self
-            .0
+    /// A buffer to read into (its contents are whatever the last read left).
+    fn take(&self) -> Vec<u8> {
+        self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
-            .unwrap_or_default();
-        b.resize(len, 0);
-        b
+            .unwrap_or_default()
     }
 
     /// Keeps `b` for reuse, at most `max` buffers.
@@ -155,21 +150,18 @@ impl Packer {
     fn read(&self, r: Arc<FrozenReader>, w: Work, slot: tokio::sync::OwnedSemaphorePermit) {
         let (buffers, tx) = (Arc::clone(&self.buffers), self.tx.clone());
         let (cycle, compress) = (self.cycle, self.compress);
+        // Every byte is overwritten: a short read is finished or zero-filled past the end.
+        let (op, at) = r.read_op(w.offset, w.len as usize, buffers.take());
         self.engine.submit(
-            Op::Read {
-                fd: r.image_fd(),
-                offset: w.offset,
-                // Every byte is overwritten: a short read is finished or zero-filled past the end.
-                buf: buffers.take(w.len as usize),
-            },
+            op,
             Box::new(move |c| {
                 let mut data = c.buf;
                 let packed = c
                     .result
-                    .and_then(|()| r.fix_up(w.offset, &mut data))
+                    .and_then(|()| r.fix_up(w.offset, &mut data[at..]))
                     .map(|()| Packed {
                         work: w,
-                        chunk: Chunk::pack(cycle, w.disk, w.offset, &data, compress),
+                        chunk: Chunk::pack(cycle, w.disk, w.offset, &data[at..], compress),
                         slot,
                     })
                     .map_err(|source| ShipError::Read {
@@ -337,6 +329,7 @@ pub async fn ship_cycle(
         chunks = work.len(),
         skipped,
         bytes = total,
+        direct_reads = readers.iter().all(|r| r.reads_direct()),
         "cycle planned"
     );
 

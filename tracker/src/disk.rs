@@ -46,6 +46,7 @@ impl Disk {
                 fd: self.fd(),
                 offset,
                 buf: vec![0u8; len as usize],
+                at: 0,
             },
             Box::new(move |c: Completion| done(c.result.map(|_| c.buf))),
         );

@@ -17,9 +17,11 @@ use std::sync::atomic::{fence, Ordering};
 
 use memmap2::Mmap;
 
+use vmreplica_common::direct;
 use vmreplica_common::sparse::data_regions;
 
 use crate::bitmap::{parse_header, slot_words, Geometry, COW_SLOT};
+use crate::engine::Op;
 use crate::tracker::FrozenDisk;
 
 pub struct FrozenReader {
@@ -29,6 +31,8 @@ pub struct FrozenReader {
     frozen_slot: usize,
     map: Mmap,
     image: File,
+    /// The image opened for direct reads, where its filesystem allows them.
+    direct: Option<File>,
     cow: File,
     cow_path: PathBuf,
 }
@@ -70,6 +74,7 @@ impl FrozenReader {
             frozen_slot: d.frozen_slot,
             map,
             image: File::open(&d.image).map_err(|e| ctx(&d.image, e))?,
+            direct: direct::open(&d.image, false).map_err(|e| ctx(&d.image, e))?,
             cow: File::open(&d.cow).map_err(|e| ctx(&d.cow, e))?,
             cow_path: d.cow.clone(),
         })
@@ -79,8 +84,32 @@ impl FrozenReader {
         self.geo
     }
 
-    pub fn image_fd(&self) -> i32 {
-        self.image.as_raw_fd()
+    /// Whether the image is read with direct I/O where a read's alignment allows it.
+    pub fn reads_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The engine operation that reads `len` bytes of the image at `offset` into `buf`
+    /// (reused: its contents do not matter), and where in `buf` they will start. Aligned reads
+    /// go direct when the image allows it: no page-cache page is allocated for bytes that are
+    /// shipped once. Callers pass the bytes read through [`FrozenReader::fix_up`].
+    pub fn read_op(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> (Op, usize) {
+        let (fd, at) = match &self.direct {
+            Some(f) if direct::fits(offset, len) => (f.as_raw_fd(), direct::aligned(&mut buf, len)),
+            _ => {
+                buf.resize(len, 0);
+                (self.image.as_raw_fd(), 0)
+            }
+        };
+        (
+            Op::Read {
+                fd,
+                offset,
+                buf,
+                at,
+            },
+            at,
+        )
     }
 
     fn bit(&self, slot: usize, b: u64) -> bool {

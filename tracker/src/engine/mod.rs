@@ -16,11 +16,13 @@ pub use uring::UringEngine;
 /// One image operation. Buffers are owned by the operation and handed back on completion.
 #[derive(Debug)]
 pub enum Op {
-    /// Fill `buf` from `offset`.
+    /// Fill `buf[at..]` from `offset` (`at` > 0: an aligned start inside the buffer, for
+    /// direct I/O; see `vmreplica_common::direct`).
     Read {
         fd: RawFd,
         offset: u64,
         buf: Vec<u8>,
+        at: usize,
     },
     /// Write all of `buf` at `offset`.
     Write {
@@ -94,9 +96,14 @@ pub fn probe(force_pool: bool) -> Arc<dyn Engine> {
 /// finish short io_uring transfers).
 pub(crate) fn run_blocking(op: &mut Op, mut done: usize) -> io::Result<()> {
     match op {
-        Op::Read { fd, offset, buf } => {
-            while done < buf.len() {
-                let rest = &mut buf[done..];
+        Op::Read {
+            fd,
+            offset,
+            buf,
+            at,
+        } => {
+            while *at + done < buf.len() {
+                let rest = &mut buf[*at + done..];
                 // SAFETY: `rest` is a valid writable buffer of rest.len() bytes for the call.
                 let n = unsafe {
                     libc::pread(
@@ -209,9 +216,19 @@ mod tests {
             fd,
             offset: 4096,
             buf: vec![0; 65536],
+            at: 0,
         });
         c.result.unwrap();
         assert_eq!(c.buf, data);
+        // Into a buffer from `at` on: the bytes before it are left alone.
+        let c = engine.run(Op::Read {
+            fd,
+            offset: 4096,
+            buf: vec![7; 100 + 65536],
+            at: 100,
+        });
+        c.result.unwrap();
+        assert_eq!((&c.buf[..100], &c.buf[100..]), (&[7u8; 100][..], &data[..]));
         engine.run(Op::Sync { fd, datasync: true }).result.unwrap();
         engine
             .run(Op::Fallocate {
@@ -226,6 +243,7 @@ mod tests {
             fd,
             offset: 4096,
             buf: vec![1; 65536],
+            at: 0,
         });
         assert!(c.buf.iter().all(|b| *b == 0));
         // Errors come back as errors: reading a write-only descriptor fails.
@@ -233,6 +251,7 @@ mod tests {
             fd: -1,
             offset: 0,
             buf: vec![0; 16],
+            at: 0,
         });
         assert!(c.result.is_err());
         // Many concurrent ops all complete.
@@ -254,6 +273,7 @@ mod tests {
             fd,
             offset: 499 * 512,
             buf: vec![0; 512],
+            at: 0,
         });
         assert!(c.buf.iter().all(|b| *b == (499u64 as u8)));
     }
@@ -290,6 +310,7 @@ mod tests {
                         fd,
                         offset: (i % 256) * 4096,
                         buf: vec![0; 4096],
+                        at: 0,
                     },
                     Box::new(move |c| tx.send(c.result.is_ok()).unwrap()),
                 );

@@ -141,8 +141,14 @@ impl UringEngine {
 
 fn entry_for(op: &mut Op) -> io_uring::squeue::Entry {
     match op {
-        Op::Read { fd, offset, buf } => {
-            opcode::Read::new(types::Fd(*fd), buf.as_mut_ptr(), buf.len() as u32)
+        Op::Read {
+            fd,
+            offset,
+            buf,
+            at,
+        } => {
+            let dst = &mut buf[*at..];
+            opcode::Read::new(types::Fd(*fd), dst.as_mut_ptr(), dst.len() as u32)
                 .offset(*offset)
                 .build()
         }
@@ -207,7 +213,10 @@ fn completion_loop(inner: &Inner) {
             } else {
                 match &op {
                     // Short transfers (rare) are finished synchronously.
-                    Op::Read { buf, .. } | Op::Write { buf, .. } if (res as usize) < buf.len() => {
+                    Op::Read { buf, at, .. } if (res as usize) < buf.len() - at => {
+                        run_blocking(&mut op, res as usize)
+                    }
+                    Op::Write { buf, .. } if (res as usize) < buf.len() => {
                         run_blocking(&mut op, res as usize)
                     }
                     _ => Ok(()),
