@@ -5,6 +5,7 @@
 //! - [`undo`]: undo logs (the old contents of blocks a cycle overwrote);
 //! - [`store`]: per-VM replicas, state, apply with crash recovery, recovery points.
 
+mod logfile;
 pub mod server;
 pub mod staging;
 pub mod store;

@@ -8,60 +8,17 @@
 //! after fsyncing the images, so the log never lists data that is not durable.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions;
+use std::io;
 use std::path::{Path, PathBuf};
 
-use vmreplica_common::wire::{self, Chunk, ChunkId, Message, StagedChunk};
+use vmreplica_common::wire::{self, Chunk, ChunkId, StagedChunk};
 
-/// Reads the chunk frames at the start of a log file of `total` bytes, handing each with its
-/// position to `keep` until a torn or foreign frame or one `keep` refuses; returns where the
-/// intact prefix ends.
-pub(crate) fn scan_log(
-    file: &File,
-    total: u64,
-    mut keep: impl FnMut(&Chunk, u64) -> bool,
-) -> io::Result<u64> {
-    let mut r = io::BufReader::with_capacity(1 << 20, file);
-    let mut pos = 0u64;
-    let mut body = Vec::new();
-    while pos + 4 <= total {
-        let mut h = [0u8; 4];
-        if r.read_exact(&mut h).is_err() {
-            break;
-        }
-        let Ok(n) = wire::frame_len(h) else { break };
-        if pos + 4 + u64::from(n) > total {
-            break;
-        }
-        body.resize(n as usize, 0);
-        if r.read_exact(&mut body).is_err() {
-            break;
-        }
-        match wire::decode_body(&body) {
-            Ok(Message::Chunk(c)) if keep(&c, pos) => {}
-            _ => break,
-        }
-        pos += 4 + u64::from(n);
-    }
-    Ok(pos)
-}
-
-/// Writes the frame of chunk `c` at `pos` of a log file, its head and then its payload, so
-/// the payload is not copied into a frame first; returns the frame's length. A crash between
-/// the two writes leaves a torn frame, which [`scan_log`] cuts.
-pub(crate) fn write_chunk_at(file: &File, pos: u64, c: &Chunk) -> io::Result<u64> {
-    let head = wire::chunk_frame_head(c);
-    file.write_all_at(&head, pos)?;
-    file.write_all_at(&c.payload, pos + head.len() as u64)?;
-    Ok((head.len() + c.payload.len()) as u64)
-}
+use crate::logfile::{scan_log, LogReader, LogWriter};
 
 pub struct Staging {
     path: PathBuf,
-    file: File,
-    len: u64,
+    log: LogWriter,
     /// Where each chunk's frame is in the log, its length and checksum. A chunk staged again
     /// under the same id replaces the earlier one.
     index: BTreeMap<ChunkId, (u64, u32, u64)>,
@@ -86,17 +43,9 @@ impl Staging {
             .truncate(false)
             .open(path)
             .map_err(|e| io_ctx(path, e))?;
-        let mut s = Staging {
-            path: path.to_path_buf(),
-            file,
-            len: 0,
-            index: BTreeMap::new(),
-            synced: true,
-            direct,
-            deferred: Vec::new(),
-        };
-        let total = s.file.metadata()?.len();
-        let pos = scan_log(&s.file, total, |c, pos| {
+        let mut index = BTreeMap::new();
+        let total = file.metadata()?.len();
+        let pos = scan_log(&file, total, |c, pos| {
             let intact = c.cycle == cycle
                 && if direct {
                     c.payload.is_empty()
@@ -104,24 +53,32 @@ impl Staging {
                     c.unpack().is_ok()
                 };
             if intact {
-                s.index.insert(c.id(), (pos, c.len, c.checksum));
+                index.insert(c.id(), (pos, c.len, c.checksum));
             }
             intact
         })?;
         if pos != total {
             tracing::warn!(log = %path.display(), kept = pos, total, "cutting a torn tail off the staging log");
-            s.file.set_len(pos).map_err(|e| io_ctx(path, e))?;
-            s.file.sync_all().map_err(|e| io_ctx(path, e))?;
+            file.set_len(pos).map_err(|e| io_ctx(path, e))?;
+            file.sync_all().map_err(|e| io_ctx(path, e))?;
         }
-        s.len = pos;
-        Ok(s)
+        Ok(Staging {
+            path: path.to_path_buf(),
+            log: LogWriter::open(file, path, pos).map_err(|e| io_ctx(path, e))?,
+            index,
+            synced: true,
+            direct,
+            deferred: Vec::new(),
+        })
     }
 
     /// Appends a verified chunk (callers check it with [`Chunk::unpack`] first).
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
-        let n = write_chunk_at(&self.file, self.len, c).map_err(|e| io_ctx(&self.path, e))?;
-        self.index.insert(c.id(), (self.len, c.len, c.checksum));
-        self.len += n;
+        let pos = self.log.len();
+        self.log
+            .append_chunk(c)
+            .map_err(|e| io_ctx(&self.path, e))?;
+        self.index.insert(c.id(), (pos, c.len, c.checksum));
         self.synced = false;
         Ok(())
     }
@@ -138,7 +95,7 @@ impl Staging {
             checksum: c.checksum,
             payload: Vec::new(),
         };
-        let pos = self.len + self.deferred.len() as u64;
+        let pos = self.log.len() + self.deferred.len() as u64;
         wire::encode_chunk(&header, &mut self.deferred);
         self.index.insert(c.id(), (pos, c.len, c.checksum));
         self.synced = false;
@@ -148,14 +105,13 @@ impl Staging {
     /// first).
     pub fn sync(&mut self) -> io::Result<()> {
         if !self.deferred.is_empty() {
-            self.file
-                .write_all_at(&self.deferred, self.len)
+            self.log
+                .append(&[&self.deferred])
                 .map_err(|e| io_ctx(&self.path, e))?;
-            self.len += self.deferred.len() as u64;
             self.deferred.clear();
         }
         if !self.synced {
-            self.file.sync_data().map_err(|e| io_ctx(&self.path, e))?;
+            self.log.sync().map_err(|e| io_ctx(&self.path, e))?;
             self.synced = true;
         }
         Ok(())
@@ -185,36 +141,37 @@ impl Staging {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.len
+        self.log.len()
     }
 
     pub fn digest(&self) -> u64 {
         wire::digest(self.index.iter().map(|(id, (_, _, sum))| (*id, *sum)))
     }
 
-    /// Reads back every staged chunk, in (disk, offset) order.
-    pub fn chunks(&self) -> impl Iterator<Item = io::Result<Chunk>> + '_ {
-        self.index.values().map(move |(pos, _, _)| {
-            let mut h = [0u8; 4];
-            self.file.read_exact_at(&mut h, *pos)?;
-            let n = wire::frame_len(h).map_err(io::Error::other)?;
-            let mut body = vec![0u8; n as usize];
-            self.file.read_exact_at(&mut body, pos + 4)?;
-            match wire::decode_body(&body) {
-                Ok(Message::Chunk(c)) => Ok(c),
-                Ok(_) => Err(io::Error::other("staging log holds a non-chunk frame")),
-                Err(e) => Err(io::Error::other(format!(
-                    "staging log {}: {e}",
-                    self.path.display()
-                ))),
-            }
-        })
+    /// Reads back every staged chunk, in the order they were staged (one pass through the
+    /// log, with large direct reads; a chunk staged again is read where it was staged last).
+    /// Callers [`Staging::sync`] first. All chunks of a cycle hold the same point in time,
+    /// so the order they are applied in does not change the result.
+    pub fn chunks(&self) -> io::Result<impl Iterator<Item = io::Result<Chunk>> + '_> {
+        let mut positions: Vec<u64> = self.index.values().map(|(pos, _, _)| *pos).collect();
+        positions.sort_unstable();
+        let mut r = LogReader::new(self.log.file(), &self.path, self.log.len())
+            .map_err(|e| io_ctx(&self.path, e))?;
+        Ok(positions.into_iter().map(move |pos| {
+            r.chunk_at(pos).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("staging log {} at {pos}: {e}", self.path.display()),
+                )
+            })
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn resumes_with_intact_chunks_and_cuts_a_torn_tail() {
@@ -236,7 +193,7 @@ mod tests {
         assert_eq!(s.count(), 3);
         assert_eq!(s.bytes(), full);
         assert_eq!(s.digest(), digest);
-        let back: Vec<Chunk> = s.chunks().map(|c| c.unwrap()).collect();
+        let back: Vec<Chunk> = s.chunks().unwrap().map(|c| c.unwrap()).collect();
         assert_eq!(back[2].unpack().unwrap().unwrap(), vec![3u8; 4096]);
         // A log of another cycle keeps nothing.
         drop(s);

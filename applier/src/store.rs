@@ -31,6 +31,7 @@ use vmreplica_common::{read_state, validate_name, write_state, NameError, StateF
 
 use crate::staging::Staging;
 use crate::undo::{self, Journal};
+use vmreplica_common::direct;
 use vmreplica_common::sparse::{data_regions, is_hole, punch_hole};
 
 const STATE_FORMAT: &str = "vmreplica-replica";
@@ -160,39 +161,70 @@ fn kind_name(k: CycleKind) -> &'static str {
     }
 }
 
-/// The old contents of `len` bytes at `offset` of image `f`, packed as an undo entry of
+/// A replica image: its descriptor, and the same file opened for direct reads where its
+/// filesystem allows them: the old contents an undo log keeps are read once, and through the
+/// page cache each 4 KiB of them would cost a freshly allocated page. (Writes stay buffered:
+/// on the disks measured, scattered direct writes were slower than writeback, which sorts
+/// and merges them and allocates holes in large extents.)
+struct Image {
+    file: File,
+    direct: Option<File>,
+}
+
+impl Image {
+    /// Reads `len` bytes at `offset` into `buf` (reused), direct where aligned; returns where
+    /// in `buf` they start.
+    fn read(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
+        if let Some(d) = self.direct.as_ref().filter(|_| direct::fits(offset, len)) {
+            let at = direct::aligned(buf, len);
+            match d.read_exact_at(&mut buf[at..], offset) {
+                Err(e) if direct::is_refusal(&e) => {}
+                r => return r.map(|()| at),
+            }
+        }
+        buf.resize(len, 0);
+        self.file.read_exact_at(buf, offset)?;
+        Ok(0)
+    }
+}
+
+/// The old contents of `len` bytes at `offset` of image `img`, packed as an undo entry of
 /// `cycle`; a hole becomes a zero marker without being read.
 fn read_old(
-    f: &File,
+    img: &Image,
     cycle: u64,
     disk: u16,
     offset: u64,
     len: u32,
     buf: &mut Vec<u8>,
 ) -> io::Result<Chunk> {
-    if is_hole(f, offset, u64::from(len))? {
+    if is_hole(&img.file, offset, u64::from(len))? {
         return Ok(Chunk::zeroes(cycle, disk, offset, len));
     }
-    buf.resize(len as usize, 0);
-    f.read_exact_at(buf, offset)?;
-    Ok(Chunk::pack(cycle, disk, offset, buf, true))
+    let at = img.read(offset, len as usize, buf)?;
+    Ok(Chunk::pack(cycle, disk, offset, &buf[at..], true))
+}
+
+thread_local! {
+    /// Per thread, where old contents are read for the undo log: reused across chunks.
+    static OLD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Reads the old contents of ranges a receiving cycle will overwrite, without the VM's
 /// lock (the images do not change while a cycle is received).
 pub struct UndoSource {
-    images: Arc<Vec<File>>,
+    images: Arc<Vec<Image>>,
     cycle: u64,
 }
 
 impl UndoSource {
     /// The undo entry for chunk `c`'s range.
     pub fn capture(&self, c: &Chunk) -> io::Result<Chunk> {
-        let f = self
+        let img = self
             .images
             .get(c.disk as usize)
             .ok_or_else(|| io::Error::other(format!("no disk {}", c.disk)))?;
-        read_old(f, self.cycle, c.disk, c.offset, c.len, &mut Vec::new())
+        OLD.with_borrow_mut(|buf| read_old(img, self.cycle, c.disk, c.offset, c.len, buf))
     }
 }
 
@@ -262,13 +294,17 @@ const DIRECT_SYNC_BYTES: u64 = 64 << 20;
 /// An apply has what it wrote written back in the background after this much.
 const WRITEBACK_BYTES: u64 = 128 << 20;
 
+/// Staged chunks an apply's reader decompresses ahead of its writer (at most this many
+/// chunks' data are held).
+const APPLY_QUEUE: usize = 16;
+
 pub struct VmStore {
     vm: String,
     dir: PathBuf,
     state: VmState,
     retention: Retention,
     /// Shared with [`UndoSource`]s, which read old contents outside the VM's lock.
-    images: Arc<Vec<File>>,
+    images: Arc<Vec<Image>>,
     receiving: Option<Receiving>,
     /// Test hook: fail (as a crash would) after writing this many chunks of an apply.
     #[cfg(test)]
@@ -443,18 +479,20 @@ impl VmStore {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let f = &self.images[disk as usize];
+        let img = &self.images[disk as usize];
         let p = self.image_path(&self.state.disks[disk as usize].name);
         match data {
-            Some(data) => f.write_all_at(data, offset).map_err(self.io(&p)),
-            None => punch_hole(f, offset, u64::from(len)).map_err(self.io(&p)),
+            Some(data) => img.file.write_all_at(data, offset).map_err(self.io(&p)),
+            None => punch_hole(&img.file, offset, u64::from(len)).map_err(self.io(&p)),
         }
     }
 
     /// fsyncs every replica image.
     fn sync_images(&self) -> Result<(), StoreError> {
-        for (f, d) in self.images.iter().zip(&self.state.disks) {
-            f.sync_all().map_err(self.io(&self.image_path(&d.name)))?;
+        for (img, d) in self.images.iter().zip(&self.state.disks) {
+            img.file
+                .sync_all()
+                .map_err(self.io(&self.image_path(&d.name)))?;
         }
         Ok(())
     }
@@ -487,7 +525,8 @@ impl VmStore {
             if create && f.metadata().map_err(self.io(&p))?.len() != d.size {
                 f.set_len(d.size).map_err(self.io(&p))?;
             }
-            images.push(f);
+            let direct = direct::open(&p, false).map_err(self.io(&p))?;
+            images.push(Image { file: f, direct });
         }
         self.images = Arc::new(images);
         Ok(())
@@ -574,10 +613,10 @@ impl VmStore {
         // attempt may have written where this copy has holes.
         let direct = kind == CycleKind::Initial && self.state.last_cycle == 0;
         if direct && !cdir.join("chunks.log").exists() {
-            for (f, d) in self.images.iter().zip(&self.state.disks) {
+            for (img, d) in self.images.iter().zip(&self.state.disks) {
                 let p = self.image_path(&d.name);
-                f.set_len(0).map_err(self.io(&p))?;
-                f.set_len(d.size).map_err(self.io(&p))?;
+                img.file.set_len(0).map_err(self.io(&p))?;
+                img.file.set_len(d.size).map_err(self.io(&p))?;
             }
             self.sync_images()?;
         }
@@ -702,7 +741,7 @@ impl VmStore {
         }
         let img_err = self.io(&self.image_path(&self.state.disks[disk as usize].name));
         let journal_err = self.io(&self.dir.join("staging"));
-        let f = &self.images[disk as usize];
+        let img = &self.images[disk as usize];
         let r = self.receiving.as_mut().expect("checked above");
         let j = r.journal.as_mut().expect("checked above");
         let end = offset + u64::from(len);
@@ -716,7 +755,7 @@ impl VmStore {
         }
         let mut buf = Vec::new();
         for (start, end) in parts {
-            let old = read_old(f, r.cycle, disk, start, (end - start) as u32, &mut buf)
+            let old = read_old(img, r.cycle, disk, start, (end - start) as u32, &mut buf)
                 .map_err(&img_err)?;
             j.append(&old).map_err(&journal_err)?;
         }
@@ -736,6 +775,11 @@ impl VmStore {
         let io = self.io(&p);
         let r = self.receiving.as_mut().expect("checked above");
         r.unsynced = 0;
+        // The undo journal is written out too (not fsynced: what a crash cuts from it is
+        // captured again at commit), so a restart finds most of it.
+        if let Some(j) = &mut r.journal {
+            j.flush().map_err(&io)?;
+        }
         r.staging.sync().map_err(io)
     }
 
@@ -866,17 +910,18 @@ impl VmStore {
         // The first error of the background writeback: fsync reports a write-back error once
         // per open file, so one seen there must fail the apply, not vanish.
         let writeback_error: Mutex<Option<io::Error>> = Mutex::new(None);
-        // A reader thread reads and decompresses the staged chunks while this one writes them,
-        // so decompression and the image writes overlap; a few chunks are in flight at most.
-        // A third thread writes back what is applied so far while the apply goes on, so the
-        // disk works during the apply and the final fsync has little left.
+        // A reader thread reads the staging log through (large direct reads) and decompresses
+        // its chunks while this one writes them into the images, so reading, decompression
+        // and the writes overlap; the queue between them bounds what is in flight. A writeback
+        // thread makes what is applied so far durable while the apply goes on,
+        // so the disk works during the apply and the final fsync has little left.
         std::thread::scope(|scope| -> Result<(), StoreError> {
             let (tick, ticks) = std::sync::mpsc::sync_channel::<()>(1);
             let writeback_error = &writeback_error;
             scope.spawn(move || {
                 while ticks.recv().is_ok() {
-                    for f in this.images.iter() {
-                        if let Err(e) = f.sync_data() {
+                    for img in this.images.iter() {
+                        if let Err(e) = img.file.sync_data() {
                             let mut slot =
                                 writeback_error.lock().unwrap_or_else(|e| e.into_inner());
                             slot.get_or_insert(e);
@@ -884,12 +929,19 @@ impl VmStore {
                     }
                 }
             });
-            let (tx, rx) = std::sync::mpsc::sync_channel(8);
+            let (tx, rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE);
             // Buffers the writer is done with go back to the reader: no chunk allocates or
             // zeroes one of its own (at most the queue's few are ever in use).
             let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             scope.spawn(move || {
-                for c in staging.chunks() {
+                let chunks = match staging.chunks() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(this.io(&this.dir)(e)));
+                        return;
+                    }
+                };
+                for c in chunks {
                     let item = c.map_err(this.io(&this.dir)).and_then(|c| {
                         let (disk, offset, len) = (c.disk, c.offset, c.len);
                         let buf = done_rx.try_recv().unwrap_or_default();
@@ -1078,7 +1130,7 @@ impl VmStore {
             let op = out_dir.join(format!("{}.img", d.name));
             let out = File::create(&op).map_err(self.io(&op))?;
             out.set_len(d.size).map_err(self.io(&op))?;
-            let src = &self.images[i];
+            let src = &self.images[i].file;
             let sp = self.image_path(&d.name);
             let mut buf = vec![0u8; MAX_CHUNK as usize];
             for (off, len) in data_regions(src, d.size).map_err(self.io(&sp))? {
@@ -1154,6 +1206,7 @@ impl VmStore {
             }
             let n = block.min(size - pos) as usize;
             self.images[i]
+                .file
                 .read_exact_at(&mut buf[..n], pos)
                 .map_err(self.io(&p))?;
             out.push(wire::checksum(&buf[..n]));
@@ -1421,8 +1474,10 @@ mod tests {
         (ids.len() as u64, wire::digest(ids))
     }
 
-    /// Flips a byte in the middle of the staged chunk log of `cycle` (the disk under it failed).
-    fn damage_staging(vs: &VmStore, cycle: u64) {
+    /// Flips a byte in the middle of the staged chunk log of `cycle` (the disk under it failed
+    /// after the chunks were staged durably).
+    fn damage_staging(vs: &mut VmStore, cycle: u64) {
+        vs.staged().unwrap();
         let p = vs.cycle_dir(cycle).join("chunks.log");
         let mut bytes = fs::read(&p).unwrap();
         let mid = bytes.len() / 2;
@@ -1444,7 +1499,7 @@ mod tests {
         mutate_until(&mut rng, &mut primary, &mut blocks, 8);
         // Live: the damage is found during the apply.
         let (n, d) = stage_only(&mut vs, 2, &primary, &blocks);
-        damage_staging(&vs, 2);
+        damage_staging(&mut vs, 2);
         let e = vs.commit(2, n, d).unwrap_err();
         assert!(matches!(e, StoreError::BadChunk { .. }), "{e}");
         assert!(read_images(&vs) == before, "replica left between points");
@@ -1460,7 +1515,7 @@ mod tests {
         let (n, d) = stage_only(&mut vs, 3, &primary, &more);
         vs.crash_after = Some(2);
         assert!(vs.commit(3, n, d).is_err());
-        damage_staging(&vs, 3);
+        damage_staging(&mut vs, 3);
         drop(vs);
         let vs = store.open_vm("vm1", "primary-1").unwrap();
         assert_eq!(vs.last_cycle(), 2);

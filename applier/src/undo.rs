@@ -12,12 +12,11 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use vmreplica_common::wire::{self, Chunk, ChunkId, Message};
 
-use crate::staging::write_chunk_at;
+use crate::logfile::{scan_log, LogWriter};
 
 /// Writes an undo log of `entries` atomically at `path`, one entry at a time (a cycle's
 /// undo log is never held in memory whole).
@@ -169,8 +168,7 @@ fn journal_err(path: &Path, e: io::Error) -> io::Error {
 /// overlapping one staged before, is captured once: the first capture holds the old contents.
 pub struct Journal {
     path: PathBuf,
-    file: File,
-    len: u64,
+    log: LogWriter,
     count: u64,
     digest: u64,
     /// Per disk, disjoint covered ranges: start → end.
@@ -189,17 +187,9 @@ impl Journal {
             .truncate(false)
             .open(path)
             .map_err(ctx)?;
-        let mut j = Journal {
-            path: path.to_path_buf(),
-            file,
-            len: 0,
-            count: 0,
-            digest: 0,
-            covered: BTreeMap::new(),
-        };
-        let total = j.file.metadata().map_err(ctx)?.len();
+        let total = file.metadata().map_err(ctx)?.len();
         let mut entries = Vec::new();
-        let pos = crate::staging::scan_log(&j.file, total, |c, _| {
+        let pos = scan_log(&file, total, |c, _| {
             let intact = c.cycle == cycle && c.unpack().is_ok();
             if intact {
                 entries.push((c.id(), c.len, c.checksum));
@@ -208,9 +198,15 @@ impl Journal {
         })
         .map_err(ctx)?;
         if pos != total {
-            j.file.set_len(pos).map_err(ctx)?;
+            file.set_len(pos).map_err(ctx)?;
         }
-        j.len = pos;
+        let mut j = Journal {
+            path: path.to_path_buf(),
+            log: LogWriter::open(file, path, pos).map_err(ctx)?,
+            count: 0,
+            digest: 0,
+            covered: BTreeMap::new(),
+        };
         for (id, len, sum) in entries {
             j.note(id, len, sum);
         }
@@ -254,15 +250,21 @@ impl Journal {
 
     /// Appends the old contents of one range (not yet covered).
     pub fn append(&mut self, c: &Chunk) -> io::Result<()> {
-        self.len +=
-            write_chunk_at(&self.file, self.len, c).map_err(|e| journal_err(&self.path, e))?;
+        self.log
+            .append_chunk(c)
+            .map_err(|e| journal_err(&self.path, e))?;
         self.note(c.id(), c.len, c.checksum);
         Ok(())
     }
 
+    /// Writes what was appended so far to the file (not durably).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.log.flush().map_err(|e| journal_err(&self.path, e))
+    }
+
     /// Closes the journal with its trailer, makes it durable and moves it to `dest` as the
     /// cycle's undo log. Returns its size.
-    pub fn finish(self, cycle: u64, dest: &Path) -> io::Result<u64> {
+    pub fn finish(mut self, cycle: u64, dest: &Path) -> io::Result<u64> {
         let path = self.path.clone();
         let ctx = |e| journal_err(&path, e);
         let mut buf = Vec::new();
@@ -274,9 +276,10 @@ impl Journal {
             },
             &mut buf,
         );
-        self.file.write_all_at(&buf, self.len).map_err(ctx)?;
-        let bytes = self.len + buf.len() as u64;
-        self.file.sync_all().map_err(ctx)?;
+        self.log.append(&[&buf]).map_err(ctx)?;
+        self.log.flush().map_err(ctx)?;
+        let bytes = self.log.len();
+        self.log.file().sync_all().map_err(ctx)?;
         fs::rename(&self.path, dest).map_err(ctx)?;
         if let Some(dir) = dest.parent() {
             File::open(dir)?.sync_all()?;
@@ -370,6 +373,7 @@ pub fn merge(older: &Path, newer: &Path, cycle: u64, dest: &Path) -> io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn write_read_and_reject_incomplete() {
@@ -401,13 +405,13 @@ mod tests {
         assert_eq!(j.uncovered(0, 0, 100), vec![(0, 20), (60, 100)]);
         assert_eq!(j.uncovered(0, 30, 40), vec![]);
         assert_eq!(j.uncovered(1, 5, 15), vec![(10, 15)]);
-        let full = j.len;
+        let full = j.log.len();
         drop(j);
         // A torn append: reopening keeps the three entries and their coverage.
         let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0, 0, 1, 0, 5], full).unwrap();
         let mut j = Journal::open(&p, 4).unwrap();
-        assert_eq!((j.len, j.count), (full, 3));
+        assert_eq!((j.log.len(), j.count), (full, 3));
         assert_eq!(j.uncovered(0, 0, 100), vec![(0, 20), (60, 100)]);
         j.append(&Chunk::pack(4, 0, 0, &[9u8; 20], true)).unwrap();
         let bytes = j.finish(4, &done).unwrap();
