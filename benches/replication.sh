@@ -21,10 +21,10 @@
 #       `rsync --inplace --no-whole-file` of the same change to an rsync daemon holding the
 #       pre-change copy. Time and bytes on the wire.
 #   (1) BENCH_CYCLE_MIB (1024) MiB of dirty 64 KiB blocks: the delta cycle's rate vs reading the
-#       same blocks locally (python preads in offset order), both from a cold page cache. The
-#       report says where the cycle's time went: bytes read and written on the disk under the
-#       work directory, the shipper's and applier's CPU seconds, and how busy all cores were;
-#       and the ceiling on the ratio that the disk traffic alone sets.
+#       same blocks locally (python preads in offset order; also shown with O_DIRECT), both from
+#       a cold page cache. The report says where the cycle's time went: bytes read and written
+#       on the disk under the work directory, the shipper's and applier's CPU seconds, and how
+#       busy all cores were; and the ceilings on the ratio that disk traffic and CPU alone set.
 #
 # Every copy is checked: replica == primary (cmp), nbdcopy/qemu-img/rsync copies == source.
 # Output: markdown on stdout and in benches/results/replication-<stamp>.md.
@@ -276,24 +276,32 @@ fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=1
   --size="$size_bytes" --io_size=$((nblk * 65536)) --randrepeat=0 --thread \
   --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
 nbdinfo --map=qemu:dirty-bitmap:vmreplica "$uri" >"$work/dirty.map"
-cold
-read -r local_bytes local_secs < <(python3 - "$img" "$work/dirty.map" <<'PY'
-import os, sys, time
-img, mapf = sys.argv[1], sys.argv[2]
+# Reads the dirty ranges of the image in offset order, up to 1 MiB at a time; $1 = direct
+# (O_DIRECT into an aligned buffer) or buffered. Prints bytes and seconds.
+local_read() {
+  python3 - "$img" "$work/dirty.map" "$1" <<'PY'
+import mmap, os, sys, time
+img, mapf, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 ranges = []
 for line in open(mapf):
     f = line.split()
     if len(f) >= 3 and f[2] == "1":          # offset length type(1 = dirty) description
         ranges.append((int(f[0]), int(f[1])))
-fd = os.open(img, os.O_RDONLY)
+fd = os.open(img, os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0))
+buf = mmap.mmap(-1, 1 << 20)                  # page-aligned, as O_DIRECT needs
 t0 = time.monotonic(); total = 0
 for off, n in sorted(ranges):
     while n:
-        got = len(os.pread(fd, min(n, 1 << 20), off))
+        want = min(n, 1 << 20)
+        got = os.preadv(fd, [memoryview(buf)[:want]], off)
         off += got; n -= got; total += got
 print(total, f"{time.monotonic() - t0:.2f}")
 PY
-)
+}
+cold
+read -r local_bytes local_secs < <(local_read buffered)
+cold
+read -r _ direct_secs < <(local_read direct)
 # What the disk itself can write durably: the replica has to write the same amount and fsync.
 t0=$(now)
 dd if=/dev/zero of="$work/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
@@ -340,6 +348,7 @@ local_mib=$(mib "$local_bytes")
   echo "|---|---:|---:|---:|"
   echo "| local read of the dirty blocks (pread in offset order, cold cache) | $local_mib | $local_secs | $(rate "$local_mib" "$local_secs") |"
   echo "| vmreplica delta cycle (freeze → applied and fsynced on the replica) | $v_cyc_data | $v_cyc_secs | $(rate "$v_cyc_data" "$v_cyc_secs") |"
+  echo "| for scale: the same local read with O_DIRECT (no page cache) | $local_mib | $direct_secs | $(rate "$local_mib" "$direct_secs") |"
   echo "| for scale: the same disk's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
   echo
   echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $(nproc) cores and one disk: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same CPUs and disk that the local read has to itself."
@@ -350,5 +359,9 @@ local_mib=$(mib "$local_bytes")
   best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" 'BEGIN { print (a > b ? a : b) }')
   io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
   echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk (reads: the primary's blocks and the replica's old contents for the undo log; writes: staging, undo log, replica image), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s, so the disk alone caps this ratio at $(r "$local_secs" "$io_floor"). CPU: shipper $v_cyc_cpu_ship s, applier $v_cyc_cpu_app s; all $(nproc) cores were $v_cyc_busy% busy during the cycle."
+  echo
+  # The CPU floor: the two sites' CPU seconds spread perfectly over this machine's cores.
+  cpu_floor=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$(nproc)" 'BEGIN { printf "%.2f", (a + b) / n }')
+  echo "The CPU both sites used, spread perfectly over the $(nproc) cores they share, takes at least $cpu_floor s: CPU alone caps this ratio at $(r "$local_secs" "$cpu_floor") here (on two hosts each site has its own cores)."
 } | tee "$md_out"
 log "wrote $md_out"
