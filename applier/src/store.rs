@@ -554,6 +554,30 @@ impl VmStore {
         kind: CycleKind,
         disks: &[DiskInfo],
     ) -> Result<Vec<StagedChunk>, StoreError> {
+        let r = self.begin_inner(cycle, kind, disks);
+        self.reopen_after_io_error(r)
+    }
+
+    /// A write into the cycle being received failed (a full disk, an I/O error): its staging
+    /// log and journal may end in a torn frame, and their writers refuse anything more. They
+    /// are closed; the next [`VmStore::begin`] reopens them, and their scan keeps what reached
+    /// the disk (the shipper resends the rest).
+    fn reopen_after_io_error<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if matches!(r, Err(StoreError::Io { .. } | StoreError::NoSpace { .. }))
+            && self.receiving.is_some()
+        {
+            tracing::warn!(vm = %self.vm, "closing the cycle being received after a write error; it resumes from what is on disk");
+            self.receiving = None;
+        }
+        r
+    }
+
+    fn begin_inner(
+        &mut self,
+        cycle: u64,
+        kind: CycleKind,
+        disks: &[DiskInfo],
+    ) -> Result<Vec<StagedChunk>, StoreError> {
         self.finish_interrupted_apply()?;
         // Resuming the cycle being received: what it holds so far becomes durable and listed.
         if self.receiving.as_ref().is_some_and(|r| r.cycle == cycle) {
@@ -674,6 +698,16 @@ impl VmStore {
         data: Option<&[u8]>,
         undo: Option<Chunk>,
     ) -> Result<(), StoreError> {
+        let r = self.stage_inner(c, data, undo);
+        self.reopen_after_io_error(r)
+    }
+
+    fn stage_inner(
+        &mut self,
+        c: &Chunk,
+        data: Option<&[u8]>,
+        undo: Option<Chunk>,
+    ) -> Result<(), StoreError> {
         let Some(r) = &self.receiving else {
             return Err(StoreError::NoSuchCycle {
                 vm: self.vm.clone(),
@@ -785,7 +819,8 @@ impl VmStore {
 
     /// Makes the staged chunks durable and lists them (for a resuming shipper).
     pub fn staged(&mut self) -> Result<Vec<StagedChunk>, StoreError> {
-        self.sync_staging()?;
+        let r = self.sync_staging();
+        self.reopen_after_io_error(r)?;
         Ok(self
             .receiving
             .as_ref()
@@ -795,6 +830,11 @@ impl VmStore {
 
     /// The manifest arrived: verify completeness, then apply all-or-nothing.
     pub fn commit(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
+        let r = self.commit_inner(cycle, chunks, digest);
+        self.reopen_after_io_error(r)
+    }
+
+    fn commit_inner(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
         match &self.receiving {
             Some(r) if r.cycle == cycle => {}
             other => {
