@@ -170,21 +170,32 @@ impl LogWriter {
 
     /// Writes the full buffer direct and continues with an empty one.
     fn write_full(&mut self) -> io::Result<()> {
+        if self.write_buf(BLOCK)? {
+            self.base += BLOCK as u64;
+            self.fill = 0;
+            self.flushed = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes the first `n` (aligned) bytes of the buffer direct at `base`; true if they went
+    /// direct. If the filesystem refuses, what the buffer holds is written through the page
+    /// cache instead, and so is the rest of the log (false).
+    fn write_buf(&mut self, n: usize) -> io::Result<bool> {
         let f = self.direct.as_ref().expect("direct mode");
-        let block = &self.buf[self.at..self.at + BLOCK];
-        match f.write_all_at(block, self.base) {
+        match f.write_all_at(&self.buf[self.at..self.at + n], self.base) {
             Err(e) if direct::is_refusal(&e) => {
-                // From here on the log is written through the page cache.
                 tracing::debug!("direct writes refused ({e}); log written buffered");
                 self.direct = None;
-                self.file.write_all_at(block, self.base)?;
+                let data = &self.buf[self.at..self.at + self.fill];
+                self.file.write_all_at(data, self.base)?;
+                self.base += self.fill as u64;
+                self.fill = 0;
+                self.flushed = 0;
+                Ok(false)
             }
-            r => r?,
+            r => r.map(|()| true),
         }
-        self.base += BLOCK as u64;
-        self.fill = 0;
-        self.flushed = 0;
-        Ok(())
     }
 
     /// Writes everything appended so far to the file (not yet durable: see
@@ -202,23 +213,8 @@ impl LogWriter {
         let n = round_up(self.fill);
         let tail = self.at + self.fill;
         self.buf[tail..self.at + n].fill(0);
-        let f = self.direct.as_ref().expect("direct mode");
-        let block = &self.buf[self.at..self.at + n];
-        match f.write_all_at(block, self.base) {
-            Err(e) if direct::is_refusal(&e) => {
-                // From here on the log is written through the page cache.
-                tracing::debug!("direct writes refused ({e}); log written buffered");
-                self.direct = None;
-                let data = &self.buf[self.at..self.at + self.fill];
-                self.file.write_all_at(data, self.base)?;
-                self.base += self.fill as u64;
-                self.fill = 0;
-                self.flushed = 0;
-            }
-            r => {
-                r?;
-                self.flushed = self.fill;
-            }
+        if self.write_buf(n)? {
+            self.flushed = self.fill;
         }
         // The padding is not part of the log: the file ends where the log does.
         self.file.set_len(self.len())
