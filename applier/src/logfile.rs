@@ -19,42 +19,29 @@
 //! appended, through the page cache.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vmreplica_common::direct::{self, ALIGN};
 use vmreplica_common::wire::{self, Chunk, Message};
 
-/// Reads the chunk frames at the start of a log file of `total` bytes, handing each with its
-/// position to `keep` until a torn or foreign frame or one `keep` refuses; returns where the
-/// intact prefix ends.
+/// Reads the chunk frames at the start of the log file `file` (at `path`) of `total` bytes,
+/// handing each with its position to `keep` until a torn or foreign frame or one `keep`
+/// refuses; returns where the intact prefix ends.
 pub(crate) fn scan_log(
     file: &File,
+    path: &Path,
     total: u64,
     mut keep: impl FnMut(&Chunk, u64) -> bool,
 ) -> io::Result<u64> {
-    let mut r = io::BufReader::with_capacity(1 << 20, file);
+    let mut r = LogReader::new(file, path, total)?;
     let mut pos = 0u64;
-    let mut body = Vec::new();
-    while pos + 4 <= total {
-        let mut h = [0u8; 4];
-        if r.read_exact(&mut h).is_err() {
+    while let Ok((c, n)) = r.frame_at(pos) {
+        if !keep(&c, pos) {
             break;
         }
-        let Ok(n) = wire::frame_len(h) else { break };
-        if pos + 4 + u64::from(n) > total {
-            break;
-        }
-        body.resize(n as usize, 0);
-        if r.read_exact(&mut body).is_err() {
-            break;
-        }
-        match wire::decode_body(&body) {
-            Ok(Message::Chunk(c)) if keep(&c, pos) => {}
-            _ => break,
-        }
-        pos += 4 + u64::from(n);
+        pos += n;
     }
     Ok(pos)
 }
@@ -324,13 +311,13 @@ impl<'a> LogReader<'a> {
         Ok(())
     }
 
-    /// The chunk whose frame starts at `pos`.
-    pub fn chunk_at(&mut self, pos: u64) -> io::Result<Chunk> {
+    /// The chunk whose frame starts at `pos`, and the frame's length.
+    pub fn frame_at(&mut self, pos: u64) -> io::Result<(Chunk, u64)> {
         let h = self.bytes(pos, 4)?;
         let n = wire::frame_len([h[0], h[1], h[2], h[3]]).map_err(io::Error::other)?;
         let body = self.bytes(pos + 4, n as usize)?;
         match wire::decode_body(body) {
-            Ok(wire::Message::Chunk(c)) => Ok(c),
+            Ok(Message::Chunk(c)) => Ok((c, 4 + u64::from(n))),
             Ok(_) => Err(io::Error::other("a non-chunk frame")),
             Err(e) => Err(io::Error::other(e.to_string())),
         }
@@ -414,11 +401,11 @@ mod tests {
             assert_eq!(std::fs::read(&p).unwrap(), expect, "{root}");
             let mut r = LogReader::new(w.file(), &p, w.len()).unwrap();
             for (pos, c) in positions.iter().zip(&chunks) {
-                assert_eq!(&r.chunk_at(*pos).unwrap(), c);
+                assert_eq!(&r.frame_at(*pos).unwrap().0, c);
             }
             // Backwards too (a refill behind the window), and past the end is an error.
-            assert_eq!(&r.chunk_at(positions[3]).unwrap(), &chunks[3]);
-            assert!(r.chunk_at(w.len()).is_err());
+            assert_eq!(&r.frame_at(positions[3]).unwrap().0, &chunks[3]);
+            assert!(r.frame_at(w.len()).is_err());
         }
     }
 
@@ -441,7 +428,7 @@ mod tests {
         let f = rw(&p);
         let mut found = Vec::new();
         let total = f.metadata().unwrap().len();
-        scan_log(&f, total, |c, _| {
+        scan_log(&f, &p, total, |c, _| {
             found.push(c.clone());
             true
         })

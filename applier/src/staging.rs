@@ -45,7 +45,7 @@ impl Staging {
             .map_err(|e| io_ctx(path, e))?;
         let mut index = BTreeMap::new();
         let total = file.metadata()?.len();
-        let pos = scan_log(&file, total, |c, pos| {
+        let pos = scan_log(&file, path, total, |c, pos| {
             let intact = c.cycle == cycle
                 && if direct {
                     c.payload.is_empty()
@@ -158,7 +158,7 @@ impl Staging {
         let mut r = LogReader::new(self.log.file(), &self.path, self.log.len())
             .map_err(|e| io_ctx(&self.path, e))?;
         Ok(positions.into_iter().map(move |pos| {
-            r.chunk_at(pos).map_err(|e| {
+            r.frame_at(pos).map(|(c, _)| c).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("staging log {} at {pos}: {e}", self.path.display()),

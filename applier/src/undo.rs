@@ -189,7 +189,7 @@ impl Journal {
             .map_err(ctx)?;
         let total = file.metadata().map_err(ctx)?.len();
         let mut entries = Vec::new();
-        let pos = scan_log(&file, total, |c, _| {
+        let pos = scan_log(&file, path, total, |c, _| {
             let intact = c.cycle == cycle && c.unpack().is_ok();
             if intact {
                 entries.push((c.id(), c.len, c.checksum));
