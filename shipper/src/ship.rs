@@ -80,12 +80,14 @@ fn corrupt_budget() -> &'static AtomicU64 {
     &CORRUPT
 }
 
+/// Reads `len` bytes of the frozen view at `offset`: the buffer, and where in it they start
+/// (an aligned start for a direct read).
 async fn read_frozen(
     engine: &Arc<dyn Engine>,
     r: &Arc<FrozenReader>,
     offset: u64,
     len: u64,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<(Vec<u8>, usize)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (op, at) = r.read_op(offset, len as usize, Vec::new());
     engine.submit(
@@ -99,9 +101,8 @@ async fn read_frozen(
         .map_err(|_| io::Error::other("I/O engine stopped"))?;
     c.result?;
     let mut buf = c.buf;
-    buf.drain(..at);
-    r.fix_up(offset, &mut buf)?;
-    Ok(buf)
+    r.fix_up(offset, &mut buf[at..])?;
+    Ok((buf, at))
 }
 
 /// A chunk read and packed for a sender; it holds one of the cycle's read-ahead slots.
@@ -230,13 +231,13 @@ async fn resync_runs(
             other => return Err(ShipError::Protocol(format!("{other:?}"))),
         };
         let span = (u64::from(BATCH) * g).min(geo.disk_size - offset);
-        let local = read_frozen(&opts.engine, r, offset, span)
+        let (local, at) = read_frozen(&opts.engine, r, offset, span)
             .await
             .map_err(|source| ShipError::Read {
                 disk: r.name.clone(),
                 source,
             })?;
-        for (i, block) in local.chunks(g as usize).enumerate() {
+        for (i, block) in local[at..].chunks(g as usize).enumerate() {
             let off = offset + i as u64 * g;
             if remote.get(i) == Some(&wire::checksum(block)) {
                 continue;
