@@ -285,6 +285,29 @@ struct Receiving {
     unsynced: u64,
     /// The cycle's undo log, built as its chunks arrive (a delta or resync after a point).
     journal: Option<Journal>,
+    /// A write into it failed (see [`VmStore::stop_after_io_error`]): every later use gets
+    /// this error again, until a [`VmStore::begin`] reopens the cycle.
+    broken: Option<StoreError>,
+}
+
+impl StoreError {
+    /// The same error again, for a write error that every later user of a broken cycle gets.
+    fn again(&self) -> StoreError {
+        match self {
+            StoreError::NoSpace { vm, path } => StoreError::NoSpace {
+                vm: vm.clone(),
+                path: path.clone(),
+            },
+            StoreError::Io { path, source } => StoreError::Io {
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            other => StoreError::Io {
+                path: PathBuf::new(),
+                source: io::Error::other(other.to_string()),
+            },
+        }
+    }
 }
 
 /// A direct (in-place) copy makes what it wrote durable at least this often, so a crash
@@ -555,21 +578,32 @@ impl VmStore {
         disks: &[DiskInfo],
     ) -> Result<Vec<StagedChunk>, StoreError> {
         let r = self.begin_inner(cycle, kind, disks);
-        self.reopen_after_io_error(r)
+        self.stop_after_io_error(r)
     }
 
     /// A write into the cycle being received failed (a full disk, an I/O error): its staging
-    /// log and journal may end in a torn frame, and their writers refuse anything more. They
-    /// are closed; the next [`VmStore::begin`] reopens them, and their scan keeps what reached
-    /// the disk (the shipper resends the rest).
-    fn reopen_after_io_error<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
-        if matches!(r, Err(StoreError::Io { .. } | StoreError::NoSpace { .. }))
-            && self.receiving.is_some()
+    /// log and journal may end in a torn frame, and their writers refuse anything more. The
+    /// cycle stops taking chunks: every stream still sending gets the same error (not a
+    /// confusing one of its own), and the next [`VmStore::begin`] reopens staging log and
+    /// journal, whose scans keep what reached the disk (the shipper resends the rest).
+    fn stop_after_io_error<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let (Err(e @ (StoreError::Io { .. } | StoreError::NoSpace { .. })), Some(rc)) =
+            (&r, &mut self.receiving)
         {
-            tracing::warn!(vm = %self.vm, "closing the cycle being received after a write error; it resumes from what is on disk");
-            self.receiving = None;
+            if rc.broken.is_none() {
+                tracing::warn!(vm = %self.vm, cycle = rc.cycle, "the cycle being received stops after a write error ({e}); it resumes from what is on disk");
+                rc.broken = Some(e.again());
+            }
         }
         r
+    }
+
+    /// The error that stopped the cycle being received, if one did.
+    fn broken(&self) -> Result<(), StoreError> {
+        match self.receiving.as_ref().and_then(|r| r.broken.as_ref()) {
+            Some(e) => Err(e.again()),
+            None => Ok(()),
+        }
     }
 
     fn begin_inner(
@@ -579,6 +613,10 @@ impl VmStore {
         disks: &[DiskInfo],
     ) -> Result<Vec<StagedChunk>, StoreError> {
         self.finish_interrupted_apply()?;
+        // A cycle stopped by a write error is reopened from what reached the disk.
+        if self.receiving.as_ref().is_some_and(|r| r.broken.is_some()) {
+            self.receiving = None;
+        }
         // Resuming the cycle being received: what it holds so far becomes durable and listed.
         if self.receiving.as_ref().is_some_and(|r| r.cycle == cycle) {
             self.sync_staging()?;
@@ -670,6 +708,7 @@ impl VmStore {
             direct,
             unsynced: 0,
             journal,
+            broken: None,
         });
         Ok(ids)
     }
@@ -699,7 +738,7 @@ impl VmStore {
         undo: Option<Chunk>,
     ) -> Result<(), StoreError> {
         let r = self.stage_inner(c, data, undo);
-        self.reopen_after_io_error(r)
+        self.stop_after_io_error(r)
     }
 
     fn stage_inner(
@@ -720,6 +759,7 @@ impl VmStore {
                 cycle: c.cycle,
             });
         }
+        self.broken()?;
         let Some(d) = self.state.disks.get(c.disk as usize) else {
             return Err(self.bad_chunk(format!("disk index {} out of range", c.disk)));
         };
@@ -799,6 +839,7 @@ impl VmStore {
     /// Makes the staged chunks durable (for a direct cycle: the images first, then the log
     /// that lists what they hold).
     fn sync_staging(&mut self) -> Result<(), StoreError> {
+        self.broken()?;
         let Some(r) = &self.receiving else {
             return Ok(());
         };
@@ -820,7 +861,7 @@ impl VmStore {
     /// Makes the staged chunks durable and lists them (for a resuming shipper).
     pub fn staged(&mut self) -> Result<Vec<StagedChunk>, StoreError> {
         let r = self.sync_staging();
-        self.reopen_after_io_error(r)?;
+        self.stop_after_io_error(r)?;
         Ok(self
             .receiving
             .as_ref()
@@ -831,7 +872,7 @@ impl VmStore {
     /// The manifest arrived: verify completeness, then apply all-or-nothing.
     pub fn commit(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
         let r = self.commit_inner(cycle, chunks, digest);
-        self.reopen_after_io_error(r)
+        self.stop_after_io_error(r)
     }
 
     fn commit_inner(&mut self, cycle: u64, chunks: u64, digest: u64) -> Result<(), StoreError> {
