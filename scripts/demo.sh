@@ -77,7 +77,7 @@ wait_for 60 bash -c "[ \$(grep -c 'cycle applied' shipper.log) -ge $((n + 2)) ]"
 grep 'cycle applied' shipper.log | tail -4
 
 say "verify: block checksums of primary and replica compared over the link"
-"$BIN" verify --config shipper.toml
+"$BIN" verify vm1 --config shipper.toml
 cmp vm1-sys.img replica/vm1/disks/sys.img && echo "cmp: replica image is byte-for-byte equal"
 du -h --apparent-size replica/vm1/disks/sys.img | sed 's/^/apparent size: /'
 du -h replica/vm1/disks/sys.img | sed 's/^/allocated (sparse): /'

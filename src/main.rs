@@ -36,6 +36,8 @@ enum Cmd {
     Applier(ApplierArgs),
     /// Compare primary and replica block checksums; print differing ranges.
     Verify {
+        /// The VM to check; if given, it must be the one the configuration protects.
+        vm: Option<String>,
         /// The shipper's configuration (names the VM, tracker and applier).
         #[arg(long)]
         config: PathBuf,
@@ -391,8 +393,15 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
     }
 }
 
-fn run_verify(config: &Path) -> Result<()> {
+fn run_verify(vm: Option<&str>, config: &Path) -> Result<()> {
     let cfg = vmreplica_shipper::ShipperConfig::load(config)?;
+    if let Some(vm) = vm.filter(|vm| *vm != cfg.vm) {
+        bail!(
+            "{} protects VM {}, not {vm}: give the configuration of {vm}'s shipper",
+            config.display(),
+            cfg.vm
+        );
+    }
     let diffs = runtime()?.block_on(vmreplica_shipper::run::verify(&cfg))?;
     let mut equal = true;
     for (disk, ranges) in diffs {
@@ -451,7 +460,7 @@ fn main() -> Result<()> {
         Cmd::Ctl { socket, op } => run_ctl(&socket, op),
         Cmd::Shipper { config } => run_shipper(&config),
         Cmd::Applier(a) => run_applier(a),
-        Cmd::Verify { config } => run_verify(&config),
+        Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
     }
 }

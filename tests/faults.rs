@@ -167,7 +167,7 @@ impl Site {
     /// `vmreplica verify` succeeds and the replica image is byte-for-byte the primary.
     fn assert_equal(&self, config: &Path, img: &Path) {
         let out = run(in_ns(&self.primary_ns, bin())
-            .args(["verify", "--config"])
+            .args(["verify", "vm1", "--config"])
             .arg(config));
         assert!(String::from_utf8_lossy(&out.stdout).contains("replica equal to primary"));
         let replica = self.store.join("vm1/disks/sys.img");
@@ -333,6 +333,17 @@ fn lost_tracking_is_resynced_by_checksums_shipping_only_the_differences() {
     // Exactly the 64 KiB blocks that differ: 4 MiB, of a 64 MiB disk with 32 MiB allocated.
     assert_eq!(data_mib, 4.0, "{resync}");
     site.assert_equal(&config, &img);
+    let other = Command::new(bin())
+        .args(["verify", "vm2", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("protects VM vm1, not vm2"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     // Resynchronised: the next cycle is an ordinary delta again.
     site.wait_cycles(n + 1, 1, Duration::from_secs(60));
     let slog = site.log("shipper");
