@@ -138,10 +138,17 @@ impl Site {
         std::fs::read_to_string(self.dir.join(format!("{who}.log"))).unwrap_or_default()
     }
 
-    fn applied(&self) -> usize {
+    /// The shipper's log lines of the cycles applied so far, oldest first.
+    fn applied_lines(&self) -> Vec<String> {
         self.log("shipper")
-            .matches("cycle applied on the replica")
-            .count()
+            .lines()
+            .filter(|l| l.contains("cycle applied on the replica"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn applied(&self) -> usize {
+        self.applied_lines().len()
     }
 
     /// Waits until `n` more cycles than `since` were applied.
@@ -186,12 +193,21 @@ fn fill_random(img: &Path, mib: u64) {
         .arg(format!("--filename={}", img.display())));
 }
 
-/// Writes `len` bytes of `byte` at the start of the raw image, with qemu-io.
-fn qemu_write(img: &Path, byte: u8, len: &str) {
+/// Writes `len` bytes of `byte` at `offset` of the raw image, with qemu-io.
+fn qemu_write(img: &Path, byte: u8, offset: &str, len: &str) {
     run(Command::new("qemu-io")
         .args(["-f", "raw"])
         .arg(img)
-        .args(["-c", &format!("write -P {byte} 0 {len}")]));
+        .args(["-c", &format!("write -P {byte} {offset} {len}")]));
+}
+
+/// The value of `key=value` (quotes dropped) in a log line; panics naming the line if absent.
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
 fn tail(s: &str) -> String {
@@ -237,7 +253,7 @@ fn kill9_of_shipper_applier_and_tracker_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path(), dir.path().join("store"));
     let img = image(dir.path(), "sys.img", 64 * MIB);
-    qemu_write(&img, 3, "16M");
+    qemu_write(&img, 3, "0", "16M");
     let mut tracker = Some(TrackerProc::start(dir.path(), &[("sys", &img)], &[]));
     let config = site.config(tracker.as_ref().unwrap());
     let mut applier = site.applier();
@@ -302,12 +318,8 @@ fn lost_tracking_is_resynced_by_checksums_shipping_only_the_differences() {
     let al = state.join("sys.al");
     std::fs::remove_file(&al).unwrap_or_else(|e| panic!("{}: {e}", al.display()));
     // 4 MiB changed where nothing tracks it: 1 MiB inside the random data, 3 MiB in a hole.
-    run(Command::new("qemu-io").args(["-f", "raw"]).arg(&img).args([
-        "-c",
-        "write -P 51 8M 1M",
-        "-c",
-        "write -P 68 40M 3M",
-    ]));
+    qemu_write(&img, 51, "8M", "1M");
+    qemu_write(&img, 68, "40M", "3M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
     assert!(
         tracker
@@ -319,19 +331,13 @@ fn lost_tracking_is_resynced_by_checksums_shipping_only_the_differences() {
     let n = site.applied();
     let mut shipper = site.shipper(&config, &[]);
     site.wait_cycles(n, 1, Duration::from_secs(60));
-    let slog = site.log("shipper");
-    let resync = slog
-        .lines()
-        .find(|l| l.contains("cycle applied on the replica") && l.contains("kind=Resync"))
-        .unwrap_or_else(|| panic!("no resync cycle:\n{}", tail(&slog)));
-    let data_mib: f64 = resync
-        .split("data_mib=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no data_mib in {resync}"));
+    let resync = site
+        .applied_lines()
+        .into_iter()
+        .find(|l| l.contains("kind=Resync"))
+        .unwrap_or_else(|| panic!("no resync cycle:\n{}", tail(&site.log("shipper"))));
     // Exactly the 64 KiB blocks that differ: 4 MiB, of a 64 MiB disk with 32 MiB allocated.
-    assert_eq!(data_mib, 4.0, "{resync}");
+    assert_eq!(field::<f64>(&resync, "data_mib"), 4.0, "{resync}");
     site.assert_equal(&config, &img);
     let other = Command::new(bin())
         .args(["verify", "vm2", "--config"])
@@ -346,12 +352,8 @@ fn lost_tracking_is_resynced_by_checksums_shipping_only_the_differences() {
     );
     // Resynchronised: the next cycle is an ordinary delta again.
     site.wait_cycles(n + 1, 1, Duration::from_secs(60));
-    let slog = site.log("shipper");
-    let last = slog
-        .lines()
-        .rfind(|l| l.contains("cycle applied on the replica"))
-        .unwrap();
-    assert!(last.contains("kind=Delta"), "{last}");
+    let last = site.applied_lines().pop().unwrap();
+    assert_eq!(field::<String>(&last, "kind"), "Delta", "{last}");
     kill9(&mut shipper);
     kill9(&mut applier);
     tracker.stop();
@@ -362,7 +364,7 @@ fn corrupted_chunks_are_refused_and_sent_again() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::new(dir.path(), dir.path().join("store"));
     let img = image(dir.path(), "sys.img", 32 * MIB);
-    qemu_write(&img, 7, "8M");
+    qemu_write(&img, 7, "0", "8M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
     let (config, mut applier, mut shipper) =
         site.start(&tracker, &[("VMREPLICA_FAULT_CORRUPT_CHUNKS", "3")]);
@@ -519,17 +521,8 @@ fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
     );
     cut("up");
     site.wait_cycles(0, 1, Duration::from_secs(90));
-    let log = site.log("shipper");
-    let line = log
-        .lines()
-        .find(|l| l.contains("cycle applied on the replica"))
-        .unwrap();
-    let skipped: u64 = line
-        .split("resumed_skipped=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no resumed_skipped in {line}"));
+    let line = site.applied_lines().swap_remove(0);
+    let skipped: u64 = field(&line, "resumed_skipped");
     assert!(skipped > 0, "the resumed cycle resent everything: {line}");
     site.assert_equal(&config, &img);
     kill9(&mut shipper);
@@ -587,7 +580,7 @@ fn replication_between_two_network_namespaces() {
     site.replica_ns = Some(sites.replica.clone());
     site.primary_ns = Some(sites.primary.clone());
     let img = image(dir.path(), "sys.img", 64 * MIB);
-    qemu_write(&img, 5, "12M");
+    qemu_write(&img, 5, "0", "12M");
     let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
     // Data spread over three QUIC connections.
     let config = site.config_via(
