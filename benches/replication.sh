@@ -30,7 +30,9 @@
 # Output: markdown on stdout and in benches/results/replication-<stamp>.md.
 # Environment: BENCH_SIZE=8G BENCH_ALLOC=2G BENCH_CHANGE_PCT=1 BENCH_CYCLE_MIB=1024
 #   VMREPLICA=target/release/vmreplica BENCH_DIR=<mktemp under /var/tmp> BENCH_KEEP=0
-#   BENCH_MAX_SECONDS=1800
+#   BENCH_MAX_SECONDS=1800 BENCH_REPLICA_DIR=<unset: the replica store lives under BENCH_DIR>
+#   BENCH_REPLICA_DIR puts the replica site's store on another filesystem (a second disk, or
+#   /dev/shm standing in for one), so that (1) shows the cycle without both sites sharing one disk.
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
 set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -55,6 +57,12 @@ alloc_bytes=$(numfmt --from=iec "${BENCH_ALLOC%iB}")
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/repl-bench.XXXXXX)}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
+if [[ -n ${BENCH_REPLICA_DIR:-} ]]; then
+  mkdir -p "$BENCH_REPLICA_DIR"
+  store=$(mktemp -d "$BENCH_REPLICA_DIR/vmreplica-bench.XXXXXX")
+else
+  store=$work/replica
+fi
 ns=vmrb$$
 hveth=vrb$$h
 rveth=vrb$$r
@@ -74,7 +82,7 @@ cleanup() {
   ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
   ip link del "$hveth" 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
-  if [[ $BENCH_KEEP == 1 ]]; then log "kept $work"; else rm -rf "$work"; fi
+  if [[ $BENCH_KEEP == 1 ]]; then log "kept $work $store"; else rm -rf "$work" "$store"; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -151,7 +159,7 @@ log "image: $(mib "$size_bytes") MiB, $(mib "$allocated") MiB allocated"
 "$VMREPLICA" certs issue --ca "$work/ca" --name primary-1 >/dev/null
 "$VMREPLICA" certs issue --ca "$work/ca" --name replica-1 --ip "$rep_ip" >/dev/null
 # Not through inns: `ip netns exec` execs the applier, so the pid started is the applier's.
-start ip netns exec "$ns" "$VMREPLICA" applier --store "$work/replica" --listen "$rep_ip:7443" \
+start ip netns exec "$ns" "$VMREPLICA" applier --store "$store" --listen "$rep_ip:7443" \
   --cert "$work/ca/replica-1.pem" --key "$work/ca/replica-1.key" --ca "$work/ca/ca.pem" \
   --allow primary-1 2>"$work/applier.log"
 applier_pid=${pids[-1]}
@@ -170,7 +178,7 @@ interval = "1h"
 compression = true
 streams = 4
 TOML
-replica_img=$work/replica/vm1/disks/sys.img
+replica_img=$store/vm1/disks/sys.img
 shipper_pid=""
 # Where a cycle's time goes: bytes through the disk under $work, CPU seconds of the shipper
 # and the applier, and how busy the whole machine was (all cores; kernel threads included).
@@ -308,13 +316,13 @@ cold
 read -r _ direct_secs < <(local_read direct)
 # What the disk itself can write durably: the replica has to write the same amount and fsync.
 t0=$(now)
-dd if=/dev/zero of="$work/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
+dd if=/dev/zero of="$store/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
 dd_secs=$(secs "$t0" "$(now)")
-rm -f "$work/ddtest"
+rm -f "$store/ddtest"
 # What an apply has to do at the least: write the same blocks at their offsets into a sparse
 # image of the same size, then fsync it (buffered pwrites in offset order).
 cold
-randwrite_secs=$(python3 - "$work/wtest" "$size_bytes" "$work/dirty.map" <<'PY'
+randwrite_secs=$(python3 - "$store/wtest" "$size_bytes" "$work/dirty.map" <<'PY'
 import os, sys, time
 path, size, mapf = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ranges = sorted((int(f[0]), int(f[1])) for f in map(str.split, open(mapf)) if len(f) >= 3 and f[2] == "1")
@@ -330,7 +338,7 @@ os.fsync(fd)
 print(f"{time.monotonic() - t0:.2f}")
 PY
 )
-rm -f "$work/wtest"
+rm -f "$store/wtest"
 ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle"
 v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$cyc_net
 v_cyc_read=$cyc_read v_cyc_written=$cyc_written v_cyc_busy=$cyc_busy
@@ -341,11 +349,24 @@ v_cyc_recv=$cyc_recv_secs v_cyc_apply=$cyc_apply_secs
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 rate() { awk -v m="$1" -v s="$2" 'BEGIN { printf "%.0f", m / s }'; }
 local_mib=$(mib "$local_bytes")
+store_fs=$(df --output=fstype "$store" | tail -n 1)
+if [[ $(stat -c %d "$work") == $(stat -c %d "$store") ]]; then
+  same_disk=1 shared_what="CPUs and disk"
+  store_where="on the primary image's disk ($store_fs)"
+  sharing="$(nproc) cores and one disk"
+  io_what="reads: the primary's blocks and the replica's old contents for the undo log; writes: staging, undo log, replica image"
+else
+  same_disk=0 shared_what="CPUs"
+  store_where="$store_fs, apart from the primary image's disk (the disk figures below count that disk only)"
+  sharing="$(nproc) cores (the replica store is on $store_fs, off the primary's disk)"
+  io_what="the primary's side only: the replica store is on $store_fs"
+fi
 {
   echo "# Replication benchmark — $stamp"
   echo
   echo "- repo $(git -C "$repo_dir" rev-parse --short HEAD)$(git -C "$repo_dir" diff --quiet || echo ' (uncommitted changes)'); $(nproc) cores; $(uname -r); $(rsync --version | head -n 1); $(qemu-img --version | head -n 1); $(nbdcopy --version | head -n 1)"
   echo "- sites: host and a network namespace joined by a veth pair; wire = bytes on the veth, both directions, headers included"
+  echo "- replica store: $store_where"
   echo "- image: $(mib "$size_bytes") MiB raw, ext4 with real files from /usr, $(mib "$allocated") MiB allocated; page cache dropped before every run; every copy checked equal with cmp"
   echo
   echo "### (3) initial sync, (4) compression"
@@ -374,19 +395,20 @@ local_mib=$(mib "$local_bytes")
   echo "| local read of the dirty blocks (pread in offset order, cold cache) | $local_mib | $local_secs | $(rate "$local_mib" "$local_secs") |"
   echo "| vmreplica delta cycle (freeze → applied and fsynced on the replica) | $v_cyc_data | $v_cyc_secs | $(rate "$v_cyc_data" "$v_cyc_secs") |"
   echo "| for scale: the same local read with O_DIRECT (no page cache) | $local_mib | $direct_secs | $(rate "$local_mib" "$direct_secs") |"
-  echo "| for scale: the same disk's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
-  echo "| for scale: writing the same blocks at their offsets into a sparse image, then fsync | $local_mib | $randwrite_secs | $(rate "$local_mib" "$randwrite_secs") |"
+  echo "| for scale: the replica store's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
+  echo "| for scale: writing the same blocks at their offsets into a sparse image on the replica store, then fsync | $local_mib | $randwrite_secs | $(rate "$local_mib" "$randwrite_secs") |"
   echo "| cycle phase 1 on the applier: receive, verify, stage, capture undo | $v_cyc_data | $v_cyc_recv | $(rate "$v_cyc_data" "$v_cyc_recv") |"
   echo "| cycle phase 2 on the applier: apply into the replica image, fsync | $v_cyc_data | $v_cyc_apply | $(rate "$v_cyc_data" "$v_cyc_apply") |"
   echo
-  echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $(nproc) cores and one disk: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same CPUs and disk that the local read has to itself."
+  echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same $shared_what that the local read has to itself."
   echo
   # The disk floor: every byte the cycle moves through the disk, at the fastest rate this disk
   # showed above, and the ratio that floor leaves.
   io_mib=$(awk -v a="$v_cyc_read" -v b="$v_cyc_written" 'BEGIN { printf "%.0f", a + b }')
-  best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" 'BEGIN { print (a > b ? a : b) }')
+  # (With the store elsewhere only the primary's reads cross this disk: its read rate counts.)
+  best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" -v s="$same_disk" 'BEGIN { print (s && a > b ? a : b) }')
   io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
-  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk (reads: the primary's blocks and the replica's old contents for the undo log; writes: staging, undo log, replica image), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s, so the disk alone caps this ratio at $(r "$local_secs" "$io_floor"). CPU: shipper $v_cyc_cpu_ship s, applier $v_cyc_cpu_app s; all $(nproc) cores were $v_cyc_busy% busy during the cycle."
+  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s, so the disk alone caps this ratio at $(r "$local_secs" "$io_floor"). CPU: shipper $v_cyc_cpu_ship s, applier $v_cyc_cpu_app s; all $(nproc) cores were $v_cyc_busy% busy during the cycle."
   echo
   # The CPU floor: the two sites' CPU seconds spread perfectly over this machine's cores.
   cpu_floor=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$(nproc)" 'BEGIN { printf "%.2f", (a + b) / n }')
