@@ -22,7 +22,7 @@
 #       pre-change copy. Time and bytes on the wire.
 #   (1) BENCH_CYCLE_MIB (1024) MiB of dirty 64 KiB blocks: the delta cycle's rate vs reading the
 #       same blocks locally (python preads in offset order; also shown with O_DIRECT), both from
-#       a cold page cache. The report says where the cycle's time went: bytes read and written
+#       a cold page cache; BENCH_CYCLE_ROUNDS (3) rounds, each on a fresh dirty set. The report says where the cycle's time went: bytes read and written
 #       on the disk under the work directory, the shipper's and applier's CPU seconds, and how
 #       busy all cores were; and the ceilings on the ratio that disk traffic and CPU alone set.
 #
@@ -30,7 +30,7 @@
 # Output: markdown on stdout and in benches/results/replication-<stamp>.md.
 # Environment: BENCH_SIZE=8G BENCH_ALLOC=2G BENCH_CHANGE_PCT=1 BENCH_CYCLE_MIB=1024
 #   VMREPLICA=target/release/vmreplica BENCH_DIR=<mktemp under /var/tmp> BENCH_KEEP=0
-#   BENCH_MAX_SECONDS=1800 BENCH_REPLICA_DIR=<unset: the replica store lives under BENCH_DIR>
+#   BENCH_CYCLE_ROUNDS=3 BENCH_MAX_SECONDS=1800 BENCH_REPLICA_DIR=<unset: the replica store lives under BENCH_DIR>
 #   BENCH_REPLICA_DIR puts the replica site's store on another filesystem (a second disk, or
 #   /dev/shm standing in for one), so that (1) shows the cycle without both sites sharing one disk.
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
@@ -44,6 +44,7 @@ BENCH_SIZE=${BENCH_SIZE:-8G}
 BENCH_ALLOC=${BENCH_ALLOC:-2G}
 BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
 BENCH_CYCLE_MIB=${BENCH_CYCLE_MIB:-1024}
+BENCH_CYCLE_ROUNDS=${BENCH_CYCLE_ROUNDS:-3}
 BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-1800}
 BENCH_KEEP=${BENCH_KEEP:-0}
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
@@ -282,27 +283,22 @@ rsync_secs=$(secs "$t0" "$t1") rsync_wire=$(( $(wire) - w0 ))
 same "$img" "$work/rsync/vm1-sys.img" "rsync"
 
 # ---- (1) cycle throughput vs local read -------------------------------------------------------
+# BENCH_CYCLE_ROUNDS rounds, each on a fresh dirty set: this disk's timing varies a lot from
+# one minute to the next, so each round times its own local reads next to its own cycle, and
+# the report gives every round and the median one.
 nblk=$((BENCH_CYCLE_MIB * 16))
-log "dirtying $nblk random 64 KiB blocks (${BENCH_CYCLE_MIB} MiB)"
-fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
-  --size="$size_bytes" --io_size=$((nblk * 65536)) --randrepeat=0 --thread \
-  --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
-nbdinfo --map=qemu:dirty-bitmap:vmreplica "$uri" >"$work/dirty.map"
-# Reads the dirty ranges of the image in offset order, up to 1 MiB at a time; $1 = direct
-# (O_DIRECT into an aligned buffer) or buffered. Prints bytes and seconds.
+# Reads the dirty ranges ($work/dirty.ranges: offset length, in offset order) of the image, up
+# to 1 MiB at a time; $1 = direct (O_DIRECT into an aligned buffer) or buffered. Prints bytes
+# and seconds.
 local_read() {
-  python3 - "$img" "$work/dirty.map" "$1" <<'PY'
+  python3 - "$img" "$work/dirty.ranges" "$1" <<'PY'
 import mmap, os, sys, time
-img, mapf, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-ranges = []
-for line in open(mapf):
-    f = line.split()
-    if len(f) >= 3 and f[2] == "1":          # offset length type(1 = dirty) description
-        ranges.append((int(f[0]), int(f[1])))
+img, rangef, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+ranges = [tuple(map(int, line.split())) for line in open(rangef)]
 fd = os.open(img, os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0))
 buf = mmap.mmap(-1, 1 << 20)                  # page-aligned, as O_DIRECT needs
 t0 = time.monotonic(); total = 0
-for off, n in sorted(ranges):
+for off, n in ranges:
     while n:
         want = min(n, 1 << 20)
         got = os.preadv(fd, [memoryview(buf)[:want]], off)
@@ -310,22 +306,14 @@ for off, n in sorted(ranges):
 print(total, f"{time.monotonic() - t0:.2f}")
 PY
 }
-cold
-read -r local_bytes local_secs < <(local_read buffered)
-cold
-read -r _ direct_secs < <(local_read direct)
-# What the disk itself can write durably: the replica has to write the same amount and fsync.
-t0=$(now)
-dd if=/dev/zero of="$store/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
-dd_secs=$(secs "$t0" "$(now)")
-rm -f "$store/ddtest"
-# What an apply has to do at the least: write the same blocks at their offsets into a sparse
-# image of the same size, then fsync it (buffered pwrites in offset order).
-cold
-randwrite_secs=$(python3 - "$store/wtest" "$size_bytes" "$work/dirty.map" <<'PY'
+# What an apply has to do at the least: write the dirty blocks at their offsets into a sparse
+# image of the same size on the replica store, then fsync it (buffered pwrites in offset
+# order). Prints seconds.
+bare_write() {
+  python3 - "$store/wtest" "$size_bytes" "$work/dirty.ranges" <<'PY'
 import os, sys, time
-path, size, mapf = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ranges = sorted((int(f[0]), int(f[1])) for f in map(str.split, open(mapf)) if len(f) >= 3 and f[2] == "1")
+path, size, rangef = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ranges = [tuple(map(int, line.split())) for line in open(rangef)]
 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 os.ftruncate(fd, size)
 buf = os.urandom(1 << 20)
@@ -337,13 +325,43 @@ for off, n in ranges:
 os.fsync(fd)
 print(f"{time.monotonic() - t0:.2f}")
 PY
-)
-rm -f "$store/wtest"
-ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle"
-v_cyc_secs=$cyc_secs v_cyc_data=$cyc_data v_cyc_wire=$cyc_net
-v_cyc_read=$cyc_read v_cyc_written=$cyc_written v_cyc_busy=$cyc_busy
-v_cyc_cpu_ship=$cyc_cpu_ship v_cyc_cpu_app=$cyc_cpu_app
-v_cyc_recv=$cyc_recv_secs v_cyc_apply=$cyc_apply_secs
+  rm -f "$store/wtest"
+}
+rounds=()   # per round: local_secs direct_secs cycle_secs recv_secs apply_secs
+for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
+  log "round $round: dirtying $nblk random 64 KiB blocks (${BENCH_CYCLE_MIB} MiB)"
+  fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
+    --size="$size_bytes" --io_size=$((nblk * 65536)) --randrepeat=0 --thread \
+    --refill_buffers --buffer_compress_percentage=50 --output=/dev/null >/dev/null
+  # nbdinfo --map lines: offset length type(1 = dirty) description
+  nbdinfo --map=qemu:dirty-bitmap:vmreplica "$uri" | awk '$3 == 1 { print $1, $2 }' | sort -n \
+    >"$work/dirty.ranges"
+  cold
+  read -r local_bytes local_secs < <(local_read buffered)
+  cold
+  read -r _ direct_secs < <(local_read direct)
+  if [[ $round == 1 ]]; then
+    # What the replica store can write durably: an apply writes as much and fsyncs it.
+    t0=$(now)
+    dd if=/dev/zero of="$store/ddtest" bs=1M count="$BENCH_CYCLE_MIB" conv=fsync status=none
+    dd_secs=$(secs "$t0" "$(now)")
+    rm -f "$store/ddtest"
+    cold
+    randwrite_secs=$(bare_write)
+  fi
+  ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle, round $round"
+  rounds+=("$local_secs $direct_secs $cyc_secs $cyc_recv_secs $cyc_apply_secs")
+  # The details reported are the median round's (by cycle time over local read time).
+  declare -A "round_$round=( [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs )"
+done
+median=$(for i in "${!rounds[@]}"; do read -r l _ c _ <<<"${rounds[$i]}"; awk -v i=$((i + 1)) -v l="$l" -v c="$c" 'BEGIN { printf "%f %d\n", l / c, i }'; done |
+  sort -n | awk '{ r[NR] = $2 } END { print r[int((NR + 1) / 2)] }')
+declare -n m="round_$median"
+local_secs=${m[local]} direct_secs=${m[direct]}
+v_cyc_secs=${m[secs]} v_cyc_data=${m[data]} v_cyc_wire=${m[wire]}
+v_cyc_read=${m[read]} v_cyc_written=${m[written]} v_cyc_busy=${m[busy]}
+v_cyc_cpu_ship=${m[ship]} v_cyc_cpu_app=${m[app]}
+v_cyc_recv=${m[recv]} v_cyc_apply=${m[apply]}
 
 # ---- report ---------------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -399,6 +417,15 @@ fi
   echo "| for scale: writing the same blocks at their offsets into a sparse image on the replica store, then fsync | $local_mib | $randwrite_secs | $(rate "$local_mib" "$randwrite_secs") |"
   echo "| cycle phase 1 on the applier: receive, verify, stage, capture undo | $v_cyc_data | $v_cyc_recv | $(rate "$v_cyc_data" "$v_cyc_recv") |"
   echo "| cycle phase 2 on the applier: apply into the replica image, fsync | $v_cyc_data | $v_cyc_apply | $(rate "$v_cyc_data" "$v_cyc_apply") |"
+  echo
+  echo "Rounds, each on its own dirty set (the table above and the analysis below are round $median's, the median):"
+  echo
+  echo "| round | local read s | O_DIRECT read s | cycle s | receive s | apply s | local read s / cycle s | faster read s / cycle s |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for i in "${!rounds[@]}"; do
+    read -r l d c rv ap <<<"${rounds[$i]}"
+    echo "| $((i + 1)) | $l | $d | $c | $rv | $ap | $(r "$l" "$c") | $(r "$(awk -v a="$l" -v b="$d" 'BEGIN { print (a < b ? a : b) }')" "$c") |"
+  done
   echo
   echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same $shared_what that the local read has to itself."
   echo
