@@ -22,8 +22,9 @@
 #       pre-change copy. Time and bytes on the wire.
 #   (1) BENCH_CYCLE_MIB (1024) MiB of dirty 64 KiB blocks: the delta cycle's rate vs reading the
 #       same blocks locally (python preads in offset order; also shown with O_DIRECT), both from
-#       a cold page cache; BENCH_CYCLE_ROUNDS (3) rounds, each on a fresh dirty set. The report says where the cycle's time went: bytes read and written
-#       on the disk under the work directory, the shipper's and applier's CPU seconds, and how
+#       a cold page cache; BENCH_CYCLE_ROUNDS (3) rounds, each on a fresh dirty set. The report
+#       says where the cycle's time went: bytes read and written on the disk under the work
+#       directory, the shipper's and applier's CPU seconds, and how
 #       busy all cores were; and the ceilings on the ratio that disk traffic and CPU alone set.
 #
 # Every copy is checked: replica == primary (cmp), nbdcopy/qemu-img/rsync copies == source.
@@ -327,7 +328,6 @@ print(f"{time.monotonic() - t0:.2f}")
 PY
   rm -f "$store/wtest"
 }
-rounds=()   # per round: local_secs direct_secs cycle_secs recv_secs apply_secs
 for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
   log "round $round: dirtying $nblk random 64 KiB blocks (${BENCH_CYCLE_MIB} MiB)"
   fio --name=dirty --ioengine=nbd --uri="$uri" --rw=randwrite --bs=64k --iodepth=16 \
@@ -350,12 +350,14 @@ for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
     randwrite_secs=$(bare_write)
   fi
   ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle, round $round"
-  rounds+=("$local_secs $direct_secs $cyc_secs $cyc_recv_secs $cyc_apply_secs")
-  # The details reported are the median round's (by cycle time over local read time).
+  # Every round's figures, as round_1, round_2, ...; the details reported are the median
+  # round's (by local read time over cycle time).
   declare -A "round_$round=( [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs )"
 done
-median=$(for i in "${!rounds[@]}"; do read -r l _ c _ <<<"${rounds[$i]}"; awk -v i=$((i + 1)) -v l="$l" -v c="$c" 'BEGIN { printf "%f %d\n", l / c, i }'; done |
-  sort -n | awk '{ r[NR] = $2 } END { print r[int((NR + 1) / 2)] }')
+median=$(for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
+  declare -n o="round_$i"
+  awk -v i="$i" -v l="${o[local]}" -v c="${o[secs]}" 'BEGIN { printf "%f %d\n", l / c, i }'
+done | sort -n | awk '{ r[NR] = $2 } END { print r[int((NR + 1) / 2)] }')
 declare -n m="round_$median"
 local_secs=${m[local]} direct_secs=${m[direct]}
 v_cyc_secs=${m[secs]} v_cyc_data=${m[data]} v_cyc_wire=${m[wire]}
@@ -369,14 +371,14 @@ rate() { awk -v m="$1" -v s="$2" 'BEGIN { printf "%.0f", m / s }'; }
 local_mib=$(mib "$local_bytes")
 store_fs=$(df --output=fstype "$store" | tail -n 1)
 if [[ $(stat -c %d "$work") == $(stat -c %d "$store") ]]; then
-  same_disk=1 shared_what="CPUs and disk"
+  same_disk=1
   store_where="on the primary image's disk ($store_fs)"
   sharing="$(nproc) cores and one disk"
   io_what="reads: the primary's blocks and the replica's old contents for the undo log; writes: staging, undo log, replica image"
 else
-  same_disk=0 shared_what="CPUs"
+  same_disk=0
   store_where="$store_fs, apart from the primary image's disk (the disk figures below count that disk only)"
-  sharing="$(nproc) cores (the replica store is on $store_fs, off the primary's disk)"
+  sharing="$(nproc) cores"
   io_what="the primary's side only: the replica store is on $store_fs"
 fi
 {
@@ -422,12 +424,13 @@ fi
   echo
   echo "| round | local read s | O_DIRECT read s | cycle s | receive s | apply s | local read s / cycle s | faster read s / cycle s |"
   echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
-  for i in "${!rounds[@]}"; do
-    read -r l d c rv ap <<<"${rounds[$i]}"
-    echo "| $((i + 1)) | $l | $d | $c | $rv | $ap | $(r "$l" "$c") | $(r "$(awk -v a="$l" -v b="$d" 'BEGIN { print (a < b ? a : b) }')" "$c") |"
+  for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
+    declare -n o="round_$i"
+    faster=$(awk -v a="${o[local]}" -v b="${o[direct]}" 'BEGIN { print (a < b ? a : b) }')
+    echo "| $i | ${o[local]} | ${o[direct]} | ${o[secs]} | ${o[recv]} | ${o[apply]} | $(r "${o[local]}" "${o[secs]}") | $(r "$faster" "${o[secs]}") |"
   done
   echo
-  echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same $shared_what that the local read has to itself."
+  echo "Cycle rate / local read rate: $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")") (target ≥ 0.70); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same $sharing that the local read has to itself."
   echo
   # The disk floor: every byte the cycle moves through the disk, at the fastest rate this disk
   # showed above, and the ratio that floor leaves.
