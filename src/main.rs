@@ -1,5 +1,7 @@
 //! `vmreplica`: one command line for every role.
 
+mod progress;
+
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -316,9 +318,13 @@ async fn stop_signal() {
     }
 }
 
-fn run_shipper(config: &Path) -> Result<()> {
+fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
     let cfg = vmreplica_shipper::ShipperConfig::load(config)?;
-    runtime()?.block_on(vmreplica_shipper::run::run(cfg, stop_signal()))?;
+    runtime()?.block_on(vmreplica_shipper::run::run(
+        cfg,
+        progress::sink(bar),
+        stop_signal(),
+    ))?;
     Ok(())
 }
 
@@ -446,19 +452,20 @@ fn run_certs(op: CertsOp) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    let bar = progress::Bar::default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMREPLICA_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(bar.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Tracker(a) => run_tracker(a),
         Cmd::Ctl { socket, op } => run_ctl(&socket, op),
-        Cmd::Shipper { config } => run_shipper(&config),
+        Cmd::Shipper { config } => run_shipper(&config, bar),
         Cmd::Applier(a) => run_applier(a),
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),

@@ -2,7 +2,7 @@
 //! random instants while a guest writes; chunks corrupted in flight; a full replica disk; a
 //! link cut mid-cycle (through scripts/wan-relay.py); and the two sites in two network
 //! namespaces joined by a veth pair. Each ends with a replica equal to the primary (checked
-//! with `vmreplica verify` and cmp).
+//! with `vmreplica verify` and cmp). Also the shipper's progress bar, on a terminal.
 
 mod common;
 
@@ -383,6 +383,62 @@ fn corrupted_chunks_are_refused_and_sent_again() {
     );
     site.assert_equal(&config, &img);
     kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.stop();
+}
+
+/// On a terminal, the shipper draws the initial copy as a progress bar that fills up (with
+/// the log lines above it) and ends applied at 100%; it runs under `script`, for a tty.
+#[test]
+fn the_initial_copy_draws_a_progress_bar_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 64 * MIB);
+    fill_random(&img, 48);
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let mut applier = site.applier();
+    // About 4 s for the 48 MiB: the bar is drawn many times on the way.
+    let config = site.config_via(
+        &tracker,
+        &format!("127.0.0.1:{}", site.port),
+        "bandwidth_limit = \"12M\"\n",
+    );
+    let typescript = dir.path().join("typescript");
+    let mut shipper = Command::new("script")
+        .args(["-qfe", "-c"])
+        .arg(format!(
+            "'{}' shipper --config '{}'",
+            bin(),
+            config.display()
+        ))
+        .arg(&typescript)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Guard)
+        .unwrap();
+    let screen = || std::fs::read_to_string(&typescript).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !screen().contains(", applied") {
+        assert!(Instant::now() < deadline, "no finished bar:\n{}", screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill9(&mut shipper);
+    let out = screen();
+    // Each redraw starts at a carriage return; the percentages drawn must rise to 100.
+    let percents: Vec<u32> = out
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("cycle 1, initial copy"))
+        .filter_map(|l| l.split("] ").nth(1)?.split('%').next()?.trim().parse().ok())
+        .collect();
+    assert!(
+        percents.iter().filter(|p| (1..100).contains(*p)).count() >= 3,
+        "{percents:?}\n{out}"
+    );
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+    assert_eq!(percents.last(), Some(&100));
+    assert!(out.contains("connected to the applier"), "{out}");
+    site.assert_equal(&config, &img);
     kill9(&mut applier);
     tracker.stop();
 }

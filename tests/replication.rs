@@ -13,6 +13,7 @@ use vmreplica_applier::server::{Applier, ApplierConfig};
 use vmreplica_applier::store::{Retention, Store};
 use vmreplica_common::tls::{self, AllowList, Identity, Validity};
 use vmreplica_common::wire::CycleKind;
+use vmreplica_shipper::progress::{Progress, Snapshot};
 use vmreplica_shipper::run;
 use vmreplica_shipper::ship::{ship_cycle, ShipOptions};
 use vmreplica_shipper::ShipperConfig;
@@ -84,6 +85,63 @@ fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Guard {
         .expect("running fio")
 }
 
+/// What a cycle reported to its progress sink, in order.
+#[derive(Debug, PartialEq)]
+enum Report {
+    Begin(u64, CycleKind, u64),
+    Update(u64),
+    Sent(u64, u64),
+    End(bool),
+}
+
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Report>>);
+
+impl Progress for Recorder {
+    fn begin(&self, cycle: u64, kind: CycleKind, total: u64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(Report::Begin(cycle, kind, total));
+    }
+    fn update(&self, now: &Snapshot) {
+        self.0.lock().unwrap().push(Report::Update(now.done));
+    }
+    fn sent(&self, now: &Snapshot) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(Report::Sent(now.done, now.total));
+    }
+    fn end(&self, applied: bool) {
+        self.0.lock().unwrap().push(Report::End(applied));
+    }
+}
+
+impl Recorder {
+    /// The cycle just shipped reported its total, a rising count, all of it sent, and
+    /// success (then forgets it, for the next cycle).
+    fn assert_whole(&self, cycle: u64, kind: CycleKind, bytes: u64) {
+        let r = std::mem::take(&mut *self.0.lock().unwrap());
+        assert_eq!(r.first(), Some(&Report::Begin(cycle, kind, bytes)), "{r:?}");
+        assert_eq!(
+            r[r.len() - 2..],
+            [Report::Sent(bytes, bytes), Report::End(true)]
+        );
+        let done: Vec<u64> = r
+            .iter()
+            .filter_map(|e| match e {
+                Report::Update(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            done.windows(2).all(|w| w[0] <= w[1] && w[1] <= bytes),
+            "{r:?}"
+        );
+    }
+}
+
 /// Every recovery point, rebuilt from undo logs, equals the primary as frozen at its cycle,
 /// while the guest keeps writing; the replica ends equal to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,11 +202,13 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     let ep = run::endpoint(&cfg).unwrap();
     let mut session = run::connect(&ep, &cfg).await.unwrap();
     assert_eq!(session.last_cycle, 0);
+    let progress = Arc::new(Recorder::default());
     let opts = ShipOptions {
         compression: true,
         streams: 3,
         limit: None,
         engine: vmreplica_tracker::engine::probe(false),
+        progress: Arc::clone(&progress) as Arc<dyn Progress>,
     };
     let uri = |n: &str| format!("nbd+unix:///{n}?socket={}", sock.display());
     let mut writers = vec![
@@ -195,6 +255,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         )
         .await
         .unwrap();
+        progress.assert_whole(g.generation, kind, stats.data_bytes);
         if k > 1 && stats.chunks_sent > 0 {
             shipped_deltas += 1;
         }

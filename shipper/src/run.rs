@@ -18,6 +18,7 @@ use vmreplica_tracker::control::{self, Request};
 use vmreplica_tracker::Generation;
 
 use crate::config::{Interval, ShipperConfig};
+use crate::progress::Progress;
 use crate::ratelimit::RateLimit;
 use crate::ship::{ship_cycle, CycleStats, ShipError, ShipOptions};
 
@@ -171,6 +172,7 @@ async fn next_cycle(
 /// Runs cycles forever (until `stop` resolves).
 pub async fn run(
     cfg: ShipperConfig,
+    progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ShipError> {
     let ep = endpoint(&cfg)?;
@@ -179,6 +181,7 @@ pub async fn run(
         streams: cfg.streams,
         limit: cfg.bandwidth_limit.map(|b| Arc::new(RateLimit::new(b))),
         engine: vmreplica_tracker::engine::probe(false),
+        progress,
     };
     tokio::pin!(stop);
     let mut backoff = Duration::from_secs(1);

@@ -18,6 +18,7 @@ use vmreplica_tracker::engine::Engine;
 use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::Generation;
 
+use crate::progress::{Progress, Snapshot};
 use crate::ratelimit::RateLimit;
 
 #[derive(Debug, Error)]
@@ -51,12 +52,28 @@ const READ_AHEAD_PER_STREAM: usize = 4;
 /// Read buffers kept for reuse (more than the read-ahead of the usual stream counts).
 const BUFFERS_KEPT: usize = 64;
 
+/// How often a cycle's progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
 /// Knobs of one cycle.
 pub struct ShipOptions {
     pub compression: bool,
     pub streams: usize,
     pub limit: Option<Arc<RateLimit>>,
     pub engine: Arc<dyn Engine>,
+    pub progress: Arc<dyn Progress>,
+}
+
+/// Tells the progress sink how a cycle ended, on every way out of it.
+struct Ending<'a> {
+    progress: &'a dyn Progress,
+    applied: bool,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        self.progress.end(self.applied);
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -338,31 +355,35 @@ pub async fn ship_cycle(
     let queue = Arc::new(Mutex::new(work));
     let done = Arc::new(AtomicU64::new(0));
     let wire_bytes = Arc::new(AtomicU64::new(0));
-    let progress =
-        {
-            let done = Arc::clone(&done);
-            tokio::spawn(async move {
-                let t0 = Instant::now();
-                loop {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    let d = done.load(Ordering::Relaxed);
-                    let rate = d as f64 / t0.elapsed().as_secs_f64();
-                    let eta = if rate > 0.0 {
-                        (total.saturating_sub(d)) as f64 / rate
-                    } else {
-                        0.0
-                    };
-                    tracing::info!(
-                    "cycle {cycle} ({kind:?}): {:.1} / {:.1} MiB ({:.0}%), {:.1} MB/s, ETA {:.0} s",
-                    d as f64 / 1048576.0,
-                    total as f64 / 1048576.0,
-                    if total > 0 { 100.0 * d as f64 / total as f64 } else { 100.0 },
-                    rate / 1e6,
-                    eta
-                );
+    opts.progress.begin(cycle, kind, total);
+    let mut ending = Ending {
+        progress: &*opts.progress,
+        applied: false,
+    };
+    let sending = Instant::now();
+    let snapshot = {
+        let done = Arc::clone(&done);
+        move || Snapshot {
+            cycle,
+            kind,
+            done: done.load(Ordering::Relaxed),
+            total,
+            elapsed: sending.elapsed(),
+        }
+    };
+    // Ticks until the chunks are sent, or this future is dropped (the sender goes with it).
+    let (stop_ticks, mut ticks_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ticker = {
+        let (progress, snapshot) = (Arc::clone(&opts.progress), snapshot.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(PROGRESS_EVERY) => progress.update(&snapshot()),
+                    _ = &mut ticks_stopped => return,
                 }
-            })
-        };
+            }
+        })
+    };
     // Read and pack ahead of the senders, a bounded number of chunks at a time, so disk reads,
     // compression and the link overlap; memory stays within `depth` chunks (a chunk holds its
     // slot until a sender has handed it to the link).
@@ -486,9 +507,11 @@ pub async fn ship_cycle(
             }
         }
     }
-    progress.abort();
+    drop(stop_ticks);
+    let _ = ticker.await;
     stop_producer.abort();
     result?;
+    opts.progress.sent(&snapshot());
 
     let digest = wire::digest(manifest.iter().map(|(id, (_, sum))| (*id, *sum)));
     link::send(
@@ -506,6 +529,7 @@ pub async fn ship_cycle(
         Err(LinkError::Peer(reason)) => return Err(ShipError::Refused { cycle, reason }),
         Err(e) => return Err(e.into()),
     }
+    ending.applied = true;
     Ok(CycleStats {
         cycle,
         chunks_sent: sent_count,
