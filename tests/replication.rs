@@ -207,7 +207,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         compression: true,
         streams: 3,
         limit: None,
-        engine: vmreplica_tracker::engine::probe(false),
+        engine: vmreplica_common::engine::probe(false),
         progress: Arc::clone(&progress) as Arc<dyn Progress>,
     };
     let uri = |n: &str| format!("nbd+unix:///{n}?socket={}", sock.display());

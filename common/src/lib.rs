@@ -1,9 +1,12 @@
 //! Types and formats shared by the vmreplica roles (tracker, shipper, applier).
 //!
-//! Kept deliberately small: names that cross process and network boundaries, and the
-//! durable-file helpers every role uses for its state.
+//! Kept deliberately small: names that cross process and network boundaries, the
+//! durable-file helpers every role uses for its state, and the image I/O engine (io_uring,
+//! or a thread pool) through which the tracker and the applier write images and the shipper
+//! reads them.
 
 pub mod direct;
+pub mod engine;
 pub mod link;
 pub mod name;
 pub mod sparse;

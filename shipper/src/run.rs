@@ -180,7 +180,7 @@ pub async fn run(
         compression: cfg.compression,
         streams: cfg.streams,
         limit: cfg.bandwidth_limit.map(|b| Arc::new(RateLimit::new(b))),
-        engine: vmreplica_tracker::engine::probe(false),
+        engine: vmreplica_common::engine::probe(false),
         progress,
     };
     tokio::pin!(stop);

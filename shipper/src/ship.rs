@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use thiserror::Error;
+use vmreplica_common::engine::Engine;
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::wire::{
     self, Chunk, ChunkId, CycleKind, DiskInfo, Message, StagedChunk, MAX_CHUNK,
 };
-use vmreplica_tracker::engine::Engine;
 use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::Generation;
 

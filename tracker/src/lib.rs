@@ -9,14 +9,14 @@
 //!   copy-on-write of frozen blocks;
 //! - [`tracker`]: the set of disks, the state directory, and frozen generations;
 //! - [`control`]: the local control socket (freeze, release, merge, status);
-//! - [`engine`]: io_uring and thread-pool image I/O.
+//! - [`engine`]: io_uring and thread-pool image I/O (shared with the other roles, from
+//!   `vmreplica_common`).
 
 pub mod activity_log;
 pub mod bitmap;
 pub mod control;
 pub mod cow;
 pub mod disk;
-pub mod engine;
 pub mod frozen;
 mod gate;
 pub mod nbd;
@@ -24,5 +24,7 @@ pub mod server;
 pub mod stream;
 pub mod tracker;
 pub mod tracking;
+
+pub use vmreplica_common::engine;
 
 pub use tracker::{Generation, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY};
