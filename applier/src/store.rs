@@ -29,6 +29,7 @@ use thiserror::Error;
 use vmreplica_common::wire::{self, Chunk, CycleKind, DiskInfo, StagedChunk, MAX_CHUNK};
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
+use crate::image::{Image, ImageWriter, WriteError};
 use crate::staging::Staging;
 use crate::undo::{self, Journal};
 use vmreplica_common::direct;
@@ -158,33 +159,6 @@ fn kind_name(k: CycleKind) -> &'static str {
         CycleKind::Delta => "delta",
         CycleKind::Initial => "initial",
         CycleKind::Resync => "resync",
-    }
-}
-
-/// A replica image: its descriptor, and the same file opened for direct reads where its
-/// filesystem allows them: the old contents an undo log keeps are read once, and through the
-/// page cache each 4 KiB of them would cost a freshly allocated page. (Writes stay buffered:
-/// on the disks measured, scattered direct writes were slower than writeback, which sorts
-/// and merges them and allocates holes in large extents.)
-struct Image {
-    file: File,
-    direct: Option<File>,
-}
-
-impl Image {
-    /// Reads `len` bytes at `offset` into `buf` (reused), direct where aligned; returns where
-    /// in `buf` they start.
-    fn read(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
-        if let Some(d) = self.direct.as_ref().filter(|_| direct::fits(offset, len)) {
-            let at = direct::aligned(buf, len);
-            match d.read_exact_at(&mut buf[at..], offset) {
-                Err(e) if direct::is_refusal(&e) => {}
-                r => return r.map(|()| at),
-            }
-        }
-        buf.resize(len, 0);
-        self.file.read_exact_at(buf, offset)?;
-        Ok(0)
     }
 }
 
@@ -493,8 +467,8 @@ impl VmStore {
         Staging::open(&p, cycle, direct).map_err(self.io(&p))
     }
 
-    /// Writes `data` at `offset` of disk `disk`'s image, or punches `len` bytes there if it
-    /// is all zeroes (None), so the replica stays sparse.
+    /// Writes `data` at `offset` of disk `disk`'s image through the page cache, or punches
+    /// `len` bytes there if it is all zeroes (None), so the replica stays sparse.
     fn write_range(
         &self,
         disk: u16,
@@ -502,12 +476,18 @@ impl VmStore {
         len: u32,
         data: Option<&[u8]>,
     ) -> Result<(), StoreError> {
-        let img = &self.images[disk as usize];
-        let p = self.image_path(&self.state.disks[disk as usize].name);
-        match data {
-            Some(data) => img.file.write_all_at(data, offset).map_err(self.io(&p)),
-            None => punch_hole(&img.file, offset, u64::from(len)).map_err(self.io(&p)),
-        }
+        self.images[disk as usize]
+            .write_range(offset, len, data)
+            .map_err(self.io(&self.image_path(&self.state.disks[disk as usize].name)))
+    }
+
+    /// The error of a failed write into an image.
+    fn write_error(&self, e: WriteError) -> StoreError {
+        let p = match self.state.disks.get(e.disk as usize) {
+            Some(d) => self.image_path(&d.name),
+            None => self.dir.join("disks"),
+        };
+        self.io(&p)(e.source)
     }
 
     /// fsyncs every replica image.
@@ -548,7 +528,7 @@ impl VmStore {
             if create && f.metadata().map_err(self.io(&p))?.len() != d.size {
                 f.set_len(d.size).map_err(self.io(&p))?;
             }
-            let direct = direct::open(&p, false).map_err(self.io(&p))?;
+            let direct = direct::open(&p, true).map_err(self.io(&p))?;
             images.push(Image { file: f, direct });
         }
         self.images = Arc::new(images);
@@ -992,10 +972,10 @@ impl VmStore {
         // per open file, so one seen there must fail the apply, not vanish.
         let writeback_error: Mutex<Option<io::Error>> = Mutex::new(None);
         // A reader thread reads the staging log through (large direct reads) and decompresses
-        // its chunks while this one writes them into the images, so reading, decompression
-        // and the writes overlap; the queue between them bounds what is in flight. A writeback
-        // thread makes what is applied so far durable while the apply goes on,
-        // so the disk works during the apply and the final fsync has little left.
+        // its chunks while this one hands them to an [`ImageWriter`], which keeps many direct
+        // writes in flight; the queue between them bounds what is decompressed ahead. What
+        // goes through the page cache instead (chunks that cannot go direct) is written back
+        // by a third thread as the apply goes on, so the final fsync has little left.
         std::thread::scope(|scope| -> Result<(), StoreError> {
             let (tick, ticks) = std::sync::mpsc::sync_channel::<()>(1);
             let writeback_error = &writeback_error;
@@ -1012,8 +992,8 @@ impl VmStore {
             });
             let (tx, rx) = std::sync::mpsc::sync_channel(APPLY_QUEUE);
             // Buffers the writer is done with go back to the reader: no chunk allocates or
-            // zeroes one of its own (at most the queue's few are ever in use).
-            let (done_tx, done_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            // zeroes one of its own (only the few in the queue and in flight are in use).
+            let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             scope.spawn(move || {
                 let chunks = match staging.chunks() {
                     Ok(c) => c,
@@ -1024,12 +1004,11 @@ impl VmStore {
                 };
                 for c in chunks {
                     let item = c.map_err(this.io(&this.dir)).and_then(|c| {
-                        let (disk, offset, len) = (c.disk, c.offset, c.len);
-                        let buf = done_rx.try_recv().unwrap_or_default();
-                        let data = c
-                            .into_data(buf)
+                        let mut buf = spare_rx.try_recv().unwrap_or_default();
+                        let at = c
+                            .unpack_aligned(&mut buf)
                             .map_err(|e| this.bad_chunk(e.to_string()))?;
-                        Ok((disk, offset, len, data))
+                        Ok((c.disk, c.offset, c.len, at.map(|at| (buf, at))))
                     });
                     let failed = item.is_err();
                     if tx.send(item).is_err() || failed {
@@ -1037,17 +1016,13 @@ impl VmStore {
                     }
                 }
             });
+            // Dropped before this scope returns, error or not: it waits for its writes.
+            let mut writer = ImageWriter::new(&this.images, spare_tx);
             let mut done = 0u64;
             let mut unsynced = 0u64;
             let mut last_log = std::time::Instant::now();
             for item in rx {
                 let (disk, offset, len, data) = item?;
-                unsynced += u64::from(len);
-                if unsynced >= WRITEBACK_BYTES {
-                    // Never waits: a tick already pending covers these pages too.
-                    let _ = tick.try_send(());
-                    unsynced = 0;
-                }
                 #[cfg(test)]
                 if this.crash_after == Some(done) {
                     return Err(StoreError::Io {
@@ -1055,9 +1030,13 @@ impl VmStore {
                         source: io::Error::other("simulated crash"),
                     });
                 }
-                this.write_range(disk, offset, len, data.as_deref())?;
-                if let Some(buf) = data {
-                    let _ = done_tx.send(buf);
+                unsynced += writer
+                    .write(disk, offset, len, data)
+                    .map_err(|e| this.write_error(e))?;
+                if unsynced >= WRITEBACK_BYTES {
+                    // Never waits: a tick already pending covers these pages too.
+                    let _ = tick.try_send(());
+                    unsynced = 0;
                 }
                 done += 1;
                 if last_log.elapsed().as_secs() >= 5 {
@@ -1065,6 +1044,7 @@ impl VmStore {
                     last_log = std::time::Instant::now();
                 }
             }
+            writer.finish().map_err(|e| this.write_error(e))?;
             if done != total {
                 return Err(StoreError::Incomplete {
                     vm: this.vm.clone(),

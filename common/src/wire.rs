@@ -7,6 +7,7 @@
 //! compressed (raw when that does not shrink it), each with an xxh3 checksum of the
 //! uncompressed bytes.
 
+use crate::direct;
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -609,57 +610,84 @@ impl Chunk {
         })
     }
 
-    /// Like [`Chunk::unpack`], but consumes the chunk: a raw payload is returned as it is, and
-    /// lz4 decompresses into `scratch`, returned filled (a buffer to reuse: not allocated or
-    /// zeroed again when large enough).
-    pub fn into_data(self, mut scratch: Vec<u8>) -> Result<Option<Vec<u8>>, WireError> {
-        if self.unpack_into(&mut scratch)?.is_none() {
-            return Ok(None);
-        }
-        Ok(Some(match self.encoding {
-            Encoding::Raw => self.payload,
-            _ => scratch,
-        }))
-    }
-
     /// Like [`Chunk::unpack`], decompressing into `scratch` (reused across calls: neither
     /// allocated nor zeroed again once large enough); a raw payload is checked in place.
     pub fn unpack_into<'a>(
         &'a self,
         scratch: &'a mut Vec<u8>,
     ) -> Result<Option<&'a [u8]>, WireError> {
-        if self.len > MAX_CHUNK {
-            return Err(WireError::ChunkTooLarge(self.len));
+        if self.check_zero()? {
+            return Ok(None);
         }
         let len = self.len as usize;
         let data: &[u8] = match self.encoding {
-            Encoding::Zero => {
-                if !self.payload.is_empty() {
-                    return Err(self.bad("zero chunk with a payload"));
-                }
-                if self.checksum != checksum(&ZEROES[..len]) {
-                    return Err(self.bad("checksum mismatch"));
-                }
-                return Ok(None);
-            }
-            Encoding::Raw => &self.payload,
             Encoding::Lz4 => {
                 scratch.resize(len, 0);
-                let n = lz4_flex::block::decompress_into(&self.payload, &mut scratch[..len])
-                    .map_err(|e| self.bad(format!("lz4: {e}")))?;
-                if n != len {
-                    return Err(self.bad("decompressed length differs"));
-                }
+                self.decompress_to(&mut scratch[..len])?;
                 &scratch[..len]
             }
+            _ => &self.payload,
         };
-        if data.len() != len {
+        self.check(data)?;
+        Ok(Some(data))
+    }
+
+    /// Like [`Chunk::unpack`], into `buf[at..at + len]`, where `at` (returned; None for a zero
+    /// chunk) is the first [`direct::ALIGN`]ed place in `buf`: the bytes are ready for a direct
+    /// write. `buf` is reused across calls (not allocated or zeroed again once large enough);
+    /// a raw payload is copied into it.
+    pub fn unpack_aligned(&self, buf: &mut Vec<u8>) -> Result<Option<usize>, WireError> {
+        if self.check_zero()? {
+            return Ok(None);
+        }
+        let len = self.len as usize;
+        let at = direct::aligned(buf, len);
+        let dst = &mut buf[at..];
+        match self.encoding {
+            Encoding::Lz4 => self.decompress_to(dst)?,
+            _ if self.payload.len() == len => dst.copy_from_slice(&self.payload),
+            _ => return Err(self.bad("length differs")),
+        }
+        self.check(dst)?;
+        Ok(Some(at))
+    }
+
+    /// Checks the length and, for a zero marker, the marker itself: true if this is one.
+    fn check_zero(&self) -> Result<bool, WireError> {
+        if self.len > MAX_CHUNK {
+            return Err(WireError::ChunkTooLarge(self.len));
+        }
+        if self.encoding != Encoding::Zero {
+            return Ok(false);
+        }
+        if !self.payload.is_empty() {
+            return Err(self.bad("zero chunk with a payload"));
+        }
+        if self.checksum != checksum(&ZEROES[..self.len as usize]) {
+            return Err(self.bad("checksum mismatch"));
+        }
+        Ok(true)
+    }
+
+    /// Decompresses the lz4 payload into all of `dst` (the chunk's length).
+    fn decompress_to(&self, dst: &mut [u8]) -> Result<(), WireError> {
+        let n = lz4_flex::block::decompress_into(&self.payload, dst)
+            .map_err(|e| self.bad(format!("lz4: {e}")))?;
+        if n != dst.len() {
+            return Err(self.bad("decompressed length differs"));
+        }
+        Ok(())
+    }
+
+    /// Checks unpacked `data` against the chunk's length and checksum.
+    fn check(&self, data: &[u8]) -> Result<(), WireError> {
+        if data.len() != self.len as usize {
             return Err(self.bad("length differs"));
         }
         if checksum(data) != self.checksum {
             return Err(self.bad("checksum mismatch"));
         }
-        Ok(Some(data))
+        Ok(())
     }
 }
 
@@ -843,12 +871,20 @@ mod tests {
         assert_eq!(r.unpack_into(&mut scratch).unwrap(), Some(&noise[..]));
         assert_eq!(zero.unpack_into(&mut scratch).unwrap(), None);
         assert!(bad.unpack_into(&mut scratch).is_err());
-        // Owned: lz4 fills the (dirty, longer) buffer handed in, raw hands back its payload.
-        let short_data = short.into_data(vec![0xee; 2 * 65536]).unwrap().unwrap();
-        assert_eq!(short_data, &text[..4096]);
-        assert_eq!(r.clone().into_data(Vec::new()).unwrap().unwrap(), noise);
-        assert_eq!(zero.into_data(vec![1; 8]).unwrap(), None);
-        assert!(bad.into_data(Vec::new()).is_err());
+        // Aligned: the bytes land at an aligned start of the (dirty, reused) buffer, exactly
+        // `len` of them up to its end, whether they were compressed or raw.
+        let mut buf = vec![0xee; 3 * 65536];
+        for (chunk, want) in [(&short, &text[..4096]), (&c, &text[..]), (&r, &noise[..])] {
+            let at = chunk.unpack_aligned(&mut buf).unwrap().unwrap();
+            assert_eq!((buf.as_ptr() as usize + at) % direct::ALIGN, 0);
+            assert_eq!(&buf[at..], want);
+        }
+        assert_eq!(zero.unpack_aligned(&mut buf).unwrap(), None);
+        assert!(bad.unpack_aligned(&mut buf).is_err());
+        assert!(lie.unpack_aligned(&mut buf).is_err());
+        let mut short_raw = r.clone();
+        short_raw.payload.pop();
+        assert!(short_raw.unpack_aligned(&mut buf).is_err());
         // A packed payload keeps no worst-case spare capacity while it is in flight.
         assert_eq!(c.payload.capacity(), c.payload.len());
     }

@@ -7,8 +7,9 @@
 //!   bytes it was decoded from (the encoding is canonical);
 //! - a decoded chunk's head decodes alone (`decode_chunk_head`, as the link's receive path
 //!   does) to the same fields and payload length;
-//! - `Chunk::unpack` and `Chunk::unpack_into` (with a dirty, reused scratch buffer) agree:
-//!   both refuse, or both give the same bytes, exactly `len` of them.
+//! - `Chunk::unpack`, `Chunk::unpack_into` (with a dirty, reused scratch buffer) and
+//!   `Chunk::unpack_aligned` (likewise, its bytes at an aligned start) agree: all refuse, or
+//!   all give the same bytes, exactly `len` of them.
 #![no_main]
 
 mod bytes;
@@ -31,15 +32,23 @@ fn check_chunk(c: &Chunk, body: &[u8]) {
     let mut scratch = vec![0xa5u8; 4096];
     let whole = c.unpack();
     let into = c.unpack_into(&mut scratch).map(|d| d.map(<[u8]>::to_vec));
-    match (&whole, &into) {
-        (Ok(a), Ok(b)) => {
+    let mut buf = vec![0x5au8; 3000];
+    let aligned = c.unpack_aligned(&mut buf).map(|at| {
+        at.map(|at| {
+            assert_eq!((buf.as_ptr() as usize + at) % vmreplica_common::direct::ALIGN, 0);
+            buf[at..].to_vec()
+        })
+    });
+    match (&whole, &into, &aligned) {
+        (Ok(a), Ok(b), Ok(d)) => {
             assert_eq!(a, b);
+            assert_eq!(a, d);
             if let Some(d) = a {
                 assert_eq!(d.len(), c.len as usize);
             }
         }
-        (Err(_), Err(_)) => {}
-        _ => panic!("unpack {whole:?} and unpack_into {into:?} disagree"),
+        (Err(_), Err(_), Err(_)) => {}
+        _ => panic!("unpack {whole:?}, unpack_into {into:?} and unpack_aligned {aligned:?} disagree"),
     }
 }
 

@@ -94,6 +94,7 @@ impl Disk {
             fd: self.fd(),
             offset,
             buf,
+            at: 0,
         };
         self.modify(offset, len, op, fua, done);
     }

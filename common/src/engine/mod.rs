@@ -24,11 +24,13 @@ pub enum Op {
         buf: Vec<u8>,
         at: usize,
     },
-    /// Write all of `buf` at `offset`.
+    /// Write all of `buf[at..]` at `offset` (`at` > 0: an aligned start inside the buffer,
+    /// for direct I/O).
     Write {
         fd: RawFd,
         offset: u64,
         buf: Vec<u8>,
+        at: usize,
     },
     /// fdatasync (or fsync).
     Sync { fd: RawFd, datasync: bool },
@@ -129,9 +131,14 @@ pub(crate) fn run_blocking(op: &mut Op, mut done: usize) -> io::Result<()> {
             }
             Ok(())
         }
-        Op::Write { fd, offset, buf } => {
-            while done < buf.len() {
-                let rest = &buf[done..];
+        Op::Write {
+            fd,
+            offset,
+            buf,
+            at,
+        } => {
+            while *at + done < buf.len() {
+                let rest = &buf[*at + done..];
                 // SAFETY: `rest` is a valid readable buffer of rest.len() bytes for the call.
                 let n = unsafe {
                     libc::pwrite(
@@ -210,6 +217,7 @@ mod tests {
             fd,
             offset: 4096,
             buf: data.clone(),
+            at: 0,
         });
         c.result.unwrap();
         let c = engine.run(Op::Read {
@@ -229,6 +237,26 @@ mod tests {
         });
         c.result.unwrap();
         assert_eq!((&c.buf[..100], &c.buf[100..]), (&[7u8; 100][..], &data[..]));
+        // From a buffer's `at` on: the bytes before it are not written.
+        let mut shifted = vec![9u8; 100];
+        shifted.extend(data.iter().map(|b| b ^ 0xff));
+        let c = engine.run(Op::Write {
+            fd,
+            offset: 4096,
+            buf: shifted.clone(),
+            at: 100,
+        });
+        c.result.unwrap();
+        assert_eq!(c.buf, shifted, "the buffer comes back whole");
+        let c = engine.run(Op::Read {
+            fd,
+            offset: 4096,
+            buf: vec![0; 65536 + 1],
+            at: 0,
+        });
+        c.result.unwrap();
+        assert_eq!(&c.buf[..65536], &shifted[100..]);
+        assert_eq!(c.buf[65536], 0, "nothing written past the buffer's end");
         engine.run(Op::Sync { fd, datasync: true }).result.unwrap();
         engine
             .run(Op::Fallocate {
@@ -263,6 +291,7 @@ mod tests {
                     fd,
                     offset: i * 512,
                     buf: vec![i as u8; 512],
+                    at: 0,
                 },
                 Box::new(move |c| tx.send(c.result.is_ok()).unwrap()),
             );

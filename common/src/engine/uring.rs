@@ -152,8 +152,14 @@ fn entry_for(op: &mut Op) -> io_uring::squeue::Entry {
                 .offset(*offset)
                 .build()
         }
-        Op::Write { fd, offset, buf } => {
-            opcode::Write::new(types::Fd(*fd), buf.as_ptr(), buf.len() as u32)
+        Op::Write {
+            fd,
+            offset,
+            buf,
+            at,
+        } => {
+            let src = &buf[*at..];
+            opcode::Write::new(types::Fd(*fd), src.as_ptr(), src.len() as u32)
                 .offset(*offset)
                 .build()
         }
@@ -216,7 +222,7 @@ fn completion_loop(inner: &Inner) {
                     Op::Read { buf, at, .. } if (res as usize) < buf.len() - at => {
                         run_blocking(&mut op, res as usize)
                     }
-                    Op::Write { buf, .. } if (res as usize) < buf.len() => {
+                    Op::Write { buf, at, .. } if (res as usize) < buf.len() - at => {
                         run_blocking(&mut op, res as usize)
                     }
                     _ => Ok(()),

@@ -1,0 +1,354 @@
+//! A replica image, and the writer an apply puts a cycle's chunks into it with.
+//!
+//! An apply writes each chunk where the primary wrote it: scattered 4 KiB-aligned ranges of
+//! up to 1 MiB. [`ImageWriter`] writes them with `O_DIRECT` through the shared io_uring
+//! engine, many at once: the disk sees a full queue of writes straight from the apply's own
+//! (reused) buffers. Through the page cache, as the apply wrote before, one writer thread
+//! copies every byte into a freshly allocated page and the disk waits for writeback: on the
+//! benchmark machine, 1 GiB cycles of 64 KiB blocks took 2.4 to 3.6 s to apply that way and
+//! 1.1 to 1.8 s this way, and the applier used about 1.7 CPU-seconds less per cycle (six
+//! cycles each, alternating). Zero runs punch holes, and a chunk that cannot go direct (an
+//! unaligned tail, a filesystem without `O_DIRECT`) is written through the page cache.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, OnceLock};
+
+use vmreplica_common::direct;
+use vmreplica_common::engine::{self, Engine, Op};
+use vmreplica_common::sparse::punch_hole;
+
+/// A replica image: its descriptor, and the same file opened for direct I/O where its
+/// filesystem allows it. The old contents an undo log keeps are read once, and an apply
+/// writes each block once: through the page cache each 4 KiB of them would cost a freshly
+/// allocated page, and evict what the host caches for others.
+pub(crate) struct Image {
+    pub file: File,
+    pub direct: Option<File>,
+}
+
+impl Image {
+    /// Reads `len` bytes at `offset` into `buf` (reused), direct where aligned; returns where
+    /// in `buf` they start.
+    pub fn read(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<usize> {
+        if let Some(d) = self.direct.as_ref().filter(|_| direct::fits(offset, len)) {
+            let at = direct::aligned(buf, len);
+            match d.read_exact_at(&mut buf[at..], offset) {
+                Err(e) if direct::is_refusal(&e) => {}
+                r => return r.map(|()| at),
+            }
+        }
+        buf.resize(len, 0);
+        self.file.read_exact_at(buf, offset)?;
+        Ok(0)
+    }
+
+    /// Writes `data` at `offset` through the page cache, or punches `len` bytes there if it is
+    /// all zeroes (None), so the replica stays sparse.
+    pub fn write_range(&self, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
+        match data {
+            Some(data) => self.file.write_all_at(data, offset),
+            None => punch_hole(&self.file, offset, u64::from(len)),
+        }
+    }
+}
+
+/// Direct writes an apply keeps in flight: enough to keep a disk's queue full (at most this
+/// many chunk buffers, 1 MiB each at most, are held by writes).
+const IN_FLIGHT: usize = 32;
+
+/// The engine every apply in this process writes through (one ring and completion thread).
+fn shared_engine() -> Arc<dyn Engine> {
+    static ENGINE: OnceLock<Arc<dyn Engine>> = OnceLock::new();
+    Arc::clone(ENGINE.get_or_init(|| engine::probe(false)))
+}
+
+/// A write into image `disk` failed.
+#[derive(Debug)]
+pub(crate) struct WriteError {
+    pub disk: u16,
+    pub source: io::Error,
+}
+
+/// A finished direct write, with its buffer.
+struct Done {
+    disk: u16,
+    offset: u64,
+    at: usize,
+    buf: Vec<u8>,
+    result: io::Result<()>,
+}
+
+/// Writes an apply's chunks into the images, direct and many at once where it can. Writes
+/// still in flight are waited for when it is dropped, so none lands after its user moved on
+/// (a roll-back that follows a failed apply writes the same ranges).
+pub(crate) struct ImageWriter<'a> {
+    images: &'a [Image],
+    engine: Arc<dyn Engine>,
+    in_flight: usize,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+    /// Where buffers go once written, for reuse.
+    spare: Sender<Vec<u8>>,
+}
+
+impl<'a> ImageWriter<'a> {
+    /// A writer into `images`; every buffer handed to it is sent to `spare` once it is done
+    /// with it (written, failed or refused).
+    pub fn new(images: &'a [Image], spare: Sender<Vec<u8>>) -> Self {
+        let (done_tx, done_rx) = channel();
+        ImageWriter {
+            images,
+            engine: shared_engine(),
+            in_flight: 0,
+            done_tx,
+            done_rx,
+            spare,
+        }
+    }
+
+    /// Writes `len` bytes at `offset` of image `disk`: `buf[at..]` (`at` aligned, as
+    /// [`direct::aligned`] gives), or zeroes if `data` is None. May return before the bytes
+    /// are written; an error of an earlier write may be returned instead. Returns the bytes
+    /// written through the page cache (not direct), for the caller's writeback.
+    pub fn write(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        len: u32,
+        data: Option<(Vec<u8>, usize)>,
+    ) -> Result<u64, WriteError> {
+        while self.in_flight >= IN_FLIGHT {
+            if let Err(e) = self.reap() {
+                if let Some((buf, _)) = data {
+                    let _ = self.spare.send(buf);
+                }
+                return Err(e);
+            }
+        }
+        let img = &self.images[disk as usize];
+        let err = |source| WriteError { disk, source };
+        let (buf, at) = match data {
+            None => return img.write_range(offset, len, None).map(|()| 0).map_err(err),
+            Some(d) => d,
+        };
+        match img.direct.as_ref() {
+            Some(d) if direct::fits(offset, len as usize) => {
+                let tx = self.done_tx.clone();
+                self.engine.submit(
+                    Op::Write {
+                        fd: d.as_raw_fd(),
+                        offset,
+                        buf,
+                        at,
+                    },
+                    Box::new(move |c| {
+                        let _ = tx.send(Done {
+                            disk,
+                            offset,
+                            at,
+                            buf: c.buf,
+                            result: c.result,
+                        });
+                    }),
+                );
+                self.in_flight += 1;
+                Ok(0)
+            }
+            _ => {
+                let r = img.write_range(offset, len, Some(&buf[at..]));
+                let _ = self.spare.send(buf);
+                r.map(|()| u64::from(len)).map_err(err)
+            }
+        }
+    }
+
+    /// Waits for one write in flight and checks it; a filesystem that refused it direct gets
+    /// it through the page cache.
+    fn reap(&mut self) -> Result<(), WriteError> {
+        // Cannot fail while this writer holds a sender of its own; handled, not unwrapped.
+        let Ok(d) = self.done_rx.recv() else {
+            self.in_flight = 0;
+            return Err(WriteError {
+                disk: 0,
+                source: io::Error::other("I/O engine stopped"),
+            });
+        };
+        self.in_flight -= 1;
+        let r = match d.result {
+            Err(e) if direct::is_refusal(&e) => {
+                let data = &d.buf[d.at..];
+                self.images[d.disk as usize].write_range(d.offset, data.len() as u32, Some(data))
+            }
+            r => r,
+        };
+        let _ = self.spare.send(d.buf);
+        r.map_err(|source| WriteError {
+            disk: d.disk,
+            source,
+        })
+    }
+
+    /// Waits for every write in flight; the first error among them, if any.
+    pub fn finish(mut self) -> Result<(), WriteError> {
+        let mut first = Ok(());
+        while self.in_flight > 0 {
+            let r = self.reap();
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+impl Drop for ImageWriter<'_> {
+    fn drop(&mut self) {
+        while self.in_flight > 0 {
+            let _ = self.reap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::OpenOptions;
+    use std::path::Path;
+
+    const SIZE: u64 = 8 << 20;
+
+    /// An image of SIZE bytes at `p`, opened as the store opens one (direct where it can).
+    fn image(p: &Path, direct_write: bool) -> Image {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .unwrap();
+        file.set_len(SIZE).unwrap();
+        let direct = direct::open(p, direct_write).unwrap();
+        Image { file, direct }
+    }
+
+    /// `len` bytes of `seed`-derived data at an aligned start of a fresh buffer.
+    fn data(seed: u8, len: usize) -> (Vec<u8>, usize, Vec<u8>) {
+        let want: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let mut buf = Vec::new();
+        let at = direct::aligned(&mut buf, len);
+        buf[at..].copy_from_slice(&want);
+        (buf, at, want)
+    }
+
+    #[test]
+    fn writes_land_whichever_way_they_go_and_every_buffer_comes_back() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let images = [
+            image(&dir.path().join("a"), true),
+            image(&dir.path().join("b"), true),
+        ];
+        if images[0].direct.is_none() {
+            eprintln!("no direct I/O here: only the page-cache path is exercised");
+        }
+        let mut model = [vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]];
+        // Data everywhere first, so that zero chunks have something to punch.
+        for (i, img) in images.iter().enumerate() {
+            img.file
+                .write_all_at(&vec![0xee; SIZE as usize], 0)
+                .unwrap();
+            model[i].fill(0xee);
+        }
+        let (spare_tx, spare_rx) = channel();
+        let mut w = ImageWriter::new(&images, spare_tx);
+        let mut sent = 0;
+        let mut buffered = 0;
+        for n in 0..200u64 {
+            let disk = (n % 2) as u16;
+            let (offset, len) = match n % 5 {
+                // Aligned: direct.
+                0..=2 => ((n * 37 % 120) * 65536, 65536 * (1 + n as usize % 3)),
+                // An unaligned offset or length: through the page cache.
+                3 => ((n * 37 % 120) * 65536 + 512, 3000),
+                // Zeroes: a hole.
+                _ => ((n * 37 % 120) * 65536, 8192),
+            };
+            let region = &mut model[disk as usize][offset as usize..offset as usize + len];
+            if n % 5 == 4 {
+                w.write(disk, offset, len as u32, None).unwrap();
+                region.fill(0);
+                continue;
+            }
+            let (mut buf, mut at, want) = data(n as u8, len);
+            if n == 10 {
+                // A buffer whose start is not aligned: the kernel refuses it direct, and the
+                // writer falls back to the page cache.
+                buf.insert(0, 0);
+                at += 1;
+            }
+            region.copy_from_slice(&want);
+            buffered += w.write(disk, offset, len as u32, Some((buf, at))).unwrap();
+            sent += 1;
+        }
+        w.finish().unwrap();
+        assert_eq!(
+            spare_rx.try_iter().count(),
+            sent,
+            "every buffer is handed back"
+        );
+        assert!(buffered > 0, "unaligned chunks go through the page cache");
+        for (img, want) in images.iter().zip(&model) {
+            let mut got = vec![0u8; SIZE as usize];
+            img.file.read_exact_at(&mut got, 0).unwrap();
+            assert!(got == *want, "image differs from the model");
+        }
+        let hole = (4 * 37 % 120) * 65536;
+        assert!(vmreplica_common::sparse::is_hole(&images[0].file, hole, 8192).unwrap());
+    }
+
+    #[test]
+    fn a_failed_write_names_its_disk_and_the_writer_waits_for_the_others() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        // Disk 1's direct descriptor is read-only: its direct writes fail (EBADF).
+        let images = [
+            image(&dir.path().join("a"), true),
+            image(&dir.path().join("b"), false),
+        ];
+        if images[1].direct.is_none() {
+            eprintln!("no direct I/O here: nothing to fail");
+            return;
+        }
+        let (spare_tx, spare_rx) = channel();
+        let mut w = ImageWriter::new(&images, spare_tx);
+        let mut failed = None;
+        let mut submitted = 0;
+        for n in 0..64u64 {
+            let (buf, at, _) = data(n as u8, 65536);
+            submitted += 1;
+            if let Err(e) = w.write((n % 2) as u16, n * 65536, 65536, Some((buf, at))) {
+                failed = Some(e);
+                break;
+            }
+        }
+        let e = match failed {
+            Some(e) => {
+                // Dropped with writes still in flight: it waits for them.
+                drop(w);
+                e
+            }
+            None => w.finish().unwrap_err(),
+        };
+        assert_eq!(e.disk, 1);
+        assert_eq!(e.source.raw_os_error(), Some(libc::EBADF), "{:?}", e.source);
+        assert_eq!(
+            spare_rx.try_iter().count(),
+            submitted,
+            "every write was waited for: all buffers are back"
+        );
+    }
+}
