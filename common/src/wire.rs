@@ -584,6 +584,53 @@ impl Chunk {
         }
     }
 
+    /// Packs `data` (the disk's bytes from `offset`) as one chunk per run of `block`-sized
+    /// blocks that are all zero or all not: every zero block travels as a zero marker (and
+    /// becomes a hole on the replica) even amid data. Block boundaries are where the disk's
+    /// offset is a multiple of `block` (a granularity; 0 packs `data` whole).
+    pub fn pack_blocks(
+        cycle: u64,
+        disk: u16,
+        offset: u64,
+        data: &[u8],
+        block: u32,
+        compress: bool,
+    ) -> Vec<Chunk> {
+        let block = u64::from(block);
+        let run = |start: usize, end: usize| {
+            Chunk::pack(
+                cycle,
+                disk,
+                offset + start as u64,
+                &data[start..end],
+                compress,
+            )
+        };
+        let mut out = Vec::new();
+        let mut start = 0usize;
+        let mut zero_run = None;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            // The next block boundary (or the end).
+            let at = offset + pos as u64;
+            let next = match at.checked_div(block) {
+                Some(b) => ((b + 1) * block - offset).min(data.len() as u64) as usize,
+                None => data.len(),
+            };
+            let zero = is_zero(&data[pos..next]);
+            if zero_run.is_some_and(|z| z != zero) {
+                out.push(run(start, pos));
+                start = pos;
+            }
+            zero_run = Some(zero);
+            pos = next;
+        }
+        if pos > start {
+            out.push(run(start, pos));
+        }
+        out
+    }
+
     pub fn id(&self) -> ChunkId {
         ChunkId {
             disk: self.disk,
@@ -887,6 +934,52 @@ mod tests {
         assert!(short_raw.unpack_aligned(&mut buf).is_err());
         // A packed payload keeps no worst-case spare capacity while it is in flight.
         assert_eq!(c.payload.capacity(), c.payload.len());
+    }
+
+    #[test]
+    fn zero_blocks_amid_data_travel_as_zero_markers() {
+        const B: usize = 4096;
+        // Blocks: data, zero, zero, data, zero (the last one short), from a disk offset that
+        // is not a block boundary: the first "block" is the 1 KiB up to the boundary.
+        let mut data = vec![0u8; 1024 + 4 * B + 100];
+        data[..1024].fill(7);
+        data[1024 + 2 * B..1024 + 3 * B].fill(9);
+        let offset = 3 * B as u64 + 3072;
+        let chunks = Chunk::pack_blocks(1, 2, offset, &data, B as u32, true);
+        let shape: Vec<(u64, u32, Encoding)> = chunks
+            .iter()
+            .map(|c| (c.offset, c.len, c.encoding))
+            .collect();
+        let o = offset;
+        assert_eq!(
+            shape,
+            vec![
+                (o, 1024, Encoding::Lz4),
+                (o + 1024, 2 * B as u32, Encoding::Zero),
+                (o + 1024 + 2 * B as u64, B as u32, Encoding::Lz4),
+                (o + 1024 + 3 * B as u64, B as u32 + 100, Encoding::Zero),
+            ]
+        );
+        // Unpacked back to back, they are the data.
+        let mut back = Vec::new();
+        for c in &chunks {
+            assert_eq!((c.cycle, c.disk), (1, 2));
+            match c.unpack().unwrap() {
+                Some(d) => back.extend(d),
+                None => back.extend(vec![0u8; c.len as usize]),
+            }
+        }
+        assert_eq!(back, data);
+        // All data, or all zero: one chunk, as `pack` makes it.
+        assert_eq!(
+            Chunk::pack_blocks(1, 0, 0, &[5; 3 * B], B as u32, true).len(),
+            1
+        );
+        let z = Chunk::pack_blocks(1, 0, 0, &[0; 3 * B], B as u32, true);
+        assert_eq!((z.len(), z[0].encoding), (1, Encoding::Zero));
+        // No block size: packed whole.
+        assert_eq!(Chunk::pack_blocks(1, 0, offset, &data, 0, true).len(), 1);
+        assert!(Chunk::pack_blocks(1, 0, 0, &[], B as u32, true).is_empty());
     }
 
     #[test]

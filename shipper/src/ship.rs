@@ -122,10 +122,11 @@ async fn read_frozen(
     Ok((buf, at))
 }
 
-/// A chunk read and packed for a sender; it holds one of the cycle's read-ahead slots.
+/// A run read and packed for a sender (one chunk per stretch of zero or non-zero blocks); it
+/// holds one of the cycle's read-ahead slots.
 struct Packed {
     work: Work,
-    chunk: Chunk,
+    chunks: Vec<Chunk>,
     slot: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -168,6 +169,7 @@ impl Packer {
     fn read(&self, r: Arc<FrozenReader>, w: Work, slot: tokio::sync::OwnedSemaphorePermit) {
         let (buffers, tx) = (Arc::clone(&self.buffers), self.tx.clone());
         let (cycle, compress) = (self.cycle, self.compress);
+        let block = r.geometry().granularity;
         // Every byte is overwritten: a short read is finished or zero-filled past the end.
         let (op, at) = r.read_op(w.offset, w.len as usize, buffers.take());
         self.engine.submit(
@@ -179,7 +181,14 @@ impl Packer {
                     .and_then(|()| r.fix_up(w.offset, &mut data[at..]))
                     .map(|()| Packed {
                         work: w,
-                        chunk: Chunk::pack(cycle, w.disk, w.offset, &data[at..], compress),
+                        chunks: Chunk::pack_blocks(
+                            cycle,
+                            w.disk,
+                            w.offset,
+                            &data[at..],
+                            block,
+                            compress,
+                        ),
                         slot,
                     })
                     .map_err(|source| ShipError::Read {
@@ -271,6 +280,24 @@ async fn resync_runs(
     Ok(runs)
 }
 
+/// How many of the `staged` chunks tile `len` bytes at `offset` of `disk` exactly, end to end
+/// (a run is packed as one chunk per stretch of zero or non-zero blocks, so a run the applier
+/// holds whole may be several chunks); None if they do not, and the run is sent again.
+fn staged_tiling(
+    staged: &HashMap<ChunkId, (u32, u64)>,
+    disk: u16,
+    offset: u64,
+    len: u64,
+) -> Option<u64> {
+    let (mut pos, mut n) = (offset, 0u64);
+    while pos < offset + len {
+        let (l, _) = staged.get(&ChunkId { disk, offset: pos })?;
+        pos += u64::from(*l).max(1);
+        n += 1;
+    }
+    (pos == offset + len).then_some(n)
+}
+
 /// Ships generation `g` as cycle `g.generation` of kind `kind` over `conns` (data streams
 /// spread over them, at least one each), using the open control stream `ctl` of the first.
 /// Returns once the applier reports the cycle applied.
@@ -325,12 +352,8 @@ pub async fn ship_cycle(
             }
         };
         for (offset, len) in runs {
-            let id = ChunkId {
-                disk: i as u16,
-                offset,
-            };
-            if manifest.get(&id).is_some_and(|(l, _)| u64::from(*l) == len) {
-                skipped += 1;
+            if let Some(n) = staged_tiling(&manifest, i as u16, offset, len) {
+                skipped += n;
                 continue;
             }
             total += len;
@@ -427,46 +450,49 @@ pub async fn ship_cycle(
                 let Some(packed) = next else { break };
                 let Packed {
                     work: w,
-                    mut chunk,
+                    chunks,
                     slot,
                 } = packed?;
-                let entry = StagedChunk {
-                    id: chunk.id(),
-                    len: chunk.len,
-                    checksum: chunk.checksum,
-                };
-                let budget = corrupt_budget();
-                if budget.load(Ordering::Relaxed) > 0 && budget.fetch_sub(1, Ordering::Relaxed) > 0
-                {
-                    tracing::warn!("test hook: corrupting chunk at {}", chunk.offset);
-                    match chunk.payload.first_mut() {
-                        Some(b) => *b ^= 0x5a,
-                        None => chunk.checksum ^= 1,
-                    }
-                }
-                let frame = chunk.payload.len() as u64 + 48;
-                if let Some(l) = &limit {
-                    l.acquire(frame).await;
-                }
-                if stream.is_none() {
-                    stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
-                }
-                let (s, r) = stream.as_mut().expect("opened above");
-                let sent_ok = link::send_chunk(s, chunk).await;
-                drop(slot);
-                if let Err(e) = sent_ok {
-                    // The applier stops a stream it refuses; its answer says why.
-                    return match tokio::time::timeout(Duration::from_secs(5), link::expect(r)).await
-                    {
-                        Ok(Err(LinkError::Peer(reason))) => {
-                            Err(ShipError::Refused { cycle, reason })
-                        }
-                        _ => Err(e.into()),
+                for mut chunk in chunks {
+                    let entry = StagedChunk {
+                        id: chunk.id(),
+                        len: chunk.len,
+                        checksum: chunk.checksum,
                     };
+                    let budget = corrupt_budget();
+                    if budget.load(Ordering::Relaxed) > 0
+                        && budget.fetch_sub(1, Ordering::Relaxed) > 0
+                    {
+                        tracing::warn!("test hook: corrupting chunk at {}", chunk.offset);
+                        match chunk.payload.first_mut() {
+                            Some(b) => *b ^= 0x5a,
+                            None => chunk.checksum ^= 1,
+                        }
+                    }
+                    let frame = chunk.payload.len() as u64 + 48;
+                    if let Some(l) = &limit {
+                        l.acquire(frame).await;
+                    }
+                    if stream.is_none() {
+                        stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
+                    }
+                    let (s, r) = stream.as_mut().expect("opened above");
+                    if let Err(e) = link::send_chunk(s, chunk).await {
+                        // The applier stops a stream it refuses; its answer says why.
+                        return match tokio::time::timeout(Duration::from_secs(5), link::expect(r))
+                            .await
+                        {
+                            Ok(Err(LinkError::Peer(reason))) => {
+                                Err(ShipError::Refused { cycle, reason })
+                            }
+                            _ => Err(e.into()),
+                        };
+                    }
+                    wire_bytes.fetch_add(frame, Ordering::Relaxed);
+                    sent.push(entry);
                 }
-                wire_bytes.fetch_add(frame, Ordering::Relaxed);
+                drop(slot);
                 done.fetch_add(w.len, Ordering::Relaxed);
-                sent.push(entry);
             }
             if let Some((mut s, mut r)) = stream {
                 s.finish().map_err(LinkError::from)?;
@@ -538,4 +564,31 @@ pub async fn ship_cycle(
         wire_bytes: wire_bytes.load(Ordering::Relaxed),
         elapsed: start.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_counts_as_staged_only_when_its_chunks_tile_it_exactly() {
+        let staged: HashMap<ChunkId, (u32, u64)> =
+            [(0, 0, 64), (0, 64, 128), (0, 192, 64), (1, 0, 256)]
+                .into_iter()
+                .map(|(disk, offset, len)| (ChunkId { disk, offset }, (len, 0)))
+                .collect();
+        assert_eq!(staged_tiling(&staged, 0, 0, 256), Some(3));
+        assert_eq!(staged_tiling(&staged, 0, 64, 192), Some(2));
+        assert_eq!(staged_tiling(&staged, 1, 0, 256), Some(1));
+        // A run longer than what is staged, one the chunks overshoot, one with a gap.
+        assert_eq!(staged_tiling(&staged, 0, 0, 320), None);
+        assert_eq!(staged_tiling(&staged, 0, 0, 100), None);
+        assert_eq!(staged_tiling(&staged, 0, 32, 224), None);
+        assert_eq!(staged_tiling(&staged, 1, 0, 128), None);
+        // A zero-length entry cannot stall the walk.
+        let stuck: HashMap<ChunkId, (u32, u64)> = [(ChunkId { disk: 0, offset: 0 }, (0, 0))]
+            .into_iter()
+            .collect();
+        assert_eq!(staged_tiling(&stuck, 0, 0, 64), None);
+    }
 }
