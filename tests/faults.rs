@@ -2,7 +2,8 @@
 //! random instants while a guest writes; chunks corrupted in flight; a full replica disk; a
 //! link cut mid-cycle (through scripts/wan-relay.py); and the two sites in two network
 //! namespaces joined by a veth pair. Each ends with a replica equal to the primary (checked
-//! with `vmreplica verify` and cmp). Also the shipper's progress bar, on a terminal.
+//! with `vmreplica verify` and cmp). Also the shipper's progress bar, on a terminal, and
+//! zero blocks amid data staying holes on the replica.
 
 mod common;
 
@@ -489,6 +490,136 @@ fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() 
     site.wait_cycles(1, 1, Duration::from_secs(30));
     site.assert_equal(&config, &img);
     kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.stop();
+}
+
+/// Bytes of `p` that are allocated on disk.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Zero blocks amid rewritten data (written zeroes, WRITE_ZEROES, a trim) reach the replica
+/// as holes: it stays as sparse as the primary, so a guest's fstrim does not fill it up.
+#[test]
+fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let site = Site::new(dir.path(), store.clone());
+    let img = image(dir.path(), "sys.img", 16 * MIB);
+    fill_random(&img, 8);
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 1, Duration::from_secs(60));
+    // One dirty 1 MiB stretch (one run of the bitmap): data, with a 64 KiB block of zeroes
+    // written as data, one zeroed with WRITE_ZEROES and one trimmed, all inside the data.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &tracker.uri("sys")])
+        .args(["-c", "write -P 0x11 1M 1M"])
+        .args(["-c", "write -P 0 1152k 64k"])
+        .args(["-c", "write -z 1344k 64k"])
+        .args(["-c", "discard 1536k 64k"]));
+    let n = site.applied();
+    // Two more cycles: the first one may have frozen before the writes.
+    site.wait_cycles(n, 2, Duration::from_secs(60));
+    site.assert_equal(&config, &img);
+    let replica_path = store.join("vm1/disks/sys.img");
+    let replica = std::fs::File::open(&replica_path).unwrap();
+    for off in [1152u64 << 10, 1344 << 10, 1536 << 10] {
+        assert!(
+            vmreplica_common::sparse::is_hole(&replica, off, 64 << 10).unwrap(),
+            "the zero block at {off} was written into the replica as data"
+        );
+    }
+    assert!(
+        allocated(&replica_path) <= allocated(&img),
+        "replica allocates {} bytes, primary {}",
+        allocated(&replica_path),
+        allocated(&img)
+    );
+    kill9(&mut shipper);
+    kill9(&mut applier);
+    tracker.stop();
+}
+
+/// `vmreplica applier points` lists every applied cycle as a recovery point, the initial copy
+/// first; `vmreplica verify` finds a damaged range of the replica, names it and fails.
+#[test]
+fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let site = Site::new(dir.path(), store.clone());
+    let img = image(dir.path(), "sys.img", 16 * MIB);
+    fill_random(&img, 4);
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 3, Duration::from_secs(60));
+    kill9(&mut shipper);
+    let logged: Vec<u64> = site
+        .applied_lines()
+        .iter()
+        .map(|l| field(l, "cycle"))
+        .collect();
+    let out = stdout(
+        Command::new(bin())
+            .args(["applier", "points", "vm1", "--store"])
+            .arg(&store),
+    );
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["cycle", "applied", "(UTC)", "kind", "size"],
+        "{out}"
+    );
+    let points: Vec<(u64, String, String)> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 4, "{l}");
+            (f[0].parse().unwrap(), f[1].to_string(), f[2].to_string())
+        })
+        .collect();
+    let cycles: Vec<u64> = points.iter().map(|p| p.0).collect();
+    // The shipper may have been killed after a cycle was applied but before it logged it.
+    assert!(
+        cycles.starts_with(&logged) && cycles.len() <= logged.len() + 1,
+        "points {cycles:?}, cycles the shipper saw applied {logged:?}"
+    );
+    assert_eq!(points[0].2, "initial", "{out}");
+    assert!(points[1..].iter().all(|p| p.2 == "delta"), "{out}");
+    assert!(
+        points.windows(2).all(|w| w[0].1 <= w[1].1) && points[0].1.ends_with('Z'),
+        "times not in order: {out}"
+    );
+    // Damage 64 KiB of the replica at 2 MiB + 64 KiB.
+    let replica = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.join("vm1/disks/sys.img"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&replica, &[0x5a; 65536], 2 * MIB + 65536).unwrap();
+    replica.sync_all().unwrap();
+    let out = Command::new(bin())
+        .args(["verify", "vm1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        !out.status.success(),
+        "verify passed a damaged replica: {so}"
+    );
+    assert!(
+        so.contains("sys: 1 differing ranges, 65536 bytes") && so.contains("  2162688+65536"),
+        "{so}"
+    );
+    assert!(
+        se.contains("replica differs from primary for VM vm1"),
+        "{se}"
+    );
     kill9(&mut applier);
     tracker.stop();
 }
