@@ -624,6 +624,80 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
     tracker.stop();
 }
 
+/// A primary whose certificate has expired, or comes from another CA, is refused, and both
+/// sides' logs say so in plain words (who refused whose certificate, and why); the replica
+/// gets nothing.
+#[test]
+fn certificate_refusals_are_explained_in_both_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let site = Site::new(dir.path(), store.clone());
+    let img = image(dir.path(), "sys.img", 16 * MIB);
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let mut applier = site.applier();
+    let expired = dir.path().join("expired");
+    std::fs::create_dir_all(&expired).unwrap();
+    tls::issue(
+        &site.ca,
+        "primary-1",
+        &[],
+        Validity {
+            from: -time::Duration::days(10),
+            until: -time::Duration::days(1),
+        },
+        &expired,
+    )
+    .unwrap();
+    // Another CA, named otherwise or (as two `certs init-ca` with the defaults are) alike.
+    let other = dir.path().join("other-ca");
+    tls::init_ca(&other, "someone else's CA", 30).unwrap();
+    tls::issue(&other, "primary-1", &[], Validity::days(30), &other).unwrap();
+    let twin = dir.path().join("twin-ca");
+    tls::init_ca(&twin, "test CA", 30).unwrap();
+    tls::issue(&twin, "primary-1", &[], Validity::days(30), &twin).unwrap();
+    let not_ours = "it was not issued by the CA the other side trusts";
+    let cases = [
+        (&expired, "it has expired"),
+        (&other, not_ours),
+        (&twin, not_ours),
+    ];
+    for (certs, why) in cases {
+        let config = site.config(&tracker);
+        let toml = std::fs::read_to_string(&config).unwrap().replace(
+            &format!("{}/primary-1", site.ca.display()),
+            &format!("{}/primary-1", certs.display()),
+        );
+        std::fs::write(&config, toml).unwrap();
+        let said = format!("the replica refused the primary's certificate: {why}");
+        // Lines of `log` holding all of `what`: each case must add its own.
+        let lines_with = |log: &str, what: &[&str]| {
+            log.lines()
+                .filter(|l| what.iter().all(|w| l.contains(w)))
+                .count()
+        };
+        let shipper_says = [&*said, "replication interrupted"];
+        let applier_says = [&*said, "refused a connection"];
+        let before = (
+            lines_with(&site.log("shipper"), &shipper_says),
+            lines_with(&site.log("applier"), &applier_says),
+        );
+        let mut shipper = site.shipper(&config, &[]);
+        wait_log(&site, "shipper", &said, Duration::from_secs(30), |log| {
+            lines_with(log, &shipper_says) > before.0
+        });
+        wait_log(&site, "applier", &said, Duration::from_secs(30), |log| {
+            lines_with(log, &applier_says) > before.1
+        });
+        kill9(&mut shipper);
+    }
+    assert!(
+        !store.join("vm1").exists(),
+        "a refused primary created a replica"
+    );
+    kill9(&mut applier);
+    tracker.stop();
+}
+
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use vmreplica_common::link::{self, LinkError, Tuning};
-use vmreplica_common::tls::{AllowList, Identity};
+use vmreplica_common::tls::{self, AllowList, Identity};
 use vmreplica_common::validate_name;
 use vmreplica_common::wire::{code, Chunk, Message, PROTOCOL_VERSION};
 
@@ -80,7 +80,15 @@ impl Applier {
                     let remote = incoming.remote_address();
                     match incoming.await {
                         Ok(conn) => connection(app, conn).await,
-                        Err(e) => tracing::warn!(%remote, "refused a connection: {e}"),
+                        Err(e) => {
+                            let why = e.to_string();
+                            match tls::explain_refusal(&why, "replica", "primary") {
+                                Some(plain) => {
+                                    tracing::warn!(%remote, "refused a connection: {plain} ({why})")
+                                }
+                                None => tracing::warn!(%remote, "refused a connection: {why}"),
+                            }
+                        }
                     }
                 });
             }

@@ -253,6 +253,56 @@ pub fn cert_names(cert: &CertificateDer<'_>) -> Vec<String> {
     names
 }
 
+/// Certificate problems a TLS handshake failure can name (in rustls' words, whether this side
+/// found the problem or the peer sent it), and what an admin should do about each.
+const CERTIFICATE_PROBLEMS: [(&[&str], &str); 5] = [
+    (
+        // BadSignature: another CA of the same name (two `certs init-ca` with the defaults).
+        &["unknownissuer", "unknownca", "unknown ca", "badsignature"],
+        "it was not issued by the CA the other side trusts (each side's ca.pem must be the CA \
+         that issued the other side's certificate)",
+    ),
+    (
+        &["expired"],
+        "it has expired (issue a new one: vmreplica certs issue)",
+    ),
+    (
+        &["not valid yet", "notvalidyet"],
+        "it is not valid yet (check both hosts' clocks)",
+    ),
+    (
+        &["not valid for name", "notvalidforname"],
+        "it does not carry the name or address it was reached by (the shipper's server_name; \
+         certs issue --ip)",
+    ),
+    (
+        &[
+            "certificaterequired",
+            "certificate required",
+            "no certificate",
+        ],
+        "none was presented (the shipper needs cert and key)",
+    ),
+];
+
+/// A plain account of a handshake failure `reason` that names a certificate problem: who
+/// refused whose certificate, and why. `here` and `peer` name the two sides ("primary",
+/// "replica"); a reason the peer sent ("... by peer ...") means the peer refused ours.
+pub fn explain_refusal(reason: &str, here: &str, peer: &str) -> Option<String> {
+    let r = reason.to_ascii_lowercase();
+    let (_, problem) = CERTIFICATE_PROBLEMS
+        .iter()
+        .find(|(marks, _)| marks.iter().any(|m| r.contains(m)))?;
+    let (refuser, owner) = if r.contains("by peer") {
+        (peer, here)
+    } else {
+        (here, peer)
+    };
+    Some(format!(
+        "the {refuser} refused the {owner}'s certificate: {problem}"
+    ))
+}
+
 /// Which primaries an applier admits: exact names and `*.suffix` patterns.
 #[derive(Clone, Debug, Default)]
 pub struct AllowList {
@@ -288,6 +338,36 @@ impl AllowList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_refusals_are_explained_with_who_refused_whom() {
+        let e = explain_refusal(
+            "aborted by peer: the cryptographic handshake failed: error 45: invalid peer \
+             certificate: certificate expired: verification time 1796287435 (UNIX), but \
+             certificate is not valid after 1796201035 (86400 seconds ago)",
+            "primary",
+            "replica",
+        )
+        .unwrap();
+        assert!(
+            e.starts_with("the replica refused the primary's certificate: it has expired"),
+            "{e}"
+        );
+        let e = explain_refusal(
+            "the cryptographic handshake failed: error 48: invalid peer certificate: UnknownIssuer",
+            "replica",
+            "primary",
+        )
+        .unwrap();
+        assert!(
+            e.starts_with(
+                "the replica refused the primary's certificate: it was not issued by the CA"
+            ),
+            "{e}"
+        );
+        assert!(explain_refusal("timed out", "primary", "replica").is_none());
+        assert!(explain_refusal("closed by peer: not allowed", "primary", "replica").is_none());
+    }
 
     #[test]
     fn allow_list_matches_exact_names_and_suffixes() {

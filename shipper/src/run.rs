@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use serde_json::Value;
 use vmreplica_common::link::{self, LinkError};
-use vmreplica_common::tls::Identity;
+use vmreplica_common::tls::{self, Identity};
 use vmreplica_common::wire::{CycleKind, Message, PROTOCOL_VERSION};
 use vmreplica_tracker::control::{self, Request};
 use vmreplica_tracker::Generation;
@@ -82,30 +82,45 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
     Ok(link::client(bind, &id, &cfg.tuning)?)
 }
 
-/// Connects and says hello for the configured VM.
+/// Connects and says hello for the configured VM. A certificate either side refuses is
+/// reported in plain words: which side refused whose certificate, and why.
 pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, ShipError> {
     let remote = resolve(&cfg.replica)?;
+    let refused = |reason: String| {
+        let reason = match tls::explain_refusal(&reason, "primary", "replica") {
+            Some(plain) => format!("{plain} ({reason})"),
+            None => reason,
+        };
+        LinkError::Connect {
+            peer: cfg.replica.clone(),
+            reason,
+        }
+    };
     let conn = ep
         .connect(remote, &cfg.server_name)
-        .map_err(|e| LinkError::Connect {
-            peer: cfg.replica.clone(),
-            reason: e.to_string(),
-        })?
+        .map_err(|e| refused(e.to_string()))?
         .await
-        .map_err(|e| LinkError::Connect {
-            peer: cfg.replica.clone(),
-            reason: e.to_string(),
-        })?;
-    let mut ctl = conn.open_bi().await.map_err(LinkError::from)?;
-    link::send(
-        &mut ctl.0,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-            vm: cfg.vm.clone(),
-        },
-    )
-    .await?;
-    match link::expect(&mut ctl.1).await {
+        .map_err(|e| refused(e.to_string()))?;
+    // The replica checks this primary's certificate after the handshake completed here: a
+    // refusal arrives as the connection's end, on the first exchange.
+    let hello = async {
+        let mut ctl = conn.open_bi().await.map_err(LinkError::from)?;
+        link::send(
+            &mut ctl.0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                vm: cfg.vm.clone(),
+            },
+        )
+        .await?;
+        let answer = link::expect(&mut ctl.1).await;
+        Ok::<_, LinkError>((ctl, answer))
+    };
+    let (ctl, answer) = hello.await.map_err(|e| match e {
+        LinkError::Connection(c) => refused(c.to_string()),
+        e => e,
+    })?;
+    match answer {
         Ok(Message::Welcome { last_cycle, .. }) => Ok(Session {
             conn,
             ctl,
@@ -114,6 +129,7 @@ pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, Ship
         }),
         Ok(other) => Err(ShipError::Protocol(format!("{other:?}"))),
         Err(LinkError::Peer(reason)) => Err(ShipError::Refused { cycle: 0, reason }),
+        Err(LinkError::Connection(c)) => Err(refused(c.to_string()).into()),
         Err(e) => Err(e.into()),
     }
 }
