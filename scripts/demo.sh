@@ -47,7 +47,8 @@ echo "QEMU would use: -drive file=$URI,format=raw,if=virtio"
 say "replica: the applier admits only primary-1"
 "$BIN" applier --store replica --listen 127.0.0.1:7443 --cert ca/replica-1.pem \
   --key ca/replica-1.key --ca ca/ca.pem --allow primary-1 --keep 24 2> applier.log &
-PIDS+=($!)
+APPLIER=$!
+PIDS+=($APPLIER)
 
 cat > shipper.toml <<TOML
 vm = "vm1"
@@ -64,7 +65,8 @@ TOML
 say "shipper: initial sync, then a cycle every 3 s"
 cat shipper.toml
 "$BIN" shipper --config shipper.toml 2> shipper.log &
-PIDS+=($!)
+SHIPPER=$!
+PIDS+=($SHIPPER)
 wait_for 120 grep -q 'cycle applied.*kind=Initial' shipper.log
 grep 'cycle applied' shipper.log | tail -1
 
@@ -87,9 +89,13 @@ echo "cmp: replica image is byte-for-byte equal"
 du -h --apparent-size replica/vm1/disks/sys.img | sed 's/^/apparent size: /'
 du -h replica/vm1/disks/sys.img | sed 's/^/allocated (sparse): /'
 
-say "recovery points"
+say "recovery points (listed while the applier runs)"
 "$BIN" applier points vm1 --store replica
 first=$("$BIN" applier points vm1 --store replica | awk 'NR==2 {print $1}')
+
+say "failover drill: replication stops, and point $first is rebuilt from the undo logs"
+kill -TERM "$SHIPPER" "$APPLIER"
+wait "$SHIPPER" "$APPLIER" || true
 "$BIN" applier export vm1 --store replica --point "$first" --out "point-$first" >/dev/null
 cmp "point-$first/sys.img" before-writes.img
 echo "point $first (the initial copy), rebuilt from the undo logs, equals the disk before the VM wrote"

@@ -334,12 +334,12 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
     match (a.op, a.serve) {
         (Some(ApplierOp::Points { vm, store }), _) => {
             let s = Store::new(&store, Retention::default())?;
-            let v = s.open_existing(&vm)?;
+            let points = s.points(&vm)?;
             println!(
                 "{:>8}  {:<25}  {:<8}  {:>12}",
                 "cycle", "applied (UTC)", "kind", "size"
             );
-            for p in v.points() {
+            for p in points {
                 let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.applied_at);
                 println!(
                     "{:>8}  {:<25}  {:<8}  {:>12}",

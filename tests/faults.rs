@@ -544,7 +544,8 @@ fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
 }
 
 /// `vmreplica applier points` lists every applied cycle as a recovery point, the initial copy
-/// first; `vmreplica verify` finds a damaged range of the replica, names it and fails.
+/// first, while the applier runs; `vmreplica verify` finds a damaged range of the replica,
+/// names it and fails; `applier export` is refused while the applier has the replica open.
 #[test]
 fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
     let dir = tempfile::tempdir().unwrap();
@@ -620,7 +621,36 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
         se.contains("replica differs from primary for VM vm1"),
         "{se}"
     );
+    // Exporting a point needs the replica to itself: refused while the applier runs, done
+    // once it stopped (the newest point is the replica image, damage included).
+    let newest = cycles.last().unwrap().to_string();
+    let export = || {
+        Command::new(bin())
+            .args(["applier", "export", "vm1", "--point", &newest, "--store"])
+            .arg(&store)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let busy = export();
+    let said = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        !busy.status.success() && said.contains("open in another process"),
+        "{said}"
+    );
     kill9(&mut applier);
+    let done = export();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        std::fs::read(dir.path().join("out/sys.img")).unwrap()
+            == std::fs::read(store.join("vm1/disks/sys.img")).unwrap(),
+        "the newest point differs from the replica image"
+    );
     tracker.stop();
 }
 

@@ -270,6 +270,9 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         shipped_deltas >= 2,
         "only {shipped_deltas} delta cycles carried changes"
     );
+    // The applier lets go of the replica, so this process may open it.
+    session.conn.close(0u32.into(), b"done");
+    applier.shutdown().await;
     // The replica equals the primary (writes stopped before the last freeze).
     let store = Store::new(&store_dir, Retention::default()).unwrap();
     let vs = store.open_existing("vm1").unwrap();
@@ -292,8 +295,6 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
             );
         }
     }
-    session.conn.close(0u32.into(), b"done");
-    applier.shutdown().await;
     server.shutdown();
     tracker.close().unwrap();
 }

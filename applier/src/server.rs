@@ -195,45 +195,39 @@ async fn stream(
             if let Err(e) = validate_name(&name) {
                 return reply_error(&mut send, code::NOT_ALLOWED, format!("VM name: {e}")).await;
             }
-            let store = {
-                let cached = app
-                    .vms
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&name)
-                    .cloned();
-                match cached {
+            // Looked up and, on first contact, opened under the table's lock: two connections
+            // of one primary (`connections` > 1) must share one store, not race to open two.
+            let opened = {
+                let mut vms = app.vms.lock().unwrap_or_else(|e| e.into_inner());
+                match vms.get(&name).cloned() {
                     Some(v) => {
                         let owner = v
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .owner()
                             .to_string();
-                        if owner != peer {
-                            let e = StoreError::NotOwner {
+                        if owner == peer {
+                            Ok(v)
+                        } else {
+                            Err(StoreError::NotOwner {
                                 vm: name.clone(),
                                 owner,
                                 peer: peer.to_string(),
-                            };
-                            tracing::warn!("{e}");
-                            return reply_error(&mut send, code::NOT_ALLOWED, e.to_string()).await;
+                            })
                         }
-                        v
                     }
-                    None => match app.store.open_vm(&name, peer) {
-                        Ok(v) => {
-                            let v = Arc::new(Mutex::new(v));
-                            app.vms
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(name.clone(), Arc::clone(&v));
-                            v
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer, "refused VM {name}: {e}");
-                            return reply_error(&mut send, error_code(&e), e.to_string()).await;
-                        }
-                    },
+                    None => app.store.open_vm(&name, peer).map(|v| {
+                        let v = Arc::new(Mutex::new(v));
+                        vms.insert(name.clone(), Arc::clone(&v));
+                        v
+                    }),
+                }
+            };
+            let store = match opened {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(peer, "refused VM {name}: {e}");
+                    return reply_error(&mut send, error_code(&e), e.to_string()).await;
                 }
             };
             let last_cycle = store.lock().unwrap_or_else(|e| e.into_inner()).last_cycle();

@@ -20,6 +20,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,11 @@ pub enum StoreError {
     NoSuchPoint { vm: String, cycle: u64 },
     #[error("VM {0} has no replica")]
     NoReplica(String),
+    #[error(
+        "VM {vm}: its replica is open in another process (a running applier, or an export); \
+         stop that first"
+    )]
+    Busy { vm: String },
     #[error(transparent)]
     State(#[from] StateFileError),
 }
@@ -230,9 +236,27 @@ impl Store {
         VmStore::open(&self.root, vm, Some(peer), self.retention)
     }
 
-    /// Opens an existing replica for local administration (points, export, verify).
+    /// Opens an existing replica for local administration (export), after finishing any
+    /// apply a crash interrupted. Like [`Store::open_vm`], it has the replica to itself:
+    /// [`StoreError::Busy`] while another process (a running applier) has it open.
     pub fn open_existing(&self, vm: &str) -> Result<VmStore, StoreError> {
         VmStore::open(&self.root, vm, None, self.retention)
+    }
+
+    /// The recovery points of `vm`, read from its state file without opening the replica (so
+    /// also while an applier has it open).
+    pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>, StoreError> {
+        validate_name(vm).map_err(|source| StoreError::Name {
+            name: vm.to_string(),
+            source,
+        })?;
+        let state: VmState = read_state(
+            &self.root.join(vm).join("state.json"),
+            STATE_FORMAT,
+            STATE_VERSION,
+        )?
+        .ok_or_else(|| StoreError::NoReplica(vm.to_string()))?;
+        Ok(state.points)
     }
 
     /// VMs with a replica here.
@@ -303,9 +327,39 @@ pub struct VmStore {
     /// Shared with [`UndoSource`]s, which read old contents outside the VM's lock.
     images: Arc<Vec<Image>>,
     receiving: Option<Receiving>,
+    /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
+    _lock: File,
     /// Test hook: fail (as a crash would) after writing this many chunks of an apply.
     #[cfg(test)]
     crash_after: Option<u64>,
+}
+
+/// Takes `ROOT/VM.lock` exclusively (flock; released when the file is closed, also by a
+/// crash), so that one process at a time opens a replica: a second applier on the same store,
+/// or an export (which may finish an interrupted apply) beside a running applier, would write
+/// the same images, staging and state.
+fn lock_vm(root: &Path, vm: &str) -> Result<File, StoreError> {
+    let p = root.join(format!("{vm}.lock"));
+    let io = |source| StoreError::Io {
+        path: p.clone(),
+        source,
+    };
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            StoreError::Busy { vm: vm.to_string() }
+        } else {
+            io(e)
+        });
+    }
+    Ok(f)
 }
 
 impl VmStore {
@@ -321,6 +375,11 @@ impl VmStore {
         })?;
         let dir = root.join(vm);
         let state_path = dir.join("state.json");
+        if peer.is_none() && !state_path.exists() {
+            // Administration of a replica that is not there: no lock file left behind.
+            return Err(StoreError::NoReplica(vm.to_string()));
+        }
+        let lock = lock_vm(root, vm)?;
         let state: VmState = match read_state(&state_path, STATE_FORMAT, STATE_VERSION)? {
             Some(s) => s,
             None => {
@@ -353,6 +412,7 @@ impl VmStore {
             retention,
             images: Arc::new(Vec::new()),
             receiving: None,
+            _lock: lock,
             #[cfg(test)]
             crash_after: None,
         };
@@ -1737,6 +1797,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn one_process_at_a_time_opens_a_replica_and_points_are_readable_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path(), Retention::default()).unwrap();
+        let (vs, _) = initial(
+            &store,
+            &[vec![3u8; SIZE as usize], vec![4u8; SIZE as usize]],
+        );
+        // The applier holds it: another applier and an export are refused (flock is per open
+        // file, so a second open in this process stands for another process).
+        assert!(matches!(
+            store.open_vm("vm1", "primary-1"),
+            Err(StoreError::Busy { .. })
+        ));
+        let e = store.open_existing("vm1").err().unwrap();
+        assert!(e.to_string().contains("open in another process"), "{e}");
+        // Listing points needs no lock.
+        let listed = store.points("vm1").unwrap();
+        assert_eq!(listed, vs.points());
+        assert_eq!(listed[0].kind, "initial");
+        drop(vs);
+        drop(store.open_existing("vm1").unwrap());
+        // No lock file for a replica that is not there.
+        assert!(matches!(
+            store.open_existing("nope"),
+            Err(StoreError::NoReplica(_))
+        ));
+        assert!(matches!(
+            store.points("nope"),
+            Err(StoreError::NoReplica(_))
+        ));
+        assert!(!dir.path().join("nope.lock").exists());
     }
 
     #[test]
