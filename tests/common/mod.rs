@@ -1,6 +1,8 @@
 //! Helpers for integration tests: run the real `vmreplica` binary and real NBD clients.
 #![allow(dead_code)]
 
+pub mod powercut;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
