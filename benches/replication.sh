@@ -197,12 +197,14 @@ hz=$(getconf CLK_TCK)
 # From a cold page cache, runs the shipper until it has applied one cycle, checks the replica
 # equals the primary, and sets cyc_secs, cyc_data, cyc_appwire (MiB, from its log line) and
 # cyc_net (bytes on the veth); cyc_read/cyc_written (MiB through the disk, written back),
-# cyc_cpu_ship/cyc_cpu_app (CPU seconds) and cyc_busy (% of all cores). $1 names the cycle.
+# cyc_cpu_ship/cyc_cpu_app (CPU seconds), cyc_busy (% of all cores) and cyc_rss_ship/cyc_rss_app
+# (peak resident memory during the cycle, MiB). $1 names the cycle.
 ship_one_cycle() {
   local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1
   cold
   w0=$(wire)
   read -r -a d0 < <(disk_io); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
+  echo 5 >"/proc/$applier_pid/clear_refs"   # the applier's peak RSS counts from here
   "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
   shipper_pid=$!
   for _ in $(seq 6000); do
@@ -213,6 +215,8 @@ ship_one_cycle() {
   done
   [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
   s1=$(proc_cpu "$shipper_pid")
+  peak_mib() { awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
+  cyc_rss_ship=$(peak_mib "$shipper_pid") cyc_rss_app=$(peak_mib "$applier_pid")
   cyc_cpu_app=$(awk -v a="$a0" -v b="$(proc_cpu "$applier_pid")" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz }')
   read -r -a m1 < <(machine_cpu)
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
@@ -352,7 +356,7 @@ for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
   ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle, round $round"
   # Every round's figures, as round_1, round_2, ...; the details reported are the median
   # round's (by local read time over cycle time).
-  declare -A "round_$round=( [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs )"
+  declare -A "round_$round=( [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [rss_ship]=$cyc_rss_ship [rss_app]=$cyc_rss_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs )"
 done
 median=$(for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
   declare -n o="round_$i"
@@ -363,6 +367,7 @@ local_secs=${m[local]} direct_secs=${m[direct]}
 v_cyc_secs=${m[secs]} v_cyc_data=${m[data]} v_cyc_wire=${m[wire]}
 v_cyc_read=${m[read]} v_cyc_written=${m[written]} v_cyc_busy=${m[busy]}
 v_cyc_cpu_ship=${m[ship]} v_cyc_cpu_app=${m[app]}
+v_cyc_rss_ship=${m[rss_ship]} v_cyc_rss_app=${m[rss_app]}
 v_cyc_recv=${m[recv]} v_cyc_apply=${m[apply]}
 
 # ---- report ---------------------------------------------------------------------------------
@@ -443,6 +448,8 @@ fi
   # The CPU floor: the two sites' CPU seconds spread perfectly over this machine's cores.
   cpu_floor=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$(nproc)" 'BEGIN { printf "%.2f", (a + b) / n }')
   echo "Phases: receiving took $(r "$v_cyc_recv" "$local_secs")× the local read's time; applying took $(r "$v_cyc_apply" "$randwrite_secs")× the bare write of the same blocks. The apply starts only once the whole cycle is staged and verified (so a cut link or crash mid-cycle never leaves the replica between points); the ratio is therefore the local read's time over the sum of both phases, and with the apply at this disk's random-write rate the ratio reachable is at most $(r "$local_secs" "$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')") here."
+  echo
+  echo "Memory: the shipper peaked at $v_cyc_rss_ship MiB resident and the applier at $v_cyc_rss_app MiB during the cycle, for $v_cyc_data MiB of dirty data (neither holds a cycle's data: read-ahead, send and receive windows and the apply queue bound it)."
   echo
   echo "The CPU both sites used, spread perfectly over the $(nproc) cores they share, takes at least $cpu_floor s: CPU alone caps this ratio at $(r "$local_secs" "$cpu_floor") here (on two hosts each site has its own cores)."
 } | tee "$md_out"
