@@ -494,6 +494,19 @@ fn a_full_replica_disk_is_reported_and_replication_resumes_when_space_returns() 
     tracker.stop();
 }
 
+/// A test bed: a temporary directory with a CA and a replica store, and a 16 MiB primary
+/// image holding `data_mib` MiB of random data, served by a tracker.
+fn small_site(data_mib: u64) -> (tempfile::TempDir, Site, PathBuf, TrackerProc) {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 16 * MIB);
+    if data_mib > 0 {
+        fill_random(&img, data_mib);
+    }
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    (dir, site, img, tracker)
+}
+
 /// Bytes of `p` that are allocated on disk.
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -504,12 +517,8 @@ fn allocated(p: &Path) -> u64 {
 /// as holes: it stays as sparse as the primary, so a guest's fstrim does not fill it up.
 #[test]
 fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let site = Site::new(dir.path(), store.clone());
-    let img = image(dir.path(), "sys.img", 16 * MIB);
-    fill_random(&img, 8);
-    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (_dir, site, img, tracker) = small_site(8);
+    let store = site.store.clone();
     let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     site.wait_cycles(0, 1, Duration::from_secs(60));
     // One dirty 1 MiB stretch (one run of the bitmap): data, with a 64 KiB block of zeroes
@@ -548,12 +557,8 @@ fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
 /// names it and fails; `applier export` is refused while the applier has the replica open.
 #[test]
 fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let site = Site::new(dir.path(), store.clone());
-    let img = image(dir.path(), "sys.img", 16 * MIB);
-    fill_random(&img, 4);
-    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (dir, site, _img, tracker) = small_site(4);
+    let store = site.store.clone();
     let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     site.wait_cycles(0, 3, Duration::from_secs(60));
     kill9(&mut shipper);
@@ -659,25 +664,11 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
 /// gets nothing.
 #[test]
 fn certificate_refusals_are_explained_in_both_logs() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let site = Site::new(dir.path(), store.clone());
-    let img = image(dir.path(), "sys.img", 16 * MIB);
-    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (dir, site, _img, tracker) = small_site(0);
+    let store = site.store.clone();
     let mut applier = site.applier();
     let expired = dir.path().join("expired");
-    std::fs::create_dir_all(&expired).unwrap();
-    tls::issue(
-        &site.ca,
-        "primary-1",
-        &[],
-        Validity {
-            from: -time::Duration::days(10),
-            until: -time::Duration::days(1),
-        },
-        &expired,
-    )
-    .unwrap();
+    issue_expired(&site.ca, "primary-1", &expired);
     // Another CA, named otherwise or (as two `certs init-ca` with the defaults are) alike.
     let other = dir.path().join("other-ca");
     tls::init_ca(&other, "someone else's CA", 30).unwrap();
@@ -733,12 +724,7 @@ fn certificate_refusals_are_explained_in_both_logs() {
 /// acknowledgement.
 #[test]
 fn a_scheduled_initial_sync_waits_for_its_time_and_continuous_cycles_follow() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let site = Site::new(dir.path(), store.clone());
-    let img = image(dir.path(), "sys.img", 16 * MIB);
-    fill_random(&img, 4);
-    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let (_dir, site, img, tracker) = small_site(4);
     let at = std::time::SystemTime::now() + Duration::from_secs(4);
     let at = humantime::format_rfc3339_seconds(at).to_string();
     let config = site.config_via(

@@ -311,18 +311,7 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
     tls::issue(&ca, "intruder", &[], Validity::days(30), &ca).unwrap();
     tls::issue(&ca, "h2.dc1.example", &[], Validity::days(30), &ca).unwrap();
     let expired = dir.path().join("expired");
-    std::fs::create_dir_all(&expired).unwrap();
-    tls::issue(
-        &ca,
-        "primary-1",
-        &[],
-        Validity {
-            from: -time::Duration::days(10),
-            until: -time::Duration::days(1),
-        },
-        &expired,
-    )
-    .unwrap();
+    issue_expired(&ca, "primary-1", &expired);
     let store_dir = dir.path().join("store");
     let applier = Applier::start(ApplierConfig {
         store: store_dir.clone(),

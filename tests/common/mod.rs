@@ -30,6 +30,22 @@ pub fn stdout(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run(cmd).stdout).into_owned()
 }
 
+/// Issues `name` a certificate from the CA in `ca` that expired a day ago, into `out`.
+pub fn issue_expired(ca: &Path, name: &str, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    vmreplica_common::tls::issue(
+        ca,
+        name,
+        &[],
+        vmreplica_common::tls::Validity {
+            from: -time::Duration::days(10),
+            until: -time::Duration::days(1),
+        },
+        out,
+    )
+    .unwrap();
+}
+
 /// Makes a sparse raw image of `size` bytes.
 pub fn image(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
