@@ -80,15 +80,11 @@ impl Applier {
                     let remote = incoming.remote_address();
                     match incoming.await {
                         Ok(conn) => connection(app, conn).await,
-                        Err(e) => {
-                            let why = e.to_string();
-                            match tls::explain_refusal(&why, "replica", "primary") {
-                                Some(plain) => {
-                                    tracing::warn!(%remote, "refused a connection: {plain} ({why})")
-                                }
-                                None => tracing::warn!(%remote, "refused a connection: {why}"),
-                            }
-                        }
+                        Err(e) => tracing::warn!(
+                            %remote,
+                            "refused a connection: {}",
+                            tls::describe_refusal(&e.to_string(), "replica", "primary")
+                        ),
                     }
                 });
             }

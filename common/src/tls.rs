@@ -303,6 +303,15 @@ pub fn explain_refusal(reason: &str, here: &str, peer: &str) -> Option<String> {
     ))
 }
 
+/// `reason` for a log line or an error: led by [`explain_refusal`]'s account when it names a
+/// certificate problem, as it is otherwise.
+pub fn describe_refusal(reason: &str, here: &str, peer: &str) -> String {
+    match explain_refusal(reason, here, peer) {
+        Some(plain) => format!("{plain} ({reason})"),
+        None => reason.to_string(),
+    }
+}
+
 /// Which primaries an applier admits: exact names and `*.suffix` patterns.
 #[derive(Clone, Debug, Default)]
 pub struct AllowList {

@@ -86,15 +86,9 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
 /// reported in plain words: which side refused whose certificate, and why.
 pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, ShipError> {
     let remote = resolve(&cfg.replica)?;
-    let refused = |reason: String| {
-        let reason = match tls::explain_refusal(&reason, "primary", "replica") {
-            Some(plain) => format!("{plain} ({reason})"),
-            None => reason,
-        };
-        LinkError::Connect {
-            peer: cfg.replica.clone(),
-            reason,
-        }
+    let refused = |reason: String| LinkError::Connect {
+        peer: cfg.replica.clone(),
+        reason: tls::describe_refusal(&reason, "primary", "replica"),
     };
     let conn = ep
         .connect(remote, &cfg.server_name)
@@ -113,21 +107,17 @@ pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, Ship
             },
         )
         .await?;
-        let answer = link::expect(&mut ctl.1).await;
+        let answer = link::expect(&mut ctl.1).await?;
         Ok::<_, LinkError>((ctl, answer))
     };
-    let (ctl, answer) = hello.await.map_err(|e| match e {
-        LinkError::Connection(c) => refused(c.to_string()),
-        e => e,
-    })?;
-    match answer {
-        Ok(Message::Welcome { last_cycle, .. }) => Ok(Session {
+    match hello.await {
+        Ok((ctl, Message::Welcome { last_cycle, .. })) => Ok(Session {
             conn,
             ctl,
             last_cycle,
             extra: Vec::new(),
         }),
-        Ok(other) => Err(ShipError::Protocol(format!("{other:?}"))),
+        Ok((_, other)) => Err(ShipError::Protocol(format!("{other:?}"))),
         Err(LinkError::Peer(reason)) => Err(ShipError::Refused { cycle: 0, reason }),
         Err(LinkError::Connection(c)) => Err(refused(c.to_string()).into()),
         Err(e) => Err(e.into()),
