@@ -246,12 +246,8 @@ impl Store {
     /// The recovery points of `vm`, read from its state file without opening the replica (so
     /// also while an applier has it open).
     pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>, StoreError> {
-        validate_name(vm).map_err(|source| StoreError::Name {
-            name: vm.to_string(),
-            source,
-        })?;
         let state: VmState = read_state(
-            &self.root.join(vm).join("state.json"),
+            &vm_dir(&self.root, vm)?.join("state.json"),
             STATE_FORMAT,
             STATE_VERSION,
         )?
@@ -334,6 +330,15 @@ pub struct VmStore {
     crash_after: Option<u64>,
 }
 
+/// The directory of VM `vm`'s replica under `root`, once its name is checked.
+fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
+    validate_name(vm).map_err(|source| StoreError::Name {
+        name: vm.to_string(),
+        source,
+    })?;
+    Ok(root.join(vm))
+}
+
 /// Takes `ROOT/VM.lock` exclusively (flock; released when the file is closed, also by a
 /// crash), so that one process at a time opens a replica: a second applier on the same store,
 /// or an export (which may finish an interrupted apply) beside a running applier, would write
@@ -369,11 +374,7 @@ impl VmStore {
         peer: Option<&str>,
         retention: Retention,
     ) -> Result<VmStore, StoreError> {
-        validate_name(vm).map_err(|source| StoreError::Name {
-            name: vm.to_string(),
-            source,
-        })?;
-        let dir = root.join(vm);
+        let dir = vm_dir(root, vm)?;
         let state_path = dir.join("state.json");
         if peer.is_none() && !state_path.exists() {
             // Administration of a replica that is not there: no lock file left behind.
