@@ -154,14 +154,7 @@ impl Sites {
         self.log("shipper")
             .lines()
             .filter(|l| l.contains("cycle applied on the replica"))
-            .filter_map(|l| {
-                l.split("cycle=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .map(|l| field(l, "cycle"))
             .collect()
     }
 

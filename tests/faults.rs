@@ -202,15 +202,6 @@ fn qemu_write(img: &Path, byte: u8, offset: &str, len: &str) {
         .args(["-c", &format!("write -P {byte} {offset} {len}")]));
 }
 
-/// The value of `key=value` (quotes dropped) in a log line; panics naming the line if absent.
-fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
-    line.split(&format!("{key}="))
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
-
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(25)..].join("\n")

@@ -30,6 +30,15 @@ pub fn stdout(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run(cmd).stdout).into_owned()
 }
 
+/// The value of `key=value` (quotes dropped) in a log line; panics naming the line if absent.
+pub fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
 /// Issues `name` a certificate from the CA in `ca` that expired a day ago, into `out`.
 pub fn issue_expired(ca: &Path, name: &str, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
