@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds a tiny Linux guest for the NBD integration tests: OUTDIR/bzImage (the Debian cloud
-# kernel, fetched with `apt-get download`) and OUTDIR/initramfs.cpio.gz (static busybox, the
-# virtio-blk modules, the host's mke2fs with its shared libraries, and an /init that runs the
-# script chosen by `vmr.mode=` on the kernel command line: mkfs-write, write-more, check or
-# raw-write).
-# Boot it with scripts/guest/boot.sh.
+# Builds a tiny Linux guest for the integration tests: OUTDIR/bzImage (the Debian cloud
+# kernel, fetched with `apt-get download`) and OUTDIR/initramfs.cpio.gz: static busybox; the
+# virtio-blk, virtio-console, ACPI button and evdev modules; the host's mke2fs and e2fsck
+# with their shared libraries; Debian's qemu-guest-agent binary (fetched with
+# `apt-get download`, its shared libraries taken from the host via ldd); and /init
+# (scripts/guest/init), which runs the mode chosen by `vmr.mode=` on the kernel command line.
+# See init for the modes and the console protocol; boot it with scripts/guest/boot.sh or the
+# vm crate's launcher.
 #
 # Usage: build.sh OUTDIR
-# Idempotent: does nothing if both outputs exist and are newer than this script.
+# Idempotent: does nothing if both outputs exist and are newer than this script and init.
 # Env: VMR_KERNEL_PKG overrides the kernel package (default: what linux-image-cloud-amd64
 #      depends on, e.g. linux-image-6.1.0-56-cloud-amd64).
 set -euo pipefail
@@ -18,12 +20,14 @@ if [ $# -ne 1 ]; then
 fi
 outdir=$1
 self=$(readlink -f "$0")
+init_src=$(dirname "$self")/init
 mkdir -p "$outdir"
 outdir=$(readlink -f "$outdir")
 
 up_to_date() {
   [ -f "$outdir/bzImage" ] && [ -f "$outdir/initramfs.cpio.gz" ] &&
-    [ "$outdir/bzImage" -nt "$self" ] && [ "$outdir/initramfs.cpio.gz" -nt "$self" ]
+    [ "$outdir/bzImage" -nt "$self" ] && [ "$outdir/initramfs.cpio.gz" -nt "$self" ] &&
+    [ "$outdir/initramfs.cpio.gz" -nt "$init_src" ]
 }
 if up_to_date; then
   exit 0
@@ -51,6 +55,9 @@ if ldd "$busybox" >/dev/null 2>&1; then
 fi
 mke2fs=$(PATH=$PATH:/sbin:/usr/sbin command -v mke2fs || true)
 [ -n "$mke2fs" ] || die "mke2fs not found (apt-get install e2fsprogs)"
+e2fsck=$(PATH=$PATH:/sbin:/usr/sbin command -v e2fsck || true)
+[ -n "$e2fsck" ] || die "e2fsck not found (apt-get install e2fsprogs)"
+[ -f "$init_src" ] || die "$init_src missing"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -66,8 +73,18 @@ apt_opts=()
 # As root, apt-get download drops to user _apt, which cannot write into our 0700 temp dir.
 [ "$(id -u)" -eq 0 ] && apt_opts+=(-o APT::Sandbox::User=root)
 (cd "$tmp" && apt-get download -q "${apt_opts[@]}" "$pkg" >&2)
-deb=("$tmp"/*.deb)
+deb=("$tmp"/linux-image-*.deb)
 dpkg-deb -x "${deb[0]}" "$tmp/pkg"
+
+# The guest agent: Debian's package for this release, unpacked (not installed on the host).
+mkdir -p "$tmp/ga"
+echo "build.sh: downloading qemu-guest-agent" >&2
+(cd "$tmp/ga" && apt-get download -q "${apt_opts[@]}" qemu-guest-agent >&2) ||
+  die "cannot download qemu-guest-agent (apt-get update?)"
+ga_deb=("$tmp"/ga/qemu-guest-agent_*.deb)
+dpkg-deb -x "${ga_deb[0]}" "$tmp/ga/root"
+qemu_ga=$tmp/ga/root/usr/sbin/qemu-ga
+[ -x "$qemu_ga" ] || die "no usr/sbin/qemu-ga in ${ga_deb[0]}"
 
 vmlinuz=$(find "$tmp/pkg/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)
 [ -n "$vmlinuz" ] || die "no boot/vmlinuz-* in $pkg"
@@ -119,6 +136,9 @@ add_module virtio_pci_modern_dev optional
 add_module virtio_pci_legacy_dev optional
 add_module virtio_pci required
 add_module virtio_blk required
+add_module virtio_console required   # virtio-serial: the guest agent's port
+add_module evdev required            # /dev/input/event*, which acpid reads
+add_module button required           # the ACPI power button (QMP system_powerdown)
 if ! is_builtin ext4; then
   for m in crc16 crc32c_generic libcrc32c mbcache jbd2; do
     add_module "$m" optional
@@ -128,97 +148,33 @@ else
   echo "build.sh: ext4 (and jbd2/mbcache/crc16/crc32c) built in" >&2
 fi
 
-# The host's mke2fs (busybox's cannot make ext4) with its shared libraries and loader.
+# The host's mke2fs (busybox's cannot make ext4) and e2fsck, and Debian's qemu-ga, with
+# their shared libraries and loader (from the host: qemu-system-x86 pulls in the ones
+# qemu-ga needs).
 copy_with_path() { mkdir -p "$root$(dirname "$2")"; cp -L "$1" "$root$2"; }
-copy_with_path "$mke2fs" /sbin/mke2fs
-ldd "$mke2fs" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
-  copy_with_path "$lib" "$lib"
-done
+add_binary() {
+  local missing
+  missing=$(ldd "$1" | awk '/not found/ {print $1}')
+  [ -z "$missing" ] || die "$1 needs libraries this host lacks: $missing (run scripts/install-deps.sh)"
+  copy_with_path "$1" "$2"
+  ldd "$1" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | while read -r lib; do
+    copy_with_path "$lib" "$lib"
+  done
+}
+add_binary "$mke2fs" /sbin/mke2fs
+add_binary "$e2fsck" /sbin/e2fsck
+add_binary "$qemu_ga" /sbin/qemu-ga
+# Without the host's mke2fs.conf, mke2fs makes ext4 without a journal.
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
 
-cat > "$root/init" <<'INIT'
-#!/bin/busybox sh
-# vmreplica test guest init: load virtio-blk, run the script named by vmr.mode=, power off.
-/bin/busybox --install -s /bin
-export PATH=/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-
-off() { sync; poweroff -f; sleep 10; exit 1; }
-fail() { echo "VMR-GUEST-FAIL $*"; off; }
-done_() { echo "VMR-GUEST-DONE"; off; }
-
-mode=
-for arg in $(cat /proc/cmdline); do
-  case "$arg" in vmr.mode=*) mode=${arg#vmr.mode=} ;; esac
-done
-echo "vmr-guest: mode=$mode kernel=$(uname -r)"
-
-for m in $(cat /modules/order); do
-  insmod "/modules/$m.ko" || fail "insmod $m"
-done
-
-i=0
-while [ ! -b /dev/vda ]; do
-  i=$((i + 1))
-  [ "$i" -le 300 ] || fail "no /dev/vda after 30s"
-  usleep 100000
-done
-
-# /big: 4 MiB = 1024 records of 4096 bytes, record i = printf '%08d' i, 4087 'x', '\n'. Every
-# 4 KiB block differs, so misplaced or lost blocks are detected; test-guest.sh generates the
-# same bytes on the host. (A shell loop: awk printing 16-byte records took 7 s under TCG.)
-big() {
-  pad=$(head -c 4087 /dev/zero | tr '\0' x)
-  i=0
-  while [ "$i" -lt 1024 ]; do printf '%08d%s\n' "$i" "$pad"; i=$((i + 1)); done
-}
-
-case "$mode" in
-  mkfs-write)
-    # UUIDs come from the kernel: without them libuuid falls back to time-based UUIDs here,
-    # which stalls mke2fs for ~4 s (no uuidd, no /var/lib/libuuid).
-    uuid=$(cat /proc/sys/kernel/random/uuid) && seed=$(cat /proc/sys/kernel/random/uuid) || fail "uuid"
-    /sbin/mke2fs -q -t ext4 -F -U "$uuid" -E "hash_seed=$seed" /dev/vda || fail "mke2fs"
-    mount -t ext4 /dev/vda /mnt || fail "mount"
-    printf 'hello from the guest\n' > /mnt/f || fail "write /f"
-    big > /mnt/big || fail "write /big"
-    sync || fail "sync"
-    umount /mnt || fail "umount"
-    ;;
-  write-more)
-    mount -t ext4 /dev/vda /mnt || fail "mount"
-    [ "$(cat /mnt/f)" = "hello from the guest" ] || fail "/f missing or wrong before write-more"
-    printf 'second boot\n' > /mnt/g || fail "write /g"
-    sync || fail "sync"
-    umount /mnt || fail "umount"
-    ;;
-  raw-write)
-    # Exactly two writes, for tests that check which blocks the tracker marks dirty:
-    # 256 KiB at 1 MiB and 4 KiB at 100 MiB + 4 KiB.
-    dd if=/dev/urandom of=/dev/vda bs=4096 count=64 seek=256 conv=fsync 2>/dev/null || fail "dd 1"
-    dd if=/dev/urandom of=/dev/vda bs=4096 count=1 seek=25601 conv=fsync 2>/dev/null || fail "dd 2"
-    sync
-    ;;
-  check)
-    mount -t ext4 -o ro /dev/vda /mnt || fail "mount"
-    cat /mnt/f /mnt/g || fail "cat /f /g"
-    echo "VMR-BIG-SHA256 $(sha256sum < /mnt/big | cut -d' ' -f1)"
-    umount /mnt || fail "umount"
-    ;;
-  *)
-    fail "unknown vmr.mode '$mode'"
-    ;;
-esac
-done_
-INIT
+cp "$init_src" "$root/init"
 chmod 755 "$root/init"
 
 # Sanity check on the host: the copied mke2fs must run inside the tree.
 if [ "$(id -u)" -eq 0 ]; then
   chroot "$root" /sbin/mke2fs -V >/dev/null 2>&1 || die "mke2fs does not run inside the initramfs tree"
+  chroot "$root" /sbin/e2fsck -V >/dev/null 2>&1 || die "e2fsck does not run inside the initramfs tree"
+  chroot "$root" /sbin/qemu-ga -V >/dev/null 2>&1 || die "qemu-ga does not run inside the initramfs tree"
 fi
 
 # Write next to the outputs, then rename, so readers never see a half-written file.

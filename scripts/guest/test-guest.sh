@@ -31,7 +31,7 @@ for mode in mkfs-write write-more check; do
   "$here/boot.sh" "$outdir" "$uri" "$mode" "$tmo" || die "guest boot '$mode' failed (console: $outdir/console-$mode.log)"
 done
 
-# Same bytes as big() in the guest's /init (see build.sh).
+# Same bytes as big() in the guest's /init (scripts/guest/init).
 big() {
   local pad i
   pad=$(head -c 4087 /dev/zero | tr '\0' x)
