@@ -5,22 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::guest::guest_dir;
 use common::*;
 
 const MIB: u64 = 1 << 20;
-
-fn guest_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest");
-    std::fs::create_dir_all(&d).unwrap();
-    run(Command::new("bash")
-        .arg("scripts/guest/build.sh")
-        .arg(&d)
-        .current_dir(env!("CARGO_MANIFEST_DIR")));
-    d
-}
 
 fn dirty(t: &TrackerProc, export: &str) -> Vec<(u64, u64)> {
     ranges_with(

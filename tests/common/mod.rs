@@ -1,6 +1,7 @@
 //! Helpers for integration tests: run the real `vmreplica` binary and real NBD clients.
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod powercut;
 
 use std::path::{Path, PathBuf};

@@ -78,11 +78,9 @@ impl LineConn {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    continue // remaining() turns an expired deadline into Timeout
+                    continue; // remaining() turns an expired deadline into Timeout
                 }
-                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
-                    return Err(WireError::Closed)
-                }
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return Err(WireError::Closed),
                 Err(e) => return Err(WireError::Io(e)),
             }
         }
@@ -131,7 +129,9 @@ impl LineConn {
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) => {
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset) =>
+                {
                     return Err(WireError::Closed)
                 }
                 Err(e) => return Err(WireError::Io(e)),
@@ -162,7 +162,10 @@ mod tests {
 
     fn pair() -> (LineConn, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
-        (LineConn::from_stream(a, Peer::qmp(std::path::Path::new("/test.sock"))), b)
+        (
+            LineConn::from_stream(a, Peer::qmp(std::path::Path::new("/test.sock"))),
+            b,
+        )
     }
 
     fn soon(ms: u64) -> Instant {
@@ -199,7 +202,8 @@ mod tests {
     #[test]
     fn skips_to_a_sentinel() {
         let (mut c, mut peer) = pair();
-        peer.write_all(b"stale {\"return\": 7}\n\xff{\"return\": 9}\n").unwrap();
+        peer.write_all(b"stale {\"return\": 7}\n\xff{\"return\": 9}\n")
+            .unwrap();
         c.skip_past(0xff, soon(1000)).unwrap();
         assert_eq!(c.read_line(soon(1000)).unwrap(), b"{\"return\": 9}");
     }

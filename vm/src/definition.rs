@@ -190,16 +190,20 @@ impl VmDefinition {
         let mut raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         match raw.version {
             Some(DEFINITION_VERSION) => {}
-            Some(v) => {
+            Some(v) => return Err(bad(format!(
+                "version {v} is not supported (this vmreplica reads version {DEFINITION_VERSION})"
+            ))),
+            None => {
                 return Err(bad(format!(
-                    "version {v} is not supported (this vmreplica reads version {DEFINITION_VERSION})"
+                    "no version: add version = {DEFINITION_VERSION}"
                 )))
             }
-            None => return Err(bad(format!("no version: add version = {DEFINITION_VERSION}"))),
         }
         vmreplica_common::validate_name(&raw.name).map_err(|e| bad(format!("name: {e}")))?;
         if raw.disks.is_empty() {
-            return Err(bad("disks is empty: list the VM's disks (the tracker's export names)".into()));
+            return Err(bad(
+                "disks is empty: list the VM's disks (the tracker's export names)".into(),
+            ));
         }
         let mut declared = BTreeSet::new();
         for d in &raw.disks {
@@ -209,7 +213,9 @@ impl VmDefinition {
             }
         }
         if raw.qemu.first().is_none_or(|p| p.trim().is_empty()) {
-            return Err(bad("qemu: the first element must be the QEMU program".into()));
+            return Err(bad(
+                "qemu: the first element must be the QEMU program".into()
+            ));
         }
 
         let mut qemu = Vec::new();
@@ -219,7 +225,9 @@ impl VmDefinition {
             let field = format!("qemu[{i}] {a:?}");
             if let Some(f) = flag(a) {
                 if LAUNCHER_FLAGS.contains(&f) {
-                    return Err(bad(format!("{field}: the launcher sets -{f} itself; remove it")));
+                    return Err(bad(format!(
+                        "{field}: the launcher sets -{f} itself; remove it"
+                    )));
                 }
                 if NET_FLAGS.contains(&f) {
                     return Err(bad(format!(
@@ -278,7 +286,9 @@ impl VmDefinition {
                         )
                     )
                 }) {
-                    return Err(bad(format!("{field}: no ${{net}} or disk placeholders here")));
+                    return Err(bad(format!(
+                        "{field}: no ${{net}} or disk placeholders here"
+                    )));
                 }
                 parsed.push(pieces);
             }
@@ -455,8 +465,10 @@ impl VmDefinition {
                 Piece::Text(t) => s.push_str(t),
                 Piece::Var(v) => {
                     let val = self.value(v, input, field)?;
-                    if matches!(v, Placeholder::Qmp | Placeholder::Qga | Placeholder::Console)
-                        && val.contains(',')
+                    if matches!(
+                        v,
+                        Placeholder::Qmp | Placeholder::Qga | Placeholder::Console
+                    ) && val.contains(',')
                     {
                         return Err(DefinitionError::Invalid {
                             path: self.path.clone(),
@@ -494,9 +506,12 @@ impl VmDefinition {
 
     /// The libvirt domain XML for `input`.
     pub fn render_libvirt(&self, input: &RenderInput) -> Result<String, DefinitionError> {
-        let l = self.libvirt.as_ref().ok_or_else(|| DefinitionError::NoLibvirt {
-            path: self.path.clone(),
-        })?;
+        let l = self
+            .libvirt
+            .as_ref()
+            .ok_or_else(|| DefinitionError::NoLibvirt {
+                path: self.path.clone(),
+            })?;
         self.check_input(input)?;
         let mut s = String::new();
         for p in &l.xml {

@@ -25,7 +25,10 @@ fn path() -> &'static Path {
 fn input(network: Network) -> RenderInput {
     RenderInput {
         disks: [
-            ("sys", "nbd+unix:///sys?socket=/var/lib/vmreplica/vm1/nbd.sock"),
+            (
+                "sys",
+                "nbd+unix:///sys?socket=/var/lib/vmreplica/vm1/nbd.sock",
+            ),
             ("data", "nbds://primary.example:10809/data"),
         ]
         .into_iter()
@@ -85,7 +88,10 @@ fn render_refuses_missing_unknown_and_bad_disks() {
     let mut i = input(Network::Production);
     i.disks.insert("sys".into(), "/images/sys.raw".into());
     let e = d.render_qemu(&i).unwrap_err().to_string();
-    assert!(e.contains("not an NBD URI") && e.contains("/images/sys.raw"), "{e}");
+    assert!(
+        e.contains("not an NBD URI") && e.contains("/images/sys.raw"),
+        "{e}"
+    );
 
     let mut i = input(Network::Production);
     i.qmp = "/run/a,b/qmp.sock".into();
@@ -97,7 +103,9 @@ fn render_refuses_missing_unknown_and_bad_disks() {
 fn load_refuses_unknown_placeholders_naming_file_and_argument() {
     let e = err(&DEF.replace("${qga}", "${guest_agent}"));
     assert!(
-        e.contains("/etc/vmreplica/vm1.toml") && e.contains("${guest_agent}") && e.contains("qemu[12]"),
+        e.contains("/etc/vmreplica/vm1.toml")
+            && e.contains("${guest_agent}")
+            && e.contains("qemu[12]"),
         "{e}"
     );
     let e = err(&DEF.replace("$$0", "$0"));
@@ -114,11 +122,19 @@ fn load_refuses_what_would_break_isolation_or_the_launcher() {
         ("\"${net}\",", "", "exactly once"),
         ("\"${net}\",", "\"${net}\", \"${net}\",", "exactly once"),
         ("\"${net}\",", "\"x${net}\",", "whole argument"),
-        ("\"-m\", \"1024\"", "\"-netdev\", \"user,id=n\"", "belong in `net`"),
+        (
+            "\"-m\", \"1024\"",
+            "\"-netdev\", \"user,id=n\"",
+            "belong in `net`",
+        ),
         ("\"-m\", \"1024\"", "\"--nic\", \"user\"", "belong in `net`"),
         ("\"-m\", \"1024\"", "\"-pidfile\", \"/x\"", "launcher"),
         ("\"-m\", \"1024\"", "\"-daemonize\", \"-m\"", "launcher"),
-        ("unix:${qmp},server=on,wait=off", "tcp:127.0.0.1:4444", "no ${qmp}"),
+        (
+            "unix:${qmp},server=on,wait=off",
+            "tcp:127.0.0.1:4444",
+            "no ${qmp}",
+        ),
         ("version = 1", "version = 2", "version 2 is not supported"),
         ("version = 1", "", "no version"),
         ("name = \"vm1\"", "name = \"../vm1\"", "name"),
@@ -130,7 +146,10 @@ fn load_refuses_what_would_break_isolation_or_the_launcher() {
         let text = DEF.replacen(from, to, 1);
         assert_ne!(text, DEF, "{from} not in the definition");
         let e = err(&text);
-        assert!(e.contains(want) && e.contains("vm1.toml"), "{from} -> {to}: {e}");
+        assert!(
+            e.contains(want) && e.contains("vm1.toml"),
+            "{from} -> {to}: {e}"
+        );
     }
     // The network lists take the launcher's options neither.
     let e = err(&DEF.replace("net = [\"-nic\"", "net = [\"-daemonize\", \"-nic\""));
@@ -161,7 +180,10 @@ fn renders_libvirt_xml_from_a_template_file_and_inlines_it_for_shipping() {
     let shipped = d.to_toml();
     assert!(!shipped.contains("template"), "{shipped}");
     let again = VmDefinition::parse(&shipped, Path::new("/elsewhere/vm1.toml")).unwrap();
-    assert_eq!(again.render_libvirt(&input(Network::Production)).unwrap(), xml);
+    assert_eq!(
+        again.render_libvirt(&input(Network::Production)).unwrap(),
+        xml
+    );
     assert_eq!(
         again.render_qemu(&input(Network::Test)).unwrap(),
         d.render_qemu(&input(Network::Test)).unwrap()
@@ -170,16 +192,24 @@ fn renders_libvirt_xml_from_a_template_file_and_inlines_it_for_shipping() {
     // XML values are escaped.
     let mut i = input(Network::Production);
     i.console = "/run/a&b/console.log".into();
-    assert!(d.render_libvirt(&i).unwrap().contains("/run/a&amp;b/console.log"));
+    assert!(d
+        .render_libvirt(&i)
+        .unwrap()
+        .contains("/run/a&amp;b/console.log"));
 }
 
 #[test]
 fn libvirt_template_is_checked_like_the_command_line() {
     let with = |xml: &str, extra: &str| {
-        format!("{DEF}\n[libvirt]\nxml = '''{xml}'''\nnet = \"<interface type='network'/>\"\n{extra}")
+        format!(
+            "{DEF}\n[libvirt]\nxml = '''{xml}'''\nnet = \"<interface type='network'/>\"\n{extra}"
+        )
     };
     assert!(VmDefinition::parse(&with(XML, ""), path()).is_ok());
-    let e = err(&with(&XML.replace("${net}", "<interface type='user'/>"), ""));
+    let e = err(&with(
+        &XML.replace("${net}", "<interface type='user'/>"),
+        "",
+    ));
     assert!(e.contains("<interface>"), "{e}");
     let e = err(&with(&XML.replace("${disk_source:data}", ""), ""));
     assert!(e.contains("never uses disk \"data\""), "{e}");
@@ -187,10 +217,15 @@ fn libvirt_template_is_checked_like_the_command_line() {
     assert!(e.contains("${nam}") && e.contains("libvirt xml"), "{e}");
     let e = err(&format!("{DEF}\n[libvirt]\nnet = \"\"\n"));
     assert!(e.contains("template"), "{e}");
-    let e = err(&format!("{DEF}\n[libvirt]\ntemplate = \"missing.xml\"\nnet = \"\"\n"));
+    let e = err(&format!(
+        "{DEF}\n[libvirt]\ntemplate = \"missing.xml\"\nnet = \"\"\n"
+    ));
     assert!(e.contains("/etc/vmreplica/missing.xml"), "{e}");
     let d = VmDefinition::parse(DEF, path()).unwrap();
-    let e = d.render_libvirt(&input(Network::Test)).unwrap_err().to_string();
+    let e = d
+        .render_libvirt(&input(Network::Test))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no [libvirt] section"), "{e}");
 }
 

@@ -40,10 +40,7 @@ impl fmt::Display for Peer {
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("{peer}: cannot connect: {source}")]
-    Connect {
-        peer: Peer,
-        source: std::io::Error,
-    },
+    Connect { peer: Peer, source: std::io::Error },
     #[error("{peer}: no answer within {waited:?} while {doing}")]
     Timeout {
         peer: Peer,

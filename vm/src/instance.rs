@@ -65,7 +65,7 @@ pub enum LaunchError {
         pid: i32,
         waited: Duration,
         log: PathBuf,
-        source: ProtocolError,
+        source: Box<ProtocolError>,
     },
     #[error("VM run directory {dir}: QEMU (pid {pid}) is still running {waited:?} after SIGKILL")]
     Unkillable {
@@ -80,9 +80,15 @@ pub enum LaunchError {
 pub enum RunState {
     NotRunning,
     /// QMP answered `query-status` with `status` (`running`, `paused`, `shutdown`, ...).
-    Running { pid: i32, status: String },
+    Running {
+        pid: i32,
+        status: String,
+    },
     /// The process holds the pidfile but QMP did not answer.
-    Unresponsive { pid: i32, error: String },
+    Unresponsive {
+        pid: i32,
+        error: String,
+    },
 }
 
 impl RunState {
@@ -368,7 +374,7 @@ impl Instance {
                         pid,
                         waited: timeout,
                         log: self.qemu_log(),
-                        source: e,
+                        source: Box::new(e),
                     });
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -452,23 +458,31 @@ impl Instance {
                                     return self.kill(pid, t0, policy);
                                 }
                             }
-                            return Ok(StopOutcome::PoweredDown { after: t0.elapsed() });
+                            return Ok(StopOutcome::PoweredDown {
+                                after: t0.elapsed(),
+                            });
                         }
                         tracing::warn!(%dir, pid, waited = ?policy.powerdown, "the guest did not shut down after the power button; quitting QEMU");
                     }
-                    Err(e) => tracing::warn!(%dir, error = %e, "system_powerdown failed; quitting QEMU"),
+                    Err(e) => {
+                        tracing::warn!(%dir, error = %e, "system_powerdown failed; quitting QEMU")
+                    }
                 }
                 // QEMU answers quit and closes the connection: either way, watch the process.
                 let _ = q.execute("quit", None);
                 if self.wait_gone(pid, policy.quit) {
-                    return Ok(StopOutcome::Quit { after: t0.elapsed() });
+                    return Ok(StopOutcome::Quit {
+                        after: t0.elapsed(),
+                    });
                 }
             }
             Err(e) => {
                 tracing::warn!(%dir, pid, error = %e, "QMP does not answer; sending SIGTERM");
                 signal(pid, libc::SIGTERM);
                 if self.wait_gone(pid, policy.quit) {
-                    return Ok(StopOutcome::Terminated { after: t0.elapsed() });
+                    return Ok(StopOutcome::Terminated {
+                        after: t0.elapsed(),
+                    });
                 }
             }
         }
@@ -479,7 +493,9 @@ impl Instance {
         tracing::warn!(dir = %self.dir.display(), pid, "killing QEMU (SIGKILL)");
         signal(pid, libc::SIGKILL);
         if self.wait_gone(pid, policy.kill) {
-            return Ok(StopOutcome::Killed { after: t0.elapsed() });
+            return Ok(StopOutcome::Killed {
+                after: t0.elapsed(),
+            });
         }
         Err(LaunchError::Unkillable {
             dir: self.dir.clone(),

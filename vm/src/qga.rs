@@ -168,7 +168,11 @@ impl GuestAgent {
             self.conn.skip_past(0xff, deadline).map_err(w)?;
             let line = self.conn.read_line(deadline).map_err(w)?;
             let v: Option<Value> = serde_json::from_slice(&line).ok();
-            if v.as_ref().and_then(|v| v.get("return")).and_then(Value::as_i64) == Some(id) {
+            if v.as_ref()
+                .and_then(|v| v.get("return"))
+                .and_then(Value::as_i64)
+                == Some(id)
+            {
                 self.synced = true;
                 return Ok(());
             }
@@ -177,7 +181,11 @@ impl GuestAgent {
     }
 
     /// Runs `command` with `arguments`; its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, ProtocolError> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, ProtocolError> {
         self.execute_within(command, arguments, self.timeout)
     }
 

@@ -199,10 +199,12 @@ impl Qmp {
             return Err(bad("not a JSON object"));
         };
         if let Some(name) = o.get("event") {
-            let name = name.as_str().ok_or_else(|| bad("an event name that is not a string"))?;
-            let ts = o.get("timestamp").and_then(|t| {
-                Some((t["seconds"].as_i64()?, t["microseconds"].as_i64()?))
-            });
+            let name = name
+                .as_str()
+                .ok_or_else(|| bad("an event name that is not a string"))?;
+            let ts = o
+                .get("timestamp")
+                .and_then(|t| Some((t["seconds"].as_i64()?, t["microseconds"].as_i64()?)));
             return Ok(Message::Event(QmpEvent {
                 name: name.to_string(),
                 data: o.remove("data").unwrap_or(Value::Null),

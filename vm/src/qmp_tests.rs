@@ -44,7 +44,10 @@ fn fake(script: impl FnOnce(FakeServer) + Send + 'static) -> (LineConn, JoinHand
         w: b,
     };
     let h = std::thread::spawn(move || script(peer));
-    (LineConn::from_stream(a, Peer::qmp(Path::new("/run/vm1/qmp.sock"))), h)
+    (
+        LineConn::from_stream(a, Peer::qmp(Path::new("/run/vm1/qmp.sock"))),
+        h,
+    )
 }
 
 fn negotiated(mut p: FakeServer) -> FakeServer {
@@ -68,19 +71,27 @@ fn executes_with_arguments_and_buffers_events_that_arrive_first() {
         p.send(&format!(r#"{{"return": "ok", "id": {}}}"#, v["id"]));
         p.send(r#"{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}, "timestamp": {"seconds": 3, "microseconds": 4}}"#);
         let id = p.expect("query-status");
-        p.send(&format!(r#"{{"return": {{"status": "running", "running": true}}, "id": {id}}}"#));
+        p.send(&format!(
+            r#"{{"return": {{"status": "running", "running": true}}, "id": {id}}}"#
+        ));
         p.until_closed();
     });
     let mut q = Qmp::handshake(c, T).unwrap();
     assert_eq!(q.qemu_version().as_deref(), Some("10.0.2"));
     let r = q
-        .execute("human-monitor-command", Some(json!({"command-line": "info block"})))
+        .execute(
+            "human-monitor-command",
+            Some(json!({"command-line": "info block"})),
+        )
         .unwrap();
     assert_eq!(r, "ok");
     let e = q.wait_event("BLOCK_IO_ERROR", T).unwrap();
     assert_eq!(e.data["device"], "sys");
     assert_eq!(e.timestamp, Some((1, 2)));
-    assert_eq!(q.wait_event("SHUTDOWN", T).unwrap().data["reason"], "guest-shutdown");
+    assert_eq!(
+        q.wait_event("SHUTDOWN", T).unwrap().data["reason"],
+        "guest-shutdown"
+    );
     assert_eq!(q.query_status().unwrap(), "running");
     let left = q.take_events(Duration::ZERO).unwrap();
     assert_eq!(left.len(), 1);
@@ -103,10 +114,15 @@ fn error_replies_are_typed_and_name_socket_and_command() {
         p.send(r#"{"error": {"class": "CommandNotFound", "desc": "The command bogus has not been found"}}"#);
     });
     let mut q = Qmp::handshake(c, T).unwrap();
-    let e = q.execute("blockdev-del", Some(json!({"node-name": "x"}))).unwrap_err();
+    let e = q
+        .execute("blockdev-del", Some(json!({"node-name": "x"})))
+        .unwrap_err();
     assert_eq!(e.class(), Some("GenericError"));
     let m = e.to_string();
-    assert!(m.contains("/run/vm1/qmp.sock") && m.contains("blockdev-del") && m.contains("busy"), "{m}");
+    assert!(
+        m.contains("/run/vm1/qmp.sock") && m.contains("blockdev-del") && m.contains("busy"),
+        "{m}"
+    );
     let e = q.execute("bogus", None).unwrap_err();
     assert_eq!(e.class(), Some("CommandNotFound"));
     h.join().unwrap();
@@ -120,8 +136,12 @@ fn a_late_reply_after_a_timeout_is_dropped_by_its_id() {
         let slow = p.expect("query-block");
         rx.recv().unwrap(); // the client has given up on it
         let fast = p.expect("query-status");
-        p.send(&format!(r#"{{"return": [{{"device": "late"}}], "id": {slow}}}"#));
-        p.send(&format!(r#"{{"return": {{"status": "paused"}}, "id": {fast}}}"#));
+        p.send(&format!(
+            r#"{{"return": [{{"device": "late"}}], "id": {slow}}}"#
+        ));
+        p.send(&format!(
+            r#"{{"return": {{"status": "paused"}}, "id": {fast}}}"#
+        ));
     });
     let mut q = Qmp::handshake(c, T).unwrap();
     let t0 = Instant::now();
@@ -141,7 +161,10 @@ fn malformed_input_is_refused_with_an_excerpt() {
     // Not a QMP socket at all (the guest agent says nothing; an HTTP server says this).
     let (c, h) = fake(|mut p| p.send("HTTP/1.1 400 Bad Request"));
     let e = Qmp::handshake(c, T).err().unwrap().to_string();
-    assert!(e.contains("not a QMP greeting") && e.contains("HTTP/1.1"), "{e}");
+    assert!(
+        e.contains("not a QMP greeting") && e.contains("HTTP/1.1"),
+        "{e}"
+    );
     h.join().unwrap();
 
     for bad in [
@@ -200,7 +223,9 @@ fn waiting_for_an_event_that_never_comes_times_out() {
         std::thread::sleep(Duration::from_millis(800));
     });
     let mut q = Qmp::handshake(c, T).unwrap();
-    let e = q.wait_event("SHUTDOWN", Duration::from_millis(300)).unwrap_err();
+    let e = q
+        .wait_event("SHUTDOWN", Duration::from_millis(300))
+        .unwrap_err();
     assert!(matches!(e, QmpError::Timeout { .. }), "{e}");
     assert_eq!(q.wait_event("RESUME", T).unwrap().data, Value::Null);
     h.join().unwrap();

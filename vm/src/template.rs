@@ -157,7 +157,10 @@ mod tests {
             ]
         );
         assert_eq!(parse("").unwrap(), vec![]);
-        assert_eq!(parse("{\"json\": 1}").unwrap(), vec![Piece::Text("{\"json\": 1}".into())]);
+        assert_eq!(
+            parse("{\"json\": 1}").unwrap(),
+            vec![Piece::Text("{\"json\": 1}".into())]
+        );
     }
 
     #[test]
@@ -166,20 +169,35 @@ mod tests {
             parse("a ${qmpp} b"),
             Err(TemplateError::Unknown("qmpp".into()))
         );
-        assert_eq!(parse("${disk:}"), Err(TemplateError::Unknown("disk:".into())));
+        assert_eq!(
+            parse("${disk:}"),
+            Err(TemplateError::Unknown("disk:".into()))
+        );
         assert_eq!(
             parse("${disk:../x}"),
             Err(TemplateError::Unknown("disk:../x".into()))
         );
-        assert!(matches!(parse("x ${qmp"), Err(TemplateError::Unterminated(_))));
-        assert!(matches!(parse("price $5"), Err(TemplateError::LoneDollar(_))));
+        assert!(matches!(
+            parse("x ${qmp"),
+            Err(TemplateError::Unterminated(_))
+        ));
+        assert!(matches!(
+            parse("price $5"),
+            Err(TemplateError::LoneDollar(_))
+        ));
         assert!(matches!(parse("end $"), Err(TemplateError::LoneDollar(_))));
         let msg = parse("${foo}").unwrap_err().to_string();
-        assert!(msg.contains("${foo}") && msg.contains("${disk:NAME}"), "{msg}");
+        assert!(
+            msg.contains("${foo}") && msg.contains("${disk:NAME}"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn escapes_xml() {
-        assert_eq!(xml_escape("a&b<'c'>\"d\""), "a&amp;b&lt;&apos;c&apos;&gt;&quot;d&quot;");
+        assert_eq!(
+            xml_escape("a&b<'c'>\"d\""),
+            "a&amp;b&lt;&apos;c&apos;&gt;&quot;d&quot;"
+        );
     }
 }
