@@ -19,6 +19,9 @@ have debugfs || need_apt+=(e2fsprogs)
 have cpio || need_apt+=(cpio)
 have ip || need_apt+=(iproute2)
 have python3 || need_apt+=(python3)
+have systemd-analyze || need_apt+=(systemd)
+have virt-xml-validate || need_apt+=(libvirt-clients)
+have xmllint || need_apt+=(libxml2-utils)
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

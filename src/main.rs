@@ -1,6 +1,7 @@
 //! `vmreplica`: one command line for every role.
 
 mod progress;
+mod vm_cmd;
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -48,6 +49,11 @@ enum Cmd {
     Certs {
         #[command(subcommand)]
         op: CertsOp,
+    },
+    /// VM definitions: check one by rendering it.
+    Vm {
+        #[command(subcommand)]
+        op: vm_cmd::VmOp,
     },
     /// Talk to a running tracker's control socket.
     Ctl {
@@ -469,6 +475,7 @@ fn main() -> Result<()> {
         Cmd::Applier(a) => run_applier(a),
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
+        Cmd::Vm { op } => vm_cmd::run(op),
     }
 }
 

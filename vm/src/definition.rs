@@ -190,9 +190,11 @@ impl VmDefinition {
         let mut raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         match raw.version {
             Some(DEFINITION_VERSION) => {}
-            Some(v) => return Err(bad(format!(
+            Some(v) => {
+                return Err(bad(format!(
                 "version {v} is not supported (this vmreplica reads version {DEFINITION_VERSION})"
-            ))),
+            )))
+            }
             None => {
                 return Err(bad(format!(
                     "no version: add version = {DEFINITION_VERSION}"
