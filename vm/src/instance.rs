@@ -392,6 +392,14 @@ impl Instance {
         Ok(Started { pid, status, argv })
     }
 
+    /// Waits up to `within` for the QEMU of this directory (if any) to be gone; true if it is.
+    pub fn wait_stopped(&self, within: Duration) -> Result<bool, LaunchError> {
+        match self.pid()? {
+            None => Ok(true),
+            Some(pid) => Ok(self.wait_gone(pid, within)),
+        }
+    }
+
     /// Waits until `pid` no longer holds the pidfile, up to `within`; true if it let go.
     fn wait_gone(&self, pid: i32, within: Duration) -> bool {
         let deadline = Instant::now() + within;

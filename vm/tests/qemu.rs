@@ -87,6 +87,17 @@ fn definition(dir: &Path, extra: &[&str]) -> VmDefinition {
 
 const START: Duration = Duration::from_secs(60);
 
+/// A paused (`-S`) QEMU on an nbdkit disk, started through the launcher in `dir/run`.
+fn paused(dir: &Path) -> (Nbd, VmDefinition, Instance, Started) {
+    let nbd = Nbd::start(dir);
+    let def = definition(dir, &["-S"]);
+    let vm = Instance::new(dir.join("run"));
+    let s = vm
+        .start_definition(&def, nbd.disks(), Network::Test, START)
+        .unwrap();
+    (nbd, def, vm, s)
+}
+
 fn quick_stop() -> StopPolicy {
     StopPolicy {
         powerdown: Duration::from_secs(2),
@@ -105,17 +116,12 @@ fn pgrp(pid: i32) -> i32 {
 #[test]
 fn starts_detached_answers_qmp_and_stops_by_quit_when_nobody_presses_the_button() {
     let dir = tempfile::tempdir().unwrap();
-    let nbd = Nbd::start(dir.path());
-    let def = definition(dir.path(), &["-S"]);
-    let vm = Instance::new(dir.path().join("run"));
+    let fresh = Instance::new(dir.path().join("run"));
     assert_eq!(
-        vm.state(Duration::from_secs(2)).unwrap(),
+        fresh.state(Duration::from_secs(2)).unwrap(),
         RunState::NotRunning
     );
-
-    let s = vm
-        .start_definition(&def, nbd.disks(), Network::Test, START)
-        .unwrap();
+    let (nbd, def, vm, s) = paused(dir.path());
     assert_eq!(s.status, "prelaunch");
     assert!(s
         .argv
@@ -204,12 +210,7 @@ fn zombie_or_gone(pid: i32) -> bool {
 #[test]
 fn a_hung_qemu_is_reported_unresponsive_and_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let nbd = Nbd::start(dir.path());
-    let def = definition(dir.path(), &["-S"]);
-    let vm = Instance::new(dir.path().join("run"));
-    let s = vm
-        .start_definition(&def, nbd.disks(), Network::Test, START)
-        .unwrap();
+    let (_nbd, _def, vm, s) = paused(dir.path());
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(s.pid, libc::SIGSTOP) };
     let st = vm.state(Duration::from_millis(500)).unwrap();
@@ -231,19 +232,10 @@ fn a_hung_qemu_is_reported_unresponsive_and_killed() {
 #[test]
 fn after_kill_9_the_stale_pidfile_and_sockets_do_not_block_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let nbd = Nbd::start(dir.path());
-    let def = definition(dir.path(), &["-S"]);
-    let vm = Instance::new(dir.path().join("run"));
-    let s = vm
-        .start_definition(&def, nbd.disks(), Network::Test, START)
-        .unwrap();
+    let (nbd, def, vm, s) = paused(dir.path());
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(s.pid, libc::SIGKILL) };
-    let t0 = Instant::now();
-    while vm.pid().unwrap().is_some() {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(vm.wait_stopped(Duration::from_secs(10)).unwrap());
     assert!(
         vm.pidfile().exists(),
         "QEMU cannot remove its pidfile after kill -9"
