@@ -46,6 +46,8 @@ pub enum LaunchError {
     AlreadyRunning { dir: PathBuf, pid: i32 },
     #[error(transparent)]
     Definition(#[from] DefinitionError),
+    #[error("VM run directory {dir}: refusing the command line: {reason}")]
+    BadCommand { dir: PathBuf, reason: String },
     #[error("VM run directory {dir}: cannot start {program}: {source}")]
     Spawn {
         dir: PathBuf,
@@ -299,6 +301,24 @@ impl Instance {
     /// QMP answers, within `timeout`. A QEMU that exits or stays silent is reported with
     /// its output (and a silent one is killed).
     pub fn start(&self, argv: &[String], timeout: Duration) -> Result<Started, LaunchError> {
+        let bad = |reason: &str| LaunchError::BadCommand {
+            dir: self.dir.clone(),
+            reason: reason.to_string(),
+        };
+        if argv.first().is_none_or(|p| p.is_empty()) {
+            return Err(bad("it is empty"));
+        }
+        // A daemonizing QEMU would leave us watching its parent, which exits at once.
+        if argv.iter().any(|a| {
+            matches!(
+                a.as_str(),
+                "-daemonize" | "--daemonize" | "-pidfile" | "--pidfile"
+            )
+        }) {
+            return Err(bad(
+                "-daemonize and -pidfile are the launcher's; remove them",
+            ));
+        }
         let _lock = self.lock()?;
         if let Some(pid) = self.pid()? {
             return Err(LaunchError::AlreadyRunning {

@@ -286,6 +286,15 @@ fn a_qemu_that_cannot_start_is_reported_with_its_own_words() {
         .to_string();
     assert!(m.contains("no-such-option"), "{m}");
 
+    // Arguments the launcher owns, or none at all.
+    for argv in [
+        vec![],
+        vec!["qemu-system-x86_64".to_string(), "-daemonize".into()],
+    ] {
+        let e = vm.start(&argv, START).unwrap_err();
+        assert!(matches!(e, LaunchError::BadCommand { .. }), "{e}");
+    }
+
     // A program that is not there.
     let m = vm
         .start(&["/nonexistent/qemu".to_string()], START)
