@@ -5,7 +5,8 @@ The seeds are small, valid protocol exchanges so that libFuzzer starts from deep
 instead of having to discover the magic numbers. Values follow the NBD protocol document
 (doc/proto.md) as implemented in tracker/src/nbd/consts.rs. Exports match the fuzz targets:
 "disk0" (1 MiB, dirty bitmap "vmreplica") and "disk1" (4 KiB, read-only). The state seeds
-are valid tracker state files (a bitmap header, activity log copies).
+are valid tracker state files (a bitmap header, activity log copies); the vm seeds a VM
+definition and QMP and guest-agent transcripts.
 """
 import os
 import struct
@@ -155,11 +156,54 @@ STATE = {
     "activity_three": activity_copy(42, [0, 7, 2047]),
 }
 
+# VM definitions (vmreplica-vm): one with a libvirt template inline, one minimal.
+VM_DEFINITION = {
+    "full": b"""version = 1
+name = "vm1"
+disks = ["sys", "data"]
+qemu = ["qemu-system-x86_64", "-name", "${name}", "-m", "1024",
+  "-drive", "file=${disk:sys},format=raw,if=virtio", "-drive", "file=${disk:data},format=raw",
+  "-qmp", "unix:${qmp},server=on,wait=off",
+  "-chardev", "socket,id=qga0,path=${qga},server=on,wait=off",
+  "-serial", "file:${console}", "${net}", "-cost", "$$0"]
+net = ["-nic", "bridge,br=br0"]
+test_net = ["-nic", "none"]
+[libvirt]
+xml = "<domain><name>${name}</name>${disk_source:sys}${disk:data}<x p='${qga}'/>${net}</domain>"
+net = "<interface type='bridge'/>"
+""",
+    "minimal": b"""version = 1
+name = "t"
+disks = ["d"]
+qemu = ["q", "file=${disk:d}", "unix:${qmp}", "${net}"]
+net = []
+""",
+}
+
+GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, '
+            b'"package": ""}, "capabilities": ["oob"]}}\r\n')
+
+# What QEMU or a guest agent sends; the first byte picks the client (0 QMP, 1 agent sync,
+# 2 agent commands).
+VM_PROTOCOL = {
+    "qmp_session": b"\x00" + GREETING + b'{"return": {}, "id": 1}\r\n'
+    + b'{"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}\r\n'
+    + b'{"return": {"status": "paused", "running": false}, "id": 2}\r\n'
+    + b'{"error": {"class": "GenericError", "desc": "no"}, "id": 3}\r\n'
+    + b'{"event": "SHUTDOWN", "data": {"guest": true}, '
+    + b'"timestamp": {"seconds": 3, "microseconds": 4}}\r\n',
+    "agent_sync": b"\x01" + b'{"error": {"class": "GenericError", "desc": "JSON parse error"}}\n'
+    + b'\xff{"return": 1234}\n',
+    "agent_commands": b"\x02" + b'{"return": "thawed"}\n{"return": 1}\n{"return": 1}\n'
+    + b'{"return": {}}\n',
+}
+
 
 def main():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
     for target, seeds in (("handshake", HANDSHAKE), ("request", REQUEST), ("wire", WIRE),
-                          ("state", STATE)):
+                          ("state", STATE), ("vm_definition", VM_DEFINITION),
+                          ("vm_protocol", VM_PROTOCOL)):
         d = os.path.join(root, target)
         os.makedirs(d, exist_ok=True)
         for name, data in seeds.items():
