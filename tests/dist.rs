@@ -214,6 +214,7 @@ fn the_sample_definition_renders_valid_libvirt_xml_and_a_command_line_qemu_start
     // available here, so they become TCG and `max`: everything else is the sample's.
     let run_dir = dir.path().join("run");
     let vm = Instance::new(&run_dir);
+    let _guard = common::guest::KillOnDrop(vm.clone());
     let argv: Vec<String> = def
         .render_qemu(&vm.render_input(sample_disks(&t), Network::Test))
         .unwrap()

@@ -24,7 +24,7 @@ use vmreplica_vm::{
 };
 
 const MIB: u64 = 1 << 20;
-const BOOT: Duration = Duration::from_secs(180);
+const BOOT: Duration = Duration::from_secs(120);
 
 fn files_in(log: &std::path::Path) -> usize {
     files_written(&console_lines(log)).len()
@@ -45,6 +45,7 @@ fn guest_agent_freezes_a_writing_guest_the_power_button_stops_it_and_every_synce
     ))
     .unwrap();
     let vm = Instance::new(dir.path().join("run"));
+    let _guard = KillOnDrop(vm.clone());
     let console = vm.console_log();
 
     // Boot 1: the writer makes its filesystem and writes; the agent freezes it.
@@ -148,7 +149,7 @@ fn guest_agent_freezes_a_writing_guest_the_power_button_stops_it_and_every_synce
         .arg("scripts/guest/boot.sh")
         .arg(&gdir)
         .arg(t.uri("disk0"))
-        .args(["check-files", "180"])
+        .args(["check-files", "120"])
         .current_dir(env!("CARGO_MANIFEST_DIR")));
     let check = console_lines(&gdir.join("console-check-files.log"));
     assert!(

@@ -120,3 +120,16 @@ pub fn wait_files(log: &Path, n: usize, timeout: Duration) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Kills the QEMU of a run directory when dropped (a failing test must not leave a detached
+/// QEMU behind).
+pub struct KillOnDrop(pub vmreplica_vm::Instance);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(Some(pid)) = self.0.pid() {
+            // SAFETY: kill(2) on the QEMU holding this test's run directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

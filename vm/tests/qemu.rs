@@ -87,15 +87,29 @@ fn definition(dir: &Path, extra: &[&str]) -> VmDefinition {
 
 const START: Duration = Duration::from_secs(60);
 
-/// A paused (`-S`) QEMU on an nbdkit disk, started through the launcher in `dir/run`.
-fn paused(dir: &Path) -> (Nbd, VmDefinition, Instance, Started) {
+/// Kills the QEMU of a run directory when dropped: a failing test leaves no detached QEMU.
+struct KillOnDrop(Instance);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(Some(pid)) = self.0.pid() {
+            // SAFETY: kill(2) on the QEMU holding this test's run directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A paused (`-S`) QEMU on an nbdkit disk, started through the launcher in `dir/run`; the
+/// guard kills it when the test ends.
+fn paused(dir: &Path) -> (Nbd, VmDefinition, Instance, Started, KillOnDrop) {
     let nbd = Nbd::start(dir);
     let def = definition(dir, &["-S"]);
     let vm = Instance::new(dir.join("run"));
+    let guard = KillOnDrop(vm.clone());
     let s = vm
         .start_definition(&def, nbd.disks(), Network::Test, START)
         .unwrap();
-    (nbd, def, vm, s)
+    (nbd, def, vm, s, guard)
 }
 
 fn quick_stop() -> StopPolicy {
@@ -121,7 +135,7 @@ fn starts_detached_answers_qmp_and_stops_by_quit_when_nobody_presses_the_button(
         fresh.state(Duration::from_secs(2)).unwrap(),
         RunState::NotRunning
     );
-    let (nbd, def, vm, s) = paused(dir.path());
+    let (nbd, def, vm, s, _guard) = paused(dir.path());
     assert_eq!(s.status, "prelaunch");
     assert!(s
         .argv
@@ -210,7 +224,7 @@ fn zombie_or_gone(pid: i32) -> bool {
 #[test]
 fn a_hung_qemu_is_reported_unresponsive_and_killed() {
     let dir = tempfile::tempdir().unwrap();
-    let (_nbd, _def, vm, s) = paused(dir.path());
+    let (_nbd, _def, vm, s, _guard) = paused(dir.path());
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(s.pid, libc::SIGSTOP) };
     let st = vm.state(Duration::from_millis(500)).unwrap();
@@ -232,7 +246,7 @@ fn a_hung_qemu_is_reported_unresponsive_and_killed() {
 #[test]
 fn after_kill_9_the_stale_pidfile_and_sockets_do_not_block_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let (nbd, def, vm, s) = paused(dir.path());
+    let (nbd, def, vm, s, _guard) = paused(dir.path());
     // SAFETY: kill(2) on the QEMU this test started.
     unsafe { libc::kill(s.pid, libc::SIGKILL) };
     assert!(vm.wait_stopped(Duration::from_secs(10)).unwrap());
