@@ -464,8 +464,9 @@ impl Instance {
         }
     }
 
-    /// Stops the QEMU of this directory: power button, then `quit` (SIGTERM if QMP does not
-    /// answer), then SIGKILL, each within `policy`'s time. Says which one ended it.
+    /// Stops the QEMU of this directory: power button (if the guest runs: a paused one cannot
+    /// react), then `quit` (SIGTERM if QMP does not answer), then SIGKILL, each within
+    /// `policy`'s time. Says which one ended it.
     pub fn stop(&self, policy: StopPolicy) -> Result<StopOutcome, LaunchError> {
         let _lock = self.lock()?;
         let t0 = Instant::now();
@@ -475,26 +476,8 @@ impl Instance {
         let dir = self.dir.display().to_string();
         match self.qmp(policy.qmp) {
             Ok(mut q) => {
-                match q.execute("system_powerdown", None) {
-                    Ok(_) => {
-                        if self.wait_shutdown(&mut q, pid, policy.powerdown) {
-                            if self.pid()?.is_some() {
-                                // -no-shutdown: the guest is off, QEMU waits to be told.
-                                let _ = q.execute("quit", None);
-                                if !self.wait_gone(pid, policy.quit) {
-                                    tracing::warn!(%dir, pid, "QEMU did not quit after the guest shut down");
-                                    return self.kill(pid, t0, policy);
-                                }
-                            }
-                            return Ok(StopOutcome::PoweredDown {
-                                after: t0.elapsed(),
-                            });
-                        }
-                        tracing::warn!(%dir, pid, waited = ?policy.powerdown, "the guest did not shut down after the power button; quitting QEMU");
-                    }
-                    Err(e) => {
-                        tracing::warn!(%dir, error = %e, "system_powerdown failed; quitting QEMU")
-                    }
+                if let Some(out) = self.power_down(&mut q, pid, policy, t0)? {
+                    return Ok(out);
                 }
                 // QEMU answers quit and closes the connection: either way, watch the process.
                 let _ = q.execute("quit", None);
@@ -515,6 +498,49 @@ impl Instance {
             }
         }
         self.kill(pid, t0, policy)
+    }
+
+    /// The power button, when the guest can react to it (it runs): the outcome if the guest
+    /// shut down in time, None to go on with `quit`.
+    fn power_down(
+        &self,
+        q: &mut Qmp,
+        pid: i32,
+        policy: StopPolicy,
+        t0: Instant,
+    ) -> Result<Option<StopOutcome>, LaunchError> {
+        let dir = self.dir.display().to_string();
+        match q.query_status() {
+            Ok(s) if s == "running" => {}
+            // Paused, stopped on an I/O error, not started (-S): nobody would press it.
+            Ok(s) => {
+                tracing::info!(%dir, pid, status = %s, "the guest is not running; quitting QEMU");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(%dir, error = %e, "query-status failed; quitting QEMU");
+                return Ok(None);
+            }
+        }
+        if let Err(e) = q.execute("system_powerdown", None) {
+            tracing::warn!(%dir, error = %e, "system_powerdown failed; quitting QEMU");
+            return Ok(None);
+        }
+        if !self.wait_shutdown(q, pid, policy.powerdown) {
+            tracing::warn!(%dir, pid, waited = ?policy.powerdown, "the guest did not shut down after the power button; quitting QEMU");
+            return Ok(None);
+        }
+        if self.pid()?.is_some() {
+            // -no-shutdown: the guest is off, QEMU waits to be told.
+            let _ = q.execute("quit", None);
+            if !self.wait_gone(pid, policy.quit) {
+                tracing::warn!(%dir, pid, "QEMU did not quit after the guest shut down");
+                return self.kill(pid, t0, policy).map(Some);
+            }
+        }
+        Ok(Some(StopOutcome::PoweredDown {
+            after: t0.elapsed(),
+        }))
     }
 
     fn kill(&self, pid: i32, t0: Instant, policy: StopPolicy) -> Result<StopOutcome, LaunchError> {
