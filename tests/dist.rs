@@ -197,6 +197,27 @@ fn the_sample_definition_renders_valid_libvirt_xml_and_a_command_line_qemu_start
         assert_eq!(xml.contains("<interface"), args.is_empty());
     }
 
+    // dist/qemu-vm1.sh is the same command line, for running vm1 by hand.
+    let rendered = stdout(
+        Command::new(bin())
+            .args(["vm", "render"])
+            .arg(dist().join("vm1.toml"))
+            .args([
+                "--disk",
+                "sys=nbd+unix:///sys?socket=/var/lib/vmreplica/vm1/nbd.sock",
+            ])
+            .args([
+                "--disk",
+                "data=nbd+unix:///data?socket=/var/lib/vmreplica/vm1/nbd.sock",
+            ]),
+    );
+    let script = std::fs::read_to_string(dist().join("qemu-vm1.sh")).unwrap();
+    assert_eq!(
+        script.split_once("\nexec ").map(|(_, c)| c),
+        Some(rendered.as_str()),
+        "dist/qemu-vm1.sh differs from what dist/vm1.toml renders"
+    );
+
     // The CLI names the definition and the missing disk.
     let out = Command::new(bin())
         .args(["vm", "render"])
