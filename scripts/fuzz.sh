@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the NBD protocol codecs of the tracker (tracker/src/nbd), the tracker's binary state
+# Fuzzes the NBD protocol codecs (nbd/src: handshake, request, reply), the tracker's binary state
 # files (bitmap header, activity log) and the replication wire format (common/src/wire.rs)
 # with cargo-fuzz/libFuzzer for a bounded time; this is the fuzzing entry point the README
 # points to.

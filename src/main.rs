@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_tracker::control::{self, Request};
-use vmreplica_tracker::server::Server;
 use vmreplica_tracker::{Tracker, TrackerConfig};
 
 #[derive(Parser)]
@@ -245,7 +245,7 @@ fn run_tracker(a: TrackerArgs) -> Result<()> {
     if a.io_engine == "io_uring" && tracker.engine_name() != "io_uring" {
         bail!("--io-engine io_uring was asked for, but io_uring is not available here");
     }
-    let server = Server::new(Arc::clone(&tracker));
+    let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
     let socket = match (&a.socket, &a.listen) {
         (Some(s), _) => Some(s.clone()),
         (None, None) => Some(a.state_dir.join("nbd.sock")),

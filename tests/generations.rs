@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
+use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_tracker::frozen::FrozenReader;
-use vmreplica_tracker::server::Server;
 use vmreplica_tracker::{Tracker, TrackerConfig};
 
 const MIB: u64 = 1 << 20;
@@ -65,7 +65,7 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
         .map(|n| (n.to_string(), image(dir.path(), &format!("{n}.img"), SIZE)))
         .collect();
     let tracker = open(dir.path(), &disks);
-    let server = Server::new(Arc::clone(&tracker));
+    let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
     let sock = dir.path().join("nbd.sock");
     server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let uri = |n: &str| format!("nbd+unix:///{n}?socket={}", sock.display());
@@ -175,7 +175,7 @@ fn full_freeze_keeps_the_whole_disk_readable_as_of_the_freeze() {
     let img = image(dir.path(), "d.img", SIZE);
     let disks = vec![("d".to_string(), img.clone())];
     let t = open(dir.path(), &disks);
-    let server = Server::new(Arc::clone(&t));
+    let server = Server::new(ServerConfig::default(), t.nbd_exports());
     let sock = dir.path().join("nbd.sock");
     server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let uri = format!("nbd+unix:///d?socket={}", sock.display());

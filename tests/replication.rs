@@ -13,11 +13,11 @@ use vmreplica_applier::server::{Applier, ApplierConfig};
 use vmreplica_applier::store::{Retention, Store};
 use vmreplica_common::tls::{self, AllowList, Identity, Validity};
 use vmreplica_common::wire::CycleKind;
+use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_shipper::progress::{Progress, Snapshot};
 use vmreplica_shipper::run;
 use vmreplica_shipper::ship::{ship_cycle, ShipOptions};
 use vmreplica_shipper::ShipperConfig;
-use vmreplica_tracker::server::Server;
 use vmreplica_tracker::{Tracker, TrackerConfig};
 
 const MIB: u64 = 1 << 20;
@@ -168,7 +168,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         })
         .unwrap(),
     );
-    let server = Server::new(Arc::clone(&tracker));
+    let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
     let sock = dir.path().join("nbd.sock");
     server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let store_dir = dir.path().join("store");

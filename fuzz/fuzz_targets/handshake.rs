@@ -25,10 +25,11 @@ mod bytes;
 
 use bytes::{be16, be32, be64};
 use libfuzzer_sys::fuzz_target;
-use vmreplica_tracker::nbd::consts::*;
-use vmreplica_tracker::nbd::handshake::{
-    ExportInfo, Handshake, HandshakeError, HandshakeStatus, MetaContext, Negotiated, MAX_PAYLOAD,
+use vmreplica_nbd::consts::*;
+use vmreplica_nbd::handshake::{
+    ExportInfo, Handshake, HandshakeError, HandshakeStatus, Negotiated, MAX_PAYLOAD,
 };
+use vmreplica_nbd::DeviceFlags;
 
 fn exports() -> Vec<ExportInfo> {
     vec![
@@ -36,15 +37,18 @@ fn exports() -> Vec<ExportInfo> {
             name: "disk0".into(),
             description: "first disk".into(),
             size: 1 << 20,
-            read_only: false,
-            dirty_bitmap: Some("vmreplica".into()),
+            flags: DeviceFlags::default(),
+            contexts: vec![
+                "base:allocation".into(),
+                "qemu:dirty-bitmap:vmreplica".into(),
+            ],
         },
         ExportInfo {
             name: "disk1".into(),
             description: String::new(),
             size: 4096,
-            read_only: true,
-            dirty_bitmap: None,
+            flags: DeviceFlags::read_only(),
+            contexts: vec!["base:allocation".into()],
         },
     ]
 }
@@ -200,13 +204,12 @@ fn check_negotiated(n: &Negotiated) {
             "duplicate context in {:?}",
             n.contexts
         );
-        match ctx {
-            MetaContext::BaseAllocation => {}
-            MetaContext::DirtyBitmap => assert!(
-                ex[n.export].dirty_bitmap.is_some(),
-                "dirty bitmap context for an export without one"
-            ),
-        }
+        assert!(
+            *ctx < ex[n.export].contexts.len(),
+            "context {ctx} of an export with {} contexts",
+            ex[n.export].contexts.len()
+        );
+        assert_eq!(*id, *ctx as u32 + 1, "context id vs index");
     }
     assert!(
         n.contexts.is_empty() || n.structured,

@@ -16,9 +16,9 @@ mod bytes;
 use bytes::{be16, be32, be64};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use vmreplica_tracker::nbd::consts::*;
-use vmreplica_tracker::nbd::handshake::{Negotiated, MAX_PAYLOAD};
-use vmreplica_tracker::nbd::{ReplyMode, ReplyWriter};
+use vmreplica_nbd::consts::*;
+use vmreplica_nbd::handshake::{Negotiated, MAX_PAYLOAD};
+use vmreplica_nbd::{ReplyMode, ReplyWriter};
 
 #[derive(Arbitrary, Debug)]
 enum Op {

@@ -17,17 +17,14 @@ mod bytes;
 
 use bytes::{be32, be64};
 use libfuzzer_sys::fuzz_target;
-use vmreplica_tracker::nbd::consts::*;
-use vmreplica_tracker::nbd::handshake::{MetaContext, Negotiated, MAX_PAYLOAD};
-use vmreplica_tracker::nbd::request::{decode_header, header_len, validate, RequestError};
-use vmreplica_tracker::nbd::{Command, RequestHeader};
+use vmreplica_nbd::consts::*;
+use vmreplica_nbd::handshake::{Negotiated, MAX_PAYLOAD};
+use vmreplica_nbd::request::{decode_header, header_len, validate, RequestError};
+use vmreplica_nbd::{Command, DeviceFlags, RequestHeader};
 
 /// (export size, read-only, what was negotiated).
 fn cases(extended: bool) -> [(u64, bool, Negotiated); 3] {
-    let both = vec![
-        (1, MetaContext::BaseAllocation),
-        (2, MetaContext::DirtyBitmap),
-    ];
+    let both = vec![(1, 0), (2, 1)];
     [
         (
             1 << 30,
@@ -63,7 +60,12 @@ fn cases(extended: bool) -> [(u64, bool, Negotiated); 3] {
 }
 
 fn check_validate(h: &RequestHeader, size: u64, read_only: bool, neg: &Negotiated) {
-    let cmd = match validate(h, size, read_only, neg) {
+    let flags = if read_only {
+        DeviceFlags::read_only()
+    } else {
+        DeviceFlags::default()
+    };
+    let cmd = match validate(h, size, &flags, neg) {
         Ok(cmd) => cmd,
         Err(r) => {
             assert!(
@@ -121,7 +123,10 @@ fn check_validate(h: &RequestHeader, size: u64, read_only: bool, neg: &Negotiate
             );
             Some((offset, len))
         }
-        Command::Cache { offset, len } => Some((offset, len)),
+        Command::Cache { offset, len } => {
+            assert!(flags.cache, "cache on an export without it: {ctx}");
+            Some((offset, len))
+        }
         Command::BlockStatus {
             offset,
             len,

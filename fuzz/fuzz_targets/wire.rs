@@ -35,7 +35,10 @@ fn check_chunk(c: &Chunk, body: &[u8]) {
     let mut buf = vec![0x5au8; 3000];
     let aligned = c.unpack_aligned(&mut buf).map(|at| {
         at.map(|at| {
-            assert_eq!((buf.as_ptr() as usize + at) % vmreplica_common::direct::ALIGN, 0);
+            assert_eq!(
+                (buf.as_ptr() as usize + at) % vmreplica_common::direct::ALIGN,
+                0
+            );
             buf[at..].to_vec()
         })
     });
@@ -48,7 +51,9 @@ fn check_chunk(c: &Chunk, body: &[u8]) {
             }
         }
         (Err(_), Err(_), Err(_)) => {}
-        _ => panic!("unpack {whole:?}, unpack_into {into:?} and unpack_aligned {aligned:?} disagree"),
+        _ => {
+            panic!("unpack {whole:?}, unpack_into {into:?} and unpack_aligned {aligned:?} disagree")
+        }
     }
 }
 

@@ -8,14 +8,18 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+use vmreplica_nbd::consts::STATE_DIRTY;
+use vmreplica_nbd::device::{file_allocation, Zero, BASE_ALLOCATION};
+use vmreplica_nbd::{BlockDevice, Done, Extent, ReadDone};
 
 use crate::engine::{Completion, Engine, Op};
 use crate::gate::Gate;
 use crate::tracking::Tracking;
 
-pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
-pub type ReadDone = Box<dyn FnOnce(io::Result<Vec<u8>>) + Send>;
+/// The name under which the dirty bitmap is offered: `qemu:dirty-bitmap:vmreplica`.
+pub const DIRTY_BITMAP_CONTEXT: &str = "qemu:dirty-bitmap:vmreplica";
 
 pub struct Disk {
     pub name: String,
@@ -25,6 +29,9 @@ pub struct Disk {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) tracking: Option<Tracking>,
     pub(crate) gate: Gate,
+    /// This disk itself, for completions that outlive the call that started them (a disk
+    /// always lives in an `Arc`: see [`Disk::new`]).
+    me: Weak<Disk>,
 }
 
 /// Modes for fallocate.
@@ -32,6 +39,32 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 impl Disk {
+    pub(crate) fn new(
+        name: String,
+        path: PathBuf,
+        size: u64,
+        file: File,
+        engine: Arc<dyn Engine>,
+        tracking: Option<Tracking>,
+    ) -> Arc<Disk> {
+        Arc::new_cyclic(|me| Disk {
+            name,
+            path,
+            size,
+            file,
+            engine,
+            tracking,
+            gate: Gate::default(),
+            me: me.clone(),
+        })
+    }
+
+    fn arc(&self) -> Arc<Disk> {
+        self.me
+            .upgrade()
+            .expect("a disk is only used while its Arc is alive")
+    }
+
     pub fn tracking(&self) -> Option<&Tracking> {
         self.tracking.as_ref()
     }
@@ -55,9 +88,9 @@ impl Disk {
     /// Runs `op` inside the gate, after marking its blocks dirty and copying aside the
     /// frozen blocks it overwrites (which may wait for the copies' group commit), then an
     /// fdatasync if `fua`.
-    fn modify(self: &Arc<Self>, offset: u64, len: u64, op: Op, fua: bool, done: Done) {
+    fn modify(&self, offset: u64, len: u64, op: Op, fua: bool, done: Done) {
         self.gate.enter();
-        let disk = Arc::clone(self);
+        let disk = self.arc();
         let issue = move |r: Result<(), String>| {
             if let Err(e) = r {
                 tracing::error!(disk = %disk.name, "tracking failed, refusing the write: {e}");
@@ -88,7 +121,7 @@ impl Disk {
         }
     }
 
-    pub fn write(self: &Arc<Self>, offset: u64, buf: Vec<u8>, fua: bool, done: Done) {
+    pub fn write(&self, offset: u64, buf: Vec<u8>, fua: bool, done: Done) {
         let len = buf.len() as u64;
         let op = Op::Write {
             fd: self.fd(),
@@ -100,21 +133,13 @@ impl Disk {
     }
 
     /// Deallocates a range (reads back as zeroes), keeping the image sparse.
-    pub fn trim(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done) {
+    pub fn trim(&self, offset: u64, len: u64, fua: bool, done: Done) {
         self.zero(offset, len, fua, false, false, done)
     }
 
     /// Zeroes a range: punches a hole unless `no_hole`; with `fast`, fails with ENOTSUP
     /// rather than writing zeroes slowly.
-    pub fn zero(
-        self: &Arc<Self>,
-        offset: u64,
-        len: u64,
-        fua: bool,
-        no_hole: bool,
-        fast: bool,
-        done: Done,
-    ) {
+    pub fn zero(&self, offset: u64, len: u64, fua: bool, no_hole: bool, fast: bool, done: Done) {
         if len == 0 {
             return done(Ok(()));
         }
@@ -125,7 +150,7 @@ impl Disk {
             len,
             mode,
         };
-        let disk = Arc::clone(self);
+        let disk = self.arc();
         self.modify(
             offset,
             len,
@@ -140,10 +165,10 @@ impl Disk {
         );
     }
 
-    fn write_zeroes_slowly(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done) {
+    fn write_zeroes_slowly(&self, offset: u64, len: u64, fua: bool, done: Done) {
         const CHUNK: u64 = 1 << 20;
         let n = len.min(CHUNK);
-        let disk = Arc::clone(self);
+        let disk = self.arc();
         self.write(
             offset,
             vec![0u8; n as usize],
@@ -167,38 +192,12 @@ impl Disk {
     }
 
     /// `base:allocation` extents from `offset`, at most `len` bytes: (length, flags).
-    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, u32)>> {
-        use crate::nbd::consts::{STATE_HOLE, STATE_ZERO};
-        let end = offset + len;
-        let mut out: Vec<(u64, u32)> = Vec::new();
-        let mut pos = offset;
-        while pos < end && out.len() < max {
-            let data = seek(self.fd(), pos, libc::SEEK_DATA)?;
-            let (next, flags) = match data {
-                None => (end, STATE_HOLE | STATE_ZERO),
-                Some(d) if d > pos => (d.min(end), STATE_HOLE | STATE_ZERO),
-                Some(_) => {
-                    let hole = seek(self.fd(), pos, libc::SEEK_HOLE)?.unwrap_or(self.size);
-                    (hole.min(end), 0)
-                }
-            };
-            if next <= pos {
-                // Defensive: never loop without progress.
-                out.push((end - pos, 0));
-                break;
-            }
-            match out.last_mut() {
-                Some((l, f)) if *f == flags => *l += next - pos,
-                _ => out.push((next - pos, flags)),
-            }
-            pos = next;
-        }
-        Ok(out)
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Extent>> {
+        file_allocation(&self.file, self.size, offset, len, max)
     }
 
     /// `qemu:dirty-bitmap:vmreplica` extents from `offset`, at most `len` bytes.
-    pub fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Vec<(u64, u32)> {
-        use crate::nbd::consts::STATE_DIRTY;
+    pub fn dirty_extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
         let Some(t) = &self.tracking else {
             return vec![(len, 0)];
         };
@@ -250,15 +249,54 @@ impl Disk {
     }
 }
 
-fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on our own descriptor has no memory-safety preconditions.
-    let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
+impl BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        self.size
     }
-    Ok(Some(r as u64))
+
+    fn read(&self, offset: u64, len: u32, done: ReadDone) {
+        Disk::read(self, offset, len, done)
+    }
+
+    fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
+        Disk::write(self, offset, data, fua, done)
+    }
+
+    fn flush(&self, done: Done) {
+        Disk::flush(self, done)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool, done: Done) {
+        Disk::trim(self, offset, len, fua, done)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, z: Zero, done: Done) {
+        self.zero(offset, len, z.fua, z.no_hole, z.fast, done)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        Disk::cache(self, offset, len)
+    }
+
+    fn contexts(&self) -> Vec<String> {
+        let mut c = vec![BASE_ALLOCATION.to_string()];
+        if self.tracking.is_some() {
+            c.push(DIRTY_BITMAP_CONTEXT.to_string());
+        }
+        c
+    }
+
+    fn block_status(
+        &self,
+        context: usize,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> io::Result<Vec<Extent>> {
+        match context {
+            0 => self.allocation(offset, len, max),
+            1 if self.tracking.is_some() => Ok(self.dirty_extents(offset, len, max)),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
 }

@@ -1,10 +1,9 @@
 //! vmreplica tracker: serves a VM's disks over NBD, writes them through io_uring, and records
 //! every changed block in crash-safe, memory-mapped dirty bitmaps that the shipper reads.
 //!
-//! Layers, from the wire down:
-//! - [`nbd`]: the NBD protocol as pure codecs and a handshake state machine (no I/O);
-//! - [`server`]: the thin socket driver around it;
-//! - [`disk`]: one exported image, its write path and block-status queries;
+//! The NBD protocol and its socket driver live in `vmreplica_nbd`; here:
+//! - [`disk`]: one exported image (a `vmreplica_nbd::BlockDevice`), its write path and
+//!   block-status queries;
 //! - [`tracking`], [`bitmap`], [`activity_log`]: dirty bits, their crash safety, and
 //!   copy-on-write of frozen blocks;
 //! - [`tracker`]: the set of disks, the state directory, and frozen generations;
@@ -19,9 +18,6 @@ pub mod cow;
 pub mod disk;
 pub mod frozen;
 mod gate;
-pub mod nbd;
-pub mod server;
-pub mod stream;
 pub mod tracker;
 pub mod tracking;
 

@@ -17,7 +17,6 @@ use vmreplica_common::{read_state, validate_name, write_state, NameError, StateF
 use crate::bitmap::{Geometry, COW_SLOT};
 use crate::disk::Disk;
 use crate::engine::{self, Engine};
-use crate::gate::Gate;
 use crate::tracking::{OpenOutcome, Slots, Tracking, TrackingError};
 
 pub const STATE_FILE: &str = "tracker.json";
@@ -317,15 +316,14 @@ impl Tracker {
             } else {
                 None
             };
-            disks.push(Arc::new(Disk {
+            disks.push(Disk::new(
                 name,
                 path,
                 size,
                 file,
-                engine: Arc::clone(&engine),
+                Arc::clone(&engine),
                 tracking,
-                gate: Gate::default(),
-            }));
+            ));
         }
         state.clean = false;
         if cfg.tracking {
@@ -342,6 +340,18 @@ impl Tracker {
 
     pub fn disks(&self) -> &[Arc<Disk>] {
         &self.disks
+    }
+
+    /// The disks as NBD exports, each under its name.
+    pub fn nbd_exports(&self) -> Vec<vmreplica_nbd::Export> {
+        self.disks
+            .iter()
+            .map(|d| vmreplica_nbd::Export {
+                name: d.name.clone(),
+                description: format!("vmreplica disk {} ({})", d.name, d.path.display()),
+                device: Arc::clone(d) as Arc<dyn vmreplica_nbd::BlockDevice>,
+            })
+            .collect()
     }
 
     pub fn engine_name(&self) -> &'static str {

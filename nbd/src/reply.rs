@@ -1,7 +1,7 @@
 //! Reply encoding for the three reply styles: simple, structured and extended.
 
-use super::consts::*;
-use super::handshake::Negotiated;
+use crate::consts::*;
+use crate::handshake::Negotiated;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplyMode {

@@ -6,8 +6,9 @@
 
 use thiserror::Error;
 
-use super::consts::*;
-use super::handshake::{MetaContext, Negotiated, MAX_PAYLOAD};
+use crate::consts::*;
+use crate::device::DeviceFlags;
+use crate::handshake::{Negotiated, MAX_PAYLOAD};
 
 pub const COMPACT_HEADER_LEN: usize = 28;
 pub const EXTENDED_HEADER_LEN: usize = 32;
@@ -140,13 +141,15 @@ fn refuse(errno: u32, message: &'static str) -> Refusal {
     Refusal { errno, message }
 }
 
-/// Checks a framed request against the export and the negotiated options.
+/// Checks a framed request against the export (its size and what its device supports) and
+/// the negotiated options.
 pub fn validate(
     h: &RequestHeader,
     size: u64,
-    read_only: bool,
+    device: &DeviceFlags,
     neg: &Negotiated,
 ) -> Result<Command, Refusal> {
+    let read_only = device.read_only;
     let allowed = match h.typ {
         CMD_READ => CMD_FLAG_DF,
         CMD_WRITE => CMD_FLAG_FUA,
@@ -177,6 +180,17 @@ pub fn validate(
     let writes = matches!(h.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && read_only {
         return Err(refuse(EPERM, "export is read-only"));
+    }
+    let unsupported = match h.typ {
+        CMD_TRIM => !device.trim,
+        CMD_WRITE_ZEROES => {
+            !device.write_zeroes || (h.flags & CMD_FLAG_FAST_ZERO != 0 && !device.fast_zero)
+        }
+        CMD_CACHE => !device.cache,
+        _ => false,
+    };
+    if unsupported {
+        return Err(refuse(EINVAL, "command not supported by this export"));
     }
     match h.typ {
         CMD_READ => {
@@ -254,14 +268,6 @@ pub fn validate(
     }
 }
 
-/// True if the negotiated contexts include `ctx`; returns its id.
-pub fn context_id(neg: &Negotiated, ctx: MetaContext) -> Option<u32> {
-    neg.contexts
-        .iter()
-        .find(|(_, c)| *c == ctx)
-        .map(|(id, _)| *id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,12 +282,16 @@ mod tests {
         v
     }
 
+    fn rw() -> DeviceFlags {
+        DeviceFlags::default()
+    }
+
     fn neg(extended: bool) -> Negotiated {
         Negotiated {
             export: 0,
             structured: true,
             extended,
-            contexts: vec![(1, MetaContext::BaseAllocation)],
+            contexts: vec![(1, 0)],
         }
     }
 
@@ -295,7 +305,7 @@ mod tests {
             (7, 4096, 512, 512)
         );
         assert_eq!(
-            validate(&h, 1 << 20, false, &neg(false)),
+            validate(&h, 1 << 20, &rw(), &neg(false)),
             Ok(Command::Write {
                 offset: 4096,
                 len: 512,
@@ -316,10 +326,10 @@ mod tests {
         assert_eq!(h.length, 8 << 30);
         assert_eq!(h.payload, 0);
         assert!(matches!(
-            validate(&h, 8 << 30, false, &neg(true)),
+            validate(&h, 8 << 30, &rw(), &neg(true)),
             Ok(Command::BlockStatus { .. })
         ));
-        assert!(validate(&h, (8 << 30) - 1, false, &neg(true)).is_err());
+        assert!(validate(&h, (8 << 30) - 1, &rw(), &neg(true)).is_err());
     }
 
     #[test]
@@ -349,7 +359,8 @@ mod tests {
         let n = neg(false);
         let check = |b: Vec<u8>, ro: bool| {
             let h = decode_header(&b, false).unwrap().unwrap();
-            validate(&h, 1 << 20, ro, &n).unwrap_err().errno
+            let flags = if ro { DeviceFlags::read_only() } else { rw() };
+            validate(&h, 1 << 20, &flags, &n).unwrap_err().errno
         };
         assert_eq!(check(compact(0, CMD_READ, (1 << 20) - 1, 2), false), EINVAL);
         assert_eq!(check(compact(0, CMD_READ, u64::MAX, 2), false), EINVAL);
@@ -370,7 +381,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            validate(&h, 1 << 20, false, &none).unwrap_err().errno,
+            validate(&h, 1 << 20, &rw(), &none).unwrap_err().errno,
             EINVAL
         );
     }

@@ -7,7 +7,8 @@
 
 use thiserror::Error;
 
-use super::consts::*;
+use crate::consts::*;
+use crate::device::DeviceFlags;
 
 /// Largest option payload that is buffered; bigger ones are discarded and refused.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
@@ -18,55 +19,47 @@ pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 /// Preferred block size advertised in NBD_INFO_BLOCK_SIZE.
 pub const PREFERRED_BLOCK: u32 = 4096;
 
-pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
-pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
-
 /// What the server exports under one name.
 #[derive(Clone, Debug)]
 pub struct ExportInfo {
     pub name: String,
     pub description: String,
     pub size: u64,
-    pub read_only: bool,
-    /// Name of the dirty bitmap offered as `qemu:dirty-bitmap:NAME`, if tracking is on.
-    pub dirty_bitmap: Option<String>,
+    pub flags: DeviceFlags,
+    /// The metadata contexts offered, by full name; a selected context is known by its index
+    /// here, and its id on the wire is that index plus one.
+    pub contexts: Vec<String>,
 }
 
 impl ExportInfo {
     /// Transmission flags for this export, given what the client negotiated.
     pub fn transmission_flags(&self, structured: bool) -> u16 {
-        let mut f = FLAG_HAS_FLAGS
-            | FLAG_SEND_FLUSH
-            | FLAG_SEND_FUA
-            | FLAG_SEND_TRIM
-            | FLAG_SEND_WRITE_ZEROES
-            | FLAG_SEND_FAST_ZERO
-            | FLAG_CAN_MULTI_CONN
-            | FLAG_SEND_CACHE;
-        if structured {
-            f |= FLAG_SEND_DF;
-        }
-        if self.read_only {
-            f |= FLAG_READ_ONLY;
-        }
+        let d = &self.flags;
+        let mut f = FLAG_HAS_FLAGS;
+        let mut set = |on: bool, bit: u16| {
+            if on {
+                f |= bit;
+            }
+        };
+        set(d.read_only, FLAG_READ_ONLY);
+        set(d.flush, FLAG_SEND_FLUSH);
+        set(d.flush && !d.read_only, FLAG_SEND_FUA);
+        set(d.trim && !d.read_only, FLAG_SEND_TRIM);
+        set(d.write_zeroes && !d.read_only, FLAG_SEND_WRITE_ZEROES);
+        set(
+            d.write_zeroes && d.fast_zero && !d.read_only,
+            FLAG_SEND_FAST_ZERO,
+        );
+        set(d.multi_conn, FLAG_CAN_MULTI_CONN);
+        set(d.cache, FLAG_SEND_CACHE);
+        set(structured, FLAG_SEND_DF);
         f
     }
 }
 
-/// A metadata context the server can report through NBD_CMD_BLOCK_STATUS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MetaContext {
-    BaseAllocation,
-    DirtyBitmap,
-}
-
-impl MetaContext {
-    fn id(self) -> u32 {
-        match self {
-            MetaContext::BaseAllocation => 1,
-            MetaContext::DirtyBitmap => 2,
-        }
-    }
+/// The wire id of the context at `index` in [`ExportInfo::contexts`].
+fn context_id(index: usize) -> u32 {
+    index as u32 + 1
 }
 
 /// The outcome of a successful handshake.
@@ -76,8 +69,8 @@ pub struct Negotiated {
     pub export: usize,
     pub structured: bool,
     pub extended: bool,
-    /// Selected metadata contexts with their ids.
-    pub contexts: Vec<(u32, MetaContext)>,
+    /// Selected metadata contexts: (wire id, index in [`ExportInfo::contexts`]).
+    pub contexts: Vec<(u32, usize)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -126,7 +119,7 @@ pub struct Handshake {
     structured: bool,
     extended: bool,
     /// Contexts selected by the last SET_META_CONTEXT, and the export it named.
-    meta: Option<(String, Vec<(u32, MetaContext)>)>,
+    meta: Option<(String, Vec<(u32, usize)>)>,
     options_seen: u32,
 }
 
@@ -464,26 +457,18 @@ impl Handshake {
         }
     }
 
-    /// Contexts of export `idx` matching `query`; `list` enables the namespace wildcards.
-    fn matching(&self, idx: usize, query: &str, list: bool) -> Vec<(MetaContext, String)> {
-        let e = &self.exports[idx];
-        let mut all = vec![(
-            MetaContext::BaseAllocation,
-            CONTEXT_BASE_ALLOCATION.to_string(),
-        )];
-        if let Some(b) = &e.dirty_bitmap {
-            all.push((
-                MetaContext::DirtyBitmap,
-                format!("{DIRTY_BITMAP_PREFIX}{b}"),
-            ));
-        }
-        all.into_iter()
+    /// Contexts of export `idx` matching `query` (index, name); `list` enables namespace
+    /// wildcards: a query ending in `:` (`base:`, `qemu:`, `qemu:dirty-bitmap:`) matches
+    /// every context it is a prefix of.
+    fn matching(&self, idx: usize, query: &str, list: bool) -> Vec<(usize, String)> {
+        self.exports[idx]
+            .contexts
+            .iter()
+            .enumerate()
             .filter(|(_, name)| {
-                name == query
-                    || (list
-                        && (query == "base:" || query == "qemu:" || query == DIRTY_BITMAP_PREFIX)
-                        && name.starts_with(query))
+                *name == query || (list && query.ends_with(':') && name.starts_with(query))
             })
+            .map(|(i, name)| (i, name.clone()))
             .collect()
     }
 
@@ -523,10 +508,14 @@ impl Handshake {
             option_reply(out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
             return;
         };
-        let mut found: Vec<(MetaContext, String)> = Vec::new();
+        let mut found: Vec<(usize, String)> = Vec::new();
         if queries.is_empty() && !set {
-            found = self.matching(idx, "base:", true);
-            found.extend(self.matching(idx, "qemu:", true));
+            found = self.exports[idx]
+                .contexts
+                .iter()
+                .cloned()
+                .enumerate()
+                .collect();
         }
         for q in &queries {
             for m in self.matching(idx, q, !set) {
@@ -537,13 +526,16 @@ impl Handshake {
         }
         for (ctx, cname) in &found {
             let mut d = Vec::new();
-            put_u32(&mut d, if set { ctx.id() } else { 0 });
+            put_u32(&mut d, if set { context_id(*ctx) } else { 0 });
             d.extend_from_slice(cname.as_bytes());
             option_reply(out, opt, REP_META_CONTEXT, &d);
         }
         option_reply(out, opt, REP_ACK, &[]);
         if set {
-            self.meta = Some((name, found.iter().map(|(c, _)| (c.id(), *c)).collect()));
+            self.meta = Some((
+                name,
+                found.iter().map(|(c, _)| (context_id(*c), *c)).collect(),
+            ));
         }
     }
 }
@@ -558,15 +550,18 @@ mod tests {
                 name: "disk0".into(),
                 description: "first".into(),
                 size: 1 << 20,
-                read_only: false,
-                dirty_bitmap: Some("vmreplica".into()),
+                flags: DeviceFlags::default(),
+                contexts: vec![
+                    "base:allocation".into(),
+                    "qemu:dirty-bitmap:vmreplica".into(),
+                ],
             },
             ExportInfo {
                 name: "disk1".into(),
                 description: String::new(),
                 size: 4096,
-                read_only: true,
-                dirty_bitmap: None,
+                flags: DeviceFlags::read_only(),
+                contexts: vec!["base:allocation".into()],
             },
         ]
     }
@@ -653,13 +648,7 @@ mod tests {
             HandshakeStatus::Transmission(n) => {
                 assert_eq!(n.export, 0);
                 assert!(n.extended && n.structured);
-                assert_eq!(
-                    n.contexts,
-                    vec![
-                        (1, MetaContext::BaseAllocation),
-                        (2, MetaContext::DirtyBitmap)
-                    ]
-                );
+                assert_eq!(n.contexts, vec![(1, 0), (2, 1)]);
             }
             other => panic!("unexpected {other:?}"),
         }

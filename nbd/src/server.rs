@@ -1,7 +1,7 @@
 //! The NBD I/O driver: accepts connections, runs the handshake state machine over the socket,
-//! then reads requests, hands them to the disk, and writes replies as they complete (out of
-//! order). Per connection: one reader thread, one writer thread, and a byte budget that
-//! bounds the memory of requests in flight.
+//! then reads requests, hands them to the export's device, and writes replies as they
+//! complete (out of order). Per connection: one reader thread, one writer thread, and a byte
+//! budget that bounds the memory of requests in flight.
 
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -10,17 +10,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::disk::Disk;
-use crate::nbd::consts::{errno_to_nbd, CMD_READ, ESHUTDOWN};
-use crate::nbd::handshake::{ExportInfo, Handshake, HandshakeStatus, MetaContext, Negotiated};
-use crate::nbd::reply::ReplyWriter;
-use crate::nbd::request::{decode_header, header_len, validate, Command};
+use crate::consts::{errno_to_nbd, CMD_READ, ESHUTDOWN};
+use crate::device::{BlockDevice, Zero};
+use crate::handshake::{ExportInfo, Handshake, HandshakeStatus, Negotiated};
+use crate::reply::ReplyWriter;
+use crate::request::{decode_header, header_len, validate, Command};
 use crate::stream::Stream;
-use crate::tracker::Tracker;
 
 /// Bytes of requests and replies in flight per connection before the reader waits.
 const BUDGET: u64 = 64 << 20;
@@ -28,10 +27,44 @@ const BUDGET: u64 = 64 << 20;
 const REQUEST_COST: u64 = 4096;
 /// Most block-status descriptors in one reply chunk.
 const MAX_DESCRIPTORS: usize = 1 << 16;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One export: a device under a name.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+impl Export {
+    fn info(&self) -> ExportInfo {
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.device.size(),
+            flags: self.device.flags(),
+            contexts: self.device.contexts(),
+        }
+    }
+}
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// A client that has not finished its handshake in this time is disconnected.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 pub struct Server {
-    tracker: Arc<Tracker>,
+    config: ServerConfig,
+    exports: RwLock<Vec<Arc<Export>>>,
     stop: AtomicBool,
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, Stream>>,
@@ -74,9 +107,10 @@ impl Budget {
 }
 
 impl Server {
-    pub fn new(tracker: Arc<Tracker>) -> Arc<Server> {
+    pub fn new(config: ServerConfig, exports: Vec<Export>) -> Arc<Server> {
         Arc::new(Server {
-            tracker,
+            config,
+            exports: RwLock::new(exports.into_iter().map(Arc::new).collect()),
             stop: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
             conns: Mutex::new(HashMap::new()),
@@ -85,22 +119,26 @@ impl Server {
         })
     }
 
-    pub fn tracker(&self) -> &Arc<Tracker> {
-        &self.tracker
+    /// Adds an export (replacing one of the same name); new connections see it at once.
+    pub fn add_export(&self, export: Export) {
+        let mut ex = self.exports.write().unwrap_or_else(|e| e.into_inner());
+        ex.retain(|e| e.name != export.name);
+        ex.push(Arc::new(export));
     }
 
-    fn exports(&self) -> Vec<ExportInfo> {
-        self.tracker
-            .disks()
-            .iter()
-            .map(|d| ExportInfo {
-                name: d.name.clone(),
-                description: format!("vmreplica disk {} ({})", d.name, d.path.display()),
-                size: d.size,
-                read_only: false,
-                dirty_bitmap: d.tracking().map(|_| "vmreplica".to_string()),
-            })
-            .collect()
+    /// Removes an export; connections already using it keep their device until they close.
+    pub fn remove_export(&self, name: &str) -> bool {
+        let mut ex = self.exports.write().unwrap_or_else(|e| e.into_inner());
+        let before = ex.len();
+        ex.retain(|e| e.name != name);
+        ex.len() != before
+    }
+
+    fn exports(&self) -> Vec<Arc<Export>> {
+        self.exports
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn spawn(&self, name: String, f: impl FnOnce() + Send + 'static) {
@@ -210,8 +248,9 @@ impl Server {
         let mut out = Vec::new();
         Handshake::greeting(&mut out);
         s.write_all(&out)?;
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        let mut hs = Handshake::new(self.exports());
+        s.set_read_timeout(Some(self.config.handshake_timeout))?;
+        let exports = self.exports();
+        let mut hs = Handshake::new(exports.iter().map(|e| e.info()).collect());
         let mut pending: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
         let neg = loop {
@@ -237,19 +276,21 @@ impl Server {
             }
         };
         s.set_read_timeout(None)?;
-        let disk = Arc::clone(&self.tracker.disks()[neg.export]);
-        tracing::debug!(peer, disk = %disk.name, ?neg, "client entered transmission");
-        self.transmission(s, pending, disk, neg, peer)
+        let export = Arc::clone(&exports[neg.export]);
+        tracing::debug!(peer, export = %export.name, ?neg, "client entered transmission");
+        self.transmission(s, pending, &export, neg, peer)
     }
 
     fn transmission(
         &self,
         s: Stream,
         leftover: Vec<u8>,
-        disk: Arc<Disk>,
+        export: &Export,
         neg: Negotiated,
         peer: &str,
     ) -> io::Result<()> {
+        let disk = &export.device;
+        let (size, flags) = (disk.size(), disk.flags());
         let writer = ReplyWriter::new(&neg);
         let budget = Arc::new(Budget::default());
         let (tx, rx) = mpsc::channel::<Outgoing>();
@@ -274,7 +315,7 @@ impl Server {
                 Ok(Some(h)) => h,
                 Ok(None) => unreachable!("a full header was read"),
                 Err(e) => {
-                    tracing::warn!(peer, disk = %disk.name, "protocol violation, disconnecting: {e}");
+                    tracing::warn!(peer, export = %export.name, "protocol violation, disconnecting: {e}");
                     break Ok(());
                 }
             };
@@ -298,7 +339,7 @@ impl Server {
                 offset: h.offset,
                 cost,
             };
-            let cmd = match validate(&h, disk.size, false, &neg) {
+            let cmd = match validate(&h, size, &flags, &neg) {
                 Ok(c) => c,
                 Err(refusal) => {
                     reply.error(refusal.errno, refusal.message);
@@ -335,12 +376,14 @@ impl Server {
                     fua,
                     no_hole,
                     fast_zero,
-                } => disk.zero(
+                } => disk.write_zeroes(
                     offset,
                     len,
-                    fua,
-                    no_hole,
-                    fast_zero,
+                    Zero {
+                        fua,
+                        no_hole,
+                        fast: fast_zero,
+                    },
                     Box::new(move |res| reply.done(res)),
                 ),
                 Command::Cache { offset, len } => reply.done(disk.cache(offset, len)),
@@ -348,7 +391,7 @@ impl Server {
                     offset,
                     len,
                     req_one,
-                } => match block_status(&disk, &neg, &writer, h.cookie, offset, len, req_one) {
+                } => match block_status(&**disk, &neg, &writer, h.cookie, offset, len, req_one) {
                     Ok(bytes) => reply.raw(bytes),
                     Err(e) => reply.io_error(&e),
                 },
@@ -433,9 +476,8 @@ fn write_replies(s: Stream, rx: mpsc::Receiver<Outgoing>, budget: &Budget) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn block_status(
-    disk: &Disk,
+    disk: &dyn BlockDevice,
     neg: &Negotiated,
     writer: &ReplyWriter,
     cookie: u64,
@@ -448,10 +490,7 @@ fn block_status(
     let len = len.min(cap);
     let mut out = Vec::new();
     for (i, (id, ctx)) in neg.contexts.iter().enumerate() {
-        let extents = match ctx {
-            MetaContext::BaseAllocation => disk.allocation(offset, len, max)?,
-            MetaContext::DirtyBitmap => disk.dirty_extents(offset, len, max),
-        };
+        let extents = disk.block_status(*ctx, offset, len, max)?;
         writer.block_status(
             &mut out,
             cookie,

@@ -1,0 +1,27 @@
+//! vmreplica's NBD server, apart from anything it serves.
+//!
+//! Layers, from the wire down:
+//! - [`consts`], [`handshake`], [`request`], [`reply`]: the NBD protocol as pure codecs and a
+//!   handshake state machine (bytes in, bytes out; no sockets, files or clocks). They follow the
+//!   NBD protocol document (doc/proto.md of the NBD project, including the extended-headers
+//!   extension) and QEMU's docs/interop/nbd.rst for the `qemu:` namespace.
+//! - [`server`]: the thin socket driver (unix and TCP listeners, one reader and one writer
+//!   thread per connection, out-of-order replies, a byte budget per connection).
+//! - [`device`]: the [`BlockDevice`] trait a served export implements: size, flags, read,
+//!   write, flush, trim, write-zeroes, and block status per metadata context. It knows nothing
+//!   of tracking or replication: the tracker's tracked image is one implementation, a
+//!   replica's recovery point another.
+
+pub mod consts;
+pub mod device;
+pub mod handshake;
+pub mod reply;
+pub mod request;
+pub mod server;
+pub mod stream;
+
+pub use device::{BlockDevice, DeviceFlags, Done, Extent, ReadDone};
+pub use handshake::{ExportInfo, Handshake, HandshakeError, HandshakeStatus, Negotiated};
+pub use reply::{ReplyMode, ReplyWriter};
+pub use request::{Command, Request, RequestError, RequestHeader};
+pub use server::{Export, Server, ServerConfig};
