@@ -9,6 +9,7 @@ pub mod direct;
 pub mod engine;
 pub mod link;
 pub mod name;
+pub mod ratelog;
 pub mod sparse;
 pub mod statefile;
 pub mod tls;
