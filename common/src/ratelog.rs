@@ -158,7 +158,12 @@ mod tests {
     fn macros_compile_and_limit() {
         for i in 0..3 {
             crate::warn_limited!(Duration::from_secs(60), "repeated warning {i}");
-            crate::error_limited!(Duration::from_secs(60), key = "k", disk = i, "repeated error");
+            crate::error_limited!(
+                Duration::from_secs(60),
+                key = "k",
+                disk = i,
+                "repeated error"
+            );
         }
     }
 }

@@ -13,6 +13,15 @@ use std::sync::Arc;
 pub use pool::PoolEngine;
 pub use uring::UringEngine;
 
+/// Set (to anything) in tests that must exercise io_uring: an engine probe that would fall
+/// back to the thread pool fails instead, so a production path is never skipped silently.
+pub const REQUIRE_URING_ENV: &str = "VMREPLICA_REQUIRE_URING";
+
+/// Whether [`REQUIRE_URING_ENV`] is set.
+pub fn uring_required() -> bool {
+    std::env::var_os(REQUIRE_URING_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// One image operation. Buffers are owned by the operation and handed back on completion.
 #[derive(Debug)]
 pub enum Op {
@@ -41,6 +50,8 @@ pub enum Op {
         len: u64,
         mode: i32,
     },
+    /// Nothing: completes at once (probes).
+    Nop,
 }
 
 /// The result of an [`Op`], with its buffer (empty for ops without one).
@@ -52,11 +63,76 @@ pub struct Completion {
 
 pub type Callback = Box<dyn FnOnce(Completion) + Send>;
 
+/// An operation the engine could not take (a full or failing submission queue, a stopped
+/// pool), handed back whole to its owner, who decides what to do with it; its callback has
+/// not run.
+pub struct Rejected {
+    pub error: io::Error,
+    pub op: Op,
+    pub done: Callback,
+}
+
+impl std::fmt::Debug for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejected")
+            .field("error", &self.error)
+            .field("op", &self.op)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rejected {
+    /// Performs the operation with blocking system calls in this thread, then runs its
+    /// callback.
+    pub fn run_blocking(self) {
+        let Rejected { mut op, done, .. } = self;
+        let result = run_blocking(&mut op, 0);
+        done(into_completion(op, result));
+    }
+
+    /// Runs the callback with the rejection's error, without performing the operation.
+    pub fn fail(self) {
+        let Rejected { error, op, done } = self;
+        done(into_completion(op, Err(error)));
+    }
+}
+
 pub trait Engine: Send + Sync {
-    /// Starts `op`; `done` runs on an engine thread when it finishes.
-    fn submit(&self, op: Op, done: Callback);
+    /// Starts `op`; `done` runs on an engine thread when it finishes. If the engine cannot
+    /// take it, `op` and `done` come back in the error (firecracker's `push`), never lost.
+    fn try_submit(&self, op: Op, done: Callback) -> Result<(), Rejected>;
+
     /// "io_uring" or "thread-pool".
     fn name(&self) -> &'static str;
+
+    /// Starts `op`; `done` always runs exactly once: an operation the engine refuses is
+    /// performed with blocking calls in the calling thread instead (logged, rate-limited).
+    fn submit(&self, op: Op, done: Callback) {
+        if let Err(r) = self.try_submit(op, done) {
+            crate::warn_limited!(
+                std::time::Duration::from_secs(10),
+                "{} engine refused an operation ({}); running it synchronously",
+                self.name(),
+                r.error
+            );
+            r.run_blocking();
+        }
+    }
+}
+
+/// Whether the calling thread is an engine's completion thread, where callbacks run and
+/// nothing may block (waiting there can stall every completion).
+pub fn on_completion_thread() -> bool {
+    COMPLETION_THREAD.with(|c| c.get())
+}
+
+thread_local! {
+    static COMPLETION_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as an engine's completion thread.
+pub(crate) fn mark_completion_thread() {
+    COMPLETION_THREAD.with(|c| c.set(true));
 }
 
 impl dyn Engine {
@@ -76,13 +152,17 @@ impl dyn Engine {
     }
 }
 
-/// Picks io_uring if a probe ring works, else the thread pool; logs which one runs.
+/// Picks io_uring if a probe ring works, else the thread pool; logs which one runs. With
+/// [`REQUIRE_URING_ENV`] set, a failing probe panics instead of falling back.
 pub fn probe(force_pool: bool) -> Arc<dyn Engine> {
     if !force_pool {
         match UringEngine::new(256) {
             Ok(e) => {
                 tracing::info!("image I/O engine: io_uring");
                 return Arc::new(e);
+            }
+            Err(e) if uring_required() => {
+                panic!("io_uring unavailable ({e}) but {REQUIRE_URING_ENV} is set")
             }
             Err(e) => {
                 tracing::warn!("io_uring unavailable ({e}); image I/O engine: thread pool")
@@ -192,6 +272,7 @@ pub(crate) fn run_blocking(op: &mut Op, mut done: usize) -> io::Result<()> {
                 Ok(())
             }
         }
+        Op::Nop => Ok(()),
     }
 }
 
@@ -307,24 +388,91 @@ mod tests {
         assert!(c.buf.iter().all(|b| *b == (499u64 as u8)));
     }
 
+    /// io_uring, or `None` where it is unavailable (a test then passes without it, unless
+    /// [`REQUIRE_URING_ENV`] says it must not).
+    fn uring(entries: u32) -> Option<UringEngine> {
+        match UringEngine::new(entries) {
+            Ok(e) => Some(e),
+            Err(e) if uring_required() => {
+                panic!("io_uring unavailable ({e}) but {REQUIRE_URING_ENV} is set")
+            }
+            Err(e) => {
+                eprintln!("io_uring not available here: {e}");
+                None
+            }
+        }
+    }
+
     #[test]
+    #[cfg_attr(miri, ignore = "threads and file I/O through libc")]
     fn pool_engine_round_trip() {
         exercise(Arc::new(PoolEngine::new(2)));
     }
 
     #[test]
+    #[cfg_attr(miri, ignore = "io_uring system calls")]
     fn uring_engine_round_trip() {
-        match UringEngine::new(64) {
-            Ok(e) => exercise(Arc::new(e)),
-            Err(e) => eprintln!("io_uring not available here: {e}"),
+        if let Some(e) = uring(64) {
+            exercise(Arc::new(e))
         }
+    }
+
+    /// A submission the ring refuses comes back to its owner whole, and `submit` still
+    /// completes it; nothing is left behind in the engine.
+    #[test]
+    #[cfg_attr(miri, ignore = "io_uring system calls")]
+    fn refused_submissions_come_back_to_their_owner() {
+        let Some(engine) = uring(8) else {
+            return;
+        };
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(1 << 20).unwrap();
+        let fd = f.as_raw_fd();
+        engine.refuse_next(3);
+        let (tx, rx) = mpsc::channel();
+        let mut rejected = Vec::new();
+        for i in 0..10u64 {
+            let tx = tx.clone();
+            let r = engine.try_submit(
+                Op::Write {
+                    fd,
+                    offset: i * 4096,
+                    buf: vec![i as u8 + 1; 4096],
+                    at: 0,
+                },
+                Box::new(move |c| tx.send((i, c.result.is_ok())).unwrap()),
+            );
+            if let Err(r) = r {
+                assert!(matches!(r.op, Op::Write { offset, .. } if offset == i * 4096));
+                rejected.push(r);
+            }
+        }
+        assert_eq!(rejected.len(), 3);
+        for r in rejected {
+            r.run_blocking();
+        }
+        let mut done: Vec<_> = (0..10)
+            .map(|_| rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap())
+            .collect();
+        done.sort();
+        assert_eq!(done, (0..10).map(|i| (i, true)).collect::<Vec<_>>());
+        // `submit` never loses one either.
+        engine.refuse_next(1);
+        let (tx, rx) = mpsc::channel();
+        engine.submit(
+            Op::Sync { fd, datasync: true },
+            Box::new(move |c| tx.send(c.result.is_ok()).unwrap()),
+        );
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+        assert_eq!(engine.in_flight(), 0);
     }
 
     /// Far more operations in flight than the completion queue holds: overflowed completions
     /// must still be delivered (they once hung the engine).
     #[test]
+    #[cfg_attr(miri, ignore = "io_uring system calls")]
     fn uring_engine_survives_completion_queue_overflow() {
-        let Ok(engine) = UringEngine::new(4) else {
+        let Some(engine) = uring(4) else {
             return;
         };
         let f = tempfile::tempfile().unwrap();

@@ -4,7 +4,9 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::{into_completion, run_blocking, Callback, Engine, Op};
+use super::{
+    into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
+};
 
 pub struct PoolEngine {
     tx: Mutex<Option<Sender<(Op, Callback)>>>,
@@ -21,6 +23,7 @@ impl PoolEngine {
                 std::thread::Builder::new()
                     .name(format!("io-pool-{i}"))
                     .spawn(move || loop {
+                        mark_completion_thread();
                         let job = match rx.lock() {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
@@ -40,22 +43,23 @@ impl PoolEngine {
 }
 
 impl Engine for PoolEngine {
-    fn submit(&self, op: Op, done: Callback) {
+    fn try_submit(&self, op: Op, done: Callback) -> Result<(), Rejected> {
+        let stopped = || std::io::Error::other("I/O engine stopped");
         let tx = self.tx.lock().ok().and_then(|t| t.clone());
         match tx {
-            Some(tx) => {
-                if let Err(e) = tx.send((op, done)) {
-                    let (op, done) = e.0;
-                    done(into_completion(
-                        op,
-                        Err(std::io::Error::other("I/O engine stopped")),
-                    ));
+            Some(tx) => tx.send((op, done)).map_err(|e| {
+                let (op, done) = e.0;
+                Rejected {
+                    error: stopped(),
+                    op,
+                    done,
                 }
-            }
-            None => done(into_completion(
+            }),
+            None => Err(Rejected {
+                error: stopped(),
                 op,
-                Err(std::io::Error::other("I/O engine stopped")),
-            )),
+                done,
+            }),
         }
     }
 

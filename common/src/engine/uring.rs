@@ -1,15 +1,23 @@
 //! io_uring engine: any thread submits under a lock; one completion thread, woken through an
 //! eventfd registered with the ring, runs the callbacks.
+//!
+//! A submission the ring cannot take (its queue full and the kernel refusing to drain it) is
+//! handed back to the caller before it reaches the queue; once an entry is in the queue it is
+//! the kernel's, and a failed `io_uring_enter` only delays it: the completion thread submits
+//! it again.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use io_uring::{opcode, types, IoUring};
 
-use super::{into_completion, run_blocking, Callback, Engine, Op};
+use super::{
+    into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
+};
 
 struct Pending {
     op: Op,
@@ -24,6 +32,11 @@ struct Inner {
     slots: Mutex<Slots>,
     eventfd: OwnedFd,
     stop: AtomicBool,
+    /// Entries are in the submission queue that an `io_uring_enter` failed to submit.
+    resubmit: AtomicBool,
+    /// Tests: refuse this many submissions as a full, failing queue would.
+    #[cfg(test)]
+    refuse: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -76,6 +89,9 @@ impl UringEngine {
             slots: Mutex::new(Slots::default()),
             eventfd,
             stop: AtomicBool::new(false),
+            resubmit: AtomicBool::new(false),
+            #[cfg(test)]
+            refuse: std::sync::atomic::AtomicU32::new(0),
         });
         let engine_inner = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -87,54 +103,69 @@ impl UringEngine {
         };
         // Probe: some sandboxes allow ring setup but refuse operations.
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        engine.submit_entry(
-            opcode::Nop::new().build(),
-            Pending {
-                op: Op::Sync {
-                    fd: -1,
-                    datasync: true,
-                },
-                done: Box::new(move |c| {
+        engine
+            .try_submit(
+                Op::Nop,
+                Box::new(move |c| {
                     let _ = tx.send(c.result);
                 }),
-            },
-        )?;
-        rx.recv_timeout(std::time::Duration::from_secs(5))
+            )
+            .map_err(|r| r.error)?;
+        rx.recv_timeout(Duration::from_secs(5))
             .map_err(|_| io::Error::other("io_uring probe did not complete"))??;
         Ok(engine)
     }
 
-    fn submit_entry(&self, entry: io_uring::squeue::Entry, p: Pending) -> io::Result<()> {
-        let idx = self
-            .inner
+    /// Tests: the next `n` submissions are refused.
+    #[cfg(test)]
+    pub(crate) fn refuse_next(&self, n: u32) {
+        self.inner.refuse.store(n, Ordering::SeqCst);
+    }
+
+    /// Operations submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.inner
             .slots
             .lock()
-            .map_err(|_| io::Error::other("poisoned"))?
-            .insert(p);
-        let entry = entry.user_data(idx as u64);
-        let _guard = self
-            .inner
-            .sq_lock
+            .map(|s| s.items.len() - s.free.len())
+            .unwrap_or(0)
+    }
+
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a local buffer to our own eventfd.
+        unsafe { libc::write(self.inner.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+impl Inner {
+    /// Takes back an operation that never reached the submission queue.
+    fn reject(&self, idx: usize, error: io::Error) -> Rejected {
+        let p = self
+            .slots
             .lock()
-            .map_err(|_| io::Error::other("poisoned"))?;
-        // SAFETY: the submission queue is only touched while `sq_lock` is held.
-        let mut sq = unsafe { self.inner.ring.submission_shared() };
-        // SAFETY: the entry's buffer belongs to the Pending stored in `slots`, which lives
-        // (unmoved heap allocation) until the completion thread takes it after the CQE.
-        while unsafe { sq.push(&entry) }.is_err() {
-            sq.sync();
-            drop(sq);
-            self.inner.ring.submitter().submit()?;
-            // SAFETY: as above, still under `sq_lock`.
-            sq = unsafe { self.inner.ring.submission_shared() };
+            .unwrap_or_else(|e| e.into_inner())
+            .take(idx)
+            .expect("a slot not yet submitted is still ours");
+        Rejected {
+            error,
+            op: p.op,
+            done: p.done,
         }
-        sq.sync();
-        drop(sq);
-        // EBUSY: the kernel holds overflowed completions; the entry stays queued and goes in
-        // with the next submit (the completion thread flushes the overflow).
-        match self.inner.ring.submitter().submit() {
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-            r => r.map(|_| ()),
+    }
+
+    /// Submits what is queued; entries stay queued on EBUSY/EAGAIN/EINTR (the completion
+    /// thread submits them later).
+    fn submit_queued(&self) -> io::Result<()> {
+        match self.ring.submitter().submit() {
+            Ok(_) => {
+                self.resubmit.store(false, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                self.resubmit.store(true, Ordering::Release);
+                Err(e)
+            }
         }
     }
 }
@@ -179,13 +210,28 @@ fn entry_for(op: &mut Op) -> io_uring::squeue::Entry {
             .offset(*offset)
             .mode(*mode)
             .build(),
+        Op::Nop => opcode::Nop::new().build(),
     }
 }
 
 fn completion_loop(inner: &Inner) {
+    mark_completion_thread();
     let mut counter = [0u8; 8];
     let mut wait = true;
     loop {
+        if wait && inner.resubmit.load(Ordering::Acquire) {
+            // Entries wait in the submission queue: retry shortly even if nothing completes.
+            let mut pfd = libc::pollfd {
+                fd: inner.eventfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
+            if let Ok(_guard) = inner.sq_lock.lock() {
+                let _ = inner.submit_queued();
+            }
+        }
         if wait {
             // SAFETY: reading 8 bytes into a local buffer from our own eventfd.
             let n = unsafe {
@@ -256,14 +302,64 @@ fn completion_loop(inner: &Inner) {
 }
 
 impl Engine for UringEngine {
-    fn submit(&self, mut op: Op, done: Callback) {
+    fn try_submit(&self, mut op: Op, done: Callback) -> Result<(), Rejected> {
         let entry = entry_for(&mut op);
-        let p = Pending { op, done };
-        if let Err(e) = self.submit_entry(entry, p) {
-            // The entry may or may not have reached the kernel; the slot keeps the buffer
-            // alive either way. Report the failure only if the slot is still ours.
-            tracing::error!("io_uring submit failed: {e}");
+        let inner = &self.inner;
+        let idx = inner
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(Pending { op, done });
+        let entry = entry.user_data(idx as u64);
+        let guard = inner.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(test)]
+        if inner
+            .refuse
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            drop(guard);
+            return Err(inner.reject(idx, io::Error::from_raw_os_error(libc::EBUSY)));
         }
+        // SAFETY: the submission queue is only touched while `sq_lock` is held.
+        let mut sq = unsafe { inner.ring.submission_shared() };
+        // SAFETY: the entry's buffer belongs to the Pending stored in `slots`, which lives
+        // (unmoved heap allocation) until the completion thread takes it after the CQE, or
+        // until `reject` takes it back, which only happens if the entry never entered the
+        // queue.
+        if unsafe { sq.push(&entry) }.is_err() {
+            // Full: hand what is queued to the kernel, then try once more.
+            sq.sync();
+            drop(sq);
+            if let Err(e) = inner.submit_queued() {
+                drop(guard);
+                self.wake();
+                return Err(inner.reject(idx, e));
+            }
+            // SAFETY: as above, still under `sq_lock`.
+            sq = unsafe { inner.ring.submission_shared() };
+            // SAFETY: as for the first push.
+            if unsafe { sq.push(&entry) }.is_err() {
+                drop(sq);
+                drop(guard);
+                return Err(inner.reject(idx, io::Error::other("io_uring submission queue full")));
+            }
+        }
+        sq.sync();
+        drop(sq);
+        // The entry is queued and no longer ours to take back. If the kernel does not take
+        // it now (EBUSY while completions overflow, EAGAIN), the completion thread submits
+        // it again.
+        let r = inner.submit_queued();
+        drop(guard);
+        if let Err(e) = r {
+            crate::warn_limited!(
+                Duration::from_secs(10),
+                "io_uring submit deferred ({e}); the completion thread retries it"
+            );
+            self.wake();
+        }
+        Ok(())
     }
 
     fn name(&self) -> &'static str {
@@ -274,9 +370,7 @@ impl Engine for UringEngine {
 impl Drop for UringEngine {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes to our own eventfd to wake the completion thread.
-        unsafe { libc::write(self.inner.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        self.wake();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
