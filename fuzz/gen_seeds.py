@@ -143,8 +143,14 @@ def bitmap_header(disk_size, granularity):
     return h + struct.pack("<I", zlib.crc32(h))
 
 
-def activity_copy(seq, extents):
+def activity_copy_v1(seq, extents):
     head = b"VMRAL001" + struct.pack("<QI", seq, len(extents))
+    body = b"".join(struct.pack("<Q", e) for e in extents)
+    return head + struct.pack("<I", zlib.crc32(head + body)) + body
+
+
+def activity_copy(seq, extents, sums):
+    head = b"VMRAL002" + struct.pack("<QIQQ", seq, len(extents), *sums)
     body = b"".join(struct.pack("<Q", e) for e in extents)
     return head + struct.pack("<I", zlib.crc32(head + body)) + body
 
@@ -152,8 +158,9 @@ def activity_copy(seq, extents):
 STATE = {
     "bitmap_8g": bitmap_header(8 << 30, 65536),
     "bitmap_odd": bitmap_header((1 << 30) + 1, 4096),
-    "activity_empty": activity_copy(1, []),
-    "activity_three": activity_copy(42, [0, 7, 2047]),
+    "activity_empty": activity_copy(1, [], (0, 0)),
+    "activity_three": activity_copy(42, [0, 7, 2047], (0x1234, 0xFFFF_FFFF_0000_0001)),
+    "activity_v1": activity_copy_v1(42, [0, 7, 2047]),
 }
 
 # VM definitions (vmreplica-vm): one with a libvirt template inline, one minimal.

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_tracker::control::{self, Request};
-use vmreplica_tracker::{Tracker, TrackerConfig};
+use vmreplica_tracker::{CowLimit, Tracker, TrackerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +94,11 @@ struct TrackerArgs {
     /// Image I/O engine.
     #[arg(long, default_value = "auto", value_parser = ["auto", "io_uring", "thread-pool"])]
     io_engine: String,
+    /// Most the copy-on-write stores may hold for one frozen generation (all disks): a size
+    /// (64G) or a share of the state dir's free space at the freeze (50%). Past it the
+    /// generation is abandoned and the disks resynchronised by checksums.
+    #[arg(long, default_value = "50%", value_parser = CowLimit::parse)]
+    cow_limit: CowLimit,
 }
 
 #[derive(clap::Args)]
@@ -239,6 +244,8 @@ fn run_tracker(a: TrackerArgs) -> Result<()> {
             tracking: !a.no_tracking,
             force_thread_pool: a.io_engine == "thread-pool",
             al_extents: a.al_extents,
+            cow_limit: a.cow_limit,
+            engine: None,
         })
         .context("cannot start the tracker")?,
     );

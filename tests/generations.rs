@@ -23,6 +23,8 @@ fn open(dir: &std::path::Path, disks: &[(String, std::path::PathBuf)]) -> Arc<Tr
             tracking: true,
             force_thread_pool: false,
             al_extents: 1000,
+            cow_limit: Default::default(),
+            engine: None,
         })
         .unwrap(),
     )

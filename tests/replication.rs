@@ -165,6 +165,8 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
             tracking: true,
             force_thread_pool: false,
             al_extents: 1000,
+            cow_limit: Default::default(),
+            engine: None,
         })
         .unwrap(),
     );

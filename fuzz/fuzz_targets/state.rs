@@ -6,9 +6,9 @@
 //!   every length derived from it (blocks, words, slot and file length, the byte range of the
 //!   last block) is computed without overflow; writing that geometry back gives the same 36
 //!   header bytes;
-//! - `activity_log::decode` never panics; a copy it accepts holds at most `CAPACITY` extents
-//!   and encodes back to the same bytes over its checksummed part (magic, sequence number,
-//!   count, checksum, extents).
+//! - `activity_log::decode` never panics; a copy it accepts holds at most `CAPACITY` extents;
+//!   a current-version copy (with slot checksums) encodes back to the same bytes over its
+//!   checksummed part (magic, sequence number, count, slot checksums, CRC, extents).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,9 +30,14 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(&header_bytes(&geo)[..36], &data[..36]);
     }
 
-    if let Some((seq, extents)) = activity_log::decode(data) {
-        assert!(extents.len() <= CAPACITY);
-        let end = 24 + extents.len() * 8;
-        assert_eq!(&activity_log::encode(seq, &extents)[..end], &data[..end]);
+    if let Some(c) = activity_log::decode(data) {
+        assert!(c.extents.len() <= CAPACITY);
+        if let Some(sums) = c.sums {
+            let end = 40 + c.extents.len() * 8;
+            assert_eq!(
+                &activity_log::encode(c.seq, &c.extents, sums)[..end],
+                &data[..end]
+            );
+        }
     }
 });

@@ -11,16 +11,61 @@
 //!
 //! Ordering kept: store data durable, then bit set and flushed, then the overwrite issued. A
 //! later write to a block whose copy is still pending waits for the batch after it.
+//!
+//! The stores of all disks share a [`CowBudget`]: during a full freeze (initial sync, resync)
+//! they could otherwise grow to the disks' size. A copy that would pass it fails like a full
+//! disk would, and the tracker abandons the generation (see `Tracker`).
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::bitmap::{Bitmap, Geometry, COW_SLOT};
+
+/// Bytes the copy-on-write stores of one tracker may hold for the frozen generation.
+#[derive(Debug)]
+pub struct CowBudget {
+    limit: AtomicU64,
+    used: AtomicU64,
+}
+
+impl CowBudget {
+    pub fn new(limit: u64) -> CowBudget {
+        CowBudget {
+            limit: AtomicU64::new(limit),
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// A new generation: nothing used, and this limit.
+    pub fn reset(&self, limit: u64) {
+        self.limit.store(limit, Ordering::SeqCst);
+        self.used.store(0, Ordering::SeqCst);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::SeqCst)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    /// Takes `n` bytes if they fit.
+    fn take(&self, n: u64) -> bool {
+        let limit = self.limit();
+        self.used
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                u.checked_add(n).filter(|t| *t <= limit)
+            })
+            .is_ok()
+    }
+}
 
 /// Runs once the copies it waited for are durable (or failed).
 pub type Then = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -39,15 +84,17 @@ pub struct CowStore {
     file: File,
     state: Mutex<State>,
     cv: Condvar,
+    budget: Arc<CowBudget>,
 }
 
 impl CowStore {
-    pub fn new(path: PathBuf, file: File) -> CowStore {
+    pub fn new(path: PathBuf, file: File, budget: Arc<CowBudget>) -> CowStore {
         CowStore {
             path,
             file,
             state: Mutex::new(State::default()),
             cv: Condvar::new(),
+            budget,
         }
     }
 
@@ -132,6 +179,15 @@ impl CowStore {
                 continue;
             }
             let (start, n) = geo.block_bytes(b);
+            if !self.budget.take(n) {
+                drop(st);
+                return then(Err(format!(
+                    "copy-on-write store {}: the limit of {} bytes for a frozen generation \
+                     is reached (--cow-limit)",
+                    self.path.display(),
+                    self.budget.limit()
+                )));
+            }
             let mut buf = vec![0u8; n as usize];
             let copied = image
                 .read_exact_at(&mut buf, start)

@@ -3,23 +3,40 @@
 //! Every modifying operation follows the same order: enter the gate, mark the blocks dirty
 //! (durably, see [`crate::activity_log`]), copy aside frozen blocks it would overwrite, then
 //! issue the I/O; the gate is left when the I/O completes.
+//!
+//! Replication never fails or stalls the guest: if marking or copying fails (a full or
+//! failing state directory, the copy-on-write limit), the disk is reported to the tracker
+//! (which abandons the frozen generation and marks the disk for a checksum resync) and the
+//! write goes ahead. Errors of the image itself reach the client with their errno.
+//!
+//! Nothing here blocks an engine's completion thread: work that must block (writing zeroes
+//! where the file system cannot, an operation the engine refused) goes to the disk's own
+//! worker thread, and so does the gate's exit that follows it.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
+use vmreplica_common::error_limited;
 use vmreplica_nbd::consts::STATE_DIRTY;
 use vmreplica_nbd::device::{file_allocation, Zero, BASE_ALLOCATION};
 use vmreplica_nbd::{BlockDevice, Done, Extent, ReadDone};
 
-use crate::engine::{Completion, Engine, Op};
+use crate::engine::{Callback, Completion, Engine, Op, Rejected};
 use crate::gate::Gate;
 use crate::tracking::Tracking;
 
 /// The name under which the dirty bitmap is offered: `qemu:dirty-bitmap:vmreplica`.
 pub const DIRTY_BITMAP_CONTEXT: &str = "qemu:dirty-bitmap:vmreplica";
+
+/// Told of a tracking failure (with its reason), before the write it hit goes ahead.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+
+type Job = Box<dyn FnOnce() + Send>;
 
 pub struct Disk {
     pub name: String,
@@ -32,6 +49,9 @@ pub struct Disk {
     /// This disk itself, for completions that outlive the call that started them (a disk
     /// always lives in an `Arc`: see [`Disk::new`]).
     me: Weak<Disk>,
+    on_failure: OnceLock<FailureHook>,
+    /// The worker for blocking work, started on first use.
+    worker: Mutex<Option<Sender<Job>>>,
 }
 
 /// Modes for fallocate.
@@ -56,6 +76,8 @@ impl Disk {
             tracking,
             gate: Gate::default(),
             me: me.clone(),
+            on_failure: OnceLock::new(),
+            worker: Mutex::new(None),
         })
     }
 
@@ -63,6 +85,11 @@ impl Disk {
         self.me
             .upgrade()
             .expect("a disk is only used while its Arc is alive")
+    }
+
+    /// Who is told of tracking failures (the tracker); set once.
+    pub(crate) fn set_failure_hook(&self, hook: FailureHook) {
+        let _ = self.on_failure.set(hook);
     }
 
     pub fn tracking(&self) -> Option<&Tracking> {
@@ -73,8 +100,63 @@ impl Disk {
         self.file.as_raw_fd()
     }
 
+    /// Runs `job` on the disk's worker thread, where blocking is allowed.
+    fn on_worker(&self, job: Job) {
+        let mut w = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match w.as_ref() {
+            Some(tx) => match tx.send(job) {
+                Ok(()) => return,
+                Err(mpsc::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (tx, rx) = mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("disk-{}", self.name))
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            });
+        match spawned {
+            Ok(_) => {
+                let _ = tx.send(job);
+                *w = Some(tx);
+            }
+            Err(e) => {
+                // No thread to be had: do it here rather than lose it.
+                drop(w);
+                error_limited!(Duration::from_secs(10), key = &self.name, disk = %self.name, "cannot start a worker thread ({e}); running blocking work in place");
+                job();
+            }
+        }
+    }
+
+    /// Submits `op` to the engine; one it refuses is performed on the worker thread instead.
+    fn submit(&self, op: Op, done: Callback) {
+        if let Err(r) = self.engine.try_submit(op, done) {
+            error_limited!(Duration::from_secs(10), key = &self.name, disk = %self.name, "{} engine refused an operation ({}); performing it on the disk's worker thread", self.engine.name(), r.error);
+            self.on_worker(Box::new(move || Rejected::run_blocking(r)));
+        }
+    }
+
+    /// Tracking failed for a write about to be issued: the frozen generation can no longer be
+    /// kept (readers are told before the write goes ahead), and the tracker is told (it
+    /// abandons the generation and marks the disk for a resync, durably if it can).
+    fn tracking_failed(&self, why: &str) {
+        if let Some(t) = &self.tracking {
+            if t.slots().frozen.is_some() && !t.abandoned() {
+                t.abandon();
+            }
+        }
+        error_limited!(Duration::from_secs(10), key = &self.name, disk = %self.name, "tracking failed: {why}; the write goes ahead, the frozen generation (if any) is abandoned and the disk needs a checksum resync");
+        if let Some(hook) = self.on_failure.get() {
+            hook(why);
+        }
+    }
+
     pub fn read(&self, offset: u64, len: u32, done: ReadDone) {
-        self.engine.submit(
+        self.submit(
             Op::Read {
                 fd: self.fd(),
                 offset,
@@ -87,25 +169,36 @@ impl Disk {
 
     /// Runs `op` inside the gate, after marking its blocks dirty and copying aside the
     /// frozen blocks it overwrites (which may wait for the copies' group commit), then an
-    /// fdatasync if `fua`.
-    fn modify(&self, offset: u64, len: u64, op: Op, fua: bool, done: Done) {
+    /// fdatasync if `fua`. With `zeroes`, an `op` the file system does not support
+    /// (EOPNOTSUPP) is replaced by writing zeroes, on the worker thread.
+    fn modify(&self, offset: u64, len: u64, op: Op, fua: bool, zeroes: bool, done: Done) {
+        debug_assert!(
+            !crate::engine::on_completion_thread(),
+            "a write may wait at the gate: never on a completion thread"
+        );
         self.gate.enter();
         let disk = self.arc();
         let issue = move |r: Result<(), String>| {
-            if let Err(e) = r {
-                tracing::error!(disk = %disk.name, "tracking failed, refusing the write: {e}");
-                disk.gate.exit();
-                return done(Err(io::Error::other(e)));
+            if let Err(why) = r {
+                disk.tracking_failed(&why);
             }
             let d2 = Arc::clone(&disk);
-            disk.engine.submit(
+            disk.submit(
                 op,
                 Box::new(move |c: Completion| {
-                    d2.gate.exit();
-                    match c.result {
-                        Ok(()) if fua => d2.flush(done),
-                        r => done(r),
+                    if zeroes
+                        && c.result.as_ref().err().and_then(|e| e.raw_os_error())
+                            == Some(libc::EOPNOTSUPP)
+                    {
+                        let d3 = Arc::clone(&d2);
+                        return d2.on_worker(Box::new(move || {
+                            let r = write_zeroes_blocking(&d3.file, offset, len);
+                            d3.gate.exit();
+                            d3.finish(r, fua, done);
+                        }));
                     }
+                    d2.gate.exit();
+                    d2.finish(c.result, fua, done);
                 }),
             );
         };
@@ -121,6 +214,14 @@ impl Disk {
         }
     }
 
+    /// Completes a modifying operation: an fdatasync first if it asked for FUA.
+    fn finish(&self, r: io::Result<()>, fua: bool, done: Done) {
+        match r {
+            Ok(()) if fua => self.flush(done),
+            r => done(r),
+        }
+    }
+
     pub fn write(&self, offset: u64, buf: Vec<u8>, fua: bool, done: Done) {
         let len = buf.len() as u64;
         let op = Op::Write {
@@ -129,7 +230,7 @@ impl Disk {
             buf,
             at: 0,
         };
-        self.modify(offset, len, op, fua, done);
+        self.modify(offset, len, op, fua, false, done);
     }
 
     /// Deallocates a range (reads back as zeroes), keeping the image sparse.
@@ -150,39 +251,12 @@ impl Disk {
             len,
             mode,
         };
-        let disk = self.arc();
-        self.modify(
-            offset,
-            len,
-            op,
-            fua,
-            Box::new(move |r| match r {
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) && !fast => {
-                    disk.write_zeroes_slowly(offset, len, fua, done)
-                }
-                r => done(r),
-            }),
-        );
-    }
-
-    fn write_zeroes_slowly(&self, offset: u64, len: u64, fua: bool, done: Done) {
-        const CHUNK: u64 = 1 << 20;
-        let n = len.min(CHUNK);
-        let disk = self.arc();
-        self.write(
-            offset,
-            vec![0u8; n as usize],
-            fua,
-            Box::new(move |r| match r {
-                Ok(()) if n < len => disk.write_zeroes_slowly(offset + n, len - n, fua, done),
-                r => done(r),
-            }),
-        );
+        self.modify(offset, len, op, fua, !fast, done);
     }
 
     /// Makes every completed write durable (image, bitmap and copy-on-write store).
     pub fn flush(&self, done: Done) {
-        self.engine.submit(
+        self.submit(
             Op::Sync {
                 fd: self.fd(),
                 datasync: true,
@@ -237,7 +311,8 @@ impl Disk {
         Ok(())
     }
 
-    /// Reads `[offset, offset+len)` as of the frozen generation (live data if none).
+    /// Reads `[offset, offset+len)` as of the frozen generation (live data if none); fails if
+    /// the generation was abandoned.
     pub fn read_frozen(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         match &self.tracking {
@@ -299,4 +374,18 @@ impl BlockDevice for Disk {
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
+}
+
+/// Writes zeroes over `[offset, offset+len)` with blocking calls, 1 MiB at a time.
+fn write_zeroes_blocking(f: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(CHUNK);
+        f.write_all_at(&zeroes[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }

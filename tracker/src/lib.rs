@@ -15,12 +15,16 @@ pub mod activity_log;
 pub mod bitmap;
 pub mod control;
 pub mod cow;
+pub mod crashpoint;
 pub mod disk;
 pub mod frozen;
 mod gate;
+pub mod imagelock;
 pub mod tracker;
 pub mod tracking;
 
 pub use vmreplica_common::engine;
 
-pub use tracker::{Generation, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY};
+pub use tracker::{
+    CowLimit, Generation, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY,
+};

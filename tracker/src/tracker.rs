@@ -3,21 +3,33 @@
 //! State directory contents: `tracker.json` (versioned state, written atomically), and per
 //! disk `NAME.bitmap` (mapped dirty bitmap), `NAME.al` (activity log) and `NAME.cow`
 //! (sparse copy-on-write store for the frozen generation), plus `lock` held while running.
+//!
+//! Every change of generations follows one order: first what can be undone or is harmless
+//! (bits merged into the active set, emptied slots), durably; then the state file; only then
+//! what the old state still needed (the frozen slot, the copy-on-write store). A failure or a
+//! crash at any step leaves a state file that describes complete data. State that cannot be
+//! proven complete (a state file gone while tracking files remain, a bitmap that does not
+//! match its checksum) marks every affected disk for a checksum resync.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
 use crate::bitmap::{Geometry, COW_SLOT};
+use crate::cow::CowBudget;
+use crate::crashpoint::crash_point;
 use crate::disk::Disk;
 use crate::engine::{self, Engine};
-use crate::tracking::{OpenOutcome, Slots, Tracking, TrackingError};
+use crate::imagelock::{self, Conflict};
+use crate::tracking::{OpenArgs, OpenOutcome, Slots, Tracking, TrackingError};
 
 pub const STATE_FILE: &str = "tracker.json";
 const STATE_FORMAT: &str = "vmreplica-tracker";
@@ -75,6 +87,16 @@ pub enum TrackerError {
     NotFrozen { asked: u64, frozen: Option<u64> },
     #[error("tracking is off")]
     TrackingOff,
+    #[error("disk {name}: image {path} is in use by another vmreplica tracker; one tracker serves an image")]
+    ImageTaken { name: String, path: PathBuf },
+    #[error("disk {name}: image {path} is open for writing by another process (a running VM, qemu-nbd, qemu-img?); stop it, or point it at the tracker's socket instead of the file")]
+    ImageInUse { name: String, path: PathBuf },
+    #[error("disks {first} and {second} are the same image ({path}) under two names")]
+    SameImage {
+        first: String,
+        second: String,
+        path: PathBuf,
+    },
 }
 
 pub struct TrackerConfig {
@@ -86,6 +108,93 @@ pub struct TrackerConfig {
     pub force_thread_pool: bool,
     /// Activity-log capacity in 4 MiB extents (default [`crate::activity_log::CAPACITY`]).
     pub al_extents: usize,
+    /// How much the copy-on-write stores may hold for one frozen generation.
+    pub cow_limit: CowLimit,
+    /// An engine to use instead of probing one (tests).
+    pub engine: Option<Arc<dyn Engine>>,
+}
+
+impl TrackerConfig {
+    /// Defaults for everything but the state directory and the disks.
+    pub fn new(state_dir: PathBuf, disks: Vec<(String, PathBuf)>) -> TrackerConfig {
+        TrackerConfig {
+            state_dir,
+            disks,
+            granularity: DEFAULT_GRANULARITY,
+            tracking: true,
+            force_thread_pool: false,
+            al_extents: crate::activity_log::CAPACITY,
+            cow_limit: CowLimit::default(),
+            engine: None,
+        }
+    }
+}
+
+/// The bound on the copy-on-write stores of one frozen generation (all disks together).
+/// Past it the generation is abandoned and the disks resynchronised, rather than fill the
+/// state directory's file system.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CowLimit {
+    Bytes(u64),
+    /// This fraction of the space free in the state directory's file system at the freeze.
+    FreeFraction(f64),
+}
+
+impl Default for CowLimit {
+    fn default() -> Self {
+        CowLimit::FreeFraction(0.5)
+    }
+}
+
+impl CowLimit {
+    /// Parses `50%` (of the free space) or a size (`64G`, `512M`, `4096`).
+    pub fn parse(s: &str) -> Result<CowLimit, String> {
+        let s = s.trim();
+        if let Some(p) = s.strip_suffix('%') {
+            return p
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| *p > 0.0 && *p <= 100.0)
+                .map(|p| CowLimit::FreeFraction(p / 100.0))
+                .ok_or_else(|| format!("{s:?}: a percentage from 0 to 100 (of the free space)"));
+        }
+        let (num, mult) = match s.chars().last() {
+            Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+            Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+            Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+            Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+            _ => (s, 1),
+        };
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(CowLimit::Bytes)
+            .ok_or_else(|| format!("{s:?} is not a size (64G, 512M) or a percentage (50%)"))
+    }
+
+    /// The limit in bytes now, for a state directory `dir`.
+    fn bytes(&self, dir: &Path) -> u64 {
+        match *self {
+            CowLimit::Bytes(b) => b,
+            CowLimit::FreeFraction(f) => (free_space(dir).unwrap_or(0) as f64 * f) as u64,
+        }
+    }
+}
+
+/// Bytes available to us in the file system holding `dir`.
+fn free_space(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statvfs fills the zeroed struct it is given; the path is NUL-terminated and
+    // lives across the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -96,6 +205,10 @@ pub struct DiskState {
     pub active_slot: usize,
     /// Tracking was lost: the shipper must resync this disk by comparing checksums.
     pub resync_required: bool,
+    /// `next_generation` when tracking was last lost: a resync of a generation frozen
+    /// before that cannot clear `resync_required`.
+    #[serde(default)]
+    pub resync_since: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,11 +255,25 @@ pub struct Generation {
     pub disks: Vec<FrozenDisk>,
 }
 
-pub struct Tracker {
+/// What the tracker and its disks' failure hooks share.
+struct Shared {
     dir: PathBuf,
     disks: Vec<Arc<Disk>>,
     state: Mutex<State>,
+    /// The state in memory is ahead of the file (a save after a tracking failure failed):
+    /// every later operation saves it again first.
+    unsaved: AtomicBool,
+    /// Frozen slots of an abandoned generation, emptied once the state without it is saved.
+    drop_pending: AtomicBool,
+}
+
+pub struct Tracker {
+    shared: Arc<Shared>,
+    /// Serialises freeze, release, merge and clear-resync.
+    ops: Mutex<()>,
     engine: Arc<dyn Engine>,
+    budget: Arc<CowBudget>,
+    cow_limit: CowLimit,
     _lock: File,
 }
 
@@ -165,6 +292,171 @@ fn describe(disks: &[(String, PathBuf)]) -> String {
         .join(", ")
 }
 
+fn save_state(dir: &Path, state: &State) -> Result<(), TrackerError> {
+    write_state(&dir.join(STATE_FILE), STATE_FORMAT, STATE_VERSION, state)?;
+    Ok(())
+}
+
+/// Whether any tracking file of `disks` exists in `dir`.
+fn tracking_files_exist(dir: &Path, disks: &[(String, PathBuf)]) -> bool {
+    disks.iter().any(|(name, _)| {
+        ["bitmap", "al", "cow"]
+            .iter()
+            .any(|ext| dir.join(format!("{name}.{ext}")).exists())
+    })
+}
+
+struct Image {
+    name: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+/// Opens, checks and locks the images (nothing is created or changed).
+fn open_images(disks: &[(String, PathBuf)]) -> Result<Vec<Image>, TrackerError> {
+    let mut images: Vec<(Image, (u64, u64))> = Vec::new();
+    for (i, (name, path)) in disks.iter().enumerate() {
+        validate_name(name).map_err(|source| TrackerError::BadName {
+            name: name.clone(),
+            source,
+        })?;
+        if disks[..i].iter().any(|(n, _)| n == name) {
+            return Err(TrackerError::DuplicateDisk(name.clone()));
+        }
+        let img_err = |source| TrackerError::Image {
+            name: name.clone(),
+            path: path.clone(),
+            source,
+        };
+        let path = fs::canonicalize(path).map_err(img_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(img_err)?;
+        let meta = file.metadata().map_err(img_err)?;
+        let size = meta.len();
+        if size == 0 {
+            return Err(TrackerError::EmptyImage {
+                name: name.clone(),
+                path,
+            });
+        }
+        let key = (meta.dev(), meta.ino());
+        if let Some((other, _)) = images.iter().find(|(_, k)| *k == key) {
+            return Err(TrackerError::SameImage {
+                first: other.name.clone(),
+                second: name.clone(),
+                path,
+            });
+        }
+        match imagelock::lock(&file).map_err(img_err)? {
+            Ok(()) => {}
+            Err(Conflict::Tracker) => {
+                return Err(TrackerError::ImageTaken {
+                    name: name.clone(),
+                    path,
+                })
+            }
+            Err(Conflict::Writer) => {
+                return Err(TrackerError::ImageInUse {
+                    name: name.clone(),
+                    path,
+                })
+            }
+        }
+        images.push((
+            Image {
+                name: name.clone(),
+                path,
+                file,
+                size,
+            },
+            key,
+        ));
+    }
+    Ok(images.into_iter().map(|(i, _)| i).collect())
+}
+
+impl Shared {
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves `st` (the state in memory); after a failure, later operations try again.
+    fn persist(&self, st: &State) -> Result<(), TrackerError> {
+        match save_state(&self.dir, st) {
+            Ok(()) => {
+                self.unsaved.store(false, Ordering::SeqCst);
+                if self.drop_pending.swap(false, Ordering::SeqCst) {
+                    self.drop_frozen_slots();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.unsaved.store(true, Ordering::SeqCst);
+                vmreplica_common::error_limited!(
+                    std::time::Duration::from_secs(10),
+                    "{e}; the state kept in memory is saved again by the next operation"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Saves the state again if an earlier save failed.
+    fn settle(&self) -> Result<(), TrackerError> {
+        if self.unsaved.load(Ordering::SeqCst) {
+            let st = self.lock_state();
+            self.persist(&st)?;
+        }
+        Ok(())
+    }
+
+    fn drop_frozen_slots(&self) {
+        for d in &self.disks {
+            if let Some(t) = d.tracking() {
+                if let Err(e) = t.drop_frozen() {
+                    tracing::warn!(disk = %d.name, "emptying the abandoned generation's slots: {e} (the next freeze empties them again)");
+                }
+            }
+        }
+    }
+
+    /// Tracking of disk `idx` failed (its log, bitmap or copy-on-write store): the disk needs
+    /// a resync, and a frozen generation, which can no longer be read as it was frozen, is
+    /// abandoned: its blocks go back into the dirty sets. Runs in the thread that hit the
+    /// failure, while the write waits; never under a lock a freeze holds while draining.
+    fn tracking_failed(&self, idx: usize, why: &str) {
+        let mut st = self.lock_state();
+        let since = st.next_generation;
+        let ds = &st.disks[idx];
+        if ds.resync_required && ds.resync_since == since && st.frozen.is_none() {
+            return;
+        }
+        let name = ds.name.clone();
+        st.disks[idx].resync_required = true;
+        st.disks[idx].resync_since = since;
+        if let Some(f) = st.frozen.take() {
+            tracing::error!(disk = %name, generation = f.generation, "tracking failed ({why}): the frozen generation is abandoned, its blocks return to the dirty set; every disk is resynchronised by checksums next");
+            for (i, d) in self.disks.iter().enumerate() {
+                let Some(t) = d.tracking() else { continue };
+                t.abandon();
+                if let Err(e) = t.merge_frozen() {
+                    tracing::error!(disk = %d.name, "returning the abandoned generation's blocks to the dirty set: {e}; the disk needs a resync");
+                    st.disks[i].resync_required = true;
+                    st.disks[i].resync_since = since;
+                }
+            }
+            self.drop_pending.store(true, Ordering::SeqCst);
+        } else {
+            tracing::error!(disk = %name, "tracking failed ({why}): the disk is marked for a checksum resync; the guest's writes go on");
+        }
+        let _ = self.persist(&st);
+    }
+}
+
 impl Tracker {
     /// Validates everything first (nothing is created or changed if that fails), then opens
     /// or creates the state directory, recovering from an unclean stop.
@@ -176,38 +468,10 @@ impl Tracker {
         if cfg.disks.is_empty() {
             return Err(TrackerError::NoDisks);
         }
-        let mut images = Vec::new();
-        for (i, (name, path)) in cfg.disks.iter().enumerate() {
-            validate_name(name).map_err(|source| TrackerError::BadName {
-                name: name.clone(),
-                source,
-            })?;
-            if cfg.disks[..i].iter().any(|(n, _)| n == name) {
-                return Err(TrackerError::DuplicateDisk(name.clone()));
-            }
-            let img_err = |source| TrackerError::Image {
-                name: name.clone(),
-                path: path.clone(),
-                source,
-            };
-            let path = fs::canonicalize(path).map_err(img_err)?;
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(img_err)?;
-            let size = file.metadata().map_err(img_err)?.len();
-            if size == 0 {
-                return Err(TrackerError::EmptyImage {
-                    name: name.clone(),
-                    path,
-                });
-            }
-            images.push((name.clone(), path, file, size));
-        }
+        let images = open_images(&cfg.disks)?;
         let given: Vec<(String, PathBuf)> = images
             .iter()
-            .map(|(n, p, _, _)| (n.clone(), p.clone()))
+            .map(|i| (i.name.clone(), i.path.clone()))
             .collect();
         let dir = cfg.state_dir.clone();
         let state_path = dir.join(STATE_FILE);
@@ -236,12 +500,12 @@ impl Tracker {
                     given: g,
                 });
             }
-            for (d, (name, path, _, size)) in prev.disks.iter().zip(&images) {
-                if d.size != *size {
+            for (d, img) in prev.disks.iter().zip(&images) {
+                if d.size != img.size {
                     return Err(TrackerError::SizeChanged {
-                        name: name.clone(),
-                        path: path.clone(),
-                        size: *size,
+                        name: img.name.clone(),
+                        path: img.path.clone(),
+                        size: img.size,
                         found: d.size,
                     });
                 }
@@ -252,7 +516,14 @@ impl Tracker {
             dir: dir.clone(),
             source,
         };
-        fs::create_dir_all(&dir).map_err(dir_err)?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(dir_err)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                File::open(parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(dir_err)?;
+            }
+        }
         let lock = OpenOptions::new()
             .write(true)
             .create(true)
@@ -263,88 +534,154 @@ impl Tracker {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(TrackerError::Locked(dir));
         }
-        let engine = engine::probe(cfg.force_thread_pool);
+        let engine = cfg
+            .engine
+            .clone()
+            .unwrap_or_else(|| engine::probe(cfg.force_thread_pool));
         let existed = previous.is_some();
         let unclean = previous.as_ref().is_some_and(|p| !p.clean);
+        // Tracking files without the state that explains them: what they say cannot be
+        // trusted (a deleted or lost tracker.json), so every disk is resynchronised.
+        let state_lost = cfg.tracking && !existed && tracking_files_exist(&dir, &given);
         let mut state = previous.unwrap_or_else(|| State {
-            clean: true,
+            clean: false,
             granularity: g,
             next_generation: 1,
             frozen: None,
             disks: images
                 .iter()
-                .map(|(name, path, _, size)| DiskState {
-                    name: name.clone(),
-                    image: path.clone(),
-                    size: *size,
+                .map(|i| DiskState {
+                    name: i.name.clone(),
+                    image: i.path.clone(),
+                    size: i.size,
                     active_slot: 0,
                     resync_required: false,
+                    resync_since: 0,
                 })
                 .collect(),
         });
+        if cfg.tracking && !existed {
+            // The state file comes first, so tracking files without it always mean it was
+            // lost.
+            save_state(&dir, &state)?;
+        }
         if unclean {
             tracing::warn!(dir = %dir.display(), "tracker did not stop cleanly; recovering dirty bits from the activity logs");
         }
+        if state_lost {
+            tracing::error!(dir = %dir.display(), "{STATE_FILE} is missing but tracking files are there: the tracker's state was lost; every disk is marked for a checksum resync");
+        }
+        let budget = Arc::new(CowBudget::new(cfg.cow_limit.bytes(&dir)));
         let mut disks = Vec::new();
-        for ((name, path, file, size), ds) in images.into_iter().zip(state.disks.iter_mut()) {
+        let mut abandon = false;
+        let since = state.next_generation;
+        for (img, ds) in images.into_iter().zip(state.disks.iter_mut()) {
             let tracking = if cfg.tracking {
-                let geo = Geometry {
-                    disk_size: size,
-                    granularity: g,
+                let args = OpenArgs {
+                    geo: Geometry {
+                        disk_size: img.size,
+                        granularity: g,
+                    },
+                    slots: Slots {
+                        active: ds.active_slot,
+                        frozen: state.frozen.as_ref().map(|_| 1 - ds.active_slot),
+                    },
+                    unclean,
+                    existed_before: existed,
+                    lost_state: state_lost,
+                    al_capacity: cfg.al_extents,
                 };
-                let slots = Slots {
-                    active: ds.active_slot,
-                    frozen: state.frozen.as_ref().map(|_| 1 - ds.active_slot),
-                };
-                let (t, outcome) =
-                    Tracking::open(&dir, &name, geo, slots, unclean, existed, cfg.al_extents)
-                        .map_err(|source| TrackerError::Tracking {
-                            name: name.clone(),
-                            source,
-                        })?;
+                let (t, outcome) = Tracking::open(&dir, &img.name, args, Arc::clone(&budget))
+                    .map_err(|source| TrackerError::Tracking {
+                        name: img.name.clone(),
+                        source,
+                    })?;
                 match outcome {
                     OpenOutcome::Clean => {}
                     OpenOutcome::Replayed(n) => {
-                        tracing::info!(disk = %name, extents = n, "replayed activity log")
+                        tracing::info!(disk = %img.name, extents = n, "replayed activity log")
                     }
                     OpenOutcome::ResyncRequired(why) => {
-                        tracing::error!(disk = %name, "{why}: tracking cannot be proven complete; disk marked for checksum resync");
+                        tracing::error!(disk = %img.name, "{why}: tracking cannot be proven complete; disk marked for checksum resync");
                         ds.resync_required = true;
+                        ds.resync_since = since;
+                        abandon = true;
                     }
+                }
+                if state.frozen.is_some() && t.bitmap().abandoned() {
+                    tracing::error!(disk = %img.name, "the frozen generation was abandoned before the tracker stopped; disk marked for checksum resync");
+                    ds.resync_required = true;
+                    ds.resync_since = since;
+                    abandon = true;
                 }
                 Some(t)
             } else {
                 None
             };
             disks.push(Disk::new(
-                name,
-                path,
-                size,
-                file,
+                img.name,
+                img.path,
+                img.size,
+                img.file,
                 Arc::clone(&engine),
                 tracking,
             ));
         }
+        let mut drop_frozen = false;
+        if let (true, Some(f)) = (abandon, &state.frozen) {
+            // A generation whose bits or copies cannot be trusted is not shipped.
+            tracing::error!(generation = f.generation, "the frozen generation cannot be proven complete: abandoned, its blocks return to the dirty set");
+            for d in &disks {
+                if let Some(t) = d.tracking() {
+                    t.abandon();
+                    t.merge_frozen().map_err(|source| TrackerError::Tracking {
+                        name: d.name.clone(),
+                        source,
+                    })?;
+                }
+            }
+            state.frozen = None;
+            drop_frozen = true;
+        }
         state.clean = false;
         if cfg.tracking {
-            write_state(&state_path, STATE_FORMAT, STATE_VERSION, &state)?;
+            save_state(&dir, &state)?;
         }
-        Ok(Tracker {
+        let shared = Arc::new(Shared {
             dir,
             disks,
             state: Mutex::new(state),
+            unsaved: AtomicBool::new(false),
+            drop_pending: AtomicBool::new(false),
+        });
+        if drop_frozen {
+            shared.drop_frozen_slots();
+        }
+        for (i, d) in shared.disks.iter().enumerate() {
+            let weak: Weak<Shared> = Arc::downgrade(&shared);
+            d.set_failure_hook(Box::new(move |why| {
+                if let Some(s) = weak.upgrade() {
+                    s.tracking_failed(i, why);
+                }
+            }));
+        }
+        Ok(Tracker {
+            shared,
+            ops: Mutex::new(()),
             engine,
+            budget,
+            cow_limit: cfg.cow_limit,
             _lock: lock,
         })
     }
 
     pub fn disks(&self) -> &[Arc<Disk>] {
-        &self.disks
+        &self.shared.disks
     }
 
     /// The disks as NBD exports, each under its name.
     pub fn nbd_exports(&self) -> Vec<vmreplica_nbd::Export> {
-        self.disks
+        self.disks()
             .iter()
             .map(|d| vmreplica_nbd::Export {
                 name: d.name.clone(),
@@ -359,29 +696,34 @@ impl Tracker {
     }
 
     pub fn state_dir(&self) -> &Path {
-        &self.dir
+        &self.shared.dir
+    }
+
+    /// Bytes the copy-on-write stores hold for the frozen generation, and their limit.
+    pub fn cow_usage(&self) -> (u64, u64) {
+        (self.budget.used(), self.budget.limit())
     }
 
     fn lock_state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.lock_state()
     }
 
+    /// The state (saving it first if an earlier save failed).
     pub fn state(&self) -> State {
+        let _ = self.shared.settle();
         self.lock_state().clone()
     }
 
+    fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn save(&self, state: &State) -> Result<(), TrackerError> {
-        write_state(
-            &self.dir.join(STATE_FILE),
-            STATE_FORMAT,
-            STATE_VERSION,
-            state,
-        )?;
-        Ok(())
+        save_state(&self.shared.dir, state)
     }
 
     fn tracked(&self) -> Result<Vec<(&Arc<Disk>, &Tracking)>, TrackerError> {
-        self.disks
+        self.disks()
             .iter()
             .map(|d| {
                 d.tracking()
@@ -391,13 +733,14 @@ impl Tracker {
             .collect()
     }
 
-    /// Runs `f` with every disk's writes drained and held back.
+    /// Runs `f` with every disk's writes drained and held back. Callers hold `ops` and no
+    /// other lock: a write being drained may need the state lock (a tracking failure).
     fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
-        for d in &self.disks {
+        for d in self.disks() {
             d.gate.close();
         }
         let r = f();
-        for d in &self.disks {
+        for d in self.disks() {
             d.gate.open();
         }
         r
@@ -406,7 +749,7 @@ impl Tracker {
     fn generation_info(&self, st: &State) -> Option<Generation> {
         let frozen = st.frozen.as_ref()?;
         let disks = self
-            .disks
+            .disks()
             .iter()
             .zip(&st.disks)
             .filter_map(|(d, ds)| {
@@ -436,6 +779,7 @@ impl Tracker {
 
     /// The frozen generation, if any.
     pub fn frozen(&self) -> Option<Generation> {
+        let _ = self.shared.settle();
         self.generation_info(&self.lock_state())
     }
 
@@ -448,26 +792,35 @@ impl Tracker {
     /// [`Self::freeze`], running `at_freeze` at the freeze instant, while every disk is
     /// quiesced (tests use it to copy the images exactly as frozen). With `full`, every block
     /// of every disk belongs to the generation (initial sync and resync read whole disks).
+    ///
+    /// All or nothing: the slots only change roles in memory once the state saying so is
+    /// durable; a failure before leaves every dirty bit where it was.
     pub fn freeze_with(
         &self,
         full: bool,
         at_freeze: impl FnOnce(),
     ) -> Result<Generation, TrackerError> {
+        let _op = self.lock_ops();
+        self.shared.settle()?;
         let tracked = self.tracked()?;
-        let mut st = self.lock_state();
-        if let Some(f) = &st.frozen {
+        if let Some(f) = &self.lock_state().frozen {
             return Err(TrackerError::AlreadyFrozen(f.generation));
         }
-        let generation = st.next_generation;
+        let tracking_err = |d: &Disk| {
+            let name = d.name.clone();
+            move |source| TrackerError::Tracking { name, source }
+        };
         self.quiesced(|| -> Result<(), TrackerError> {
             at_freeze();
+            self.budget.reset(self.cow_limit.bytes(&self.shared.dir));
+            for (d, t) in &tracked {
+                t.prepare_freeze(full).map_err(tracking_err(d))?;
+            }
+            let mut st = self.lock_state();
             let mut next = st.clone();
-            for ((d, t), ds) in tracked.iter().zip(next.disks.iter_mut()) {
-                let slots = t.freeze(full).map_err(|source| TrackerError::Tracking {
-                    name: d.name.clone(),
-                    source,
-                })?;
-                ds.active_slot = slots.active;
+            let generation = next.next_generation;
+            for ((_, t), ds) in tracked.iter().zip(next.disks.iter_mut()) {
+                ds.active_slot = 1 - t.slots().active;
             }
             next.frozen = Some(FrozenState {
                 generation,
@@ -475,45 +828,58 @@ impl Tracker {
                 full,
             });
             next.next_generation = generation + 1;
+            crash_point("freeze.before-save");
             self.save(&next)?;
+            crash_point("freeze.saved");
+            for (_, t) in &tracked {
+                t.flip();
+            }
             *st = next;
             Ok(())
         })?;
-        tracing::info!(generation, full, "froze all disks");
-        Ok(self.generation_info(&st).expect("just frozen"))
+        let st = self.lock_state();
+        let g = self
+            .generation_info(&st)
+            .expect("a generation was just frozen");
+        tracing::info!(generation = g.generation, full, "froze all disks");
+        Ok(g)
     }
 
     fn end_generation(&self, generation: u64, merge: bool) -> Result<(), TrackerError> {
+        let _op = self.lock_ops();
+        self.shared.settle()?;
         let tracked = self.tracked()?;
-        let mut st = self.lock_state();
-        let frozen = st.frozen.as_ref().map(|f| f.generation);
+        let frozen = self.lock_state().frozen.as_ref().map(|f| f.generation);
         if frozen != Some(generation) {
             return Err(TrackerError::NotFrozen {
                 asked: generation,
                 frozen,
             });
         }
+        let what = if merge { "merge" } else { "release" };
         self.quiesced(|| -> Result<(), TrackerError> {
             if merge {
-                // Bits go back to the active set (durably) before the state forgets the
-                // generation.
+                // The generation's bits go back to the active set, durably, while the
+                // generation stays intact: a failure or crash here loses nothing.
                 for (d, t) in &tracked {
-                    t.merge().map_err(|source| TrackerError::Tracking {
+                    t.merge_frozen().map_err(|source| TrackerError::Tracking {
                         name: d.name.clone(),
                         source,
                     })?;
                 }
             }
+            crash_point(&format!("{what}.before-save"));
+            let mut st = self.lock_state();
             let mut next = st.clone();
             next.frozen = None;
             self.save(&next)?;
             *st = next;
-            if !merge {
-                for (d, t) in &tracked {
-                    t.release().map_err(|source| TrackerError::Tracking {
-                        name: d.name.clone(),
-                        source,
-                    })?;
+            drop(st);
+            crash_point(&format!("{what}.saved"));
+            // Only now that no state names the generation are its slot and copies emptied.
+            for (d, t) in &tracked {
+                if let Err(e) = t.drop_frozen() {
+                    tracing::warn!(disk = %d.name, "emptying generation {generation}'s slots after the {what}: {e} (the next freeze empties them again)");
                 }
             }
             Ok(())
@@ -532,13 +898,35 @@ impl Tracker {
         self.end_generation(generation, true)
     }
 
-    /// Clears the resync flag of a disk once the shipper has resynchronised it.
+    /// Clears the resync flag of a disk once the shipper has resynchronised it: its bitmap is
+    /// made durable first. A disk whose tracking failed again after the last freeze (the one
+    /// the resync shipped) keeps the flag.
     pub fn clear_resync(&self, name: &str) -> Result<(), TrackerError> {
-        let mut st = self.lock_state();
-        let mut next = st.clone();
-        for d in next.disks.iter_mut().filter(|d| d.name == name) {
-            d.resync_required = false;
+        let _op = self.lock_ops();
+        self.shared.settle()?;
+        let Some(idx) = self.disks().iter().position(|d| d.name == name) else {
+            return Ok(());
+        };
+        if let Some(t) = self.disks()[idx].tracking() {
+            t.checkpoint().map_err(|source| TrackerError::Tracking {
+                name: name.to_string(),
+                source,
+            })?;
         }
+        let mut st = self.lock_state();
+        let ds = &st.disks[idx];
+        if !ds.resync_required {
+            return Ok(());
+        }
+        if ds.resync_since >= st.next_generation {
+            tracing::warn!(
+                disk = name,
+                "tracking failed again after the resync was frozen: the disk still needs a resync"
+            );
+            return Ok(());
+        }
+        let mut next = st.clone();
+        next.disks[idx].resync_required = false;
         self.save(&next)?;
         *st = next;
         Ok(())
@@ -546,8 +934,8 @@ impl Tracker {
 
     /// Flushes images and bitmaps and marks the state clean. Callers have stopped I/O.
     pub fn close(&self) -> Result<(), TrackerError> {
-        let tracked = self.disks.iter().any(|d| d.tracking().is_some());
-        for d in &self.disks {
+        let tracked = self.disks().iter().any(|d| d.tracking().is_some());
+        for d in self.disks() {
             d.file.sync_all().map_err(|source| TrackerError::Image {
                 name: d.name.clone(),
                 path: d.path.clone(),
@@ -567,7 +955,7 @@ impl Tracker {
             self.save(&next)?;
             *st = next;
         }
-        tracing::info!(dir = %self.dir.display(), "tracker state flushed and marked clean");
+        tracing::info!(dir = %self.shared.dir.display(), "tracker state flushed and marked clean");
         Ok(())
     }
 }
