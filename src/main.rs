@@ -1,18 +1,14 @@
 //! `vmreplica`: one command line for every role.
 
 mod progress;
+mod tracker_cmd;
 mod vm_cmd;
 
-use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_tracker::control::{self, Request};
-use vmreplica_tracker::{CowLimit, Tracker, TrackerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve a VM's disks over NBD and track every changed block.
-    Tracker(TrackerArgs),
+    Tracker(tracker_cmd::TrackerArgs),
     /// Ship a VM's frozen generations to the replica site (primary host).
     Shipper {
         /// TOML configuration (see README).
@@ -63,42 +59,6 @@ enum Cmd {
         #[command(subcommand)]
         op: CtlOp,
     },
-}
-
-#[derive(clap::Args)]
-struct TrackerArgs {
-    /// Directory for bitmaps, logs and state (created if missing).
-    #[arg(long)]
-    state_dir: PathBuf,
-    /// A disk to serve, as NAME=PATH (the NBD export name and its raw image). Repeatable.
-    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
-    disks: Vec<String>,
-    /// Unix socket to serve NBD on (default: STATE_DIR/nbd.sock unless --listen is given).
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// TCP address to serve NBD on, e.g. 127.0.0.1:10809.
-    #[arg(long)]
-    listen: Option<String>,
-    /// Tracking granularity: a power of two from 4K to 1M.
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
-    granularity: u64,
-    /// Control socket (default: STATE_DIR/control.sock).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// Serve without dirty tracking (for benchmarks: shows what tracking costs).
-    #[arg(long)]
-    no_tracking: bool,
-    /// Activity-log capacity in 4 MiB extents (smaller: more frequent bitmap checkpoints).
-    #[arg(long, default_value_t = vmreplica_tracker::activity_log::CAPACITY, hide = true)]
-    al_extents: usize,
-    /// Image I/O engine.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "io_uring", "thread-pool"])]
-    io_engine: String,
-    /// Most the copy-on-write stores may hold for one frozen generation (all disks): a size
-    /// (64G) or a share of the state dir's free space at the freeze (50%). Past it the
-    /// generation is abandoned and the disks resynchronised by checksums.
-    #[arg(long, default_value = "50%", value_parser = CowLimit::parse)]
-    cow_limit: CowLimit,
 }
 
 #[derive(clap::Args)]
@@ -183,6 +143,26 @@ enum CertsOp {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Issue a certificate into a directory laid out for QEMU (`--object
+    /// tls-creds-x509,dir=DIR,endpoint=client`) and libnbd (`nbds://...?tls-certificates=DIR`):
+    /// ca-cert.pem and client-cert.pem/client-key.pem (server-* with --server).
+    X509Dir {
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate's name (what the tracker's --tls-allow admits).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// A server's credentials instead of a client's.
+        #[arg(long)]
+        server: bool,
+        /// IP addresses to include (servers). Repeatable.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,109 +179,6 @@ enum CtlOp {
     Release { generation: u64 },
     /// Put a frozen generation's blocks back into the dirty set.
     Merge { generation: u64 },
-}
-
-/// Parses sizes like 4096, 64K, 1M.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (examples: 4096, 64K, 1M)"))
-}
-
-fn bind_unix(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
-        // A stale socket from an earlier run: only remove it if nobody answers on it.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("{} is in use by another server", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
-}
-
-fn run_tracker(a: TrackerArgs) -> Result<()> {
-    let mut disks = Vec::new();
-    for d in &a.disks {
-        let Some((name, path)) = d.split_once('=') else {
-            bail!("--disk {d:?}: expected NAME=PATH");
-        };
-        disks.push((name.to_string(), PathBuf::from(path)));
-    }
-    let granularity = u32::try_from(a.granularity).unwrap_or(u32::MAX);
-    let tracker = Arc::new(
-        Tracker::open(TrackerConfig {
-            state_dir: a.state_dir.clone(),
-            disks,
-            granularity,
-            tracking: !a.no_tracking,
-            force_thread_pool: a.io_engine == "thread-pool",
-            al_extents: a.al_extents,
-            cow_limit: a.cow_limit,
-            engine: None,
-        })
-        .context("cannot start the tracker")?,
-    );
-    if a.io_engine == "io_uring" && tracker.engine_name() != "io_uring" {
-        bail!("--io-engine io_uring was asked for, but io_uring is not available here");
-    }
-    let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
-    let socket = match (&a.socket, &a.listen) {
-        (Some(s), _) => Some(s.clone()),
-        (None, None) => Some(a.state_dir.join("nbd.sock")),
-        (None, Some(_)) => None,
-    };
-    if let Some(path) = &socket {
-        server.listen_unix(bind_unix(path)?);
-        for d in tracker.disks() {
-            tracing::info!(
-                "serving {} ({} bytes) at nbd+unix:///{}?socket={}",
-                d.name,
-                d.size,
-                d.name,
-                path.display()
-            );
-        }
-    }
-    if let Some(addr) = &a.listen {
-        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        let local = l.local_addr()?;
-        server.listen_tcp(l);
-        for d in tracker.disks() {
-            tracing::info!("serving {} at nbd://{local}/{}", d.name, d.name);
-        }
-    }
-    let control_path = a
-        .control
-        .unwrap_or_else(|| a.state_dir.join("control.sock"));
-    let control_listener = bind_unix(&control_path)?;
-    {
-        let t = Arc::clone(&tracker);
-        std::thread::Builder::new()
-            .name("control-accept".into())
-            .spawn(move || control::serve(t, control_listener))?;
-    }
-    tracing::info!(control = %control_path.display(), engine = tracker.engine_name(), "tracker ready");
-
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
-    let sig = signals.forever().next();
-    tracing::info!(?sig, "stopping: finishing requests in flight");
-    server.shutdown();
-    tracker.close().context("flushing tracker state")?;
-    for p in socket.iter().chain(std::iter::once(&control_path)) {
-        let _ = std::fs::remove_file(p);
-    }
-    Ok(())
 }
 
 fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
@@ -460,6 +337,23 @@ fn run_certs(op: CertsOp) -> Result<()> {
             let (c, k) = tls::issue(&ca, &name, &ip, tls::Validity::days(days), &out)?;
             println!("{}\n{}", c.display(), k.display());
         }
+        CertsOp::X509Dir {
+            ca,
+            name,
+            out,
+            server,
+            ip,
+            days,
+        } => {
+            vmreplica_common::validate_name(&name)?;
+            let role = if server {
+                tls::X509Role::Server
+            } else {
+                tls::X509Role::Client
+            };
+            let dir = tls::issue_x509_dir(&ca, &name, &ip, tls::Validity::days(days), &out, role)?;
+            println!("{}", dir.display());
+        }
     }
     Ok(())
 }
@@ -476,26 +370,12 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Tracker(a) => run_tracker(a),
+        Cmd::Tracker(a) => tracker_cmd::run(a),
         Cmd::Ctl { socket, op } => run_ctl(&socket, op),
         Cmd::Shipper { config } => run_shipper(&config, bar),
         Cmd::Applier(a) => run_applier(a),
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("99999999999999G").is_err());
     }
 }

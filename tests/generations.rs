@@ -69,7 +69,9 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
     let tracker = open(dir.path(), &disks);
     let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
     let sock = dir.path().join("nbd.sock");
-    server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    server
+        .listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap())
+        .unwrap();
     let uri = |n: &str| format!("nbd+unix:///{n}?socket={}", sock.display());
 
     // Writers on both disks for ~4 s; freeze in the middle, copying the images at that instant.
@@ -179,7 +181,9 @@ fn full_freeze_keeps_the_whole_disk_readable_as_of_the_freeze() {
     let t = open(dir.path(), &disks);
     let server = Server::new(ServerConfig::default(), t.nbd_exports());
     let sock = dir.path().join("nbd.sock");
-    server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    server
+        .listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap())
+        .unwrap();
     let uri = format!("nbd+unix:///d?socket={}", sock.display());
     run(Command::new("qemu-io").args([
         "-f",

@@ -98,7 +98,7 @@ fn nbdinfo_lists_exports_and_contexts_over_tcp() {
     let t = TrackerProc::start(
         dir.path(),
         &[("sys", &a), ("data", &b)],
-        &["--listen", &listen],
+        &["--listen", &listen, "--insecure-plaintext"],
     );
     let list = stdout(
         Command::new("nbdinfo")

@@ -172,7 +172,9 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     );
     let server = Server::new(ServerConfig::default(), tracker.nbd_exports());
     let sock = dir.path().join("nbd.sock");
-    server.listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    server
+        .listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap())
+        .unwrap();
     let store_dir = dir.path().join("store");
     let applier = Applier::start(ApplierConfig {
         store: store_dir.clone(),

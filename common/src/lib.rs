@@ -13,6 +13,7 @@ pub mod ratelog;
 pub mod sparse;
 pub mod statefile;
 pub mod tls;
+pub mod unixsock;
 pub mod wire;
 
 pub use name::{validate_name, NameError, MAX_NAME_LEN};

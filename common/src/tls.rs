@@ -132,7 +132,12 @@ pub fn issue(
     for ip in ips {
         p.subject_alt_names.push(SanType::IpAddress(*ip));
     }
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Key encipherment too: QEMU's x509 credentials refuse certificates whose (critical) key
+    // usage lacks it, whatever the key type.
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     p.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -147,6 +152,55 @@ pub fn issue(
     write_new(&key_path, &key.serialize_pem(), 0o600)?;
     write_new(&cert_path, &cert.pem(), 0o644)?;
     Ok((cert_path, key_path))
+}
+
+/// The end of a QEMU or libnbd TLS connection a credentials directory is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum X509Role {
+    Client,
+    Server,
+}
+
+/// Issues `name` a certificate like [`issue`], but writes it in the layout QEMU's
+/// `tls-creds-x509` (`dir=`, `endpoint=`) and libnbd's `tls-certificates=` read:
+/// `ca-cert.pem` and `client-cert.pem`/`client-key.pem` (or `server-*`). Returns `out`.
+pub fn issue_x509_dir(
+    ca_dir: &Path,
+    name: &str,
+    ips: &[IpAddr],
+    validity: Validity,
+    out: &Path,
+    role: X509Role,
+) -> Result<PathBuf, TlsError> {
+    let prefix = match role {
+        X509Role::Client => "client",
+        X509Role::Server => "server",
+    };
+    fs::create_dir_all(out).map_err(io_err(out))?;
+    let (cert, key) = (
+        out.join(format!("{prefix}-cert.pem")),
+        out.join(format!("{prefix}-key.pem")),
+    );
+    for p in [&cert, &key] {
+        if p.exists() {
+            return Err(TlsError::Exists(p.clone()));
+        }
+    }
+    let ca_cert = out.join("ca-cert.pem");
+    let (ca_pem, _) = ca_paths(ca_dir);
+    let ca_data = fs::read_to_string(&ca_pem).map_err(io_err(&ca_pem))?;
+    match fs::read_to_string(&ca_cert) {
+        Ok(existing) if existing == ca_data => {}
+        Ok(_) => return Err(TlsError::Exists(ca_cert)),
+        Err(_) => write_new(&ca_cert, &ca_data, 0o644)?,
+    }
+    let tmp = out.join(format!(".issue-{name}-{}", std::process::id()));
+    let r = issue(ca_dir, name, ips, validity, &tmp).and_then(|(c, k)| {
+        fs::rename(&k, &key).map_err(io_err(&key))?;
+        fs::rename(&c, &cert).map_err(io_err(&cert))
+    });
+    let _ = fs::remove_dir_all(&tmp);
+    r.map(|()| out.to_path_buf())
 }
 
 /// A host's certificate chain and key, and the CA it trusts.

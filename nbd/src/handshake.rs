@@ -4,6 +4,11 @@
 //! buffer; it never blocks and never allocates more than [`MAX_OPTION_LEN`] for one option, so
 //! a hostile client can neither crash it nor make it buffer without bound (oversized options
 //! are skipped and answered with `NBD_REP_ERR_TOO_BIG`).
+//!
+//! With [`Handshake::require_tls`], the server is in the protocol's "forced TLS" mode: until
+//! the client has sent `NBD_OPT_STARTTLS` and the driver has completed a TLS handshake (then
+//! [`Handshake::tls_started`]), every option but STARTTLS and ABORT is answered with
+//! `NBD_REP_ERR_TLS_REQD` and nothing about the exports is revealed.
 
 use thiserror::Error;
 
@@ -29,6 +34,9 @@ pub struct ExportInfo {
     /// The metadata contexts offered, by full name; a selected context is known by its index
     /// here, and its id on the wire is that index plus one.
     pub contexts: Vec<String>,
+    /// Why a client may not use this export now (it has too many connections), answered to
+    /// NBD_OPT_GO with `NBD_REP_ERR_POLICY`.
+    pub refusal: Option<String>,
 }
 
 impl ExportInfo {
@@ -81,6 +89,10 @@ pub enum HandshakeStatus {
     Close,
     /// Send what was produced, then enter the transmission phase.
     Transmission(Negotiated),
+    /// Send what was produced (the STARTTLS acknowledgement), then run a TLS handshake over
+    /// the connection: the bytes after the ones consumed belong to it. Call
+    /// [`Handshake::tls_started`] once it succeeded, and go on through TLS.
+    StartTls,
 }
 
 /// A violation after which the connection is closed (the message says why).
@@ -100,6 +112,10 @@ pub enum HandshakeError {
     ExportNameTooLong,
     #[error("more than {MAX_OPTIONS} options")]
     TooManyOptions,
+    #[error("client used NBD_OPT_EXPORT_NAME without TLS, which this server requires")]
+    TlsRequired,
+    #[error("export {0:?} refused: {1}")]
+    Refused(String, String),
 }
 
 #[derive(Debug)]
@@ -121,6 +137,8 @@ pub struct Handshake {
     /// Contexts selected by the last SET_META_CONTEXT, and the export it named.
     meta: Option<(String, Vec<(u32, usize)>)>,
     options_seen: u32,
+    tls_required: bool,
+    tls_active: bool,
 }
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
@@ -181,7 +199,20 @@ impl Handshake {
             extended: false,
             meta: None,
             options_seen: 0,
+            tls_required: false,
+            tls_active: false,
         }
+    }
+
+    /// Requires TLS (NBD_OPT_STARTTLS) before any option but ABORT.
+    pub fn require_tls(mut self) -> Self {
+        self.tls_required = true;
+        self
+    }
+
+    /// The TLS handshake asked for by STARTTLS succeeded: negotiation goes on over TLS.
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
     }
 
     /// The server's opening bytes.
@@ -272,6 +303,8 @@ impl Handshake {
                     self.state = State::OptionHeader;
                     match self.option(opt, data, out)? {
                         HandshakeStatus::NeedMore => {}
+                        // The driver runs TLS, then negotiation goes on where it stopped.
+                        HandshakeStatus::StartTls => return Ok((used, HandshakeStatus::StartTls)),
                         other => {
                             self.state = State::Finished;
                             return Ok((used, other));
@@ -295,6 +328,29 @@ impl Handshake {
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<HandshakeStatus, HandshakeError> {
+        if self.tls_required && !self.tls_active {
+            match opt {
+                OPT_STARTTLS => {
+                    if !data.is_empty() {
+                        option_reply(out, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data");
+                        return Ok(HandshakeStatus::NeedMore);
+                    }
+                    option_reply(out, opt, REP_ACK, &[]);
+                    return Ok(HandshakeStatus::StartTls);
+                }
+                OPT_ABORT => {}
+                OPT_EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    option_reply(
+                        out,
+                        opt,
+                        REP_ERR_TLS_REQD,
+                        b"this server requires TLS: use NBD_OPT_STARTTLS",
+                    );
+                    return Ok(HandshakeStatus::NeedMore);
+                }
+            }
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 if self.extended {
@@ -305,6 +361,9 @@ impl Handshake {
                     .find_export(&name)
                     .ok_or(HandshakeError::UnknownExport(name))?;
                 let e = &self.exports[idx];
+                if let Some(why) = &e.refusal {
+                    return Err(HandshakeError::Refused(e.name.clone(), why.clone()));
+                }
                 put_u64(out, e.size);
                 put_u16(out, e.transmission_flags(self.structured));
                 if !self.no_zeroes {
@@ -362,12 +421,12 @@ impl Handshake {
                 Ok(HandshakeStatus::NeedMore)
             }
             OPT_STARTTLS => {
-                option_reply(
-                    out,
-                    opt,
-                    REP_ERR_UNSUP,
-                    b"TLS is not offered on this socket",
-                );
+                let (rep, msg): (u32, &[u8]) = if self.tls_active {
+                    (REP_ERR_INVALID, b"TLS is already on")
+                } else {
+                    (REP_ERR_UNSUP, b"TLS is not offered on this socket")
+                };
+                option_reply(out, opt, rep, msg);
                 Ok(HandshakeStatus::NeedMore)
             }
             _ => {
@@ -422,6 +481,10 @@ impl Handshake {
             return Ok(HandshakeStatus::NeedMore);
         };
         let e = &self.exports[idx];
+        if let (OPT_GO, Some(why)) = (opt, &e.refusal) {
+            option_reply(out, opt, REP_ERR_POLICY, why.as_bytes());
+            return Ok(HandshakeStatus::NeedMore);
+        }
         let mut d = Vec::with_capacity(12);
         put_u16(&mut d, INFO_EXPORT);
         put_u64(&mut d, e.size);
@@ -555,6 +618,7 @@ mod tests {
                     "base:allocation".into(),
                     "qemu:dirty-bitmap:vmreplica".into(),
                 ],
+                refusal: None,
             },
             ExportInfo {
                 name: "disk1".into(),
@@ -562,6 +626,7 @@ mod tests {
                 size: 4096,
                 flags: DeviceFlags::read_only(),
                 contexts: vec!["base:allocation".into()],
+                refusal: None,
             },
         ]
     }
@@ -791,5 +856,75 @@ mod tests {
         let (out, st) = run(&mut h, &input);
         assert_eq!(st.unwrap(), HandshakeStatus::Close);
         assert_eq!(replies(&out)[0].1, REP_ACK);
+    }
+
+    #[test]
+    fn tls_is_required_before_anything_but_abort() {
+        let mut h = Handshake::new(exports()).require_tls();
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(OPT_LIST, &[]));
+        input.extend(opt(OPT_GO, &go_data("disk0", &[])));
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(OPT_STARTTLS, b"x"));
+        input.extend(opt(OPT_STARTTLS, &[]));
+        input.extend(b"\x16\x03\x01 a TLS ClientHello");
+        let mut out = Vec::new();
+        let (used, st) = h.advance(&input, &mut out).unwrap();
+        assert_eq!(st, HandshakeStatus::StartTls);
+        // What follows STARTTLS is the TLS handshake's, left for the driver.
+        assert_eq!(&input[used..], b"\x16\x03\x01 a TLS ClientHello");
+        let rs = replies(&out);
+        assert_eq!(
+            rs.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+            vec![
+                (OPT_LIST, REP_ERR_TLS_REQD),
+                (OPT_GO, REP_ERR_TLS_REQD),
+                (OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD),
+                (OPT_STARTTLS, REP_ERR_INVALID),
+                (OPT_STARTTLS, REP_ACK),
+            ]
+        );
+        // No export name leaked before TLS.
+        assert!(!out.windows(5).any(|w| w == b"disk0"));
+        h.tls_started();
+        let mut out = Vec::new();
+        let mut input = opt(OPT_STARTTLS, &[]);
+        input.extend(opt(OPT_GO, &go_data("disk0", &[])));
+        let (_, st) = h.advance(&input, &mut out).unwrap();
+        assert!(matches!(st, HandshakeStatus::Transmission(n) if n.export == 0));
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID, "a second STARTTLS");
+        // EXPORT_NAME without TLS ends the connection; ABORT is allowed.
+        let mut h = Handshake::new(exports()).require_tls();
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(OPT_EXPORT_NAME, b"disk0"));
+        assert_eq!(run(&mut h, &input).1, Err(HandshakeError::TlsRequired));
+        let mut h = Handshake::new(exports()).require_tls();
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(OPT_ABORT, &[]));
+        assert_eq!(run(&mut h, &input).1, Ok(HandshakeStatus::Close));
+    }
+
+    #[test]
+    fn a_refused_export_answers_go_with_a_policy_error() {
+        let mut ex = exports();
+        ex[0].refusal = Some("too many connections".into());
+        let mut h = Handshake::new(ex.clone());
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(OPT_INFO, &go_data("disk0", &[])));
+        input.extend(opt(OPT_GO, &go_data("disk0", &[])));
+        input.extend(opt(OPT_GO, &go_data("disk1", &[])));
+        let (out, st) = run(&mut h, &input);
+        assert!(matches!(st.unwrap(), HandshakeStatus::Transmission(n) if n.export == 1));
+        let rs = replies(&out);
+        let policy: Vec<_> = rs.iter().filter(|r| r.1 == REP_ERR_POLICY).collect();
+        assert_eq!(policy.len(), 1);
+        assert_eq!(policy[0].2, b"too many connections");
+        let mut h = Handshake::new(ex);
+        let mut input = FLAGS.to_vec();
+        input.extend(opt(OPT_EXPORT_NAME, b"disk0"));
+        assert!(matches!(
+            run(&mut h, &input).1,
+            Err(HandshakeError::Refused(..))
+        ));
     }
 }

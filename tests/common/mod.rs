@@ -117,6 +117,17 @@ impl TrackerProc {
         disks: &[(&str, &Path)],
         extra: &[&str],
     ) -> TrackerProc {
+        Self::start_split_env(state, run_dir, disks, extra, &[])
+    }
+
+    /// [`TrackerProc::start_split`] with extra environment variables.
+    pub fn start_split_env(
+        state: &Path,
+        run_dir: &Path,
+        disks: &[(&str, &Path)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TrackerProc {
         let socket = run_dir.join("nbd.sock");
         let control = run_dir.join("control.sock");
         let log = run_dir.join(format!("tracker-{}.log", std::process::id()));
@@ -134,6 +145,7 @@ impl TrackerProc {
             cmd.arg("--disk").arg(format!("{n}={}", p.display()));
         }
         cmd.args(extra);
+        cmd.envs(env.iter().copied());
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -188,6 +200,23 @@ impl TrackerProc {
             "tracker exited with {st}; log:\n{}",
             self.log_text()
         );
+    }
+
+    /// Waits for the process to exit by itself (a crash point); returns its status.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        wait_timeout(&mut c, Duration::from_secs(30))
+    }
+
+    /// Runs `vmreplica ctl ARGS` and returns its output whether it succeeds or not.
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// kill -9 and reap.
@@ -278,5 +307,51 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A tmpfs of `size` bytes mounted at `dir` (created) until dropped: a small file system
+/// that fills up for real (ENOSPC). Needs root, as the FUSE tests do.
+pub struct SmallFs {
+    pub dir: PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size: u64) -> SmallFs {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size},mode=0700"))
+            .arg(format!("vmreplica-test-{}", std::process::id()))
+            .arg(dir));
+        SmallFs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Fills the file system until it is full; returns the filler file.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let p = self.dir.join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0xeeu8; 64 << 10];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", p.display()),
+            }
+        }
+        let _ = f.sync_all();
+        p
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let p = std::ffi::CString::new(self.dir.to_string_lossy().as_bytes()).unwrap();
+        // SAFETY: umount2 with a NUL-terminated path.
+        unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
     }
 }

@@ -687,6 +687,7 @@ impl Tracker {
                 name: d.name.clone(),
                 description: format!("vmreplica disk {} ({})", d.name, d.path.display()),
                 device: Arc::clone(d) as Arc<dyn vmreplica_nbd::BlockDevice>,
+                read_only: false,
             })
             .collect()
     }
