@@ -795,8 +795,10 @@ impl Filesystem for PowercutFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let res = self.with(|g| {
             let p = cpath(&g.path(INodeNo::ROOT.0)?).map_err(|e| errno(&e))?;
-            // SAFETY: statvfs fills the zeroed struct we pass; the path is NUL-terminated.
+            // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
             let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated and lives
+            // across the call.
             check(unsafe { libc::statvfs(p.as_ptr(), &mut s) }).map_err(|e| errno(&e))?;
             Ok(s)
         });
