@@ -54,4 +54,9 @@ fi
 if ! have cargo-nextest && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
+
+# Miri (scripts/test.sh runs the unsafe code's unit tests under it) needs a nightly toolchain.
+if ! cargo +nightly miri --version >/dev/null 2>&1; then
+  rustup toolchain install nightly --profile minimal --component miri,rust-src
+fi
 echo "install-deps: all dependencies present"

@@ -254,7 +254,7 @@ mod tests {
             image(&dir.path().join("b"), true),
         ];
         if images[0].direct.is_none() {
-            eprintln!("no direct I/O here: only the page-cache path is exercised");
+            direct::unavailable("only the page-cache path is exercised");
         }
         let mut model = [vec![0u8; SIZE as usize], vec![0u8; SIZE as usize]];
         // Data everywhere first, so that zero chunks have something to punch.
@@ -320,7 +320,7 @@ mod tests {
             image(&dir.path().join("b"), false),
         ];
         if images[1].direct.is_none() {
-            eprintln!("no direct I/O here: nothing to fail");
+            direct::unavailable("nothing to fail");
             return;
         }
         let (spare_tx, spare_rx) = channel();

@@ -66,6 +66,25 @@ pub fn open(path: &Path, write: bool) -> io::Result<Option<File>> {
     }
 }
 
+/// Set (to anything but `0`) in tests that must exercise direct I/O: a test that finds it
+/// unavailable fails instead of passing on the page-cache path only.
+pub const REQUIRE_DIRECT_ENV: &str = "VMREPLICA_REQUIRE_DIRECT";
+
+/// Whether [`REQUIRE_DIRECT_ENV`] is set.
+pub fn direct_required() -> bool {
+    std::env::var_os(REQUIRE_DIRECT_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// For tests that found no direct I/O: fails the test if [`REQUIRE_DIRECT_ENV`] says direct
+/// I/O must be exercised, else says what is skipped.
+pub fn unavailable(skipped: &str) {
+    assert!(
+        !direct_required(),
+        "no direct I/O here, but {REQUIRE_DIRECT_ENV} is set: {skipped}"
+    );
+    eprintln!("no direct I/O here: {skipped}");
+}
+
 /// Whether `e` is a filesystem refusing a direct transfer (rather than an I/O error).
 pub fn is_refusal(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
@@ -103,7 +122,7 @@ mod tests {
         let data: Vec<u8> = (0..3 * ALIGN).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
         let Some(f) = open(&p, false).unwrap() else {
-            eprintln!("no direct I/O on this filesystem");
+            unavailable("direct reads are not exercised");
             return;
         };
         let mut b = Vec::new();
