@@ -1,5 +1,6 @@
 //! The FUSE side: a passthrough over a backing directory whose file data goes through a
-//! per-file [`Overlay`] until fsync.
+//! per-file [`Overlay`] until fsync, and whose namespace changes are recorded in a
+//! [`Journal`] until their directories are fsynced.
 //!
 //! Inodes are this file system's own numbers, kept for the life of the mount and never reused;
 //! each is tied to the backing file's (device, inode) while that file has a name, and holds an
@@ -11,6 +12,7 @@ use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -20,10 +22,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
 };
 
+use crate::names::{Journal, Replaced, Undo, TRASH};
 use crate::overlay::Overlay;
 
 /// Attribute and entry timeout handed to the kernel.
@@ -46,6 +49,7 @@ struct Inner {
     nodes: HashMap<u64, Node>,
     by_key: HashMap<(u64, u64), u64>,
     next: u64,
+    journal: Journal,
 }
 
 /// Counters for diagnostics (printed on exit with `--verbose`).
@@ -56,6 +60,10 @@ pub struct Stats {
     pub fsyncs_applied: u64,
     pub fallocates: u64,
     pub truncates: u64,
+    pub dir_fsyncs: u64,
+    /// Namespace changes undone by the power cut, and those that could not be.
+    pub names_undone: u64,
+    pub names_not_undone: u64,
 }
 
 /// Shared state: the file system handed to fuser and the control side (signals) both hold it.
@@ -161,6 +169,10 @@ impl Inner {
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> R<PathBuf> {
+        if parent == INodeNo::ROOT.0 && name == TRASH {
+            // The trash is the file system's own, never seen through the mount.
+            return Err(Errno::EACCES);
+        }
         Ok(self.path(parent)?.join(name))
     }
 
@@ -332,6 +344,16 @@ impl Shared {
                 lost += o.dirty_pages() - k;
             }
         }
+        // Then the names: every create, rename, unlink not yet made durable by an fsync of
+        // its directory is undone.
+        let (undone, failed) = g.journal.undo_all();
+        for f in &failed {
+            eprintln!("powercut-fs: power cut: could not undo {f}");
+        }
+        self.stat(|s| {
+            s.names_undone += undone as u64;
+            s.names_not_undone += failed.len() as u64;
+        });
         (files, lost, kept)
     }
 
@@ -351,6 +373,7 @@ impl Shared {
                 }
             }
         }
+        g.journal.commit_all();
         g.cut = true;
         match first_err {
             Some(e) => Err(e),
@@ -374,6 +397,7 @@ impl PowercutFs {
             nodes: HashMap::new(),
             by_key: HashMap::new(),
             next: INodeNo::ROOT.0,
+            journal: Journal::open(&root)?,
         };
         let ino = inner.node_for(&root, &m);
         debug_assert_eq!(ino, INodeNo::ROOT.0);
@@ -488,6 +512,13 @@ impl Filesystem for PowercutFs {
         match self.with(|g| {
             let p = g.child(parent.0, name)?;
             fs::create_dir(&p).map_err(|e| errno(&e))?;
+            g.journal.record(
+                Undo::Remove {
+                    path: p.clone(),
+                    dir: true,
+                },
+                &[parent.0],
+            );
             fs::set_permissions(&p, fs::Permissions::from_mode(mode & !umask & 0o7777))
                 .map_err(|e| errno(&e))?;
             g.entry(&p)
@@ -501,7 +532,18 @@ impl Filesystem for PowercutFs {
         match self.with(|g| {
             let p = g.child(parent.0, name)?;
             let m = fs::symlink_metadata(&p).map_err(|e| errno(&e))?;
-            fs::remove_file(&p).map_err(|e| errno(&e))?;
+            if m.is_dir() {
+                return Err(Errno::EISDIR);
+            }
+            // Kept in the trash until the unlink is durable.
+            let trash = g.journal.stash(&p).map_err(|e| errno(&e))?;
+            g.journal.record(
+                Undo::Restore {
+                    trash,
+                    path: p.clone(),
+                },
+                &[parent.0],
+            );
             g.unlinked(&m, &p);
             Ok(())
         }) {
@@ -515,6 +557,13 @@ impl Filesystem for PowercutFs {
             let p = g.child(parent.0, name)?;
             let m = fs::symlink_metadata(&p).map_err(|e| errno(&e))?;
             fs::remove_dir(&p).map_err(|e| errno(&e))?;
+            g.journal.record(
+                Undo::Mkdir {
+                    path: p.clone(),
+                    mode: m.mode() & 0o7777,
+                },
+                &[parent.0],
+            );
             g.unlinked(&m, &p);
             Ok(())
         }) {
@@ -543,9 +592,15 @@ impl Filesystem for PowercutFs {
             } else {
                 fs::symlink_metadata(&to).ok()
             };
+            // What the rename replaces is kept until the rename is durable.
+            let kept = match &replaced {
+                Some(m) if m.is_dir() => Replaced::Dir(m.mode() & 0o7777),
+                Some(_) if from != to => Replaced::File(g.journal.stash_link(&to).map_err(io)?),
+                _ => Replaced::Nothing,
+            };
             let (cf, ct) = (cpath(&from).map_err(io)?, cpath(&to).map_err(io)?);
             // SAFETY: NUL-terminated paths; renameat2 takes no other memory.
-            check(unsafe {
+            let renamed = check(unsafe {
                 libc::renameat2(
                     libc::AT_FDCWD,
                     cf.as_ptr(),
@@ -553,8 +608,24 @@ impl Filesystem for PowercutFs {
                     ct.as_ptr(),
                     flags.bits(),
                 )
-            })
-            .map_err(io)?;
+            });
+            if let Err(e) = renamed {
+                if let Replaced::File(t) = &kept {
+                    let _ = fs::remove_file(t);
+                }
+                return Err(io(e));
+            }
+            if from != to {
+                g.journal.record(
+                    Undo::Rename {
+                        from: from.clone(),
+                        to: to.clone(),
+                        exchange,
+                        replaced: kept,
+                    },
+                    &[parent.0, newparent.0],
+                );
+            }
             if let Some(m) = replaced {
                 if from != to {
                     g.unlinked(&m, &to);
@@ -591,7 +662,9 @@ impl Filesystem for PowercutFs {
     ) {
         match self.with(|g| {
             let p = g.child(parent.0, name)?;
-            // The new name is durable at once; the file's data is not (it starts empty).
+            // The new name lasts once the directory is fsynced; the file's data once the file
+            // is (it starts empty).
+            let existed = fs::symlink_metadata(&p).is_ok();
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -601,6 +674,15 @@ impl Filesystem for PowercutFs {
                 .open(&p)
                 .map_err(|e| errno(&e))?;
             let m = f.metadata().map_err(|e| errno(&e))?;
+            if !existed {
+                g.journal.record(
+                    Undo::Remove {
+                        path: p.clone(),
+                        dir: false,
+                    },
+                    &[parent.0],
+                );
+            }
             let ino = g.node_for(&p, &m);
             let n = g.node_mut(ino)?;
             n.file.get_or_insert(f);
@@ -756,6 +838,9 @@ impl Filesystem for PowercutFs {
                 .collect();
             names.sort();
             for name in names {
+                if ino.0 == INodeNo::ROOT.0 && name == TRASH {
+                    continue;
+                }
                 let p = dir.join(&name);
                 if let Ok(m) = fs::symlink_metadata(&p) {
                     let child = g.node_for(&p, &m);
@@ -780,14 +865,20 @@ impl Filesystem for PowercutFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Names are durable the moment they change: nothing to do.
-        match self.with(|_| Ok(())) {
-            Ok(()) => reply.ok(),
+        // The directory's changed names become durable (in this directory).
+        match self.with(|g| {
+            g.journal.synced(ino.0);
+            Ok(())
+        }) {
+            Ok(()) => {
+                self.shared.stat(|s| s.dir_fsyncs += 1);
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -865,5 +956,36 @@ impl Filesystem for PowercutFs {
         }
     }
 
-    // lseek (SEEK_DATA/SEEK_HOLE) is left unimplemented: the kernel then answers "all data".
+    /// SEEK_DATA and SEEK_HOLE as the file's data is seen through the mount: holes of the
+    /// backing file and ranges punched or zeroed since the last fsync are holes; pages written
+    /// since are data.
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = self.with(|g| {
+            if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+                return Err(Errno::EINVAL);
+            }
+            let pos = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+            g.file(ino.0)?;
+            let n = g.node(ino.0)?;
+            let f = n.file.as_ref().expect("opened above");
+            let data = whence == libc::SEEK_DATA;
+            let found = match &n.overlay {
+                Some(o) => o.seek(f, pos, data),
+                None => crate::overlay::seek_fd(f.as_raw_fd(), pos, data),
+            };
+            found.map_err(|e| errno(&e))?.ok_or(Errno::ENXIO)
+        });
+        match res {
+            Ok(p) => reply.offset(p as i64),
+            Err(e) => reply.error(e),
+        }
+    }
 }

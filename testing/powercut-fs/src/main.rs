@@ -15,28 +15,36 @@
 //!   not. `fsync` or `fdatasync` of a file (and so `msync(MS_SYNC)` of a shared mapping, which
 //!   the kernel turns into page writes and then an fsync) writes that file's overlay to the
 //!   backing file. `close` makes nothing durable.
-//! * **Names and metadata are durable at once (a simplification).** `create`, `mkdir`,
-//!   `rename` (also over an existing file, `RENAME_NOREPLACE`, `RENAME_EXCHANGE`), `unlink`,
-//!   `rmdir`, `chmod`, `chown` and times go straight to the backing directory; `fsync` of a
-//!   directory is a no-op. A file created and not yet fsynced so survives a power cut with
-//!   its name but without its data (empty, or as of its last fsync). Real file systems can
-//!   also lose recent names; this one never does.
+//! * **Names are volatile until their directory is fsynced.** `create`, `mkdir`, `rename`
+//!   (also over an existing file, `RENAME_NOREPLACE`, `RENAME_EXCHANGE`), `unlink` and `rmdir`
+//!   reach the backing directory at once but are recorded with how to undo them (an unlinked
+//!   or replaced file is kept in a hidden trash); `fsync` of a directory makes the changes in
+//!   it durable (a rename needs both its directories). A power cut undoes, newest first,
+//!   every change not durable: a file created and fsynced in a directory never fsynced is
+//!   gone, a rename that was not made durable is back where it was. `fsync` of a file makes
+//!   its data durable, not its name (POSIX promises no more). Permissions, owners and times
+//!   are durable at once (a simplification).
+//! * **Holes are real:** `SEEK_DATA`/`SEEK_HOLE` answer from the backing file's holes and the
+//!   pages written, punched or zeroed since the last fsync.
 //! * **SIGUSR1 is a power cut:** every overlay is dropped (with `--persist-on-cut P`, each
 //!   pending page is first written back with probability P, as a disk cache that had flushed
-//!   some pages on its own; sizes and punched ranges are always lost), every later request
-//!   fails with EIO, the mount is detached and the process exits 0. The kernel's page cache
+//!   some pages on its own; sizes and punched ranges are always lost), every name change not
+//!   durable is undone, every later request fails with EIO, the mount is detached and the
+//!   process exits 0. The kernel's page cache
 //!   for the mount goes with the mount. An unmount from outside counts as a power cut too.
-//! * **SIGTERM or SIGINT is an orderly shutdown:** every overlay is applied (a disk flushes
-//!   its cache before powering off), then the same unmount and exit 0.
+//! * **SIGTERM or SIGINT is an orderly shutdown:** every overlay is applied and every name
+//!   change kept (a disk flushes its cache before powering off), then the same unmount and
+//!   exit 0.
 //!
 //! What the kernel is told: no writeback cache (every `write(2)` reaches this process before
 //! it returns, so the overlay is the only volatile layer besides the mount's page cache), no
 //! `direct_io` (shared mappings need the page cache), 1 s attribute and entry timeouts; no
 //! lock support, so `flock` and POSIX locks are handled by the kernel locally (they work
-//! between the processes of this machine); no `lseek`, so `SEEK_DATA`/`SEEK_HOLE` answer
-//! "all data"; no `mknod`: keep unix sockets outside the mount.
+//! between the processes of this machine); no `mknod`, links or symlinks: keep unix sockets
+//! outside the mount.
 
 mod fs;
+mod names;
 mod overlay;
 
 use std::ffi::CString;

@@ -30,6 +30,28 @@ pub trait Backing {
     fn punch(&self, offset: u64, len: u64) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// lseek's SEEK_DATA (`data`) or SEEK_HOLE from `pos`: `None` past the end (ENXIO).
+    fn seek(&self, pos: u64, data: bool) -> io::Result<Option<u64>>;
+}
+
+/// lseek(2) with SEEK_DATA or SEEK_HOLE; `None` for ENXIO.
+pub fn seek_fd(fd: i32, pos: u64, data: bool) -> io::Result<Option<u64>> {
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: lseek on a descriptor the caller keeps open; no memory is passed.
+    let r = unsafe { libc::lseek(fd, pos as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 impl Backing for File {
@@ -82,6 +104,10 @@ impl Backing for File {
 
     fn len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
+    }
+
+    fn seek(&self, pos: u64, data: bool) -> io::Result<Option<u64>> {
+        seek_fd(self.as_raw_fd(), pos, data)
     }
 }
 
@@ -230,6 +256,60 @@ impl Overlay {
         Ok(out)
     }
 
+    /// Whether the bytes from `p` are data (or a hole), and where that run ends (`> p`), as
+    /// seen through the overlay: pages it holds are data, ranges it zeroed are holes, the rest
+    /// is as the backing file has it (holes past its end).
+    fn run_at(&self, backing: &dyn Backing, p: u64) -> io::Result<(bool, u64)> {
+        let page = p / PAGE;
+        if self.pages.contains_key(&page) {
+            return Ok((true, page_start(page + 1)));
+        }
+        if let Some((_, e)) = self
+            .zeros
+            .range(..=page)
+            .next_back()
+            .filter(|(_, e)| **e > page)
+        {
+            return Ok((false, page_start(*e)));
+        }
+        // Untouched by the overlay up to its next page or zeroed range.
+        let next_page = self.pages.range(page + 1..).next().map(|(k, _)| *k);
+        let next_zero = self.zeros.range(page + 1..).next().map(|(k, _)| *k);
+        let limit = [next_page, next_zero]
+            .into_iter()
+            .flatten()
+            .min()
+            .map_or(u64::MAX, page_start);
+        let len = backing.len()?;
+        if p >= len {
+            return Ok((false, limit));
+        }
+        let data_at = backing.seek(p, true)?;
+        let (data, end) = match data_at {
+            Some(d) if d == p => (true, backing.seek(p, false)?.unwrap_or(len)),
+            Some(d) => (false, d),
+            None => (false, len),
+        };
+        Ok((data, end.min(limit).max(p + 1)))
+    }
+
+    /// lseek's SEEK_DATA (`data`) or SEEK_HOLE from `pos` as seen through the overlay; `None`
+    /// at or past the end (ENXIO). The end of the file counts as a hole.
+    pub fn seek(&self, backing: &dyn Backing, pos: u64, data: bool) -> io::Result<Option<u64>> {
+        let mut p = pos;
+        if p >= self.size {
+            return Ok(None);
+        }
+        while p < self.size {
+            let (is_data, end) = self.run_at(backing, p)?;
+            if is_data == data {
+                return Ok(Some(p));
+            }
+            p = end;
+        }
+        Ok(if data { None } else { Some(self.size) })
+    }
+
     /// A write: stores `data` at `offset`, growing the file if it ends past the size.
     pub fn write(&mut self, backing: &dyn Backing, offset: u64, data: &[u8]) -> io::Result<()> {
         self.store(backing, offset, data)?;
@@ -371,6 +451,24 @@ mod tests {
         }
         fn len(&self) -> io::Result<u64> {
             Ok(self.0.borrow().len() as u64)
+        }
+        /// Data wherever a byte is not zero, 4 KiB at a time (as a file system with holes).
+        fn seek(&self, pos: u64, data: bool) -> io::Result<Option<u64>> {
+            let v = self.0.borrow();
+            let len = v.len() as u64;
+            if pos >= len {
+                return Ok(None);
+            }
+            let mut p = pos;
+            while p < len {
+                let page =
+                    &v[(p / PAGE * PAGE) as usize..((p / PAGE + 1) * PAGE).min(len) as usize];
+                if page.iter().any(|b| *b != 0) == data {
+                    return Ok(Some(p));
+                }
+                p = (p / PAGE + 1) * PAGE;
+            }
+            Ok(if data { None } else { Some(len) })
         }
     }
 
@@ -577,6 +675,22 @@ mod tests {
                     }
                 }
                 assert_eq!(o.size(), view.len() as u64, "seed {seed} step {step}: size");
+                // Holes (SEEK_HOLE..SEEK_DATA) read as zeroes; data and holes alternate.
+                let size = view.len() as u64;
+                let mut at = 0;
+                while at < size {
+                    let hole = o.seek(&b, at, false).unwrap().unwrap();
+                    assert!(hole >= at && hole <= size, "seed {seed} step {step}");
+                    let data = o.seek(&b, hole, true).unwrap().unwrap_or(size);
+                    assert!(data >= hole, "seed {seed} step {step}");
+                    let zeros = &view[hole as usize..data as usize];
+                    assert!(
+                        zeros.iter().all(|x| *x == 0),
+                        "seed {seed} step {step}: data in a hole at {hole}..{data}"
+                    );
+                    at = data.max(at + 1);
+                }
+                assert_eq!(o.seek(&b, size, true).unwrap(), None);
                 assert_eq!(all(&o, &b), view, "seed {seed} step {step}: view");
                 assert_eq!(*b.0.borrow(), durable, "seed {seed} step {step}: durable");
             }
@@ -611,5 +725,25 @@ mod tests {
         assert_eq!(back[100], b'x');
         assert!(back[8192..40960].iter().all(|x| *x == 0));
         assert!(back[40960..].iter().all(|x| *x == 9));
+    }
+
+    #[test]
+    fn seek_data_and_hole_follow_writes_and_punches() {
+        let b = mem(&[0u8; 10 * PAGE as usize]);
+        let mut o = Overlay::new(10 * PAGE);
+        assert_eq!(o.seek(&b, 0, true).unwrap(), None);
+        assert_eq!(o.seek(&b, 0, false).unwrap(), Some(0));
+        o.write(&b, 3 * PAGE + 10, b"x").unwrap();
+        assert_eq!(o.seek(&b, 0, true).unwrap(), Some(3 * PAGE));
+        assert_eq!(o.seek(&b, 3 * PAGE, false).unwrap(), Some(4 * PAGE));
+        o.zero(&b, 3 * PAGE, PAGE, true).unwrap();
+        assert_eq!(o.seek(&b, 0, true).unwrap(), None);
+        // Backing data shows, unless the overlay punched it.
+        let b = mem(&[5u8; 4 * PAGE as usize]);
+        let mut o = Overlay::new(4 * PAGE);
+        o.zero(&b, PAGE, 2 * PAGE, true).unwrap();
+        assert_eq!(o.seek(&b, 0, false).unwrap(), Some(PAGE));
+        assert_eq!(o.seek(&b, PAGE, true).unwrap(), Some(3 * PAGE));
+        assert_eq!(o.seek(&b, 4 * PAGE, true).unwrap(), None);
     }
 }

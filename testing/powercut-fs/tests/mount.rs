@@ -118,10 +118,15 @@ fn rw(p: &Path) -> File {
         .unwrap()
 }
 
+fn sync_dir(p: &Path) {
+    File::open(p).unwrap().sync_all().unwrap();
+}
+
 #[test]
 fn only_fsynced_data_survives_a_power_cut() {
     let mut m = Mounted::new(&[]);
     let f = rw(&m.m("f"));
+    sync_dir(&m.mnt);
     f.write_all_at(&[b'A'; 10000], 0).unwrap();
     f.sync_data().unwrap();
     f.write_all_at(&[b'B'; 5000], 2000).unwrap();
@@ -132,10 +137,11 @@ fn only_fsynced_data_survives_a_power_cut() {
     assert_eq!(all.len(), 20004);
     assert_eq!(&all[1999..2001], b"AB");
     assert_eq!(fs::read(m.b("f")).unwrap(), vec![b'A'; 10000]);
-    // A new file is there by name at once, its data is not.
+    // A new file whose directory is fsynced keeps its name, not its data.
     let mut g = File::create(m.m("g")).unwrap();
     g.write_all(b"never synced").unwrap();
     drop(g);
+    sync_dir(&m.mnt);
     drop(f);
     let log = m.cut();
     assert!(log.contains("power cut"), "{log}");
@@ -144,9 +150,80 @@ fn only_fsynced_data_survives_a_power_cut() {
 }
 
 #[test]
+fn names_are_lost_at_a_cut_unless_their_directory_was_fsynced() {
+    let mut m = Mounted::new(&[]);
+    fs::write(m.b("durable"), b"was there").unwrap();
+    fs::write(m.b("victim"), b"victim data").unwrap();
+    fs::create_dir(m.m("d")).unwrap();
+    sync_dir(&m.mnt);
+    // In d (fsynced): a file created and its data fsynced.
+    let mut f = File::create(m.m("d/kept")).unwrap();
+    f.write_all(b"kept").unwrap();
+    f.sync_all().unwrap();
+    sync_dir(&m.m("d"));
+    // In the root (never fsynced again): a new file with fsynced data, a new directory, an
+    // unlink, a rename over an existing file.
+    let mut f = File::create(m.m("lost")).unwrap();
+    f.write_all(b"data fsynced, name not").unwrap();
+    f.sync_all().unwrap();
+    fs::create_dir(m.m("newdir")).unwrap();
+    fs::remove_file(m.m("durable")).unwrap();
+    fs::rename(m.m("d/kept"), m.m("victim")).unwrap();
+    assert!(!m.m("durable").exists() && m.m("lost").exists());
+    assert_eq!(fs::read(m.m("victim")).unwrap(), b"kept");
+    // The trash the file system keeps is not visible.
+    let names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains("powercut")), "{names:?}");
+    let log = m.cut();
+    // Every change in the root is undone, the one in d stays.
+    assert!(!m.b("lost").exists(), "{log}");
+    assert!(!m.b("newdir").exists(), "{log}");
+    assert_eq!(fs::read(m.b("durable")).unwrap(), b"was there");
+    assert_eq!(fs::read(m.b("victim")).unwrap(), b"victim data");
+    assert_eq!(fs::read(m.b("d/kept")).unwrap(), b"kept");
+    assert!(!m.b(".powercut-trash").exists());
+    // An orderly shutdown keeps them all.
+    let mut m2 = Mounted::new(&[]);
+    fs::write(m2.m("a"), b"a").unwrap();
+    fs::write(m2.b("b"), b"b").unwrap();
+    fs::rename(m2.m("b"), m2.m("c")).unwrap();
+    m2.stop(libc::SIGTERM);
+    assert_eq!(fs::read(m2.b("a")).unwrap(), b"a");
+    assert!(!m2.b("b").exists() && m2.b("c").exists());
+}
+
+#[test]
+fn seek_data_and_seek_hole_see_real_holes() {
+    let m = Mounted::new(&[]);
+    let f = rw(&m.m("img"));
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(&[1u8; 4096], 256 << 10).unwrap();
+    f.sync_all().unwrap();
+    let fd = f.as_raw_fd();
+    let seek = |pos: i64, whence: i32| {
+        // SAFETY: lseek(2) on our descriptor; no memory is passed.
+        unsafe { libc::lseek(fd, pos, whence) }
+    };
+    assert_eq!(seek(0, libc::SEEK_DATA), 256 << 10);
+    assert_eq!(seek(256 << 10, libc::SEEK_HOLE), (256 << 10) + 4096);
+    // Pending (unsynced) writes and punches count too.
+    f.write_all_at(&[2u8; 4096], 512 << 10).unwrap();
+    assert_eq!(seek((256 << 10) + 4096, libc::SEEK_DATA), 512 << 10);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate(2) on our descriptor.
+    assert_eq!(unsafe { libc::fallocate(fd, punch, 256 << 10, 4096) }, 0);
+    assert_eq!(seek(0, libc::SEEK_DATA), 512 << 10);
+    assert_eq!(seek(1 << 20, libc::SEEK_DATA), -1);
+}
+
+#[test]
 fn msync_of_a_shared_mapping_reaches_the_daemon_as_fsync() {
     let mut m = Mounted::new(&[]);
     let f = rw(&m.m("map"));
+    sync_dir(&m.mnt);
     f.set_len(4 * 4096).unwrap();
     f.sync_all().unwrap();
     // SAFETY: a file of ours, sized above, not changed by anyone else while mapped.
@@ -174,6 +251,7 @@ fn msync_of_a_shared_mapping_reaches_the_daemon_as_fsync() {
 fn atomic_replace_with_rename_and_directory_fsync() {
     let mut m = Mounted::new(&[]);
     fs::create_dir(m.m("state")).unwrap();
+    sync_dir(&m.mnt);
     fs::write(m.m("state/x.json"), b"old").unwrap();
     File::open(m.m("state/x.json")).unwrap().sync_all().unwrap();
     // write temp, fsync, rename over, fsync the directory: durable.
@@ -184,18 +262,24 @@ fn atomic_replace_with_rename_and_directory_fsync() {
     }
     fs::rename(m.m("state/.x.json.tmp"), m.m("state/x.json")).unwrap();
     File::open(m.m("state")).unwrap().sync_all().unwrap();
-    // The same without the fsync of the temp file: the name moves, the data does not.
+    // The same without the fsync of the temp file, then with the directory fsynced: the name
+    // moves, the data does not.
     fs::write(m.m("state/y"), b"y data").unwrap();
     fs::rename(m.m("state/y"), m.m("state/x.json")).unwrap();
     assert_eq!(fs::read(m.m("state/x.json")).unwrap(), b"y data");
+    sync_dir(&m.m("state"));
+    // And without the fsync of the directory: the rename is lost, the durable file stays.
+    fs::write(m.m("state/z"), b"z").unwrap();
+    File::open(m.m("state/z")).unwrap().sync_all().unwrap();
+    fs::rename(m.m("state/z"), m.m("state/x.json")).unwrap();
     m.cut();
     assert_eq!(fs::read(m.b("state/x.json")).unwrap(), b"");
     assert!(!m.b("state/y").exists() && !m.b("state/.x.json.tmp").exists());
+    assert!(!m.b("state/z").exists());
 
-    // The first replacement alone.
+    // Write temp, fsync, rename, but no fsync of the directory: the old file stays.
     let mut m = Mounted::new(&[]);
-    fs::write(m.m("x"), b"old").unwrap();
-    File::open(m.m("x")).unwrap().sync_all().unwrap();
+    fs::write(m.b("x"), b"old").unwrap();
     {
         let mut t = File::create(m.m("x.tmp")).unwrap();
         t.write_all(b"new").unwrap();
@@ -203,7 +287,8 @@ fn atomic_replace_with_rename_and_directory_fsync() {
     }
     fs::rename(m.m("x.tmp"), m.m("x")).unwrap();
     m.cut();
-    assert_eq!(fs::read(m.b("x")).unwrap(), b"new");
+    assert_eq!(fs::read(m.b("x")).unwrap(), b"old");
+    assert!(!m.b("x.tmp").exists());
 }
 
 #[test]
@@ -223,9 +308,9 @@ fn fallocate_truncate_and_orderly_shutdown() {
     f.read_exact_at(&mut buf, 0).unwrap();
     assert!(buf[4096..12288].iter().all(|b| *b == 0) && buf[4095] == 7 && buf[12288] == 7);
     assert!(buf[20000..20100].iter().all(|b| *b == 0) && buf[20100] == 7);
-    // SEEK_DATA answers "all data" (lseek is not implemented).
+    // The punched range is a hole now.
     // SAFETY: lseek(2) on our descriptor.
-    assert_eq!(unsafe { libc::lseek(fd, 4096, libc::SEEK_DATA) }, 4096);
+    assert_eq!(unsafe { libc::lseek(fd, 4096, libc::SEEK_DATA) }, 12288);
     f.set_len(30000).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 30000);
     // Nothing synced yet, but SIGTERM is an orderly shutdown: everything is applied.
@@ -256,6 +341,7 @@ fn flock_works_between_descriptors() {
 fn persist_on_cut_writes_back_some_pages_only() {
     let mut m = Mounted::new(&["--persist-on-cut", "0.5", "--seed", "7"]);
     let f = rw(&m.m("p"));
+    sync_dir(&m.mnt);
     f.set_len(64 * 4096).unwrap();
     f.sync_all().unwrap();
     for p in 0..64u64 {
