@@ -5,14 +5,18 @@ Input is a tab-separated manifest with three kinds of lines:
 
     S <server-key> <label> <status> <note>          one per server, in column order
     W <workload-key> <label> <rw>                    one per workload, in row order
-    R <server-key> <workload-key> <status> <fio-json> <cpu-seconds> <wall-seconds>
+    R <server-key> <workload-key> <status> <fio-json> <cpu-seconds> <wall-seconds> [<round>]
 
 <status> is "ok" for a usable run; anything else is shown in the cell instead of a number.
 <rw> is "read" or "write": which section of fio's JSON holds the numbers.
 <cpu-seconds>/<wall-seconds> are the server's utime+stime and the wall time over the same window.
+<round> numbers the alternating rounds (a server runs once per round); missing means round 1.
 
-Output (stdout): one markdown table per metric, a row per workload, a column per server, and two
-ratio columns: tracker(on) / best qemu-nbd and tracker(on) / tracker(off).
+Output (stdout): one markdown table per metric, a row per workload, a column per server (the
+median over the rounds, and the spread min-max when there are several), and the ratio columns:
+tracker(on) / best of qemu-nbd and nbdkit, tracker(on) / tracker(off). A ratio is the median of
+the per-round ratios (the runs of one round are close in time), with their spread. Then one
+table of the ratios the project's targets are about.
 
 Only the standard library is used.
 """
@@ -26,6 +30,8 @@ import sys
 TRACKER_ON = "tracker-on"
 TRACKER_OFF = "tracker-off"
 QEMU_KEYS = ("qemu-uring", "qemu-default")
+NBDKIT = "nbdkit"
+PEERS = QEMU_KEYS + (NBDKIT,)
 
 
 def load_fio_json(path):
@@ -88,10 +94,29 @@ def usable(v):
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
-def ratio(num, den):
-    if not (usable(num) and usable(den)) or den == 0:
+def median(vals):
+    vals = sorted(v for v in vals if usable(v))
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+
+
+def spread(vals, fmt):
+    vals = [v for v in vals if usable(v)]
+    if len(vals) < 2:
+        return ""
+    return f" ({fmt(min(vals))}–{fmt(max(vals))})"
+
+
+def ratio_cell(ratios):
+    ratios = [r for r in ratios if usable(r)]
+    if not ratios:
         return "n/a"
-    return f"{num / den:.2f}×"
+    m = median(ratios)
+    if len(ratios) < 2:
+        return f"{m:.2f}×"
+    return f"{m:.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 def main():
@@ -101,6 +126,7 @@ def main():
     args = ap.parse_args()
 
     servers, workloads, runs = [], [], {}
+    rounds = set()
     with open(args.manifest, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -114,33 +140,54 @@ def main():
             elif kind == "W" and len(parts) >= 4:
                 workloads.append({"key": parts[1], "label": parts[2], "rw": parts[3]})
             elif kind == "R" and len(parts) >= 7:
-                runs[(parts[1], parts[2])] = {"status": parts[3], "json": parts[4],
-                                              "cpu_s": parts[5], "wall_s": parts[6]}
+                rnd = int(parts[7]) if len(parts) > 7 and parts[7].isdigit() else 1
+                rounds.add(rnd)
+                runs[(parts[1], parts[2], rnd)] = {"status": parts[3], "json": parts[4],
+                                                   "cpu_s": parts[5], "wall_s": parts[6]}
             else:
                 print(f"fio_table: ignoring malformed manifest line {lineno}: {line!r}", file=sys.stderr)
+    rounds = sorted(rounds) or [1]
 
     rw_of = {w["key"]: w["rw"] for w in workloads}
-    # cells[(server, workload)] = dict of metrics, or a string explaining why there is none.
+    # cells[(server, workload, round)] = dict of metrics, or a string explaining why none.
     cells = {}
     for s in servers:
         for w in workloads:
-            run = runs.get((s["key"], w["key"]))
-            if run is None:
-                cells[(s["key"], w["key"])] = {"ok": "missing", "skipped": "—"}.get(s["status"], s["status"])
-                continue
-            if run["status"] != "ok":
-                cells[(s["key"], w["key"])] = run["status"]
-                continue
-            try:
-                cells[(s["key"], w["key"])] = measure(run["json"], rw_of[w["key"]],
-                                                      float(run["cpu_s"]), float(run["wall_s"]))
-            except (OSError, ValueError, KeyError) as e:
-                print(f"fio_table: {s['key']}/{w['key']}: {e}", file=sys.stderr)
-                cells[(s["key"], w["key"])] = "parse error"
+            for r in rounds:
+                run = runs.get((s["key"], w["key"], r))
+                if run is None:
+                    cells[(s["key"], w["key"], r)] = {"ok": "missing", "skipped": "—"}.get(s["status"], s["status"])
+                    continue
+                if run["status"] != "ok":
+                    cells[(s["key"], w["key"], r)] = run["status"]
+                    continue
+                try:
+                    cells[(s["key"], w["key"], r)] = measure(run["json"], rw_of[w["key"]],
+                                                             float(run["cpu_s"]), float(run["wall_s"]))
+                except (OSError, ValueError, KeyError) as e:
+                    print(f"fio_table: {s['key']}/{w['key']}/round {r}: {e}", file=sys.stderr)
+                    cells[(s["key"], w["key"], r)] = "parse error"
 
-    def value(server, workload, metric):
-        c = cells.get((server, workload))
+    def value(server, workload, rnd, metric):
+        c = cells.get((server, workload, rnd))
         return c[metric] if isinstance(c, dict) else None
+
+    def values(server, workload, metric):
+        return [value(server, workload, r, metric) for r in rounds]
+
+    def best_peer(workload, rnd, metric, higher_better, keys=PEERS):
+        vals = [v for v in (value(k, workload, rnd, metric) for k in keys) if usable(v)]
+        if not vals:
+            return None
+        return max(vals) if higher_better else min(vals)
+
+    def per_round(workload, metric, num, den):
+        out = []
+        for r in rounds:
+            a, b = num(r), den(r)
+            if usable(a) and usable(b) and b != 0:
+                out.append(a / b)
+        return out
 
     out = []
     for metric, title, higher_better, fmt in METRICS:
@@ -148,34 +195,62 @@ def main():
         out.append("")
         better = "higher" if higher_better else "lower"
         header = ["Workload"] + [s["label"] for s in servers] + [
-            "tracker(on) / best qemu-nbd", "tracker(on) / tracker(off)"]
+            "tracker(on) / best of qemu-nbd, nbdkit", "tracker(on) / tracker(off)"]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" + "---:|" * (len(header) - 1))
         for w in workloads:
             row = [w["label"]]
             for s in servers:
-                c = cells.get((s["key"], w["key"]))
-                if isinstance(c, dict):
-                    row.append(fmt(c[metric]) if usable(c[metric]) else "n/a")
+                vals = values(s["key"], w["key"], metric)
+                m = median(vals)
+                if m is not None:
+                    row.append(fmt(m) + spread(vals, fmt))
                 else:
-                    row.append(str(c))
-            qemu_vals = [v for v in (value(k, w["key"], metric) for k in QEMU_KEYS) if usable(v)]
-            best_qemu = (max(qemu_vals) if higher_better else min(qemu_vals)) if qemu_vals else None
-            on = value(TRACKER_ON, w["key"], metric)
-            row.append(ratio(on, best_qemu))
-            row.append(ratio(on, value(TRACKER_OFF, w["key"], metric)))
+                    first = cells.get((s["key"], w["key"], rounds[0]))
+                    row.append(str(first) if not isinstance(first, dict) else "n/a")
+            row.append(ratio_cell(per_round(
+                w["key"], metric,
+                lambda r: value(TRACKER_ON, w["key"], r, metric),
+                lambda r: best_peer(w["key"], r, metric, higher_better))))
+            row.append(ratio_cell(per_round(
+                w["key"], metric,
+                lambda r: value(TRACKER_ON, w["key"], r, metric),
+                lambda r: value(TRACKER_OFF, w["key"], r, metric))))
             out.append("| " + " | ".join(row) + " |")
         out.append("")
-        out.append(f"_{better} is better; \"best qemu-nbd\" = the {'higher' if higher_better else 'lower'} "
-                   f"of the two qemu-nbd columns for this metric._")
+        out.append(f"_{better} is better; each cell is the median over {len(rounds)} round(s) "
+                   f"(min–max); \"best of\" = the {better} of qemu-nbd (both) and nbdkit in the "
+                   f"same round; a ratio is the median of the per-round ratios (min–max)._")
         out.append("")
+
+    # The targets: tracking on at least as fast as the best peer (>= 1.00), tracking costing
+    # under 5% (on/off >= 0.95), server CPU per I/O no more than nbdkit's (<= 1.00).
+    out.append("### Ratios against the targets")
+    out.append("")
+    out.append("| Workload | IOPS: on / best peer (target ≥ 1.00) | IOPS: on / off (target ≥ 0.95) "
+               "| CPU per I/O: on / nbdkit (target ≤ 1.00) |")
+    out.append("|---|---:|---:|---:|")
+    for w in workloads:
+        k = w["key"]
+        out.append("| " + " | ".join([
+            w["label"],
+            ratio_cell(per_round(k, "iops", lambda r: value(TRACKER_ON, k, r, "iops"),
+                                 lambda r: best_peer(k, r, "iops", True))),
+            ratio_cell(per_round(k, "iops", lambda r: value(TRACKER_ON, k, r, "iops"),
+                                 lambda r: value(TRACKER_OFF, k, r, "iops"))),
+            ratio_cell(per_round(k, "cpu_us_per_io",
+                                 lambda r: value(TRACKER_ON, k, r, "cpu_us_per_io"),
+                                 lambda r: value(NBDKIT, k, r, "cpu_us_per_io"))),
+        ]) + " |")
+    out.append("")
     print("\n".join(out))
 
     if args.summary_json:
         summary = {
             "servers": servers,
             "workloads": workloads,
-            "results": {f"{s}/{w}": c for (s, w), c in cells.items()},
+            "rounds": rounds,
+            "results": {f"{s}/{w}/{r}": c for (s, w, r), c in cells.items()},
         }
         with open(args.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2, default=str)

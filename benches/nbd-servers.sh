@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # NBD server benchmark: vmreplica's tracker against qemu-nbd and nbdkit, side by side.
 #
+# The same server's IOPS moves by up to 2x between back-to-back runs on the dev machines, so
+# one pass per server cannot show a 5% difference: the servers run in BENCH_ROUNDS alternating
+# rounds (every server once per round, the order rotated each round), and the report gives
+# each cell's median over the rounds with its spread, and the ratios between servers as the
+# median of the per-round ratios (runs of one round are minutes apart, not hours).
+#
 # For each server under test it serves the SAME raw image over a unix socket, runs four fio
 # workloads through fio's nbd ioengine (libnbd client: --ioengine=nbd --uri=nbd+unix:///...),
 # stops the server and records, per (server, workload):
@@ -33,6 +39,7 @@
 # within one run of this script, not absolute figures for any of them.
 #
 # Environment:
+#   BENCH_ROUNDS=3          alternating rounds (3 or more for a median that means something)
 #   BENCH_RUNTIME=10        measured seconds per workload
 #   BENCH_RAMP=2            ramp seconds per workload (not measured)
 #   BENCH_SIZE=1G           image size (IEC suffixes: 512M, 1G, 2G; multiple of 1 MiB)
@@ -58,6 +65,7 @@ repo_dir=$(cd "$script_dir/.." && pwd)
 die() { echo "nbd-servers: error: $*" >&2; exit 2; }
 log() { echo "nbd-servers: $*" >&2; }
 
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
 BENCH_RAMP=${BENCH_RAMP:-2}
 BENCH_SIZE=${BENCH_SIZE:-1G}
@@ -68,10 +76,12 @@ BENCH_START_TIMEOUT=${BENCH_START_TIMEOUT:-10}
 BENCH_STOP_TIMEOUT=${BENCH_STOP_TIMEOUT:-10}
 BENCH_KEEP=${BENCH_KEEP:-0}
 
-for v in BENCH_RUNTIME BENCH_RAMP BENCH_START_TIMEOUT BENCH_STOP_TIMEOUT; do
+for v in BENCH_ROUNDS BENCH_RUNTIME BENCH_RAMP BENCH_START_TIMEOUT BENCH_STOP_TIMEOUT; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number of seconds (got '${!v}')"
 done
 [[ $BENCH_RUNTIME -ge 1 ]] || die "BENCH_RUNTIME must be >= 1"
+[[ $BENCH_ROUNDS -ge 1 ]] || die "BENCH_ROUNDS must be >= 1"
+[[ $BENCH_ROUNDS -ge 3 ]] || log "warning: BENCH_ROUNDS=$BENCH_ROUNDS: medians of fewer than 3 rounds say little"
 
 size_spec=${BENCH_SIZE%iB}; size_spec=${size_spec%B}
 size_bytes=$(numfmt --from=iec "$size_spec" 2>/dev/null) || die "cannot parse BENCH_SIZE='$BENCH_SIZE'"
@@ -112,7 +122,7 @@ clk_tck=$(getconf CLK_TCK)
 # ---- bounded total runtime ---------------------------------------------------------------------
 per_workload=$((BENCH_RUNTIME + BENCH_RAMP + 15))
 per_server=$((BENCH_START_TIMEOUT + BENCH_STOP_TIMEOUT + 5 + n_workloads * per_workload))
-BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-$(( 2 * (${#servers[@]} * per_server + 60 + size_bytes / 20000000) ))}
+BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-$(( 2 * (BENCH_ROUNDS * ${#servers[@]} * per_server + 60 + size_bytes / 20000000) ))}
 [[ $BENCH_MAX_SECONDS =~ ^[0-9]+$ ]] || die "BENCH_MAX_SECONDS must be a whole number"
 
 # ---- state & cleanup ---------------------------------------------------------------------------
@@ -296,6 +306,8 @@ notes=()
 failed=0
 started_at=$SECONDS
 
+# Servers that can run at all (the others are skipped once, with the reason).
+runnable=()
 for key in "${servers[@]}"; do
   label=$(server_label "$key")
   if ! build_server_cmd "$key"; then
@@ -304,86 +316,101 @@ for key in "${servers[@]}"; do
     notes+=("- **$label**: skipped — $skip_reason")
     continue
   fi
-  drop_image_cache
-  start_error=""
-  if ! start_server "$key" "$raw_dir/$key.server.log"; then
-    log "ERROR: $key failed to start: $start_error"
-    stop_pid "$server_pid" "$key"; server_pid=""
-    printf 'S\t%s\t%s\tstart failed\t%s\n' "$key" "$label" "$start_error" >>"$manifest"
-    notes+=("- **$label**: FAILED TO START — $start_error")
-    failed=1
-    continue
-  fi
   printf 'S\t%s\t%s\tok\t%s\n' "$key" "$label" "${server_cmd[*]}" >>"$manifest"
   notes+=("- **$label**: \`${server_cmd[*]//$work_dir/\$BENCH_DIR}\`")
+  runnable+=("$key")
+done
 
-  for w in "${workloads[@]}"; do
-    IFS='|' read -r wkey wlabel rw bs qd wsec <<<"$w"
-    out=$raw_dir/$key.$wkey.json
-    errf=$raw_dir/$key.$wkey.fio.log
-    if ! alive "$server_pid"; then
-      log "ERROR: $key died before $wkey"
-      printf 'R\t%s\t%s\tserver died\t-\t-\t-\n' "$key" "$wkey" >>"$manifest"
+for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+  order=()
+  n=${#runnable[@]}
+  for ((i = 0; i < n; i++)); do order+=("${runnable[(i + round - 1) % n]}"); done
+  log "round $round of $BENCH_ROUNDS: ${order[*]}"
+  for key in "${order[@]}"; do
+    label=$(server_label "$key")
+    build_server_cmd "$key"
+    drop_image_cache
+    start_error=""
+    if ! start_server "$key" "$raw_dir/$key.r$round.server.log"; then
+      log "ERROR: $key failed to start in round $round: $start_error"
+      stop_pid "$server_pid" "$key"; server_pid=""
+      notes+=("- **$label**: FAILED TO START in round $round — $start_error")
+      for w in "${workloads[@]}"; do
+        IFS='|' read -r wkey _ <<<"$w"
+        printf 'R\t%s\t%s\tstart failed\t-\t-\t-\t%s\n' "$key" "$wkey" "$round" >>"$manifest"
+      done
       failed=1
       continue
     fi
-    log "$key: $wkey (${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s)"
-    fio --name="$key-$wkey" --ioengine=nbd --uri="$uri" \
-      --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-      --time_based --runtime="$BENCH_RUNTIME" --ramp_time="$BENCH_RAMP" \
-      --percentile_list=50:99:99.9 \
-      --output-format=json --output="$out" </dev/null >"$errf" 2>&1 &
-    fio_pid=$!
-    # Sample the server's CPU every 50 ms while fio runs. fio spends a few hundred ms starting up
-    # and connecting before its ramp, so the window is anchored at fio's exit: the server's CPU
-    # over the last BENCH_RUNTIME seconds = fio's measured window (give or take 50 ms and fio's
-    # teardown). Samples are kept in raw/ for inspection.
-    samples=$raw_dir/$key.$wkey.cpu.tsv
-    : >"$samples"
-    s_t=(); s_c=()
-    fio_deadline=$((SECONDS + BENCH_RAMP + BENCH_RUNTIME + 30))   # on top of the global watchdog
-    while alive "$fio_pid" && (( SECONDS < fio_deadline )); do
+
+    for w in "${workloads[@]}"; do
+      IFS='|' read -r wkey wlabel rw bs qd wsec <<<"$w"
+      out=$raw_dir/$key.$wkey.r$round.json
+      errf=$raw_dir/$key.$wkey.r$round.fio.log
+      if ! alive "$server_pid"; then
+        log "ERROR: $key died before $wkey"
+        printf 'R\t%s\t%s\tserver died\t-\t-\t-\t%s\n' "$key" "$wkey" "$round" >>"$manifest"
+        failed=1
+        continue
+      fi
+      log "$key: $wkey (${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s)"
+      fio --name="$key-$wkey" --ioengine=nbd --uri="$uri" \
+        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
+        --time_based --runtime="$BENCH_RUNTIME" --ramp_time="$BENCH_RAMP" \
+        --percentile_list=50:99:99.9 \
+        --output-format=json --output="$out" </dev/null >"$errf" 2>&1 &
+      fio_pid=$!
+      # Sample the server's CPU every 50 ms while fio runs. fio spends a few hundred ms starting up
+      # and connecting before its ramp, so the window is anchored at fio's exit: the server's CPU
+      # over the last BENCH_RUNTIME seconds = fio's measured window (give or take 50 ms and fio's
+      # teardown). Samples are kept in raw/ for inspection.
+      samples=$raw_dir/$key.$wkey.r$round.cpu.tsv
+      : >"$samples"
+      s_t=(); s_c=()
+      fio_deadline=$((SECONDS + BENCH_RAMP + BENCH_RUNTIME + 30))   # on top of the global watchdog
+      while alive "$fio_pid" && (( SECONDS < fio_deadline )); do
+        read_ticks "$server_pid"; now_us
+        s_t+=("$now"); s_c+=("$ticks")
+        printf '%s\t%s\n' "$now" "$ticks" >>"$samples"
+        sleep 0.05
+      done
       read_ticks "$server_pid"; now_us
       s_t+=("$now"); s_c+=("$ticks")
       printf '%s\t%s\n' "$now" "$ticks" >>"$samples"
-      sleep 0.05
+      if alive "$fio_pid"; then
+        log "ERROR: fio overran $((BENCH_RAMP + BENCH_RUNTIME))+30s on $key/$wkey; stopping it"
+        stop_pid "$fio_pid" fio; fio_pid=""
+        printf 'R\t%s\t%s\tfio timeout\t%s\t-\t-\t%s\n' "$key" "$wkey" "$out" "$round" >>"$manifest"
+        failed=1
+        continue
+      fi
+      last=$(( ${#s_t[@]} - 1 ))
+      t1=${s_t[last]}; c1=${s_c[last]}
+      first=0
+      while (( first < last && s_t[first] < t1 - BENCH_RUNTIME * 1000000 )); do first=$((first + 1)); done
+      t0=${s_t[first]}; c0=${s_c[first]}
+      wait "$fio_pid" && frc=0 || frc=$?
+      fio_pid=""
+      if [[ $frc -ne 0 ]]; then
+        log "ERROR: fio failed ($frc) on $key/$wkey: $(tail -n 3 "$errf" | tr '\n' ' ')"
+        printf 'R\t%s\t%s\tfio failed\t%s\t-\t-\t%s\n' "$key" "$wkey" "$out" "$round" >>"$manifest"
+        failed=1
+        continue
+      fi
+      if [[ -z $c0 || -z $c1 ]]; then
+        log "ERROR: $key exited during $wkey"
+        printf 'R\t%s\t%s\tserver died\t%s\t-\t-\t%s\n' "$key" "$wkey" "$out" "$round" >>"$manifest"
+        failed=1
+        continue
+      fi
+      cpu_s=$(awk -v a="$c0" -v b="$c1" -v hz="$clk_tck" 'BEGIN { printf "%.4f", (b - a) / hz }')
+      wall_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", (b - a) / 1e6 }')
+      printf 'R\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$key" "$wkey" "$out" "$cpu_s" "$wall_s" "$round" >>"$manifest"
     done
-    read_ticks "$server_pid"; now_us
-    s_t+=("$now"); s_c+=("$ticks")
-    printf '%s\t%s\n' "$now" "$ticks" >>"$samples"
-    if alive "$fio_pid"; then
-      log "ERROR: fio overran $((BENCH_RAMP + BENCH_RUNTIME))+30s on $key/$wkey; stopping it"
-      stop_pid "$fio_pid" fio; fio_pid=""
-      printf 'R\t%s\t%s\tfio timeout\t%s\t-\t-\n' "$key" "$wkey" "$out" >>"$manifest"
-      failed=1
-      continue
-    fi
-    last=$(( ${#s_t[@]} - 1 ))
-    t1=${s_t[last]}; c1=${s_c[last]}
-    first=0
-    while (( first < last && s_t[first] < t1 - BENCH_RUNTIME * 1000000 )); do first=$((first + 1)); done
-    t0=${s_t[first]}; c0=${s_c[first]}
-    wait "$fio_pid" && frc=0 || frc=$?
-    fio_pid=""
-    if [[ $frc -ne 0 ]]; then
-      log "ERROR: fio failed ($frc) on $key/$wkey: $(tail -n 3 "$errf" | tr '\n' ' ')"
-      printf 'R\t%s\t%s\tfio failed\t%s\t-\t-\n' "$key" "$wkey" "$out" >>"$manifest"
-      failed=1
-      continue
-    fi
-    if [[ -z $c0 || -z $c1 ]]; then
-      log "ERROR: $key exited during $wkey"
-      printf 'R\t%s\t%s\tserver died\t%s\t-\t-\n' "$key" "$wkey" "$out" >>"$manifest"
-      failed=1
-      continue
-    fi
-    cpu_s=$(awk -v a="$c0" -v b="$c1" -v hz="$clk_tck" 'BEGIN { printf "%.4f", (b - a) / hz }')
-    wall_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.4f", (b - a) / 1e6 }')
-    printf 'R\t%s\t%s\tok\t%s\t%s\t%s\n' "$key" "$wkey" "$out" "$cpu_s" "$wall_s" >>"$manifest"
-  done
 
-  stop_pid "$server_pid" "$key"; server_pid=""
-  rm -f "$sock"
+    stop_pid "$server_pid" "$key"; server_pid=""
+    rm -f "$sock"
+  done
 done
 
 # ---- report -----------------------------------------------------------------------------------
@@ -400,6 +427,7 @@ git_dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | head -n 1)
   echo "- $(ver fio --version); $(ver qemu-nbd --version); $(ver nbdkit --version); $(ver nbdinfo --version)"
   echo "- image: $((size_bytes / 1048576)) MiB raw, fully written once (dd, O_DIRECT), on $img_fs; reused for every server, page cache dropped before each server"
   echo "- workloads: numjobs=1, ${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s measured each, in table order, fio ioengine=nbd over a unix socket, export disk0"
+  echo "- $BENCH_ROUNDS alternating rounds: every server once per round, the order rotated each round; cells are the median over the rounds with the spread (min–max); ratios are the median of the per-round ratios"
   echo "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat, sampled every 50 ms; the window is the last ${BENCH_RUNTIME}s before fio exits (= fio's measured window)"
   echo
   python3 "$script_dir/fio_table.py" "$manifest" --summary-json "$raw_dir/summary.json"

@@ -60,11 +60,14 @@ fn handle(tracker: &Tracker, line: &str) -> Value {
                     })
                 })
                 .collect();
+            let (cow_used, cow_limit) = tracker.cow_usage();
             Ok(json!({
                 "engine": tracker.engine_name(),
                 "granularity": st.granularity,
                 "frozen": tracker.frozen(),
                 "disks": disks,
+                "cow_used_bytes": cow_used,
+                "cow_limit_bytes": cow_limit,
             }))
         }
         Request::Freeze { full } => tracker.freeze_with(full, || {}).map(|g| json!(g)),
