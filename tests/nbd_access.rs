@@ -567,3 +567,100 @@ fn running_out_of_descriptors_refuses_connections_without_spinning() {
     assert!(child.try_wait().is_none(), "the tracker exited");
     child.kill();
 }
+
+/// A pids cgroup of our own holding `pid`, limited to `max` tasks (threads count); removed
+/// when dropped. None where no pids controller can be used.
+struct PidsLimit {
+    dir: PathBuf,
+    procs: PathBuf,
+}
+
+impl PidsLimit {
+    fn new(pid: i32, max: usize) -> Option<PidsLimit> {
+        // cgroup v1's pids hierarchy, or v2's (where the pids controller is enabled).
+        let name = format!("vmreplica-test-{}", std::process::id());
+        let dir = [
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/unified",
+            "/sys/fs/cgroup",
+        ]
+        .into_iter()
+        .map(|b| Path::new(b).join(&name))
+        .find(|d| {
+            std::fs::create_dir(d).is_ok()
+                && (d.join("pids.max").exists() || std::fs::remove_dir(d).is_err())
+        })?;
+        let l = PidsLimit {
+            procs: dir.join("cgroup.procs"),
+            dir,
+        };
+        std::fs::write(l.dir.join("pids.max"), max.to_string()).ok()?;
+        std::fs::write(&l.procs, pid.to_string()).ok()?;
+        Some(l)
+    }
+
+    fn set(&self, max: &str) {
+        std::fs::write(self.dir.join("pids.max"), max).unwrap();
+    }
+}
+
+impl Drop for PidsLimit {
+    fn drop(&mut self) {
+        // Whatever is left goes back to the root group, then the group goes.
+        let root = self.dir.parent().unwrap().join("cgroup.procs");
+        for pid in std::fs::read_to_string(&self.procs)
+            .unwrap_or_default()
+            .lines()
+        {
+            let _ = std::fs::write(&root, pid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[test]
+fn running_out_of_threads_refuses_connections_and_the_tracker_lives_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 8 * MIB);
+    let t = TrackerProc::start(dir.path(), &[("d", &img)], &[]);
+    let threads = std::fs::read_dir(format!("/proc/{}/task", t.pid()))
+        .unwrap()
+        .count();
+    let Some(limit) = PidsLimit::new(t.pid(), threads + 2) else {
+        panic!("no pids cgroup controller to limit the tracker's threads with");
+    };
+    let mut held_conns = Vec::new();
+    for _ in 0..40 {
+        if let Ok(s) = UnixStream::connect(&t.socket) {
+            held_conns.push(s);
+        }
+    }
+    let cpu0 = cpu_secs(t.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_secs(t.pid()) - cpu0;
+    assert!(
+        spent < 0.5,
+        "the tracker burnt {spent:.2} CPU-seconds in 2 s"
+    );
+    let log = t.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("cannot start a thread"))
+        .count();
+    assert!((1..=2).contains(&lines), "{lines} lines:\n{log}");
+    drop(held_conns);
+    limit.set("max");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !Command::new("nbdinfo")
+        .arg(t.uri("d"))
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the tracker never served again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(limit);
+    t.stop();
+}

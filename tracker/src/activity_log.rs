@@ -201,8 +201,8 @@ impl ActivityLog {
         self.seq += 1;
         let buf = encode(self.seq, &self.extents, self.sums);
         let at = (self.seq % 2) * COPY_LEN;
-        self.file
-            .write_all_at(&buf, at)
+        crate::crashpoint::fail_point("activity-log")
+            .and_then(|_| self.file.write_all_at(&buf, at))
             .and_then(|_| self.file.sync_data())
             .map_err(|source| ActivityLogError::Io {
                 path: self.path.clone(),

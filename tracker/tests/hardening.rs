@@ -249,3 +249,80 @@ fn copy_on_write_past_its_limit_abandons_the_generation_and_the_guest_goes_on() 
     let t = Tracker::open(config(dir.path(), &[("a", &img)])).unwrap();
     assert!(t.state().disks[0].resync_required);
 }
+
+/// The activity log's writes fail (EIO): writes go on, the frozen generation is abandoned,
+/// the disk needs a resync, and a resync frozen after the log works again clears that.
+#[test]
+fn an_activity_log_that_fails_never_fails_the_guest() {
+    use vmreplica_tracker::crashpoint::set_failing;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "a.img", 64 * MIB);
+    let t = Tracker::open(config(dir.path(), &[("a", &img)])).unwrap();
+    let d = t.disks()[0].clone();
+    write(&*d, 0, vec![1; 4 * MIB as usize]);
+    let g = t.freeze().unwrap();
+    let reader = FrozenReader::open(&g.disks[0]).unwrap();
+    set_failing("activity-log", true);
+    // A new extent needs the log; a frozen block needs a copy too.
+    write(&*d, 32 * MIB, vec![2; MIB as usize]);
+    write(&*d, 0, vec![3; MIB as usize]);
+    assert!(read(&*d, 32 * MIB, 4096).iter().all(|b| *b == 2));
+    assert!(t.frozen().is_none(), "the generation was kept");
+    assert!(t.state().disks[0].resync_required);
+    let mut buf = vec![0u8; 4096];
+    assert!(reader
+        .read(0, &mut buf)
+        .unwrap_err()
+        .to_string()
+        .contains("abandoned"));
+    let tr = d.tracking().unwrap();
+    let active = tr.slots().active;
+    assert!(
+        tr.bitmap().test(active, 32 * MIB / 65536),
+        "a write is not dirty"
+    );
+    assert!(
+        tr.bitmap().test(active, 0),
+        "the abandoned generation's block is not dirty"
+    );
+    set_failing("activity-log", false);
+    // The shipper's resync: a full freeze, shipped, released, then the flag cleared.
+    let r = t.freeze_with(true, || {}).unwrap();
+    t.release(r.generation).unwrap();
+    t.clear_resync("a").unwrap();
+    assert!(!t.state().disks[0].resync_required);
+    drop((d, t));
+    let t = Tracker::open(config(dir.path(), &[("a", &img)])).unwrap();
+    assert!(!t.state().disks[0].resync_required);
+}
+
+/// Tracking fails again after the resync's freeze (here between the release and the clear,
+/// when nothing is frozen; while frozen, a failure abandons the generation): clearing the flag
+/// then would forget that those writes may have no durable bit. It stays.
+#[test]
+fn a_failure_after_the_resync_was_frozen_keeps_the_disk_marked() {
+    use vmreplica_tracker::crashpoint::set_failing;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "a.img", 64 * MIB);
+    let t = Tracker::open(config(dir.path(), &[("a", &img)])).unwrap();
+    let d = t.disks()[0].clone();
+    set_failing("activity-log", true);
+    write(&*d, 0, vec![1; MIB as usize]);
+    set_failing("activity-log", false);
+    assert!(t.state().disks[0].resync_required);
+    let r = t.freeze_with(true, || {}).unwrap();
+    t.release(r.generation).unwrap();
+    set_failing("activity-log", true);
+    write(&*d, 16 * MIB, vec![1; MIB as usize]);
+    set_failing("activity-log", false);
+    t.clear_resync("a").unwrap();
+    assert!(
+        t.state().disks[0].resync_required,
+        "cleared despite a failure after the freeze"
+    );
+    // The next resync, frozen after the failure, clears it.
+    let r = t.freeze_with(true, || {}).unwrap();
+    t.release(r.generation).unwrap();
+    t.clear_resync("a").unwrap();
+    assert!(!t.state().disks[0].resync_required);
+}
