@@ -1,6 +1,8 @@
 //! Fuzzes the fixed-newstyle handshake state machine (`nbd::Handshake::advance`).
 //!
-//! Input layout: byte 0 (`ctl`) chooses how the stream is split into reads (see [`Chunks`]).
+//! Input layout: byte 0 (`ctl`) chooses how the stream is split into reads (see [`Chunks`]);
+//! its bit 0x20 puts the server in forced-TLS mode (a STARTTLS that the server accepts is
+//! taken as a TLS handshake that succeeded, and negotiation goes on).
 //! If `ctl & 0x40`, five more bytes `pos: u16, seg: u8, reps: u16` (big endian) ask for
 //! `rest[pos..pos + seg]` to be repeated `reps` more times in place (at most 256 KiB in all),
 //! so that options over 64 KiB and more than 4096 options are reachable within libFuzzer's
@@ -42,6 +44,7 @@ fn exports() -> Vec<ExportInfo> {
                 "base:allocation".into(),
                 "qemu:dirty-bitmap:vmreplica".into(),
             ],
+            refusal: None,
         },
         ExportInfo {
             name: "disk1".into(),
@@ -49,6 +52,7 @@ fn exports() -> Vec<ExportInfo> {
             size: 4096,
             flags: DeviceFlags::read_only(),
             contexts: vec!["base:allocation".into()],
+            refusal: Some("too many connections".into()),
         },
     ]
 }
@@ -94,33 +98,50 @@ struct Run {
     leftover: Vec<u8>,
 }
 
-fn drive(input: &[u8], mut next_len: impl FnMut() -> usize) -> Run {
+fn drive(input: &[u8], tls: bool, mut next_len: impl FnMut() -> usize) -> Run {
     let mut hs = Handshake::new(exports());
+    if tls {
+        hs = hs.require_tls();
+    }
+    let mut tls_on = false;
     let mut out = Vec::new();
     let mut pending: Vec<u8> = Vec::new();
     let mut fed = 0;
-    let end = loop {
+    let end = 'feed: loop {
         if fed == input.len() {
             break End::NeedMore;
         }
         let n = next_len().clamp(1, input.len() - fed);
         pending.extend_from_slice(&input[fed..fed + n]);
         fed += n;
-        match hs.advance(&pending, &mut out) {
-            Ok((used, status)) => {
-                assert!(
-                    used <= pending.len(),
-                    "advance used {used} of {} bytes",
-                    pending.len()
-                );
-                pending.drain(..used);
-                match status {
-                    HandshakeStatus::NeedMore => {}
-                    HandshakeStatus::Close => break End::Close,
-                    HandshakeStatus::Transmission(n) => break End::Transmission(n),
+        // What is pending may finish several steps (STARTTLS, then more options).
+        loop {
+            match hs.advance(&pending, &mut out) {
+                Ok((used, status)) => {
+                    assert!(
+                        used <= pending.len(),
+                        "advance used {used} of {} bytes",
+                        pending.len()
+                    );
+                    pending.drain(..used);
+                    match status {
+                        HandshakeStatus::NeedMore => continue 'feed,
+                        HandshakeStatus::Close => break 'feed End::Close,
+                        HandshakeStatus::Transmission(n) => {
+                            assert!(!tls || tls_on, "transmission without TLS: {n:?}");
+                            break 'feed End::Transmission(n);
+                        }
+                        HandshakeStatus::StartTls => {
+                            assert!(tls && !tls_on, "STARTTLS accepted (tls {tls}, on {tls_on})");
+                            tls_on = true;
+                            // A real driver runs TLS over what follows; here what follows is
+                            // taken as the decrypted stream.
+                            hs.tls_started();
+                        }
+                    }
                 }
+                Err(e) => break 'feed End::Error(e),
             }
-            Err(e) => break End::Error(e),
         }
     };
     if matches!(end, End::Close | End::Transmission(_)) {
@@ -299,9 +320,10 @@ fuzz_target!(|data: &[u8]| {
         expanded = expand(&rest[5..], hdr);
         &expanded[..]
     };
+    let tls = ctl & 0x20 != 0;
     let mut chunks = Chunks::new(ctl);
-    let split = drive(input, || chunks.next());
-    let whole = drive(input, || usize::MAX);
+    let split = drive(input, tls, || chunks.next());
+    let whole = drive(input, tls, || usize::MAX);
 
     assert_eq!(split.end, whole.end, "split vs whole reads");
     assert!(
