@@ -33,8 +33,9 @@ pub struct TrackerArgs {
     #[arg(long)]
     socket_group: Option<String>,
     /// Permissions of the NBD unix socket (connecting needs write permission), e.g. 0660.
-    #[arg(long, default_value = "0600", value_parser = unixsock::parse_mode)]
-    socket_mode: u32,
+    /// Default: what the process's umask leaves of 0666.
+    #[arg(long, value_parser = unixsock::parse_mode)]
+    socket_mode: Option<u32>,
     /// TCP address to serve NBD on, e.g. 192.0.2.1:10809. Needs TLS (--tls-*) or
     /// --insecure-plaintext.
     #[arg(long)]
@@ -124,7 +125,7 @@ fn tls(a: &TrackerArgs) -> Result<Option<Arc<TlsConfig>>> {
 
 fn socket_perms(a: &TrackerArgs) -> Result<SocketPerms> {
     Ok(SocketPerms {
-        mode: a.socket_mode,
+        mode: a.socket_mode.unwrap_or_else(|| 0o666 & !unixsock::umask()),
         owner: a
             .socket_owner
             .as_deref()

@@ -29,6 +29,19 @@ impl SocketPerms {
     }
 }
 
+/// The process's umask (from /proc/self/status, which reads it without changing it; 022 where
+/// that is not available).
+pub fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 /// Parses an octal mode such as `0660` or `660`.
 pub fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)

@@ -182,9 +182,9 @@ fn lock_holder(pidfile: &Path) -> std::io::Result<Option<i32>> {
 }
 
 fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: kill(2) takes no pointers; `pid` is the current holder of the run
-    // directory's pidfile lock, i.e. the QEMU we mean to stop (never 0 or negative).
     if pid > 0 {
+        // SAFETY: kill(2) takes no pointers; `pid` is the current holder of the run
+        // directory's pidfile lock, i.e. the QEMU we mean to stop (never 0 or negative).
         unsafe { libc::kill(pid, sig) };
     }
 }
