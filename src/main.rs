@@ -363,7 +363,11 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMREPLICA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // rustls warns at every TLS client that connects by IP address (an SNI it
+                // ignores): noise for NBD clients, which QEMU and libnbd are.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,rustls::msgs::handshake=error")
+                }),
         )
         .with_writer(bar.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

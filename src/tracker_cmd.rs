@@ -142,6 +142,12 @@ fn socket_perms(a: &TrackerArgs) -> Result<SocketPerms> {
 }
 
 pub fn run(a: TrackerArgs) -> Result<()> {
+    // Before anything is served: a SIGTERM that comes as soon as the sockets answer is an
+    // orderly stop, not the default action's sudden death.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     let mut disks = Vec::new();
     for d in &a.disks {
         let Some((name, path)) = d.split_once('=') else {
@@ -219,10 +225,6 @@ pub fn run(a: TrackerArgs) -> Result<()> {
     }
     tracing::info!(control = %control_path.display(), engine = tracker.engine_name(), "tracker ready");
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
     let sig = signals.forever().next();
     tracing::info!(?sig, "stopping: finishing requests in flight");
     server.shutdown();
