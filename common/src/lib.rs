@@ -7,8 +7,10 @@
 
 pub mod direct;
 pub mod engine;
+pub mod lineage;
 pub mod link;
 pub mod name;
+pub mod ranges;
 pub mod ratelog;
 pub mod sparse;
 pub mod statefile;

@@ -215,7 +215,7 @@ pub fn peer_names(conn: &quinn::Connection) -> Vec<String> {
 /// Writes one message as a frame.
 pub async fn send(s: &mut SendStream, m: &Message) -> Result<(), LinkError> {
     let mut buf = Vec::new();
-    wire::encode(m, &mut buf);
+    wire::encode(m, &mut buf)?;
     s.write_all(&buf).await?;
     Ok(())
 }
@@ -289,8 +289,14 @@ mod tests {
     /// Endpoints and connections that must outlive the test's stream.
     type Keep = (Endpoint, Endpoint, quinn::Connection, quinn::Connection);
 
+    const HELLO: Message = Message::Acked {
+        cycle: 1,
+        epoch: 1,
+        bytes: 1,
+    };
+
     /// A client and a server endpoint on loopback that trust each other, and one stream
-    /// whose first frame (`Applied { cycle: 1 }`) is already sent.
+    /// whose first frame (`HELLO`) is already sent.
     async fn pair(dir: &std::path::Path) -> (SendStream, RecvStream, Keep) {
         let ca = dir.join("ca");
         init_ca(&ca, "link test CA", 1).unwrap();
@@ -314,7 +320,7 @@ mod tests {
         let conn = cli.connect(addr, "replica-1").unwrap().await.unwrap();
         let (mut s, _) = conn.open_bi().await.unwrap();
         // The server sees the stream once something is written on it.
-        send(&mut s, &Message::Applied { cycle: 1 }).await.unwrap();
+        send(&mut s, &HELLO).await.unwrap();
         let (r, server_conn) = accept.await.unwrap();
         (s, r, (srv, cli, conn, server_conn))
     }
@@ -323,8 +329,13 @@ mod tests {
     async fn frames_and_chunks_cross_a_stream_and_bad_chunk_lengths_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, mut r, _conn) = pair(dir.path()).await;
-        let chunk = Chunk::pack(3, 0, 65536, &[9u8; 8192], true);
-        let raw = Chunk::pack(3, 0, 0, &[], false);
+        let tag = crate::wire::Tag {
+            lineage: crate::lineage::Lineage([5; 16]),
+            cycle: 3,
+            epoch: 1,
+        };
+        let chunk = Chunk::pack(tag, 0, 65536, &[9u8; 8192], true);
+        let raw = Chunk::pack(tag, 0, 0, &[], false);
         send_chunk(&mut s, chunk.clone()).await.unwrap();
         send_chunk(&mut s, raw.clone()).await.unwrap();
         send(&mut s, &Message::Chunk(chunk.clone())).await.unwrap();
@@ -336,10 +347,7 @@ mod tests {
         bad.push(0);
         s.write_all(&bad).await.unwrap();
         s.finish().unwrap();
-        assert_eq!(
-            recv(&mut r).await.unwrap(),
-            Some(Message::Applied { cycle: 1 })
-        );
+        assert_eq!(recv(&mut r).await.unwrap(), Some(HELLO.clone()));
         for want in [chunk.clone(), raw, chunk] {
             assert_eq!(recv(&mut r).await.unwrap(), Some(Message::Chunk(want)));
         }

@@ -66,6 +66,24 @@ pub fn data_regions(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Data (allocated) stretches of `f` within `[start, end)`, as (start, end) pairs in order.
+pub fn data_regions_in(f: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        out.push((data, hole));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +106,11 @@ mod tests {
         assert!(!is_hole(&f, (1 << 20) + 4096, 4096).unwrap());
         assert!(is_hole(&f, 2 << 20, 2 << 20).unwrap());
         assert_eq!(data_regions(&f, 4 << 20).unwrap(), vec![(1 << 20, 65536)]);
+        assert_eq!(
+            data_regions_in(&f, (1 << 20) + 4096, 2 << 20).unwrap(),
+            vec![((1 << 20) + 4096, (1 << 20) + 65536)]
+        );
+        assert!(data_regions_in(&f, 0, 1 << 20).unwrap().is_empty());
         punch_hole(&f, 1 << 20, 65536).unwrap();
         assert!(is_hole(&f, 0, 4 << 20).unwrap());
     }

@@ -1,29 +1,43 @@
 //! The replication protocol between shipper and applier, as a pure codec.
 //!
 //! Every message is a frame: `u32 length` (of what follows), `u8 type`, body; integers are
-//! big-endian, strings are `u16 length` + UTF-8. Frames are bounded by [`MAX_FRAME`], counts
-//! and strings by their own limits, so a hostile peer cannot make the decoder allocate
-//! without bound. Block data travels in [`Chunk`]s: all-zero runs as a marker, the rest lz4
-//! compressed (raw when that does not shrink it), each with an xxh3 checksum of the
-//! uncompressed bytes.
+//! big-endian, strings are `u16 length` + UTF-8, lineages 16 bytes. Frames are bounded by
+//! [`MAX_FRAME`] on both sides: the encoder refuses to make a larger one (so a list that could
+//! grow with a cycle, such as the resume answer, is sent as pages: [`resume_pages`]), and the
+//! decoder refuses to read one; counts and strings have their own limits, so a hostile peer
+//! cannot make the decoder allocate without bound. Block data travels in [`Chunk`]s: all-zero
+//! runs as a marker, the rest lz4 compressed (raw when that does not shrink it), each with an
+//! xxh3 checksum of the uncompressed bytes.
+//!
+//! Version 2 (this one): every cycle message carries its lineage and cycle, and every data
+//! frame the receive attempt's epoch; the resume answer is the durably applied set of ranges
+//! (paged), and the manifest proves a cycle complete by the digest of its ranges. A version 1
+//! peer is refused at hello with a message that says which side to upgrade: `Hello` and
+//! `Welcome` decode in both versions' layouts for that.
 
 use crate::direct;
+use crate::lineage::Lineage;
+use crate::ranges::{Range, RangeSet};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Most uncompressed bytes in one chunk.
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Largest frame (a chunk that did not compress, plus headers, fits easily).
 pub const MAX_FRAME: u32 = 4 << 20;
-/// Most entries in a list (disks, staged chunk ids, hashes).
+/// Most entries in a list (disks, ranges, hashes).
 pub const MAX_LIST: u32 = 1 << 20;
 pub const MAX_STRING: u16 = 4096;
+/// Ranges in one page of a resume answer (18 bytes each: 1.8 MB, well under [`MAX_FRAME`]).
+pub const RESUME_PAGE: usize = 100_000;
+/// Most checksums in one `Hashes` answer (8 bytes each, under [`MAX_FRAME`]).
+pub const MAX_HASHES: u32 = 256 * 1024;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WireError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    FrameTooLarge(u32),
+    FrameTooLarge(u64),
     #[error("unknown message type {0}")]
     UnknownType(u8),
     #[error("truncated {0}")]
@@ -36,6 +50,8 @@ pub enum WireError {
     BadString,
     #[error("unknown chunk encoding {0}")]
     BadEncoding(u8),
+    #[error("unknown cycle kind {0}")]
+    BadKind(u8),
     #[error("chunk of {0} bytes exceeds the {MAX_CHUNK}-byte limit")]
     ChunkTooLarge(u32),
     #[error("chunk at disk {disk} offset {offset}: {reason}")]
@@ -46,7 +62,7 @@ pub enum WireError {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CycleKind {
     /// Changed blocks since the previous cycle.
     Delta = 0,
@@ -54,6 +70,34 @@ pub enum CycleKind {
     Initial = 1,
     /// Differences found by comparing checksums (tracking was lost).
     Resync = 2,
+}
+
+impl CycleKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CycleKind::Delta => "delta",
+            CycleKind::Initial => "initial",
+            CycleKind::Resync => "resync",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<CycleKind> {
+        match s {
+            "delta" => Some(CycleKind::Delta),
+            "initial" => Some(CycleKind::Initial),
+            "resync" => Some(CycleKind::Resync),
+            _ => None,
+        }
+    }
+
+    fn from_u8(k: u8) -> Result<CycleKind, WireError> {
+        match k {
+            0 => Ok(CycleKind::Delta),
+            1 => Ok(CycleKind::Initial),
+            2 => Ok(CycleKind::Resync),
+            k => Err(WireError::BadKind(k)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,25 +114,27 @@ pub enum Encoding {
     Raw = 2,
 }
 
-/// A chunk the applier already holds for a cycle: the shipper skips it when resuming, and
-/// counts it into the manifest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StagedChunk {
-    pub id: ChunkId,
-    pub len: u32,
-    pub checksum: u64,
+/// Which receive attempt of which cycle a data frame belongs to. The applier hands out a new
+/// epoch for every `BeginCycle` it accepts and refuses data of any other: a stale stream of
+/// an earlier attempt can neither capture nor write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tag {
+    pub lineage: Lineage,
+    pub cycle: u64,
+    pub epoch: u64,
 }
 
-/// Identifies a chunk within a cycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChunkId {
-    pub disk: u16,
-    pub offset: u64,
+/// A cycle the replica holds in part (received, not yet a point).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receiving {
+    pub lineage: Lineage,
+    pub cycle: u64,
+    pub kind: CycleKind,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chunk {
-    pub cycle: u64,
+    pub tag: Tag,
     pub disk: u16,
     pub offset: u64,
     /// Uncompressed length.
@@ -101,32 +147,56 @@ pub struct Chunk {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// Shipper → applier, first on the control stream.
-    Hello { version: u16, vm: String },
-    /// Applier → shipper: the last cycle applied for this VM (0: none).
-    Welcome { version: u16, last_cycle: u64 },
+    /// Shipper → applier, first on the control stream: the VM, and the tracker's lineage.
+    Hello {
+        version: u16,
+        vm: String,
+        lineage: Option<Lineage>,
+    },
+    /// Applier → shipper: the replica's lineage, its last complete cycle (0: none) and the
+    /// cycle it holds in part, if any.
+    Welcome {
+        version: u16,
+        lineage: Option<Lineage>,
+        last_cycle: u64,
+        receiving: Option<Receiving>,
+    },
     /// Shipper → applier: a cycle starts (or resumes).
     BeginCycle {
+        lineage: Lineage,
         cycle: u64,
         kind: CycleKind,
         disks: Vec<DiskInfo>,
     },
-    /// Applier → shipper: chunks of this cycle already staged durably (skip them). Also the
-    /// answer to a finished data stream (then with no entries): all of it is staged.
-    Staged {
+    /// Applier → shipper, the answer to `BeginCycle`, in pages: the epoch of this attempt,
+    /// and the ranges of the cycle already durably applied (the shipper skips them). `last`
+    /// marks the final page.
+    Resume {
+        lineage: Lineage,
         cycle: u64,
-        chunks: Vec<StagedChunk>,
+        epoch: u64,
+        ranges: Vec<Range>,
+        last: bool,
     },
     /// Block data, on data streams.
     Chunk(Chunk),
-    /// Shipper → applier: the cycle is complete: `chunks` chunks, with `digest` over them.
+    /// Applier → shipper, on a data stream: this many bytes of the stream's chunks are
+    /// durably applied (sent as they become so, and once more after the stream finished).
+    Acked { cycle: u64, epoch: u64, bytes: u64 },
+    /// Shipper → applier: the cycle is complete. Its ranges (what was already applied when
+    /// it resumed, and everything sent since) number `ranges`, hold `bytes`, and have
+    /// [`RangeSet::digest`] `digest`.
     Manifest {
+        lineage: Lineage,
         cycle: u64,
-        chunks: u64,
+        epoch: u64,
+        ranges: u64,
+        bytes: u64,
         digest: u64,
     },
-    /// Applier → shipper: the cycle is applied and durable.
-    Applied { cycle: u64 },
+    /// Applier → shipper: the cycle is applied and durable (a recovery point, unless it
+    /// changed nothing).
+    Applied { lineage: Lineage, cycle: u64 },
     /// Either way: a refusal or failure, with a message for the log.
     Error { code: u16, message: String },
     /// Shipper → applier: checksums of `disk` from `offset`, `count` blocks of `block` bytes.
@@ -152,18 +222,25 @@ pub mod code {
     pub const NO_SPACE: u16 = 4;
     pub const INTERNAL: u16 = 5;
     pub const INCOMPLETE: u16 = 6;
+    /// The cycle does not belong to the replica's lineage, or leaves a gap.
+    pub const LINEAGE: u16 = 7;
+    /// Data of an earlier receive attempt (epoch).
+    pub const STALE: u16 = 8;
+    /// The replica is busy (another shipper's attempt, a store operation).
+    pub const BUSY: u16 = 9;
 }
 
 const T_HELLO: u8 = 1;
 const T_WELCOME: u8 = 2;
 const T_BEGIN: u8 = 3;
-const T_STAGED: u8 = 4;
+const T_RESUME: u8 = 4;
 const T_CHUNK: u8 = 5;
 const T_MANIFEST: u8 = 6;
 const T_APPLIED: u8 = 7;
 const T_ERROR: u8 = 8;
 const T_HASH_REQ: u8 = 9;
 const T_HASHES: u8 = 10;
+const T_ACKED: u8 = 11;
 
 struct W<'a>(&'a mut Vec<u8>);
 
@@ -181,9 +258,28 @@ impl W<'_> {
         self.0.extend_from_slice(&v.to_be_bytes());
     }
     fn str(&mut self, s: &str) {
-        let b = &s.as_bytes()[..s.len().min(MAX_STRING as usize)];
-        self.u16(b.len() as u16);
-        self.0.extend_from_slice(b);
+        // Cut at a character boundary at most MAX_STRING bytes in.
+        let mut n = s.len().min(MAX_STRING as usize);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.u16(n as u16);
+        self.0.extend_from_slice(&s.as_bytes()[..n]);
+    }
+    fn lineage(&mut self, l: &Lineage) {
+        self.0.extend_from_slice(&l.0);
+    }
+    fn opt_lineage(&mut self, l: &Option<Lineage>) {
+        match l {
+            Some(l) => {
+                self.u8(1);
+                self.lineage(l);
+            }
+            None => self.u8(0),
+        }
+    }
+    fn bool(&mut self, b: bool) {
+        self.u8(u8::from(b));
     }
 }
 
@@ -220,6 +316,19 @@ impl<'a> R<'a> {
         String::from_utf8(self.take(n as usize, "string")?.to_vec())
             .map_err(|_| WireError::BadString)
     }
+    fn lineage(&mut self) -> Result<Lineage, WireError> {
+        let b = self.take(16, "lineage")?;
+        Ok(Lineage(b.try_into().expect("16 bytes")))
+    }
+    fn opt_lineage(&mut self) -> Result<Option<Lineage>, WireError> {
+        match self.u8()? {
+            0 => Ok(None),
+            _ => Ok(Some(self.lineage()?)),
+        }
+    }
+    fn bool(&mut self) -> Result<bool, WireError> {
+        Ok(self.u8()? != 0)
+    }
     fn count(&mut self, entry_size: usize) -> Result<usize, WireError> {
         let n = self.u32()?;
         if n > MAX_LIST || (n as usize).saturating_mul(entry_size) > self.0.len() {
@@ -229,24 +338,48 @@ impl<'a> R<'a> {
     }
 }
 
-/// Appends the frame for `m` to `out`.
-pub fn encode(m: &Message, out: &mut Vec<u8>) {
+/// Appends the frame for `m` to `out`; a frame that would exceed [`MAX_FRAME`] is refused
+/// (and `out` left as it was).
+pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
     framed(out, |w| match m {
-        Message::Hello { version, vm } => {
+        Message::Hello {
+            version,
+            vm,
+            lineage,
+        } => {
             w.u8(T_HELLO);
             w.u16(*version);
             w.str(vm);
+            w.opt_lineage(lineage);
         }
         Message::Welcome {
             version,
+            lineage,
             last_cycle,
+            receiving,
         } => {
             w.u8(T_WELCOME);
             w.u16(*version);
             w.u64(*last_cycle);
+            w.opt_lineage(lineage);
+            match receiving {
+                Some(r) => {
+                    w.u8(1);
+                    w.lineage(&r.lineage);
+                    w.u64(r.cycle);
+                    w.u8(r.kind as u8);
+                }
+                None => w.u8(0),
+            }
         }
-        Message::BeginCycle { cycle, kind, disks } => {
+        Message::BeginCycle {
+            lineage,
+            cycle,
+            kind,
+            disks,
+        } => {
             w.u8(T_BEGIN);
+            w.lineage(lineage);
             w.u64(*cycle);
             w.u8(*kind as u8);
             w.u32(disks.len() as u32);
@@ -256,30 +389,55 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
                 w.u32(d.granularity);
             }
         }
-        Message::Staged { cycle, chunks } => {
-            w.u8(T_STAGED);
+        Message::Resume {
+            lineage,
+            cycle,
+            epoch,
+            ranges,
+            last,
+        } => {
+            w.u8(T_RESUME);
+            w.lineage(lineage);
             w.u64(*cycle);
-            w.u32(chunks.len() as u32);
-            for c in chunks {
-                w.u16(c.id.disk);
-                w.u64(c.id.offset);
-                w.u32(c.len);
-                w.u64(c.checksum);
+            w.u64(*epoch);
+            w.bool(*last);
+            w.u32(ranges.len() as u32);
+            for r in ranges {
+                w.u16(r.disk);
+                w.u64(r.offset);
+                w.u64(r.len);
             }
         }
         Message::Chunk(c) => chunk_body(w, c),
-        Message::Manifest {
+        Message::Acked {
             cycle,
-            chunks,
+            epoch,
+            bytes,
+        } => {
+            w.u8(T_ACKED);
+            w.u64(*cycle);
+            w.u64(*epoch);
+            w.u64(*bytes);
+        }
+        Message::Manifest {
+            lineage,
+            cycle,
+            epoch,
+            ranges,
+            bytes,
             digest,
         } => {
             w.u8(T_MANIFEST);
+            w.lineage(lineage);
             w.u64(*cycle);
-            w.u64(*chunks);
+            w.u64(*epoch);
+            w.u64(*ranges);
+            w.u64(*bytes);
             w.u64(*digest);
         }
-        Message::Applied { cycle } => {
+        Message::Applied { lineage, cycle } => {
             w.u8(T_APPLIED);
+            w.lineage(lineage);
             w.u64(*cycle);
         }
         Message::Error { code, message } => {
@@ -315,22 +473,59 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) {
     })
 }
 
-/// Appends one frame to `out`: its 4-byte length, then the body `body` writes.
-fn framed(out: &mut Vec<u8>, body: impl FnOnce(&mut W<'_>)) {
+/// Appends one frame to `out`: its 4-byte length, then the body `body` writes; refused (and
+/// `out` restored) if it would exceed [`MAX_FRAME`].
+fn framed(out: &mut Vec<u8>, body: impl FnOnce(&mut W<'_>)) -> Result<(), WireError> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
     body(&mut W(out));
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    let len = (out.len() - start - 4) as u64;
+    if len > u64::from(MAX_FRAME) {
+        out.truncate(start);
+        return Err(WireError::FrameTooLarge(len));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// The answer to a `BeginCycle`: the epoch, and `applied` split into pages that each fit a
+/// frame (at least one page, the last one marked).
+pub fn resume_pages(lineage: Lineage, cycle: u64, epoch: u64, applied: &RangeSet) -> Vec<Message> {
+    let all: Vec<Range> = applied.iter().collect();
+    let mut pages: Vec<Message> = all
+        .chunks(RESUME_PAGE)
+        .map(|ranges| Message::Resume {
+            lineage,
+            cycle,
+            epoch,
+            ranges: ranges.to_vec(),
+            last: false,
+        })
+        .collect();
+    if pages.is_empty() {
+        pages.push(Message::Resume {
+            lineage,
+            cycle,
+            epoch,
+            ranges: Vec::new(),
+            last: false,
+        });
+    }
+    if let Some(Message::Resume { last, .. }) = pages.last_mut() {
+        *last = true;
+    }
+    pages
 }
 
 /// Bytes of a chunk frame's body before its payload.
-pub const CHUNK_HEAD: usize = 36;
+pub const CHUNK_HEAD: usize = 60;
 
 /// A chunk frame's body up to its payload: type, fields, payload length.
 fn chunk_head(w: &mut W<'_>, c: &Chunk) {
     w.u8(T_CHUNK);
-    w.u64(c.cycle);
+    w.lineage(&c.tag.lineage);
+    w.u64(c.tag.cycle);
+    w.u64(c.tag.epoch);
     w.u16(c.disk);
     w.u64(c.offset);
     w.u32(c.len);
@@ -344,16 +539,12 @@ fn chunk_body(w: &mut W<'_>, c: &Chunk) {
     w.0.extend_from_slice(&c.payload);
 }
 
-/// Appends the frame of `Message::Chunk(c)` to `out` without copying `c` into a message.
-pub fn encode_chunk(c: &Chunk, out: &mut Vec<u8>) {
-    framed(out, |w| chunk_body(w, c));
-}
-
 /// The frame of `Message::Chunk(c)` up to its payload, which follows it on the wire: a sender
 /// can hand the payload to the link as it is instead of copying it into one frame.
 pub fn chunk_frame_head(c: &Chunk) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + CHUNK_HEAD);
-    framed(&mut out, |w| chunk_head(w, c));
+    out.extend_from_slice(&[0; 4]);
+    chunk_head(&mut W(&mut out), c);
     let len = (CHUNK_HEAD + c.payload.len()) as u32;
     out[..4].copy_from_slice(&len.to_be_bytes());
     out
@@ -377,7 +568,11 @@ pub fn decode_chunk_head(head: &[u8; CHUNK_HEAD]) -> Result<(Chunk, usize), Wire
 
 /// The fields of a chunk after its type byte, then its payload length.
 fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
-    let cycle = r.u64()?;
+    let tag = Tag {
+        lineage: r.lineage()?,
+        cycle: r.u64()?,
+        epoch: r.u64()?,
+    };
     let disk = r.u16()?;
     let offset = r.u64()?;
     let len = r.u32()?;
@@ -392,8 +587,11 @@ fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
     };
     let checksum = r.u64()?;
     let plen = r.u32()? as usize;
+    if plen > MAX_FRAME as usize {
+        return Err(WireError::FrameTooLarge(plen as u64));
+    }
     let chunk = Chunk {
-        cycle,
+        tag,
         disk,
         offset,
         len,
@@ -408,7 +606,7 @@ fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
 pub fn frame_len(header: [u8; 4]) -> Result<u32, WireError> {
     let n = u32::from_be_bytes(header);
     if n > MAX_FRAME {
-        return Err(WireError::FrameTooLarge(n));
+        return Err(WireError::FrameTooLarge(n.into()));
     }
     Ok(n)
 }
@@ -429,22 +627,50 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
 pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
     let mut r = R(body);
     let m = match r.u8()? {
-        T_HELLO => Message::Hello {
-            version: r.u16()?,
-            vm: r.str()?,
-        },
-        T_WELCOME => Message::Welcome {
-            version: r.u16()?,
-            last_cycle: r.u64()?,
-        },
-        T_BEGIN => {
-            let cycle = r.u64()?;
-            let kind = match r.u8()? {
-                0 => CycleKind::Delta,
-                1 => CycleKind::Initial,
-                2 => CycleKind::Resync,
-                k => return Err(WireError::BadEncoding(k)),
+        T_HELLO => {
+            let version = r.u16()?;
+            let vm = r.str()?;
+            // Version 1 ended here: such a hello decodes, so that it can be refused by version.
+            let lineage = if r.0.is_empty() && version != PROTOCOL_VERSION {
+                None
+            } else {
+                r.opt_lineage()?
             };
+            Message::Hello {
+                version,
+                vm,
+                lineage,
+            }
+        }
+        T_WELCOME => {
+            let version = r.u16()?;
+            let last_cycle = r.u64()?;
+            // Version 1 ended here (see Hello).
+            let (lineage, receiving) = if r.0.is_empty() && version != PROTOCOL_VERSION {
+                (None, None)
+            } else {
+                let lineage = r.opt_lineage()?;
+                let receiving = match r.u8()? {
+                    0 => None,
+                    _ => Some(Receiving {
+                        lineage: r.lineage()?,
+                        cycle: r.u64()?,
+                        kind: CycleKind::from_u8(r.u8()?)?,
+                    }),
+                };
+                (lineage, receiving)
+            };
+            Message::Welcome {
+                version,
+                lineage,
+                last_cycle,
+                receiving,
+            }
+        }
+        T_BEGIN => {
+            let lineage = r.lineage()?;
+            let cycle = r.u64()?;
+            let kind = CycleKind::from_u8(r.u8()?)?;
             let n = r.count(14)?;
             let mut disks = Vec::with_capacity(n);
             for _ in 0..n {
@@ -454,35 +680,57 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                     granularity: r.u32()?,
                 });
             }
-            Message::BeginCycle { cycle, kind, disks }
+            Message::BeginCycle {
+                lineage,
+                cycle,
+                kind,
+                disks,
+            }
         }
-        T_STAGED => {
+        T_RESUME => {
+            let lineage = r.lineage()?;
             let cycle = r.u64()?;
-            let n = r.count(22)?;
-            let mut chunks = Vec::with_capacity(n);
+            let epoch = r.u64()?;
+            let last = r.bool()?;
+            let n = r.count(18)?;
+            let mut ranges = Vec::with_capacity(n);
             for _ in 0..n {
-                chunks.push(StagedChunk {
-                    id: ChunkId {
-                        disk: r.u16()?,
-                        offset: r.u64()?,
-                    },
-                    len: r.u32()?,
-                    checksum: r.u64()?,
+                ranges.push(Range {
+                    disk: r.u16()?,
+                    offset: r.u64()?,
+                    len: r.u64()?,
                 });
             }
-            Message::Staged { cycle, chunks }
+            Message::Resume {
+                lineage,
+                cycle,
+                epoch,
+                ranges,
+                last,
+            }
         }
         T_CHUNK => {
             let (mut c, plen) = chunk_fields(&mut r)?;
             c.payload = r.take(plen, "chunk payload")?.to_vec();
             Message::Chunk(c)
         }
-        T_MANIFEST => Message::Manifest {
+        T_ACKED => Message::Acked {
             cycle: r.u64()?,
-            chunks: r.u64()?,
+            epoch: r.u64()?,
+            bytes: r.u64()?,
+        },
+        T_MANIFEST => Message::Manifest {
+            lineage: r.lineage()?,
+            cycle: r.u64()?,
+            epoch: r.u64()?,
+            ranges: r.u64()?,
+            bytes: r.u64()?,
             digest: r.u64()?,
         },
-        T_APPLIED => Message::Applied { cycle: r.u64()? },
+        T_APPLIED => Message::Applied {
+            lineage: r.lineage()?,
+            cycle: r.u64()?,
+        },
         T_ERROR => Message::Error {
             code: r.u16()?,
             message: r.str()?,
@@ -537,10 +785,10 @@ thread_local! {
 
 impl Chunk {
     /// A zero marker for `len` bytes at `offset` (what [`Chunk::pack`] makes of zeroes).
-    pub fn zeroes(cycle: u64, disk: u16, offset: u64, len: u32) -> Chunk {
+    pub fn zeroes(tag: Tag, disk: u16, offset: u64, len: u32) -> Chunk {
         assert!(len <= MAX_CHUNK);
         Chunk {
-            cycle,
+            tag,
             disk,
             offset,
             len,
@@ -551,7 +799,7 @@ impl Chunk {
     }
 
     /// Packs `data`: a zero marker if all zero, else lz4 if `compress` and it shrinks, else raw.
-    pub fn pack(cycle: u64, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
+    pub fn pack(tag: Tag, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
         assert!(data.len() <= MAX_CHUNK as usize);
         let checksum = checksum(data);
         let (encoding, payload) = if is_zero(data) {
@@ -574,7 +822,7 @@ impl Chunk {
             (Encoding::Raw, data.to_vec())
         };
         Chunk {
-            cycle,
+            tag,
             disk,
             offset,
             len: data.len() as u32,
@@ -589,7 +837,7 @@ impl Chunk {
     /// becomes a hole on the replica) even amid data. Block boundaries are where the disk's
     /// offset is a multiple of `block` (a granularity; 0 packs `data` whole).
     pub fn pack_blocks(
-        cycle: u64,
+        tag: Tag,
         disk: u16,
         offset: u64,
         data: &[u8],
@@ -599,7 +847,7 @@ impl Chunk {
         let block = u64::from(block);
         let run = |start: usize, end: usize| {
             Chunk::pack(
-                cycle,
+                tag,
                 disk,
                 offset + start as u64,
                 &data[start..end],
@@ -631,10 +879,12 @@ impl Chunk {
         out
     }
 
-    pub fn id(&self) -> ChunkId {
-        ChunkId {
+    /// The disk range the chunk covers.
+    pub fn range(&self) -> Range {
+        Range {
             disk: self.disk,
             offset: self.offset,
+            len: u64::from(self.len),
         }
     }
 
@@ -738,35 +988,55 @@ impl Chunk {
     }
 }
 
-/// Order-independent digest of a cycle's chunks, for the manifest.
-pub fn digest(chunks: impl IntoIterator<Item = (ChunkId, u64)>) -> u64 {
-    chunks
-        .into_iter()
-        .map(|(id, sum)| {
-            let mut b = [0u8; 18];
-            b[..2].copy_from_slice(&id.disk.to_be_bytes());
-            b[2..10].copy_from_slice(&id.offset.to_be_bytes());
-            b[10..].copy_from_slice(&sum.to_be_bytes());
-            xxh3_64(&b)
-        })
-        .fold(0u64, |a, h| a.wrapping_add(h))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn tag(cycle: u64) -> Tag {
+        Tag {
+            lineage: Lineage([7; 16]),
+            cycle,
+            epoch: 3,
+        }
+    }
+
+    fn frame(m: &Message) -> Vec<u8> {
+        let mut buf = Vec::new();
+        encode(m, &mut buf).unwrap();
+        buf
+    }
+
     fn all() -> Vec<Message> {
+        let l = Lineage([9; 16]);
         vec![
             Message::Hello {
-                version: 1,
+                version: 2,
                 vm: "vm1".into(),
+                lineage: Some(l),
+            },
+            Message::Hello {
+                version: 2,
+                vm: "vm1".into(),
+                lineage: None,
             },
             Message::Welcome {
-                version: 1,
+                version: 2,
+                lineage: Some(l),
                 last_cycle: 7,
+                receiving: Some(Receiving {
+                    lineage: l,
+                    cycle: 8,
+                    kind: CycleKind::Resync,
+                }),
+            },
+            Message::Welcome {
+                version: 2,
+                lineage: None,
+                last_cycle: 0,
+                receiving: None,
             },
             Message::BeginCycle {
+                lineage: l,
                 cycle: 8,
                 kind: CycleKind::Initial,
                 disks: vec![DiskInfo {
@@ -775,24 +1045,35 @@ mod tests {
                     granularity: 65536,
                 }],
             },
-            Message::Staged {
+            Message::Resume {
+                lineage: l,
                 cycle: 8,
-                chunks: vec![StagedChunk {
-                    id: ChunkId {
-                        disk: 0,
-                        offset: 4096,
-                    },
-                    len: 4096,
-                    checksum: 5,
+                epoch: 4,
+                ranges: vec![Range {
+                    disk: 1,
+                    offset: 4096,
+                    len: 1 << 33,
                 }],
+                last: true,
             },
-            Message::Chunk(Chunk::pack(8, 0, 65536, &[7u8; 4096], true)),
-            Message::Manifest {
+            Message::Chunk(Chunk::pack(tag(8), 0, 65536, &[7u8; 4096], true)),
+            Message::Acked {
                 cycle: 8,
-                chunks: 3,
-                digest: 99,
+                epoch: 4,
+                bytes: 1 << 20,
             },
-            Message::Applied { cycle: 8 },
+            Message::Manifest {
+                lineage: l,
+                cycle: 8,
+                epoch: 4,
+                ranges: 3,
+                bytes: 99,
+                digest: 5,
+            },
+            Message::Applied {
+                lineage: l,
+                cycle: 8,
+            },
             Message::Error {
                 code: code::NOT_ALLOWED,
                 message: "no".into(),
@@ -814,8 +1095,7 @@ mod tests {
     #[test]
     fn every_message_round_trips_and_partial_frames_wait() {
         for m in all() {
-            let mut buf = Vec::new();
-            encode(&m, &mut buf);
+            let buf = frame(&m);
             for cut in 0..buf.len() {
                 assert_eq!(decode(&buf[..cut]), Ok(None), "{m:?} cut at {cut}");
             }
@@ -824,10 +1104,48 @@ mod tests {
     }
 
     #[test]
+    fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
+        // Version 1 layouts: type, version, then the VM name / the last cycle.
+        let mut hello = vec![T_HELLO, 0, 1, 0, 3];
+        hello.extend_from_slice(b"vm1");
+        let mut f = (hello.len() as u32).to_be_bytes().to_vec();
+        f.extend(hello);
+        assert_eq!(
+            decode(&f).unwrap().unwrap().0,
+            Message::Hello {
+                version: 1,
+                vm: "vm1".into(),
+                lineage: None
+            }
+        );
+        let mut welcome = vec![T_WELCOME, 0, 1];
+        welcome.extend(5u64.to_be_bytes());
+        let mut f = (welcome.len() as u32).to_be_bytes().to_vec();
+        f.extend(welcome);
+        assert_eq!(
+            decode(&f).unwrap().unwrap().0,
+            Message::Welcome {
+                version: 1,
+                lineage: None,
+                last_cycle: 5,
+                receiving: None
+            }
+        );
+        // A version 2 hello must carry its lineage field.
+        let mut cut = frame(&Message::Hello {
+            version: 2,
+            vm: "vm1".into(),
+            lineage: None,
+        });
+        cut.pop();
+        cut[3] -= 1;
+        assert!(decode(&cut).is_err());
+    }
+
+    #[test]
     fn a_chunk_frame_splits_into_head_and_payload() {
-        let c = Chunk::pack(8, 1, 65536, &[7u8; 4096], true);
-        let mut whole = Vec::new();
-        encode(&Message::Chunk(c.clone()), &mut whole);
+        let c = Chunk::pack(tag(8), 1, 65536, &[7u8; 4096], true);
+        let whole = frame(&Message::Chunk(c.clone()));
         let head = chunk_frame_head(&c);
         assert_eq!([head.as_slice(), &c.payload].concat(), whole);
         assert_eq!(head.len(), 4 + CHUNK_HEAD);
@@ -842,7 +1160,9 @@ mod tests {
             c
         );
         let mut bad = head.clone();
-        bad[4 + 19..4 + 23].copy_from_slice(&(MAX_CHUNK + 1).to_be_bytes());
+        // The length field: after type, lineage, cycle, epoch, disk and offset.
+        let at = 4 + 1 + 16 + 8 + 8 + 2 + 8;
+        bad[at..at + 4].copy_from_slice(&(MAX_CHUNK + 1).to_be_bytes());
         assert_eq!(
             decode_chunk_head(bad[4..].try_into().unwrap()),
             Err(WireError::ChunkTooLarge(MAX_CHUNK + 1))
@@ -854,27 +1174,94 @@ mod tests {
     fn hostile_frames_are_refused_without_big_allocations() {
         assert_eq!(
             decode(&[0xff, 0xff, 0xff, 0xff]),
-            Err(WireError::FrameTooLarge(u32::MAX))
+            Err(WireError::FrameTooLarge(u32::MAX.into()))
         );
         // A list count far beyond the frame's bytes.
-        let mut f = vec![0, 0, 0, 13, T_STAGED];
+        let mut f = vec![0, 0, 0, 38, T_RESUME];
+        f.extend([0u8; 16]);
         f.extend(8u64.to_be_bytes());
+        f.extend(1u64.to_be_bytes());
+        f.push(1);
         f.extend(u32::MAX.to_be_bytes());
         assert!(matches!(decode(&f), Err(WireError::ListTooLong(_))));
         assert!(matches!(
             decode(&[0, 0, 0, 1, 200]),
             Err(WireError::UnknownType(200))
         ));
-        let mut buf = Vec::new();
-        encode(&Message::Applied { cycle: 1 }, &mut buf);
+        let mut buf = frame(&Message::Acked {
+            cycle: 1,
+            epoch: 1,
+            bytes: 1,
+        });
         buf[3] += 1;
         buf.push(0);
         assert_eq!(decode(&buf), Err(WireError::Trailing(1)));
     }
 
     #[test]
+    fn the_encoder_refuses_frames_over_the_limit_and_a_huge_resume_is_paged() {
+        // More than 190,000 chunks' worth of ranges (apart, so none merge): one frame could
+        // not hold them.
+        let mut applied = RangeSet::new();
+        for i in 0..300_000u64 {
+            applied.insert((i % 3) as u16, i * 131072, i * 131072 + 65536);
+        }
+        let l = Lineage([1; 16]);
+        let whole = Message::Resume {
+            lineage: l,
+            cycle: 9,
+            epoch: 2,
+            ranges: applied.iter().collect(),
+            last: true,
+        };
+        let mut out = vec![1, 2, 3];
+        assert!(matches!(
+            encode(&whole, &mut out),
+            Err(WireError::FrameTooLarge(_))
+        ));
+        assert_eq!(out, [1, 2, 3], "a refused frame leaves nothing behind");
+        let pages = resume_pages(l, 9, 2, &applied);
+        assert!(pages.len() >= 3);
+        let mut back = RangeSet::new();
+        let mut lasts = Vec::new();
+        for p in &pages {
+            let f = frame(p);
+            assert!(f.len() <= MAX_FRAME as usize + 4);
+            match decode(&f).unwrap().unwrap().0 {
+                Message::Resume {
+                    ranges,
+                    last,
+                    epoch,
+                    ..
+                } => {
+                    assert_eq!(epoch, 2);
+                    lasts.push(last);
+                    ranges.into_iter().for_each(|r| back.insert_range(r));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(back, applied);
+        assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+        assert_eq!(lasts.last(), Some(&true));
+        // Nothing applied: one empty, last page.
+        assert_eq!(resume_pages(l, 9, 2, &RangeSet::new()).len(), 1);
+        // A string longer than the limit is cut at a character boundary, not split.
+        let long = "é".repeat(3000);
+        let f = frame(&Message::Error {
+            code: 1,
+            message: long,
+        });
+        match decode(&f).unwrap().unwrap().0 {
+            Message::Error { message, .. } => assert!(message.len() <= MAX_STRING as usize),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn chunks_pick_their_encoding_and_verify_checksums() {
-        let zero = Chunk::pack(1, 0, 0, &[0u8; 65536], true);
+        let t = tag(1);
+        let zero = Chunk::pack(t, 0, 0, &[0u8; 65536], true);
         assert_eq!((zero.encoding, zero.payload.len()), (Encoding::Zero, 0));
         assert_eq!(zero.unpack(), Ok(None));
         let text: Vec<u8> = b"replicate me "
@@ -883,7 +1270,7 @@ mod tests {
             .take(65536)
             .copied()
             .collect();
-        let c = Chunk::pack(1, 0, 0, &text, true);
+        let c = Chunk::pack(t, 0, 0, &text, true);
         assert_eq!(c.encoding, Encoding::Lz4);
         assert!(c.payload.len() < 2000);
         assert_eq!(c.unpack().unwrap().unwrap(), text);
@@ -896,7 +1283,7 @@ mod tests {
                 x as u8
             })
             .collect();
-        let r = Chunk::pack(1, 0, 0, &noise, true);
+        let r = Chunk::pack(t, 0, 0, &noise, true);
         assert_eq!(r.encoding, Encoding::Raw);
         let mut bad = c.clone();
         bad.payload[10] ^= 0x55;
@@ -909,7 +1296,7 @@ mod tests {
         assert!(zlie.unpack().is_err());
         // A scratch buffer left longer and dirty by an earlier chunk still unpacks exactly.
         let mut scratch = vec![0xee; 2 * 65536];
-        let short = Chunk::pack(1, 0, 0, &text[..4096], true);
+        let short = Chunk::pack(t, 0, 0, &text[..4096], true);
         assert_eq!(
             short.unpack_into(&mut scratch).unwrap(),
             Some(&text[..4096])
@@ -939,13 +1326,14 @@ mod tests {
     #[test]
     fn zero_blocks_amid_data_travel_as_zero_markers() {
         const B: usize = 4096;
+        let t = tag(1);
         // Blocks: data, zero, zero, data, zero (the last one short), from a disk offset that
         // is not a block boundary: the first "block" is the 1 KiB up to the boundary.
         let mut data = vec![0u8; 1024 + 4 * B + 100];
         data[..1024].fill(7);
         data[1024 + 2 * B..1024 + 3 * B].fill(9);
         let offset = 3 * B as u64 + 3072;
-        let chunks = Chunk::pack_blocks(1, 2, offset, &data, B as u32, true);
+        let chunks = Chunk::pack_blocks(t, 2, offset, &data, B as u32, true);
         let shape: Vec<(u64, u32, Encoding)> = chunks
             .iter()
             .map(|c| (c.offset, c.len, c.encoding))
@@ -960,34 +1348,35 @@ mod tests {
                 (o + 1024 + 3 * B as u64, B as u32 + 100, Encoding::Zero),
             ]
         );
-        // Unpacked back to back, they are the data.
+        // Unpacked back to back, they are the data; together they tile the run.
         let mut back = Vec::new();
+        let mut covered = RangeSet::new();
         for c in &chunks {
-            assert_eq!((c.cycle, c.disk), (1, 2));
+            assert_eq!((c.tag, c.disk), (t, 2));
+            covered.insert_range(c.range());
             match c.unpack().unwrap() {
                 Some(d) => back.extend(d),
                 None => back.extend(vec![0u8; c.len as usize]),
             }
         }
         assert_eq!(back, data);
+        assert_eq!(
+            covered.iter().collect::<Vec<_>>(),
+            vec![Range {
+                disk: 2,
+                offset,
+                len: data.len() as u64
+            }]
+        );
         // All data, or all zero: one chunk, as `pack` makes it.
         assert_eq!(
-            Chunk::pack_blocks(1, 0, 0, &[5; 3 * B], B as u32, true).len(),
+            Chunk::pack_blocks(t, 0, 0, &[5; 3 * B], B as u32, true).len(),
             1
         );
-        let z = Chunk::pack_blocks(1, 0, 0, &[0; 3 * B], B as u32, true);
+        let z = Chunk::pack_blocks(t, 0, 0, &[0; 3 * B], B as u32, true);
         assert_eq!((z.len(), z[0].encoding), (1, Encoding::Zero));
         // No block size: packed whole.
-        assert_eq!(Chunk::pack_blocks(1, 0, offset, &data, 0, true).len(), 1);
-        assert!(Chunk::pack_blocks(1, 0, 0, &[], B as u32, true).is_empty());
-    }
-
-    #[test]
-    fn digest_is_order_independent_and_sensitive() {
-        let a = (ChunkId { disk: 0, offset: 0 }, 1);
-        let b = (ChunkId { disk: 1, offset: 0 }, 2);
-        assert_eq!(digest([a, b]), digest([b, a]));
-        assert_ne!(digest([a, b]), digest([a]));
-        assert_ne!(digest([a]), digest([(a.0, 3)]));
+        assert_eq!(Chunk::pack_blocks(t, 0, offset, &data, 0, true).len(), 1);
+        assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
     }
 }
