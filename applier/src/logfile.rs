@@ -1,21 +1,21 @@
-//! Append-only log files of wire frames (the staging log and the undo journal), written and
-//! read back with direct I/O where the filesystem allows it.
+//! Append-only log files (the undo logs), written with direct I/O where the filesystem allows
+//! it.
 //!
-//! A cycle's chunks are written to its staging log once and read back once, by the apply;
-//! through the page cache each 4 KiB would also cost a freshly allocated page. The writer
-//! therefore gathers appended frames in an aligned buffer and writes whole aligned blocks
-//! with `O_DIRECT`; [`LogWriter::flush`] writes the partial last block too, zero-padded, and
-//! trims the file back to the log's length, so the file always ends at its last frame (a scan
-//! after a crash finds the same frames as with buffered writes). The block holding the end of
-//! the log is kept in memory and rewritten with the frames that follow it: its flushed prefix
-//! is rewritten byte for byte, so a torn rewrite cannot damage a flushed frame.
+//! A cycle's undo log is written once and read back rarely (a rollback, an export, a test
+//! failover); through the page cache each 4 KiB would also cost a freshly allocated page and
+//! evict what the host caches for others. The writer therefore gathers appended records in an
+//! aligned buffer and writes whole aligned blocks with `O_DIRECT`; [`LogWriter::flush`] writes the partial last block too, zero-padded, and
+//! trims the file back to the log's length, so the file always ends at its last record (a scan
+//! after a crash finds the same records as with buffered writes). The block holding the end of
+//! the log is kept in memory and rewritten with the records that follow it: its flushed prefix
+//! is rewritten byte for byte, so a torn rewrite cannot damage a flushed record.
 //!
-//! A failed write (a full disk) leaves the log's end unknown (a frame may be half in the
+//! A failed write (a full disk) leaves the log's end unknown (a record may be half in the
 //! file), so the writer refuses everything after it: callers reopen the log, whose scan keeps
 //! what reached the file. (Writing full blocks on a thread of their own, so that appends made
 //! under a VM's lock never wait for the disk, measured no faster on a 1 GiB cycle.)
 //!
-//! Where direct I/O is refused (tmpfs, some FUSE filesystems) frames are written as they are
+//! Where direct I/O is refused (tmpfs, some FUSE filesystems) records are written as they are
 //! appended, through the page cache.
 
 use std::fs::File;
@@ -24,27 +24,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vmreplica_common::direct::{self, ALIGN};
-use vmreplica_common::wire::{self, Chunk, Message};
-
-/// Reads the chunk frames at the start of the log file `file` (at `path`) of `total` bytes,
-/// handing each with its position to `keep` until a torn or foreign frame or one `keep`
-/// refuses; returns where the intact prefix ends.
-pub(crate) fn scan_log(
-    file: &File,
-    path: &Path,
-    total: u64,
-    mut keep: impl FnMut(&Chunk, u64) -> bool,
-) -> io::Result<u64> {
-    let mut r = LogReader::new(file, path, total)?;
-    let mut pos = 0u64;
-    while let Ok((c, n)) = r.frame_at(pos) {
-        if !keep(&c, pos) {
-            break;
-        }
-        pos += n;
-    }
-    Ok(pos)
-}
 
 /// Bytes gathered before a direct write: large writes keep the disk streaming.
 const BLOCK: usize = 4 << 20;
@@ -98,14 +77,6 @@ impl LogWriter {
     /// The log's length: everything appended so far.
     pub fn len(&self) -> u64 {
         self.base + self.fill as u64
-    }
-
-    /// Appends the frame of chunk `c` (its head, then its payload: the payload is not copied
-    /// into a frame first); returns the frame's length. Until [`LogWriter::flush`], the end of
-    /// the log may be in memory only.
-    pub fn append_chunk(&mut self, c: &Chunk) -> io::Result<u64> {
-        let head = wire::chunk_frame_head(c);
-        self.append(&[&head, &c.payload])
     }
 
     /// Appends `parts` as one piece of the log; returns its length. After an error the writer
@@ -213,11 +184,6 @@ impl LogWriter {
         let r = self.file.sync_data();
         self.poison_on(r)
     }
-
-    /// The file, for reading frames back (after a [`LogWriter::flush`]).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
 }
 
 impl Drop for LogWriter {
@@ -229,118 +195,6 @@ impl Drop for LogWriter {
             }
         }
     }
-}
-
-/// Reads frames of a log file at increasing positions through one aligned buffer, with
-/// direct reads where the filesystem allows them (one large read brings many frames).
-pub(crate) struct LogReader<'a> {
-    file: &'a File,
-    direct: Option<File>,
-    buf: Vec<u8>,
-    at: usize,
-    /// File range held in `buf[at..]`.
-    start: u64,
-    end: u64,
-    /// The log's length.
-    len: u64,
-}
-
-impl<'a> LogReader<'a> {
-    pub fn new(file: &'a File, path: &Path, len: u64) -> io::Result<LogReader<'a>> {
-        Ok(LogReader {
-            file,
-            direct: direct::open(path, false)?,
-            buf: Vec::new(),
-            at: 0,
-            start: 0,
-            end: 0,
-            len,
-        })
-    }
-
-    /// The `n` bytes of the log at `pos`.
-    fn bytes(&mut self, pos: u64, n: usize) -> io::Result<&[u8]> {
-        let want_end = pos + n as u64;
-        if want_end > self.len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("log ends at {}, frame needs {want_end}", self.len),
-            ));
-        }
-        if pos < self.start || want_end > self.end {
-            self.fill(pos, n)?;
-        }
-        let i = self.at + (pos - self.start) as usize;
-        Ok(&self.buf[i..i + n])
-    }
-
-    /// Reads at least `[pos, pos + n)` into the buffer, and as much after it as a block holds.
-    fn fill(&mut self, pos: u64, n: usize) -> io::Result<()> {
-        let start = pos - pos % ALIGN as u64;
-        let span = round_up((pos - start) as usize + n).max(BLOCK);
-        let span = span.min(round_up((self.len - start) as usize));
-        self.at = direct::aligned(&mut self.buf, span);
-        let dst = &mut self.buf[self.at..self.at + span];
-        let direct = match &self.direct {
-            Some(f) => match read_to_end_direct(f, dst, start) {
-                Err(e) if direct::is_refusal(&e) => {
-                    tracing::debug!("direct reads refused ({e}); log read buffered");
-                    self.direct = None;
-                    None
-                }
-                r => Some(r?),
-            },
-            None => None,
-        };
-        let got = match direct {
-            Some(got) => got,
-            None => {
-                let want = ((self.len - start) as usize).min(span);
-                self.file.read_exact_at(&mut dst[..want], start)?;
-                want
-            }
-        };
-        self.start = start;
-        self.end = start + got as u64;
-        if self.end < pos + n as u64 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("log file ends at {} before {}", self.end, pos + n as u64),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The chunk whose frame starts at `pos`, and the frame's length.
-    pub fn frame_at(&mut self, pos: u64) -> io::Result<(Chunk, u64)> {
-        let h = self.bytes(pos, 4)?;
-        let n = wire::frame_len([h[0], h[1], h[2], h[3]]).map_err(io::Error::other)?;
-        let body = self.bytes(pos + 4, n as usize)?;
-        match wire::decode_body(body) {
-            Ok(Message::Chunk(c)) => Ok((c, 4 + u64::from(n))),
-            Ok(_) => Err(io::Error::other("a non-chunk frame")),
-            Err(e) => Err(io::Error::other(e.to_string())),
-        }
-    }
-}
-
-/// Fills `dst` from `offset` with direct reads until it is full or the file ends; returns the
-/// bytes read. (A direct read comes back short only at the end of the file.)
-fn read_to_end_direct(f: &File, dst: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut got = 0;
-    while got < dst.len() {
-        let n = match f.read_at(&mut dst[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        got += n;
-        if !got.is_multiple_of(ALIGN) {
-            break;
-        }
-    }
-    Ok(got)
 }
 
 #[cfg(test)]
@@ -358,32 +212,28 @@ mod tests {
             .unwrap()
     }
 
-    fn frames(n: usize) -> Vec<Chunk> {
+    fn pieces(n: usize) -> Vec<Vec<u8>> {
         (0..n)
             .map(|i| {
-                let data: Vec<u8> = (0..(i % 7 + 1) * 37_000)
+                (0..(i % 7 + 1) * 37_000)
                     .map(|j| (j * i % 253) as u8)
-                    .collect();
-                Chunk::pack(9, 0, (i as u64) << 20, &data, i % 2 == 0)
+                    .collect()
             })
             .collect()
     }
 
     /// On /var/tmp (a disk filesystem: direct I/O) and on the tmpfs-or-not /tmp alike, the
-    /// log is the frames back to back, whatever was flushed when, and it reads back whole.
+    /// log is the pieces back to back, whatever was flushed when.
     #[test]
-    fn appended_frames_read_back_and_the_file_ends_at_the_log() {
+    fn appended_pieces_read_back_and_the_file_ends_at_the_log() {
         for root in ["/var/tmp", "/tmp"] {
             let dir = tempfile::tempdir_in(root).unwrap();
             let p = dir.path().join("log");
-            let chunks = frames(300);
             let mut expect = Vec::new();
             let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
-            let mut positions = Vec::new();
-            for (i, c) in chunks.iter().enumerate() {
-                positions.push(w.len());
-                wire::encode_chunk(c, &mut expect);
-                w.append_chunk(c).unwrap();
+            for (i, piece) in pieces(300).iter().enumerate() {
+                expect.extend_from_slice(piece);
+                w.append(&[&piece[..10], &piece[10..]]).unwrap();
                 if i % 37 == 0 {
                     w.flush().unwrap();
                     assert_eq!(std::fs::metadata(&p).unwrap().len(), w.len());
@@ -398,43 +248,33 @@ mod tests {
             }
             w.sync().unwrap();
             assert_eq!(w.len(), expect.len() as u64);
-            assert_eq!(std::fs::read(&p).unwrap(), expect, "{root}");
-            let mut r = LogReader::new(w.file(), &p, w.len()).unwrap();
-            for (pos, c) in positions.iter().zip(&chunks) {
-                assert_eq!(&r.frame_at(*pos).unwrap().0, c);
-            }
-            // Backwards too (a refill behind the window), and past the end is an error.
-            assert_eq!(&r.frame_at(positions[3]).unwrap().0, &chunks[3]);
-            assert!(r.frame_at(w.len()).is_err());
+            assert!(std::fs::read(&p).unwrap() == expect, "{root}");
         }
     }
 
-    /// A crash (the writer vanishes without flushing) keeps every frame flushed before it and
-    /// whole blocks written since: a scan finds an intact prefix of the frames.
+    /// A crash (the writer vanishes without flushing) keeps everything synced before it and
+    /// whole blocks written since: the file is a prefix of the log.
     #[test]
-    fn a_crash_keeps_an_intact_prefix_of_the_frames() {
+    fn a_crash_keeps_a_prefix_of_the_log() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let p = dir.path().join("log");
-        let chunks = frames(200);
+        let all = pieces(200);
         let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
-        for c in &chunks[..50] {
-            w.append_chunk(c).unwrap();
+        let mut expect = Vec::new();
+        for piece in &all[..50] {
+            w.append(&[piece]).unwrap();
+            expect.extend_from_slice(piece);
         }
         w.sync().unwrap();
-        for c in &chunks[50..] {
-            w.append_chunk(c).unwrap();
+        let synced = expect.len();
+        for piece in &all[50..] {
+            w.append(&[piece]).unwrap();
+            expect.extend_from_slice(piece);
         }
         std::mem::forget(w);
-        let f = rw(&p);
-        let mut found = Vec::new();
-        let total = f.metadata().unwrap().len();
-        scan_log(&f, &p, total, |c, _| {
-            found.push(c.clone());
-            true
-        })
-        .unwrap();
-        assert!(found.len() >= 50 && found.len() < 200, "{}", found.len());
-        assert_eq!(found, chunks[..found.len()]);
+        let got = std::fs::read(&p).unwrap();
+        assert!(got.len() >= synced && got.len() < expect.len());
+        assert!(got[..] == expect[..got.len()]);
     }
 
     /// A write that fails (here: /dev/full, as a full disk) leaves the writer refusing every

@@ -1,0 +1,187 @@
+//! The lineage rules on the replica side, as one pure function: which cycles a replica
+//! accepts, and whether a cycle continues the one it holds in part.
+//!
+//! - An empty replica (no point yet) accepts an initial copy with any lineage and number.
+//! - A replica of lineage R accepts a delta cycle of R only as `last + 1`, and a resync of R
+//!   with any number `> last`; it refuses an initial copy (that would replace it) and any
+//!   other lineage.
+//! - A replica without a lineage (written before lineages existed) accepts only a resync.
+//!
+//! A refusal says why and what to do, and never changes the replica. The session checks
+//! these before it asks the store to start a cycle, and the store checks them again.
+
+use vmreplica_common::lineage::{show, Lineage};
+use vmreplica_common::wire::{CycleKind, Receiving};
+
+/// What the rules need to know of a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replica {
+    pub lineage: Option<Lineage>,
+    pub last_cycle: u64,
+    /// Whether it holds a recovery point (an empty replica holds none).
+    pub has_points: bool,
+    pub receiving: Option<Receiving>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// The cycle is the one held in part: go on where it stopped.
+    Continue,
+    /// A new cycle: whatever is held in part is rolled back first.
+    Fresh,
+}
+
+/// Whether replica `r` of VM `vm` takes cycle `cycle` of `lineage`, of kind `kind`.
+pub fn decide(
+    vm: &str,
+    r: &Replica,
+    lineage: Lineage,
+    cycle: u64,
+    kind: CycleKind,
+) -> Result<Decision, String> {
+    let nothing = "nothing on the replica was changed";
+    if cycle == 0 {
+        return Err(format!("VM {vm}: cycle 0 does not exist; {nothing}"));
+    }
+    if !r.has_points && r.lineage.is_none() {
+        if kind != CycleKind::Initial {
+            return Err(format!(
+                "VM {vm}: the replica is empty, so it needs an initial copy, not a {} cycle \
+                 ({cycle} of lineage {lineage}); {nothing}",
+                kind.name()
+            ));
+        }
+    } else if let Some(have) = r.lineage.filter(|have| *have != lineage) {
+        return Err(format!(
+            "VM {vm}: the primary sends cycle {cycle} of lineage {lineage}, but the replica \
+             holds lineage {have} (up to cycle {}): they are not one history of this VM (a \
+             different primary or tracker, or a restored one); {nothing}. To replace the \
+             replica with this primary's disks, stop the applier, remove the VM's directory \
+             from the store and let the shipper make a new initial copy",
+            r.last_cycle
+        ));
+    } else {
+        match kind {
+            CycleKind::Initial => {
+                return Err(format!(
+                    "VM {vm}: the replica already holds cycle {} of lineage {}; an initial copy \
+                     would replace it, so it is refused ({nothing}). The shipper resyncs by \
+                     checksums instead; to start over, remove the VM's directory from the store",
+                    r.last_cycle,
+                    show(r.lineage)
+                ))
+            }
+            CycleKind::Delta if r.lineage.is_none() => {
+                return Err(format!(
+                    "VM {vm}: the replica has no lineage (an older store): only a resync can \
+                     continue it; {nothing}"
+                ))
+            }
+            CycleKind::Delta if cycle != r.last_cycle + 1 => {
+                return Err(format!(
+                    "VM {vm}: delta cycle {cycle} of lineage {lineage} does not follow the \
+                     replica's last cycle {} (it must be {}): applying it would leave the \
+                     replica silently different from the primary; {nothing}. The shipper must \
+                     resync by checksums",
+                    r.last_cycle,
+                    r.last_cycle + 1
+                ))
+            }
+            CycleKind::Resync if cycle <= r.last_cycle => {
+                return Err(format!(
+                    "VM {vm}: resync cycle {cycle} of lineage {lineage} is not after the \
+                     replica's last cycle {}; {nothing}",
+                    r.last_cycle
+                ))
+            }
+            _ => {}
+        }
+    }
+    let same = Receiving {
+        lineage,
+        cycle,
+        kind,
+    };
+    Ok(if r.receiving == Some(same) {
+        Decision::Continue
+    } else {
+        Decision::Fresh
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Lineage = Lineage([0xa; 16]);
+    const B: Lineage = Lineage([0xb; 16]);
+
+    fn at(lineage: Option<Lineage>, last: u64) -> Replica {
+        Replica {
+            lineage,
+            last_cycle: last,
+            has_points: last > 0,
+            receiving: None,
+        }
+    }
+
+    #[test]
+    fn gaps_other_lineages_and_replacing_copies_are_refused() {
+        use CycleKind::*;
+        let empty = at(None, 0);
+        assert_eq!(decide("vm1", &empty, A, 7, Initial), Ok(Decision::Fresh));
+        assert!(decide("vm1", &empty, A, 7, Delta)
+            .unwrap_err()
+            .contains("empty"));
+        let r = at(Some(A), 5);
+        assert_eq!(decide("vm1", &r, A, 6, Delta), Ok(Decision::Fresh));
+        // A gap (N+2 after N), an old cycle, the same one again.
+        for c in [7, 8, 5, 4] {
+            let e = decide("vm1", &r, A, c, Delta).unwrap_err();
+            assert!(e.contains("must be 6") && e.contains("vm1"), "{e}");
+        }
+        assert_eq!(decide("vm1", &r, A, 9, Resync), Ok(Decision::Fresh));
+        assert!(decide("vm1", &r, A, 5, Resync).is_err());
+        let e = decide("vm1", &r, A, 9, Initial).unwrap_err();
+        assert!(e.contains("would replace it"), "{e}");
+        let e = decide("vm1", &r, B, 6, Delta).unwrap_err();
+        assert!(
+            e.contains(&A.to_string()) && e.contains(&B.to_string()),
+            "{e}"
+        );
+        assert!(e.contains("nothing on the replica was changed"), "{e}");
+        // No lineage (an older store): only a resync.
+        let old = Replica {
+            lineage: None,
+            last_cycle: 3,
+            has_points: true,
+            receiving: None,
+        };
+        assert!(decide("vm1", &old, A, 4, Delta).is_err());
+        assert_eq!(decide("vm1", &old, A, 4, Resync), Ok(Decision::Fresh));
+        assert!(decide("vm1", &r, A, 0, Resync).is_err());
+    }
+
+    #[test]
+    fn the_cycle_held_in_part_continues_anything_else_starts_fresh() {
+        let mut r = at(Some(A), 5);
+        r.receiving = Some(Receiving {
+            lineage: A,
+            cycle: 6,
+            kind: CycleKind::Delta,
+        });
+        assert_eq!(
+            decide("vm1", &r, A, 6, CycleKind::Delta),
+            Ok(Decision::Continue)
+        );
+        // Same number, another kind (a resync after the tracker lost its state): fresh.
+        assert_eq!(
+            decide("vm1", &r, A, 6, CycleKind::Resync),
+            Ok(Decision::Fresh)
+        );
+        assert_eq!(
+            decide("vm1", &r, A, 7, CycleKind::Resync),
+            Ok(Decision::Fresh)
+        );
+    }
+}

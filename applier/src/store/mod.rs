@@ -1,0 +1,578 @@
+//! Per-VM replica storage: sparse replica images, written in place behind each cycle's
+//! write-ahead undo log, and recovery points.
+//!
+//! Layout under the store root, per VM: `state.json` (versioned, atomic: see [`state`]),
+//! `disks/NAME.img` (sparse replica images), `undo/CYCLE.undo` (the undo log of each cycle
+//! after the oldest point, and of the cycle being received), and `VM.lock` beside the VM's
+//! directory (one process at a time opens a replica).
+//!
+//! A cycle (see `receive`) writes its chunks into the images as they arrive, each after the
+//! old contents it overwrites are durable in its undo log. It commits (see `apply`) when its
+//! manifest has arrived and all its writes are done: images fsynced, undo log finished,
+//! state records the point, then the acknowledgement. A crash, a cut link or a bad manifest
+//! leaves a partial cycle, which is continued when the shipper resumes it or rolled back from
+//! its undo log (when another cycle starts, or on demand). Readers see the last complete
+//! point through a [`PointView`](crate::pointview::PointView) (image, plus the undo overlay of
+//! the cycle in progress and of later cycles), never a torn image.
+//!
+//! Modules: [`state`] (the state file), `receive` (the pipeline), `apply` (commit and
+//! rollback), `points` (retention), `export`, `verify` (checksums).
+
+mod apply;
+mod export;
+mod points;
+mod receive;
+pub(crate) mod state;
+#[cfg(test)]
+mod tests;
+mod verify;
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use thiserror::Error;
+use vmreplica_common::direct;
+use vmreplica_common::lineage::Lineage;
+use vmreplica_common::wire::{code, DiskInfo, Receiving};
+use vmreplica_common::{validate_name, NameError, StateFileError};
+
+use crate::image::{Buffers, Image};
+use crate::pointview::VmShared;
+use crate::undo::LogIndex;
+
+pub use apply::{Committed, Started};
+pub use export::{check_export_dir, export};
+pub use points::{plan_retention, Retention};
+pub use receive::{Failure, Job, JobSender};
+pub use state::{PointInfo, Span, SpanParent};
+
+use receive::{Partial, Running};
+use state::VmState;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("no space left for VM {vm} at {path}")]
+    NoSpace { vm: String, path: PathBuf },
+    #[error("VM name {name:?}: {source}")]
+    Name { name: String, source: NameError },
+    #[error("VM {vm} belongs to primary {owner:?}; {peer:?} may not write it")]
+    NotOwner {
+        vm: String,
+        owner: String,
+        peer: String,
+    },
+    #[error("VM {vm}: disks {given:?} do not match the replica's {have:?}")]
+    DiskMismatch {
+        vm: String,
+        given: Vec<String>,
+        have: Vec<String>,
+    },
+    /// A cycle the lineage rules refuse (see `rules`): the replica is unchanged.
+    #[error("{0}")]
+    Refused(String),
+    #[error("VM {vm}: cycle {cycle} (attempt {epoch}) is not the one being received")]
+    NoSuchCycle { vm: String, cycle: u64, epoch: u64 },
+    #[error(
+        "VM {vm} cycle {cycle}: {have_ranges} ranges ({have_bytes} bytes) are applied, the \
+         manifest says {want_ranges} ({want_bytes} bytes) or their digests differ; the cycle \
+         stays received in part and resumes"
+    )]
+    Incomplete {
+        vm: String,
+        cycle: u64,
+        have_ranges: u64,
+        have_bytes: u64,
+        want_ranges: u64,
+        want_bytes: u64,
+    },
+    #[error("VM {vm}: bad chunk: {reason}")]
+    BadChunk { vm: String, reason: String },
+    #[error("VM {vm} has no recovery point {cycle}")]
+    NoSuchPoint { vm: String, cycle: u64 },
+    #[error("VM {0} has no replica")]
+    NoReplica(String),
+    #[error(
+        "VM {vm}: its replica is open in another process (a running applier, or an export); \
+         stop that first"
+    )]
+    Busy { vm: String },
+    #[error(
+        "VM {vm}: the replica at {path} was written by an older vmreplica (state format \
+         version 1), whose staging and undo logs this version does not read; export what you \
+         need with the older version, then remove the VM's directory and let the shipper make \
+         a new initial copy"
+    )]
+    OldFormat { vm: String, path: PathBuf },
+    #[error(
+        "VM {vm}: replica image {path} is {found} bytes, its state says {want}: it was \
+         changed outside vmreplica; refusing to use it"
+    )]
+    ImageSize {
+        vm: String,
+        path: PathBuf,
+        found: u64,
+        want: u64,
+    },
+    #[error("{0}")]
+    Receive(Failure),
+    #[error("{0}")]
+    Export(String),
+    #[error(transparent)]
+    State(#[from] StateFileError),
+}
+
+impl StoreError {
+    /// The wire error code the peer gets for it.
+    pub fn code(&self) -> u16 {
+        match self {
+            StoreError::NoSpace { .. } => code::NO_SPACE,
+            StoreError::BadChunk { .. } => code::BAD_DATA,
+            StoreError::NotOwner { .. } | StoreError::Name { .. } => code::NOT_ALLOWED,
+            StoreError::Incomplete { .. } => code::INCOMPLETE,
+            StoreError::Refused(_) => code::LINEAGE,
+            StoreError::NoSuchCycle { .. } => code::STALE,
+            StoreError::DiskMismatch { .. } => code::PROTOCOL,
+            StoreError::Busy { .. } => code::BUSY,
+            StoreError::Receive(f) => f.code,
+            StoreError::State(StateFileError::Write { source, .. })
+                if source.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                code::NO_SPACE
+            }
+            _ => code::INTERNAL,
+        }
+    }
+}
+
+/// The root of all replicas on this host.
+pub struct Store {
+    root: PathBuf,
+    retention: Retention,
+}
+
+impl Store {
+    pub fn new(root: &Path, retention: Retention) -> Result<Store, StoreError> {
+        fs::create_dir_all(root).map_err(|source| StoreError::Io {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            retention,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// Opens the replica of `vm` for primary `peer` (creating it on first contact). It has
+    /// the replica to itself: [`StoreError::Busy`] while another process has it open.
+    pub fn open_vm(&self, vm: &str, peer: &str) -> Result<VmStore, StoreError> {
+        VmStore::open(&self.root, vm, Some(peer), self.retention)
+    }
+
+    /// Opens an existing replica for local administration (points, export, rollback).
+    pub fn open_existing(&self, vm: &str) -> Result<VmStore, StoreError> {
+        VmStore::open(&self.root, vm, None, self.retention)
+    }
+
+    /// The recovery points of `vm`, read from its state file without opening the replica (so
+    /// also while an applier has it open).
+    pub fn points(&self, vm: &str) -> Result<Vec<PointInfo>, StoreError> {
+        Ok(self.peek(vm)?.points)
+    }
+
+    pub(crate) fn peek_state(&self, vm: &str) -> Result<VmState, StoreError> {
+        self.peek(vm)
+    }
+
+    fn peek(&self, vm: &str) -> Result<VmState, StoreError> {
+        let p = vm_dir(&self.root, vm)?.join("state.json");
+        read_vm_state(vm, &p)?.ok_or_else(|| StoreError::NoReplica(vm.to_string()))
+    }
+
+    /// What the store holds, as the admin socket's `status` reports it (read from the state
+    /// files, for when no applier runs).
+    pub fn status(&self) -> serde_json::Value {
+        let states = self
+            .vms()
+            .into_iter()
+            .filter_map(|n| self.peek(&n).ok().map(|s| (n, s, false)));
+        status_json(&self.root, states)
+    }
+
+    /// VMs with a replica here.
+    pub fn vms(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("state.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// The status of replicas: (VM, state, whether an applier has it open).
+pub(crate) fn status_json(
+    root: &Path,
+    states: impl IntoIterator<Item = (String, VmState, bool)>,
+) -> serde_json::Value {
+    let vms: Vec<serde_json::Value> = states
+        .into_iter()
+        .map(|(name, s, open)| {
+            serde_json::json!({
+                "vm": name,
+                "open": open,
+                "owner": s.owner,
+                "lineage": s.lineage,
+                "last_cycle": s.last_cycle,
+                "receiving": s.receiving.as_ref().map(|r| serde_json::json!({
+                    "lineage": r.lineage, "cycle": r.cycle, "kind": r.kind, "epoch": r.epoch,
+                })),
+                "points": s.points.len(),
+                "newest_point": s.points.last().map(|p| p.cycle),
+                "history": s.history,
+            })
+        })
+        .collect();
+    serde_json::json!({ "store": root, "vms": vms })
+}
+
+/// Reads a VM's state, refusing a format-1 store with a message that says what to do.
+fn read_vm_state(vm: &str, p: &Path) -> Result<Option<VmState>, StoreError> {
+    match VmState::load(p) {
+        Err(StateFileError::WrongVersion { found: 1, .. }) => Err(StoreError::OldFormat {
+            vm: vm.to_string(),
+            path: p.parent().unwrap_or(p).to_path_buf(),
+        }),
+        r => Ok(r?),
+    }
+}
+
+/// The directory of VM `vm`'s replica under `root`, once its name is checked.
+fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
+    validate_name(vm).map_err(|source| StoreError::Name {
+        name: vm.to_string(),
+        source,
+    })?;
+    Ok(root.join(vm))
+}
+
+/// Takes `ROOT/VM.lock` exclusively (flock; released when the file is closed, also by a
+/// crash), so that one process at a time opens a replica.
+fn lock_vm(root: &Path, vm: &str) -> Result<File, StoreError> {
+    let p = root.join(format!("{vm}.lock"));
+    let io = |source| StoreError::Io {
+        path: p.clone(),
+        source,
+    };
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(io)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            StoreError::Busy { vm: vm.to_string() }
+        } else {
+            io(e)
+        });
+    }
+    Ok(f)
+}
+
+/// An I/O error about `path` of VM `vm`, a full disk told apart.
+pub(crate) fn io_err(vm: &str, path: &Path, source: io::Error) -> StoreError {
+    if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC) {
+        StoreError::NoSpace {
+            vm: vm.to_string(),
+            path: path.to_path_buf(),
+        }
+    } else {
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// One replica, opened by this process.
+pub struct VmStore {
+    shared: Arc<VmShared>,
+    state: VmState,
+    retention: Retention,
+    /// The cycle held in part, when no pipeline runs it.
+    partial: Option<Partial>,
+    /// The pipeline of the cycle being received.
+    running: Option<Running>,
+    buffers: Arc<Buffers>,
+    /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
+    _lock: File,
+    /// Test hook: the next state save fails (as on a full disk).
+    #[cfg(test)]
+    pub(crate) fail_save: bool,
+}
+
+impl VmStore {
+    fn open(
+        root: &Path,
+        vm: &str,
+        peer: Option<&str>,
+        retention: Retention,
+    ) -> Result<VmStore, StoreError> {
+        let dir = vm_dir(root, vm)?;
+        let state_path = dir.join("state.json");
+        if peer.is_none() && !state_path.exists() {
+            // Administration of a replica that is not there: no lock file left behind.
+            return Err(StoreError::NoReplica(vm.to_string()));
+        }
+        let lock = lock_vm(root, vm)?;
+        let state = match read_vm_state(vm, &state_path)? {
+            Some(s) => s,
+            None => match peer {
+                Some(peer) => VmState::new(peer),
+                None => return Err(StoreError::NoReplica(vm.to_string())),
+            },
+        };
+        if let Some(peer) = peer {
+            if state.owner != peer {
+                return Err(StoreError::NotOwner {
+                    vm: vm.to_string(),
+                    owner: state.owner,
+                    peer: peer.to_string(),
+                });
+            }
+        }
+        let shared = Arc::new(VmShared::new(vm, dir, &state));
+        let mut s = VmStore {
+            shared,
+            state,
+            retention,
+            partial: None,
+            running: None,
+            buffers: Arc::default(),
+            _lock: lock,
+            #[cfg(test)]
+            fail_save: false,
+        };
+        s.open_images(false)?;
+        s.load_chain()?;
+        s.remove_unreferenced()?;
+        if let Some(r) = &s.state.receiving {
+            tracing::warn!(
+                vm,
+                cycle = r.cycle,
+                "a cycle was received in part; it continues when the shipper resumes it, or is rolled back"
+            );
+        }
+        Ok(s)
+    }
+
+    pub fn vm(&self) -> &str {
+        &self.shared.vm
+    }
+
+    fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// What point views of this replica share with it.
+    pub fn shared(&self) -> &Arc<VmShared> {
+        &self.shared
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.state.owner
+    }
+
+    pub fn last_cycle(&self) -> u64 {
+        self.state.last_cycle
+    }
+
+    pub fn lineage(&self) -> Option<Lineage> {
+        self.state.lineage
+    }
+
+    pub fn history(&self) -> &[Span] {
+        &self.state.history
+    }
+
+    /// What the lineage rules need to know of this replica.
+    pub fn replica(&self) -> crate::rules::Replica {
+        self.state.replica()
+    }
+
+    /// The cycle held in part, if any.
+    pub fn receiving(&self) -> Option<Receiving> {
+        self.state.receiving_info()
+    }
+
+    pub fn points(&self) -> Vec<PointInfo> {
+        self.state.points.clone()
+    }
+
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.state
+            .disks
+            .iter()
+            .map(|d| DiskInfo {
+                name: d.name.clone(),
+                size: d.size,
+                granularity: d.granularity,
+            })
+            .collect()
+    }
+
+    pub fn disk_names(&self) -> Vec<String> {
+        self.state.disks.iter().map(|d| d.name.clone()).collect()
+    }
+
+    pub fn image_path(&self, disk: &str) -> PathBuf {
+        self.dir().join("disks").join(format!("{disk}.img"))
+    }
+
+    fn undo_path(&self, file: &str) -> PathBuf {
+        self.dir().join("undo").join(file)
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(io::Error) -> StoreError {
+        let (vm, path) = (self.vm().to_string(), path.to_path_buf());
+        move |source| io_err(&vm, &path, source)
+    }
+
+    /// Saves `next` as the state, then makes it the state in memory (and for views). If the
+    /// save fails, nothing changes.
+    fn commit_state(&mut self, next: VmState) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_save) {
+            return Err(StoreError::State(StateFileError::Write {
+                path: self.dir().join("state.json"),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            }));
+        }
+        next.save(&self.dir().join("state.json"))?;
+        self.state = next;
+        self.shared.publish(&self.state);
+        Ok(())
+    }
+
+    /// Opens (with `create`: creates) the images of the state's disks; an image whose size
+    /// is not the one the state records is refused.
+    fn open_images(&mut self, create: bool) -> Result<(), StoreError> {
+        let ddir = self.dir().join("disks");
+        if create {
+            fs::create_dir_all(&ddir).map_err(self.io(&ddir))?;
+        }
+        let mut images = Vec::new();
+        for d in &self.state.disks {
+            let p = self.image_path(&d.name);
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(&p)
+                .map_err(self.io(&p))?;
+            let len = f.metadata().map_err(self.io(&p))?.len();
+            if create && len == 0 {
+                f.set_len(d.size).map_err(self.io(&p))?;
+                f.sync_all().map_err(self.io(&p))?;
+            } else if len != d.size {
+                return Err(StoreError::ImageSize {
+                    vm: self.vm().to_string(),
+                    path: p,
+                    found: len,
+                    want: d.size,
+                });
+            }
+            let direct = direct::open(&p, true).map_err(self.io(&p))?;
+            images.push(Image { file: f, direct });
+        }
+        if create {
+            crate::undo::log::sync_dir(&ddir.join("x")).map_err(self.io(&ddir))?;
+        }
+        *self
+            .shared
+            .images
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(images);
+        Ok(())
+    }
+
+    /// Loads the undo logs of the points, and of the cycle held in part, for views.
+    fn load_chain(&mut self) -> Result<(), StoreError> {
+        let mut logs = Vec::new();
+        let mut refs = self.state.undo.clone();
+        refs.sort_by_key(|u| u.from);
+        for u in refs {
+            let p = self.undo_path(&u.file);
+            let l = crate::undo::Loaded::open(&p).map_err(self.io(&p))?;
+            let idx = LogIndex::open(u.from, u.to, &p, l.entries).map_err(self.io(&p))?;
+            logs.push(Arc::new(idx));
+        }
+        let mut receiving = None;
+        if let Some(r) = self.state.receiving.clone() {
+            let p = self.undo_path(&r.log);
+            let (log, rec) = crate::undo::UndoLog::open(&p).map_err(self.io(&p))?;
+            if rec.cut > 0 {
+                tracing::info!(vm = %self.vm(), cycle = r.cycle, bytes = rec.cut, "cut the undo log's torn tail");
+            }
+            let index = Arc::new(
+                LogIndex::open(
+                    r.cycle,
+                    self.state.newest_point(),
+                    &p,
+                    log.entries().iter().copied(),
+                )
+                .map_err(self.io(&p))?,
+            );
+            receiving = Some(Arc::clone(&index));
+            self.partial = Some(Partial {
+                lineage: r.lineage,
+                cycle: r.cycle,
+                kind: vmreplica_common::wire::CycleKind::from_name(&r.kind)
+                    .unwrap_or(vmreplica_common::wire::CycleKind::Delta),
+                epoch: r.epoch,
+                capture: r.capture,
+                log,
+                applied: rec.applied,
+                index,
+            });
+        }
+        let mut chain = self.shared.chain.write().unwrap_or_else(|e| e.into_inner());
+        chain.logs = logs;
+        chain.receiving = receiving;
+        Ok(())
+    }
+
+    /// Removes undo files no state references (left by a crash between creating or merging
+    /// a log and saving the state, or between saving and removing).
+    fn remove_unreferenced(&self) -> Result<(), StoreError> {
+        let udir = self.dir().join("undo");
+        for e in fs::read_dir(&udir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let used = self.state.undo.iter().any(|u| u.file == name)
+                || self.state.receiving.as_ref().is_some_and(|r| r.log == name);
+            if !used {
+                crate::undo::log::remove(&e.path()).map_err(self.io(&e.path()))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! A replica's state file (`STORE/VM/state.json`): disks, lineage and its history, the last
+//! cycle, the recovery points and the undo logs between them, and the cycle held in part.
+//!
+//! Every change is made on a clone, saved (temp, fsync, rename, fsync dir) and only then
+//! swapped in: a save that fails (a full disk, an I/O error) leaves the state in memory as
+//! it is on disk, so nothing is acknowledged that a restart would not know.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vmreplica_common::lineage::Lineage;
+use vmreplica_common::wire::{CycleKind, Receiving};
+use vmreplica_common::{read_state, write_state, StateFileError};
+
+use crate::rules::Replica;
+
+pub(crate) const STATE_FORMAT: &str = "vmreplica-replica";
+pub(crate) const STATE_VERSION: u32 = 2;
+
+/// One recovery point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PointInfo {
+    pub cycle: u64,
+    /// Seconds since the epoch when it was applied.
+    pub applied_at: u64,
+    pub kind: String,
+    /// Bytes it costs: the undo log that leads to it (0 for the newest point).
+    pub bytes: u64,
+}
+
+/// An undo log turning point `from` back into point `to` (`to` < `from`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct UndoRef {
+    pub from: u64,
+    pub to: u64,
+    pub file: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct DiskMeta {
+    pub name: String,
+    pub size: u64,
+    pub granularity: u32,
+}
+
+/// Where a span of cycles came from: the point it continues from in another lineage (a
+/// failover), or in the same one after a gap (a resync).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpanParent {
+    pub lineage: Lineage,
+    pub cycle: u64,
+}
+
+/// Cycles `first_cycle..=last_cycle` of one lineage, received one after another.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Span {
+    pub lineage: Lineage,
+    pub first_cycle: u64,
+    pub last_cycle: u64,
+    pub parent: Option<SpanParent>,
+}
+
+/// The cycle held in part: received (some of it written into the images behind its undo
+/// log), not yet a point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ReceivingState {
+    pub lineage: Lineage,
+    pub cycle: u64,
+    pub kind: String,
+    /// The current receive attempt.
+    pub epoch: u64,
+    /// Its undo log, in `undo/`.
+    pub log: String,
+    /// Whether old contents are captured (false: an initial copy into an empty replica,
+    /// which has no earlier point to keep).
+    pub capture: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct VmState {
+    pub owner: String,
+    pub disks: Vec<DiskMeta>,
+    /// The lineage of the replica's points (None until the initial copy commits).
+    pub lineage: Option<Lineage>,
+    pub history: Vec<Span>,
+    /// The last cycle applied (a point, or an empty cycle after one).
+    pub last_cycle: u64,
+    /// The last epoch handed out (receive attempts are numbered across all cycles).
+    pub epoch: u64,
+    pub receiving: Option<ReceivingState>,
+    pub points: Vec<PointInfo>,
+    pub undo: Vec<UndoRef>,
+}
+
+impl VmState {
+    pub fn new(owner: &str) -> VmState {
+        VmState {
+            owner: owner.to_string(),
+            disks: Vec::new(),
+            lineage: None,
+            history: Vec::new(),
+            last_cycle: 0,
+            epoch: 0,
+            receiving: None,
+            points: Vec::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Option<VmState>, StateFileError> {
+        read_state(path, STATE_FORMAT, STATE_VERSION)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), StateFileError> {
+        write_state(path, STATE_FORMAT, STATE_VERSION, self)
+    }
+
+    pub fn receiving_info(&self) -> Option<Receiving> {
+        self.receiving.as_ref().map(|r| Receiving {
+            lineage: r.lineage,
+            cycle: r.cycle,
+            kind: CycleKind::from_name(&r.kind).unwrap_or(CycleKind::Delta),
+        })
+    }
+
+    /// What the lineage rules need.
+    pub fn replica(&self) -> Replica {
+        Replica {
+            lineage: self.lineage,
+            last_cycle: self.last_cycle,
+            has_points: !self.points.is_empty(),
+            receiving: self.receiving_info(),
+        }
+    }
+
+    /// The newest point's cycle (0: none).
+    pub fn newest_point(&self) -> u64 {
+        self.points.last().map_or(0, |p| p.cycle)
+    }
+
+    /// Records that cycle `cycle` of `lineage` (of `kind`) was applied: the lineage, its
+    /// history (a resync, or a first cycle, opens a new span), the last cycle.
+    pub fn record_cycle(&mut self, lineage: Lineage, cycle: u64, kind: CycleKind) {
+        let continues = self.history.last().is_some_and(|s| {
+            s.lineage == lineage && s.last_cycle + 1 == cycle && kind == CycleKind::Delta
+        });
+        if continues {
+            if let Some(s) = self.history.last_mut() {
+                s.last_cycle = cycle;
+            }
+        } else {
+            let parent = match (self.lineage, self.last_cycle) {
+                (Some(l), last) if last > 0 && kind != CycleKind::Initial => Some(SpanParent {
+                    lineage: l,
+                    cycle: last,
+                }),
+                _ => None,
+            };
+            self.history.push(Span {
+                lineage,
+                first_cycle: cycle,
+                last_cycle: cycle,
+                parent,
+            });
+        }
+        self.lineage = Some(lineage);
+        self.last_cycle = cycle;
+    }
+
+    /// Sizes of points: each costs the undo log that leads back to it.
+    pub fn refresh_point_sizes(&mut self) {
+        for p in &mut self.points {
+            p.bytes = self
+                .undo
+                .iter()
+                .find(|u| u.to == p.cycle)
+                .map(|u| u.bytes)
+                .unwrap_or(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_spans_follow_deltas_and_open_on_a_resync() {
+        let a = Lineage([1; 16]);
+        let mut s = VmState::new("p");
+        s.record_cycle(a, 1, CycleKind::Initial);
+        s.record_cycle(a, 2, CycleKind::Delta);
+        s.record_cycle(a, 3, CycleKind::Delta);
+        s.record_cycle(a, 9, CycleKind::Resync);
+        s.record_cycle(a, 10, CycleKind::Delta);
+        assert_eq!(
+            s.history,
+            vec![
+                Span {
+                    lineage: a,
+                    first_cycle: 1,
+                    last_cycle: 3,
+                    parent: None
+                },
+                Span {
+                    lineage: a,
+                    first_cycle: 9,
+                    last_cycle: 10,
+                    parent: Some(SpanParent {
+                        lineage: a,
+                        cycle: 3
+                    })
+                },
+            ]
+        );
+        assert_eq!((s.lineage, s.last_cycle), (Some(a), 10));
+    }
+}
