@@ -1,16 +1,24 @@
-//! vmreplica applier: receives cycles from primaries, stages them durably, applies each one
-//! all-or-nothing into sparse replica images, and keeps recovery points as undo logs.
+//! vmreplica applier: receives cycles from primaries and applies them in place into sparse
+//! replica images, behind a write-ahead undo log per cycle; keeps recovery points, and serves
+//! any of them while later cycles land.
 //!
-//! - [`staging`]: the durable, resumable log of a cycle's chunks as they arrive;
-//! - [`undo`]: undo logs (the old contents of blocks a cycle overwrote);
-//! - `image`: a replica image, and the direct, many-at-once writes an apply makes into it;
-//! - [`store`]: per-VM replicas, state, apply with crash recovery, recovery points.
+//! - [`rules`]: which cycles a replica accepts (the lineage rules);
+//! - [`undo`]: undo logs (the old contents a cycle overwrote), format and files;
+//! - `image`: a replica image, and the direct, many-at-once writes into it;
+//! - [`store`]: per-VM replicas: state, receiving, commit and rollback, points, export;
+//! - [`pointview`]: reading a recovery point while later cycles apply;
+//! - [`session`]: the replica side of the cycle protocol, without I/O;
+//! - [`server`]: its QUIC driver; [`admin`]: the local admin socket.
 
+pub mod admin;
 mod image;
 mod logfile;
+pub mod pointview;
+pub mod rules;
 pub mod server;
-pub mod staging;
+pub mod session;
 pub mod store;
 pub mod undo;
 
-pub use store::{PointInfo, Store, StoreError, VmStore};
+pub use pointview::{Extent, ExtentKind, PointView, VmShared};
+pub use store::{PointInfo, Retention, Store, StoreError, VmStore};

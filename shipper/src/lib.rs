@@ -2,15 +2,21 @@
 //! shipped over QUIC to the applier.
 //!
 //! - [`config`]: the TOML configuration;
-//! - [`ship`]: one cycle: plan, resume, read, pack, send, manifest;
-//! - [`run`]: the loop that picks the next cycle, connection handling, backoff; `verify`;
+//! - [`session`]: the cycle protocol on the primary side, as a state machine without I/O
+//!   (which cycle next, the lineage rules, resume, manifest, release);
+//! - [`run`]: its async driver (tracker requests, connections, planning and sending tasks);
+//!   `verify`;
+//! - [`ship`]: the data path: plan, read, pack on a pool of threads, send, acknowledgements;
+//! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
 //! - [`ratelimit`]: pacing to a bandwidth limit.
 
 pub mod config;
+pub mod lock;
 pub mod progress;
 pub mod ratelimit;
 pub mod run;
+pub mod session;
 pub mod ship;
 
 pub use config::ShipperConfig;

@@ -13,7 +13,8 @@ use vmreplica_common::wire::CycleKind;
 pub struct Snapshot {
     pub cycle: u64,
     pub kind: CycleKind,
-    /// Data bytes (uncompressed) handed to the link so far, of `total` to send.
+    /// Data bytes (uncompressed) the applier acknowledged as durably applied so far, of
+    /// `total` to send.
     pub done: u64,
     pub total: u64,
     pub elapsed: Duration,
@@ -78,9 +79,9 @@ pub fn kind_label(kind: CycleKind) -> &'static str {
 pub trait Progress: Send + Sync {
     /// A cycle starts sending `total` data bytes (after what the applier already staged).
     fn begin(&self, cycle: u64, kind: CycleKind, total: u64);
-    /// Called a few times a second while the cycle's chunks are sent.
+    /// Called a few times a second while the cycle's chunks are sent and acknowledged.
     fn update(&self, now: &Snapshot);
-    /// Every chunk is on the link; the cycle waits for the applier to apply it.
+    /// Every byte is acknowledged as durably applied; the manifest commits the cycle next.
     fn sent(&self, now: &Snapshot);
     /// The cycle ended: applied, or failed (it is retried as a new attempt, with `begin`).
     fn end(&self, applied: bool);
@@ -133,7 +134,7 @@ impl Progress for LogProgress {
 
     fn sent(&self, now: &Snapshot) {
         if now.elapsed >= self.every {
-            tracing::info!("{now}; waiting for the applier to apply it");
+            tracing::info!("{now}; all applied, committing");
         }
     }
 

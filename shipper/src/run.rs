@@ -1,26 +1,29 @@
-//! The shipper's main loop: keep a connection to the applier, decide what the next cycle is
-//! (resume a frozen generation, initial sync, resync, or the next delta at the interval), ship
-//! it, release it in the tracker once applied. Any failure keeps the generation frozen and
-//! retries with backoff; the guest is never held up (only the tracker's freeze pauses writes,
-//! for the time it takes to drain the ones in flight).
+//! The shipper's driver: the async loop around a [`ShipperSession`]. It carries out the
+//! session's actions (tracker requests on a blocking thread, QUIC connections, control
+//! messages, planning and sending on tasks of their own) and feeds their outcomes back as
+//! events; the session decides everything else. The guest is never held up: only the
+//! tracker's freeze pauses writes, for the time it takes to drain the ones in flight.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use serde_json::Value;
+use tokio::sync::mpsc;
+use vmreplica_common::lineage::Lineage;
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::tls::{self, Identity};
-use vmreplica_common::wire::{CycleKind, Message, PROTOCOL_VERSION};
-use vmreplica_tracker::control::{self, Request};
+use vmreplica_common::wire::{CycleKind, DiskInfo, Message, PROTOCOL_VERSION};
+use vmreplica_tracker::control::{self, Applied, Request};
 use vmreplica_tracker::Generation;
 
 use crate::config::{Interval, ShipperConfig};
 use crate::progress::Progress;
 use crate::ratelimit::RateLimit;
-use crate::ship::{ship_cycle, CycleStats, ShipError, ShipOptions};
+use crate::session::{self, Action, Event, Frozen, ShipperSession, TrackerOp, TrackerView};
+use crate::ship::{open_readers, plan, send_data, SendStats, ShipError, ShipOptions};
 
 /// Calls the tracker's control socket off the async threads.
 async fn tracker(socket: &Path, req: Request) -> Result<Value, ShipError> {
@@ -31,37 +34,95 @@ async fn tracker(socket: &Path, req: Request) -> Result<Value, ShipError> {
         .map_err(|e| ShipError::Protocol(format!("tracker: {e}")))
 }
 
-fn generation(v: Value) -> Result<Generation, ShipError> {
-    serde_json::from_value(v).map_err(|e| ShipError::Protocol(format!("tracker answer: {e}")))
+/// The tracker's status as the session sees it, and its frozen generation (for reading).
+fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String> {
+    let frozen: Option<Generation> = if st["frozen"].is_null() {
+        None
+    } else {
+        Some(
+            serde_json::from_value(st["frozen"].clone())
+                .map_err(|e| format!("tracker status: {e}"))?,
+        )
+    };
+    let lineage = match st["lineage"].as_str() {
+        Some(s) => Some(Lineage::parse(s).map_err(|e| format!("tracker status: {e}"))?),
+        None => None,
+    };
+    let granularity = st["granularity"].as_u64().unwrap_or(65536) as u32;
+    let disks = st["disks"].as_array().cloned().unwrap_or_default();
+    Ok((
+        TrackerView {
+            lineage,
+            next_generation: st["next_generation"].as_u64().unwrap_or(1),
+            frozen: frozen.as_ref().map(|g| Frozen {
+                generation: g.generation,
+                full: g.full,
+            }),
+            resync_required: disks
+                .iter()
+                .any(|d| d["resync_required"] == Value::Bool(true)),
+            disks: disks
+                .iter()
+                .map(|d| DiskInfo {
+                    name: d["name"].as_str().unwrap_or_default().to_string(),
+                    size: d["size"].as_u64().unwrap_or(0),
+                    granularity,
+                })
+                .collect(),
+        },
+        frozen,
+    ))
 }
 
-/// A connected, greeted session with the applier.
-pub struct Session {
-    pub conn: Connection,
-    pub ctl: (SendStream, RecvStream),
-    pub last_cycle: u64,
-    /// Further connections for data streams (`connections` in the config), each greeted for
-    /// the same VM; their control streams stay open and idle.
-    pub extra: Vec<(Connection, (SendStream, RecvStream))>,
-}
-
-impl Session {
-    /// Every connection data streams may use, the first one first.
-    pub fn conns(&self) -> Vec<Connection> {
-        std::iter::once(self.conn.clone())
-            .chain(self.extra.iter().map(|(c, _)| c.clone()))
-            .collect()
+/// Carries out one tracker operation, then reads the status after it.
+async fn tracker_op(
+    socket: &Path,
+    op: TrackerOp,
+) -> Result<(TrackerView, Option<Generation>), String> {
+    let call = |req| async { tracker(socket, req).await.map_err(|e| e.to_string()) };
+    match op {
+        TrackerOp::Status => {}
+        TrackerOp::Freeze { full } => {
+            call(Request::Freeze { full }).await?;
+        }
+        TrackerOp::Release { generation, proof } => {
+            call(Request::Release {
+                generation,
+                applied: Some(Applied {
+                    lineage: proof.0,
+                    cycle: proof.1,
+                }),
+                force: false,
+            })
+            .await?;
+        }
+        TrackerOp::Merge { generation } => {
+            call(Request::Merge { generation }).await?;
+        }
+        TrackerOp::SetLineage {
+            lineage,
+            next_generation,
+        } => {
+            let lineage = lineage.unwrap_or_else(Lineage::random);
+            tracing::info!(%lineage, next_generation, "setting the tracker's lineage");
+            call(Request::SetLineage {
+                lineage,
+                next_generation,
+                force: false,
+            })
+            .await?;
+        }
+        TrackerOp::ClearResync => {
+            let st = call(Request::Status).await?;
+            for d in st["disks"].as_array().cloned().unwrap_or_default() {
+                if d["resync_required"] == Value::Bool(true) {
+                    let disk = d["name"].as_str().unwrap_or_default().to_string();
+                    call(Request::ClearResync { disk }).await?;
+                }
+            }
+        }
     }
-}
-
-/// Connects `cfg.connections` times for the configured VM.
-pub async fn connect_all(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, ShipError> {
-    let mut s = connect(ep, cfg).await?;
-    for _ in 1..cfg.connections {
-        let more = connect(ep, cfg).await?;
-        s.extra.push((more.conn, more.ctl));
-    }
-    Ok(s)
+    tracker_view(&call(Request::Status).await?)
 }
 
 pub fn resolve(addr: &str) -> Result<SocketAddr, ShipError> {
@@ -82,9 +143,12 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
     Ok(link::client(bind, &id, &cfg.tuning)?)
 }
 
-/// Connects and says hello for the configured VM. A certificate either side refuses is
-/// reported in plain words: which side refused whose certificate, and why.
-pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, ShipError> {
+/// One QUIC connection to the applier and its control stream; a certificate either side
+/// refuses is reported in plain words: which side refused whose certificate, and why.
+async fn open(
+    ep: &Endpoint,
+    cfg: &ShipperConfig,
+) -> Result<(Connection, (SendStream, RecvStream)), ShipError> {
     let remote = resolve(&cfg.replica)?;
     let refused = |reason: String| LinkError::Connect {
         peer: cfg.replica.clone(),
@@ -95,188 +159,410 @@ pub async fn connect(ep: &Endpoint, cfg: &ShipperConfig) -> Result<Session, Ship
         .map_err(|e| refused(e.to_string()))?
         .await
         .map_err(|e| refused(e.to_string()))?;
-    // The replica checks this primary's certificate after the handshake completed here: a
-    // refusal arrives as the connection's end, on the first exchange.
-    let hello = async {
-        let mut ctl = conn.open_bi().await.map_err(LinkError::from)?;
+    let ctl = conn.open_bi().await.map_err(|e| refused(e.to_string()))?;
+    Ok((conn, ctl))
+}
+
+/// Says hello on a control stream and returns the welcome. The replica checks this
+/// primary's certificate after the handshake completed here: a refusal arrives as the
+/// connection's end, on this first exchange.
+async fn hello(
+    cfg: &ShipperConfig,
+    ctl: &mut (SendStream, RecvStream),
+    lineage: Option<Lineage>,
+) -> Result<Message, ShipError> {
+    let refused = |reason: String| LinkError::Connect {
+        peer: cfg.replica.clone(),
+        reason: tls::describe_refusal(&reason, "primary", "replica"),
+    };
+    let r = async {
         link::send(
             &mut ctl.0,
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 vm: cfg.vm.clone(),
+                lineage,
             },
         )
         .await?;
-        let answer = link::expect(&mut ctl.1).await?;
-        Ok::<_, LinkError>((ctl, answer))
-    };
-    match hello.await {
-        Ok((ctl, Message::Welcome { last_cycle, .. })) => Ok(Session {
-            conn,
-            ctl,
-            last_cycle,
-            extra: Vec::new(),
-        }),
-        Ok((_, other)) => Err(ShipError::Protocol(format!("{other:?}"))),
+        link::expect(&mut ctl.1).await
+    }
+    .await;
+    match r {
+        Ok(m) => Ok(m),
         Err(LinkError::Peer(reason)) => Err(ShipError::Refused { cycle: 0, reason }),
         Err(LinkError::Connection(c)) => Err(refused(c.to_string()).into()),
+        Err(LinkError::Truncated) => Err(ShipError::Protocol(
+            "the applier closed the control stream at hello: it may run an older vmreplica \
+             (replication protocol 1); upgrade it"
+                .into(),
+        )),
         Err(e) => Err(e.into()),
     }
 }
 
-/// What to ship next, given the tracker's state and the replica's last cycle.
-async fn next_cycle(
-    cfg: &ShipperConfig,
-    last_cycle: u64,
-    last_freeze: Option<Instant>,
-) -> Result<(Generation, CycleKind), ShipError> {
-    let st = tracker(&cfg.tracker, Request::Status).await?;
-    if !st["frozen"].is_null() {
-        let g = generation(st["frozen"].clone())?;
-        let kind = match (g.full, last_cycle) {
-            (true, 0) => CycleKind::Initial,
-            (true, _) => CycleKind::Resync,
-            (false, _) => CycleKind::Delta,
-        };
-        return Ok((g, kind));
-    }
-    let resync = st["disks"]
-        .as_array()
-        .is_some_and(|d| d.iter().any(|d| d["resync_required"] == Value::Bool(true)));
-    let kind = if last_cycle == 0 {
-        if let Some(at) = cfg.initial_sync_at {
-            if let Ok(wait) = at.duration_since(SystemTime::now()) {
-                tracing::info!(
-                    vm = cfg.vm,
-                    "initial sync scheduled in {}",
-                    humantime::format_duration(Duration::from_secs(wait.as_secs()))
-                );
-                tokio::time::sleep(wait).await;
-            }
-        }
-        CycleKind::Initial
-    } else if resync {
-        tracing::warn!(
-            vm = cfg.vm,
-            "tracking was lost on the primary: resynchronising by checksum comparison"
-        );
-        CycleKind::Resync
-    } else {
-        if let (Interval::Every(d), Some(t)) = (&cfg.interval, last_freeze) {
-            let due = t + *d;
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-        }
-        CycleKind::Delta
+/// Connects and says hello for the configured VM only: the replica's lineage and last
+/// cycle (a certificate refused either way is said in plain words).
+pub async fn greet(cfg: &ShipperConfig) -> Result<(Option<Lineage>, u64), ShipError> {
+    let ep = endpoint(cfg)?;
+    let (conn, mut ctl) = open(&ep, cfg).await?;
+    let r = match hello(cfg, &mut ctl, None).await? {
+        Message::Welcome {
+            lineage,
+            last_cycle,
+            ..
+        } => Ok((lineage, last_cycle)),
+        other => Err(ShipError::Protocol(crate::session::msg_name(&other).into())),
     };
-    let full = kind != CycleKind::Delta;
-    let g = generation(tracker(&cfg.tracker, Request::Freeze { full }).await?)?;
-    Ok((g, kind))
+    conn.close(0u32.into(), b"hello only");
+    ep.wait_idle().await;
+    r
 }
 
-/// Runs cycles forever (until `stop` resolves).
+/// A connected attempt: its connections, and where control messages go.
+struct Link {
+    attempt: u64,
+    conns: Vec<Connection>,
+    ctl: mpsc::UnboundedSender<Message>,
+}
+
+/// What the driver's tasks report back.
+enum Report {
+    Session(Event),
+    Tracker(Result<(TrackerView, Option<Generation>), String>),
+    Connected(u64, Link),
+    Sent(u64, Result<SendStats, String>),
+}
+
+/// Runs replication until `stop` resolves (or an error that needs an operator).
 pub async fn run(
     cfg: ShipperConfig,
     progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ShipError> {
+    let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Protocol(e.to_string()))?;
     let ep = endpoint(&cfg)?;
-    let opts = ShipOptions {
+    let packers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    let opts = Arc::new(ShipOptions {
         compression: cfg.compression,
         streams: cfg.streams,
         limit: cfg.bandwidth_limit.map(|b| Arc::new(RateLimit::new(b))),
         engine: vmreplica_common::engine::probe(false),
         progress,
-    };
+        packers,
+    });
+    let now = Instant::now();
+    let initial_sync_at = cfg
+        .initial_sync_at
+        .map(|at| now + at.duration_since(SystemTime::now()).unwrap_or_default());
+    if let Some(at) = initial_sync_at.filter(|at| *at > now) {
+        tracing::info!(
+            vm = cfg.vm,
+            "initial sync scheduled in {}",
+            humantime::format_duration(Duration::from_secs((at - now).as_secs()))
+        );
+    }
+    let mut s = ShipperSession::new(
+        session::Config {
+            vm: cfg.vm.clone(),
+            interval: match cfg.interval {
+                Interval::Every(d) => Some(d),
+                Interval::Continuous => None,
+            },
+            initial_sync_at,
+        },
+        now,
+    );
+    let cfg = Arc::new(cfg);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+    let hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>> = Arc::default();
+    let mut link: Option<Link> = None;
+    let mut frozen: Option<Generation> = None;
+    let mut cycle_started = Instant::now();
+    let mut last_sent = SendStats::default();
     tokio::pin!(stop);
-    let mut backoff = Duration::from_secs(1);
-    let mut last_freeze: Option<Instant> = None;
     loop {
-        let attempt = async {
-            let mut s = connect_all(&ep, &cfg).await?;
-            tracing::info!(
-                vm = cfg.vm,
-                replica = cfg.replica,
-                last_cycle = s.last_cycle,
-                "connected to the applier"
-            );
-            loop {
-                let (g, kind) = next_cycle(&cfg, s.last_cycle, last_freeze).await?;
-                if g.generation <= s.last_cycle {
-                    // Applied before an earlier acknowledgement got lost: just release it.
-                    tracker(
-                        &cfg.tracker,
-                        Request::Release {
-                            generation: g.generation,
-                        },
-                    )
-                    .await?;
-                    continue;
+        while let Some(a) = s.poll_action() {
+            match a {
+                Action::Tracker(op) => {
+                    let (tx, socket) = (tx.clone(), cfg.tracker.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(Report::Tracker(tracker_op(&socket, op).await));
+                    });
                 }
-                last_freeze.get_or_insert_with(Instant::now);
-                let conns = s.conns();
-                let stats = ship_cycle(&conns, &mut s.ctl, &g, kind, &opts).await?;
-                tracker(
-                    &cfg.tracker,
-                    Request::Release {
-                        generation: g.generation,
-                    },
-                )
-                .await?;
-                if kind != CycleKind::Delta {
-                    for d in &g.disks {
-                        tracker(
-                            &cfg.tracker,
-                            Request::ClearResync {
-                                disk: d.name.clone(),
-                            },
-                        )
-                        .await?;
+                Action::Connect { attempt } => {
+                    let (tx, ep, cfg, hashes) = (
+                        tx.clone(),
+                        ep.clone(),
+                        Arc::clone(&cfg),
+                        Arc::clone(&hashes),
+                    );
+                    tokio::spawn(async move {
+                        match connect(&ep, &cfg, attempt, tx.clone(), hashes).await {
+                            Ok(l) => {
+                                let _ = tx.send(Report::Connected(attempt, l));
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Report::Session(Event::Disconnected {
+                                    attempt,
+                                    reason: e.to_string(),
+                                }));
+                            }
+                        }
+                    });
+                }
+                Action::Close { attempt } => {
+                    if let Some(l) = link.take_if(|l| l.attempt == attempt) {
+                        for c in &l.conns {
+                            c.close(0u32.into(), b"attempt over");
+                        }
                     }
                 }
-                last_freeze = Some(Instant::now());
-                s.last_cycle = g.generation;
-                log_stats(&cfg.vm, kind, &stats);
-                backoff = Duration::from_secs(1);
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), ShipError>(())
-        };
-        tokio::select! {
-            r = attempt => {
-                if let Err(e) = r {
-                    tracing::warn!(vm = cfg.vm, "replication interrupted: {e}; retrying in {}s (the frozen generation is kept)", backoff.as_secs());
+                Action::Send { attempt, msg } => {
+                    if matches!(msg, Message::BeginCycle { .. }) {
+                        cycle_started = Instant::now();
+                    }
+                    if let Some(l) = link.as_ref().filter(|l| l.attempt == attempt) {
+                        let _ = l.ctl.send(msg);
+                    }
+                }
+                Action::Plan {
+                    attempt,
+                    generation,
+                    kind,
+                } => {
+                    let (Some(l), Some(g)) = (
+                        link.as_ref().filter(|l| l.attempt == attempt),
+                        frozen.clone().filter(|g| g.generation == generation),
+                    ) else {
+                        let _ = tx.send(Report::Session(Event::Planned {
+                            attempt,
+                            result: Err(format!("generation {generation} is not frozen any more")),
+                        }));
+                        continue;
+                    };
+                    let (tx, ctl, hashes, engine) = (
+                        tx.clone(),
+                        l.ctl.clone(),
+                        Arc::clone(&hashes),
+                        Arc::clone(&opts.engine),
+                    );
+                    tokio::spawn(async move {
+                        let result = plan_cycle(&g, kind, &engine, ctl, hashes)
+                            .await
+                            .map_err(|e| e.to_string());
+                        let _ = tx.send(Report::Session(Event::Planned { attempt, result }));
+                    });
+                }
+                Action::SendData {
+                    attempt,
+                    tag,
+                    ranges,
+                } => {
+                    let (Some(l), Some(g)) = (
+                        link.as_ref().filter(|l| l.attempt == attempt),
+                        frozen.clone().filter(|g| g.generation == tag.cycle),
+                    ) else {
+                        let _ = tx.send(Report::Sent(attempt, Err("the attempt is over".into())));
+                        continue;
+                    };
+                    let (tx, conns, opts) = (tx.clone(), l.conns.clone(), Arc::clone(&opts));
+                    let kind = s.current().map_or(CycleKind::Delta, |c| c.1);
+                    tokio::spawn(async move {
+                        let r = async {
+                            let readers = open_readers(&g)?;
+                            send_data(&conns, &readers, tag, kind, &ranges, &opts).await
+                        }
+                        .await;
+                        let _ = tx.send(Report::Sent(attempt, r.map_err(|e| e.to_string())));
+                    });
+                }
+                Action::Done {
+                    cycle,
+                    kind,
+                    bytes,
+                    skipped,
+                } => {
+                    opts.progress.end(true);
+                    tracing::info!(
+                        vm = cfg.vm,
+                        cycle,
+                        ?kind,
+                        chunks = last_sent.chunks,
+                        resumed_skipped = skipped,
+                        cycle_mib = format!("{:.1}", bytes as f64 / 1048576.0),
+                        data_mib = format!("{:.1}", last_sent.data_bytes as f64 / 1048576.0),
+                        wire_mib = format!("{:.1}", last_sent.wire_bytes as f64 / 1048576.0),
+                        secs = format!("{:.2}", cycle_started.elapsed().as_secs_f64()),
+                        "cycle applied on the replica"
+                    );
+                    last_sent = SendStats::default();
+                }
+                Action::Retry { error, after } => {
+                    opts.progress.end(false);
+                    tracing::warn!(
+                        vm = cfg.vm,
+                        "replication interrupted: {error}; retrying in {}s (the frozen generation is kept)",
+                        after.as_secs()
+                    );
+                }
+                Action::Stop { error } => {
+                    tracing::error!(vm = cfg.vm, "replication stopped: {error}");
+                    ep.close(0u32.into(), b"shipper stopping");
+                    return Err(ShipError::Protocol(error));
                 }
             }
+        }
+        let wake = s.poll_timeout();
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let report = tokio::select! {
+            r = rx.recv() => r,
+            _ = sleep => {
+                s.handle(Event::Tick, Instant::now());
+                continue;
+            }
             _ = &mut stop => {
                 ep.close(0u32.into(), b"shipper stopping");
                 return Ok(());
             }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = &mut stop => {
-                ep.close(0u32.into(), b"shipper stopping");
-                return Ok(());
+        };
+        let Some(report) = report else { continue };
+        let ev = match report {
+            Report::Session(ev) => ev,
+            Report::Tracker(r) => Event::Tracker(r.map(|(view, g)| {
+                frozen = g;
+                view
+            })),
+            Report::Connected(attempt, l) => {
+                link = Some(l);
+                Event::Connected { attempt }
             }
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(60));
+            Report::Sent(attempt, r) => Event::Sent {
+                attempt,
+                result: r.map(|st| {
+                    last_sent = st;
+                }),
+            },
+        };
+        s.handle(ev, Instant::now());
     }
 }
 
-fn log_stats(vm: &str, kind: CycleKind, s: &CycleStats) {
-    tracing::info!(
-        vm,
-        cycle = s.cycle,
-        ?kind,
-        chunks = s.chunks_sent,
-        resumed_skipped = s.chunks_skipped,
-        data_mib = format!("{:.1}", s.data_bytes as f64 / 1048576.0),
-        wire_mib = format!("{:.1}", s.wire_bytes as f64 / 1048576.0),
-        secs = format!("{:.2}", s.elapsed.as_secs_f64()),
-        "cycle applied on the replica"
-    );
+/// Connects `cfg.connections` times: the first connection's control stream carries the
+/// session's messages (its reader feeds them back as events; checksums go to the planner);
+/// the others say hello for the VM only, so data streams may use them.
+async fn connect(
+    ep: &Endpoint,
+    cfg: &ShipperConfig,
+    attempt: u64,
+    tx: mpsc::UnboundedSender<Report>,
+    hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>>,
+) -> Result<Link, ShipError> {
+    let (first, (mut send, mut recv)) = open(ep, cfg).await?;
+    let mut conns = vec![first.clone()];
+    for _ in 1..cfg.connections {
+        let (c, mut ctl) = open(ep, cfg).await?;
+        match hello(cfg, &mut ctl, None).await? {
+            Message::Welcome { .. } => {}
+            other => {
+                return Err(ShipError::Protocol(
+                    crate::session::msg_name(&other).to_string(),
+                ))
+            }
+        }
+        conns.push(c);
+    }
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            if link::send(&mut send, &m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let reason = |e: LinkError| match e {
+        LinkError::Connection(c) => tls::describe_refusal(&c.to_string(), "primary", "replica"),
+        LinkError::Truncated => "the applier closed the control stream (it may run an older \
+                                 vmreplica, replication protocol 1: upgrade it)"
+            .to_string(),
+        e => e.to_string(),
+    };
+    tokio::spawn(async move {
+        loop {
+            match link::recv(&mut recv).await {
+                Ok(Some(m @ Message::Hashes { .. })) => {
+                    let h = hashes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(h) = h {
+                        let _ = h.send(m);
+                    }
+                }
+                Ok(Some(msg)) => {
+                    let _ = tx.send(Report::Session(Event::Message { attempt, msg }));
+                }
+                Ok(None) => {
+                    let _ = tx.send(Report::Session(Event::Disconnected {
+                        attempt,
+                        reason: reason(LinkError::Truncated),
+                    }));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Report::Session(Event::Disconnected {
+                        attempt,
+                        reason: reason(e),
+                    }));
+                    return;
+                }
+            }
+        }
+    });
+    let _ = first;
+    Ok(Link {
+        attempt,
+        conns,
+        ctl: ctl_tx,
+    })
+}
+
+/// Plans generation `g`: for a resync, checksums are asked over the control stream and come
+/// back through `hashes`.
+async fn plan_cycle(
+    g: &Generation,
+    kind: CycleKind,
+    engine: &Arc<dyn vmreplica_common::engine::Engine>,
+    ctl: mpsc::UnboundedSender<Message>,
+    hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>>,
+) -> Result<vmreplica_common::ranges::RangeSet, ShipError> {
+    let readers = open_readers(g)?;
+    let (htx, hrx) = mpsc::unbounded_channel::<Message>();
+    *hashes.lock().unwrap_or_else(|e| e.into_inner()) = Some(htx);
+    let hrx = Arc::new(tokio::sync::Mutex::new(hrx));
+    let r = plan(&readers, kind, engine, |disk, offset, block, count| {
+        let (ctl, hrx) = (ctl.clone(), Arc::clone(&hrx));
+        async move {
+            ctl.send(Message::HashRequest {
+                disk,
+                offset,
+                block,
+                count,
+            })
+            .map_err(|_| ShipError::Protocol("the connection is gone".into()))?;
+            match tokio::time::timeout(Duration::from_secs(120), hrx.lock().await.recv()).await {
+                Ok(Some(Message::Hashes { hashes, .. })) => Ok(hashes),
+                _ => Err(ShipError::Protocol("no checksums from the applier".into())),
+            }
+        }
+    })
+    .await;
+    *hashes.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    r
 }
 
 /// Compares every block of the VM's disks on both sites by checksum; returns, per disk, the
@@ -284,7 +570,11 @@ fn log_stats(vm: &str, kind: CycleKind, s: &CycleStats) {
 pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)>, ShipError> {
     const BATCH: u32 = 1024;
     let ep = endpoint(cfg)?;
-    let mut s = connect(&ep, cfg).await?;
+    let (conn, mut ctl) = open(&ep, cfg).await?;
+    match hello(cfg, &mut ctl, None).await? {
+        Message::Welcome { .. } => {}
+        other => return Err(ShipError::Protocol(crate::session::msg_name(&other).into())),
+    }
     let st = tracker(&cfg.tracker, Request::Status).await?;
     let granularity = st["granularity"].as_u64().unwrap_or(65536);
     let mut out = Vec::new();
@@ -303,7 +593,7 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
         let mut buf = vec![0u8; granularity as usize];
         while offset < size {
             link::send(
-                &mut s.ctl.0,
+                &mut ctl.0,
                 &Message::HashRequest {
                     disk: name.clone(),
                     offset,
@@ -312,9 +602,11 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
                 },
             )
             .await?;
-            let remote = match link::expect(&mut s.ctl.1).await {
+            let remote = match link::expect(&mut ctl.1).await {
                 Ok(Message::Hashes { hashes, .. }) => hashes,
-                Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
+                Ok(other) => {
+                    return Err(ShipError::Protocol(crate::session::msg_name(&other).into()))
+                }
                 Err(LinkError::Peer(reason)) => {
                     return Err(ShipError::Refused { cycle: 0, reason })
                 }
@@ -344,7 +636,7 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
         }
         out.push((name, diffs));
     }
-    s.conn.close(0u32.into(), b"verify done");
+    conn.close(0u32.into(), b"verify done");
     ep.wait_idle().await;
     Ok(out)
 }

@@ -1,20 +1,24 @@
-//! Shipping one frozen generation as a cycle: plan the chunks, skip what the applier already
-//! staged, read (io_uring) and pack the rest over parallel QUIC streams within the bandwidth
-//! limit, then close the cycle with a manifest and wait until it is applied.
+//! The data path of a cycle: planning the ranges of a frozen generation, then reading
+//! (io_uring), packing (lz4 and checksums, on a pool of threads) and sending them over
+//! parallel QUIC streams within the bandwidth limit, until the applier acknowledges every
+//! byte as durably applied.
+//!
+//! Progress counts bytes the applier acknowledged (each data stream carries `Acked` back as
+//! its chunks become durable), not bytes handed to the link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream};
 use thiserror::Error;
+use tokio::sync::mpsc;
 use vmreplica_common::engine::Engine;
 use vmreplica_common::link::{self, LinkError};
-use vmreplica_common::wire::{
-    self, Chunk, ChunkId, CycleKind, DiskInfo, Message, StagedChunk, MAX_CHUNK,
-};
+use vmreplica_common::ranges::{Range, RangeSet};
+use vmreplica_common::wire::{self, Chunk, CycleKind, DiskInfo, Message, Tag, MAX_CHUNK};
 use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::Generation;
 
@@ -33,54 +37,31 @@ pub enum ShipError {
     Protocol(String),
 }
 
-/// What a cycle moved.
+/// What sending a cycle moved.
 #[derive(Clone, Debug, Default)]
-pub struct CycleStats {
-    pub cycle: u64,
-    pub chunks_sent: u64,
-    pub chunks_skipped: u64,
+pub struct SendStats {
+    pub chunks: u64,
     /// Uncompressed bytes covered by the chunks sent.
     pub data_bytes: u64,
     /// Bytes of chunk frames written to the link.
     pub wire_bytes: u64,
-    pub elapsed: Duration,
 }
 
 /// Chunks read and packed ahead of each stream's sender.
 const READ_AHEAD_PER_STREAM: usize = 4;
 
-/// Read buffers kept for reuse (more than the read-ahead of the usual stream counts).
-const BUFFERS_KEPT: usize = 64;
-
 /// How often a cycle's progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
-/// Knobs of one cycle.
+/// Knobs of the data path.
 pub struct ShipOptions {
     pub compression: bool,
     pub streams: usize,
     pub limit: Option<Arc<RateLimit>>,
     pub engine: Arc<dyn Engine>,
     pub progress: Arc<dyn Progress>,
-}
-
-/// Tells the progress sink how a cycle ended, on every way out of it.
-struct Ending<'a> {
-    progress: &'a dyn Progress,
-    applied: bool,
-}
-
-impl Drop for Ending<'_> {
-    fn drop(&mut self) {
-        self.progress.end(self.applied);
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Work {
-    disk: u16,
-    offset: u64,
-    len: u64,
+    /// Threads packing (compressing, checksumming) chunks.
+    pub packers: usize,
 }
 
 /// Test hook: corrupt this many chunks after packing, as a damaged transfer would.
@@ -95,111 +76,6 @@ fn corrupt_budget() -> &'static AtomicU64 {
         let _ = CORRUPT.compare_exchange(u64::MAX, n, Ordering::Relaxed, Ordering::Relaxed);
     }
     &CORRUPT
-}
-
-/// Reads `len` bytes of the frozen view at `offset`: the buffer, and where in it they start
-/// (an aligned start for a direct read).
-async fn read_frozen(
-    engine: &Arc<dyn Engine>,
-    r: &Arc<FrozenReader>,
-    offset: u64,
-    len: u64,
-) -> io::Result<(Vec<u8>, usize)> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (op, at) = r.read_op(offset, len as usize, Vec::new());
-    engine.submit(
-        op,
-        Box::new(move |c| {
-            let _ = tx.send(c);
-        }),
-    );
-    let c = rx
-        .await
-        .map_err(|_| io::Error::other("I/O engine stopped"))?;
-    c.result?;
-    let mut buf = c.buf;
-    r.fix_up(offset, &mut buf[at..])?;
-    Ok((buf, at))
-}
-
-/// A run read and packed for a sender (one chunk per stretch of zero or non-zero blocks); it
-/// holds one of the cycle's read-ahead slots.
-struct Packed {
-    work: Work,
-    chunks: Vec<Chunk>,
-    slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Read buffers of a cycle, reused: fresh ones would be zeroed and faulted in for every chunk.
-#[derive(Default)]
-struct Buffers(Mutex<Vec<Vec<u8>>>);
-
-impl Buffers {
-    /// A buffer to read into (its contents are whatever the last read left).
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
-    }
-
-    /// Keeps `b` for reuse, at most `max` buffers.
-    fn put(&self, b: Vec<u8>, max: usize) {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < max {
-            free.push(b);
-        }
-    }
-}
-
-/// Reads chunks from the frozen view and packs them for the senders.
-struct Packer {
-    engine: Arc<dyn Engine>,
-    buffers: Arc<Buffers>,
-    cycle: u64,
-    compress: bool,
-    tx: tokio::sync::mpsc::UnboundedSender<Result<Packed, ShipError>>,
-}
-
-impl Packer {
-    /// Reads `w` and sends it packed to the senders. Fixing up and packing run in the I/O
-    /// engine's completion callback, on its completion thread: that saves two thread hops per
-    /// chunk (to a blocking thread and back), and the engine serves only this shipper's reads.
-    fn read(&self, r: Arc<FrozenReader>, w: Work, slot: tokio::sync::OwnedSemaphorePermit) {
-        let (buffers, tx) = (Arc::clone(&self.buffers), self.tx.clone());
-        let (cycle, compress) = (self.cycle, self.compress);
-        let block = r.geometry().granularity;
-        // Every byte is overwritten: a short read is finished or zero-filled past the end.
-        let (op, at) = r.read_op(w.offset, w.len as usize, buffers.take());
-        self.engine.submit(
-            op,
-            Box::new(move |c| {
-                let mut data = c.buf;
-                let packed = c
-                    .result
-                    .and_then(|()| r.fix_up(w.offset, &mut data[at..]))
-                    .map(|()| Packed {
-                        work: w,
-                        chunks: Chunk::pack_blocks(
-                            cycle,
-                            w.disk,
-                            w.offset,
-                            &data[at..],
-                            block,
-                            compress,
-                        ),
-                        slot,
-                    })
-                    .map_err(|source| ShipError::Read {
-                        disk: r.name.clone(),
-                        source,
-                    });
-                buffers.put(data, BUFFERS_KEPT);
-                let _ = tx.send(packed);
-            }),
-        );
-    }
 }
 
 /// Opens the frozen disks of a generation.
@@ -228,173 +104,229 @@ pub fn disk_infos(g: &Generation) -> Vec<DiskInfo> {
         .collect()
 }
 
-/// Blocks of a resync that differ from the replica: compares checksums of the frozen view
-/// with the applier's, range by range; only checksums cross the link.
-async fn resync_runs(
-    ctl: &mut (SendStream, RecvStream),
+/// Reads `len` bytes of the frozen view at `offset`: the buffer, and where in it they start.
+async fn read_frozen(
+    engine: &Arc<dyn Engine>,
     r: &Arc<FrozenReader>,
-    opts: &ShipOptions,
-    disk: u16,
-) -> Result<Vec<(u64, u64)>, ShipError> {
-    const BATCH: u32 = 1024;
-    let geo = r.geometry();
-    let g = u64::from(geo.granularity);
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut offset = 0u64;
-    while offset < geo.disk_size {
-        link::send(
-            &mut ctl.0,
-            &Message::HashRequest {
-                disk: r.name.clone(),
-                offset,
-                block: geo.granularity,
-                count: BATCH,
-            },
-        )
-        .await?;
-        let remote = match link::expect(&mut ctl.1).await? {
-            Message::Hashes { hashes, .. } => hashes,
-            other => return Err(ShipError::Protocol(format!("{other:?}"))),
-        };
-        let span = (u64::from(BATCH) * g).min(geo.disk_size - offset);
-        let (local, at) = read_frozen(&opts.engine, r, offset, span)
-            .await
-            .map_err(|source| ShipError::Read {
-                disk: r.name.clone(),
-                source,
-            })?;
-        for (i, block) in local[at..].chunks(g as usize).enumerate() {
-            let off = offset + i as u64 * g;
-            if remote.get(i) == Some(&wire::checksum(block)) {
-                continue;
-            }
-            let len = block.len() as u64;
-            match runs.last_mut() {
-                Some((o, l)) if *o + *l == off && *l + len <= u64::from(MAX_CHUNK) => *l += len,
-                _ => runs.push((off, len)),
-            }
-        }
-        offset += span;
-    }
-    let _ = disk;
-    Ok(runs)
-}
-
-/// How many of the `staged` chunks tile `len` bytes at `offset` of `disk` exactly, end to end
-/// (a run is packed as one chunk per stretch of zero or non-zero blocks, so a run the applier
-/// holds whole may be several chunks); None if they do not, and the run is sent again.
-fn staged_tiling(
-    staged: &HashMap<ChunkId, (u32, u64)>,
-    disk: u16,
     offset: u64,
     len: u64,
-) -> Option<u64> {
-    let (mut pos, mut n) = (offset, 0u64);
-    while pos < offset + len {
-        let (l, _) = staged.get(&ChunkId { disk, offset: pos })?;
-        pos += u64::from(*l).max(1);
-        n += 1;
-    }
-    (pos == offset + len).then_some(n)
+) -> io::Result<(Vec<u8>, usize)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (op, at) = r.read_op(offset, len as usize, Vec::new());
+    engine.submit(
+        op,
+        Box::new(move |c| {
+            let _ = tx.send(c);
+        }),
+    );
+    let c = rx
+        .await
+        .map_err(|_| io::Error::other("I/O engine stopped"))?;
+    c.result?;
+    let mut buf = c.buf;
+    r.fix_up(offset, &mut buf[at..])?;
+    Ok((buf, at))
 }
 
-/// Ships generation `g` as cycle `g.generation` of kind `kind` over `conns` (data streams
-/// spread over them, at least one each), using the open control stream `ctl` of the first.
-/// Returns once the applier reports the cycle applied.
-pub async fn ship_cycle(
-    conns: &[Connection],
-    ctl: &mut (SendStream, RecvStream),
-    g: &Generation,
+/// The ranges of a frozen generation to ship. An initial copy skips holes; a delta takes
+/// the frozen dirty blocks; a resync compares checksums with the applier's (only checksums
+/// cross the link: `hash` asks the applier for them) and takes the blocks that differ.
+pub async fn plan<F, Fut>(
+    readers: &[Arc<FrozenReader>],
     kind: CycleKind,
-    opts: &ShipOptions,
-) -> Result<CycleStats, ShipError> {
-    if conns.is_empty() {
-        return Err(ShipError::Protocol("no connection to ship over".into()));
-    }
-    let start = Instant::now();
-    let cycle = g.generation;
-    let readers = open_readers(g)?;
-    link::send(
-        &mut ctl.0,
-        &Message::BeginCycle {
-            cycle,
-            kind,
-            disks: disk_infos(g),
-        },
-    )
-    .await?;
-    let staged = match link::expect(&mut ctl.1).await {
-        Ok(Message::Staged { chunks, .. }) => chunks,
-        Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
-        Err(LinkError::Peer(reason)) => return Err(ShipError::Refused { cycle, reason }),
-        Err(e) => return Err(e.into()),
-    };
-    let mut manifest: HashMap<ChunkId, (u32, u64)> =
-        staged.iter().map(|s| (s.id, (s.len, s.checksum))).collect();
-
-    // Plan.
-    let mut work = VecDeque::new();
-    let mut total = 0u64;
-    let mut skipped = 0u64;
+    engine: &Arc<dyn Engine>,
+    mut hash: F,
+) -> Result<RangeSet, ShipError>
+where
+    F: FnMut(String, u64, u32, u32) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u64>, ShipError>>,
+{
+    let mut plan = RangeSet::new();
     for (i, r) in readers.iter().enumerate() {
-        let runs = match kind {
-            CycleKind::Resync => resync_runs(ctl, r, opts, i as u16).await?,
-            _ => {
-                let r2 = Arc::clone(r);
-                let skip_holes = kind == CycleKind::Initial;
+        let disk = i as u16;
+        if kind != CycleKind::Resync {
+            let r2 = Arc::clone(r);
+            let skip_holes = kind == CycleKind::Initial;
+            let runs =
                 tokio::task::spawn_blocking(move || r2.runs(u64::from(MAX_CHUNK), skip_holes))
                     .await
                     .map_err(|e| ShipError::Protocol(e.to_string()))?
                     .map_err(|source| ShipError::Read {
                         disk: r.name.clone(),
                         source,
-                    })?
+                    })?;
+            for (o, l) in runs {
+                plan.insert(disk, o, o + l);
             }
-        };
-        for (offset, len) in runs {
-            if let Some(n) = staged_tiling(&manifest, i as u16, offset, len) {
-                skipped += n;
-                continue;
+            continue;
+        }
+        const BATCH: u32 = 1024;
+        let geo = r.geometry();
+        let g = u64::from(geo.granularity);
+        let mut offset = 0u64;
+        while offset < geo.disk_size {
+            let remote = hash(r.name.clone(), offset, geo.granularity, BATCH).await?;
+            let span = (u64::from(BATCH) * g).min(geo.disk_size - offset);
+            let (local, at) = read_frozen(engine, r, offset, span)
+                .await
+                .map_err(|source| ShipError::Read {
+                    disk: r.name.clone(),
+                    source,
+                })?;
+            for (i, block) in local[at..].chunks(g as usize).enumerate() {
+                if remote.get(i) != Some(&wire::checksum(block)) {
+                    let off = offset + i as u64 * g;
+                    plan.insert(disk, off, off + block.len() as u64);
+                }
             }
-            total += len;
-            work.push_back(Work {
-                disk: i as u16,
-                offset,
-                len,
-            });
+            offset += span;
         }
     }
+    Ok(plan)
+}
+
+/// One piece of work: a range of at most [`MAX_CHUNK`] bytes, not crossing a multiple of it.
+#[derive(Clone, Copy, Debug)]
+struct Work {
+    disk: u16,
+    offset: u64,
+    len: u64,
+}
+
+fn split(ranges: &[Range]) -> VecDeque<Work> {
+    let m = u64::from(MAX_CHUNK);
+    let mut out = VecDeque::new();
+    for r in ranges {
+        let mut pos = r.offset;
+        while pos < r.end() {
+            let next = ((pos / m + 1) * m).min(r.end());
+            out.push_back(Work {
+                disk: r.disk,
+                offset: pos,
+                len: next - pos,
+            });
+            pos = next;
+        }
+    }
+    out
+}
+
+/// A run read and packed for a sender; it holds one of the read-ahead slots.
+struct Packed {
+    chunks: Vec<Chunk>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Read buffers, reused: fresh ones would be zeroed and faulted in for every chunk.
+#[derive(Default)]
+struct Buffers(Mutex<Vec<Vec<u8>>>);
+
+const BUFFERS_KEPT: usize = 64;
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < BUFFERS_KEPT {
+            free.push(b);
+        }
+    }
+}
+
+type PackJob = Box<dyn FnOnce() + Send>;
+
+/// Threads that pack read runs into chunks (lz4 and xxh3 are the CPU of a cycle): the I/O
+/// engine's completion thread only hands them the buffers.
+struct PackPool {
+    tx: Option<std_mpsc::Sender<PackJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PackPool {
+    fn new(n: usize) -> PackPool {
+        let (tx, rx) = std_mpsc::channel::<PackJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..n.max(1))
+            .map(|i| {
+                let rx = Arc::clone(&rx);
+                std::thread::Builder::new()
+                    .name(format!("pack-{i}"))
+                    .spawn(move || loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match job {
+                            Ok(j) => j(),
+                            Err(_) => return,
+                        }
+                    })
+                    .expect("spawning a packing thread")
+            })
+            .collect();
+        PackPool {
+            tx: Some(tx),
+            threads,
+        }
+    }
+
+    fn sender(&self) -> std_mpsc::Sender<PackJob> {
+        self.tx.clone().expect("open until dropped")
+    }
+}
+
+impl Drop for PackPool {
+    fn drop(&mut self) {
+        self.tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `ranges` of the frozen disks `readers` as chunks of `tag` over parallel streams of
+/// `conns`, and returns once the applier acknowledged every byte as durably applied.
+pub async fn send_data(
+    conns: &[Connection],
+    readers: &[Arc<FrozenReader>],
+    tag: Tag,
+    kind: CycleKind,
+    ranges: &[Range],
+    opts: &ShipOptions,
+) -> Result<SendStats, ShipError> {
+    if conns.is_empty() {
+        return Err(ShipError::Protocol("no connection to ship over".into()));
+    }
+    let cycle = tag.cycle;
+    let work = split(ranges);
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
     tracing::info!(
-        vm_cycle = cycle,
-        ?kind,
-        chunks = work.len(),
-        skipped,
+        cycle,
+        kind = kind.name(),
+        pieces = work.len(),
         bytes = total,
         direct_reads = readers.iter().all(|r| r.reads_direct()),
-        "cycle planned"
+        "sending"
     );
-
-    // Send over parallel streams.
-    let queue = Arc::new(Mutex::new(work));
-    let done = Arc::new(AtomicU64::new(0));
+    let acked = Arc::new(AtomicU64::new(0));
     let wire_bytes = Arc::new(AtomicU64::new(0));
+    let chunks = Arc::new(AtomicU64::new(0));
     opts.progress.begin(cycle, kind, total);
-    let mut ending = Ending {
-        progress: &*opts.progress,
-        applied: false,
-    };
     let sending = Instant::now();
     let snapshot = {
-        let done = Arc::clone(&done);
+        let acked = Arc::clone(&acked);
         move || Snapshot {
             cycle,
             kind,
-            done: done.load(Ordering::Relaxed),
+            done: acked.load(Ordering::Relaxed),
             total,
             elapsed: sending.elapsed(),
         }
     };
-    // Ticks until the chunks are sent, or this future is dropped (the sender goes with it).
     let (stop_ticks, mut ticks_stopped) = tokio::sync::oneshot::channel::<()>();
     let ticker = {
         let (progress, snapshot) = (Arc::clone(&opts.progress), snapshot.clone());
@@ -407,32 +339,58 @@ pub async fn ship_cycle(
             }
         })
     };
-    // Read and pack ahead of the senders, a bounded number of chunks at a time, so disk reads,
-    // compression and the link overlap; memory stays within `depth` chunks (a chunk holds its
-    // slot until a sender has handed it to the link).
+    // Read and pack ahead of the senders, a bounded number of runs at a time, so disk reads,
+    // compression and the link overlap; memory stays within `depth` runs.
     let depth = opts.streams.max(1) * READ_AHEAD_PER_STREAM;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Packed, ShipError>>();
+    let (tx, rx) = mpsc::unbounded_channel::<Result<Packed, ShipError>>();
+    let pool = PackPool::new(opts.packers);
     let producer = {
-        let packer = Packer {
-            engine: Arc::clone(&opts.engine),
-            buffers: Arc::default(),
-            cycle,
-            compress: opts.compression,
-            tx,
-        };
-        let (queue, readers) = (queue, readers.clone());
+        let (engine, pack, readers) = (Arc::clone(&opts.engine), pool.sender(), readers.to_vec());
+        let compress = opts.compression;
+        let buffers = Arc::new(Buffers::default());
+        let mut work = work;
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(depth));
-            loop {
+            while let Some(w) = work.pop_front() {
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     return;
                 };
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
-                let Some(w) = next else { return };
-                if packer.tx.is_closed() {
+                if tx.is_closed() {
                     return;
                 }
-                packer.read(Arc::clone(&readers[w.disk as usize]), w, slot);
+                let r = Arc::clone(&readers[w.disk as usize]);
+                let (buffers, tx, pack) = (Arc::clone(&buffers), tx.clone(), pack.clone());
+                let (op, at) = r.read_op(w.offset, w.len as usize, buffers.take());
+                engine.submit(
+                    op,
+                    Box::new(move |c| {
+                        let job: PackJob = Box::new(move || {
+                            let mut data = c.buf;
+                            let block = r.geometry().granularity;
+                            let packed = c
+                                .result
+                                .and_then(|()| r.fix_up(w.offset, &mut data[at..]))
+                                .map(|()| Packed {
+                                    chunks: Chunk::pack_blocks(
+                                        tag,
+                                        w.disk,
+                                        w.offset,
+                                        &data[at..],
+                                        block,
+                                        compress,
+                                    ),
+                                    _slot: slot,
+                                })
+                                .map_err(|source| ShipError::Read {
+                                    disk: r.name.clone(),
+                                    source,
+                                });
+                            buffers.put(data);
+                            let _ = tx.send(packed);
+                        });
+                        let _ = pack.send(job);
+                    }),
+                );
             }
         })
     };
@@ -441,129 +399,133 @@ pub async fn ship_cycle(
     for i in 0..opts.streams.max(conns.len()).max(1) {
         let conn = conns[i % conns.len()].clone();
         let (rx, limit) = (Arc::clone(&rx), opts.limit.clone());
-        let (done, wire_bytes) = (Arc::clone(&done), Arc::clone(&wire_bytes));
+        let (acked, wire_bytes, chunks) = (
+            Arc::clone(&acked),
+            Arc::clone(&wire_bytes),
+            Arc::clone(&chunks),
+        );
         tasks.push(tokio::spawn(async move {
-            let mut stream: Option<(SendStream, RecvStream)> = None;
-            let mut sent: Vec<StagedChunk> = Vec::new();
-            loop {
-                let next = rx.lock().await.recv().await;
-                let Some(packed) = next else { break };
-                let Packed {
-                    work: w,
-                    chunks,
-                    slot,
-                } = packed?;
-                for mut chunk in chunks {
-                    let entry = StagedChunk {
-                        id: chunk.id(),
-                        len: chunk.len,
-                        checksum: chunk.checksum,
-                    };
-                    let budget = corrupt_budget();
-                    if budget.load(Ordering::Relaxed) > 0
-                        && budget.fetch_sub(1, Ordering::Relaxed) > 0
-                    {
-                        tracing::warn!("test hook: corrupting chunk at {}", chunk.offset);
-                        match chunk.payload.first_mut() {
-                            Some(b) => *b ^= 0x5a,
-                            None => chunk.checksum ^= 1,
-                        }
-                    }
-                    let frame = chunk.payload.len() as u64 + 48;
-                    if let Some(l) = &limit {
-                        l.acquire(frame).await;
-                    }
-                    if stream.is_none() {
-                        stream = Some(conn.open_bi().await.map_err(LinkError::from)?);
-                    }
-                    let (s, r) = stream.as_mut().expect("opened above");
-                    if let Err(e) = link::send_chunk(s, chunk).await {
-                        // The applier stops a stream it refuses; its answer says why.
-                        return match tokio::time::timeout(Duration::from_secs(5), link::expect(r))
-                            .await
-                        {
-                            Ok(Err(LinkError::Peer(reason))) => {
-                                Err(ShipError::Refused { cycle, reason })
-                            }
-                            _ => Err(e.into()),
-                        };
-                    }
-                    wire_bytes.fetch_add(frame, Ordering::Relaxed);
-                    sent.push(entry);
-                }
-                drop(slot);
-                done.fetch_add(w.len, Ordering::Relaxed);
-            }
-            if let Some((mut s, mut r)) = stream {
-                s.finish().map_err(LinkError::from)?;
-                match link::expect(&mut r).await {
-                    Ok(Message::Staged { .. }) => {}
-                    Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
-                    Err(LinkError::Peer(reason)) => {
-                        return Err(ShipError::Refused { cycle, reason })
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok::<_, ShipError>(sent)
+            stream_task(conn, rx, limit, cycle, acked, wire_bytes, chunks).await
         }));
     }
-    // Only the senders may keep the receiver: once they are gone, the packers' sends fail.
     drop(rx);
     let mut result = Ok(());
-    let mut sent_count = 0u64;
     let stop_producer = producer.abort_handle();
     for t in tasks {
-        match t.await {
-            Ok(Ok(sent)) => {
-                sent_count += sent.len() as u64;
-                for s in sent {
-                    manifest.insert(s.id, (s.len, s.checksum));
-                }
-            }
-            Ok(Err(e)) => {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-            Err(e) => {
-                if result.is_ok() {
-                    result = Err(ShipError::Protocol(e.to_string()));
-                }
-            }
+        let r = match t.await {
+            Ok(r) => r,
+            Err(e) => Err(ShipError::Protocol(e.to_string())),
+        };
+        if let (Err(e), true) = (r, result.is_ok()) {
+            result = Err(e);
         }
     }
     drop(stop_ticks);
     let _ = ticker.await;
     stop_producer.abort();
+    drop(pool);
     result?;
     opts.progress.sent(&snapshot());
-
-    let digest = wire::digest(manifest.iter().map(|(id, (_, sum))| (*id, *sum)));
-    link::send(
-        &mut ctl.0,
-        &Message::Manifest {
-            cycle,
-            chunks: manifest.len() as u64,
-            digest,
-        },
-    )
-    .await?;
-    match link::expect(&mut ctl.1).await {
-        Ok(Message::Applied { cycle: c }) if c == cycle => {}
-        Ok(other) => return Err(ShipError::Protocol(format!("{other:?}"))),
-        Err(LinkError::Peer(reason)) => return Err(ShipError::Refused { cycle, reason }),
-        Err(e) => return Err(e.into()),
-    }
-    ending.applied = true;
-    Ok(CycleStats {
-        cycle,
-        chunks_sent: sent_count,
-        chunks_skipped: skipped,
-        data_bytes: done.load(Ordering::Relaxed),
+    Ok(SendStats {
+        chunks: chunks.load(Ordering::Relaxed),
+        data_bytes: total,
         wire_bytes: wire_bytes.load(Ordering::Relaxed),
-        elapsed: start.elapsed(),
     })
+}
+
+/// One data stream: sends packed chunks as they come, while a reader takes the applier's
+/// `Acked` answers; when there is nothing left, finishes the stream and waits for the last
+/// answer, which must cover every byte sent on it.
+async fn stream_task(
+    conn: Connection,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Packed, ShipError>>>>,
+    limit: Option<Arc<RateLimit>>,
+    cycle: u64,
+    acked: Arc<AtomicU64>,
+    wire_bytes: Arc<AtomicU64>,
+    chunks: Arc<AtomicU64>,
+) -> Result<(), ShipError> {
+    let mut stream: Option<(SendStream, tokio::task::JoinHandle<Result<u64, ShipError>>)> = None;
+    let mut sent = 0u64;
+    loop {
+        let next = rx.lock().await.recv().await;
+        let Some(packed) = next else { break };
+        for mut chunk in packed?.chunks {
+            let budget = corrupt_budget();
+            if budget.load(Ordering::Relaxed) > 0 && budget.fetch_sub(1, Ordering::Relaxed) > 0 {
+                tracing::warn!("test hook: corrupting chunk at {}", chunk.offset);
+                match chunk.payload.first_mut() {
+                    Some(b) => *b ^= 0x5a,
+                    None => chunk.checksum ^= 1,
+                }
+            }
+            let frame = (chunk.payload.len() + wire::CHUNK_HEAD + 4) as u64;
+            if let Some(l) = &limit {
+                l.acquire(frame).await;
+            }
+            if stream.is_none() {
+                let (s, r) = conn.open_bi().await.map_err(LinkError::from)?;
+                let acked = Arc::clone(&acked);
+                stream = Some((s, tokio::spawn(read_acks(r, cycle, acked))));
+            }
+            let (s, _) = stream.as_mut().expect("opened above");
+            let len = u64::from(chunk.len);
+            if let Err(e) = link::send_chunk(s, chunk).await {
+                // The applier stops a stream it refuses; its answer says why.
+                let (_, reader) = stream.take().expect("opened above");
+                return match tokio::time::timeout(Duration::from_secs(5), reader).await {
+                    Ok(Ok(Err(refused @ ShipError::Refused { .. }))) => Err(refused),
+                    _ => Err(e.into()),
+                };
+            }
+            sent += len;
+            wire_bytes.fetch_add(frame, Ordering::Relaxed);
+            chunks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let Some((mut s, reader)) = stream else {
+        return Ok(());
+    };
+    s.finish().map_err(LinkError::from)?;
+    let got = reader
+        .await
+        .map_err(|e| ShipError::Protocol(e.to_string()))??;
+    if got != sent {
+        return Err(ShipError::Protocol(format!(
+            "the applier acknowledged {got} of the {sent} bytes sent on a stream"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a data stream's answers: `Acked` counts (added to `acked` as they rise), until the
+/// stream ends; returns the last count. An `Error` is the applier's refusal.
+async fn read_acks(mut r: RecvStream, cycle: u64, acked: Arc<AtomicU64>) -> Result<u64, ShipError> {
+    let mut last = 0u64;
+    loop {
+        match link::recv(&mut r).await {
+            Ok(Some(Message::Acked { bytes, .. })) => {
+                if bytes > last {
+                    acked.fetch_add(bytes - last, Ordering::Relaxed);
+                    last = bytes;
+                }
+            }
+            Ok(Some(Message::Error { code, message })) => {
+                return Err(ShipError::Refused {
+                    cycle,
+                    reason: format!("{message} (code {code})"),
+                })
+            }
+            Ok(Some(other)) => {
+                return Err(ShipError::Protocol(format!(
+                    "unexpected {} on a data stream",
+                    crate::session::msg_name(&other)
+                )))
+            }
+            Ok(None) => return Ok(last),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -571,24 +533,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_run_counts_as_staged_only_when_its_chunks_tile_it_exactly() {
-        let staged: HashMap<ChunkId, (u32, u64)> =
-            [(0, 0, 64), (0, 64, 128), (0, 192, 64), (1, 0, 256)]
-                .into_iter()
-                .map(|(disk, offset, len)| (ChunkId { disk, offset }, (len, 0)))
-                .collect();
-        assert_eq!(staged_tiling(&staged, 0, 0, 256), Some(3));
-        assert_eq!(staged_tiling(&staged, 0, 64, 192), Some(2));
-        assert_eq!(staged_tiling(&staged, 1, 0, 256), Some(1));
-        // A run longer than what is staged, one the chunks overshoot, one with a gap.
-        assert_eq!(staged_tiling(&staged, 0, 0, 320), None);
-        assert_eq!(staged_tiling(&staged, 0, 0, 100), None);
-        assert_eq!(staged_tiling(&staged, 0, 32, 224), None);
-        assert_eq!(staged_tiling(&staged, 1, 0, 128), None);
-        // A zero-length entry cannot stall the walk.
-        let stuck: HashMap<ChunkId, (u32, u64)> = [(ChunkId { disk: 0, offset: 0 }, (0, 0))]
-            .into_iter()
-            .collect();
-        assert_eq!(staged_tiling(&stuck, 0, 0, 64), None);
+    fn ranges_split_at_chunk_boundaries() {
+        let m = u64::from(MAX_CHUNK);
+        let w: Vec<(u16, u64, u64)> = split(&[
+            Range {
+                disk: 0,
+                offset: m - 4096,
+                len: m + 8192,
+            },
+            Range {
+                disk: 1,
+                offset: 0,
+                len: 4096,
+            },
+        ])
+        .into_iter()
+        .map(|w| (w.disk, w.offset, w.len))
+        .collect();
+        assert_eq!(
+            w,
+            vec![
+                (0, m - 4096, 4096),
+                (0, m, m),
+                (0, 2 * m, 4096),
+                (1, 0, 4096)
+            ]
+        );
     }
 }

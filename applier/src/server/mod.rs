@@ -1,0 +1,444 @@
+//! The applier's QUIC server: the async driver of one [`ApplierSession`] per VM. It admits
+//! only primaries whose certificate names are on the allow-list, and lets each write only
+//! the replicas it created.
+//!
+//! Per connection, the first bidirectional stream opened with `Hello` is the control stream
+//! (cycle begin and resume, manifest, checksum requests): its messages go to the VM's
+//! session, and the session's actions are carried out here (messages sent, store operations
+//! run on blocking threads, their results fed back). Every other stream starts with a chunk
+//! and carries chunks (see [`data`]).
+//!
+//! Opening a replica (which may scan the undo log of a cycle held in part) runs on a blocking
+//! thread, outside the table of VMs' lock: one slow VM never holds up another VM's hello.
+
+mod data;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, OnceCell};
+use vmreplica_common::link::{self, LinkError, Tuning};
+use vmreplica_common::tls::{self, AllowList, Identity};
+use vmreplica_common::validate_name;
+use vmreplica_common::wire::{code, Message};
+
+use crate::pointview::VmShared;
+use crate::session::{Action, ApplierSession, ConnId, Event};
+use crate::store::{JobSender, Retention, Store, StoreError, VmStore};
+
+pub struct ApplierConfig {
+    pub store: PathBuf,
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub allow: AllowList,
+    pub retention: Retention,
+    pub tuning: Tuning,
+    /// The local admin socket (default `STORE/applier.sock`).
+    pub admin_socket: Option<PathBuf>,
+    /// Test hook: opening this VM takes this long (a slow store).
+    pub open_delay: Option<(String, Duration)>,
+}
+
+/// One replica served by this applier: its session, its store (for blocking operations, on
+/// blocking threads only), and the writers of the control streams talking to it.
+pub(crate) struct VmEntry {
+    pub name: String,
+    pub owner: String,
+    pub shared: Arc<VmShared>,
+    session: Mutex<ApplierSession>,
+    pub store: Arc<Mutex<VmStore>>,
+    /// Where data streams hand chunks of the cycle being received.
+    sender: Mutex<Option<JobSender>>,
+    /// Buffers chunks are verified into.
+    pub buffers: Arc<crate::image::Buffers>,
+    conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<Message>>>,
+}
+
+type Slot = Arc<OnceCell<Arc<VmEntry>>>;
+
+pub(crate) struct App {
+    pub store: Store,
+    allow: AllowList,
+    vms: Mutex<HashMap<String, Slot>>,
+    next_conn: AtomicU64,
+    open_delay: Option<(String, Duration)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl App {
+    /// The VM's entry, opening its replica on first use (for `peer`: creating it if new; for
+    /// an administrator: only if it exists). The table's lock is held only to find the slot.
+    pub async fn vm(
+        self: &Arc<Self>,
+        name: &str,
+        peer: Option<&str>,
+    ) -> Result<Arc<VmEntry>, StoreError> {
+        validate_name(name).map_err(|source| StoreError::Name {
+            name: name.to_string(),
+            source,
+        })?;
+        let slot = Arc::clone(lock(&self.vms).entry(name.to_string()).or_default());
+        let app = Arc::clone(self);
+        let (name, peer) = (name.to_string(), peer.map(str::to_string));
+        let entry = slot
+            .get_or_try_init(|| async move {
+                let app2 = Arc::clone(&app);
+                tokio::task::spawn_blocking(move || app2.open(&name, peer.as_deref()))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Receive(crate::store::Failure {
+                            code: code::INTERNAL,
+                            message: e.to_string(),
+                        })
+                    })?
+            })
+            .await?;
+        Ok(Arc::clone(entry))
+    }
+
+    /// The VMs this applier has open.
+    pub fn open_vms(&self) -> Vec<Arc<VmEntry>> {
+        lock(&self.vms)
+            .values()
+            .filter_map(|s| s.get().cloned())
+            .collect()
+    }
+
+    fn open(&self, name: &str, peer: Option<&str>) -> Result<Arc<VmEntry>, StoreError> {
+        if let Some((slow, d)) = &self.open_delay {
+            if slow == name {
+                std::thread::sleep(*d);
+            }
+        }
+        let vs = match peer {
+            Some(p) => self.store.open_vm(name, p)?,
+            None => self.store.open_existing(name)?,
+        };
+        let session = ApplierSession::new(name, vs.replica());
+        let buffers = vs.buffers();
+        Ok(Arc::new(VmEntry {
+            name: name.to_string(),
+            owner: vs.owner().to_string(),
+            shared: Arc::clone(vs.shared()),
+            session: Mutex::new(session),
+            store: Arc::new(Mutex::new(vs)),
+            sender: Mutex::new(None),
+            buffers,
+            conns: Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+impl VmEntry {
+    /// Feeds `ev` to the session and carries out what it asks, until it asks nothing.
+    /// Messages are handed to their streams' writers under the session's lock, so they keep
+    /// the session's order; store operations run on a blocking thread, and their results go
+    /// back to the session.
+    async fn drive(self: &Arc<Self>, ev: Event) {
+        let mut next = Some(ev);
+        while let Some(ev) = next.take() {
+            let op = {
+                let mut s = lock(&self.session);
+                s.handle(ev);
+                let conns = lock(&self.conns);
+                let mut op = None;
+                while let Some(a) = s.poll_action() {
+                    match a {
+                        Action::Send { conn, msg } => {
+                            if let Some(tx) = conns.get(&conn) {
+                                let _ = tx.send(msg);
+                            }
+                        }
+                        other => op = Some(other),
+                    }
+                }
+                op
+            };
+            if let Some(op) = op {
+                next = Some(self.run(op).await);
+            }
+        }
+    }
+
+    /// Runs a store operation on a blocking thread; the event that reports it.
+    async fn run(self: &Arc<Self>, op: Action) -> Event {
+        let me = Arc::clone(self);
+        let r = tokio::task::spawn_blocking(move || {
+            let mut vs = lock(&me.store);
+            let fail = |e: StoreError| (e.code(), e.to_string());
+            match op {
+                Action::Start {
+                    lineage,
+                    cycle,
+                    kind,
+                    disks,
+                } => {
+                    let r = vs.start_cycle(lineage, cycle, kind, &disks);
+                    *lock(&me.sender) = vs.sender();
+                    if let Err(e) = &r {
+                        tracing::warn!(vm = %me.name, cycle, "cycle not started: {e}");
+                    }
+                    Event::Started(r.map(|s| (s.epoch, s.applied)).map_err(fail), vs.replica())
+                }
+                Action::Commit {
+                    lineage,
+                    cycle,
+                    epoch,
+                    ranges,
+                    bytes,
+                    digest,
+                } => {
+                    let r = vs.commit(lineage, cycle, epoch, ranges, bytes, digest);
+                    if let Err(e) = &r {
+                        tracing::warn!(vm = %me.name, cycle, "cycle not applied: {e}");
+                    } else {
+                        *lock(&me.sender) = None;
+                    }
+                    Event::Committed(r.map(|_| ()).map_err(fail), vs.replica())
+                }
+                Action::Hashes {
+                    conn,
+                    disk,
+                    offset,
+                    block,
+                    count,
+                } => {
+                    let result = vs.hashes(&disk, offset, block, count).map_err(fail);
+                    Event::Hashes {
+                        conn,
+                        disk,
+                        offset,
+                        result,
+                    }
+                }
+                Action::Send { .. } => unreachable!("sends are carried out under the session lock"),
+            }
+        })
+        .await;
+        r.unwrap_or_else(|e| {
+            tracing::error!(vm = %self.name, "store operation failed: {e}");
+            let replica = lock(&self.session).replica().to_owned();
+            Event::Started(Err((code::INTERNAL, e.to_string())), replica)
+        })
+    }
+
+    /// Whether a chunk of `tag` is of the attempt being received (see the session).
+    pub fn admit(&self, tag: &vmreplica_common::wire::Tag) -> Result<JobSender, (u16, String)> {
+        lock(&self.session).admit(tag)?;
+        lock(&self.sender).clone().ok_or_else(|| {
+            (
+                code::STALE,
+                format!("VM {}: no cycle is being received", self.name),
+            )
+        })
+    }
+}
+
+/// A running applier.
+pub struct Applier {
+    endpoint: quinn::Endpoint,
+    task: tokio::task::JoinHandle<()>,
+    admin: Option<crate::admin::AdminServer>,
+}
+
+impl Applier {
+    /// Binds and starts serving.
+    pub fn start(cfg: ApplierConfig) -> Result<Applier, Box<dyn std::error::Error + Send + Sync>> {
+        let store = Store::new(&cfg.store, cfg.retention)?;
+        let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning)?;
+        let app = Arc::new(App {
+            store,
+            allow: cfg.allow,
+            vms: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            open_delay: cfg.open_delay,
+        });
+        let admin_path = cfg
+            .admin_socket
+            .unwrap_or_else(|| cfg.store.join("applier.sock"));
+        let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
+        let ep = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let app = Arc::clone(&app);
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => connection(app, conn).await,
+                        Err(e) => tracing::warn!(
+                            %remote,
+                            "refused a connection: {}",
+                            tls::describe_refusal(&e.to_string(), "replica", "primary")
+                        ),
+                    }
+                });
+            }
+        });
+        Ok(Applier {
+            endpoint,
+            task,
+            admin: Some(admin),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Stops accepting, closes connections, waits for them.
+    pub async fn shutdown(mut self) {
+        self.endpoint
+            .close(VarInt::from_u32(0), b"applier shutting down");
+        self.endpoint.wait_idle().await;
+        self.task.abort();
+        if let Some(a) = self.admin.take() {
+            a.stop();
+        }
+    }
+}
+
+/// What the streams of one connection share: the VM its hello named.
+struct ConnState {
+    id: ConnId,
+    peer: String,
+    vm: OnceLock<Arc<VmEntry>>,
+}
+
+async fn connection(app: Arc<App>, conn: Connection) {
+    let remote = conn.remote_address();
+    let names = link::peer_names(&conn);
+    let Some(peer) = app.allow.admit(&names) else {
+        tracing::warn!(%remote, ?names, "refused primary: its certificate name is not in the allow-list");
+        conn.close(
+            VarInt::from_u32(u32::from(code::NOT_ALLOWED)),
+            b"not allowed: certificate name is not in the applier's allow-list",
+        );
+        return;
+    };
+    tracing::info!(%remote, peer, "primary connected");
+    let st = Arc::new(ConnState {
+        id: app.next_conn.fetch_add(1, Ordering::Relaxed),
+        peer: peer.clone(),
+        vm: OnceLock::new(),
+    });
+    let queued = data::Queue::new();
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%remote, peer, "primary disconnected: {e}");
+                if let Some(vm) = st.vm.get() {
+                    lock(&vm.conns).remove(&st.id);
+                }
+                return;
+            }
+        };
+        let (app, st, queued) = (Arc::clone(&app), Arc::clone(&st), queued.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stream(app, st, queued, send, recv).await {
+                tracing::warn!("stream ended: {e}");
+            }
+        });
+    }
+}
+
+pub(crate) async fn reply_error(
+    send: &mut SendStream,
+    code: u16,
+    message: String,
+) -> Result<(), LinkError> {
+    link::send(send, &Message::Error { code, message }).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn stream(
+    app: Arc<App>,
+    st: Arc<ConnState>,
+    queued: data::Queue,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), LinkError> {
+    match link::recv(&mut recv).await? {
+        Some(Message::Hello {
+            version,
+            vm,
+            lineage,
+        }) => {
+            let entry = match app.vm(&vm, Some(&st.peer)).await {
+                Ok(e) if e.owner == st.peer => e,
+                Ok(e) => {
+                    let err = StoreError::NotOwner {
+                        vm: vm.clone(),
+                        owner: e.owner.clone(),
+                        peer: st.peer.clone(),
+                    };
+                    tracing::warn!(peer = st.peer, "refused VM {vm}: {err}");
+                    return reply_error(&mut send, err.code(), err.to_string()).await;
+                }
+                Err(e) => {
+                    tracing::warn!(peer = st.peer, "refused VM {vm}: {e}");
+                    return reply_error(&mut send, e.code(), e.to_string()).await;
+                }
+            };
+            let _ = st.vm.set(Arc::clone(&entry));
+            control(entry, st.id, version, lineage, send, recv).await
+        }
+        Some(Message::Chunk(first)) => {
+            let Some(entry) = st.vm.get().cloned() else {
+                return reply_error(&mut send, code::PROTOCOL, "chunks before Hello".into()).await;
+            };
+            data::data_stream(entry, first, send, recv, queued).await
+        }
+        Some(other) => {
+            let m = format!("unexpected first message {}", crate::session::name(&other));
+            reply_error(&mut send, code::PROTOCOL, m).await
+        }
+        None => Ok(()),
+    }
+}
+
+/// A control stream: its messages go to the session; the session's messages for it go out
+/// through a writer task, in order.
+async fn control(
+    vm: Arc<VmEntry>,
+    conn: ConnId,
+    version: u16,
+    lineage: Option<vmreplica_common::lineage::Lineage>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<(), LinkError> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    lock(&vm.conns).insert(conn, tx);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            link::send(&mut send, &m).await?;
+        }
+        let _ = send.finish();
+        Ok::<(), LinkError>(())
+    });
+    vm.drive(Event::Hello {
+        conn,
+        version,
+        lineage,
+    })
+    .await;
+    let r = async {
+        while let Some(msg) = link::recv(&mut recv).await? {
+            vm.drive(Event::Message { conn, msg }).await;
+        }
+        Ok::<(), LinkError>(())
+    }
+    .await;
+    lock(&vm.conns).remove(&conn);
+    let _ = writer.await;
+    r
+}

@@ -1,0 +1,533 @@
+//! The replica side of the cycle protocol as a state machine without I/O (quinn-proto's
+//! shape): the driver feeds it [`Event`]s (messages from the shipper's control streams,
+//! results of store operations) with [`ApplierSession::handle`], and carries out the
+//! [`Action`]s it takes from [`ApplierSession::poll_action`] (send a message, start or
+//! commit a cycle in the store, compute checksums). No sockets, files or clocks inside: a
+//! simulated pair drives it through a lossy, reordering, restarting network in tests.
+//!
+//! One session per VM. It answers hellos with the replica's lineage and position, checks
+//! every `BeginCycle` against the lineage rules before the store sees it, hands out the
+//! epoch of each receive attempt and admits only that attempt's chunks ([`ApplierSession::admit`]),
+//! and commits a cycle only for the attempt's own manifest. Store operations run one at a
+//! time; events that arrive meanwhile wait their turn.
+
+use std::collections::VecDeque;
+
+use vmreplica_common::lineage::Lineage;
+use vmreplica_common::ranges::RangeSet;
+use vmreplica_common::wire::{
+    code, resume_pages, CycleKind, DiskInfo, Message, Tag, PROTOCOL_VERSION,
+};
+
+use crate::rules::{self, Replica};
+
+/// A connection (its control stream), as the driver numbers them.
+pub type ConnId = u64;
+
+#[derive(Debug)]
+pub enum Event {
+    /// A control stream said hello for this session's VM.
+    Hello {
+        conn: ConnId,
+        version: u16,
+        lineage: Option<Lineage>,
+    },
+    /// A message on a control stream after its hello.
+    Message { conn: ConnId, msg: Message },
+    /// The store started (or continued) a cycle: its epoch and what it holds applied.
+    Started(Result<(u64, RangeSet), (u16, String)>, Replica),
+    /// The store committed a cycle (or refused to).
+    Committed(Result<(), (u16, String)>, Replica),
+    /// Checksums for a hash request.
+    Hashes {
+        conn: ConnId,
+        disk: String,
+        offset: u64,
+        result: Result<Vec<u64>, (u16, String)>,
+    },
+    /// The replica changed outside the session (an administrator's rollback).
+    Replica(Replica),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Send {
+        conn: ConnId,
+        msg: Message,
+    },
+    /// Start or continue a cycle in the store (`VmStore::start_cycle`), then report
+    /// [`Event::Started`].
+    Start {
+        lineage: Lineage,
+        cycle: u64,
+        kind: CycleKind,
+        disks: Vec<DiskInfo>,
+    },
+    /// Commit the cycle (`VmStore::commit`), then report [`Event::Committed`].
+    Commit {
+        lineage: Lineage,
+        cycle: u64,
+        epoch: u64,
+        ranges: u64,
+        bytes: u64,
+        digest: u64,
+    },
+    /// Compute checksums, then report [`Event::Hashes`].
+    Hashes {
+        conn: ConnId,
+        disk: String,
+        offset: u64,
+        block: u32,
+        count: u32,
+    },
+}
+
+/// A store operation in flight, and who asked.
+#[derive(Debug)]
+enum Pending {
+    Start {
+        conn: ConnId,
+        lineage: Lineage,
+        cycle: u64,
+    },
+    Commit {
+        conn: ConnId,
+        lineage: Lineage,
+        cycle: u64,
+    },
+    Hashes,
+}
+
+pub struct ApplierSession {
+    vm: String,
+    replica: Replica,
+    /// The receive attempt whose chunks are admitted.
+    current: Option<Tag>,
+    pending: Option<Pending>,
+    waiting: VecDeque<Event>,
+    actions: VecDeque<Action>,
+}
+
+fn error(code: u16, message: String) -> Message {
+    Message::Error { code, message }
+}
+
+impl ApplierSession {
+    pub fn new(vm: &str, replica: Replica) -> ApplierSession {
+        ApplierSession {
+            vm: vm.to_string(),
+            replica,
+            current: None,
+            pending: None,
+            waiting: VecDeque::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The next thing the driver must do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether a data chunk of `tag` may be applied now: only the current attempt's.
+    pub fn admit(&self, tag: &Tag) -> Result<(), (u16, String)> {
+        match &self.current {
+            Some(c) if c == tag => Ok(()),
+            Some(c) => Err((
+                code::STALE,
+                format!(
+                    "VM {}: chunk of cycle {} attempt {} is stale: the replica receives cycle {} attempt {} now",
+                    self.vm, tag.cycle, tag.epoch, c.cycle, c.epoch
+                ),
+            )),
+            None => Err((
+                code::STALE,
+                format!(
+                    "VM {}: chunk of cycle {} attempt {}, but no cycle is being received",
+                    self.vm, tag.cycle, tag.epoch
+                ),
+            )),
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, msg: Message) {
+        self.actions.push_back(Action::Send { conn, msg });
+    }
+
+    pub fn handle(&mut self, ev: Event) {
+        let is_result = matches!(
+            ev,
+            Event::Started(..) | Event::Committed(..) | Event::Hashes { .. } | Event::Replica(_)
+        );
+        if self.pending.is_some() && !is_result {
+            self.waiting.push_back(ev);
+            return;
+        }
+        self.step(ev);
+        while self.pending.is_none() {
+            let Some(next) = self.waiting.pop_front() else {
+                break;
+            };
+            self.step(next);
+        }
+    }
+
+    fn step(&mut self, ev: Event) {
+        match ev {
+            Event::Hello {
+                conn,
+                version,
+                lineage,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    let m = format!(
+                        "the primary's shipper speaks replication protocol version {version}, this \
+                         applier version {PROTOCOL_VERSION}: upgrade the older side"
+                    );
+                    return self.send(conn, error(code::PROTOCOL, m));
+                }
+                if let (Some(t), Some(r)) = (lineage, self.replica.lineage) {
+                    if t != r {
+                        // Said here for the log; the shipper decides (it stops) and the
+                        // rules refuse any cycle of another lineage anyway.
+                        tracing::warn!(vm = %self.vm, tracker = %t, replica = %r, "the primary's tracker and this replica hold different lineages");
+                    }
+                }
+                self.send(
+                    conn,
+                    Message::Welcome {
+                        version: PROTOCOL_VERSION,
+                        lineage: self.replica.lineage,
+                        last_cycle: self.replica.last_cycle,
+                        receiving: self.replica.receiving,
+                    },
+                );
+            }
+            Event::Message { conn, msg } => self.message(conn, msg),
+            Event::Started(r, replica) => {
+                self.replica = replica;
+                let Some(Pending::Start {
+                    conn,
+                    lineage,
+                    cycle,
+                }) = self.pending.take()
+                else {
+                    return;
+                };
+                match r {
+                    Ok((epoch, applied)) => {
+                        self.current = Some(Tag {
+                            lineage,
+                            cycle,
+                            epoch,
+                        });
+                        for page in resume_pages(lineage, cycle, epoch, &applied) {
+                            self.send(conn, page);
+                        }
+                    }
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
+            Event::Committed(r, replica) => {
+                self.replica = replica;
+                let Some(Pending::Commit {
+                    conn,
+                    lineage,
+                    cycle,
+                }) = self.pending.take()
+                else {
+                    return;
+                };
+                match r {
+                    Ok(()) => {
+                        self.current = None;
+                        self.send(conn, Message::Applied { lineage, cycle });
+                    }
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
+            Event::Hashes {
+                conn,
+                disk,
+                offset,
+                result,
+            } => {
+                if matches!(self.pending, Some(Pending::Hashes)) {
+                    self.pending = None;
+                }
+                match result {
+                    Ok(hashes) => self.send(
+                        conn,
+                        Message::Hashes {
+                            disk,
+                            offset,
+                            hashes,
+                        },
+                    ),
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
+            Event::Replica(r) => {
+                if r.receiving != self.replica.receiving {
+                    self.current = None;
+                }
+                self.replica = r;
+            }
+        }
+    }
+
+    fn message(&mut self, conn: ConnId, msg: Message) {
+        match msg {
+            Message::BeginCycle {
+                lineage,
+                cycle,
+                kind,
+                disks,
+            } => {
+                if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind) {
+                    tracing::warn!(vm = %self.vm, cycle, "refused: {m}");
+                    return self.send(conn, error(code::LINEAGE, m));
+                }
+                // From now on no chunk is admitted until the new attempt has its epoch.
+                self.current = None;
+                self.pending = Some(Pending::Start {
+                    conn,
+                    lineage,
+                    cycle,
+                });
+                self.actions.push_back(Action::Start {
+                    lineage,
+                    cycle,
+                    kind,
+                    disks,
+                });
+            }
+            Message::Manifest {
+                lineage,
+                cycle,
+                epoch,
+                ranges,
+                bytes,
+                digest,
+            } => {
+                let tag = Tag {
+                    lineage,
+                    cycle,
+                    epoch,
+                };
+                if self.current != Some(tag) {
+                    let m = format!(
+                        "VM {}: manifest of cycle {cycle} attempt {epoch} is stale (the replica \
+                         receives {})",
+                        self.vm,
+                        self.current.map_or("nothing".to_string(), |c| format!(
+                            "cycle {} attempt {}",
+                            c.cycle, c.epoch
+                        ))
+                    );
+                    return self.send(conn, error(code::STALE, m));
+                }
+                self.pending = Some(Pending::Commit {
+                    conn,
+                    lineage,
+                    cycle,
+                });
+                self.actions.push_back(Action::Commit {
+                    lineage,
+                    cycle,
+                    epoch,
+                    ranges,
+                    bytes,
+                    digest,
+                });
+            }
+            Message::HashRequest {
+                disk,
+                offset,
+                block,
+                count,
+            } => {
+                self.pending = Some(Pending::Hashes);
+                self.actions.push_back(Action::Hashes {
+                    conn,
+                    disk,
+                    offset,
+                    block,
+                    count,
+                });
+            }
+            other => {
+                let m = format!("unexpected {} on the control stream", name(&other));
+                self.send(conn, error(code::PROTOCOL, m));
+            }
+        }
+    }
+}
+
+/// A message's name, for errors (never its payload).
+pub fn name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::BeginCycle { .. } => "BeginCycle",
+        Message::Resume { .. } => "Resume",
+        Message::Chunk(_) => "Chunk",
+        Message::Acked { .. } => "Acked",
+        Message::Manifest { .. } => "Manifest",
+        Message::Applied { .. } => "Applied",
+        Message::Error { .. } => "Error",
+        Message::HashRequest { .. } => "HashRequest",
+        Message::Hashes { .. } => "Hashes",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Lineage = Lineage([0xa; 16]);
+
+    fn replica(last: u64) -> Replica {
+        Replica {
+            lineage: Some(A),
+            last_cycle: last,
+            has_points: true,
+            receiving: None,
+        }
+    }
+
+    fn begin(cycle: u64) -> Message {
+        Message::BeginCycle {
+            lineage: A,
+            cycle,
+            kind: CycleKind::Delta,
+            disks: vec![],
+        }
+    }
+
+    fn drain(s: &mut ApplierSession) -> Vec<Action> {
+        std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    #[test]
+    fn a_gap_is_refused_before_the_store_sees_it_and_stale_data_is_not_admitted() {
+        let mut s = ApplierSession::new("vm1", replica(5));
+        s.handle(Event::Hello {
+            conn: 1,
+            version: 1,
+            lineage: None,
+        });
+        match &drain(&mut s)[..] {
+            [Action::Send {
+                msg: Message::Error { code: c, message },
+                ..
+            }] => assert!(
+                *c == code::PROTOCOL && message.contains("upgrade"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(7),
+        });
+        match &drain(&mut s)[..] {
+            [Action::Send {
+                msg: Message::Error { code: c, .. },
+                ..
+            }] => assert_eq!(*c, code::LINEAGE),
+            other => panic!("{other:?}"),
+        }
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(6),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Start { cycle: 6, .. }]
+        ));
+        // While the store starts it, a second begin (another connection) waits its turn.
+        s.handle(Event::Message {
+            conn: 2,
+            msg: begin(6),
+        });
+        assert!(drain(&mut s).is_empty());
+        let tag = |epoch| Tag {
+            lineage: A,
+            cycle: 6,
+            epoch,
+        };
+        assert!(s.admit(&tag(1)).is_err());
+        s.handle(Event::Started(Ok((1, RangeSet::new())), replica(5)));
+        let acts = drain(&mut s);
+        assert!(matches!(
+            &acts[0],
+            Action::Send {
+                conn: 1,
+                msg: Message::Resume {
+                    epoch: 1,
+                    last: true,
+                    ..
+                }
+            }
+        ));
+        assert!(
+            matches!(&acts[1], Action::Start { cycle: 6, .. }),
+            "{acts:?}"
+        );
+        s.handle(Event::Started(Ok((2, RangeSet::new())), replica(5)));
+        drain(&mut s);
+        assert_eq!(s.admit(&tag(1)).unwrap_err().0, code::STALE);
+        s.admit(&tag(2)).unwrap();
+        // The first attempt's manifest is stale; the second's commits.
+        let manifest = |epoch| Message::Manifest {
+            lineage: A,
+            cycle: 6,
+            epoch,
+            ranges: 0,
+            bytes: 0,
+            digest: RangeSet::new().digest(),
+        };
+        s.handle(Event::Message {
+            conn: 1,
+            msg: manifest(1),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Send {
+                msg: Message::Error {
+                    code: code::STALE,
+                    ..
+                },
+                ..
+            }]
+        ));
+        s.handle(Event::Message {
+            conn: 2,
+            msg: manifest(2),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Commit { epoch: 2, .. }]
+        ));
+        s.handle(Event::Committed(Ok(()), replica(6)));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 2,
+                msg: Message::Applied {
+                    lineage: A,
+                    cycle: 6
+                }
+            }]
+        );
+        assert!(
+            s.admit(&tag(2)).is_err(),
+            "a committed cycle takes no more data"
+        );
+    }
+}

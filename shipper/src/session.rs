@@ -1,0 +1,700 @@
+//! The primary side of the cycle protocol as a state machine without I/O (quinn-proto's
+//! shape): the driver feeds it [`Event`]s (the tracker's answers, the applier's messages,
+//! the outcome of planning and sending, the passing of time) with
+//! [`ShipperSession::handle`], and carries out the [`Action`]s it takes from
+//! [`ShipperSession::poll_action`]; [`ShipperSession::poll_timeout`] says when to wake it.
+//! No sockets, files, clocks or randomness inside: a simulated pair drives it through a lossy,
+//! reordering, restarting network in tests.
+//!
+//! What it decides (the lineage rules, shipper side), from the tracker's state (lineage T,
+//! frozen generation F, next generation) and the replica's (lineage R, last cycle N):
+//! - an empty replica gets an initial copy: a lineage is created (if the tracker has none)
+//!   and set in the tracker before the full freeze;
+//! - F == N: the replica applied F but its acknowledgement was lost: F is released with the
+//!   replica's proof;
+//! - F == N + 1 (or a full F > N): F is shipped, as a delta (or a resync);
+//! - no F, and the tracker's last generation is N: the next delta is frozen at the interval
+//!   (a resync if tracking was lost);
+//! - anything else (the tracker behind the replica or more than one ahead: a restored
+//!   tracker state or replica store; the tracker without a lineage: its state was lost): a
+//!   checksum resync, after merging what is frozen and setting the tracker to the replica's
+//!   lineage, never a release;
+//! - T != R: replication stops with a message naming both; nothing is released.
+//!
+//! A generation is released only with the replica's proof: its `Applied` for exactly that
+//! lineage and cycle.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use vmreplica_common::lineage::Lineage;
+use vmreplica_common::ranges::{Range, RangeSet};
+use vmreplica_common::wire::{
+    code, CycleKind, DiskInfo, Message, Receiving, Tag, PROTOCOL_VERSION,
+};
+
+/// The tracker's state, as its status reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackerView {
+    pub lineage: Option<Lineage>,
+    pub next_generation: u64,
+    pub frozen: Option<Frozen>,
+    /// Some disk lost its tracking: only a resync can catch up.
+    pub resync_required: bool,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frozen {
+    pub generation: u64,
+    /// Every block (an initial copy or a resync), not only the changed ones.
+    pub full: bool,
+}
+
+/// The replica's position, as its welcome reports it (and as cycles move it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub lineage: Option<Lineage>,
+    pub last_cycle: u64,
+    pub receiving: Option<Receiving>,
+}
+
+/// A request to the tracker's control socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrackerOp {
+    Status,
+    Freeze {
+        full: bool,
+    },
+    /// Release with the replica's proof.
+    Release {
+        generation: u64,
+        proof: (Lineage, u64),
+    },
+    Merge {
+        generation: u64,
+    },
+    /// `lineage` None: a fresh one (the driver makes it).
+    SetLineage {
+        lineage: Option<Lineage>,
+        next_generation: u64,
+    },
+    ClearResync,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The tracker answered (every answer carries its status after the operation).
+    Tracker(Result<TrackerView, String>),
+    /// A connection to the applier is up (its control stream open).
+    Connected { attempt: u64 },
+    /// Connecting failed, or the connection was lost.
+    Disconnected { attempt: u64, reason: String },
+    /// A message on the control stream.
+    Message { attempt: u64, msg: Message },
+    /// Planning finished: the ranges of the frozen generation to ship (for a resync, the
+    /// ones whose checksums differ).
+    Planned {
+        attempt: u64,
+        result: Result<RangeSet, String>,
+    },
+    /// Every range was sent and is durably applied (each data stream's last `Acked`).
+    Sent {
+        attempt: u64,
+        result: Result<(), String>,
+    },
+    /// Time passed (see [`ShipperSession::poll_timeout`]).
+    Tick,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Tracker(TrackerOp),
+    /// Open a connection (or several) to the applier; report `Connected` or `Disconnected`.
+    Connect {
+        attempt: u64,
+    },
+    /// Close the connection: the attempt is over.
+    Close {
+        attempt: u64,
+    },
+    /// A message on the control stream.
+    Send {
+        attempt: u64,
+        msg: Message,
+    },
+    /// Plan the frozen generation (skipping, for an initial copy, its holes; for a resync,
+    /// comparing checksums over the control stream); report `Planned`.
+    Plan {
+        attempt: u64,
+        generation: u64,
+        kind: CycleKind,
+    },
+    /// Read, pack and send `ranges` of the frozen generation as chunks of `tag`; report
+    /// `Sent`.
+    SendData {
+        attempt: u64,
+        tag: Tag,
+        ranges: Vec<Range>,
+    },
+    /// A cycle was applied (its release follows).
+    Done {
+        cycle: u64,
+        kind: CycleKind,
+        /// Bytes of the cycle.
+        bytes: u64,
+        /// Of which the replica held already when this attempt began.
+        skipped: u64,
+    },
+    /// Something failed; the session retries after `after`.
+    Retry {
+        error: String,
+        after: Duration,
+    },
+    /// Replication cannot go on without an operator: the message says why and what to do.
+    Stop {
+        error: String,
+    },
+}
+
+pub struct Config {
+    pub vm: String,
+    /// Between freezes; None: continuous (the next freeze follows each release).
+    pub interval: Option<Duration>,
+    /// No initial copy before this instant.
+    pub initial_sync_at: Option<Instant>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting to (re)start: at `at`, ask the tracker for its state.
+    Idle {
+        at: Instant,
+    },
+    /// The tracker's status before connecting.
+    Status,
+    Connecting,
+    Hello,
+    /// A tracker operation in flight; `then` what it was for.
+    Tracker(After),
+    /// Until `until`, then freeze (`full`).
+    Waiting {
+        until: Instant,
+        full: bool,
+    },
+    Resume {
+        applied: RangeSet,
+    },
+    Planning {
+        applied: RangeSet,
+    },
+    Sending {
+        plan: RangeSet,
+    },
+    Manifest,
+    Stopped,
+}
+
+/// What a tracker operation was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    Decide,
+    /// After a release: clear the resync flags if the cycle was not a delta, then decide.
+    Released {
+        full: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cycle {
+    lineage: Lineage,
+    generation: u64,
+    kind: CycleKind,
+    epoch: u64,
+}
+
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+pub struct ShipperSession {
+    cfg: Config,
+    phase: Phase,
+    attempt: u64,
+    tracker: Option<TrackerView>,
+    replica: Option<ReplicaView>,
+    cycle: Option<Cycle>,
+    last_freeze: Option<Instant>,
+    backoff: Duration,
+    now: Instant,
+    /// Bytes of the cycle being shipped (its manifest's), and of them, those the replica
+    /// held when this attempt began.
+    cycle_bytes: u64,
+    cycle_skipped: u64,
+    actions: VecDeque<Action>,
+}
+
+impl ShipperSession {
+    pub fn new(cfg: Config, now: Instant) -> ShipperSession {
+        ShipperSession {
+            cfg,
+            phase: Phase::Idle { at: now },
+            attempt: 0,
+            tracker: None,
+            replica: None,
+            cycle: None,
+            last_freeze: None,
+            backoff: MIN_BACKOFF,
+            now,
+            cycle_bytes: 0,
+            cycle_skipped: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the session wants a [`Event::Tick`] (None: only when something happens).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Idle { at } => Some(*at),
+            Phase::Waiting { until, .. } => Some(*until),
+            _ => None,
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// The cycle being shipped: generation, kind.
+    pub fn current(&self) -> Option<(u64, CycleKind)> {
+        self.cycle.map(|c| (c.generation, c.kind))
+    }
+
+    fn act(&mut self, a: Action) {
+        self.actions.push_back(a);
+    }
+
+    fn tracker_op(&mut self, op: TrackerOp, then: After) {
+        self.phase = Phase::Tracker(then);
+        self.act(Action::Tracker(op));
+    }
+
+    /// Gives up the attempt: closes the connection and retries after a backoff.
+    fn retry(&mut self, error: String) {
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        if !matches!(self.phase, Phase::Idle { .. } | Phase::Status) {
+            self.act(Action::Close {
+                attempt: self.attempt,
+            });
+        }
+        let after = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.act(Action::Retry { error, after });
+        self.phase = Phase::Idle {
+            at: self.now + after,
+        };
+        self.cycle = None;
+    }
+
+    fn stop(&mut self, error: String) {
+        self.act(Action::Close {
+            attempt: self.attempt,
+        });
+        self.act(Action::Stop { error });
+        self.phase = Phase::Stopped;
+        self.cycle = None;
+    }
+
+    pub fn handle(&mut self, ev: Event, now: Instant) {
+        self.now = now;
+        if self.phase == Phase::Stopped {
+            return;
+        }
+        match ev {
+            Event::Tick => match self.phase.clone() {
+                Phase::Idle { at } if now >= at => {
+                    self.phase = Phase::Status;
+                    self.act(Action::Tracker(TrackerOp::Status));
+                }
+                Phase::Waiting { until, full } if now >= until => {
+                    self.last_freeze = Some(now);
+                    self.tracker_op(TrackerOp::Freeze { full }, After::Decide);
+                }
+                _ => {}
+            },
+            Event::Tracker(r) => self.tracker_answer(r),
+            Event::Connected { attempt }
+                if attempt == self.attempt && self.phase == Phase::Connecting =>
+            {
+                self.phase = Phase::Hello;
+                let lineage = self.tracker.as_ref().and_then(|t| t.lineage);
+                self.act(Action::Send {
+                    attempt,
+                    msg: Message::Hello {
+                        version: PROTOCOL_VERSION,
+                        vm: self.cfg.vm.clone(),
+                        lineage,
+                    },
+                });
+            }
+            Event::Disconnected { attempt, reason }
+                if attempt == self.attempt
+                    && !matches!(self.phase, Phase::Idle { .. } | Phase::Status) =>
+            {
+                self.retry(reason);
+            }
+            Event::Message { attempt, msg } if attempt == self.attempt => self.message(msg),
+            Event::Planned { attempt, result } if attempt == self.attempt => {
+                let (Phase::Planning { applied }, Some(c)) = (self.phase.clone(), self.cycle)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(runs) => {
+                        let mut plan = runs.clone();
+                        plan.union(&applied);
+                        self.cycle_skipped = applied.bytes();
+                        let mut todo = runs;
+                        if c.kind != CycleKind::Resync {
+                            for r in applied.iter() {
+                                todo.remove(r.disk, r.offset, r.end());
+                            }
+                        }
+                        self.phase = Phase::Sending { plan };
+                        self.act(Action::SendData {
+                            attempt,
+                            tag: Tag {
+                                lineage: c.lineage,
+                                cycle: c.generation,
+                                epoch: c.epoch,
+                            },
+                            ranges: todo.iter().collect(),
+                        });
+                    }
+                    Err(e) => self.retry(e),
+                }
+            }
+            Event::Sent { attempt, result } if attempt == self.attempt => {
+                let (Phase::Sending { plan }, Some(c)) = (self.phase.clone(), self.cycle) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        self.phase = Phase::Manifest;
+                        self.act(Action::Send {
+                            attempt,
+                            msg: Message::Manifest {
+                                lineage: c.lineage,
+                                cycle: c.generation,
+                                epoch: c.epoch,
+                                ranges: plan.len() as u64,
+                                bytes: plan.bytes(),
+                                digest: plan.digest(),
+                            },
+                        });
+                        self.cycle_bytes = plan.bytes();
+                    }
+                    Err(e) => self.retry(e),
+                }
+            }
+            _ => {} // an earlier attempt's, or out of turn
+        }
+    }
+
+    fn tracker_answer(&mut self, r: Result<TrackerView, String>) {
+        let phase = self.phase.clone();
+        let t = match r {
+            Ok(t) => t,
+            Err(e) => {
+                if matches!(phase, Phase::Status | Phase::Tracker(_)) {
+                    self.retry(format!("tracker: {e}"));
+                }
+                return;
+            }
+        };
+        self.tracker = Some(t);
+        match phase {
+            Phase::Status => {
+                self.attempt += 1;
+                self.phase = Phase::Connecting;
+                self.act(Action::Connect {
+                    attempt: self.attempt,
+                });
+            }
+            Phase::Tracker(After::Released { full: true }) => {
+                self.tracker_op(TrackerOp::ClearResync, After::Decide);
+            }
+            Phase::Tracker(_) => self.decide(),
+            _ => {}
+        }
+    }
+
+    fn message(&mut self, msg: Message) {
+        if let Message::Error { code: c, message } = &msg {
+            let e = if *c == code::PROTOCOL && self.phase == Phase::Hello {
+                format!("the applier refused the hello: {message}")
+            } else {
+                format!("the applier: {message} (code {c})")
+            };
+            return self.retry(e);
+        }
+        match (self.phase.clone(), msg) {
+            (
+                Phase::Hello,
+                Message::Welcome {
+                    version,
+                    lineage,
+                    last_cycle,
+                    receiving,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return self.retry(format!(
+                        "the applier speaks replication protocol version {version}, this \
+                         shipper {PROTOCOL_VERSION}: upgrade the older side"
+                    ));
+                }
+                self.replica = Some(ReplicaView {
+                    lineage,
+                    last_cycle,
+                    receiving,
+                });
+                self.decide();
+            }
+            (
+                Phase::Resume { mut applied },
+                Message::Resume {
+                    lineage,
+                    cycle,
+                    epoch,
+                    ranges,
+                    last,
+                },
+            ) => {
+                let Some(mut c) = self.cycle else { return };
+                if (lineage, cycle) != (c.lineage, c.generation)
+                    || (c.epoch != 0 && c.epoch != epoch)
+                {
+                    return self.retry(format!(
+                        "the applier answered for cycle {cycle} attempt {epoch}, not {}",
+                        c.generation
+                    ));
+                }
+                c.epoch = epoch;
+                self.cycle = Some(c);
+                for r in ranges {
+                    applied.insert_range(r);
+                }
+                if !last {
+                    self.phase = Phase::Resume { applied };
+                    return;
+                }
+                self.phase = Phase::Planning { applied };
+                self.act(Action::Plan {
+                    attempt: self.attempt,
+                    generation: c.generation,
+                    kind: c.kind,
+                });
+            }
+            (Phase::Manifest, Message::Applied { lineage, cycle }) => {
+                let Some(c) = self.cycle else { return };
+                if (lineage, cycle) != (c.lineage, c.generation) {
+                    return self.retry(format!(
+                        "the applier acknowledged cycle {cycle} of lineage {lineage}, not {} of {}",
+                        c.generation, c.lineage
+                    ));
+                }
+                self.replica = Some(ReplicaView {
+                    lineage: Some(lineage),
+                    last_cycle: cycle,
+                    receiving: None,
+                });
+                self.backoff = MIN_BACKOFF;
+                self.act(Action::Done {
+                    cycle,
+                    kind: c.kind,
+                    bytes: self.cycle_bytes,
+                    skipped: self.cycle_skipped,
+                });
+                self.cycle = None;
+                self.tracker_op(
+                    TrackerOp::Release {
+                        generation: cycle,
+                        proof: (lineage, cycle),
+                    },
+                    After::Released {
+                        full: c.kind != CycleKind::Delta,
+                    },
+                );
+            }
+            (_, Message::Hashes { .. }) => {} // the planner's (routed by the driver)
+            (phase, m) => {
+                self.retry(format!(
+                    "unexpected {} from the applier while {phase:?}",
+                    crate::session::msg_name(&m)
+                ));
+            }
+        }
+    }
+
+    /// The lineage rules: what to do next, from the tracker's and the replica's state.
+    fn decide(&mut self) {
+        let (Some(t), Some(r)) = (self.tracker.clone(), self.replica) else {
+            return;
+        };
+        let empty = r.lineage.is_none() && r.last_cycle == 0;
+        if empty {
+            return self.decide_initial(&t);
+        }
+        let Some(rl) = r.lineage else {
+            // A replica with points but no lineage: only a resync continues it.
+            return self.resync(&t, r.last_cycle, None);
+        };
+        let n = r.last_cycle;
+        let Some(tl) = t.lineage else {
+            tracing::info!(vm = %self.cfg.vm, "the tracker has no lineage (its state was lost or recreated): checksum resync");
+            return self.resync(&t, n, Some(rl));
+        };
+        if tl != rl {
+            return self.stop(format!(
+                "VM {}: the tracker's generations belong to lineage {tl}, the replica's cycles \
+                 to lineage {rl} (up to cycle {n}): they are not one history of this VM, so \
+                 nothing is shipped or released. If the replica is the one to keep, set the \
+                 tracker to its lineage (this makes the next cycle a checksum resync); if the \
+                 primary is, remove the replica on the applier's side for a new initial copy",
+                self.cfg.vm
+            ));
+        }
+        match t.frozen {
+            Some(f) if f.generation == n => self.tracker_op(
+                TrackerOp::Release {
+                    generation: f.generation,
+                    proof: (rl, n),
+                },
+                After::Released { full: f.full },
+            ),
+            Some(f) if f.generation == n + 1 && (f.full || !t.resync_required) => {
+                let kind = if f.full {
+                    CycleKind::Resync
+                } else {
+                    CycleKind::Delta
+                };
+                self.ship(tl, f.generation, kind, &t);
+            }
+            Some(f) if f.full && f.generation > n => {
+                self.ship(tl, f.generation, CycleKind::Resync, &t)
+            }
+            Some(_) => self.resync(&t, n, Some(rl)),
+            None if t.next_generation == n + 1 => {
+                let until = match (self.cfg.interval, self.last_freeze) {
+                    (Some(i), Some(last)) if !t.resync_required => last + i,
+                    _ => self.now,
+                };
+                self.phase = Phase::Waiting {
+                    until,
+                    full: t.resync_required,
+                };
+                self.handle(Event::Tick, self.now);
+            }
+            None => self.resync(&t, n, Some(rl)),
+        }
+    }
+
+    /// An empty replica: an initial copy, in the tracker's lineage or a fresh one.
+    fn decide_initial(&mut self, t: &TrackerView) {
+        match (t.frozen, t.lineage) {
+            (Some(f), Some(l)) if f.full => self.ship(l, f.generation, CycleKind::Initial, t),
+            (Some(f), _) => self.tracker_op(
+                TrackerOp::Merge {
+                    generation: f.generation,
+                },
+                After::Decide,
+            ),
+            (None, None) => self.tracker_op(
+                TrackerOp::SetLineage {
+                    lineage: None,
+                    next_generation: t.next_generation,
+                },
+                After::Decide,
+            ),
+            (None, Some(_)) => {
+                let until = self.cfg.initial_sync_at.unwrap_or(self.now).max(self.now);
+                self.phase = Phase::Waiting { until, full: true };
+                self.handle(Event::Tick, self.now);
+            }
+        }
+    }
+
+    /// A checksum resync against a replica at cycle `n` of `lineage` (None: the replica has
+    /// none): merge what is frozen, put the tracker in the replica's lineage with a generation
+    /// after `n`, freeze every block.
+    fn resync(&mut self, t: &TrackerView, n: u64, lineage: Option<Lineage>) {
+        let want = lineage.or(t.lineage);
+        let in_lineage = want.is_some() && t.lineage == want;
+        match (t.frozen, want) {
+            (Some(f), Some(l)) if f.full && f.generation > n && in_lineage => {
+                self.ship(l, f.generation, CycleKind::Resync, t)
+            }
+            (Some(f), _) => self.tracker_op(
+                TrackerOp::Merge {
+                    generation: f.generation,
+                },
+                After::Decide,
+            ),
+            (None, _) if !in_lineage || t.next_generation <= n => self.tracker_op(
+                TrackerOp::SetLineage {
+                    lineage: want,
+                    next_generation: n + 1,
+                },
+                After::Decide,
+            ),
+            (None, _) => {
+                self.last_freeze = Some(self.now);
+                self.tracker_op(TrackerOp::Freeze { full: true }, After::Decide);
+            }
+        }
+    }
+
+    fn ship(&mut self, lineage: Lineage, generation: u64, kind: CycleKind, t: &TrackerView) {
+        self.cycle = Some(Cycle {
+            lineage,
+            generation,
+            kind,
+            epoch: 0,
+        });
+        self.phase = Phase::Resume {
+            applied: RangeSet::new(),
+        };
+        self.act(Action::Send {
+            attempt: self.attempt,
+            msg: Message::BeginCycle {
+                lineage,
+                cycle: generation,
+                kind,
+                disks: t.disks.clone(),
+            },
+        });
+    }
+}
+
+/// A message's name, for errors (never its payload).
+pub fn msg_name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::BeginCycle { .. } => "BeginCycle",
+        Message::Resume { .. } => "Resume",
+        Message::Chunk(_) => "Chunk",
+        Message::Acked { .. } => "Acked",
+        Message::Manifest { .. } => "Manifest",
+        Message::Applied { .. } => "Applied",
+        Message::Error { .. } => "Error",
+        Message::HashRequest { .. } => "HashRequest",
+        Message::Hashes { .. } => "Hashes",
+    }
+}
