@@ -88,23 +88,48 @@ struct ApplierServe {
     /// Primaries admitted: exact certificate names or *.suffix patterns. Repeatable.
     #[arg(long = "allow", required = true)]
     allow: Vec<String>,
-    /// Recovery points kept per VM.
-    #[arg(long, default_value_t = 24)]
-    keep: usize,
-    /// Thin points older than this to one per hour (e.g. 24h).
+    /// Keep every recovery point younger than this.
+    #[arg(long, default_value = "1h")]
+    keep_all_for: humantime::Duration,
+    /// Then keep the newest point of each hour, for points younger than this.
+    #[arg(long, default_value = "24h")]
+    hourly_for: humantime::Duration,
+    /// Then keep the newest point of each day, for points younger than this (older ones go).
+    #[arg(long, default_value = "7d")]
+    daily_for: humantime::Duration,
+    /// At most this many points per VM (the oldest go first; the newest always stays).
     #[arg(long)]
+    keep: Option<usize>,
+    /// Deprecated: the old name of --keep-all-for.
+    #[arg(long, hide = true)]
     hourly_after: Option<humantime::Duration>,
+    /// The local admin socket (default: STORE/applier.sock).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum ApplierOp {
-    /// List a VM's recovery points.
+    /// What the applier knows of each replica (JSON): lineage and history, last cycle, the
+    /// cycle held in part, points.
+    Status {
+        #[arg(long)]
+        store: PathBuf,
+        /// The applier's admin socket (default: STORE/applier.sock).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// List a VM's recovery points (through the running applier, or from the store).
     Points {
         vm: String,
         #[arg(long)]
         store: PathBuf,
+        /// The applier's admin socket (default: STORE/applier.sock).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
     },
-    /// Write the disk images of a recovery point into a directory.
+    /// Write the disk images of a recovery point into a directory (through the running
+    /// applier, which goes on applying cycles meanwhile, or from the store).
     Export {
         vm: String,
         #[arg(long)]
@@ -112,8 +137,12 @@ enum ApplierOp {
         /// The point's cycle number (see `points`).
         #[arg(long)]
         point: u64,
+        /// A directory outside the store; images there are never overwritten.
         #[arg(long)]
         out: PathBuf,
+        /// The applier's admin socket (default: STORE/applier.sock).
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
     },
 }
 
@@ -175,8 +204,23 @@ enum CtlOp {
         #[arg(long)]
         full: bool,
     },
-    /// Forget a frozen generation (it reached the replica).
-    Release { generation: u64 },
+    /// Forget a frozen generation without the replica's proof that it holds it (the shipper
+    /// releases with that proof by itself): needs --force, as its changes are lost if the
+    /// replica does not hold them (use merge instead).
+    Release {
+        generation: u64,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set the tracker's lineage (a replica's, to resync against it) and raise its next
+    /// generation; refused if another lineage is set, unless --force.
+    SetLineage {
+        lineage: String,
+        #[arg(long, default_value_t = 1)]
+        next_generation: u64,
+        #[arg(long)]
+        force: bool,
+    },
     /// Put a frozen generation's blocks back into the dirty set.
     Merge { generation: u64 },
 }
@@ -185,7 +229,30 @@ fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
     let req = match op {
         CtlOp::Status => Request::Status,
         CtlOp::Freeze { full } => Request::Freeze { full },
-        CtlOp::Release { generation } => Request::Release { generation },
+        CtlOp::Release { generation, force } => {
+            if !force {
+                bail!(
+                    "releasing generation {generation} by hand loses its changes unless the \
+                     replica holds them: the shipper releases generations with the replica's \
+                     proof by itself. Use `merge {generation}` to keep the changes, or \
+                     `release {generation} --force` if you know the replica holds them"
+                );
+            }
+            Request::Release {
+                generation,
+                applied: None,
+                force,
+            }
+        }
+        CtlOp::SetLineage {
+            lineage,
+            next_generation,
+            force,
+        } => Request::SetLineage {
+            lineage: vmreplica_common::lineage::Lineage::parse(&lineage)?,
+            next_generation,
+            force,
+        },
         CtlOp::Merge { generation } => Request::Merge { generation },
     };
     let v = control::call(socket, &req)?;
@@ -218,27 +285,75 @@ fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
     Ok(())
 }
 
+/// Bytes as people read them: 0 B, 64.0 KiB, 1.5 GiB.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_points(points: &[vmreplica_applier::PointInfo]) {
+    println!(
+        "{:>8}  {:<25}  {:<8}  {:>12}",
+        "cycle", "applied (UTC)", "kind", "size"
+    );
+    for p in points {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.applied_at);
+        println!(
+            "{:>8}  {:<25}  {:<8}  {:>12}",
+            p.cycle,
+            humantime::format_rfc3339_seconds(t).to_string(),
+            p.kind,
+            human_bytes(p.bytes)
+        );
+    }
+}
+
 fn run_applier(a: ApplierArgs) -> Result<()> {
+    use vmreplica_applier::admin::{self, Request as Admin};
     use vmreplica_applier::server::{Applier, ApplierConfig};
-    use vmreplica_applier::store::{Retention, Store};
+    use vmreplica_applier::store::{check_export_dir, export, Retention, Store};
+    let socket = |store: &Path, given: &Option<PathBuf>| {
+        given.clone().unwrap_or_else(|| store.join("applier.sock"))
+    };
     match (a.op, a.serve) {
-        (Some(ApplierOp::Points { vm, store }), _) => {
-            let s = Store::new(&store, Retention::default())?;
-            let points = s.points(&vm)?;
-            println!(
-                "{:>8}  {:<25}  {:<8}  {:>12}",
-                "cycle", "applied (UTC)", "kind", "size"
-            );
-            for p in points {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.applied_at);
-                println!(
-                    "{:>8}  {:<25}  {:<8}  {:>12}",
-                    p.cycle,
-                    humantime::format_rfc3339_seconds(t).to_string(),
-                    p.kind,
-                    p.bytes
-                );
-            }
+        (
+            Some(ApplierOp::Status {
+                store,
+                admin_socket,
+            }),
+            _,
+        ) => {
+            let v = match admin::call(&socket(&store, &admin_socket), &Admin::Status)? {
+                Some(v) => v,
+                None => Store::new(&store, Retention::default())?.status(),
+            };
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        (
+            Some(ApplierOp::Points {
+                vm,
+                store,
+                admin_socket,
+            }),
+            _,
+        ) => {
+            let req = Admin::Points { vm: vm.clone() };
+            let points = match admin::call(&socket(&store, &admin_socket), &req)? {
+                Some(v) => serde_json::from_value(v)?,
+                None => Store::new(&store, Retention::default())?.points(&vm)?,
+            };
+            print_points(&points);
             Ok(())
         }
         (
@@ -247,12 +362,28 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 store,
                 point,
                 out,
+                admin_socket,
             }),
             _,
         ) => {
-            let s = Store::new(&store, Retention::default())?;
-            let v = s.open_existing(&vm)?;
-            for p in v.export_point(point, &out)? {
+            let out = std::path::absolute(&out).with_context(|| format!("{}", out.display()))?;
+            let req = Admin::Export {
+                vm: vm.clone(),
+                point,
+                dir: out.clone(),
+            };
+            let files: Vec<PathBuf> = match admin::call(&socket(&store, &admin_socket), &req)? {
+                Some(v) => serde_json::from_value(v["files"].clone())?,
+                None => {
+                    // No applier runs: open the replica here (under its lock).
+                    let s = Store::new(&store, Retention::default())?;
+                    let v = s.open_existing(&vm)?;
+                    check_export_dir(s.root(), &out, &v.disk_names())?;
+                    let view = vmreplica_applier::PointView::open(v.shared(), point)?;
+                    export(&view, &out)?
+                }
+            };
+            for p in files {
                 println!("{}", p.display());
             }
             Ok(())
@@ -263,16 +394,28 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 .listen
                 .parse()
                 .with_context(|| format!("--listen {}", sv.listen))?;
+            if sv.keep == Some(0) {
+                bail!("--keep 0 would keep no recovery point: give at least 1 (the newest point is always kept)");
+            }
+            let mut all_for = sv.keep_all_for;
+            if let Some(d) = sv.hourly_after {
+                tracing::warn!("--hourly-after is deprecated: it is --keep-all-for now");
+                all_for = d;
+            }
             let cfg = ApplierConfig {
                 store: sv.store,
                 listen,
                 identity: id,
                 allow: vmreplica_common::tls::AllowList::new(&sv.allow),
                 retention: Retention {
-                    keep: sv.keep.max(1),
-                    hourly_after: sv.hourly_after.map(|d| d.as_secs()),
+                    all_for: all_for.as_secs(),
+                    hourly_for: sv.hourly_for.as_secs(),
+                    daily_for: sv.daily_for.as_secs(),
+                    keep: sv.keep,
                 },
                 tuning: Default::default(),
+                admin_socket: sv.admin_socket,
+                open_delay: None,
             };
             runtime()?.block_on(async move {
                 let a = Applier::start(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -381,5 +524,16 @@ fn main() -> Result<()> {
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_counts_read_with_units() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(1023), "1023 B");
+        assert_eq!(super::human_bytes(65536), "64.0 KiB");
+        assert_eq!(super::human_bytes(3 << 29), "1.5 GiB");
     }
 }

@@ -1,12 +1,15 @@
 //! Power cuts on the replica site: the applier's store lives on `powercut-fs` (file data is
 //! volatile until fsync; a cut drops the rest), and while a guest writes and replication
 //! runs, the power is cut under the applier (and the shipper is killed) at random instants,
-//! or just after an apply started: while a cycle is received, applied or recorded. After each cut the applier restarts on
-//! what survived, and before the shipper comes back:
-//! - the replica image is a crash-consistent state of the primary: the guest writes 64
-//!   blocks in descending order, generation after generation, so every state it ever had
-//!   holds generations that never fall from block to block and span at most two; an apply
-//!   cut half-way (chunks land in ascending order) would show a fall;
+//! or just after a commit started: while a cycle is received (and written in place behind
+//! its undo log), committed or recorded. After each cut the applier restarts on what
+//! survived, and before the shipper comes back:
+//! - the newest recovery point, exported through the running applier (its point view reads
+//!   the image through the undo log of a cycle held in part), is a crash-consistent state of
+//!   the primary: the guest writes 64 blocks in descending order, generation after
+//!   generation, so every state it ever had holds generations that never fall from block to
+//!   block and span at most two; a cycle half-applied (chunks land in any order) would show a
+//!   fall; and when no cycle is held in part, the image itself is that point;
 //! - every cycle the shipper saw acknowledged is still a recovery point.
 //!
 //! At the end the replica equals the primary, and every recovery point, rebuilt from the
@@ -128,6 +131,8 @@ impl Sites {
                 &ca("ca.pem"),
                 "--allow",
                 "primary-1",
+                "--admin-socket",
+                &self.admin().to_string_lossy(),
             ],
         );
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -140,6 +145,42 @@ impl Sites {
             std::thread::sleep(Duration::from_millis(20));
         }
         g
+    }
+
+    /// The applier's admin socket: outside the cut file system (FUSE holds no sockets).
+    fn admin(&self) -> PathBuf {
+        self.dir.join("applier.sock")
+    }
+
+    /// Exports point `p` into `out` (through the running applier, or from the store).
+    fn export(&self, p: u64, out: &Path) {
+        run(Command::new(bin())
+            .args([
+                "applier",
+                "export",
+                "vm1",
+                "--point",
+                &p.to_string(),
+                "--store",
+            ])
+            .arg(&self.store)
+            .arg("--admin-socket")
+            .arg(self.admin())
+            .arg("--out")
+            .arg(out));
+    }
+
+    /// Whether the replica holds a cycle in part (`applier status`).
+    fn holds_a_cycle_in_part(&self) -> bool {
+        let out = stdout(
+            Command::new(bin())
+                .args(["applier", "status", "--store"])
+                .arg(&self.store)
+                .arg("--admin-socket")
+                .arg(self.admin()),
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        !v["vms"][0]["receiving"].is_null()
     }
 
     fn shipper(&self, config: &Path) -> Guard {
@@ -163,7 +204,9 @@ impl Sites {
         stdout(
             Command::new(bin())
                 .args(["applier", "points", "vm1", "--store"])
-                .arg(&self.store),
+                .arg(&self.store)
+                .arg("--admin-socket")
+                .arg(self.admin()),
         )
         .lines()
         .skip(1)
@@ -241,18 +284,18 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
     let mut mid_apply = 0;
     for round in 0..rounds {
         // Every other round on average, the cut follows the start of a commit (logged as
-        // "cycle received: applying"), which on this file system lasts some tens of ms.
+        // "cycle received: committing"), which on this file system lasts some tens of ms.
         let aim_at_apply = rng.gen_bool(0.5);
         if aim_at_apply {
-            let applying = sites.log("applier").matches("applying").count();
+            let committing = sites.log("applier").matches("committing").count();
             let deadline = Instant::now() + Duration::from_secs(10);
-            while sites.log("applier").matches("applying").count() == applying
+            while sites.log("applier").matches("committing").count() == committing
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            // Somewhere in the commit: the undo log's completion, the state's "applying"
-            // mark, the writes, the fsync, the new point.
+            // Somewhere in the commit: the last writes' fsync, the undo log's trailer, the
+            // state's new point.
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..80)));
         } else {
             std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
@@ -277,7 +320,7 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
         fs = PowercutFs::mount(&fs_bin, &backing, &mnt, &fs_log, persist, rng.gen());
         let recovered = sites
             .log("applier")
-            .matches("an apply was interrupted")
+            .matches("a cycle was received in part")
             .count();
         applier = sites.applier();
         let ctx = format!(
@@ -286,7 +329,7 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
         );
         if sites
             .log("applier")
-            .matches("an apply was interrupted")
+            .matches("a cycle was received in part")
             .count()
             > recovered
         {
@@ -304,12 +347,22 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
             points.last().copied().unwrap_or(0) >= last_acked,
             "cycle {last_acked} was acknowledged but the points are {points:?}\n{ctx}"
         );
-        if !points.is_empty() {
-            let gens = generations(&replica);
+        if let Some(&newest) = points.last() {
+            let out = sites.dir.join(format!("newest-{round}"));
+            sites.export(newest, &out);
+            let gens = generations(&out.join("sys.img"));
             assert!(
                 consistent(&gens),
-                "the replica is between points after a power cut: {gens:?}\n{ctx}"
+                "point {newest} is not a state of the disk after a power cut: {gens:?}\n{ctx}"
             );
+            std::fs::remove_dir_all(&out).unwrap();
+            if !sites.holds_a_cycle_in_part() {
+                let img = generations(&replica);
+                assert!(
+                    img == gens,
+                    "no cycle is held in part, yet the image ({img:?}) is not the newest point ({gens:?})\n{ctx}"
+                );
+            }
         }
         eprintln!(
             "round {round}: {}{} after {} cycles acknowledged; persist-on-cut {persist:.2}; guest at generation {}",
@@ -345,18 +398,7 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
     let mut last: Option<Vec<u32>> = None;
     for p in &points {
         let out = dir.path().join(format!("point-{p}"));
-        run(Command::new(bin())
-            .args([
-                "applier",
-                "export",
-                "vm1",
-                "--point",
-                &p.to_string(),
-                "--store",
-            ])
-            .arg(&sites.store)
-            .arg("--out")
-            .arg(&out));
+        sites.export(*p, &out);
         let gens = generations(&out.join("sys.img"));
         assert!(
             consistent(&gens),

@@ -543,19 +543,31 @@ fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
     tracker.stop();
 }
 
-/// `vmreplica applier points` lists every applied cycle as a recovery point, the initial copy
-/// first, while the applier runs; `vmreplica verify` finds a damaged range of the replica,
-/// names it and fails; `applier export` is refused while the applier has the replica open.
+/// `vmreplica applier points` lists every cycle that changed something as a recovery point
+/// (an idle cycle consumes none), the initial copy first, while the applier runs, with sizes
+/// in units; `vmreplica verify` finds a damaged range of the replica, names it and fails;
+/// `applier export` works while the applier runs (through its admin socket), and a second
+/// process never opens the replica beside it.
 #[test]
 fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
-    let (dir, site, _img, tracker) = small_site(4);
+    let (dir, site, img, tracker) = small_site(4);
     let store = site.store.clone();
     let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
-    site.wait_cycles(0, 3, Duration::from_secs(60));
+    site.wait_cycles(0, 1, Duration::from_secs(60));
+    // Two cycles that change something (written between them), and idle ones.
+    for byte in [0x41u8, 0x42] {
+        let n = site.applied();
+        qemu_write(&img, byte, "1M", "128k");
+        run(Command::new("qemu-io")
+            .args(["-f", "raw", &tracker.uri("sys")])
+            .args(["-c", &format!("write -P {byte} 2M 64k")]));
+        site.wait_cycles(n, 2, Duration::from_secs(60));
+    }
     kill9(&mut shipper);
-    let logged: Vec<u64> = site
+    let changed: Vec<u64> = site
         .applied_lines()
         .iter()
+        .filter(|l| field::<f64>(l, "cycle_mib") > 0.0)
         .map(|l| field(l, "cycle"))
         .collect();
     let out = stdout(
@@ -570,24 +582,35 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
         ["cycle", "applied", "(UTC)", "kind", "size"],
         "{out}"
     );
-    let points: Vec<(u64, String, String)> = lines
+    let points: Vec<(u64, String, String, String)> = lines
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 4, "{l}");
-            (f[0].parse().unwrap(), f[1].to_string(), f[2].to_string())
+            assert_eq!(f.len(), 5, "{l}");
+            (
+                f[0].parse().unwrap(),
+                f[1].to_string(),
+                f[2].to_string(),
+                format!("{} {}", f[3], f[4]),
+            )
         })
         .collect();
     let cycles: Vec<u64> = points.iter().map(|p| p.0).collect();
     // The shipper may have been killed after a cycle was applied but before it logged it.
     assert!(
-        cycles.starts_with(&logged) && cycles.len() <= logged.len() + 1,
-        "points {cycles:?}, cycles the shipper saw applied {logged:?}"
+        cycles.starts_with(&changed) && cycles.len() <= changed.len() + 1 && cycles.len() >= 3,
+        "points {cycles:?}, cycles that changed something {changed:?}"
     );
     assert_eq!(points[0].2, "initial", "{out}");
     assert!(points[1..].iter().all(|p| p.2 == "delta"), "{out}");
     assert!(
         points.windows(2).all(|w| w[0].1 <= w[1].1) && points[0].1.ends_with('Z'),
         "times not in order: {out}"
+    );
+    assert!(
+        points
+            .iter()
+            .all(|p| ["B", "KiB", "MiB", "GiB"].iter().any(|u| p.3.ends_with(u))),
+        "sizes without units: {out}"
     );
     // Damage 64 KiB of the replica at 2 MiB + 64 KiB.
     let replica = std::fs::OpenOptions::new()
@@ -617,35 +640,67 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
         se.contains("replica differs from primary for VM vm1"),
         "{se}"
     );
-    // Exporting a point needs the replica to itself: refused while the applier runs, done
-    // once it stopped (the newest point is the replica image, damage included).
+    // Exporting the newest point works while the applier runs (the newest point is the
+    // replica image, damage included); a second process opening the replica itself (here:
+    // no admin socket to go through) is refused while the applier has it.
     let newest = cycles.last().unwrap().to_string();
-    let export = || {
-        Command::new(bin())
-            .args(["applier", "export", "vm1", "--point", &newest, "--store"])
+    let export = |out: &str, socket: Option<&Path>| {
+        let mut c = Command::new(bin());
+        c.args(["applier", "export", "vm1", "--point", &newest, "--store"])
             .arg(&store)
             .arg("--out")
-            .arg(dir.path().join("out"))
-            .output()
-            .unwrap()
+            .arg(dir.path().join(out));
+        if let Some(s) = socket {
+            c.arg("--admin-socket").arg(s);
+        }
+        c.output().unwrap()
     };
-    let busy = export();
+    let live = export("live", None);
+    assert!(
+        live.status.success(),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
+    let busy = export("direct", Some(&dir.path().join("no-such.sock")));
     let said = String::from_utf8_lossy(&busy.stderr);
     assert!(
         !busy.status.success() && said.contains("open in another process"),
         "{said}"
     );
+    // Into the store, or over an image: refused.
+    let again = export("live", None);
+    assert!(
+        !again.status.success()
+            && String::from_utf8_lossy(&again.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
     kill9(&mut applier);
-    let done = export();
+    let done = export("stopped", None);
     assert!(
         done.status.success(),
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
+    for d in ["live", "stopped"] {
+        assert!(
+            std::fs::read(dir.path().join(d).join("sys.img")).unwrap()
+                == std::fs::read(store.join("vm1/disks/sys.img")).unwrap(),
+            "the newest point ({d}) differs from the replica image"
+        );
+    }
+    let inside = Command::new(bin())
+        .args(["applier", "export", "vm1", "--point", &newest, "--store"])
+        .arg(&store)
+        .arg("--out")
+        .arg(store.join("vm1/disks"))
+        .output()
+        .unwrap();
     assert!(
-        std::fs::read(dir.path().join("out/sys.img")).unwrap()
-            == std::fs::read(store.join("vm1/disks/sys.img")).unwrap(),
-        "the newest point differs from the replica image"
+        !inside.status.success()
+            && String::from_utf8_lossy(&inside.stderr).contains("inside the replica store"),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
     );
     tracker.stop();
 }

@@ -9,15 +9,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use common::*;
+use std::sync::Mutex;
 use vmreplica_applier::server::{Applier, ApplierConfig};
 use vmreplica_applier::store::{Retention, Store};
+use vmreplica_applier::PointView;
 use vmreplica_common::tls::{self, AllowList, Identity, Validity};
 use vmreplica_common::wire::CycleKind;
 use vmreplica_nbd::{Server, ServerConfig};
 use vmreplica_shipper::progress::{Progress, Snapshot};
 use vmreplica_shipper::run;
-use vmreplica_shipper::ship::{ship_cycle, ShipOptions};
 use vmreplica_shipper::ShipperConfig;
+use vmreplica_tracker::control::{self, Request};
 use vmreplica_tracker::{Tracker, TrackerConfig};
 
 const MIB: u64 = 1 << 20;
@@ -85,7 +87,7 @@ fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Guard {
         .expect("running fio")
 }
 
-/// What a cycle reported to its progress sink, in order.
+/// What cycles reported to their progress sink, in order.
 #[derive(Debug, PartialEq)]
 enum Report {
     Begin(u64, CycleKind, u64),
@@ -119,31 +121,99 @@ impl Progress for Recorder {
 }
 
 impl Recorder {
-    /// The cycle just shipped reported its total, a rising count, all of it sent, and
-    /// success (then forgets it, for the next cycle).
-    fn assert_whole(&self, cycle: u64, kind: CycleKind, bytes: u64) {
-        let r = std::mem::take(&mut *self.0.lock().unwrap());
-        assert_eq!(r.first(), Some(&Report::Begin(cycle, kind, bytes)), "{r:?}");
-        assert_eq!(
-            r[r.len() - 2..],
-            [Report::Sent(bytes, bytes), Report::End(true)]
-        );
-        let done: Vec<u64> = r
+    /// Cycles applied so far.
+    fn applied(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
             .iter()
-            .filter_map(|e| match e {
-                Report::Update(d) => Some(*d),
-                _ => None,
-            })
-            .collect();
-        assert!(
-            done.windows(2).all(|w| w[0] <= w[1] && w[1] <= bytes),
-            "{r:?}"
-        );
+            .filter(|r| **r == Report::End(true))
+            .count()
+    }
+
+    /// Every applied cycle reported its total, a count of acknowledged bytes that never
+    /// falls nor passes it, then all of it acknowledged, then success.
+    fn assert_whole(&self) {
+        let r = self.0.lock().unwrap();
+        let mut i = 0;
+        let mut whole = 0;
+        while i < r.len() {
+            let Report::Begin(_, _, total) = r[i] else {
+                i += 1;
+                continue;
+            };
+            let end = r[i..]
+                .iter()
+                .position(|x| matches!(x, Report::End(_)))
+                .map_or(r.len(), |e| i + e);
+            let part = &r[i..end.min(r.len())];
+            if r.get(end) == Some(&Report::End(true)) {
+                assert_eq!(part.last(), Some(&Report::Sent(total, total)), "{part:?}");
+                let done: Vec<u64> = part
+                    .iter()
+                    .filter_map(|e| match e {
+                        Report::Update(d) => Some(*d),
+                        _ => None,
+                    })
+                    .collect();
+                assert!(
+                    done.windows(2).all(|w| w[0] <= w[1]) && done.iter().all(|d| *d <= total),
+                    "{part:?}"
+                );
+                whole += 1;
+            }
+            i = end + 1;
+        }
+        assert!(whole >= 3, "{r:?}");
     }
 }
 
-/// Every recovery point, rebuilt from undo logs, equals the primary as frozen at its cycle,
-/// while the guest keeps writing; the replica ends equal to the primary.
+/// A proxy in front of the tracker's control socket at `path`: freezes copy the images at
+/// the freeze instant into `copies` (by generation); every other request goes through.
+fn control_proxy(
+    tracker: Arc<Tracker>,
+    path: &Path,
+    images: Vec<PathBuf>,
+    copies: Arc<Mutex<BTreeMap<u64, Vec<Vec<u8>>>>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let (t, images, copies) = (Arc::clone(&tracker), images.clone(), Arc::clone(&copies));
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                for line in BufReader::new(s).lines() {
+                    let Ok(line) = line else { return };
+                    let v = match serde_json::from_str::<Request>(&line) {
+                        Ok(Request::Freeze { full }) => {
+                            let mut copy = Vec::new();
+                            match t.freeze_with(full, || {
+                                copy = images.iter().map(|p| std::fs::read(p).unwrap()).collect()
+                            }) {
+                                Ok(g) => {
+                                    copies.lock().unwrap().insert(g.generation, copy);
+                                    serde_json::json!({"ok": true, "result": g})
+                                }
+                                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+                            }
+                        }
+                        _ => control::handle(&t, &line),
+                    };
+                    if writeln!(w, "{v}").is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Every recovery point, read through its undo logs, equals the primary as frozen at its
+/// cycle, while the guest keeps writing and the shipper (its real loop, in this process)
+/// cycles every 400 ms; the replica ends equal to the primary; each cycle's progress rises
+/// to all of its bytes acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     let dir = tempfile::tempdir().unwrap();
@@ -175,6 +245,14 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     server
         .listen_unix(std::os::unix::net::UnixListener::bind(&sock).unwrap())
         .unwrap();
+    let copies = Arc::new(Mutex::new(BTreeMap::new()));
+    let control_sock = dir.path().join("state").join("control.sock");
+    control_proxy(
+        Arc::clone(&tracker),
+        &control_sock,
+        disks.iter().map(|d| d.1.clone()).collect(),
+        Arc::clone(&copies),
+    );
     let store_dir = dir.path().join("store");
     let applier = Applier::start(ApplierConfig {
         store: store_dir.clone(),
@@ -187,11 +265,10 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         .unwrap(),
         allow: AllowList::new(&["primary-1".into()]),
         // Every cycle stays a point, however many the machine's speed fits into fio's run.
-        retention: Retention {
-            keep: 1000,
-            hourly_after: None,
-        },
+        retention: Retention::keep_all(),
         tuning: Default::default(),
+        admin_socket: None,
+        open_delay: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -200,84 +277,47 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         &ca,
         "primary-1",
         &addr,
-        &dir.path().join("unused.sock"),
-        "",
+        &control_sock,
+        "interval = \"400ms\"\nstreams = 3\n",
     ))
     .unwrap();
-    let ep = run::endpoint(&cfg).unwrap();
-    let mut session = run::connect(&ep, &cfg).await.unwrap();
-    assert_eq!(session.last_cycle, 0);
     let progress = Arc::new(Recorder::default());
-    let opts = ShipOptions {
-        compression: true,
-        streams: 3,
-        limit: None,
-        engine: vmreplica_common::engine::probe(false),
-        progress: Arc::clone(&progress) as Arc<dyn Progress>,
-    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shipper = tokio::spawn(run::run(
+        cfg,
+        Arc::clone(&progress) as Arc<dyn Progress>,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let uri = |n: &str| format!("nbd+unix:///{n}?socket={}", sock.display());
     let mut writers = vec![
         fio(&uri("sys"), 8, 32 * MIB, 1),
         fio(&uri("data"), 8, 32 * MIB, 2),
     ];
-    let mut copies: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut shipped_deltas = 0;
-    let mut k = 0u64;
-    loop {
-        k += 1;
-        // Cycle while the guest writes; one last cycle after it stopped.
-        let writing = writers.iter_mut().any(|w| w.try_wait().is_none());
-        if !writing {
-            for w in &mut writers {
-                assert!(w.wait().success(), "fio failed");
-            }
-        }
-        let t = Arc::clone(&tracker);
-        let paths: Vec<PathBuf> = disks.iter().map(|d| d.1.clone()).collect();
-        let (g, copy) = tokio::task::spawn_blocking(move || {
-            let mut copy = Vec::new();
-            let g = t
-                .freeze_with(k == 1, || {
-                    copy = paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
-                })
-                .unwrap();
-            (g, copy)
-        })
-        .await
-        .unwrap();
-        copies.insert(g.generation, copy);
-        let kind = if k == 1 {
-            CycleKind::Initial
-        } else {
-            CycleKind::Delta
-        };
-        let stats = ship_cycle(
-            std::slice::from_ref(&session.conn),
-            &mut session.ctl,
-            &g,
-            kind,
-            &opts,
-        )
-        .await
-        .unwrap();
-        progress.assert_whole(g.generation, kind, stats.data_bytes);
-        if k > 1 && stats.chunks_sent > 0 {
-            shipped_deltas += 1;
-        }
-        tracker.release(g.generation).unwrap();
-        if !writing {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    while writers.iter_mut().any(|w| w.try_wait().is_none()) {
+        assert!(std::time::Instant::now() < deadline, "fio did not stop");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(
-        shipped_deltas >= 2,
-        "only {shipped_deltas} delta cycles carried changes"
-    );
-    // The applier lets go of the replica, so this process may open it.
-    session.conn.close(0u32.into(), b"done");
+    for w in &mut writers {
+        assert!(w.wait().success(), "fio failed");
+    }
+    // Writes have stopped: two more cycles and the replica holds all of them.
+    let n = progress.applied();
+    while progress.applied() < n + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replication did not converge"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    shipper.await.unwrap().unwrap();
     applier.shutdown().await;
-    // The replica equals the primary (writes stopped before the last freeze).
+    progress.assert_whole();
+    // The replica equals the primary; every point, read through the undo logs, equals the
+    // primary as frozen at that cycle.
     let store = Store::new(&store_dir, Retention::default()).unwrap();
     let vs = store.open_existing("vm1").unwrap();
     for (name, path) in &disks {
@@ -286,15 +326,19 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
             "replica of {name} differs"
         );
     }
-    // Every point rebuilt from undo logs equals the primary as frozen at that cycle.
+    let copies = copies.lock().unwrap();
     let points: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
-    assert_eq!(points, copies.keys().copied().collect::<Vec<_>>());
-    for (cycle, copy) in &copies {
-        let out = dir.path().join(format!("point-{cycle}"));
-        let files = vs.export_point(*cycle, &out).unwrap();
-        for (i, f) in files.iter().enumerate() {
+    assert!(points.len() >= 3, "only points {points:?}");
+    for cycle in &points {
+        let copy = copies
+            .get(cycle)
+            .unwrap_or_else(|| panic!("point {cycle} was never frozen"));
+        let view = PointView::open(vs.shared(), *cycle).unwrap();
+        for (i, want) in copy.iter().enumerate() {
+            let mut got = vec![0u8; want.len()];
+            view.read_at(i, 0, &mut got).unwrap();
             assert!(
-                std::fs::read(f).unwrap() == copy[i],
+                got == *want,
                 "point {cycle} disk {i} differs from the primary at freeze"
             );
         }
@@ -329,15 +373,18 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
         allow: AllowList::new(&["primary-1".into(), "*.dc1.example".into()]),
         retention: Retention::default(),
         tuning: Default::default(),
+        admin_socket: None,
+        open_delay: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
     let tracker_sock = dir.path().join("t.sock");
     let attempt = |toml: PathBuf| async move {
         let cfg = ShipperConfig::load(&toml).unwrap();
-        let ep = run::endpoint(&cfg).unwrap();
-        let r = run::connect(&ep, &cfg).await.map(|s| s.last_cycle);
-        r.map_err(|e| e.to_string())
+        run::greet(&cfg)
+            .await
+            .map(|(_, last)| last)
+            .map_err(|e| e.to_string())
     };
     // A certificate from another CA: the TLS handshake fails.
     let mut c = shipper_toml(dir.path(), &other, "primary-1", &addr, &tracker_sock, "");

@@ -1,7 +1,10 @@
 //! The local control socket: one JSON request per line, one JSON response per line.
 //!
-//! Requests: `{"op":"status"}`, `{"op":"freeze","full":false}`, `{"op":"release","generation":N}`,
-//! `{"op":"merge","generation":N}`, `{"op":"clear-resync","disk":"NAME"}`.
+//! Requests: `{"op":"status"}`, `{"op":"freeze","full":false}`,
+//! `{"op":"release","generation":N,"applied":{"lineage":L,"cycle":N},"force":false}` (refused
+//! without the replica's proof unless forced), `{"op":"merge","generation":N}`,
+//! `{"op":"clear-resync","disk":"NAME"}`,
+//! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -14,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::tracker::Tracker;
+use vmreplica_common::lineage::Lineage;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 64 * 1024;
@@ -28,6 +32,11 @@ pub enum Request {
     },
     Release {
         generation: u64,
+        /// The replica's proof that it applied the generation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        applied: Option<Applied>,
+        #[serde(default)]
+        force: bool,
     },
     Merge {
         generation: u64,
@@ -35,9 +44,23 @@ pub enum Request {
     ClearResync {
         disk: String,
     },
+    SetLineage {
+        lineage: Lineage,
+        next_generation: u64,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
-fn handle(tracker: &Tracker, line: &str) -> Value {
+/// The replica's proof that it applied a generation: its lineage and cycle.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Applied {
+    pub lineage: Lineage,
+    pub cycle: u64,
+}
+
+/// The response to one request line (a test can put a proxy in front of the socket).
+pub fn handle(tracker: &Tracker, line: &str) -> Value {
     let req: Request = match serde_json::from_str(line) {
         Ok(r) => r,
         Err(e) => return json!({"ok": false, "error": format!("bad request: {e}")}),
@@ -63,6 +86,8 @@ fn handle(tracker: &Tracker, line: &str) -> Value {
             let (cow_used, cow_limit) = tracker.cow_usage();
             Ok(json!({
                 "engine": tracker.engine_name(),
+                "lineage": st.lineage,
+                "next_generation": st.next_generation,
                 "granularity": st.granularity,
                 "frozen": tracker.frozen(),
                 "disks": disks,
@@ -71,7 +96,20 @@ fn handle(tracker: &Tracker, line: &str) -> Value {
             }))
         }
         Request::Freeze { full } => tracker.freeze_with(full, || {}).map(|g| json!(g)),
-        Request::Release { generation } => tracker.release(generation).map(|_| json!(null)),
+        Request::Release {
+            generation,
+            applied,
+            force,
+        } => tracker
+            .release_proven(generation, applied.map(|a| (a.lineage, a.cycle)), force)
+            .map(|_| json!(null)),
+        Request::SetLineage {
+            lineage,
+            next_generation,
+            force,
+        } => tracker
+            .set_lineage(lineage, next_generation, force)
+            .map(|_| json!(null)),
         Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
         Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),
     };

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use vmreplica_common::lineage::Lineage;
 use vmreplica_common::{read_state, validate_name, write_state, NameError, StateFileError};
 
 use crate::bitmap::{Geometry, COW_SLOT};
@@ -33,7 +34,8 @@ use crate::tracking::{OpenArgs, OpenOutcome, Slots, Tracking, TrackingError};
 
 pub const STATE_FILE: &str = "tracker.json";
 const STATE_FORMAT: &str = "vmreplica-tracker";
-const STATE_VERSION: u32 = 1;
+/// Version 2 added `lineage`; version 1 files are migrated (lineage None) when opened.
+const STATE_VERSION: u32 = 2;
 pub const DEFAULT_GRANULARITY: u32 = 64 * 1024;
 
 #[derive(Debug, Error)]
@@ -97,6 +99,19 @@ pub enum TrackerError {
         second: String,
         path: PathBuf,
     },
+    #[error("generation {0} is frozen: the lineage cannot change until it is released or merged")]
+    LineageWhileFrozen(u64),
+    #[error(
+        "this tracker's state belongs to lineage {have}, not {given}: refusing to change it \
+         (force it only if the replica of lineage {given} is the one to follow)"
+    )]
+    OtherLineage { have: Lineage, given: Lineage },
+    #[error(
+        "generation {generation} was not released: {why}. Releasing a generation the replica \
+         does not hold loses its changes; merge it instead (or force the release if you know \
+         the replica holds it)"
+    )]
+    Unproven { generation: u64, why: String },
 }
 
 pub struct TrackerConfig {
@@ -223,6 +238,10 @@ pub struct FrozenState {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
+    /// The lineage the generations belong to (set by the shipper before the first initial
+    /// copy; None after a migration from version 1, or before the first copy).
+    #[serde(default)]
+    pub lineage: Option<Lineage>,
     pub clean: bool,
     pub granularity: u32,
     pub next_generation: u64,
@@ -282,6 +301,10 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+fn dir_for_log(p: &Path) -> String {
+    p.display().to_string()
 }
 
 fn describe(disks: &[(String, PathBuf)]) -> String {
@@ -476,7 +499,16 @@ impl Tracker {
         let dir = cfg.state_dir.clone();
         let state_path = dir.join(STATE_FILE);
         let previous: Option<State> = if cfg.tracking {
-            read_state(&state_path, STATE_FORMAT, STATE_VERSION)?
+            match read_state(&state_path, STATE_FORMAT, STATE_VERSION) {
+                Err(StateFileError::WrongVersion { found: 1, .. }) => {
+                    // Version 1 is version 2 without a lineage: read as such; saved as
+                    // version 2 below.
+                    let s: Option<State> = read_state(&state_path, STATE_FORMAT, 1)?;
+                    tracing::info!(dir = %dir_for_log(&cfg.state_dir), "state file version 1 migrated to version 2 (no lineage yet)");
+                    s
+                }
+                r => r?,
+            }
         } else {
             None
         };
@@ -544,6 +576,7 @@ impl Tracker {
         // trusted (a deleted or lost tracker.json), so every disk is resynchronised.
         let state_lost = cfg.tracking && !existed && tracking_files_exist(&dir, &given);
         let mut state = previous.unwrap_or_else(|| State {
+            lineage: None,
             clean: false,
             granularity: g,
             next_generation: 1,
@@ -897,6 +930,69 @@ impl Tracker {
     /// Shipping the frozen generation failed: put its blocks back into the dirty set.
     pub fn merge(&self, generation: u64) -> Result<(), TrackerError> {
         self.end_generation(generation, true)
+    }
+
+    /// The frozen generation reached the replica: forget it, given the replica's proof that
+    /// it applied it (`applied`: its lineage and cycle, which must be this tracker's lineage
+    /// and the frozen generation). Without the proof the release is refused unless `force`d.
+    pub fn release_proven(
+        &self,
+        generation: u64,
+        applied: Option<(Lineage, u64)>,
+        force: bool,
+    ) -> Result<(), TrackerError> {
+        let st = self.state();
+        let why = match (applied, st.lineage) {
+            _ if force => None,
+            (None, _) => Some("no proof that the replica applied it was given".to_string()),
+            (Some((l, _)), None) => Some(format!(
+                "the replica's proof names lineage {l}, but this tracker has no lineage"
+            )),
+            (Some((l, c)), Some(have)) if l != have || c != generation => Some(format!(
+                "the replica's proof (lineage {l}, cycle {c}) is not for generation \
+                 {generation} of this tracker's lineage {have}"
+            )),
+            _ => None,
+        };
+        if let Some(why) = why {
+            return Err(TrackerError::Unproven { generation, why });
+        }
+        if force {
+            tracing::warn!(
+                generation,
+                "generation released without the replica's proof (forced)"
+            );
+        }
+        self.release(generation)
+    }
+
+    /// Sets the lineage (the replica's, after a resync) and raises `next_generation` to at
+    /// least `next_generation`. Refused while a generation is frozen, and, unless `force`d,
+    /// if another lineage is set already.
+    pub fn set_lineage(
+        &self,
+        lineage: Lineage,
+        next_generation: u64,
+        force: bool,
+    ) -> Result<(), TrackerError> {
+        let _op = self.lock_ops();
+        let mut st = self.lock_state();
+        if let Some(f) = &st.frozen {
+            return Err(TrackerError::LineageWhileFrozen(f.generation));
+        }
+        if let Some(have) = st.lineage.filter(|h| *h != lineage && !force) {
+            return Err(TrackerError::OtherLineage {
+                have,
+                given: lineage,
+            });
+        }
+        let mut next = st.clone();
+        next.lineage = Some(lineage);
+        next.next_generation = next.next_generation.max(next_generation);
+        self.save(&next)?;
+        *st = next;
+        tracing::info!(%lineage, next_generation = st.next_generation, "lineage set");
+        Ok(())
     }
 
     /// Clears the resync flag of a disk once the shipper has resynchronised it: its bitmap is
