@@ -550,14 +550,13 @@ fn zero_blocks_and_trims_amid_data_stay_holes_on_the_replica() {
 /// process never opens the replica beside it.
 #[test]
 fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
-    let (dir, site, img, tracker) = small_site(4);
+    let (dir, site, _img, tracker) = small_site(4);
     let store = site.store.clone();
     let (config, mut applier, mut shipper) = site.start(&tracker, &[]);
     site.wait_cycles(0, 1, Duration::from_secs(60));
     // Two cycles that change something (written between them), and idle ones.
     for byte in [0x41u8, 0x42] {
         let n = site.applied();
-        qemu_write(&img, byte, "1M", "128k");
         run(Command::new("qemu-io")
             .args(["-f", "raw", &tracker.uri("sys")])
             .args(["-c", &format!("write -P {byte} 2M 64k")]));

@@ -43,7 +43,7 @@ fn guest_boots_on_the_tracker_and_exactly_its_writes_are_dirty() {
         vec![(MIB, 256 * 1024), (100 * MIB, 64 * 1024)]
     );
     let g = t.ctl(&["freeze"]);
-    t.ctl(&["release", &g["generation"].to_string()]);
+    t.ctl(&["release", &g["generation"].to_string(), "--force"]);
     assert_eq!(dirty(&t, "disk0"), vec![]);
 
     // mkfs, write, reboot, write more, reboot, read back; debugfs checks the image.

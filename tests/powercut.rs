@@ -250,7 +250,7 @@ fn power_cut_never_loses_an_acknowledged_write() {
         let cleared = rng.gen_bool(0.5);
         if cleared {
             let g = t.ctl(&["freeze"])["generation"].as_u64().unwrap();
-            t.ctl(&["release", &g.to_string()]);
+            t.ctl(&["release", &g.to_string(), "--force"]);
             required.clear();
         }
 

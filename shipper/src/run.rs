@@ -441,6 +441,11 @@ pub async fn run(
                 view
             })),
             Report::Connected(attempt, l) => {
+                tracing::info!(
+                    vm = cfg.vm,
+                    replica = cfg.replica,
+                    "connected to the applier"
+                );
                 link = Some(l);
                 Event::Connected { attempt }
             }

@@ -310,7 +310,7 @@ pub async fn send_data(
         pieces = work.len(),
         bytes = total,
         direct_reads = readers.iter().all(|r| r.reads_direct()),
-        "sending"
+        "cycle planned"
     );
     let acked = Arc::new(AtomicU64::new(0));
     let wire_bytes = Arc::new(AtomicU64::new(0));
