@@ -18,6 +18,8 @@ use vmreplica_common::wire::{CycleKind, Receiving};
 pub struct Replica {
     pub lineage: Option<Lineage>,
     pub last_cycle: u64,
+    /// The freeze id of the last cycle (0: unknown).
+    pub last_freeze: u64,
     /// Whether it holds a recovery point (an empty replica holds none).
     pub has_points: bool,
     pub receiving: Option<Receiving>,
@@ -31,13 +33,15 @@ pub enum Decision {
     Fresh,
 }
 
-/// Whether replica `r` of VM `vm` takes cycle `cycle` of `lineage`, of kind `kind`.
+/// Whether replica `r` of VM `vm` takes cycle `cycle` of `lineage`, of kind `kind`, frozen
+/// as freeze `freeze` (the cycle held in part continues only if it is the same freeze).
 pub fn decide(
     vm: &str,
     r: &Replica,
     lineage: Lineage,
     cycle: u64,
     kind: CycleKind,
+    freeze: u64,
 ) -> Result<Decision, String> {
     let nothing = "nothing on the replica was changed";
     if cycle == 0 {
@@ -101,6 +105,7 @@ pub fn decide(
         lineage,
         cycle,
         kind,
+        freeze,
     };
     Ok(if r.receiving == Some(same) {
         Decision::Continue
@@ -120,6 +125,7 @@ mod tests {
         Replica {
             lineage,
             last_cycle: last,
+            last_freeze: 0,
             has_points: last > 0,
             receiving: None,
         }
@@ -129,22 +135,22 @@ mod tests {
     fn gaps_other_lineages_and_replacing_copies_are_refused() {
         use CycleKind::*;
         let empty = at(None, 0);
-        assert_eq!(decide("vm1", &empty, A, 7, Initial), Ok(Decision::Fresh));
-        assert!(decide("vm1", &empty, A, 7, Delta)
+        assert_eq!(decide("vm1", &empty, A, 7, Initial, 1), Ok(Decision::Fresh));
+        assert!(decide("vm1", &empty, A, 7, Delta, 1)
             .unwrap_err()
             .contains("empty"));
         let r = at(Some(A), 5);
-        assert_eq!(decide("vm1", &r, A, 6, Delta), Ok(Decision::Fresh));
+        assert_eq!(decide("vm1", &r, A, 6, Delta, 1), Ok(Decision::Fresh));
         // A gap (N+2 after N), an old cycle, the same one again.
         for c in [7, 8, 5, 4] {
-            let e = decide("vm1", &r, A, c, Delta).unwrap_err();
+            let e = decide("vm1", &r, A, c, Delta, 1).unwrap_err();
             assert!(e.contains("must be 6") && e.contains("vm1"), "{e}");
         }
-        assert_eq!(decide("vm1", &r, A, 9, Resync), Ok(Decision::Fresh));
-        assert!(decide("vm1", &r, A, 5, Resync).is_err());
-        let e = decide("vm1", &r, A, 9, Initial).unwrap_err();
+        assert_eq!(decide("vm1", &r, A, 9, Resync, 1), Ok(Decision::Fresh));
+        assert!(decide("vm1", &r, A, 5, Resync, 1).is_err());
+        let e = decide("vm1", &r, A, 9, Initial, 1).unwrap_err();
         assert!(e.contains("would replace it"), "{e}");
-        let e = decide("vm1", &r, B, 6, Delta).unwrap_err();
+        let e = decide("vm1", &r, B, 6, Delta, 1).unwrap_err();
         assert!(
             e.contains(&A.to_string()) && e.contains(&B.to_string()),
             "{e}"
@@ -154,12 +160,13 @@ mod tests {
         let old = Replica {
             lineage: None,
             last_cycle: 3,
+            last_freeze: 0,
             has_points: true,
             receiving: None,
         };
-        assert!(decide("vm1", &old, A, 4, Delta).is_err());
-        assert_eq!(decide("vm1", &old, A, 4, Resync), Ok(Decision::Fresh));
-        assert!(decide("vm1", &r, A, 0, Resync).is_err());
+        assert!(decide("vm1", &old, A, 4, Delta, 1).is_err());
+        assert_eq!(decide("vm1", &old, A, 4, Resync, 1), Ok(Decision::Fresh));
+        assert!(decide("vm1", &r, A, 0, Resync, 1).is_err());
     }
 
     #[test]
@@ -169,19 +176,15 @@ mod tests {
             lineage: A,
             cycle: 6,
             kind: CycleKind::Delta,
+            freeze: 66,
         });
-        assert_eq!(
-            decide("vm1", &r, A, 6, CycleKind::Delta),
-            Ok(Decision::Continue)
-        );
+        let d = |c, k, f| decide("vm1", &r, A, c, k, f);
+        assert_eq!(d(6, CycleKind::Delta, 66), Ok(Decision::Continue));
+        // Same number, another freeze (an older tracker state restored, then frozen again):
+        // other contents, so fresh.
+        assert_eq!(d(6, CycleKind::Delta, 67), Ok(Decision::Fresh));
         // Same number, another kind (a resync after the tracker lost its state): fresh.
-        assert_eq!(
-            decide("vm1", &r, A, 6, CycleKind::Resync),
-            Ok(Decision::Fresh)
-        );
-        assert_eq!(
-            decide("vm1", &r, A, 7, CycleKind::Resync),
-            Ok(Decision::Fresh)
-        );
+        assert_eq!(d(6, CycleKind::Resync, 66), Ok(Decision::Fresh));
+        assert_eq!(d(7, CycleKind::Resync, 1), Ok(Decision::Fresh));
     }
 }

@@ -61,6 +61,7 @@ pub enum Action {
         lineage: Lineage,
         cycle: u64,
         kind: CycleKind,
+        freeze: u64,
         disks: Vec<DiskInfo>,
     },
     /// Commit the cycle (`VmStore::commit`), then report [`Event::Committed`].
@@ -203,6 +204,7 @@ impl ApplierSession {
                         version: PROTOCOL_VERSION,
                         lineage: self.replica.lineage,
                         last_cycle: self.replica.last_cycle,
+                        last_freeze: self.replica.last_freeze,
                         receiving: self.replica.receiving,
                     },
                 );
@@ -286,9 +288,11 @@ impl ApplierSession {
                 lineage,
                 cycle,
                 kind,
+                freeze,
                 disks,
             } => {
-                if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind) {
+                if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind, freeze)
+                {
                     tracing::warn!(vm = %self.vm, cycle, "refused: {m}");
                     return self.send(conn, error(code::LINEAGE, m));
                 }
@@ -303,6 +307,7 @@ impl ApplierSession {
                     lineage,
                     cycle,
                     kind,
+                    freeze,
                     disks,
                 });
             }
@@ -361,27 +366,10 @@ impl ApplierSession {
                 });
             }
             other => {
-                let m = format!("unexpected {} on the control stream", name(&other));
+                let m = format!("unexpected {} on the control stream", other.name());
                 self.send(conn, error(code::PROTOCOL, m));
             }
         }
-    }
-}
-
-/// A message's name, for errors (never its payload).
-pub fn name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::BeginCycle { .. } => "BeginCycle",
-        Message::Resume { .. } => "Resume",
-        Message::Chunk(_) => "Chunk",
-        Message::Acked { .. } => "Acked",
-        Message::Manifest { .. } => "Manifest",
-        Message::Applied { .. } => "Applied",
-        Message::Error { .. } => "Error",
-        Message::HashRequest { .. } => "HashRequest",
-        Message::Hashes { .. } => "Hashes",
     }
 }
 
@@ -395,6 +383,7 @@ mod tests {
         Replica {
             lineage: Some(A),
             last_cycle: last,
+            last_freeze: 0,
             has_points: true,
             receiving: None,
         }
@@ -405,6 +394,7 @@ mod tests {
             lineage: A,
             cycle,
             kind: CycleKind::Delta,
+            freeze: 9,
             disks: vec![],
         }
     }

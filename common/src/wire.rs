@@ -130,6 +130,9 @@ pub struct Receiving {
     pub lineage: Lineage,
     pub cycle: u64,
     pub kind: CycleKind,
+    /// The id of the freeze it is (the tracker's, random): one generation number can come
+    /// again after a tracker's older state is restored, one freeze cannot.
+    pub freeze: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,18 +157,21 @@ pub enum Message {
         lineage: Option<Lineage>,
     },
     /// Applier → shipper: the replica's lineage, its last complete cycle (0: none) and the
-    /// cycle it holds in part, if any.
+    /// freeze id of that cycle (0: unknown), and the cycle it holds in part, if any.
     Welcome {
         version: u16,
         lineage: Option<Lineage>,
         last_cycle: u64,
+        last_freeze: u64,
         receiving: Option<Receiving>,
     },
-    /// Shipper → applier: a cycle starts (or resumes).
+    /// Shipper → applier: a cycle starts (or resumes): the tracker's generation `cycle` of
+    /// `lineage`, frozen as freeze `freeze`.
     BeginCycle {
         lineage: Lineage,
         cycle: u64,
         kind: CycleKind,
+        freeze: u64,
         disks: Vec<DiskInfo>,
     },
     /// Applier → shipper, the answer to `BeginCycle`, in pages: the epoch of this attempt,
@@ -212,6 +218,25 @@ pub enum Message {
         offset: u64,
         hashes: Vec<u64>,
     },
+}
+
+impl Message {
+    /// The message's name, for errors and logs (never its payload).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Welcome { .. } => "Welcome",
+            Message::BeginCycle { .. } => "BeginCycle",
+            Message::Resume { .. } => "Resume",
+            Message::Chunk(_) => "Chunk",
+            Message::Acked { .. } => "Acked",
+            Message::Manifest { .. } => "Manifest",
+            Message::Applied { .. } => "Applied",
+            Message::Error { .. } => "Error",
+            Message::HashRequest { .. } => "HashRequest",
+            Message::Hashes { .. } => "Hashes",
+        }
+    }
 }
 
 /// Error codes in [`Message::Error`].
@@ -356,18 +381,21 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             version,
             lineage,
             last_cycle,
+            last_freeze,
             receiving,
         } => {
             w.u8(T_WELCOME);
             w.u16(*version);
             w.u64(*last_cycle);
             w.opt_lineage(lineage);
+            w.u64(*last_freeze);
             match receiving {
                 Some(r) => {
                     w.u8(1);
                     w.lineage(&r.lineage);
                     w.u64(r.cycle);
                     w.u8(r.kind as u8);
+                    w.u64(r.freeze);
                 }
                 None => w.u8(0),
             }
@@ -376,12 +404,14 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             lineage,
             cycle,
             kind,
+            freeze,
             disks,
         } => {
             w.u8(T_BEGIN);
             w.lineage(lineage);
             w.u64(*cycle);
             w.u8(*kind as u8);
+            w.u64(*freeze);
             w.u32(disks.len() as u32);
             for d in disks {
                 w.str(&d.name);
@@ -646,24 +676,28 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             let version = r.u16()?;
             let last_cycle = r.u64()?;
             // Version 1 ended here (see Hello).
-            let (lineage, receiving) = if r.0.is_empty() && version != PROTOCOL_VERSION {
-                (None, None)
+            let (lineage, last_freeze, receiving) = if r.0.is_empty() && version != PROTOCOL_VERSION
+            {
+                (None, 0, None)
             } else {
                 let lineage = r.opt_lineage()?;
+                let last_freeze = r.u64()?;
                 let receiving = match r.u8()? {
                     0 => None,
                     _ => Some(Receiving {
                         lineage: r.lineage()?,
                         cycle: r.u64()?,
                         kind: CycleKind::from_u8(r.u8()?)?,
+                        freeze: r.u64()?,
                     }),
                 };
-                (lineage, receiving)
+                (lineage, last_freeze, receiving)
             };
             Message::Welcome {
                 version,
                 lineage,
                 last_cycle,
+                last_freeze,
                 receiving,
             }
         }
@@ -671,6 +705,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             let lineage = r.lineage()?;
             let cycle = r.u64()?;
             let kind = CycleKind::from_u8(r.u8()?)?;
+            let freeze = r.u64()?;
             let n = r.count(14)?;
             let mut disks = Vec::with_capacity(n);
             for _ in 0..n {
@@ -684,6 +719,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 lineage,
                 cycle,
                 kind,
+                freeze,
                 disks,
             }
         }
@@ -1023,22 +1059,26 @@ mod tests {
                 version: 2,
                 lineage: Some(l),
                 last_cycle: 7,
+                last_freeze: 77,
                 receiving: Some(Receiving {
                     lineage: l,
                     cycle: 8,
                     kind: CycleKind::Resync,
+                    freeze: 88,
                 }),
             },
             Message::Welcome {
                 version: 2,
                 lineage: None,
                 last_cycle: 0,
+                last_freeze: 0,
                 receiving: None,
             },
             Message::BeginCycle {
                 lineage: l,
                 cycle: 8,
                 kind: CycleKind::Initial,
+                freeze: 88,
                 disks: vec![DiskInfo {
                     name: "sys".into(),
                     size: 1 << 30,
@@ -1128,6 +1168,7 @@ mod tests {
                 version: 1,
                 lineage: None,
                 last_cycle: 5,
+                last_freeze: 0,
                 receiving: None
             }
         );

@@ -56,6 +56,7 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
             next_generation: st["next_generation"].as_u64().unwrap_or(1),
             frozen: frozen.as_ref().map(|g| Frozen {
                 generation: g.generation,
+                id: g.id,
                 full: g.full,
             }),
             resync_required: disks
@@ -91,6 +92,7 @@ async fn tracker_op(
                 applied: Some(Applied {
                     lineage: proof.0,
                     cycle: proof.1,
+                    freeze: (proof.2 != 0).then_some(proof.2),
                 }),
                 force: false,
             })
@@ -212,7 +214,7 @@ pub async fn greet(cfg: &ShipperConfig) -> Result<(Option<Lineage>, u64), ShipEr
             last_cycle,
             ..
         } => Ok((lineage, last_cycle)),
-        other => Err(ShipError::Protocol(crate::session::msg_name(&other).into())),
+        other => Err(ShipError::Protocol(other.name().into())),
     };
     conn.close(0u32.into(), b"hello only");
     ep.wait_idle().await;
@@ -331,11 +333,14 @@ pub async fn run(
                 Action::Plan {
                     attempt,
                     generation,
+                    freeze,
                     kind,
                 } => {
                     let (Some(l), Some(g)) = (
                         link.as_ref().filter(|l| l.attempt == attempt),
-                        frozen.clone().filter(|g| g.generation == generation),
+                        frozen
+                            .clone()
+                            .filter(|g| g.generation == generation && g.id == freeze),
                     ) else {
                         let _ = tx.send(Report::Session(Event::Planned {
                             attempt,
@@ -349,34 +354,48 @@ pub async fn run(
                         Arc::clone(&hashes),
                         Arc::clone(&opts.engine),
                     );
+                    let socket = cfg.tracker.clone();
                     tokio::spawn(async move {
-                        let result = plan_cycle(&g, kind, &engine, ctl, hashes)
-                            .await
-                            .map_err(|e| e.to_string());
+                        let result = async {
+                            still_frozen(&socket, freeze).await?;
+                            plan_cycle(&g, kind, &engine, ctl, hashes)
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        .await;
                         let _ = tx.send(Report::Session(Event::Planned { attempt, result }));
                     });
                 }
                 Action::SendData {
                     attempt,
                     tag,
+                    freeze,
                     ranges,
                 } => {
                     let (Some(l), Some(g)) = (
                         link.as_ref().filter(|l| l.attempt == attempt),
-                        frozen.clone().filter(|g| g.generation == tag.cycle),
+                        frozen
+                            .clone()
+                            .filter(|g| g.generation == tag.cycle && g.id == freeze),
                     ) else {
                         let _ = tx.send(Report::Sent(attempt, Err("the attempt is over".into())));
                         continue;
                     };
                     let (tx, conns, opts) = (tx.clone(), l.conns.clone(), Arc::clone(&opts));
                     let kind = s.current().map_or(CycleKind::Delta, |c| c.1);
+                    let socket = cfg.tracker.clone();
                     tokio::spawn(async move {
                         let r = async {
-                            let readers = open_readers(&g)?;
-                            send_data(&conns, &readers, tag, kind, &ranges, &opts).await
+                            let readers = open_readers(&g).map_err(|e| e.to_string())?;
+                            let st = send_data(&conns, &readers, tag, kind, &ranges, &opts)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            // What was read is that freeze's only if it is still frozen.
+                            still_frozen(&socket, freeze).await?;
+                            Ok(st)
                         }
                         .await;
-                        let _ = tx.send(Report::Sent(attempt, r.map_err(|e| e.to_string())));
+                        let _ = tx.send(Report::Sent(attempt, r));
                     });
                 }
                 Action::Done {
@@ -476,11 +495,7 @@ async fn connect(
         let (c, mut ctl) = open(ep, cfg).await?;
         match hello(cfg, &mut ctl, None).await? {
             Message::Welcome { .. } => {}
-            other => {
-                return Err(ShipError::Protocol(
-                    crate::session::msg_name(&other).to_string(),
-                ))
-            }
+            other => return Err(ShipError::Protocol(other.name().to_string())),
         }
         conns.push(c);
     }
@@ -536,6 +551,19 @@ async fn connect(
     })
 }
 
+/// Fails unless the tracker's frozen generation is still freeze `id` (a tracker restarted on
+/// a restored state directory may hold another freeze of the same number).
+async fn still_frozen(socket: &Path, id: u64) -> Result<(), String> {
+    let (view, _) = tracker_op(socket, TrackerOp::Status).await?;
+    match view.frozen {
+        Some(f) if f.id == id => Ok(()),
+        other => Err(format!(
+            "the tracker's frozen generation changed under the cycle (now {:?}): it is shipped anew",
+            other.map(|f| f.generation)
+        )),
+    }
+}
+
 /// Plans generation `g`: for a resync, checksums are asked over the control stream and come
 /// back through `hashes`.
 async fn plan_cycle(
@@ -578,7 +606,7 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
     let (conn, mut ctl) = open(&ep, cfg).await?;
     match hello(cfg, &mut ctl, None).await? {
         Message::Welcome { .. } => {}
-        other => return Err(ShipError::Protocol(crate::session::msg_name(&other).into())),
+        other => return Err(ShipError::Protocol(other.name().into())),
     }
     let st = tracker(&cfg.tracker, Request::Status).await?;
     let granularity = st["granularity"].as_u64().unwrap_or(65536);
@@ -609,9 +637,7 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
             .await?;
             let remote = match link::expect(&mut ctl.1).await {
                 Ok(Message::Hashes { hashes, .. }) => hashes,
-                Ok(other) => {
-                    return Err(ShipError::Protocol(crate::session::msg_name(&other).into()))
-                }
+                Ok(other) => return Err(ShipError::Protocol(other.name().into())),
                 Err(LinkError::Peer(reason)) => {
                     return Err(ShipError::Refused { cycle: 0, reason })
                 }

@@ -10,8 +10,9 @@
 //! frozen generation F, next generation) and the replica's (lineage R, last cycle N):
 //! - an empty replica gets an initial copy: a lineage is created (if the tracker has none)
 //!   and set in the tracker before the full freeze;
-//! - F == N: the replica applied F but its acknowledgement was lost: F is released with the
-//!   replica's proof;
+//! - F == N and the replica applied this very freeze (the freeze ids match): its
+//!   acknowledgement was lost: F is released with the replica's proof (a number that came
+//!   again after an older tracker state was restored is another freeze: a resync);
 //! - F == N + 1 (or a full F > N): F is shipped, as a delta (or a resync);
 //! - no F, and the tracker's last generation is N: the next delta is frozen at the interval
 //!   (a resync if tracking was lost);
@@ -47,6 +48,8 @@ pub struct TrackerView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Frozen {
     pub generation: u64,
+    /// The freeze's id (the tracker's, random).
+    pub id: u64,
     /// Every block (an initial copy or a resync), not only the changed ones.
     pub full: bool,
 }
@@ -56,6 +59,8 @@ pub struct Frozen {
 pub struct ReplicaView {
     pub lineage: Option<Lineage>,
     pub last_cycle: u64,
+    /// The freeze id of the last cycle (0: unknown).
+    pub last_freeze: u64,
     pub receiving: Option<Receiving>,
 }
 
@@ -66,10 +71,10 @@ pub enum TrackerOp {
     Freeze {
         full: bool,
     },
-    /// Release with the replica's proof.
+    /// Release with the replica's proof: its lineage, cycle and freeze id.
     Release {
         generation: u64,
-        proof: (Lineage, u64),
+        proof: (Lineage, u64, u64),
     },
     Merge {
         generation: u64,
@@ -123,18 +128,22 @@ pub enum Action {
         attempt: u64,
         msg: Message,
     },
-    /// Plan the frozen generation (skipping, for an initial copy, its holes; for a resync,
-    /// comparing checksums over the control stream); report `Planned`.
+    /// Plan the frozen generation, which must still be freeze `freeze` (skipping, for an
+    /// initial copy, its holes; for a resync, comparing checksums over the control stream);
+    /// report `Planned`.
     Plan {
         attempt: u64,
         generation: u64,
+        freeze: u64,
         kind: CycleKind,
     },
     /// Read, pack and send `ranges` of the frozen generation as chunks of `tag`; report
-    /// `Sent`.
+    /// `Sent`, an error if the frozen generation is not freeze `freeze` any more when all is
+    /// sent (a tracker restarted on another state meanwhile).
     SendData {
         attempt: u64,
         tag: Tag,
+        freeze: u64,
         ranges: Vec<Range>,
     },
     /// A cycle was applied (its release follows).
@@ -199,9 +208,16 @@ enum Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum After {
     Decide,
-    /// After a release: clear the resync flags if the cycle was not a delta, then decide.
+    /// After a release: clear the resync flags if the released generation was a full freeze
+    /// made while they were set (one frozen before tracking was lost does not cover what was
+    /// written since), then decide.
     Released {
-        full: bool,
+        clear: bool,
+    },
+    /// After a freeze: remember whether it was a full one asked for because of the resync
+    /// flags.
+    Froze {
+        for_resync: bool,
     },
 }
 
@@ -210,6 +226,7 @@ struct Cycle {
     lineage: Lineage,
     generation: u64,
     kind: CycleKind,
+    freeze: u64,
     epoch: u64,
 }
 
@@ -226,6 +243,12 @@ pub struct ShipperSession {
     last_freeze: Option<Instant>,
     backoff: Duration,
     now: Instant,
+    /// The id of a full freeze made while the tracker's resync flags were set: releasing it
+    /// clears them.
+    resync_freeze: Option<u64>,
+    /// A resync was decided (the next freeze is a full one), whatever the tracker's flags say
+    /// once its lineage is set.
+    must_resync: bool,
     /// Bytes of the cycle being shipped (its manifest's), and of them, those the replica
     /// held when this attempt began.
     cycle_bytes: u64,
@@ -245,6 +268,8 @@ impl ShipperSession {
             last_freeze: None,
             backoff: MIN_BACKOFF,
             now,
+            resync_freeze: None,
+            must_resync: false,
             cycle_bytes: 0,
             cycle_skipped: 0,
             actions: VecDeque::new(),
@@ -323,7 +348,10 @@ impl ShipperSession {
                 }
                 Phase::Waiting { until, full } if now >= until => {
                     self.last_freeze = Some(now);
-                    self.tracker_op(TrackerOp::Freeze { full }, After::Decide);
+                    let for_resync = full
+                        && (self.must_resync
+                            || self.tracker.as_ref().is_some_and(|t| t.resync_required));
+                    self.tracker_op(TrackerOp::Freeze { full }, After::Froze { for_resync });
                 }
                 _ => {}
             },
@@ -373,6 +401,7 @@ impl ShipperSession {
                                 cycle: c.generation,
                                 epoch: c.epoch,
                             },
+                            freeze: c.freeze,
                             ranges: todo.iter().collect(),
                         });
                     }
@@ -426,8 +455,22 @@ impl ShipperSession {
                     attempt: self.attempt,
                 });
             }
-            Phase::Tracker(After::Released { full: true }) => {
+            Phase::Tracker(After::Released { clear: true }) => {
                 self.tracker_op(TrackerOp::ClearResync, After::Decide);
+            }
+            Phase::Tracker(After::Froze { for_resync }) => {
+                let full = self
+                    .tracker
+                    .as_ref()
+                    .and_then(|t| t.frozen)
+                    .filter(|f| f.full);
+                if let (true, Some(f)) = (for_resync, full) {
+                    self.resync_freeze = Some(f.id);
+                }
+                if full.is_some() {
+                    self.must_resync = false;
+                }
+                self.decide();
             }
             Phase::Tracker(_) => self.decide(),
             _ => {}
@@ -450,6 +493,7 @@ impl ShipperSession {
                     version,
                     lineage,
                     last_cycle,
+                    last_freeze,
                     receiving,
                 },
             ) => {
@@ -462,6 +506,7 @@ impl ShipperSession {
                 self.replica = Some(ReplicaView {
                     lineage,
                     last_cycle,
+                    last_freeze,
                     receiving,
                 });
                 self.decide();
@@ -498,6 +543,7 @@ impl ShipperSession {
                 self.act(Action::Plan {
                     attempt: self.attempt,
                     generation: c.generation,
+                    freeze: c.freeze,
                     kind: c.kind,
                 });
             }
@@ -512,6 +558,7 @@ impl ShipperSession {
                 self.replica = Some(ReplicaView {
                     lineage: Some(lineage),
                     last_cycle: cycle,
+                    last_freeze: c.freeze,
                     receiving: None,
                 });
                 self.backoff = MIN_BACKOFF;
@@ -525,10 +572,10 @@ impl ShipperSession {
                 self.tracker_op(
                     TrackerOp::Release {
                         generation: cycle,
-                        proof: (lineage, cycle),
+                        proof: (lineage, cycle, c.freeze),
                     },
                     After::Released {
-                        full: c.kind != CycleKind::Delta,
+                        clear: self.resync_freeze == Some(c.freeze),
                     },
                 );
             }
@@ -536,7 +583,7 @@ impl ShipperSession {
             (phase, m) => {
                 self.retry(format!(
                     "unexpected {} from the applier while {phase:?}",
-                    crate::session::msg_name(&m)
+                    m.name()
                 ));
             }
         }
@@ -571,34 +618,36 @@ impl ShipperSession {
             ));
         }
         match t.frozen {
-            Some(f) if f.generation == n => self.tracker_op(
+            // The replica applied this very freeze: its acknowledgement was lost.
+            Some(f) if f.generation == n && f.id == r.last_freeze => self.tracker_op(
                 TrackerOp::Release {
                     generation: f.generation,
-                    proof: (rl, n),
+                    proof: (rl, n, f.id),
                 },
-                After::Released { full: f.full },
+                After::Released {
+                    clear: self.resync_freeze == Some(f.id),
+                },
             ),
-            Some(f) if f.generation == n + 1 && (f.full || !t.resync_required) => {
+            Some(f)
+                if f.generation == n + 1
+                    && (f.full || !(t.resync_required || self.must_resync)) =>
+            {
                 let kind = if f.full {
                     CycleKind::Resync
                 } else {
                     CycleKind::Delta
                 };
-                self.ship(tl, f.generation, kind, &t);
+                self.ship(tl, f, kind, &t);
             }
-            Some(f) if f.full && f.generation > n => {
-                self.ship(tl, f.generation, CycleKind::Resync, &t)
-            }
+            Some(f) if f.full && f.generation > n => self.ship(tl, f, CycleKind::Resync, &t),
             Some(_) => self.resync(&t, n, Some(rl)),
             None if t.next_generation == n + 1 => {
+                let full = t.resync_required || self.must_resync;
                 let until = match (self.cfg.interval, self.last_freeze) {
-                    (Some(i), Some(last)) if !t.resync_required => last + i,
+                    (Some(i), Some(last)) if !full => last + i,
                     _ => self.now,
                 };
-                self.phase = Phase::Waiting {
-                    until,
-                    full: t.resync_required,
-                };
+                self.phase = Phase::Waiting { until, full };
                 self.handle(Event::Tick, self.now);
             }
             None => self.resync(&t, n, Some(rl)),
@@ -608,7 +657,7 @@ impl ShipperSession {
     /// An empty replica: an initial copy, in the tracker's lineage or a fresh one.
     fn decide_initial(&mut self, t: &TrackerView) {
         match (t.frozen, t.lineage) {
-            (Some(f), Some(l)) if f.full => self.ship(l, f.generation, CycleKind::Initial, t),
+            (Some(f), Some(l)) if f.full => self.ship(l, f, CycleKind::Initial, t),
             (Some(f), _) => self.tracker_op(
                 TrackerOp::Merge {
                     generation: f.generation,
@@ -634,11 +683,12 @@ impl ShipperSession {
     /// none): merge what is frozen, put the tracker in the replica's lineage with a generation
     /// after `n`, freeze every block.
     fn resync(&mut self, t: &TrackerView, n: u64, lineage: Option<Lineage>) {
+        self.must_resync = true;
         let want = lineage.or(t.lineage);
         let in_lineage = want.is_some() && t.lineage == want;
         match (t.frozen, want) {
             (Some(f), Some(l)) if f.full && f.generation > n && in_lineage => {
-                self.ship(l, f.generation, CycleKind::Resync, t)
+                self.ship(l, f, CycleKind::Resync, t)
             }
             (Some(f), _) => self.tracker_op(
                 TrackerOp::Merge {
@@ -655,16 +705,22 @@ impl ShipperSession {
             ),
             (None, _) => {
                 self.last_freeze = Some(self.now);
-                self.tracker_op(TrackerOp::Freeze { full: true }, After::Decide);
+                let for_resync = t.resync_required;
+                self.tracker_op(
+                    TrackerOp::Freeze { full: true },
+                    After::Froze { for_resync },
+                );
             }
         }
     }
 
-    fn ship(&mut self, lineage: Lineage, generation: u64, kind: CycleKind, t: &TrackerView) {
+    fn ship(&mut self, lineage: Lineage, f: Frozen, kind: CycleKind, t: &TrackerView) {
+        let generation = f.generation;
         self.cycle = Some(Cycle {
             lineage,
             generation,
             kind,
+            freeze: f.id,
             epoch: 0,
         });
         self.phase = Phase::Resume {
@@ -676,25 +732,9 @@ impl ShipperSession {
                 lineage,
                 cycle: generation,
                 kind,
+                freeze: f.id,
                 disks: t.disks.clone(),
             },
         });
-    }
-}
-
-/// A message's name, for errors (never its payload).
-pub fn msg_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::BeginCycle { .. } => "BeginCycle",
-        Message::Resume { .. } => "Resume",
-        Message::Chunk(_) => "Chunk",
-        Message::Acked { .. } => "Acked",
-        Message::Manifest { .. } => "Manifest",
-        Message::Applied { .. } => "Applied",
-        Message::Error { .. } => "Error",
-        Message::HashRequest { .. } => "HashRequest",
-        Message::Hashes { .. } => "Hashes",
     }
 }

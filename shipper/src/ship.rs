@@ -519,7 +519,7 @@ async fn read_acks(mut r: RecvStream, cycle: u64, acked: Arc<AtomicU64>) -> Resu
             Ok(Some(other)) => {
                 return Err(ShipError::Protocol(format!(
                     "unexpected {} on a data stream",
-                    crate::session::msg_name(&other)
+                    other.name()
                 )))
             }
             Ok(None) => return Ok(last),

@@ -52,11 +52,14 @@ pub enum Request {
     },
 }
 
-/// The replica's proof that it applied a generation: its lineage and cycle.
+/// The replica's proof that it applied a generation: its lineage and cycle (and the
+/// freeze's id, when the replica knows it).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Applied {
     pub lineage: Lineage,
     pub cycle: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze: Option<u64>,
 }
 
 /// The response to one request line (a test can put a proxy in front of the socket).
@@ -101,7 +104,11 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
             applied,
             force,
         } => tracker
-            .release_proven(generation, applied.map(|a| (a.lineage, a.cycle)), force)
+            .release_proven(
+                generation,
+                applied.map(|a| (a.lineage, a.cycle, a.freeze)),
+                force,
+            )
             .map(|_| json!(null)),
         Request::SetLineage {
             lineage,

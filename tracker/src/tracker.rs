@@ -229,6 +229,10 @@ pub struct DiskState {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FrozenState {
     pub generation: u64,
+    /// Which freeze this is (random): a generation number can come again after an older
+    /// state directory is restored; the replica records the id of what it applied.
+    #[serde(default)]
+    pub id: u64,
     /// Seconds since the Unix epoch.
     pub frozen_at: u64,
     /// Every block was frozen (initial sync or resync), not just the changed ones.
@@ -267,6 +271,9 @@ pub struct FrozenDisk {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Generation {
     pub generation: u64,
+    /// The freeze's id (see [`FrozenState::id`]).
+    #[serde(default)]
+    pub id: u64,
     pub frozen_at: u64,
     /// A full freeze (every block), for initial sync or resync.
     #[serde(default)]
@@ -805,6 +812,7 @@ impl Tracker {
             .collect();
         Some(Generation {
             generation: frozen.generation,
+            id: frozen.id,
             frozen_at: frozen.frozen_at,
             full: frozen.full,
             disks,
@@ -858,6 +866,7 @@ impl Tracker {
             }
             next.frozen = Some(FrozenState {
                 generation,
+                id: rand::random::<u64>() | 1,
                 frozen_at: now(),
                 full,
             });
@@ -938,19 +947,24 @@ impl Tracker {
     pub fn release_proven(
         &self,
         generation: u64,
-        applied: Option<(Lineage, u64)>,
+        applied: Option<(Lineage, u64, Option<u64>)>,
         force: bool,
     ) -> Result<(), TrackerError> {
         let st = self.state();
+        let frozen_id = st.frozen.as_ref().map(|f| f.id);
         let why = match (applied, st.lineage) {
             _ if force => None,
             (None, _) => Some("no proof that the replica applied it was given".to_string()),
-            (Some((l, _)), None) => Some(format!(
+            (Some((l, _, _)), None) => Some(format!(
                 "the replica's proof names lineage {l}, but this tracker has no lineage"
             )),
-            (Some((l, c)), Some(have)) if l != have || c != generation => Some(format!(
+            (Some((l, c, _)), Some(have)) if l != have || c != generation => Some(format!(
                 "the replica's proof (lineage {l}, cycle {c}) is not for generation \
                  {generation} of this tracker's lineage {have}"
+            )),
+            (Some((_, _, Some(id))), _) if Some(id) != frozen_id => Some(format!(
+                "the replica applied another freeze numbered {generation} (an older state \
+                 directory was restored here since)"
             )),
             _ => None,
         };
@@ -968,7 +982,7 @@ impl Tracker {
 
     /// Sets the lineage (the replica's, after a resync) and raises `next_generation` to at
     /// least `next_generation`. Refused while a generation is frozen, and, unless `force`d,
-    /// if another lineage is set already.
+    /// if another lineage is set already (forced, every disk then needs a checksum resync).
     pub fn set_lineage(
         &self,
         lineage: Lineage,
@@ -987,6 +1001,13 @@ impl Tracker {
             });
         }
         let mut next = st.clone();
+        if st.lineage.is_some_and(|h| h != lineage) {
+            // Forced onto another history: what the bitmaps hold is relative to the old
+            // one, so only a checksum resync can tell what differs.
+            for d in &mut next.disks {
+                d.resync_required = true;
+            }
+        }
         next.lineage = Some(lineage);
         next.next_generation = next.next_generation.max(next_generation);
         self.save(&next)?;

@@ -14,7 +14,6 @@ use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::wire::{code, Chunk, Message};
 
 use super::{reply_error, VmEntry};
-use crate::session::name;
 use crate::store::{Failure, Job};
 
 /// Bytes of chunk payloads a connection's data streams may hold received but not yet
@@ -65,7 +64,7 @@ pub(crate) async fn data_stream(
                 Some(other) => {
                     return Err(ReaderEnd::Protocol(format!(
                         "unexpected {} on a data stream",
-                        name(&other)
+                        other.name()
                     )))
                 }
             };

@@ -179,9 +179,10 @@ impl VmEntry {
                     lineage,
                     cycle,
                     kind,
+                    freeze,
                     disks,
                 } => {
-                    let r = vs.start_cycle(lineage, cycle, kind, &disks);
+                    let r = vs.start_cycle(lineage, cycle, kind, freeze, &disks);
                     *lock(&me.sender) = vs.sender();
                     if let Err(e) = &r {
                         tracing::warn!(vm = %me.name, cycle, "cycle not started: {e}");
@@ -399,7 +400,7 @@ async fn stream(
             data::data_stream(entry, first, send, recv, queued).await
         }
         Some(other) => {
-            let m = format!("unexpected first message {}", crate::session::name(&other));
+            let m = format!("unexpected first message {}", other.name());
             reply_error(&mut send, code::PROTOCOL, m).await
         }
         None => Ok(()),

@@ -57,10 +57,18 @@ impl VmStore {
         lineage: Lineage,
         cycle: u64,
         kind: CycleKind,
+        freeze: u64,
         disks: &[DiskInfo],
     ) -> Result<Started, StoreError> {
-        let decision = rules::decide(self.vm(), &self.state.replica(), lineage, cycle, kind)
-            .map_err(StoreError::Refused)?;
+        let decision = rules::decide(
+            self.vm(),
+            &self.state.replica(),
+            lineage,
+            cycle,
+            kind,
+            freeze,
+        )
+        .map_err(StoreError::Refused)?;
         self.register_disks(disks)?;
         let epoch = self.state.epoch + 1;
         if decision == Decision::Continue {
@@ -116,6 +124,7 @@ impl VmStore {
             cycle,
             kind: kind.name().to_string(),
             epoch,
+            freeze,
             log: file,
             capture,
         });
@@ -312,6 +321,7 @@ impl VmStore {
             .unwrap_or_default();
         let mut next = self.state.clone();
         let prev = next.newest_point();
+        next.last_freeze = next.receiving.as_ref().map_or(0, |r| r.freeze);
         next.receiving = None;
         next.record_cycle(lineage, cycle, kind);
         let empty = applied.is_empty() && !next.points.is_empty();

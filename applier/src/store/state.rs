@@ -70,6 +70,9 @@ pub(crate) struct ReceivingState {
     pub kind: String,
     /// The current receive attempt.
     pub epoch: u64,
+    /// The freeze it is (the tracker's id).
+    #[serde(default)]
+    pub freeze: u64,
     /// Its undo log, in `undo/`.
     pub log: String,
     /// Whether old contents are captured (false: an initial copy into an empty replica,
@@ -84,8 +87,10 @@ pub(crate) struct VmState {
     /// The lineage of the replica's points (None until the initial copy commits).
     pub lineage: Option<Lineage>,
     pub history: Vec<Span>,
-    /// The last cycle applied (a point, or an empty cycle after one).
+    /// The last cycle applied (a point, or an empty cycle after one), and its freeze id.
     pub last_cycle: u64,
+    #[serde(default)]
+    pub last_freeze: u64,
     /// The last epoch handed out (receive attempts are numbered across all cycles).
     pub epoch: u64,
     pub receiving: Option<ReceivingState>,
@@ -101,6 +106,7 @@ impl VmState {
             lineage: None,
             history: Vec::new(),
             last_cycle: 0,
+            last_freeze: 0,
             epoch: 0,
             receiving: None,
             points: Vec::new(),
@@ -121,6 +127,7 @@ impl VmState {
             lineage: r.lineage,
             cycle: r.cycle,
             kind: CycleKind::from_name(&r.kind).unwrap_or(CycleKind::Delta),
+            freeze: r.freeze,
         })
     }
 
@@ -129,6 +136,7 @@ impl VmState {
         Replica {
             lineage: self.lineage,
             last_cycle: self.last_cycle,
+            last_freeze: self.last_freeze,
             has_points: !self.points.is_empty(),
             receiving: self.receiving_info(),
         }

@@ -19,6 +19,8 @@ use crate::pointview::PointView;
 const SIZE: u64 = 4 << 20;
 const G: u32 = 65536;
 const L: Lineage = Lineage([0x11; 16]);
+/// The tracker's freeze id (the tests freeze each cycle once).
+const FREEZE: u64 = 7;
 
 type Images = Vec<Vec<u8>>;
 
@@ -102,7 +104,7 @@ fn ship(
     data: &Images,
     blocks: &[(u16, u64)],
 ) -> Result<Committed, StoreError> {
-    let st = vs.start_cycle(L, cycle, kind, &disks())?;
+    let st = vs.start_cycle(L, cycle, kind, FREEZE, &disks())?;
     let tag = Tag {
         lineage: L,
         cycle,
@@ -275,7 +277,9 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     blocks.extend(mutate(&mut rng, &mut primary));
     blocks.sort();
     blocks.dedup();
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -297,7 +301,9 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     );
     assert_eq!(vs.receiving().map(|r| r.cycle), Some(2));
     // The shipper resumes cycle 2: the replica reports what it holds, the rest follows.
-    let st2 = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st2 = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     assert!(st2.continued && st2.epoch > st.epoch);
     assert_eq!(st2.applied, plan(&blocks[..half]));
     let tag2 = Tag {
@@ -323,7 +329,9 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     let mut primary = seeded(3);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -337,7 +345,9 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
         r.unwrap();
     }
     // ... again after a reconnect (a new attempt of the same cycle)...
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         epoch: st.epoch,
         ..tag
@@ -348,7 +358,9 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     // ... and after a restart: the images hold the new contents, the log the old ones.
     drop(vs);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         epoch: st.epoch,
         ..tag
@@ -374,7 +386,9 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     let mut primary = seeded(4);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let old = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let old = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let old_tag = Tag {
         lineage: L,
         cycle: 2,
@@ -383,7 +397,9 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     // A new attempt of the same cycle starts (the shipper reconnected); the first one's
     // stream is still alive and sends other bytes where cycle 2 writes (say, a block it
     // read before a tracker restart): refused.
-    let new = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let new = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let mut other = primary.clone();
     for &(d, b) in &blocks {
         let off = (b * u64::from(G)) as usize;
@@ -403,7 +419,9 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     for r in send(&vs, new_tag, &primary, &blocks[..1]) {
         r.unwrap();
     }
-    let third = vs.start_cycle(L, 3, CycleKind::Resync, &disks()).unwrap();
+    let third = vs
+        .start_cycle(L, 3, CycleKind::Resync, FREEZE, &disks())
+        .unwrap();
     assert!(!third.continued);
     for r in send(&vs, new_tag, &other, &blocks) {
         assert_eq!(r.unwrap_err().code, code::STALE);
@@ -442,7 +460,9 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let mut primary = seeded(5);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -459,7 +479,9 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     assert!(read_images(&vs) == history[&1]);
     drop(vs);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
-    let again = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let again = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     assert!(
         again.continued && again.applied.is_empty(),
         "{:?}",
@@ -474,7 +496,9 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let dir2 = tmp();
     let s2 = store(dir2.path(), Retention::keep_all());
     let mut vs2 = s2.open_vm("vm1", "p").unwrap();
-    let st = vs2.start_cycle(L, 1, CycleKind::Initial, &disks()).unwrap();
+    let st = vs2
+        .start_cycle(L, 1, CycleKind::Initial, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 1,
@@ -497,9 +521,13 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
     let blocks = mutate(&mut rng, &mut primary);
     // The save that would start cycle 2 fails: nothing starts.
     vs.fail_save = true;
-    assert!(vs.start_cycle(L, 2, CycleKind::Delta, &disks()).is_err());
+    assert!(vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .is_err());
     assert!(vs.receiving().is_none() && vs.sender().is_none());
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -529,7 +557,9 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
     assert_eq!(vs.last_cycle(), 2);
     // ... and a failed save after a restart leaves the restart's view consistent too.
     let more = mutate(&mut rng, &mut primary);
-    let st = vs.start_cycle(L, 3, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 3,
@@ -549,7 +579,9 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
         (vs.last_cycle(), vs.receiving().map(|r| r.cycle)),
         (2, Some(3))
     );
-    let st = vs.start_cycle(L, 3, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     assert!(st.continued);
     assert_eq!(st.applied, set);
     vs.commit(L, 3, st.epoch, set.len() as u64, set.bytes(), set.digest())
@@ -578,7 +610,7 @@ fn empty_cycles_advance_the_replica_without_a_point() {
     );
     // The sequence holds: 7 after 5 is a gap.
     assert!(matches!(
-        vs.start_cycle(L, 7, CycleKind::Delta, &disks()),
+        vs.start_cycle(L, 7, CycleKind::Delta, FREEZE, &disks()),
         Err(StoreError::Refused(_))
     ));
     let mut p2 = primary.clone();
@@ -612,7 +644,9 @@ fn refused_cycles_change_nothing_and_the_cycle_held_in_part_goes_on() {
     let mut primary = seeded(8);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -629,18 +663,20 @@ fn refused_cycles_change_nothing_and_the_cycle_held_in_part_goes_on() {
         (L, 9, CycleKind::Initial),
         (L, 1, CycleKind::Resync),
     ] {
-        let e = vs.start_cycle(l, c, k, &disks()).unwrap_err();
+        let e = vs.start_cycle(l, c, k, FREEZE, &disks()).unwrap_err();
         assert!(matches!(e, StoreError::Refused(_)), "{e}");
         assert_eq!(e.code(), code::LINEAGE);
     }
     let mut more = disks();
     more[0].size += 4096;
     assert!(matches!(
-        vs.start_cycle(L, 2, CycleKind::Delta, &more),
+        vs.start_cycle(L, 2, CycleKind::Delta, FREEZE, &more),
         Err(StoreError::DiskMismatch { .. })
     ));
     // The cycle held in part is untouched: it resumes and commits.
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .unwrap();
     assert!(st.continued);
     assert_eq!(st.applied, plan(&blocks));
     let set = plan(&blocks);
