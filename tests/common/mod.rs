@@ -3,6 +3,7 @@
 
 pub mod guest;
 pub mod powercut;
+pub mod site;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
