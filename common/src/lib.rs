@@ -12,6 +12,7 @@ pub mod link;
 pub mod name;
 pub mod ranges;
 pub mod ratelog;
+pub mod resetkey;
 pub mod sparse;
 pub mod statefile;
 pub mod tls;

@@ -118,7 +118,9 @@ impl Tuning {
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .initial_rtt(Duration::from_millis(self.initial_rtt_ms.max(1)))
-            .keep_alive_interval(Some(idle / 3))
+            // A ping a second at most: a restarted peer answers it with a stateless reset,
+            // so a lost connection is noticed within about a second, not at the idle timeout.
+            .keep_alive_interval(Some((idle / 3).min(Duration::from_secs(1))))
             .max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
         match self.congestion {
             Congestion::Cubic => {
@@ -168,19 +170,33 @@ fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, LinkError> {
 }
 
 /// A server endpoint: mutual TLS with the identity's CA; client certificates required.
-pub fn server(addr: SocketAddr, id: &Identity, tuning: &Tuning) -> Result<Endpoint, LinkError> {
+/// `reset_key` (see `resetkey`): the stateless-reset key, kept across restarts so that a
+/// restarted server resets its peers' old connections at once.
+pub fn server(
+    addr: SocketAddr,
+    id: &Identity,
+    tuning: &Tuning,
+    reset_key: Option<&[u8; 32]>,
+) -> Result<Endpoint, LinkError> {
     let crypto = QuicServerConfig::try_from(id.server_config()?)
         .map_err(|e| LinkError::Setup(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.transport()));
     let sock = udp_socket(addr, tuning.udp_buffer)?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        Some(cfg),
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| LinkError::Socket { addr, source })
+    let ep_cfg = match reset_key {
+        Some(k) => {
+            let mut c =
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k)));
+            // Random connection IDs that any process of this applier takes for its own, so a
+            // restarted one answers its predecessor's with a reset (quinn's default signs IDs
+            // with a key per process, and drops the others silently).
+            c.cid_generator(|| Box::new(crate::resetkey::RandomCids));
+            c
+        }
+        None => EndpointConfig::default(),
+    };
+    Endpoint::new(ep_cfg, Some(cfg), sock, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| LinkError::Socket { addr, source })
 }
 
 /// A client endpoint bound to `bind` (use port 0), presenting the identity's certificate.
@@ -306,7 +322,7 @@ mod tests {
             Identity::load(&c, &k, &ca.join("ca.pem")).unwrap()
         };
         let t = Tuning::default();
-        let srv = server("127.0.0.1:0".parse().unwrap(), &id("replica-1"), &t).unwrap();
+        let srv = server("127.0.0.1:0".parse().unwrap(), &id("replica-1"), &t, None).unwrap();
         let cli = client("127.0.0.1:0".parse().unwrap(), &id("primary-1"), &t).unwrap();
         let addr = srv.local_addr().unwrap();
         let accept = {

@@ -254,7 +254,8 @@ impl Applier {
     /// Binds and starts serving.
     pub fn start(cfg: ApplierConfig) -> Result<Applier, Box<dyn std::error::Error + Send + Sync>> {
         let store = Store::new(&cfg.store, cfg.retention)?;
-        let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning)?;
+        let reset_key = vmreplica_common::resetkey::load_or_create(&cfg.store.join("reset.key"))?;
+        let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
         let app = Arc::new(App {
             store,
             allow: cfg.allow,
