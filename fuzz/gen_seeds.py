@@ -104,9 +104,13 @@ REQUEST = {
 }
 
 
-# Replication wire frames (common/src/wire.rs): 4-byte length, type, fields. Checksums are
-# not valid xxh3 values; the frames decode, and unpacking then reaches lz4 and the checksum.
-T_HELLO, T_WELCOME, T_BEGIN, T_STAGED, T_CHUNK, T_HASHES = 1, 2, 3, 4, 5, 10
+# Replication wire frames (common/src/wire.rs, protocol 2): 4-byte length, type, fields.
+# Checksums are not valid xxh3 values; the frames decode, and unpacking then reaches lz4 and
+# the checksum. (The undo log seeds, fuzz/seeds/undo, need valid xxh3 checks: the applier's
+# test `fuzz_seeds_are_valid_logs` writes them, with VMREPLICA_WRITE_FUZZ_SEEDS=fuzz/seeds/undo.)
+T_HELLO, T_WELCOME, T_BEGIN, T_RESUME, T_CHUNK, T_MANIFEST, T_APPLIED, T_HASHES, T_ACKED = (
+    1, 2, 3, 4, 5, 6, 7, 10, 11)
+LINEAGE = bytes(range(16))
 
 
 def frame(body):
@@ -118,18 +122,26 @@ def wstr(s):
 
 
 def chunk(encoding, length, payload):
-    return frame(struct.pack(">BQHQIBQI", T_CHUNK, 7, 0, 65536, length, encoding, 99, len(payload))
+    return frame(struct.pack(">B", T_CHUNK) + LINEAGE
+                 + struct.pack(">QQHQIBQI", 7, 3, 0, 65536, length, encoding, 99, len(payload))
                  + payload)
 
 
 WIRE = {
-    "hello": frame(struct.pack(">BH", T_HELLO, 1) + wstr(b"vm1")),
-    "welcome": frame(struct.pack(">BHQ", T_WELCOME, 1, 6)),
-    "begin": frame(struct.pack(">BQBI", T_BEGIN, 7, 0, 1) + wstr(b"sys") + struct.pack(">QI", 1 << 30, 65536)),
-    "staged": frame(struct.pack(">BQI", T_STAGED, 7, 1) + struct.pack(">HQIQ", 0, 65536, 4096, 5)),
+    "hello": frame(struct.pack(">BH", T_HELLO, 2) + wstr(b"vm1") + b"\x01" + LINEAGE),
+    "hello_v1": frame(struct.pack(">BH", T_HELLO, 1) + wstr(b"vm1")),
+    "welcome": frame(struct.pack(">BHQ", T_WELCOME, 2, 6) + b"\x01" + LINEAGE
+                     + struct.pack(">QB", 66, 1) + LINEAGE + struct.pack(">QBQ", 7, 0, 77)),
+    "begin": frame(struct.pack(">B", T_BEGIN) + LINEAGE + struct.pack(">QBQI", 7, 0, 77, 1)
+                   + wstr(b"sys") + struct.pack(">QI", 1 << 30, 65536)),
+    "resume": frame(struct.pack(">B", T_RESUME) + LINEAGE + struct.pack(">QQBI", 7, 3, 1, 2)
+                    + struct.pack(">HQQ", 0, 65536, 4096) + struct.pack(">HQQ", 1, 0, 1 << 20)),
     "chunk_zero": chunk(0, 65536, b""),
     "chunk_lz4": chunk(1, 4, bytes([0x40]) + b"abcd"),
     "chunk_raw": chunk(2, 8, b"12345678"),
+    "acked": frame(struct.pack(">BQQQ", T_ACKED, 7, 3, 65536)),
+    "manifest": frame(struct.pack(">B", T_MANIFEST) + LINEAGE + struct.pack(">QQQQQ", 7, 3, 1, 4096, 5)),
+    "applied": frame(struct.pack(">B", T_APPLIED) + LINEAGE + struct.pack(">Q", 7)),
     "hashes": frame(struct.pack(">B", T_HASHES) + wstr(b"sys") + struct.pack(">QIQQ", 0, 2, 1, 2)),
 }
 

@@ -389,14 +389,14 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
             Ok(())
         }
         (None, Some(sv)) => {
+            if sv.keep == Some(0) {
+                bail!("--keep 0 would keep no recovery point: give at least 1 (the newest point is always kept)");
+            }
             let id = vmreplica_common::tls::Identity::load(&sv.cert, &sv.key, &sv.ca)?;
             let listen: std::net::SocketAddr = sv
                 .listen
                 .parse()
                 .with_context(|| format!("--listen {}", sv.listen))?;
-            if sv.keep == Some(0) {
-                bail!("--keep 0 would keep no recovery point: give at least 1 (the newest point is always kept)");
-            }
             let mut all_for = sv.keep_all_for;
             if let Some(d) = sv.hourly_after {
                 tracing::warn!("--hourly-after is deprecated: it is --keep-all-for now");

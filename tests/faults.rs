@@ -799,3 +799,28 @@ fn a_restarted_applier_is_seen_within_seconds() {
     kill9(&mut applier);
     tracker.stop();
 }
+
+/// `--keep 0` would keep no recovery point: refused before anything starts.
+#[test]
+fn the_applier_refuses_to_keep_no_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["applier", "--store"])
+        .arg(dir.path().join("store"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+        ])
+        .args(["--allow", "p", "--keep", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--keep 0"), "{err}");
+    assert!(!dir.path().join("store").exists());
+}

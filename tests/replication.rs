@@ -435,3 +435,58 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
     );
     applier.shutdown().await;
 }
+
+/// Opening one VM's replica is slow (a test hook stands for a store that takes long to
+/// open): another VM's hello is answered meanwhile, since opening happens on a blocking
+/// thread, outside the table of VMs' lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_vm_does_not_hold_up_another_vms_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certs(dir.path());
+    let applier = Applier::start(ApplierConfig {
+        store: dir.path().join("store"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: Identity::load(
+            &ca.join("replica-1.pem"),
+            &ca.join("replica-1.key"),
+            &ca.join("ca.pem"),
+        )
+        .unwrap(),
+        allow: AllowList::new(&["primary-1".into()]),
+        retention: Retention::default(),
+        tuning: Default::default(),
+        admin_socket: None,
+        open_delay: Some(("slow".into(), std::time::Duration::from_secs(8))),
+    })
+    .unwrap();
+    let addr = applier.local_addr().unwrap().to_string();
+    let config = |vm: &str| {
+        let p = shipper_toml(
+            dir.path(),
+            &ca,
+            "primary-1",
+            &addr,
+            &dir.path().join("t.sock"),
+            "",
+        );
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
+        let q = dir.path().join(format!("{vm}.toml"));
+        std::fs::write(&q, text).unwrap();
+        ShipperConfig::load(&q).unwrap()
+    };
+    let (slow, fast) = (config("slow"), config("fast"));
+    let slow_hello = tokio::spawn(async move { run::greet(&slow).await.map(|r| r.1) });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let t = std::time::Instant::now();
+    assert_eq!(run::greet(&fast).await.unwrap().1, 0);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "another VM's hello waited {:?} for the slow one",
+        t.elapsed()
+    );
+    assert!(!slow_hello.is_finished(), "the slow VM was not slow");
+    assert_eq!(slow_hello.await.unwrap().unwrap(), 0);
+    applier.shutdown().await;
+}

@@ -52,6 +52,8 @@ pub enum WireError {
     BadEncoding(u8),
     #[error("unknown cycle kind {0}")]
     BadKind(u8),
+    #[error("a flag byte is {0}, not 0 or 1")]
+    BadFlag(u8),
     #[error("chunk of {0} bytes exceeds the {MAX_CHUNK}-byte limit")]
     ChunkTooLarge(u32),
     #[error("chunk at disk {disk} offset {offset}: {reason}")]
@@ -346,13 +348,21 @@ impl<'a> R<'a> {
         Ok(Lineage(b.try_into().expect("16 bytes")))
     }
     fn opt_lineage(&mut self) -> Result<Option<Lineage>, WireError> {
+        Ok(match self.flag()? {
+            false => None,
+            true => Some(self.lineage()?),
+        })
+    }
+    /// A 0/1 byte (anything else is refused: the encoding stays canonical).
+    fn flag(&mut self) -> Result<bool, WireError> {
         match self.u8()? {
-            0 => Ok(None),
-            _ => Ok(Some(self.lineage()?)),
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(WireError::BadFlag(b)),
         }
     }
     fn bool(&mut self) -> Result<bool, WireError> {
-        Ok(self.u8()? != 0)
+        self.flag()
     }
     fn count(&mut self, entry_size: usize) -> Result<usize, WireError> {
         let n = self.u32()?;
@@ -682,9 +692,9 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             } else {
                 let lineage = r.opt_lineage()?;
                 let last_freeze = r.u64()?;
-                let receiving = match r.u8()? {
-                    0 => None,
-                    _ => Some(Receiving {
+                let receiving = match r.flag()? {
+                    false => None,
+                    true => Some(Receiving {
                         lineage: r.lineage()?,
                         cycle: r.u64()?,
                         kind: CycleKind::from_u8(r.u8()?)?,

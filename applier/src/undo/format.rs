@@ -89,7 +89,12 @@ impl Header {
         }
         let check = u64::from_be_bytes(b[56..64].try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(b[12..16].try_into().expect("4 bytes"));
-        if xxh(&[&b[..56]]) != check || len as usize != HEADER_LEN {
+        let canonical = match b[32] {
+            0 => b[33..56].iter().all(|x| *x == 0),
+            1 => b[49..56].iter().all(|x| *x == 0),
+            _ => false,
+        };
+        if xxh(&[&b[..56]]) != check || len as usize != HEADER_LEN || !canonical {
             return Err(FormatError::BadHeader);
         }
         Ok(Header {

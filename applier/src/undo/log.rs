@@ -762,4 +762,48 @@ mod tests {
         assert_eq!(img[1], vec![0u8; 8192]);
         assert!(!mp.with_extension("undo.tmp").exists());
     }
+
+    /// Valid logs of every shape, as the undo fuzz target's seeds (written to the directory
+    /// in VMREPLICA_WRITE_FUZZ_SEEDS, if set): finished, cut mid-record, with applied and
+    /// reset records, merged.
+    #[test]
+    fn fuzz_seeds_are_valid_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let mut log = UndoLog::create(&p("finished"), header(3, 2)).unwrap();
+        log.append(0, 0, 4096, Some(&noise(1, 4096))).unwrap();
+        log.append(0, 8192, 4096, Some(&[7u8; 4096])).unwrap();
+        log.append(1, 0, 65536, None).unwrap();
+        log.finish().unwrap();
+        let mut log = UndoLog::create(&p("receiving"), header(4, 3)).unwrap();
+        log.append(0, 0, 4096, Some(&[1u8; 4096])).unwrap();
+        let mut a = RangeSet::new();
+        a.insert(0, 0, 4096);
+        a.insert(1, 1 << 20, 2 << 20);
+        log.mark_applied(&a).unwrap();
+        log.reset_applied().unwrap();
+        log.append(0, 4096, 100, Some(&noise(2, 100))).unwrap();
+        log.sync().unwrap();
+        drop(log);
+        let full = fs::read(p("receiving")).unwrap();
+        fs::write(p("torn"), &full[..full.len() - 7]).unwrap();
+        merge(
+            &Loaded::open(&p("finished")).unwrap(),
+            &Loaded::open(&p("finished")).unwrap(),
+            &p("merged"),
+        )
+        .unwrap();
+        let names = ["finished", "receiving", "torn", "merged"];
+        for n in names {
+            let bytes = fs::read(p(n)).unwrap();
+            let (_, found, _) = super::super::format::scan(&bytes).unwrap();
+            assert!(!found.is_empty(), "{n}");
+        }
+        if let Ok(out) = std::env::var("VMREPLICA_WRITE_FUZZ_SEEDS") {
+            fs::create_dir_all(&out).unwrap();
+            for n in names {
+                fs::copy(p(n), Path::new(&out).join(n)).unwrap();
+            }
+        }
+    }
 }
