@@ -107,7 +107,7 @@ impl VmStore {
         let file = format!("{cycle}.undo");
         let path = self.undo_path(&file);
         let udir = self.dir().join("undo");
-        std::fs::create_dir_all(&udir).map_err(self.io(&udir))?;
+        crate::undo::log::create_dirs(&udir).map_err(self.io(&udir))?;
         let log = UndoLog::create(
             &path,
             Header {
@@ -229,7 +229,7 @@ impl VmStore {
             });
         }
         let dir = self.dir().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(self.io(&dir))?;
+        crate::undo::log::create_dirs(&dir).map_err(self.io(&dir))?;
         let mut next = self.state.clone();
         next.disks = given;
         let old = std::mem::replace(&mut self.state.disks, next.disks.clone());

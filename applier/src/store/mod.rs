@@ -157,7 +157,7 @@ pub struct Store {
 
 impl Store {
     pub fn new(root: &Path, retention: Retention) -> Result<Store, StoreError> {
-        fs::create_dir_all(root).map_err(|source| StoreError::Io {
+        crate::undo::log::create_dirs(root).map_err(|source| StoreError::Io {
             path: root.to_path_buf(),
             source,
         })?;
@@ -477,7 +477,7 @@ impl VmStore {
     fn open_images(&mut self, create: bool) -> Result<(), StoreError> {
         let ddir = self.dir().join("disks");
         if create {
-            fs::create_dir_all(&ddir).map_err(self.io(&ddir))?;
+            crate::undo::log::create_dirs(&ddir).map_err(self.io(&ddir))?;
         }
         let mut images = Vec::new();
         for d in &self.state.disks {

@@ -48,6 +48,22 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates directory `dir` and any missing parents, each entry made durable (the parent
+/// fsynced), so a power cut cannot lose a directory whose files the state refers to.
+pub fn create_dirs(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dirs(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err(dir, e)),
+    }
+}
+
 /// Removes `path` (if there) durably.
 pub fn remove(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
