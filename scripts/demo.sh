@@ -108,9 +108,13 @@ if cmp -s "point-$first/sys.img" vm1-sys.img; then
   exit 1
 fi
 wait "$FIO"
-"$BIN" applier status --store replica | python3 -c 'import json, sys
-for v in json.load(sys.stdin)["vms"]:
-    print(f"replica of {v["vm"]}: lineage {v["lineage"]}, cycle {v["last_cycle"]}, {v["points"]} points")'
+"$BIN" applier status --store replica > status.json
+python3 - <<'PY'
+import json
+for v in json.load(open("status.json"))["vms"]:
+    print("replica of %s: lineage %s, cycle %d, %d points"
+          % (v["vm"], v["lineage"], v["last_cycle"], v["points"]))
+PY
 kill -TERM "$SHIPPER" "$APPLIER"
 wait "$SHIPPER" "$APPLIER" || true
 say "demo done"
