@@ -22,6 +22,7 @@ have python3 || need_apt+=(python3)
 have systemd-analyze || need_apt+=(systemd)
 have virt-xml-validate || need_apt+=(libvirt-clients)
 have xmllint || need_apt+=(libxml2-utils)
+have gnuplot || need_apt+=(gnuplot-nox)   # benches/rpo.sh plots
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
