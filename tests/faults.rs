@@ -628,7 +628,17 @@ fn a_link_cut_mid_cycle_resumes_without_resending_what_was_staged() {
         Duration::from_secs(30),
         |l| l.contains("cycle planned"),
     );
-    std::thread::sleep(Duration::from_millis(2000));
+    // Cut once the replica holds part of the cycle durably: its undo log has an applied
+    // record past the header (an initial copy into an empty replica captures nothing else).
+    let log = site.store.join("vm1/undo/1.undo");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&log).map_or(0, |m| m.len()) <= 4096 + 32 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing of the cycle became durable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let cut = |on: &str| {
         eprintln!("link {on}");
         run(Command::new("kill")

@@ -65,7 +65,13 @@ fn crash_before_saving(op: &str) {
     let at_freeze = std::fs::read(&img).unwrap();
     // Overwrites of frozen blocks: their old contents go to the copy-on-write store.
     qemu_io_ok(&t.uri("d"), "write -P 0x22 0 4M");
-    let out = t.ctl_output(&[op, &g.to_string()]);
+    // A release by hand needs --force (without the replica's proof).
+    let g_s = g.to_string();
+    let args: Vec<&str> = match op {
+        "release" => vec![op, &g_s, "--force"],
+        _ => vec![op, &g_s],
+    };
+    let out = t.ctl_output(&args);
     assert!(!out.status.success(), "{op} did not crash at {point}");
     let st = t.wait_exit();
     assert!(!st.success(), "the tracker exited cleanly: {st}");
@@ -76,7 +82,7 @@ fn crash_before_saving(op: &str) {
         read_frozen(&gen, 0, 16 * MIB) == at_freeze,
         "generation {g} no longer reads as frozen after a crash in its {op}"
     );
-    t.ctl(&[op, &g.to_string()]);
+    t.ctl(&args);
     assert!(frozen(&t).is_none());
     let st = t.ctl(&["status"]);
     let dirty = st["disks"][0]["dirty_blocks"].as_u64().unwrap();
