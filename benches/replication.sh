@@ -465,7 +465,7 @@ fi
     echo "| $i | ${o[local]} | ${o[bare]} | ${o[secs]} | ${o[recv]} | ${o[apply]} | $(r "${o[secs]}" "$sum") |"
   done
   echo
-  echo "Cycle time / (local read + bare write): $(r "$v_cyc_secs" "$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')") (target ≤ 1.00; local read alone: cycle rate / read rate $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")")); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, stages, writes an undo log and writes and fsyncs the replica on the same $sharing that the local read has to itself."
+  echo "Cycle time / (local read + bare write): $(r "$v_cyc_secs" "$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')") (target ≤ 1.00; local read alone: cycle rate / read rate $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")")); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, reads old contents and writes the undo log, and writes and fsyncs the replica on the same $sharing that the local read has to itself."
   echo
   # The disk floor: every byte the cycle moves through the disk, at the fastest rate this disk
   # showed above, and the ratio that floor leaves.
