@@ -76,9 +76,10 @@ pub fn remove(path: &Path) -> io::Result<()> {
 /// Whether to spend lz4 on old contents. Compression is tried on every entry while it pays;
 /// after an entry it could not shrink by an eighth, the next [`SKIP`] entries are stored raw
 /// before it is tried again, so incompressible contents (encrypted or compressed guest data,
-/// random benchmark blocks) cost a probe now and then instead of lz4 on every byte. (Measured
-/// on this machine: lz4 on incompressible 64 KiB blocks costs about 0.35 CPU-s per GiB for no
-/// gain; on the test image's real files it halves the undo logs.)
+/// random benchmark blocks) cost a probe now and then instead of lz4 on every byte (the
+/// previous design's undo journal compressed everything, and its lz4 CPU showed as a cost of
+/// its cycles), while the real files of a guest's disk still get their undo logs about halved
+/// (the shipper's lz4 ratio on them is 2.1x).
 #[derive(Default)]
 pub struct Compressor {
     skip: u32,
