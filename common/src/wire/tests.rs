@@ -1,0 +1,395 @@
+//! The wire codec's tests: round trips, old versions, hostile frames, paging, chunks.
+use super::*;
+
+fn tag(cycle: u64) -> Tag {
+    Tag {
+        lineage: Lineage([7; 16]),
+        cycle,
+        epoch: 3,
+    }
+}
+
+fn frame(m: &Message) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode(m, &mut buf).unwrap();
+    buf
+}
+
+fn all() -> Vec<Message> {
+    let l = Lineage([9; 16]);
+    vec![
+        Message::Hello {
+            version: 2,
+            vm: "vm1".into(),
+            lineage: Some(l),
+        },
+        Message::Hello {
+            version: 2,
+            vm: "vm1".into(),
+            lineage: None,
+        },
+        Message::Welcome {
+            version: 2,
+            lineage: Some(l),
+            last_cycle: 7,
+            last_freeze: 77,
+            receiving: Some(Receiving {
+                lineage: l,
+                cycle: 8,
+                kind: CycleKind::Resync,
+                freeze: 88,
+            }),
+        },
+        Message::Welcome {
+            version: 2,
+            lineage: None,
+            last_cycle: 0,
+            last_freeze: 0,
+            receiving: None,
+        },
+        Message::BeginCycle {
+            lineage: l,
+            cycle: 8,
+            kind: CycleKind::Initial,
+            freeze: 88,
+            disks: vec![DiskInfo {
+                name: "sys".into(),
+                size: 1 << 30,
+                granularity: 65536,
+            }],
+        },
+        Message::Resume {
+            lineage: l,
+            cycle: 8,
+            epoch: 4,
+            ranges: vec![Range {
+                disk: 1,
+                offset: 4096,
+                len: 1 << 33,
+            }],
+            last: true,
+        },
+        Message::Chunk(Chunk::pack(tag(8), 0, 65536, &[7u8; 4096], true)),
+        Message::Acked {
+            cycle: 8,
+            epoch: 4,
+            bytes: 1 << 20,
+        },
+        Message::Manifest {
+            lineage: l,
+            cycle: 8,
+            epoch: 4,
+            ranges: 3,
+            bytes: 99,
+            digest: 5,
+        },
+        Message::Applied {
+            lineage: l,
+            cycle: 8,
+        },
+        Message::Error {
+            code: code::NOT_ALLOWED,
+            message: "no".into(),
+        },
+        Message::HashRequest {
+            disk: "sys".into(),
+            offset: 0,
+            block: 65536,
+            count: 16,
+        },
+        Message::Hashes {
+            disk: "sys".into(),
+            offset: 0,
+            hashes: vec![1, 2, 3],
+        },
+    ]
+}
+
+#[test]
+fn every_message_round_trips_and_partial_frames_wait() {
+    for m in all() {
+        let buf = frame(&m);
+        for cut in 0..buf.len() {
+            assert_eq!(decode(&buf[..cut]), Ok(None), "{m:?} cut at {cut}");
+        }
+        assert_eq!(decode(&buf), Ok(Some((m.clone(), buf.len()))));
+    }
+}
+
+#[test]
+fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
+    // Version 1 layouts: type, version, then the VM name / the last cycle.
+    let mut hello = vec![T_HELLO, 0, 1, 0, 3];
+    hello.extend_from_slice(b"vm1");
+    let mut f = (hello.len() as u32).to_be_bytes().to_vec();
+    f.extend(hello);
+    assert_eq!(
+        decode(&f).unwrap().unwrap().0,
+        Message::Hello {
+            version: 1,
+            vm: "vm1".into(),
+            lineage: None
+        }
+    );
+    let mut welcome = vec![T_WELCOME, 0, 1];
+    welcome.extend(5u64.to_be_bytes());
+    let mut f = (welcome.len() as u32).to_be_bytes().to_vec();
+    f.extend(welcome);
+    assert_eq!(
+        decode(&f).unwrap().unwrap().0,
+        Message::Welcome {
+            version: 1,
+            lineage: None,
+            last_cycle: 5,
+            last_freeze: 0,
+            receiving: None
+        }
+    );
+    // A version 2 hello must carry its lineage field.
+    let mut cut = frame(&Message::Hello {
+        version: 2,
+        vm: "vm1".into(),
+        lineage: None,
+    });
+    cut.pop();
+    cut[3] -= 1;
+    assert!(decode(&cut).is_err());
+}
+
+#[test]
+fn a_chunk_frame_splits_into_head_and_payload() {
+    let c = Chunk::pack(tag(8), 1, 65536, &[7u8; 4096], true);
+    let whole = frame(&Message::Chunk(c.clone()));
+    let head = chunk_frame_head(&c);
+    assert_eq!([head.as_slice(), &c.payload].concat(), whole);
+    assert_eq!(head.len(), 4 + CHUNK_HEAD);
+    assert!(is_chunk(&head[4..]));
+    let (got, plen) = decode_chunk_head(head[4..].try_into().unwrap()).unwrap();
+    assert_eq!(plen, c.payload.len());
+    assert_eq!(
+        Chunk {
+            payload: c.payload.clone(),
+            ..got
+        },
+        c
+    );
+    let mut bad = head.clone();
+    // The length field: after type, lineage, cycle, epoch, disk and offset.
+    let at = 4 + 1 + 16 + 8 + 8 + 2 + 8;
+    bad[at..at + 4].copy_from_slice(&(MAX_CHUNK + 1).to_be_bytes());
+    assert_eq!(
+        decode_chunk_head(bad[4..].try_into().unwrap()),
+        Err(WireError::ChunkTooLarge(MAX_CHUNK + 1))
+    );
+    assert!(!is_chunk(&[T_HELLO]));
+}
+
+#[test]
+fn hostile_frames_are_refused_without_big_allocations() {
+    assert_eq!(
+        decode(&[0xff, 0xff, 0xff, 0xff]),
+        Err(WireError::FrameTooLarge(u32::MAX.into()))
+    );
+    // A list count far beyond the frame's bytes.
+    let mut f = vec![0, 0, 0, 38, T_RESUME];
+    f.extend([0u8; 16]);
+    f.extend(8u64.to_be_bytes());
+    f.extend(1u64.to_be_bytes());
+    f.push(1);
+    f.extend(u32::MAX.to_be_bytes());
+    assert!(matches!(decode(&f), Err(WireError::ListTooLong(_))));
+    assert!(matches!(
+        decode(&[0, 0, 0, 1, 200]),
+        Err(WireError::UnknownType(200))
+    ));
+    let mut buf = frame(&Message::Acked {
+        cycle: 1,
+        epoch: 1,
+        bytes: 1,
+    });
+    buf[3] += 1;
+    buf.push(0);
+    assert_eq!(decode(&buf), Err(WireError::Trailing(1)));
+}
+
+#[test]
+fn the_encoder_refuses_frames_over_the_limit_and_a_huge_resume_is_paged() {
+    // More than 190,000 chunks' worth of ranges (apart, so none merge): one frame could
+    // not hold them.
+    let mut applied = RangeSet::new();
+    for i in 0..300_000u64 {
+        applied.insert((i % 3) as u16, i * 131072, i * 131072 + 65536);
+    }
+    let l = Lineage([1; 16]);
+    let whole = Message::Resume {
+        lineage: l,
+        cycle: 9,
+        epoch: 2,
+        ranges: applied.iter().collect(),
+        last: true,
+    };
+    let mut out = vec![1, 2, 3];
+    assert!(matches!(
+        encode(&whole, &mut out),
+        Err(WireError::FrameTooLarge(_))
+    ));
+    assert_eq!(out, [1, 2, 3], "a refused frame leaves nothing behind");
+    let pages = resume_pages(l, 9, 2, &applied);
+    assert!(pages.len() >= 3);
+    let mut back = RangeSet::new();
+    let mut lasts = Vec::new();
+    for p in &pages {
+        let f = frame(p);
+        assert!(f.len() <= MAX_FRAME as usize + 4);
+        match decode(&f).unwrap().unwrap().0 {
+            Message::Resume {
+                ranges,
+                last,
+                epoch,
+                ..
+            } => {
+                assert_eq!(epoch, 2);
+                lasts.push(last);
+                ranges.into_iter().for_each(|r| back.insert_range(r));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(back, applied);
+    assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
+    assert_eq!(lasts.last(), Some(&true));
+    // Nothing applied: one empty, last page.
+    assert_eq!(resume_pages(l, 9, 2, &RangeSet::new()).len(), 1);
+    // A string longer than the limit is cut at a character boundary, not split.
+    let long = "é".repeat(3000);
+    let f = frame(&Message::Error {
+        code: 1,
+        message: long,
+    });
+    match decode(&f).unwrap().unwrap().0 {
+        Message::Error { message, .. } => assert!(message.len() <= MAX_STRING as usize),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn chunks_pick_their_encoding_and_verify_checksums() {
+    let t = tag(1);
+    let zero = Chunk::pack(t, 0, 0, &[0u8; 65536], true);
+    assert_eq!((zero.encoding, zero.payload.len()), (Encoding::Zero, 0));
+    assert_eq!(zero.unpack(), Ok(None));
+    let text: Vec<u8> = b"replicate me "
+        .iter()
+        .cycle()
+        .take(65536)
+        .copied()
+        .collect();
+    let c = Chunk::pack(t, 0, 0, &text, true);
+    assert_eq!(c.encoding, Encoding::Lz4);
+    assert!(c.payload.len() < 2000);
+    assert_eq!(c.unpack().unwrap().unwrap(), text);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let r = Chunk::pack(t, 0, 0, &noise, true);
+    assert_eq!(r.encoding, Encoding::Raw);
+    let mut bad = c.clone();
+    bad.payload[10] ^= 0x55;
+    assert!(bad.unpack().is_err());
+    let mut lie = r.clone();
+    lie.checksum ^= 1;
+    assert!(matches!(lie.unpack(), Err(WireError::BadChunk { .. })));
+    let mut zlie = zero.clone();
+    zlie.len = 4096;
+    assert!(zlie.unpack().is_err());
+    // A scratch buffer left longer and dirty by an earlier chunk still unpacks exactly.
+    let mut scratch = vec![0xee; 2 * 65536];
+    let short = Chunk::pack(t, 0, 0, &text[..4096], true);
+    assert_eq!(
+        short.unpack_into(&mut scratch).unwrap(),
+        Some(&text[..4096])
+    );
+    assert_eq!(c.unpack_into(&mut scratch).unwrap(), Some(&text[..]));
+    assert_eq!(r.unpack_into(&mut scratch).unwrap(), Some(&noise[..]));
+    assert_eq!(zero.unpack_into(&mut scratch).unwrap(), None);
+    assert!(bad.unpack_into(&mut scratch).is_err());
+    // Aligned: the bytes land at an aligned start of the (dirty, reused) buffer, exactly
+    // `len` of them up to its end, whether they were compressed or raw.
+    let mut buf = vec![0xee; 3 * 65536];
+    for (chunk, want) in [(&short, &text[..4096]), (&c, &text[..]), (&r, &noise[..])] {
+        let at = chunk.unpack_aligned(&mut buf).unwrap().unwrap();
+        assert_eq!((buf.as_ptr() as usize + at) % direct::ALIGN, 0);
+        assert_eq!(&buf[at..], want);
+    }
+    assert_eq!(zero.unpack_aligned(&mut buf).unwrap(), None);
+    assert!(bad.unpack_aligned(&mut buf).is_err());
+    assert!(lie.unpack_aligned(&mut buf).is_err());
+    let mut short_raw = r.clone();
+    short_raw.payload.pop();
+    assert!(short_raw.unpack_aligned(&mut buf).is_err());
+    // A packed payload keeps no worst-case spare capacity while it is in flight.
+    assert_eq!(c.payload.capacity(), c.payload.len());
+}
+
+#[test]
+fn zero_blocks_amid_data_travel_as_zero_markers() {
+    const B: usize = 4096;
+    let t = tag(1);
+    // Blocks: data, zero, zero, data, zero (the last one short), from a disk offset that
+    // is not a block boundary: the first "block" is the 1 KiB up to the boundary.
+    let mut data = vec![0u8; 1024 + 4 * B + 100];
+    data[..1024].fill(7);
+    data[1024 + 2 * B..1024 + 3 * B].fill(9);
+    let offset = 3 * B as u64 + 3072;
+    let chunks = Chunk::pack_blocks(t, 2, offset, &data, B as u32, true);
+    let shape: Vec<(u64, u32, Encoding)> = chunks
+        .iter()
+        .map(|c| (c.offset, c.len, c.encoding))
+        .collect();
+    let o = offset;
+    assert_eq!(
+        shape,
+        vec![
+            (o, 1024, Encoding::Lz4),
+            (o + 1024, 2 * B as u32, Encoding::Zero),
+            (o + 1024 + 2 * B as u64, B as u32, Encoding::Lz4),
+            (o + 1024 + 3 * B as u64, B as u32 + 100, Encoding::Zero),
+        ]
+    );
+    // Unpacked back to back, they are the data; together they tile the run.
+    let mut back = Vec::new();
+    let mut covered = RangeSet::new();
+    for c in &chunks {
+        assert_eq!((c.tag, c.disk), (t, 2));
+        covered.insert_range(c.range());
+        match c.unpack().unwrap() {
+            Some(d) => back.extend(d),
+            None => back.extend(vec![0u8; c.len as usize]),
+        }
+    }
+    assert_eq!(back, data);
+    assert_eq!(
+        covered.iter().collect::<Vec<_>>(),
+        vec![Range {
+            disk: 2,
+            offset,
+            len: data.len() as u64
+        }]
+    );
+    // All data, or all zero: one chunk, as `pack` makes it.
+    assert_eq!(
+        Chunk::pack_blocks(t, 0, 0, &[5; 3 * B], B as u32, true).len(),
+        1
+    );
+    let z = Chunk::pack_blocks(t, 0, 0, &[0; 3 * B], B as u32, true);
+    assert_eq!((z.len(), z[0].encoding), (1, Encoding::Zero));
+    // No block size: packed whole.
+    assert_eq!(Chunk::pack_blocks(t, 0, offset, &data, 0, true).len(), 1);
+    assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
+}
