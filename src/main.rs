@@ -223,12 +223,39 @@ enum CtlOp {
     },
     /// Put a frozen generation's blocks back into the dirty set.
     Merge { generation: u64 },
+    /// Refuse every write (EPERM) from now on, reads still served: a planned failover seals
+    /// the disks once the VM is shut down. Kept across restarts.
+    Seal,
+    /// Take writes again after a seal.
+    Unseal,
+    /// Mark byte ranges of a disk dirty (the next cycle ships them): OFFSET+LEN ...
+    MarkDirty {
+        disk: String,
+        #[arg(value_name = "OFFSET+LEN", required = true)]
+        ranges: Vec<String>,
+    },
+    /// Per disk, the byte ranges changed and not yet replicated.
+    DirtyRanges,
+}
+
+/// Parses `OFFSET+LEN` (bytes).
+fn parse_range(s: &str) -> Result<(u64, u64)> {
+    let (o, l) = s
+        .split_once('+')
+        .with_context(|| format!("{s:?}: expected OFFSET+LEN, in bytes"))?;
+    Ok((
+        o.trim().parse().with_context(|| format!("{s:?}: offset"))?,
+        l.trim().parse().with_context(|| format!("{s:?}: length"))?,
+    ))
 }
 
 fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
     let req = match op {
         CtlOp::Status => Request::Status,
-        CtlOp::Freeze { full } => Request::Freeze { full },
+        CtlOp::Freeze { full } => Request::Freeze {
+            full,
+            baseline: false,
+        },
         CtlOp::Release { generation, force } => {
             if !force {
                 bail!(
@@ -252,8 +279,19 @@ fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
             lineage: vmreplica_common::lineage::Lineage::parse(&lineage)?,
             next_generation,
             force,
+            parent: None,
         },
         CtlOp::Merge { generation } => Request::Merge { generation },
+        CtlOp::Seal => Request::Seal,
+        CtlOp::Unseal => Request::Unseal,
+        CtlOp::MarkDirty { disk, ranges } => Request::MarkDirty {
+            disk,
+            ranges: ranges
+                .iter()
+                .map(|r| parse_range(r))
+                .collect::<Result<_>>()?,
+        },
+        CtlOp::DirtyRanges => Request::DirtyRanges,
     };
     let v = control::call(socket, &req)?;
     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -187,7 +187,7 @@ fn control_proxy(
                 for line in BufReader::new(s).lines() {
                     let Ok(line) = line else { return };
                     let v = match serde_json::from_str::<Request>(&line) {
-                        Ok(Request::Freeze { full }) => {
+                        Ok(Request::Freeze { full, .. }) => {
                             let mut copy = Vec::new();
                             match t.freeze_with(full, || {
                                 copy = images.iter().map(|p| std::fs::read(p).unwrap()).collect()

@@ -84,7 +84,11 @@ async fn tracker_op(
     match op {
         TrackerOp::Status => {}
         TrackerOp::Freeze { full } => {
-            call(Request::Freeze { full }).await?;
+            call(Request::Freeze {
+                full,
+                baseline: false,
+            })
+            .await?;
         }
         TrackerOp::Release { generation, proof } => {
             call(Request::Release {
@@ -111,6 +115,7 @@ async fn tracker_op(
                 lineage,
                 next_generation,
                 force: false,
+                parent: None,
             })
             .await?;
         }
