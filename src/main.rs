@@ -1,5 +1,6 @@
 //! `vmreplica`: one command line for every role.
 
+mod failover_cmd;
 mod progress;
 mod tracker_cmd;
 mod vm_cmd;
@@ -51,6 +52,14 @@ enum Cmd {
         #[command(subcommand)]
         op: vm_cmd::VmOp,
     },
+    /// Bring a VM up on the other site: unplanned (primary gone), commit, cancel, abandon,
+    /// planned (no write lost).
+    Failover {
+        #[command(subcommand)]
+        op: failover_cmd::FailoverOp,
+    },
+    /// After an unplanned failover, replicate back to this (old primary) site.
+    Reverse(failover_cmd::ReverseArgs),
     /// Talk to a running tracker's control socket.
     Ctl {
         /// The tracker's control socket (default: STATE_DIR/control.sock).
@@ -454,6 +463,11 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 tuning: Default::default(),
                 admin_socket: sv.admin_socket,
                 open_delay: None,
+                identity_files: Some(vmreplica_applier::failover::IdentityFiles {
+                    cert: std::path::absolute(&sv.cert)?,
+                    key: std::path::absolute(&sv.key)?,
+                    ca: std::path::absolute(&sv.ca)?,
+                }),
             };
             runtime()?.block_on(async move {
                 let a = Applier::start(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -562,6 +576,8 @@ fn main() -> Result<()> {
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
+        Cmd::Failover { op } => failover_cmd::run(op),
+        Cmd::Reverse(a) => failover_cmd::reverse(a),
     }
 }
 

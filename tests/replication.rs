@@ -269,6 +269,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: None,
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -375,6 +376,7 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: None,
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -457,6 +459,7 @@ async fn a_slow_vm_does_not_hold_up_another_vms_hello() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: Some(("slow".into(), std::time::Duration::from_secs(8))),
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();

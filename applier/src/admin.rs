@@ -4,7 +4,9 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"points","vm":V}`,
 //! `{"op":"export","vm":V,"point":N,"dir":D}` (through a point view: the point is pinned
-//! while it is written out, and later cycles go on landing). Responses:
+//! while it is written out, and later cycles go on landing); failover's (handled in
+//! `crate::failover::admin`): `failover-unplanned`, `failover-commit`, `failover-cancel`,
+//! `failover-abandon`, `adopt`, `adopt-undo`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
 
@@ -37,6 +39,12 @@ pub enum Request {
         point: u64,
         dir: PathBuf,
     },
+    FailoverUnplanned(crate::failover::admin::Unplanned),
+    FailoverCommit(crate::failover::admin::Vm),
+    FailoverCancel(crate::failover::admin::Vm),
+    FailoverAbandon(crate::failover::admin::Vm),
+    Adopt(crate::failover::admin::Adopt),
+    AdoptUndo(crate::failover::admin::Vm),
 }
 
 pub(crate) struct AdminServer {
@@ -176,7 +184,18 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             let files = export(&view, &dir)?;
             Ok(json!({ "files": files }))
         }
+        Request::FailoverUnplanned(r) => crate::failover::admin::unplanned(app, rt, r),
+        Request::FailoverCommit(r) => crate::failover::admin::commit(app, rt, r),
+        Request::FailoverCancel(r) => crate::failover::admin::cancel(app, rt, r),
+        Request::FailoverAbandon(r) => crate::failover::admin::abandon(app, rt, r),
+        Request::Adopt(r) => crate::failover::admin::adopt(app, rt, r),
+        Request::AdoptUndo(r) => crate::failover::admin::adopt_undo(app, rt, r),
     }
+}
+
+/// See `crate::failover::admin::supervise`.
+pub(crate) async fn supervise(app: &Arc<App>) {
+    crate::failover::admin::supervise(app).await
 }
 
 /// Sends one request to an applier's admin socket and returns its result (or its error as

@@ -14,8 +14,12 @@
 //! streams = 4                  # parallel QUIC streams
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! qmp = "/run/vmreplica/vm/vm1/qmp.sock"      # optional: the VM's QMP socket (planned failover)
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
+//! [reverse]                    # this site's applier, for replication back after a failover
+//! replica = "192.0.2.5:7443"
+//! server_name = "site-a"       # the name in this site's applier certificate
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -58,6 +62,17 @@ struct Raw {
     initial_sync_at: Option<String>,
     #[serde(default)]
     tuning: Tuning,
+    qmp: Option<PathBuf>,
+    reverse: Option<ReverseConfig>,
+}
+
+/// This (primary) site's applier, as the replica site reaches it: where a failed-over VM
+/// replicates back to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseConfig {
+    pub replica: String,
+    pub server_name: String,
 }
 
 fn default_interval() -> String {
@@ -98,6 +113,12 @@ pub struct ShipperConfig {
     pub connections: usize,
     pub initial_sync_at: Option<SystemTime>,
     pub tuning: Tuning,
+    /// The VM's QMP socket: a planned failover shuts the VM down through it.
+    pub qmp: Option<PathBuf>,
+    /// This site's applier, for replication back after a failover.
+    pub reverse: Option<ReverseConfig>,
+    /// The interval as written (passed on to the site that replicates back).
+    pub interval_text: String,
 }
 
 /// Parses sizes like `100M`, `1G`, `500K` or plain bytes.
@@ -125,6 +146,7 @@ impl ShipperConfig {
         };
         let raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         vmreplica_common::validate_name(&raw.vm).map_err(|e| bad(format!("vm: {e}")))?;
+        let interval_text = raw.interval.clone();
         let interval = if raw.interval == "continuous" {
             Interval::Continuous
         } else {
@@ -170,6 +192,9 @@ impl ShipperConfig {
             connections: raw.connections,
             initial_sync_at,
             tuning: raw.tuning,
+            qmp: raw.qmp.map(rel),
+            reverse: raw.reverse,
+            interval_text,
         })
     }
 
@@ -204,6 +229,14 @@ key = "p.key"
         assert_eq!(c.tracker, PathBuf::from("/etc/vmr/t.sock"));
         assert!(c.compression && c.bandwidth_limit.is_none());
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
+        assert!(c.reverse.is_none() && c.qmp.is_none());
+        let c = ShipperConfig::parse(
+            &format!("{BASE}qmp = \"run/qmp.sock\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"site-a\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.qmp, Some(PathBuf::from("/etc/vmr/run/qmp.sock")));
+        assert_eq!(c.reverse.unwrap().server_name, "site-a");
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
         for bad in [

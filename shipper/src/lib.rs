@@ -7,11 +7,13 @@
 //! - [`run`]: its async driver (tracker requests, connections, planning and sending tasks);
 //!   `verify`;
 //! - [`ship`]: the data path: plan, read, pack on a pool of threads, send, acknowledgements;
+//! - [`failover`]: what the replica site is for a VM, and asking it to replicate back;
 //! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
 //! - [`ratelimit`]: pacing to a bandwidth limit.
 
 pub mod config;
+pub mod failover;
 pub mod lock;
 pub mod progress;
 pub mod ratelimit;

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::tls::{self, Identity};
-use vmreplica_common::wire::{CycleKind, DiskInfo, Message, PROTOCOL_VERSION};
+use vmreplica_common::wire::{CycleKind, DiskInfo, LineagePoint, Message, PROTOCOL_VERSION};
 use vmreplica_tracker::control::{self, Applied, Request};
 use vmreplica_tracker::Generation;
 
@@ -48,6 +48,14 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
         Some(s) => Some(Lineage::parse(s).map_err(|e| format!("tracker status: {e}"))?),
         None => None,
     };
+    let parent: Option<LineagePoint> = if st["parent"].is_null() {
+        None
+    } else {
+        Some(
+            serde_json::from_value(st["parent"].clone())
+                .map_err(|e| format!("tracker status: parent: {e}"))?,
+        )
+    };
     let granularity = st["granularity"].as_u64().unwrap_or(65536) as u32;
     let disks = st["disks"].as_array().cloned().unwrap_or_default();
     Ok((
@@ -58,7 +66,10 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
                 generation: g.generation,
                 id: g.id,
                 full: g.full,
+                baseline: g.baseline,
             }),
+            parent,
+            sealed: st["sealed"] == Value::Bool(true),
             resync_required: disks
                 .iter()
                 .any(|d| d["resync_required"] == Value::Bool(true)),
@@ -128,6 +139,31 @@ async fn tracker_op(
                 }
             }
         }
+        TrackerOp::MarkDirty { ranges } => {
+            let st = call(Request::Status).await?;
+            let disks = st["disks"].as_array().cloned().unwrap_or_default();
+            for (i, d) in disks.iter().enumerate() {
+                let marks: Vec<(u64, u64)> = ranges
+                    .iter()
+                    .filter(|r| usize::from(r.disk) == i)
+                    .map(|r| (r.offset, r.len))
+                    .collect();
+                if marks.is_empty() {
+                    continue;
+                }
+                let disk = d["name"].as_str().unwrap_or_default().to_string();
+                tracing::info!(
+                    disk,
+                    ranges = marks.len(),
+                    "marking the replica's divergent ranges dirty"
+                );
+                call(Request::MarkDirty {
+                    disk,
+                    ranges: marks,
+                })
+                .await?;
+            }
+        }
     }
     tracker_view(&call(Request::Status).await?)
 }
@@ -152,7 +188,7 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
 
 /// One QUIC connection to the applier and its control stream; a certificate either side
 /// refuses is reported in plain words: which side refused whose certificate, and why.
-async fn open(
+pub(crate) async fn open(
     ep: &Endpoint,
     cfg: &ShipperConfig,
 ) -> Result<(Connection, (SendStream, RecvStream)), ShipError> {
@@ -173,7 +209,7 @@ async fn open(
 /// Says hello on a control stream and returns the welcome. The replica checks this
 /// primary's certificate after the handshake completed here: a refusal arrives as the
 /// connection's end, on this first exchange.
-async fn hello(
+pub(crate) async fn hello(
     cfg: &ShipperConfig,
     ctl: &mut (SendStream, RecvStream),
     lineage: Option<Lineage>,
@@ -247,6 +283,34 @@ pub async fn run(
     progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ShipError> {
+    run_with(cfg, progress, stop, None).await.map(|_| ())
+}
+
+/// Adopts this site's images as the replica waiting for the reverse cycle continuing the
+/// point given (a planned failover's step between its last cycle and the promote).
+pub type Adopt = Arc<dyn Fn(LineagePoint) -> Result<(), String> + Send + Sync>;
+
+/// A planned failover, as [`run_with`] carries it out.
+pub struct PlannedRun {
+    pub planned: session::Planned,
+    pub adopt: Adopt,
+}
+
+/// What a planned failover did: the last cycle (`parent`), and the replica's new lineage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub parent: LineagePoint,
+    pub lineage: Lineage,
+}
+
+/// [`run`]; with `planned`, the last cycle of a sealed tracker, then the promote: returns
+/// once the replica is the primary.
+pub async fn run_with(
+    cfg: ShipperConfig,
+    progress: Arc<dyn Progress>,
+    stop: impl std::future::Future<Output = ()>,
+    planned: Option<PlannedRun>,
+) -> Result<Option<Finished>, ShipError> {
     let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Protocol(e.to_string()))?;
     let ep = endpoint(&cfg)?;
     let packers = std::thread::available_parallelism()
@@ -279,9 +343,11 @@ pub async fn run(
                 Interval::Continuous => None,
             },
             initial_sync_at,
+            planned: planned.as_ref().map(|p| p.planned.clone()),
         },
         now,
     );
+    let adopt = planned.map(|p| p.adopt);
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>> = Arc::default();
@@ -360,6 +426,13 @@ pub async fn run(
                         Arc::clone(&opts.engine),
                     );
                     let socket = cfg.tracker.clone();
+                    // A reverse cycle ships what is frozen, or (full: a side lost its
+                    // tracking) what differs by checksums.
+                    let kind = match kind {
+                        CycleKind::Reverse if g.full => CycleKind::Resync,
+                        CycleKind::Reverse => CycleKind::Delta,
+                        k => k,
+                    };
                     tokio::spawn(async move {
                         let result = async {
                             still_frozen(&socket, freeze).await?;
@@ -437,6 +510,21 @@ pub async fn run(
                     ep.close(0u32.into(), b"shipper stopping");
                     return Err(ShipError::Protocol(error));
                 }
+                Action::Adopt { parent } => {
+                    let (tx, adopt) = (tx.clone(), adopt.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let r = match adopt {
+                            Some(a) => a(parent),
+                            None => Err("no adoption step was given".into()),
+                        };
+                        let _ = tx.send(Report::Session(Event::Adopted(r)));
+                    });
+                }
+                Action::Finished { parent, lineage } => {
+                    tracing::info!(vm = cfg.vm, %parent, new_lineage = %lineage, "the replica is the VM's primary now");
+                    ep.close(0u32.into(), b"planned failover done");
+                    return Ok(Some(Finished { parent, lineage }));
+                }
             }
         }
         let wake = s.poll_timeout();
@@ -454,7 +542,7 @@ pub async fn run(
             }
             _ = &mut stop => {
                 ep.close(0u32.into(), b"shipper stopping");
-                return Ok(());
+                return Ok(None);
             }
         };
         let Some(report) = report else { continue };

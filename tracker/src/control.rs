@@ -111,6 +111,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                 "sealed": st.sealed,
                 "last_write_at": tracker.last_write_at(),
                 "pid": std::process::id(),
+                "state_dir": tracker.state_dir(),
                 "next_generation": st.next_generation,
                 "granularity": st.granularity,
                 "frozen": tracker.frozen(),

@@ -27,7 +27,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmreplica_common::{read_state, write_state};
 
-use crate::tracker::{Generation, Shared, State, Tracker, TrackerError};
+use crate::bitmap::COW_SLOT;
+use crate::tracker::{FrozenDisk, Generation, Shared, State, Tracker, TrackerError, STATE_FILE};
 
 /// The NBD connections a disk (by name) serves now.
 pub type Connections = Box<dyn Fn(&str) -> usize + Send + Sync>;
@@ -42,6 +43,48 @@ const STAMP_EVERY: Duration = Duration::from_secs(2);
 struct Stamp {
     /// Seconds since the epoch of the last write any disk took (0: none recorded).
     last_write_at: u64,
+}
+
+/// The state of a stopped tracker (its state dir `dir`), read without opening it; None if
+/// there is none.
+pub fn state_offline(dir: &Path) -> Result<Option<State>, TrackerError> {
+    Ok(read_state(
+        &dir.join(STATE_FILE),
+        crate::tracker::STATE_FORMAT,
+        crate::tracker::STATE_VERSION,
+    )?)
+}
+
+/// The frozen generation of a stopped tracker (its state dir `dir`), for a
+/// [`crate::frozen::FrozenReader`]: cancelling a failover reads its baseline this way.
+pub fn frozen_offline(dir: &Path) -> Result<Option<Generation>, TrackerError> {
+    let Some(st) = state_offline(dir)? else {
+        return Ok(None);
+    };
+    let Some(f) = st.frozen else { return Ok(None) };
+    Ok(Some(Generation {
+        generation: f.generation,
+        id: f.id,
+        frozen_at: f.frozen_at,
+        full: f.full,
+        baseline: f.baseline,
+        disks: st
+            .disks
+            .iter()
+            .map(|d| FrozenDisk {
+                name: d.name.clone(),
+                image: d.image.clone(),
+                size: d.size,
+                granularity: st.granularity,
+                bitmap: dir.join(format!("{}.bitmap", d.name)),
+                frozen_slot: 1 - d.active_slot.min(1),
+                cow_slot: COW_SLOT,
+                cow: dir.join(format!("{}.cow", d.name)),
+                blocks: 0,
+                resync_required: d.resync_required,
+            })
+            .collect(),
+    }))
 }
 
 /// The last write's time saved in state dir `dir` (0 if none, or unreadable: a missing

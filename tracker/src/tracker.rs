@@ -33,9 +33,9 @@ use crate::imagelock::{self, Conflict};
 use crate::tracking::{OpenArgs, OpenOutcome, Slots, Tracking, TrackingError};
 
 pub const STATE_FILE: &str = "tracker.json";
-const STATE_FORMAT: &str = "vmreplica-tracker";
+pub(crate) const STATE_FORMAT: &str = "vmreplica-tracker";
 /// Version 2 added `lineage`; version 1 files are migrated (lineage None) when opened.
-const STATE_VERSION: u32 = 2;
+pub(crate) const STATE_VERSION: u32 = 2;
 pub const DEFAULT_GRANULARITY: u32 = 64 * 1024;
 
 #[derive(Debug, Error)]

@@ -42,6 +42,9 @@ pub struct ApplierConfig {
     pub admin_socket: Option<PathBuf>,
     /// Test hook: opening this VM takes this long (a slow store).
     pub open_delay: Option<(String, Duration)>,
+    /// The files of `identity` (the shipper that replicates back after a failover presents
+    /// this applier's certificate).
+    pub identity_files: Option<crate::failover::IdentityFiles>,
 }
 
 /// One replica served by this applier: its session, its store (for blocking operations, on
@@ -57,12 +60,14 @@ pub(crate) struct VmEntry {
     /// Buffers chunks are verified into.
     pub buffers: Arc<crate::image::Buffers>,
     conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<Message>>>,
+    site: Arc<crate::failover::Site>,
 }
 
 type Slot = Arc<OnceCell<Arc<VmEntry>>>;
 
 pub(crate) struct App {
     pub store: Store,
+    pub site: Arc<crate::failover::Site>,
     allow: AllowList,
     vms: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
@@ -104,6 +109,11 @@ impl App {
         Ok(Arc::clone(entry))
     }
 
+    /// Closes the VM's entry (its store lock goes with the last user of the entry).
+    pub fn forget(&self, name: &str) {
+        lock(&self.vms).remove(name);
+    }
+
     /// The VMs this applier has open.
     pub fn open_vms(&self) -> Vec<Arc<VmEntry>> {
         lock(&self.vms)
@@ -133,6 +143,7 @@ impl App {
             sender: Mutex::new(None),
             buffers,
             conns: Mutex::new(HashMap::new()),
+            site: Arc::clone(&self.site),
         }))
     }
 }
@@ -181,8 +192,9 @@ impl VmEntry {
                     kind,
                     freeze,
                     disks,
+                    parent,
                 } => {
-                    let r = vs.start_cycle(lineage, cycle, kind, freeze, &disks);
+                    let r = vs.start_cycle(lineage, cycle, kind, freeze, &disks, parent);
                     *lock(&me.sender) = vs.sender();
                     if let Err(e) = &r {
                         tracing::warn!(vm = %me.name, cycle, "cycle not started: {e}");
@@ -220,6 +232,34 @@ impl VmEntry {
                         result,
                     }
                 }
+                Action::LoadDivergent { conn } => Event::Divergent {
+                    conn,
+                    result: vs.divergent().map_err(fail),
+                },
+                Action::Promote { conn, request } => {
+                    let r = crate::failover::promote(&me.site, &mut vs, &request);
+                    *lock(&me.sender) = None;
+                    match &r {
+                        Ok(p) => tracing::warn!(vm = %me.name, lineage = %p.lineage, "promoted (planned failover)"),
+                        Err(e) => tracing::warn!(vm = %me.name, "promote refused: {e}"),
+                    }
+                    Event::Promoted {
+                        conn,
+                        result: r.map(|p| p.lineage).map_err(fail),
+                        replica: vs.replica(),
+                    }
+                }
+                Action::Reverse { conn, request } => {
+                    let r = crate::failover::reverse(&me.site, &mut vs, &request);
+                    if let Err(e) = &r {
+                        tracing::warn!(vm = %me.name, "reverse refused: {e}");
+                    }
+                    Event::Reversed {
+                        conn,
+                        result: r.map_err(fail),
+                        replica: vs.replica(),
+                    }
+                }
                 Action::Send { .. } => unreachable!("sends are carried out under the session lock"),
             }
         })
@@ -229,6 +269,13 @@ impl VmEntry {
             let replica = lock(&self.session).replica().to_owned();
             Event::Started(Err((code::INTERNAL, e.to_string())), replica)
         })
+    }
+
+    /// After an operation outside the session changed the replica (a failover): no chunk
+    /// of the attempt before goes anywhere, and the session learns the replica's state.
+    pub async fn replica_changed(self: &Arc<Self>, replica: crate::rules::Replica) {
+        *lock(&self.sender) = None;
+        self.drive(Event::Replica(replica)).await;
     }
 
     /// Whether a chunk of `tag` is of the attempt being received (see the session).
@@ -256,8 +303,13 @@ impl Applier {
         let store = Store::new(&cfg.store, cfg.retention)?;
         let reset_key = vmreplica_common::resetkey::load_or_create(&cfg.store.join("reset.key"))?;
         let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
+        let site = Arc::new(crate::failover::Site {
+            root: cfg.store.clone(),
+            identity: cfg.identity_files,
+        });
         let app = Arc::new(App {
             store,
+            site,
             allow: cfg.allow,
             vms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -267,6 +319,11 @@ impl Applier {
             .admin_socket
             .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
+        // The VMs this site is primary for: their processes are found again (or started).
+        {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move { crate::admin::supervise(&app).await });
+        }
         let ep = endpoint.clone();
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {

@@ -1,0 +1,182 @@
+//! The primary-side session's tests: resume pages, lost acknowledgements, failover.
+use super::*;
+use vmreplica_common::wire::resume_pages;
+
+const L: Lineage = Lineage([4; 16]);
+
+fn drain(s: &mut ShipperSession) -> Vec<Action> {
+    std::iter::from_fn(|| s.poll_action()).collect()
+}
+
+fn view(frozen: Option<Frozen>, next: u64) -> TrackerView {
+    TrackerView {
+        lineage: Some(L),
+        next_generation: next,
+        frozen,
+        resync_required: false,
+        parent: None,
+        sealed: false,
+        disks: vec![DiskInfo {
+            name: "sys".into(),
+            size: 1 << 40,
+            granularity: 65536,
+        }],
+    }
+}
+
+/// A session connected to a replica at cycle 9 of L, whose tracker holds `frozen`.
+fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Instant) {
+    let now = Instant::now();
+    let mut s = ShipperSession::new(
+        Config {
+            vm: "vm1".into(),
+            interval: Some(Duration::from_secs(60)),
+            initial_sync_at: None,
+            planned: None,
+        },
+        now,
+    );
+    s.handle(Event::Tick, now);
+    assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
+    s.handle(Event::Tracker(Ok(view(frozen, 11))), now);
+    assert_eq!(drain(&mut s), vec![Action::Connect { attempt: 1 }]);
+    s.handle(Event::Connected { attempt: 1 }, now);
+    assert!(matches!(
+        &drain(&mut s)[..],
+        [Action::Send {
+            msg: Message::Hello { .. },
+            ..
+        }]
+    ));
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::Welcome {
+                version: PROTOCOL_VERSION,
+                lineage: Some(L),
+                last_cycle: 9,
+                last_freeze,
+                receiving: None,
+                role: Role::Replica,
+            },
+        },
+        now,
+    );
+    (s, now)
+}
+
+/// A resume answer far beyond one frame's worth (300,000 ranges, where one frame holds
+/// about 190,000 chunks' worth) arrives in pages; what is already applied is not sent
+/// again, and the manifest covers both.
+#[test]
+fn a_huge_resume_is_taken_in_pages_and_only_the_rest_is_sent() {
+    let f = Frozen {
+        generation: 10,
+        id: 77,
+        full: false,
+        baseline: false,
+    };
+    let (mut s, now) = connected(Some(f), 5);
+    let acts = drain(&mut s);
+    assert!(
+        matches!(
+            &acts[..],
+            [Action::Send {
+                msg: Message::BeginCycle {
+                    cycle: 10,
+                    freeze: 77,
+                    kind: CycleKind::Delta,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{acts:?}"
+    );
+    let mut applied = RangeSet::new();
+    let mut planned = RangeSet::new();
+    for i in 0..400_000u64 {
+        planned.insert(0, i * 131072, i * 131072 + 65536);
+        if i % 4 != 0 {
+            applied.insert(0, i * 131072, i * 131072 + 65536);
+        }
+    }
+    let pages = resume_pages(L, 10, 3, &applied);
+    assert!(pages.len() >= 3);
+    for p in pages {
+        s.handle(Event::Message { attempt: 1, msg: p }, now);
+    }
+    let acts = drain(&mut s);
+    assert_eq!(
+        acts,
+        vec![Action::Plan {
+            attempt: 1,
+            generation: 10,
+            freeze: 77,
+            kind: CycleKind::Delta
+        }]
+    );
+    s.handle(
+        Event::Planned {
+            attempt: 1,
+            result: Ok(planned.clone()),
+        },
+        now,
+    );
+    let acts = drain(&mut s);
+    let [Action::SendData { ranges, tag, .. }] = &acts[..] else {
+        panic!("{acts:?}");
+    };
+    assert_eq!((tag.cycle, tag.epoch), (10, 3));
+    assert_eq!(ranges.len(), 100_000, "only what the replica lacks is sent");
+    s.handle(
+        Event::Sent {
+            attempt: 1,
+            result: Ok(()),
+        },
+        now,
+    );
+    match &drain(&mut s)[..] {
+        [Action::Send {
+            msg:
+                Message::Manifest {
+                    ranges,
+                    bytes,
+                    digest,
+                    epoch: 3,
+                    ..
+                },
+            ..
+        }] => assert_eq!(
+            (*ranges, *bytes, *digest),
+            (planned.len() as u64, planned.bytes(), planned.digest())
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The frozen generation is the replica's last cycle: released with the replica's proof
+/// only if it is the very freeze the replica applied; another freeze of that number (an
+/// older tracker state restored) is merged and resynced, never released.
+#[test]
+fn a_lost_acknowledgement_is_released_only_for_the_same_freeze() {
+    let f = Frozen {
+        generation: 9,
+        id: 42,
+        full: false,
+        baseline: false,
+    };
+    let (mut s, _) = connected(Some(f), 42);
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::Release {
+            generation: 9,
+            proof: (L, 9, 42)
+        })]
+    );
+    let (mut s, _) = connected(Some(f), 41);
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::Merge { generation: 9 })]
+    );
+}
