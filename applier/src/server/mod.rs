@@ -51,7 +51,6 @@ pub struct ApplierConfig {
 /// blocking threads only), and the writers of the control streams talking to it.
 pub(crate) struct VmEntry {
     pub name: String,
-    pub owner: String,
     pub shared: Arc<VmShared>,
     session: Mutex<ApplierSession>,
     pub store: Arc<Mutex<VmStore>>,
@@ -136,7 +135,6 @@ impl App {
         let buffers = vs.buffers();
         Ok(Arc::new(VmEntry {
             name: name.to_string(),
-            owner: vs.owner().to_string(),
             shared: Arc::clone(vs.shared()),
             session: Mutex::new(session),
             store: Arc::new(Mutex::new(vs)),
@@ -433,11 +431,12 @@ async fn stream(
             lineage,
         }) => {
             let entry = match app.vm(&vm, Some(&st.peer)).await {
-                Ok(e) if e.owner == st.peer => e,
+                // The owner as last saved: a failover's adoption changes it.
+                Ok(e) if e.shared.state().owner == st.peer => e,
                 Ok(e) => {
                     let err = StoreError::NotOwner {
                         vm: vm.clone(),
-                        owner: e.owner.clone(),
+                        owner: e.shared.state().owner.clone(),
                         peer: st.peer.clone(),
                     };
                     tracing::warn!(peer = st.peer, "refused VM {vm}: {err}");

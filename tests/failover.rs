@@ -1,0 +1,424 @@
+//! Failover with the real processes, two sites on loopback (and one test in two network
+//! namespaces): unplanned failover at the latest or an older point, commit and cancel,
+//! reverse replication and failback, planned failover with zero loss, split brain and its
+//! two resolutions, and crashes at each step of each (`VMREPLICA_CRASH_AT`), after which the
+//! same command finishes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sites::*;
+use common::*;
+
+/// An unplanned failover at the latest point serves the replica's point at once; the VM's
+/// writes there are undone by a cancel, after which the old primary's cycles land again.
+#[test]
+fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating() {
+    let mut p = Pair::new(8, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    Pair::nbd_write(&uri_a, 7, 20 * MIB, MIB);
+    let n = p.applied();
+    p.wait_cycles(n, 2);
+    // The primary site is gone.
+    p.kill_primary();
+    let replica = std::fs::read(p.b.image("sys")).unwrap();
+    let out = p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    assert!(out.contains("failed over to point"), "{out}");
+    assert_eq!(p.b.role(), "failed-over");
+    let served = p.nbd_read(&p.b.uri("sys"));
+    assert!(
+        served == replica,
+        "the failed-over disk is not the replica's latest point"
+    );
+    assert_eq!(
+        &served[20 * MIB as usize..21 * MIB as usize],
+        &[7u8; MIB as usize][..]
+    );
+    // The failed-over VM writes.
+    Pair::nbd_write(&p.b.uri("sys"), 9, 0, 3 * MIB);
+    Pair::nbd_write(&p.b.uri("sys"), 0, 30 * MIB, MIB);
+    // Cancel: its writes are gone, the replica is as it was.
+    let out = p.b.cli_ok(&["failover", "cancel", "vm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert_eq!(p.b.role(), "replica");
+    assert!(
+        std::fs::read(p.b.image("sys")).unwrap() == replica,
+        "cancel did not restore the replica"
+    );
+    assert!(
+        !p.b.primary_dir().exists(),
+        "the failover's tracker state is left"
+    );
+    // The old primary comes back: its next cycles land.
+    p.start_tracker(&[]);
+    p.write_config("");
+    p.start_shipper();
+    let n = p.applied();
+    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 3, MIB, MIB);
+    p.wait_cycles(n, 2);
+    let out = run(std::process::Command::new(bin())
+        .args(["verify", "vm1", "--config"])
+        .arg(&p.config));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replica equal to primary"));
+}
+
+/// Failing over to a point before the newest rolls the images back from the undo logs of
+/// the cycles after it, behind a redo log: the served disk is exactly that point (as an
+/// export of it shows), the rollback costs the changes rolled back, and a cancel returns to
+/// the newest point.
+#[test]
+fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    // Three more points, each with a write of its own.
+    for (i, byte) in [(0u64, 11u8), (1, 12), (2, 13)] {
+        let n = p.applied();
+        Pair::nbd_write(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
+        p.wait_cycles(n, 1);
+    }
+    p.kill_primary();
+    let points: Vec<u64> = {
+        let out = p.b.cli_ok(&["applier", "points", "vm1"]);
+        out.lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    assert!(points.len() >= 4, "{points:?}");
+    let older = points[points.len() - 3];
+    let export = p.dir.path().join("export");
+    p.b.cli_ok(&[
+        "applier",
+        "export",
+        "vm1",
+        "--point",
+        &older.to_string(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    let want = std::fs::read(export.join("sys.img")).unwrap();
+    let newest = std::fs::read(p.b.image("sys")).unwrap();
+    assert!(want != newest, "the older point is not older");
+    let out = p.b.cli_ok(&[
+        "failover",
+        "unplanned",
+        "vm1",
+        "--point",
+        &older.to_string(),
+    ]);
+    assert!(out.contains(&format!("point {older}")), "{out}");
+    assert!(
+        p.nbd_read(&p.b.uri("sys")) == want,
+        "the served disk is not point {older}"
+    );
+    let redo = p.b.store.join("vm1/failover/redo.log");
+    let redo_len = std::fs::metadata(&redo).unwrap().len();
+    assert!(
+        redo_len < 6 * MIB,
+        "the redo log holds {redo_len} bytes: more than the changes rolled back"
+    );
+    Pair::nbd_write(&p.b.uri("sys"), 99, 9 * MIB, 5 * MIB);
+    p.b.cli_ok(&["failover", "cancel", "vm1"]);
+    assert!(std::fs::read(p.b.image("sys")).unwrap() == newest);
+    assert!(!redo.exists());
+    // The points are all there again.
+    let out = p.b.cli_ok(&["applier", "points", "vm1"]);
+    assert_eq!(out.lines().count() - 1, points.len());
+}
+
+/// Unplanned failover, commit, the old primary comes back and is replicated back to (only
+/// the divergent ranges: the failed-over VM's writes, the rolled-back points' ranges, the old
+/// primary's unreplicated writes), then a planned failback makes it the primary again with
+/// identical disks, and replication goes on in the original direction.
+#[test]
+fn commit_reverse_then_planned_failback_with_identical_disks() {
+    let mut p = Pair::new(8, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    let n = p.applied();
+    Pair::nbd_write(&uri_a, 21, 12 * MIB, MIB);
+    p.wait_cycles(n, 1);
+    let n = p.applied();
+    Pair::nbd_write(&uri_a, 22, 14 * MIB, MIB);
+    p.wait_cycles(n, 1);
+    // The shipper dies first: a last write stays unreplicated on site A.
+    p.shipper.take().unwrap().kill();
+    Pair::nbd_write(&uri_a, 23, 16 * MIB, MIB);
+    p.kill_primary();
+    // Site B fails over one point back (the 22s are rolled back), the VM writes, commit.
+    let pts = p.b.cli_ok(&["applier", "points", "vm1"]);
+    let cycles: Vec<u64> = pts
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    let point = cycles[cycles.len() - 2];
+    p.b.cli_ok(&[
+        "failover",
+        "unplanned",
+        "vm1",
+        "--point",
+        &point.to_string(),
+    ]);
+    Pair::nbd_write(&p.b.uri("sys"), 31, 2 * MIB, MIB);
+    p.b.cli_ok(&["failover", "commit", "vm1"]);
+    assert_eq!(p.b.role(), "primary");
+    assert_eq!(p.b.record()["points"], 0, "commit keeps no point");
+    // Site A returns: its tracker runs (no VM); reverse.
+    p.start_tracker(&[]);
+    p.write_config("");
+    let out =
+        p.a.cli_ok(&["reverse", "vm1", "--config", p.config.to_str().unwrap()]);
+    assert!(out.contains("replicates back to this site"), "{out}");
+    // The reverse cycle lands: site A's images equal site B's.
+    p.a.wait_role("replica", Duration::from_secs(90));
+    let b_disk = p.nbd_read(&p.b.uri("sys"));
+    let a_disk = std::fs::read(&p.img).unwrap();
+    assert!(
+        a_disk == b_disk,
+        "site A's disk differs from site B's after the reverse cycle"
+    );
+    assert_eq!(
+        a_disk[16 * MIB as usize],
+        0,
+        "site A's unreplicated write survived"
+    );
+    assert_eq!(
+        a_disk[14 * MIB as usize],
+        0,
+        "a rolled-back point's write survived"
+    );
+    assert_eq!(a_disk[2 * MIB as usize], 31);
+    // Only the divergent ranges travelled: a reverse cycle of a few MiB, not the disk (the
+    // old primary's tracker was killed: its unreplicated write counts as the whole 4 MiB
+    // extent its activity log recorded).
+    let line =
+        p.b.primary_log("shipper")
+            .lines()
+            .find(|l| l.contains("cycle applied on the replica") && l.contains("Reverse"))
+            .map(str::to_string)
+            .expect("no reverse cycle in site B's shipper log");
+    let mib: f64 = field(&line, "cycle_mib");
+    assert!(mib <= 6.0, "the reverse cycle moved {mib} MiB: {line}");
+    // Site A's state before the reverse is a recovery point there.
+    let pts = p.a.cli_ok(&["applier", "points", "vm1"]);
+    assert!(pts.contains("local"), "{pts}");
+    // Planned failback: site B's VM is not running; its disks are sealed, shipped, site A
+    // promoted (no VM started: no definition).
+    let cfg_b = p.b.primary_dir().join("shipper.toml");
+    let out = p.b.cli_ok(&[
+        "failover",
+        "planned",
+        "vm1",
+        "--config",
+        cfg_b.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(out.contains("planned failover done"), "{out}");
+    assert_eq!(p.a.role(), "primary");
+    let a_served = p.nbd_read(&p.a.uri("sys"));
+    assert!(a_served == b_disk, "the failback lost or changed data");
+    assert!(std::fs::read(p.b.image("sys")).unwrap() == b_disk);
+    // Site A's applier runs its tracker on its own image and replicates to site B.
+    Pair::nbd_write(&p.a.uri("sys"), 41, 5 * MIB, MIB);
+    p.b.wait_role("replica", Duration::from_secs(90));
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::fs::read(p.b.image("sys")).unwrap()[5 * MIB as usize] != 41 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site A's writes never reached site B; site A's shipper log:\n{}",
+            common::site::tail(&p.a.primary_log("shipper"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A split brain: site B failed over and its VM wrote, while site A's VM kept writing after
+/// the failover (a partition). Both sides refuse replication, naming the VM, the last common
+/// point and the two commands; `reverse --discard-local-changes` keeps site B's changes
+/// (site A's state before stays a recovery point there).
+#[test]
+fn split_brain_is_refused_on_both_sides_and_discard_local_changes_resolves_it() {
+    let mut p = split_brain();
+    let parent = p.b.record()["role"]["parent"].clone();
+    let common = format!(
+        "cycle {} of lineage {}",
+        parent["cycle"],
+        parent["lineage"].as_str().unwrap()
+    );
+    // Site A's shipper comes back: site B refuses it, and it stops saying why.
+    p.start_shipper();
+    let mut s = p.shipper.take().unwrap();
+    let st = wait_timeout(&mut s.0, Duration::from_secs(60));
+    assert!(!st.success());
+    let log = p.a.log("shipper");
+    for want in [
+        "VM vm1 failed over to this site at",
+        &common,
+        "split brain",
+        "vmreplica reverse vm1",
+        "--discard-local-changes",
+        "vmreplica failover abandon vm1",
+    ] {
+        assert!(log.contains(want), "{want}: {}", common::site::tail(&log));
+    }
+    // Site A refuses to become a replica.
+    let out =
+        p.a.cli(&["reverse", "vm1", "--config", p.config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "VM vm1: split brain",
+        &common,
+        "vmreplica reverse vm1 --discard-local-changes",
+        "vmreplica failover abandon vm1",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    assert_eq!(
+        p.a.role(),
+        "none",
+        "site A adopted its images despite the split brain"
+    );
+    assert!(p.b.log("applier").contains("split brain"));
+    // Keep site B's changes.
+    p.a.cli_ok(&[
+        "reverse",
+        "vm1",
+        "--config",
+        p.config.to_str().unwrap(),
+        "--discard-local-changes",
+    ]);
+    p.a.wait_role("replica", Duration::from_secs(90));
+    let b_disk = p.nbd_read(&p.b.uri("sys"));
+    assert!(std::fs::read(&p.img).unwrap() == b_disk);
+    let pts = p.a.cli_ok(&["applier", "points", "vm1"]);
+    assert!(
+        pts.contains("local"),
+        "site A's state before is no recovery point: {pts}"
+    );
+}
+
+/// The other way out of a split brain: `failover abandon` on site B keeps site A's changes;
+/// site B's writes since the failover are overwritten by site A's next cycle (its state
+/// before stays a recovery point), and replication goes on from site A.
+#[test]
+fn split_brain_resolved_by_abandoning_the_failover() {
+    let mut p = split_brain();
+    let out = p.b.cli_ok(&["failover", "abandon", "vm1"]);
+    assert!(out.contains("abandoned"), "{out}");
+    assert_eq!(p.b.role(), "reverse-pending");
+    assert!(!p.b.primary_dir().exists());
+    p.start_shipper();
+    p.b.wait_role("replica", Duration::from_secs(90));
+    let a_disk = p.nbd_read(&p.tracker.as_ref().unwrap().uri("sys"));
+    assert!(
+        std::fs::read(p.b.image("sys")).unwrap() == a_disk,
+        "site B does not hold site A's disk after the abandon"
+    );
+    let pts = p.b.cli_ok(&["applier", "points", "vm1"]);
+    assert!(pts.contains("local"), "{pts}");
+    let n = p.applied();
+    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 77, 6 * MIB, MIB);
+    p.wait_cycles(n, 2);
+    assert_eq!(
+        std::fs::read(p.b.image("sys")).unwrap()[6 * MIB as usize],
+        77
+    );
+}
+
+/// Site B failed over (committed) and wrote; site A's shipper died first and its VM went on
+/// writing after the failover.
+fn split_brain() -> Pair {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    let n = p.applied();
+    Pair::nbd_write(&uri_a, 5, 4 * MIB, MIB);
+    p.wait_cycles(n, 1);
+    p.shipper.take().unwrap().kill();
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    Pair::nbd_write(&p.b.uri("sys"), 8, 10 * MIB, 2 * MIB);
+    p.b.cli_ok(&["failover", "commit", "vm1"]);
+    // After the failover (its time is in seconds), site A's VM writes.
+    std::thread::sleep(Duration::from_millis(1100));
+    Pair::nbd_write(&uri_a, 6, 20 * MIB, MIB);
+    p
+}
+
+/// A planned failover run on the primary, whose shipper runs and whose VM is connected: it
+/// waits for the VM to be gone (refusing cleanly, sealing nothing, if it stays), seals the
+/// disks, ships the last cycle, promotes site B; no write is lost (the disks' checksums at
+/// the shutdown are site B's at the start); site A's tracker stops and site B replicates back.
+#[test]
+fn planned_failover_loses_no_write_and_replicates_back() {
+    let mut p = Pair::new(8, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    // A "VM" holds the disk open.
+    let mut vm = common::Guard(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", &uri_a])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let cfg = p.config.to_str().unwrap().to_string();
+    let out = p.a.cli(&[
+        "failover",
+        "planned",
+        "vm1",
+        "--config",
+        &cfg,
+        "--shutdown-timeout",
+        "2s",
+        "--no-start",
+    ]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("did not shut down within 2s"), "{e}");
+    let st = p.tracker.as_ref().unwrap().ctl(&["status"]);
+    assert_eq!(
+        st["sealed"], false,
+        "a refused planned failover sealed the disks"
+    );
+    vm.kill();
+    // The last writes, unshipped, as the VM shuts down.
+    Pair::nbd_write(&uri_a, 17, 3 * MIB, 5 * MIB);
+    let shutdown = sha(&p.img);
+    p.a.cli_ok(&["failover", "planned", "vm1", "--config", &cfg, "--no-start"]);
+    assert_eq!(p.b.role(), "primary");
+    let b_disk = p.nbd_read(&p.b.uri("sys"));
+    let at_start = p.dir.path().join("b-at-start");
+    std::fs::write(&at_start, &b_disk).unwrap();
+    assert_eq!(sha(&at_start), shutdown, "the planned failover lost writes");
+    // Site A's tracker stopped (its shipper too), sealed; its images wait for site B.
+    let t = p.tracker.take().unwrap();
+    assert!(t.wait_exit().success());
+    assert!(
+        !std::os::unix::net::UnixStream::connect(std::path::Path::new(
+            &p.a.dir.join("state/control.sock")
+        ))
+        .is_ok()
+    );
+    p.a.wait_role("replica", Duration::from_secs(90));
+    Pair::nbd_write(&p.b.uri("sys"), 18, 0, MIB);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::fs::read(&p.img).unwrap()[0] != 18 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site B's writes never reached site A"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
