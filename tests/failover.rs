@@ -405,12 +405,7 @@ fn planned_failover_loses_no_write_and_replicates_back() {
     // Site A's tracker stopped (its shipper too), sealed; its images wait for site B.
     let t = p.tracker.take().unwrap();
     assert!(t.wait_exit().success());
-    assert!(
-        !std::os::unix::net::UnixStream::connect(std::path::Path::new(
-            &p.a.dir.join("state/control.sock")
-        ))
-        .is_ok()
-    );
+    assert!(std::os::unix::net::UnixStream::connect(p.a.dir.join("state/control.sock")).is_err());
     p.a.wait_role("replica", Duration::from_secs(90));
     Pair::nbd_write(&p.b.uri("sys"), 18, 0, MIB);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
@@ -421,4 +416,152 @@ fn planned_failover_loses_no_write_and_replicates_back() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The points of vm1 on a site, oldest first.
+fn points(s: &SiteDir) -> Vec<u64> {
+    s.cli_ok(&["applier", "points", "vm1"])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Runs `args` on site B while its applier is set to crash at `point`: the command fails
+/// (the applier is gone), then the applier starts again.
+fn crash_b(p: &mut Pair, point: &str, args: &[&str]) {
+    p.start_applier('b', &[("VMREPLICA_CRASH_AT", point)]);
+    let out = p.b.cli(args);
+    assert!(
+        !out.status.success(),
+        "{args:?} did not reach crash point {point}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let g = p.b.applier.as_mut().unwrap();
+    let st = wait_timeout(&mut g.0, Duration::from_secs(30));
+    assert!(!st.success(), "the applier did not crash at {point}");
+    assert!(
+        p.b.log("applier")
+            .contains(&format!("VMREPLICA_CRASH_AT={point}")),
+        "{point} was not reached"
+    );
+    p.start_applier('b', &[]);
+}
+
+/// kill -9 (a crash point) of the replica site's applier at each step of an unplanned
+/// failover, of its cancel and of its commit: the same command run again after the applier
+/// restarts finishes, and no point is lost (each cancel gives back the newest point exactly,
+/// each failover serves exactly its point).
+#[test]
+fn a_crash_at_each_step_of_failover_cancel_and_commit_is_finished_by_the_same_command() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    for (i, byte) in [(0u64, 51u8), (1, 52)] {
+        let n = p.applied();
+        Pair::nbd_write(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
+        p.wait_cycles(n, 1);
+    }
+    p.kill_primary();
+    let pts = points(&p.b);
+    let (older, latest) = (pts[pts.len() - 2], pts[pts.len() - 1]);
+    let newest = std::fs::read(p.b.image("sys")).unwrap();
+    let export = p.dir.path().join("older");
+    p.b.cli_ok(&[
+        "applier",
+        "export",
+        "vm1",
+        "--point",
+        &older.to_string(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    let want_older = std::fs::read(export.join("sys.img")).unwrap();
+    let steps = [
+        ("failover.partial-rolled-back", older, "cancel.begun"),
+        ("failover.redo-written", older, "cancel.stopped"),
+        ("failover.rolled-back", older, "cancel.baseline-restored"),
+        ("failover.tracker-started", latest, "cancel.images-restored"),
+        ("failover.baseline-frozen", older, "cancel.begun"),
+    ];
+    for (crash, point, cancel_crash) in steps {
+        let pt = point.to_string();
+        let args = ["failover", "unplanned", "vm1", "--point", &pt];
+        crash_b(&mut p, crash, &args);
+        p.b.cli_ok(&args);
+        let want = if point == older { &want_older } else { &newest };
+        assert!(
+            p.nbd_read(&p.b.uri("sys")) == *want,
+            "after a crash at {crash}, the failover does not serve point {point}"
+        );
+        Pair::nbd_write(&p.b.uri("sys"), 60, 9 * MIB, 4 * MIB);
+        crash_b(&mut p, cancel_crash, &["failover", "cancel", "vm1"]);
+        p.b.cli_ok(&["failover", "cancel", "vm1"]);
+        assert_eq!(p.b.role(), "replica");
+        assert!(
+            std::fs::read(p.b.image("sys")).unwrap() == newest,
+            "after a crash at {cancel_crash}, the cancel did not give back the newest point"
+        );
+        assert_eq!(points(&p.b), pts, "a point was lost");
+    }
+    // Commit, crashed after its record was saved: the baseline is released when the
+    // applier restarts (or by the commit again).
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    crash_b(&mut p, "commit.saved", &["failover", "commit", "vm1"]);
+    assert_eq!(p.b.role(), "primary");
+    p.b.cli_ok(&["failover", "commit", "vm1"]);
+    let st = vmreplica_tracker::control::call(
+        &p.b.primary_dir().join("tracker/control.sock"),
+        &vmreplica_tracker::control::Request::Status,
+    )
+    .unwrap();
+    assert!(
+        st["frozen"].is_null(),
+        "the baseline outlived the commit: {st}"
+    );
+    // A failed over and committed site refuses what only a replica does.
+    let out = p.b.cli(&["failover", "cancel", "vm1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be cancelled"));
+    let out = p.b.cli(&["failover", "unplanned", "vm1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a replica"));
+}
+
+/// The replica site's applier crashes right after it saved the promote of a planned
+/// failover, before it started anything: the old primary's command, still running, sees the
+/// replica promoted once the applier is back (which starts the tracker and the shipper back)
+/// and finishes.
+#[test]
+fn a_planned_failover_finishes_through_a_crash_of_the_promoting_applier() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 19, 0, MIB);
+    let shutdown = sha(&p.img);
+    p.start_applier('b', &[("VMREPLICA_CRASH_AT", "promote.saved")]);
+    let mut cmd = common::Guard(
+        std::process::Command::new(bin())
+            .args(["failover", "planned", "vm1", "--no-start", "--config"])
+            .arg(&p.config)
+            .arg("--store")
+            .arg(&p.a.store)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let g = p.b.applier.as_mut().unwrap();
+    let st = wait_timeout(&mut g.0, Duration::from_secs(60));
+    assert!(!st.success(), "the applier did not crash at promote.saved");
+    p.start_applier('b', &[]);
+    let st = wait_timeout(&mut cmd.0, Duration::from_secs(120));
+    let mut err = String::new();
+    use std::io::Read;
+    let _ = cmd.0.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(st.success(), "the planned failover did not finish: {err}");
+    assert_eq!(p.b.role(), "primary");
+    let served = p.dir.path().join("served");
+    std::fs::write(&served, p.nbd_read(&p.b.uri("sys"))).unwrap();
+    assert_eq!(sha(&served), shutdown);
+    p.a.wait_role("replica", Duration::from_secs(90));
 }

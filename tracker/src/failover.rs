@@ -30,6 +30,9 @@ use vmreplica_common::{read_state, write_state};
 use crate::bitmap::COW_SLOT;
 use crate::tracker::{FrozenDisk, Generation, Shared, State, Tracker, TrackerError, STATE_FILE};
 
+/// Per disk (by name), byte ranges `(offset, length)`.
+pub type DiskRanges = Vec<(String, Vec<(u64, u64)>)>;
+
 /// The NBD connections a disk (by name) serves now.
 pub type Connections = Box<dyn Fn(&str) -> usize + Send + Sync>;
 
@@ -292,7 +295,7 @@ impl Tracker {
 
     /// Per disk, the byte ranges changed and not yet replicated: the active slot and a
     /// frozen generation (but not a baseline, whose every block is frozen).
-    pub fn dirty_ranges(&self) -> Result<Vec<(String, Vec<(u64, u64)>)>, TrackerError> {
+    pub fn dirty_ranges(&self) -> Result<DiskRanges, TrackerError> {
         let _op = self.lock_ops();
         let baseline = self
             .lock_state()

@@ -123,9 +123,12 @@ pub(crate) fn adopt(
             super::adopt_own(vs, &req.owner, parent)
         });
     }
-    // A record opened empty (a shipper's hello before the adoption) holds the lock: close it.
+    // A record open here holds its lock: one opened empty (a shipper's hello before the
+    // adoption) or a pending adoption (this one again) is closed, to be written anew.
     if let Some(e) = app.open_vms().into_iter().find(|e| e.name == req.vm) {
-        if e.shared.state().disks.is_empty() {
+        let st = e.shared.state();
+        if st.disks.is_empty() || matches!(st.role, Role::ReversePending(_)) {
+            drop(e);
             app.forget(&req.vm);
         }
     }

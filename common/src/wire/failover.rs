@@ -25,9 +25,10 @@ impl std::fmt::Display for LineagePoint {
 }
 
 /// What a site is for a VM, as its applier tells a shipper in `Welcome`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Role {
     /// Takes cycles from its primary.
+    #[default]
     Replica,
     /// Failed over (not committed yet): primary in `lineage`, which continues `parent`.
     FailedOver {
@@ -42,12 +43,6 @@ pub enum Role {
     /// Waits for a `Reverse` cycle continuing `parent`; its divergent ranges follow the
     /// welcome in `Divergent` pages.
     ReversePending { parent: LineagePoint },
-}
-
-impl Default for Role {
-    fn default() -> Role {
-        Role::Replica
-    }
 }
 
 /// How one site's applier is reached: its address and the name in its certificate.
