@@ -565,3 +565,101 @@ fn a_planned_failover_finishes_through_a_crash_of_the_promoting_applier() {
     assert_eq!(sha(&served), shutdown);
     p.a.wait_role("replica", Duration::from_secs(90));
 }
+
+/// A failed-over VM's processes run detached from the applier: kill -9 of the applier
+/// leaves its disks served; the applier, restarted, finds its tracker again, and starts one
+/// that died while it was down (the baseline, durable, still allows a cancel).
+#[test]
+fn a_failed_over_vms_tracker_outlives_the_applier_and_is_found_again() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    p.kill_primary();
+    let replica = std::fs::read(p.b.image("sys")).unwrap();
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    let lock = p.b.primary_dir().join("tracker/lock");
+    let pid = vmreplica_applier::store::lock_holder(&lock).unwrap();
+    p.kill_applier('b');
+    Pair::nbd_write(&p.b.uri("sys"), 71, MIB, MIB);
+    assert_eq!(
+        p.nbd_read(&p.b.uri("sys"))[MIB as usize],
+        71,
+        "the disk went with the applier"
+    );
+    p.start_applier('b', &[]);
+    assert_eq!(p.b.role(), "failed-over");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vmreplica_applier::store::lock_holder(&lock), Some(pid));
+    // The tracker dies while the applier is down: the applier starts it again.
+    p.kill_applier('b');
+    kill_holder(&lock);
+    std::thread::sleep(Duration::from_millis(200));
+    p.start_applier('b', &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = vmreplica_applier::store::lock_holder(&lock);
+        if now.is_some_and(|n| n != pid)
+            && std::os::unix::net::UnixStream::connect(p.b.primary_dir().join("nbd.sock")).is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tracker was not started again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(p.nbd_read(&p.b.uri("sys"))[MIB as usize], 71);
+    p.b.cli_ok(&["failover", "cancel", "vm1"]);
+    assert!(std::fs::read(p.b.image("sys")).unwrap() == replica);
+}
+
+/// The two sites in two network namespaces joined by a veth pair: a planned failover from
+/// site A and the failback from site B, each losing nothing.
+#[test]
+fn planned_failover_and_failback_between_two_network_namespaces() {
+    let ns = TwoNamespaces::new();
+    let mut p = Pair::new(6, ns.placement());
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    Pair::nbd_write(
+        &p.tracker.as_ref().unwrap().uri("sys"),
+        81,
+        7 * MIB,
+        2 * MIB,
+    );
+    let shutdown = sha(&p.img);
+    let cfg = p.config.to_str().unwrap().to_string();
+    p.a.cli_ok(&["failover", "planned", "vm1", "--config", &cfg, "--no-start"]);
+    let at_b = p.dir.path().join("at-b");
+    std::fs::write(&at_b, p.nbd_read(&p.b.uri("sys"))).unwrap();
+    assert_eq!(sha(&at_b), shutdown);
+    p.a.wait_role("replica", Duration::from_secs(90));
+    Pair::nbd_write(&p.b.uri("sys"), 82, 0, MIB);
+    let at_shutdown_b = p.nbd_read(&p.b.uri("sys"));
+    let cfg_b = p.b.primary_dir().join("shipper.toml");
+    p.b.cli_ok(&[
+        "failover",
+        "planned",
+        "vm1",
+        "--config",
+        cfg_b.to_str().unwrap(),
+        "--no-start",
+    ]);
+    assert!(
+        p.nbd_read(&p.a.uri("sys")) == at_shutdown_b,
+        "the failback lost writes"
+    );
+    assert!(std::fs::read(&p.img).unwrap() == at_shutdown_b);
+    assert!(
+        p.b.log("applier")
+            .contains("primary connected remote=10.234.0.1:"),
+        "site A did not come from its namespace"
+    );
+    assert!(
+        p.a.log("applier")
+            .contains("primary connected remote=10.234.0.2:"),
+        "site B did not come from its namespace"
+    );
+    p.b.wait_role("replica", Duration::from_secs(90));
+}

@@ -714,4 +714,126 @@ mod tests {
             "a committed cycle takes no more data"
         );
     }
+
+    /// The welcome says what the site is; a replica waiting for a reverse cycle follows it
+    /// with its divergent ranges; a failed-over site refuses cycles with FAILED_OVER; a
+    /// promote is carried out by the driver and answered.
+    #[test]
+    fn roles_divergent_ranges_and_promote() {
+        let parent = LineagePoint {
+            lineage: A,
+            cycle: 5,
+        };
+        let mut s = ApplierSession::new(
+            "vm1",
+            Replica {
+                role: Role::ReversePending { parent },
+                ..replica(5)
+            },
+        );
+        s.handle(Event::Hello {
+            conn: 1,
+            version: PROTOCOL_VERSION,
+            lineage: None,
+        });
+        let acts = drain(&mut s);
+        assert!(
+            matches!(
+                &acts[..],
+                [
+                    Action::Send {
+                        msg: Message::Welcome {
+                            role: Role::ReversePending { .. },
+                            ..
+                        },
+                        ..
+                    },
+                    Action::LoadDivergent { conn: 1 }
+                ]
+            ),
+            "{acts:?}"
+        );
+        let mut d = RangeSet::new();
+        d.insert(0, 0, 4096);
+        s.handle(Event::Divergent {
+            conn: 1,
+            result: Ok(d.clone()),
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 1,
+                msg: Message::Divergent {
+                    ranges: d.iter().collect(),
+                    last: true
+                }
+            }]
+        );
+        // Failed over: cycles refused with FAILED_OVER.
+        let mut s = ApplierSession::new(
+            "vm1",
+            Replica {
+                role: Role::FailedOver {
+                    lineage: Lineage([0xc; 16]),
+                    parent,
+                },
+                ..replica(5)
+            },
+        );
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(6),
+        });
+        match &drain(&mut s)[..] {
+            [Action::Send {
+                msg: Message::Error { code: c, message },
+                ..
+            }] => assert!(
+                *c == code::FAILED_OVER && message.contains("abandon vm1"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A promote: the driver does it, the session answers.
+        let mut s = ApplierSession::new("vm1", replica(5));
+        let ep = Endpoint {
+            addr: "a:1".into(),
+            name: "a".into(),
+        };
+        s.handle(Event::Message {
+            conn: 2,
+            msg: Message::Promote {
+                lineage: A,
+                cycle: 5,
+                back: ep.clone(),
+                here: ep.clone(),
+                interval: "1m".into(),
+                start: false,
+                definition: None,
+            },
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Promote { conn: 2, .. }]
+        ));
+        let l2 = Lineage([0xd; 16]);
+        s.handle(Event::Promoted {
+            conn: 2,
+            result: Ok(l2),
+            replica: Replica {
+                role: Role::Primary {
+                    lineage: l2,
+                    parent,
+                },
+                ..replica(5)
+            },
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 2,
+                msg: Message::Promoted { lineage: l2 }
+            }]
+        );
+    }
 }

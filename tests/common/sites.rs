@@ -385,3 +385,50 @@ pub fn sha(p: &Path) -> String {
     let out = stdout(Command::new("sha256sum").arg(p));
     out.split_whitespace().next().unwrap().to_string()
 }
+
+/// Two network namespaces joined by a veth pair (removed on drop): site A at 10.234.0.1,
+/// site B at 10.234.0.2.
+pub struct TwoNamespaces {
+    pub a: String,
+    pub b: String,
+}
+
+impl TwoNamespaces {
+    pub fn new() -> TwoNamespaces {
+        let id = std::process::id() % 100_000;
+        let t = TwoNamespaces {
+            a: format!("vmr-fa{id}"),
+            b: format!("vmr-fb{id}"),
+        };
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &t.a]);
+        ip(&["netns", "add", &t.b]);
+        let (va, vb) = (format!("vfa{id}"), format!("vfb{id}"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &t.a]);
+        ip(&["link", "set", &vb, "netns", &t.b]);
+        for (ns, dev, addr) in [(&t.a, &va, "10.234.0.1/30"), (&t.b, &vb, "10.234.0.2/30")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        t
+    }
+
+    pub fn placement(&self) -> Namespaces {
+        Some((
+            self.a.clone(),
+            self.b.clone(),
+            "10.234.0.1".into(),
+            "10.234.0.2".into(),
+        ))
+    }
+}
+
+impl Drop for TwoNamespaces {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

@@ -180,3 +180,180 @@ fn a_lost_acknowledgement_is_released_only_for_the_same_freeze() {
         vec![Action::Tracker(TrackerOp::Merge { generation: 9 })]
     );
 }
+
+/// A session through hello with a replica whose welcome says `role`, its tracker `view`.
+fn greeted(view_: TrackerView, role: Role, last: u64) -> ShipperSession {
+    let now = Instant::now();
+    let mut s = ShipperSession::new(
+        Config {
+            vm: "vm1".into(),
+            interval: Some(Duration::from_secs(60)),
+            initial_sync_at: None,
+            planned: None,
+        },
+        now,
+    );
+    s.handle(Event::Tick, now);
+    s.handle(Event::Tracker(Ok(view_)), now);
+    s.handle(Event::Connected { attempt: 1 }, now);
+    drain(&mut s);
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::Welcome {
+                version: PROTOCOL_VERSION,
+                lineage: Some(L),
+                last_cycle: last,
+                last_freeze: 0,
+                receiving: None,
+                role,
+            },
+        },
+        now,
+    );
+    s
+}
+
+fn stop_message(acts: &[Action]) -> String {
+    match acts {
+        [Action::Close { .. }, Action::Stop { error }] => error.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A failover's baseline is never shipped (nor released), whatever the replica holds.
+#[test]
+fn a_baseline_is_never_shipped() {
+    let f = Frozen {
+        generation: 10,
+        id: 5,
+        full: true,
+        baseline: true,
+    };
+    let mut s = greeted(view(Some(f), 11), Role::Replica, 9);
+    let e = stop_message(&drain(&mut s));
+    assert!(
+        e.contains("baseline") && e.contains("vmreplica failover commit vm1"),
+        "{e}"
+    );
+    assert!(s.is_stopped());
+}
+
+/// A replica the VM failed over to stops replication with the message naming the point and
+/// the commands; nothing is frozen, shipped or released.
+#[test]
+fn a_failed_over_replica_stops_replication_with_the_commands() {
+    let p = LineagePoint {
+        lineage: L,
+        cycle: 9,
+    };
+    let mut s = greeted(
+        view(None, 10),
+        Role::Primary {
+            lineage: Lineage([5; 16]),
+            parent: p,
+        },
+        9,
+    );
+    let e = stop_message(&drain(&mut s));
+    for want in [
+        "VM vm1 failed over to this site at cycle 9 of lineage",
+        "--discard-local-changes",
+        "vmreplica failover abandon vm1",
+    ] {
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}
+
+/// A replica waiting for a reverse cycle: its divergent ranges (in pages) are marked dirty
+/// in this tracker, whose lineage continues the point; a generation frozen after that ships
+/// as a Reverse cycle naming the point; one frozen before is merged first.
+#[test]
+fn a_reverse_cycle_marks_the_divergent_ranges_then_ships_a_generation_frozen_after() {
+    let parent = LineagePoint {
+        lineage: Lineage([3; 16]),
+        cycle: 9,
+    };
+    let mut t = view(
+        Some(Frozen {
+            generation: 12,
+            id: 7,
+            full: false,
+            baseline: false,
+        }),
+        13,
+    );
+    t.parent = Some(parent);
+    let now = Instant::now();
+    let mut s = greeted(t.clone(), Role::ReversePending { parent }, 9);
+    assert!(
+        drain(&mut s).is_empty(),
+        "acted before the divergent ranges came"
+    );
+    let mut d = RangeSet::new();
+    d.insert(0, 65536, 131072);
+    for page in vmreplica_common::wire::divergent_pages(&d) {
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: page,
+            },
+            now,
+        );
+    }
+    // Frozen before the ranges were marked: merged first.
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::Merge { generation: 12 })]
+    );
+    t.frozen = None;
+    s.handle(Event::Tracker(Ok(t.clone())), now);
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::MarkDirty { ranges: d.clone() })]
+    );
+    s.handle(Event::Tracker(Ok(t.clone())), now);
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::Freeze { full: false })]
+    );
+    t.frozen = Some(Frozen {
+        generation: 13,
+        id: 8,
+        full: false,
+        baseline: false,
+    });
+    t.next_generation = 14;
+    s.handle(Event::Tracker(Ok(t.clone())), now);
+    match &drain(&mut s)[..] {
+        [Action::Send {
+            msg:
+                Message::BeginCycle {
+                    cycle: 13,
+                    kind: CycleKind::Reverse,
+                    parent: Some(p),
+                    ..
+                },
+            ..
+        }] => assert_eq!(*p, parent),
+        other => panic!("{other:?}"),
+    }
+    // A tracker whose lineage does not continue the point ships nothing.
+    let mut other = view(None, 13);
+    other.parent = Some(LineagePoint {
+        lineage: Lineage([3; 16]),
+        cycle: 8,
+    });
+    let mut s = greeted(other, Role::ReversePending { parent }, 9);
+    for page in vmreplica_common::wire::divergent_pages(&d) {
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: page,
+            },
+            now,
+        );
+    }
+    let e = stop_message(&drain(&mut s));
+    assert!(e.contains("does not continue it"), "{e}");
+}
