@@ -139,6 +139,11 @@ impl Pair {
     /// Two sites; site A's 32 MiB image holds `data_mib` MiB of random data; both appliers
     /// run (keeping every point), site A's tracker serves its image.
     pub fn new(data_mib: u64, ns: Namespaces) -> Pair {
+        Pair::sized(32, data_mib, ns)
+    }
+
+    /// [`Pair::new`] with a `size_mib` MiB image.
+    pub fn sized(size_mib: u64, data_mib: u64, ns: Namespaces) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
         tls::init_ca(&ca, "test CA", 30).unwrap();
@@ -166,7 +171,7 @@ impl Pair {
         };
         let a = site("a", "site-a", &ip_a, ns_a);
         let b = site("b", "site-b", &ip_b, ns_b);
-        let img = image(&a.dir, "vm1-sys.img", 32 * MIB);
+        let img = image(&a.dir, "vm1-sys.img", size_mib * MIB);
         if data_mib > 0 {
             super::site::fill_random(&img, data_mib);
         }
@@ -304,11 +309,7 @@ impl Pair {
 
     /// Cycles site A's shipper has had applied so far.
     pub fn applied(&self) -> usize {
-        self.a
-            .log("shipper")
-            .lines()
-            .filter(|l| l.contains("cycle applied on the replica"))
-            .count()
+        applied_in(&self.a.log("shipper"))
     }
 
     /// Waits until `n` more cycles than `since` were applied (site A's shipper).
@@ -431,4 +432,11 @@ impl Drop for TwoNamespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
     }
+}
+
+/// Cycles a shipper's log says were applied.
+pub fn applied_in(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("cycle applied on the replica"))
+        .count()
 }
