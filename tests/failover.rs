@@ -209,6 +209,22 @@ fn commit_reverse_then_planned_failback_with_identical_disks() {
     // Site A's state before the reverse is a recovery point there.
     let pts = p.a.cli_ok(&["applier", "points", "vm1"]);
     assert!(pts.contains("local"), "{pts}");
+    // Its old tracker, started again by mistake, cannot take the images the applier holds.
+    let out = std::process::Command::new(bin())
+        .args(["tracker", "--state-dir"])
+        .arg(p.a.dir.join("state"))
+        .arg("--disk")
+        .arg(format!("sys={}", p.img.display()))
+        .arg("--socket")
+        .arg(p.a.dir.join("again.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another vmreplica tracker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Planned failback: site B's VM is not running; its disks are sealed, shipped, site A
     // promoted (no VM started: no definition).
     let cfg_b = p.b.primary_dir().join("shipper.toml");

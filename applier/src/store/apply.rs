@@ -74,6 +74,7 @@ impl VmStore {
         if kind == CycleKind::Reverse {
             self.check_reverse_ready()?;
         }
+        self.hold_images()?;
         self.register_disks(disks)?;
         let epoch = self.state.epoch + 1;
         if decision == Decision::Continue {

@@ -531,6 +531,7 @@ impl VmStore {
         }
         // A cycle held in part is not the last one (that one is complete): it goes.
         self.roll_back()?;
+        self.release_images();
         let p = Primary {
             lineage: Lineage::random(),
             parent: asked,
@@ -708,6 +709,52 @@ impl VmStore {
             }
         }
         Ok(set)
+    }
+
+    /// Before a cycle lands in images outside the store (an old primary's, adopted): they
+    /// are held as a tracker holds them (its lock byte and a running VM's), so that the old
+    /// primary's tracker, started again by mistake, or a VM, cannot take them while cycles
+    /// land; refused (busy) while one has them.
+    pub(crate) fn hold_images(&mut self) -> Result<(), StoreError> {
+        if !self.held.is_empty() {
+            return Ok(());
+        }
+        let mut held = Vec::new();
+        for d in &self.state.disks {
+            let Some(p) = &d.image else { continue };
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .map_err(self.io(p))?;
+            match vmreplica_tracker::imagelock::lock(&f).map_err(self.io(p))? {
+                Ok(()) => held.push(f),
+                Err(c) => {
+                    return Err(StoreError::Busy {
+                        vm: format!(
+                            "{} (its image {} is {} on this site: stop it; the cycle waits)",
+                            self.vm(),
+                            p.display(),
+                            match c {
+                                vmreplica_tracker::imagelock::Conflict::Tracker => {
+                                    "served by a tracker"
+                                }
+                                vmreplica_tracker::imagelock::Conflict::Writer => {
+                                    "open for writing by another process"
+                                }
+                            }
+                        ),
+                    })
+                }
+            }
+        }
+        self.held = held;
+        Ok(())
+    }
+
+    /// Lets go of the images (this site's tracker is about to serve them).
+    pub(crate) fn release_images(&mut self) {
+        self.held.clear();
     }
 
     /// A reverse cycle may land only once the tracker that served these images is gone.

@@ -338,6 +338,9 @@ pub struct VmStore {
     buffers: Arc<Buffers>,
     /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
     _lock: File,
+    /// Images outside the store (an old primary's, adopted) held as a tracker holds them, so
+    /// that no tracker or VM takes them while they are a replica (see `failover`).
+    held: Vec<File>,
     /// Test hook: the next state save fails (as on a full disk).
     #[cfg(test)]
     pub(crate) fail_save: bool,
@@ -382,6 +385,7 @@ impl VmStore {
             running: None,
             buffers: Arc::default(),
             _lock: lock,
+            held: Vec::new(),
             #[cfg(test)]
             fail_save: false,
         };
