@@ -5,6 +5,7 @@
 //! or a thread pool) through which the tracker and the applier write images and the shipper
 //! reads them.
 
+pub mod congestion;
 pub mod direct;
 pub mod engine;
 pub mod lineage;

@@ -15,7 +15,7 @@
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
 //! [tuning]
-//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
+//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -206,6 +206,13 @@ key = "p.key"
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
+        let c =
+            ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"vmr\"\n"), p).unwrap();
+        assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);
+        let e = ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"fast\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vmr"), "the error lists the choices: {e}");
         for bad in [
             "interval = \"soon\"",
             "bandwidth_limit = \"lots\"",

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use vmreplica_common::lineage::Lineage;
-use vmreplica_common::link::{self, LinkError};
+use vmreplica_common::link::{self, Client, LinkError};
 use vmreplica_common::tls::{self, Identity};
 use vmreplica_common::wire::{CycleKind, DiskInfo, Message, PROTOCOL_VERSION};
 use vmreplica_tracker::control::{self, Applied, Request};
@@ -134,7 +134,7 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, ShipError> {
         .ok_or_else(|| ShipError::Protocol(format!("cannot resolve replica address {addr:?}")))
 }
 
-pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
+pub fn endpoint(cfg: &ShipperConfig) -> Result<Client, ShipError> {
     let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca).map_err(LinkError::from)?;
     let remote = resolve(&cfg.replica)?;
     let bind: SocketAddr = if remote.is_ipv4() {
@@ -148,7 +148,7 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
 /// One QUIC connection to the applier and its control stream; a certificate either side
 /// refuses is reported in plain words: which side refused whose certificate, and why.
 async fn open(
-    ep: &Endpoint,
+    ep: &Client,
     cfg: &ShipperConfig,
 ) -> Result<(Connection, (SendStream, RecvStream)), ShipError> {
     let remote = resolve(&cfg.replica)?;
@@ -217,7 +217,7 @@ pub async fn greet(cfg: &ShipperConfig) -> Result<(Option<Lineage>, u64), ShipEr
         other => Err(ShipError::Protocol(other.name().into())),
     };
     conn.close(0u32.into(), b"hello only");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     r
 }
 
@@ -250,7 +250,9 @@ pub async fn run(
     let opts = Arc::new(ShipOptions {
         compression: cfg.compression,
         streams: cfg.streams,
-        limit: cfg.bandwidth_limit.map(|b| Arc::new(RateLimit::new(b))),
+        // Always there, unlimited without a configured limit, so that a bandwidth schedule
+        // can set it (`RateLimit::set_rate`).
+        limit: Some(Arc::new(RateLimit::new(cfg.bandwidth_limit))),
         engine: vmreplica_common::engine::probe(false),
         progress,
         packers,
@@ -429,7 +431,7 @@ pub async fn run(
                 }
                 Action::Stop { error } => {
                     tracing::error!(vm = cfg.vm, "replication stopped: {error}");
-                    ep.close(0u32.into(), b"shipper stopping");
+                    ep.endpoint.close(0u32.into(), b"shipper stopping");
                     return Err(ShipError::Protocol(error));
                 }
             }
@@ -448,7 +450,7 @@ pub async fn run(
                 continue;
             }
             _ = &mut stop => {
-                ep.close(0u32.into(), b"shipper stopping");
+                ep.endpoint.close(0u32.into(), b"shipper stopping");
                 return Ok(());
             }
         };
@@ -483,7 +485,7 @@ pub async fn run(
 /// session's messages (its reader feeds them back as events; checksums go to the planner);
 /// the others say hello for the VM only, so data streams may use them.
 async fn connect(
-    ep: &Endpoint,
+    ep: &Client,
     cfg: &ShipperConfig,
     attempt: u64,
     tx: mpsc::UnboundedSender<Report>,
@@ -668,6 +670,6 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
         out.push((name, diffs));
     }
     conn.close(0u32.into(), b"verify done");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     Ok(out)
 }

@@ -1,0 +1,217 @@
+//! Congestion control for long, lossy links: `vmr`, vmreplica's own controller, and the
+//! memory of paths that lets a new connection start where the last one left off.
+//!
+//! # Why our own
+//! A loss-based controller (cubic, newreno) halves its window on every loss, so on a 100 ms
+//! path with 0.5% random loss it cannot get past a few Mbit/s, whatever the link (the Mathis
+//! bound). quinn's experimental BBR ignores random loss but keeps twice the BDP in flight plus
+//! its ack-aggregation estimate, which overfills a one-BDP bottleneck queue: it sent 2.3
+//! datagrams per one delivered in `benches/wan.sh`.
+//!
+//! # The model (in the way of BBR v1 / v3)
+//! - **Bottleneck bandwidth**: the windowed maximum (12 rounds) of per-round delivery rates,
+//!   bytes acknowledged in a round / the round's duration. A round ends when a packet sent
+//!   after it began is acknowledged; quinn's `on_ack` hands us each packet's send time, so
+//!   rounds need no per-packet state. Rounds the application left idle only count if they
+//!   raise the estimate.
+//! - **Minimum RTT**: the windowed minimum (10 s) of `ack time - send time` per packet (that
+//!   includes the peer's ACK delay; the minimum over many packets does not).
+//! - **Random-loss level**: the mean per-round loss rate (the first 8 rounds, then an EWMA
+//!   over 8), learnt up to 10%.
+//!
+//! # The window
+//! quinn 0.11 paces at 1.25 x window / smoothed RTT and lets a controller set only the window,
+//! so the window is the in-flight cap and the controller works in window terms:
+//! `window = gain x bandwidth x min RTT (+ the ack-aggregation allowance)`, capped by
+//! `inflight_hi`. Phases:
+//! - `Startup`: the window grows by what is acknowledged (doubling per round) until every RTT
+//!   sample of a round sees a queue (min RTT + 25%), the bandwidth stopped growing for 3
+//!   rounds, or a round is congested (below). Then `Down`.
+//! - `Resume`: a remembered path (see [`PathBook`]): half its BDP, then all of it, as long as
+//!   the RTT stays at its floor; then `Cruise` with the remembered bandwidth. A queue or a
+//!   congested round falls back to `Startup` at half the window: one round, not a timeout.
+//! - Probe cycle: `Down` (0.9 BDP until in flight is that low: drains this flow's queue so
+//!   the RTT floor is measured again, at most 2 rounds), `Cruise` (1.2 BDP for 4 to 8 rounds,
+//!   at random so flows desynchronise: the 0.2 is headroom for bunched ACKs and the whole
+//!   standing queue this flow builds), `Up` (1.5 BDP for two rounds: one to fill, one to
+//!   measure). While the link has room a cruise round already delivers 1.2x the estimate,
+//!   so the estimate grows by 20% a round; while it is full, the probe's share gain is
+//!   largest for the smallest flow, which is what pulls competing flows towards equal shares.
+//!
+//! # What it reacts to
+//! A round is **congested** when its loss rate is above `max(2 x level, level + 1%)` (and at
+//! least 3 datagrams) *and* its mean RTT is inflated (a queue overflowing); or when its loss
+//! is above that and above 3% two rounds in a row (a policer, an overloaded path); or on an
+//! ECN mark. Then `inflight_hi` = 0.8 x the round's in-flight peak, and `Down`. Random loss
+//! at the learnt level does nothing. `inflight_hi` grows again (1, 2, 4, ... datagrams a
+//! round) in every round it bounded without congestion. Persistent congestion (quinn: every
+//! packet for several PTOs lost) restarts from `Startup`, keeping only the RTT floor.
+//!
+//! # Approximations (from what quinn's trait gives)
+//! - Delivery rate per round, not per packet: bunched ACKs average out over a round, at the
+//!   price of reacting a round later than BBR's per-packet samples.
+//! - Losses quinn reports after a batch of ACKs count in the round that is running then.
+//! - `app_limited` is quinn's flag at ACK time (the connection had nothing to send), not a
+//!   mark on each packet sent while idle.
+
+mod filter;
+mod vmr;
+
+#[cfg(test)]
+mod quic_tests;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::congestion::{Controller, ControllerFactory, ControllerMetrics};
+
+pub use vmr::{Params, PathHint, Phase, Vmr};
+
+/// How long a remembered path is trusted.
+const PATH_MAX_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// How often a connection updates its path's record.
+const PATH_STORE_EVERY: Duration = Duration::from_millis(250);
+
+/// What the connections of one endpoint learnt about their paths, by remote address.
+#[derive(Clone, Debug, Default)]
+pub struct PathBook {
+    paths: Arc<Mutex<HashMap<SocketAddr, (PathHint, Instant)>>>,
+}
+
+impl PathBook {
+    /// The remembered path to `remote`, if it is recent.
+    pub fn get(&self, remote: SocketAddr, now: Instant) -> Option<PathHint> {
+        let paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        paths
+            .get(&remote)
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= PATH_MAX_AGE)
+            .map(|(h, _)| *h)
+    }
+
+    pub fn put(&self, remote: SocketAddr, hint: PathHint, now: Instant) {
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        paths.insert(remote, (hint, now));
+    }
+}
+
+/// Builds `vmr` controllers for quinn; with a path (book and remote address) each
+/// controller starts from that path's record and keeps it up to date.
+#[derive(Clone, Debug, Default)]
+pub struct VmrConfig {
+    pub params: Params,
+    pub path: Option<(PathBook, SocketAddr)>,
+}
+
+impl ControllerFactory for VmrConfig {
+    fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
+        let hint = self.path.as_ref().and_then(|(b, r)| b.get(*r, now));
+        if let Some(h) = hint {
+            tracing::debug!(
+                bw_mbit = h.bw * 8 / 1_000_000,
+                min_rtt_ms = h.min_rtt.as_millis() as u64,
+                "congestion: starting from the remembered path"
+            );
+        }
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Box::new(VmrController {
+            core: Vmr::new(self.params, now, current_mtu, hint, seed),
+            path: self.path.clone(),
+            stored: None,
+        })
+    }
+}
+
+/// The quinn adapter: forwards to [`Vmr`] and records the path.
+#[derive(Clone, Debug)]
+struct VmrController {
+    core: Vmr,
+    path: Option<(PathBook, SocketAddr)>,
+    stored: Option<Instant>,
+}
+
+impl Controller for VmrController {
+    fn on_sent(&mut self, now: Instant, bytes: u64, _last_packet_number: u64) {
+        self.core.on_sent(now, bytes);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        _rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.core.on_ack(now, sent, bytes, app_limited);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        in_flight: u64,
+        app_limited: bool,
+        _largest_packet_num_acked: Option<u64>,
+    ) {
+        self.core.on_end_acks(now, in_flight, app_limited);
+        if let Some((book, remote)) = &self.path {
+            if self
+                .stored
+                .is_none_or(|t| now.saturating_duration_since(t) >= PATH_STORE_EVERY)
+            {
+                if let Some(h) = self.core.path_hint() {
+                    book.put(*remote, h, now);
+                    self.stored = Some(now);
+                }
+            }
+        }
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        self.core
+            .on_loss(now, sent, is_persistent_congestion, lost_bytes);
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.core.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.core.window()
+    }
+
+    fn metrics(&self) -> ControllerMetrics {
+        let mut m = ControllerMetrics::default();
+        m.congestion_window = self.core.window();
+        m.pacing_rate = self.core.bandwidth().map(|b| b * 8);
+        m
+    }
+
+    fn clone_box(&self) -> Box<dyn Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.core.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any> {
+        self
+    }
+}
