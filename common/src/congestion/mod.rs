@@ -163,7 +163,21 @@ impl Controller for VmrController {
         app_limited: bool,
         _largest_packet_num_acked: Option<u64>,
     ) {
+        let before = self.core.phase();
         self.core.on_end_acks(now, in_flight, app_limited);
+        if self.core.phase() != before {
+            tracing::debug!(
+                phase = ?self.core.phase(),
+                cwnd = self.core.window(),
+                in_flight,
+                bw_mbit = self.core.bandwidth().unwrap_or(0) as f64 * 8e-6,
+                min_rtt_ms = self.core.min_rtt().unwrap_or_default().as_secs_f64() * 1e3,
+                loss_level = self.core.loss_baseline(),
+                rounds = self.core.rounds(),
+                congestion_events = self.core.congestion_events(),
+                "congestion: vmr phase"
+            );
+        }
         if let Some((book, remote)) = &self.path {
             if self
                 .stored

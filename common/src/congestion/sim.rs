@@ -518,6 +518,13 @@ impl Sim {
         (self.queue_sum / self.queue_n.max(1) as f64, self.queue_max)
     }
 
+    /// Changes flow `f`'s application rate limit from now on.
+    pub fn set_app_rate(&mut self, f: usize, rate: Option<u64>) {
+        self.flows[f].spec.app_rate = rate;
+        self.flows[f].app_next = self.now;
+        self.at(self.now, Ev::Wake(f));
+    }
+
     /// Changes the link (both directions) from now on: rate and loss.
     pub fn set_link(&mut self, rate_bits: f64, loss: f64) {
         for p in [&mut self.fwd, &mut self.rev] {

@@ -378,22 +378,7 @@ impl Vmr {
             self.r.rtt_min = Some(self.r.rtt_min.map_or(rtt, |m| m.min(rtt)));
             self.r.rtt_sum += rtt;
             self.r.rtt_n += 1;
-            let floor = self.min_rtt.unwrap_or(rtt);
-            if rtt > self.inflated_rtt(floor) {
-                self.queue_streak += 1;
-            } else {
-                self.queue_streak = 0;
-            }
-            // A queue starting to form: startup grows gently from here on (the queue it sees
-            // is a round old, and doubling for another round would overflow a 1-BDP buffer).
-            if rtt > floor + (self.inflated_rtt(floor) - floor) / 2 {
-                self.early_streak += 1;
-                if self.early_streak >= QUEUE_STREAK {
-                    self.startup_gentle = true;
-                }
-            } else {
-                self.early_streak = 0;
-            }
+            self.track_queue(rtt, app_limited);
         }
         self.r.acked += bytes;
         self.batch_acked += bytes;
@@ -406,16 +391,43 @@ impl Vmr {
         }
         match self.phase {
             Phase::Startup if !app_limited => {
-                // x1.5 a round: the queue that ends startup is seen a round late, when doubling
-                // would already have put two BDPs in flight (a one-BDP buffer overflows).
+                // Doubling each round until a queue starts to form, then x1.25: the queue is
+                // seen a round late, when doubling has already put twice as much in flight.
                 self.startup_cwnd += if self.startup_gentle {
                     bytes / 4
                 } else {
-                    bytes / 2
+                    bytes * 3 / 4
                 }
             }
             Phase::Resume { .. } => self.resume_delivered += bytes,
             _ => {}
+        }
+    }
+
+    /// Streaks of RTT samples that saw a queue (see [`Vmr::check_queue`]). Samples taken
+    /// while the application had nothing to send do not count: a lone datagram's ACK waits for
+    /// the peer's ACK delay (up to 25 ms), which is no queue.
+    fn track_queue(&mut self, rtt: Duration, app_limited: bool) {
+        if app_limited {
+            self.queue_streak = 0;
+            self.early_streak = 0;
+            return;
+        }
+        let floor = self.min_rtt.unwrap_or(rtt);
+        if rtt > self.inflated_rtt(floor) {
+            self.queue_streak += 1;
+        } else {
+            self.queue_streak = 0;
+        }
+        // A queue starting to form: startup grows gently from here on (the queue it sees
+        // is a round old, and doubling for another round would overflow a 1-BDP buffer).
+        if rtt > floor + (self.inflated_rtt(floor) - floor) / 2 {
+            self.early_streak += 1;
+            if self.early_streak >= QUEUE_STREAK {
+                self.startup_gentle = true;
+            }
+        } else {
+            self.early_streak = 0;
         }
     }
 
@@ -616,11 +628,13 @@ impl Vmr {
 
         match self.phase {
             Phase::Startup => {
+                // The bandwidth stopped growing: only rounds with data waiting count (a
+                // connection idle between its handshake and its first cycle is not full).
                 let bw = self.bw.get().unwrap_or(0);
                 if bw >= self.full_bw + self.full_bw / 4 {
                     self.full_bw = bw;
                     self.full_bw_rounds = 0;
-                } else {
+                } else if !r.app_limited {
                     self.full_bw_rounds += 1;
                 }
                 if congested {
