@@ -168,6 +168,7 @@ impl Controller for VmrController {
         if self.core.phase() != before {
             tracing::debug!(
                 phase = ?self.core.phase(),
+                why = self.core.why(),
                 cwnd = self.core.window(),
                 in_flight,
                 bw_mbit = self.core.bandwidth().unwrap_or(0) as f64 * 8e-6,

@@ -139,6 +139,7 @@ pub struct Vmr {
     p: Params,
     mtu: u64,
     phase: Phase,
+    why: &'static str,
     phase_round: u64,
     phase_rounds: u32,
     startup_cwnd: u64,
@@ -192,6 +193,7 @@ impl Vmr {
             p,
             mtu,
             phase: Phase::Startup,
+            why: "new connection",
             phase_round: 0,
             phase_rounds: 0,
             startup_cwnd: initial,
@@ -248,6 +250,11 @@ impl Vmr {
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Why the controller entered its current phase (for logs).
+    pub fn why(&self) -> &'static str {
+        self.why
     }
 
     /// Bottleneck bandwidth estimate, bytes/s.
@@ -322,8 +329,9 @@ impl Vmr {
         lo + (self.rng % u64::from(hi.saturating_sub(lo) + 1)) as u32
     }
 
-    fn enter(&mut self, phase: Phase) {
+    fn enter(&mut self, phase: Phase, why: &'static str) {
         self.phase = phase;
+        self.why = why;
         self.phase_round = self.round;
         self.phase_rounds = match phase {
             Phase::Cruise => self.random_cruise(),
@@ -443,7 +451,7 @@ impl Vmr {
         }
         match self.phase {
             Phase::Down if self.bdp().is_some() && in_flight <= self.cwnd => {
-                self.enter(Phase::Cruise)
+                self.enter(Phase::Cruise, "queue drained")
             }
             Phase::Resume { step } => self.resume_progress(step),
             Phase::ProbeRtt => self.probe_rtt_progress(now, in_flight),
@@ -452,7 +460,7 @@ impl Vmr {
             {
                 self.probe_min = None;
                 self.probe_until = None;
-                self.enter(Phase::ProbeRtt);
+                self.enter(Phase::ProbeRtt, "no RTT near the floor for a while");
             }
             _ => {}
         }
@@ -474,7 +482,7 @@ impl Vmr {
                     self.min_rtt = Some(m);
                 }
                 self.min_rtt_seen = now;
-                self.enter(Phase::Cruise);
+                self.enter(Phase::Cruise, "RTT floor measured");
             }
             _ => {}
         }
@@ -494,7 +502,7 @@ impl Vmr {
             self.inflight_hi = u64::MAX;
             self.hint = None;
             self.startup_cwnd = self.min_window();
-            self.enter(Phase::Startup);
+            self.enter(Phase::Startup, "persistent congestion");
             return;
         }
         if bytes == 0 {
@@ -532,7 +540,7 @@ impl Vmr {
             return;
         }
         match self.phase {
-            Phase::Startup => self.enter(Phase::Down),
+            Phase::Startup => self.enter(Phase::Down, "queue building"),
             Phase::Resume { .. } => self.resume_failed(now),
             _ => {}
         }
@@ -553,14 +561,14 @@ impl Vmr {
             // A whole remembered BDP went through without a queue: trust the memory.
             self.bw.update(h.bw, self.round);
             self.hint = None;
-            self.enter(Phase::Cruise);
+            self.enter(Phase::Cruise, "remembered path confirmed");
         }
     }
 
     fn resume_failed(&mut self, _now: Instant) {
         self.hint = None;
         self.startup_cwnd = (self.cwnd / 2).max(self.p.initial_window);
-        self.enter(Phase::Startup);
+        self.enter(Phase::Startup, "remembered path not confirmed");
     }
 
     fn end_round(&mut self, now: Instant) {
@@ -642,8 +650,10 @@ impl Vmr {
                     self.low_acked = 0.0;
                     self.low_lost = 0.0;
                 }
-                if congested || self.full_bw_rounds >= 3 {
-                    self.enter(Phase::Down);
+                if congested {
+                    self.enter(Phase::Down, "congestion");
+                } else if self.full_bw_rounds >= 3 {
+                    self.enter(Phase::Down, "bandwidth stopped growing");
                 }
             }
             Phase::Resume { .. } => {
@@ -652,7 +662,7 @@ impl Vmr {
                 }
             }
             Phase::ProbeRtt => {}
-            _ if congested => self.enter(Phase::Down),
+            _ if congested => self.enter(Phase::Down, "congestion"),
             Phase::Down | Phase::Cruise | Phase::Up => {
                 if self.round - self.phase_round >= u64::from(self.phase_rounds) {
                     let next = match self.phase {
@@ -660,7 +670,7 @@ impl Vmr {
                         Phase::Up => Phase::Down,
                         _ => Phase::Cruise,
                     };
-                    self.enter(next);
+                    self.enter(next, "probe cycle");
                 }
             }
         }
