@@ -3,7 +3,7 @@
 # controller, side by side; two shippers sharing one bottleneck; the bandwidth limit's accuracy;
 # the relay's own CPU ceiling.
 #
-# Every case starts afresh on loopback: tracker (serving a raw image holding WAN_SIZE_MIB of
+# Every case starts afresh on loopback: tracker (serving a raw image holding the row's MiB of
 # random, incompressible data in a sparse image of twice that size) -> shipper -> WAN relay
 # (scripts/wan-relay.py: one-way delay, loss, bottleneck rate with a drop-tail queue of one
 # bandwidth-delay product, both directions alike) -> applier with an empty store. The case is
@@ -16,6 +16,10 @@
 #                delivered to the applier: the time on the wire, startup and retransmissions
 #                included.
 #   goodput      data MiB / transfer s, in Mbit/s (10^6 bits/s) and as % of the link rate.
+#                The rows' data sizes make startup (about a second at 100 ms) a few percent.
+#   steady       the same from 5 s after the first big datagram to the last second of the
+#                transfer (per-second snapshots of the relay's counters; UDP payload scaled
+#                by data / payload of the whole case): the rate once startup is over.
 #   sent/deliv.  client->server datagrams the shipper sent (delivered + dropped by emulated
 #                loss, by the queue, by the kernel) per datagram delivered: 1.00 = no waste.
 #   queue        the relay's bottleneck queue (client->server), time-weighted mean over the
@@ -44,14 +48,14 @@
 # its disk; compare rows within a run, and read the load1 column.
 #
 # Environment:
-#   WAN_SIZE_MIB=256        random data in the image (MiB)
-#   WAN_ROWS="200M/100/0 200M/100/0.005 200M/100/0.01 200M/100/0.02 50M/300/0.01"
+#   WAN_SIZE_MIB=256        random data in the image (MiB) of rows that do not say
+#   WAN_ROWS="200M/100/0/1024 200M/100/0.005/1024 200M/100/0.01/1024 200M/100/0.02/1024 50M/300/0.01/256"
 #                           link rows: rate (bits/s, K/M/G = 10^3/10^6/10^9) / RTT ms / loss
-#                           (per datagram, each direction)
+#                           (per datagram, each direction) [/ MiB of data]
 #   WAN_CCS="cubic bbr vmr" congestion controllers ([tuning] congestion), side by side per row
 #   WAN_FAIR="vmr+vmr vmr+cubic"   pairs sharing one bottleneck ("" skips them)
 #   WAN_FAIR_LINK=200M/100/0       their link
-#   WAN_FAIR_MIB=2*WAN_SIZE_MIB    data per shipper of a pair
+#   WAN_FAIR_MIB=1024       data per shipper of a pair
 #   WAN_FAIR_WARM_S=10 WAN_FAIR_S=30   the measuring window of a pair
 #   WAN_LIMIT=20M           bandwidth_limit for the accuracy rows; "" skips them
 #   WAN_LIMIT_CCS="cubic vmr"
@@ -63,7 +67,7 @@
 #   WAN_KEEP=0              1: keep the work directory (logs, images) under /var/tmp
 #   VMREPLICA=<repo>/target/release/vmreplica   (built with cargo if missing)
 # Output: markdown on stdout and in benches/results/wan-<stamp>.md. Exit 0 unless setup fails.
-# With the defaults the whole run takes about 20 minutes on 2 cores.
+# With the defaults the whole run takes about 25 minutes on 2 cores.
 set -euo pipefail
 
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -72,11 +76,11 @@ die() { echo "wan: error: $*" >&2; exit 2; }
 log() { echo "wan: $*" >&2; }
 
 WAN_SIZE_MIB=${WAN_SIZE_MIB:-256}
-WAN_ROWS=${WAN_ROWS:-"200M/100/0 200M/100/0.005 200M/100/0.01 200M/100/0.02 50M/300/0.01"}
+WAN_ROWS=${WAN_ROWS:-"200M/100/0/1024 200M/100/0.005/1024 200M/100/0.01/1024 200M/100/0.02/1024 50M/300/0.01/256"}
 WAN_CCS=${WAN_CCS:-"cubic bbr vmr"}
 WAN_FAIR=${WAN_FAIR-"vmr+vmr vmr+cubic"}
 WAN_FAIR_LINK=${WAN_FAIR_LINK:-200M/100/0}
-WAN_FAIR_MIB=${WAN_FAIR_MIB:-$((2 * WAN_SIZE_MIB))}
+WAN_FAIR_MIB=${WAN_FAIR_MIB:-1024}
 WAN_FAIR_WARM_S=${WAN_FAIR_WARM_S:-10}
 WAN_FAIR_S=${WAN_FAIR_S:-30}
 WAN_LIMIT=${WAN_LIMIT-20M}
@@ -109,16 +113,18 @@ rate_bits() {
 s=u.spec_from_file_location('r',sys.argv[1]); m=u.module_from_spec(s); s.loader.exec_module(m)
 print(int(m.parse_rate(sys.argv[2])))" "$RELAY" "$1"
 }
-# parse_row ROW: "RATE_BITS DELAY_MS LOSS" (one-way delay = RTT / 2).
+# parse_row ROW: "RATE_BITS DELAY_MS LOSS MIB" (one-way delay = RTT / 2).
 parse_row() {
-  local rate rtt loss
-  IFS=/ read -r rate rtt loss <<<"$1"
-  [[ -n $rate && $rtt =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "row '$1': expected RATE/RTT_MS/LOSS"
+  local rate rtt loss mib
+  IFS=/ read -r rate rtt loss mib <<<"$1"
+  mib=${mib:-$WAN_SIZE_MIB}
+  [[ -n $rate && $rtt =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "row '$1': expected RATE/RTT_MS/LOSS[/MIB]"
+  [[ $mib =~ ^[0-9]+$ && $mib -gt 0 ]] || die "row '$1': '$mib' is not a size in MiB"
   python3 -c "import sys; v=float(sys.argv[1]); assert 0<=v<1" "$loss" 2>/dev/null \
     || die "row '$1': loss '$loss' is not a probability"
   local bits
   bits=$(rate_bits "$rate") || die "row '$1': cannot parse the rate '$rate'"
-  echo "$bits $(python3 -c "import sys; print(float(sys.argv[1])/2)" "$rtt") $loss"
+  echo "$bits $(python3 -c "import sys; print(float(sys.argv[1])/2)" "$rtt") $loss $mib"
 }
 for r in $WAN_ROWS $WAN_FAIR_LINK; do parse_row "$r" >/dev/null; done
 
@@ -188,9 +194,15 @@ make_image() { # make_image PATH MIB: MIB of random data in a sparse image of tw
   truncate -s $((2 * $2))M "$1"
   dd if=/dev/urandom of="$1" bs=1M count="$2" conv=notrunc status=none
 }
-IMG=$WORK/vm1-sys.img
-make_image "$IMG" "$WAN_SIZE_MIB"
-log "image: $WAN_SIZE_MIB MiB random data in a $((2 * WAN_SIZE_MIB)) MiB sparse image"
+# image MIB: the path of an image holding MIB of random data (made once per size).
+image() {
+  local img=$WORK/vm1-sys-$1.img
+  if [[ ! -f $img ]]; then
+    make_image "$img" "$1"
+    log "image: $1 MiB random data in a $((2 * $1)) MiB sparse image"
+  fi
+  echo "$img"
+}
 
 ROWS=$WORK/rows.jsonl
 : >"$ROWS"
@@ -238,14 +250,16 @@ write_config() { # write_config FILE VM TRACKER_DIR RELAY_PORT CC LIMIT
   } >"$1"
 }
 start_shipper() { # start_shipper CONFIG LOG -> $spid
-  "$VMREPLICA" shipper --config "$1" 2>"$2" &
+  # vmr's phase changes (debug) go to the log too: why a case went as it did.
+  VMREPLICA_LOG=${VMREPLICA_LOG:-info,vmreplica_common::congestion=debug} \
+    "$VMREPLICA" shipper --config "$1" 2>"$2" &
   spid=$!
   PIDS+=("$spid")
 }
 
-# run_case LABEL CONGESTION RATE_BITS DELAY_MS LOSS LIMIT: one initial sync through the relay.
+# run_case LABEL CONGESTION RATE_BITS DELAY_MS LOSS MIB LIMIT: one initial sync through the relay.
 run_case() {
-  local label=$1 cc=$2 rate=$3 delay=$4 loss=$5 limit=$6
+  local label=$1 cc=$2 rate=$3 delay=$4 loss=$5 mib=$6 limit=$7
   n=$((n + 1))
   local d=$WORK/case-$n
   mkdir -p "$d"
@@ -259,16 +273,26 @@ run_case() {
   local aport rport load1
   read -r aport rport < <(free_udp_ports 2)
   load1=$(cut -d' ' -f1 /proc/loadavg)
-  start_tracker "$d" "$IMG"
+  local img
+  img=$(image "$mib")
+  start_tracker "$d" "$img"
   start_applier "$d" "$aport"
   start_relay "$d" "$rport" "$aport" "$rate" "$delay" "$loss" "$n"
   write_config "$d/shipper.toml" vm1 "$d" "$rport" "$cc" "$limit"
   start_shipper "$d/shipper.toml" "$d/shipper.log"
-  local t_start=$SECONDS finished=0 applied=0 cap_wall=0
+  local t_start=$SECONDS finished=0 applied=0 cap_wall=0 i=0 tick=0
+  mkdir -p "$d/snap"
   while ((SECONDS - t_start < WAN_CAP_S)); do
     if grep -q 'cycle applied on the replica' "$d/shipper.log"; then finished=1; break; fi
     kill -0 "$spid" 2>/dev/null || break
     sleep 0.2
+    # One snapshot of the relay's counters a second (the steady rate).
+    tick=$((tick + 1))
+    if ((tick % 5 == 0)) && kill -USR2 "$rpid" 2>/dev/null; then
+      sleep 0.05
+      i=$((i + 1))
+      cp "$d/relay.json" "$d/snap/$i.json" 2>/dev/null || true
+    fi
   done
   if ((!finished)); then
     cap_wall=$(date +%s.%N)
@@ -279,7 +303,7 @@ run_case() {
   stop "$spid"
   stop "$rpid" "$apid" "$tpid"
   python3 "$script_dir/wan_table.py" case "$d" "$label" "$cc" "$loss" "$rate" "$delay" "$limit" \
-    "$finished" "$applied" "$cap_wall" "$cs" "$ca" "$load1" "$WAN_SIZE_MIB" >>"$ROWS"
+    "$finished" "$applied" "$cap_wall" "$cs" "$ca" "$load1" "$mib" >>"$ROWS"
   tail -1 "$ROWS" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print('wan:   ->', {k: r.get(k) for k in ('finished','transfer_s','data_mib','cycle_s','interrupted')})" >&2
   [[ $WAN_KEEP == 1 ]] || rm -rf "$d/replica" "$d/primary"
 }
@@ -371,21 +395,21 @@ if ((WAN_CEILING_S > 0)); then
   relay_ceiling "$WAN_CEILING_S"
 fi
 for row in $WAN_ROWS; do
-  read -r rate delay loss < <(parse_row "$row")
+  read -r rate delay loss mib < <(parse_row "$row")
   for cc in $WAN_CCS; do
-    run_case link "$cc" "$rate" "$delay" "$loss" ""
+    run_case link "$cc" "$rate" "$delay" "$loss" "$mib" ""
   done
 done
 if [[ -n $WAN_FAIR ]]; then
-  read -r rate delay loss < <(parse_row "$WAN_FAIR_LINK")
+  read -r rate delay loss _ < <(parse_row "$WAN_FAIR_LINK")
   for p in $WAN_FAIR; do
     run_pair "${p%+*}" "${p#*+}" "$rate" "$delay" "$loss"
   done
 fi
 if [[ -n $WAN_LIMIT ]]; then
-  read -r _ delay _ < <(parse_row "${WAN_ROWS%% *}")
+  read -r _ delay _ _ < <(parse_row "${WAN_ROWS%% *}")
   for cc in $WAN_LIMIT_CCS; do
-    run_case limit "$cc" 0 "$delay" 0 "$WAN_LIMIT"
+    run_case limit "$cc" 0 "$delay" 0 "$WAN_SIZE_MIB" "$WAN_LIMIT"
   done
 fi
 

@@ -54,7 +54,7 @@ def case(a):
     log = read_log(f"{d}/shipper.log")
     planned = [l for l in log if "cycle planned" in l]
     done = [l for l in log if "cycle applied on the replica" in l]
-    progress = [l for l in log if re.search(r"cycle \d+ \(\w+\): [\d.]+ / [\d.]+ MiB", l)]
+    progress = [l for l in log if re.search(r"cycle \d+ \([^)]*\): [\d.]+ / [\d.]+ MiB", l)]
     interrupted = [l for l in log if "replication interrupted" in l]
     relay = relay_stats(f"{d}/relay.json")
     c2s = relay.get("client->server", {})
@@ -91,21 +91,50 @@ def case(a):
     row["c2s_bytes"] = c2s.get("forwarded_bytes", 0)
     row["queue_mean"] = c2s.get("mean_queue_bytes_busy")
     row["queue_max"] = c2s.get("max_queue_bytes", 0)
+    rate = steady_udp_rate(d)
+    if rate and row.get("data_mib") and row["c2s_bytes"]:
+        row["steady_goodput_bps"] = rate * 8 * row["data_mib"] * MIB / row["c2s_bytes"]
     print(json.dumps(row))
 
 
-def pair(a):
-    d, label, loss, rate, delay, warm, csa, csb, ca, load1 = a
-    rate, delay, warm = int(rate), float(delay), float(warm)
-    snaps = []
+def snapshots(d):
+    """The relay's per-second snapshots of a case or pair: (elapsed s, stats), in order."""
+    out = []
     for p in glob.glob(f"{d}/snap/*.json"):
         try:
             s = json.load(open(p))
         except (OSError, ValueError):
             continue
-        cl = {c["n"]: c["c2s_forwarded_bytes"] for c in s.get("clients", [])}
-        snaps.append((s["elapsed_s"], cl))
-    snaps.sort()
+        out.append((s["elapsed_s"], s))
+    out.sort(key=lambda x: x[0])
+    return out
+
+
+def steady_udp_rate(d, skip=5.0):
+    """Client->server UDP payload bytes/s from `skip` s after the transfer got going to the
+    last second it was still going at full pace, or None."""
+    pts = [(t, s["client->server"]["forwarded_bytes"]) for t, s in snapshots(d)]
+    going = next((t for t, b in pts if b > MIB), None)
+    if going is None:
+        return None
+    pts = [(t, b) for t, b in pts if t >= going + skip]
+    # Drop the tail once the rate falls under half the median (the last chunks, the end).
+    steps = [(b1 - b0) / (t1 - t0) for (t0, b0), (t1, b1) in zip(pts, pts[1:]) if t1 > t0]
+    if len(steps) < 3:
+        return None
+    med = sorted(steps)[len(steps) // 2]
+    end = len(pts) - 1
+    while end > 1 and steps[end - 1] < med / 2:
+        end -= 1
+    (ta, ba), (tb, bb) = pts[0], pts[end]
+    return (bb - ba) / (tb - ta) if tb > ta else None
+
+
+def pair(a):
+    d, label, loss, rate, delay, warm, csa, csb, ca, load1 = a
+    rate, delay, warm = int(rate), float(delay), float(warm)
+    snaps = [(t, {c["n"]: c["c2s_forwarded_bytes"] for c in s.get("clients", [])})
+             for t, s in snapshots(d)]
     row = dict(label="pair", cc=label, loss=float(loss), rate=rate, delay_ms=delay,
                load1=load1, cpu=[float(csa), float(csb), float(ca)])
     # The window: from `warm` seconds on, to the last snapshot at which both were still sending.
@@ -191,9 +220,10 @@ def report(rows_file):
           "with a drop-tail queue of one BDP (at least 64 KiB)")
     print("- goodput: data / transfer s (the shipper's \"cycle planned\" to the last big datagram "
           "the relay delivered; startup included) as a share of the link rate (QUIC, UDP and IP "
-          "headers take ~3.5%, so ~96% is a full link); sent ÷ delivered: client->server "
-          "datagrams sent per datagram delivered; queue: the bottleneck queue's time-weighted "
-          "mean over the transfer, in BDPs")
+          "headers take ~3.5%, so ~96% is a full link); steady: the same from 5 s into the "
+          "transfer to its last full second; sent ÷ delivered: client->server datagrams sent per "
+          "datagram delivered; queue: the bottleneck queue's time-weighted mean over the "
+          "transfer, in BDPs. The targets are checked on the whole-transfer goodput.")
     print(f"- \"> cap\": not finished after {env.get('WAN_CAP_S', '?')} s; data = what the "
           "applier had applied by then (allocated bytes of the replica image: the initial copy "
           "writes in place and makes it durable at least every 64 MiB)\n")
@@ -239,13 +269,13 @@ def report(rows_file):
         print()
         print("## Every case\n")
         print("| congestion | link | loss | data MiB | transfer s | goodput Mbit/s | % of link | "
-              "sent ÷ delivered | queue mean / max (BDP) | relay drops loss / queue / kernel | "
-              "cpu s/GiB shipper / applier | relay cpu | cycle s | load1 | notes |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|")
+              "steady % of link | sent ÷ delivered | queue mean / max (BDP) | relay drops loss / "
+              "queue / kernel | cpu s/GiB shipper / applier | relay cpu | cycle s | load1 | notes |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|")
         for r in link:
             linkdesc = f"{r['rate'] / 1e6:g} Mbit/s, {2 * r['delay_ms']:g} ms"
             if r.get("skipped"):
-                print(f"| {r['cc']} | {linkdesc} | {r['loss'] * 100:g}% | | | | | | | | | | | | "
+                print(f"| {r['cc']} | {linkdesc} | {r['loss'] * 100:g}% | | | | | | | | | | | | | "
                       "skipped (time budget) |")
                 continue
             share, waste, qm, qx = measures(r)
@@ -266,12 +296,14 @@ def report(rows_file):
                              f"({r['c2s_bytes'] * 8 / t / 1e6:.1f} Mbit/s)")
             dr = r["drops"]
             qs = f"{qm:.2f} / {qx:.2f}" if qm is not None else f"? / {qx:.2f}"
+            steady = r.get("steady_goodput_bps")
+            st = pct(steady / r["rate"]) if steady else "—"
             print(f"| {r['cc']} | {linkdesc} | {r['loss'] * 100:g}% | {mib:.1f} | {ts_} | "
-                  f"{share * r['rate'] / 1e6:.1f} | {pct(share)} | "
+                  f"{share * r['rate'] / 1e6:.1f} | {pct(share)} | {st} | "
                   f"{waste:.3f} | {qs} | {dr['loss']} / {dr['queue']} / {r['kernel_rx_drops']} | "
                   f"{per} | {pct(relay_share)} | {r.get('cycle_s') or 0:.1f} | {r['load1']} | "
                   f"{'; '.join(notes)} |" if waste else
-                  f"| {r['cc']} | {linkdesc} | {r['loss'] * 100:g}% | {mib:.1f} | {ts_} | | | | | | "
+                  f"| {r['cc']} | {linkdesc} | {r['loss'] * 100:g}% | {mib:.1f} | {ts_} | | | | | | | "
                   f"{per} | | | {r['load1']} | nothing delivered |")
         print()
 

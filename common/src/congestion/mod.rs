@@ -170,6 +170,7 @@ impl Controller for VmrController {
                 phase = ?self.core.phase(),
                 why = self.core.why(),
                 cwnd = self.core.window(),
+                pace_boost = self.core.pace_boost(),
                 in_flight,
                 bw_mbit = self.core.bandwidth().unwrap_or(0) as f64 * 8e-6,
                 min_rtt_ms = self.core.min_rtt().unwrap_or_default().as_secs_f64() * 1e3,

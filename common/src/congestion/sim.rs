@@ -51,9 +51,10 @@ impl Cc for Vmr {
     }
     fn describe(&self) -> String {
         format!(
-            "{:?} cwnd {} bw {:.1} Mbit/s min_rtt {:?} loss {:.4} events {}",
+            "{:?} cwnd {} (boost {:.2}) bw {:.1} Mbit/s min_rtt {:?} loss {:.4} events {}",
             self.phase(),
             self.window(),
+            self.pace_boost(),
             self.bandwidth().unwrap_or(0) as f64 * 8e-6,
             self.min_rtt(),
             self.loss_baseline(),
@@ -246,6 +247,9 @@ impl Rng {
 
 /// quinn's pacer (`connection/pacing.rs`), in nanoseconds.
 struct Pacer {
+    /// 1.0: quinn's pacer as designed; less: a host whose timers fire late, so that the
+    /// pacer delivers this share of its nominal rate.
+    efficiency: f64,
     capacity: u64,
     last_window: u64,
     tokens: u64,
@@ -268,7 +272,7 @@ impl Pacer {
             return None;
         }
         let elapsed = now.saturating_sub(self.prev) as f64;
-        let new = window as f64 * 1.25 * elapsed / srtt.max(1) as f64;
+        let new = window as f64 * 1.25 * self.efficiency * elapsed / srtt.max(1) as f64;
         self.tokens = (self.tokens.saturating_add(new as u64)).min(self.capacity);
         self.prev = now;
         if self.tokens >= bytes {
@@ -416,6 +420,7 @@ impl Sim {
             pto_count: 0,
             probes: 0,
             pacer: Pacer {
+                efficiency: 1.0,
                 capacity: 10 * self.mss,
                 last_window: 0,
                 tokens: 10 * self.mss,
@@ -516,6 +521,11 @@ impl Sim {
     /// Mean and max bottleneck queue (bytes) since the mark, sampled every millisecond.
     pub fn queue(&self) -> (f64, f64) {
         (self.queue_sum / self.queue_n.max(1) as f64, self.queue_max)
+    }
+
+    /// Makes flow `f`'s pacer deliver `efficiency` of its nominal rate (late timers).
+    pub fn set_pacer_efficiency(&mut self, f: usize, efficiency: f64) {
+        self.flows[f].pacer.efficiency = efficiency;
     }
 
     /// Changes flow `f`'s application rate limit from now on.

@@ -289,6 +289,34 @@ fn finds_a_tenfold_faster_link_within_a_second_or_two() {
 }
 
 #[test]
+fn a_pacer_slower_than_its_window_is_given_a_larger_window() {
+    // On a busy host quinn's pacer (bursts of 2 ms worth, refilled on timers) sends less than
+    // 1.25 x window / RTT: here 0.65 of it, which at 1.2 BDP would leave the link 10% idle.
+    for loss in [0.0, 0.01] {
+        let mut r = Run::new(link(200.0, 100, loss), 14);
+        let cc = vmr(&r.sim, 14);
+        let f = r.flow(cc, 0.0, None);
+        r.sim.set_pacer_efficiency(f, 0.65);
+        r.until(5.0).sim.mark();
+        for t in 6..=20 {
+            r.until(t as f64);
+            if std::env::var("SIM_TRACE").is_ok() {
+                eprintln!("t={t} {}", r.sim.describe(0));
+            }
+        }
+        r.print(&format!("pacer at 65%, loss {loss}"));
+        assert!(r.share_of_link(0, 200.0) >= 0.95);
+        let boost = r.sim.vmr(0).expect("vmr").pace_boost();
+        assert!(boost > 1.1, "window not raised: boost {boost:.2}");
+        assert!(
+            r.queue_bdp().0 <= 0.5,
+            "mean queue {:.2} BDP",
+            r.queue_bdp().0
+        );
+    }
+}
+
+#[test]
 fn stays_within_the_application_rate_and_keeps_its_window_small() {
     // The shipper's bandwidth limit paces the data: the controller must neither fill the queue
     // nor grow its window without bound while the application is the bottleneck.

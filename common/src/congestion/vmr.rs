@@ -51,6 +51,12 @@ pub struct Params {
     pub probe_rtt_gain: f64,
     /// Window before the first measurement, bytes.
     pub initial_window: u64,
+    /// quinn paces at 1.25 x window / smoothed RTT in bursts of 2 ms worth, refilled on
+    /// timers: on a busy host (late timers) that delivers less, and the in-flight target is
+    /// not reached though the window allows it. While cruising, a round whose mean in flight
+    /// stays below 92% of the target raises the window by 8% above the target (up to this
+    /// factor); one above the target lowers it again.
+    pub pace_boost_max: f64,
     /// The allowance for bunched acknowledgements (BBR's "extra acked") is capped at this
     /// fraction of min RTT at the bottleneck rate, but allows at least `aggregation_floor` and
     /// at most `aggregation_max`.
@@ -79,6 +85,7 @@ impl Default for Params {
             probe_rtt_time: Duration::from_millis(200),
             probe_rtt_gain: 0.5,
             initial_window: 14720,
+            pace_boost_max: 1.6,
             aggregation_frac: 0.1,
             aggregation_floor: Duration::from_millis(5),
             aggregation_max: Duration::from_millis(25),
@@ -124,6 +131,9 @@ struct Round {
     rtt_n: u32,
     app_limited: bool,
     max_inflight: u64,
+    /// In flight before each batch of ACKs, summed, and the batches.
+    inflight_sum: f64,
+    inflight_n: u32,
     ecn: bool,
 }
 
@@ -144,6 +154,12 @@ pub struct Vmr {
     phase_rounds: u32,
     startup_cwnd: u64,
     cwnd: u64,
+    /// The in-flight target the window aims at (before `pace_boost`), and what the model
+    /// alone would aim at (before `inflight_hi`).
+    target: u64,
+    uncapped: u64,
+    /// Window over target while cruising or probing (see `Params::pace_boost_max`).
+    pace_boost: f64,
     bw: WindowedMax,
     min_rtt: Option<Duration>,
     /// When an RTT sample last came near `min_rtt`.
@@ -198,6 +214,9 @@ impl Vmr {
             phase_rounds: 0,
             startup_cwnd: initial,
             cwnd: initial,
+            target: initial,
+            uncapped: initial,
+            pace_boost: 1.0,
             bw: WindowedMax::new(p.bw_window_rounds),
             min_rtt: None,
             min_rtt_seen: now,
@@ -340,6 +359,7 @@ impl Vmr {
             _ => 0,
         };
         if phase == Phase::Startup {
+            self.pace_boost = 1.0;
             self.full_bw = 0;
             self.full_bw_rounds = 0;
             self.startup_gentle = false;
@@ -444,6 +464,8 @@ impl Vmr {
         self.in_flight = in_flight;
         let acked = std::mem::take(&mut self.batch_acked);
         self.r.max_inflight = self.r.max_inflight.max(in_flight + acked);
+        self.r.inflight_sum += (in_flight + acked) as f64;
+        self.r.inflight_n += 1;
         self.track_aggregation(now, acked);
         self.check_queue(now);
         if self.round_done {
@@ -620,10 +642,10 @@ impl Vmr {
             self.hi_growth = self.mtu;
         } else if self.phase == Phase::Up
             && self.inflight_hi != u64::MAX
-            && r.max_inflight + 2 * self.mtu >= self.inflight_hi
+            && self.uncapped > self.inflight_hi
         {
-            // Probing, bounded by the cap, without congestion: raise it, twice as much as at the
-            // last probe. Only while probing: between probes the cap stays where congestion
+            // Probing, held back by the cap, without congestion: raise it, twice as much as at
+            // the last probe. Only while probing: between probes the cap stays where congestion
             // put it, so a loss-based flow sharing the link regrows its window meanwhile.
             self.inflight_hi = self.inflight_hi.saturating_add(self.hi_growth);
             self.hi_growth = self.hi_growth.saturating_mul(2);
@@ -632,6 +654,10 @@ impl Vmr {
             if self.phase_rounds < 10 {
                 self.phase_rounds += 1;
             }
+        }
+
+        if self.phase == Phase::Cruise && !congested {
+            self.adjust_pace_boost(&r);
         }
 
         match self.phase {
@@ -706,7 +732,31 @@ impl Vmr {
                 (bdp as f64 * gain) as u64 + agg
             }
         };
-        self.cwnd = target.min(self.inflight_hi).max(self.min_window());
+        self.uncapped = target;
+        self.target = target.min(self.inflight_hi).max(self.min_window());
+        self.cwnd = match self.phase {
+            Phase::Cruise | Phase::Up => (self.target as f64 * self.pace_boost) as u64,
+            _ => self.target,
+        };
+    }
+
+    /// Window over target (1.0: none), see `Params::pace_boost_max`.
+    pub fn pace_boost(&self) -> f64 {
+        self.pace_boost
+    }
+
+    /// While cruising: the window must let quinn's pacer reach the in-flight target.
+    fn adjust_pace_boost(&mut self, r: &Round) {
+        if r.inflight_n < 4 || r.app_limited {
+            return;
+        }
+        let mean = r.inflight_sum / f64::from(r.inflight_n);
+        let target = self.target as f64;
+        if mean < 0.92 * target {
+            self.pace_boost = (self.pace_boost * 1.08).min(self.p.pace_boost_max);
+        } else if mean > target {
+            self.pace_boost = (self.pace_boost / 1.08).max(1.0);
+        }
     }
 }
 
