@@ -140,6 +140,9 @@ struct Round {
 /// RTT samples in a row above the inflation threshold that end startup.
 const QUEUE_STREAK: u32 = 8;
 
+/// A boosted window (see `Params::pace_boost_max`) stays below this many BDPs.
+const BOOSTED_MAX: f64 = 1.75;
+
 /// In-flight level changes remembered (a few per probe cycle; a few RTTs' worth).
 const LEVELS_KEPT: usize = 256;
 
@@ -734,8 +737,13 @@ impl Vmr {
         };
         self.uncapped = target;
         self.target = target.min(self.inflight_hi).max(self.min_window());
-        self.cwnd = match self.phase {
-            Phase::Cruise | Phase::Up => (self.target as f64 * self.pace_boost) as u64,
+        self.cwnd = match (self.phase, self.bdp()) {
+            // The boost is for a pacer that cannot fill the window; should it suddenly do so,
+            // 1.75 BDP in flight still leaves a one-BDP buffer room.
+            (Phase::Cruise | Phase::Up, Some(bdp)) => ((self.target as f64 * self.pace_boost)
+                as u64)
+                .min((bdp as f64 * BOOSTED_MAX) as u64)
+                .max(self.target),
             _ => self.target,
         };
     }
