@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::site::free_udp_port;
 use common::*;
 use rand::{RngCore, SeedableRng};
 use vmreplica_common::tls::{self, Validity};
@@ -18,14 +19,6 @@ const MIB: u64 = 1 << 20;
 
 /// 2% loss each way, 50 ms RTT, a 100 Mbit/s bottleneck with a one-BDP queue.
 const RELAY_ARGS: [&str; 6] = ["--delay-ms", "25", "--loss", "0.02", "--rate", "100M"];
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What the relay delivered to the applier: client->server UDP payload bytes per second
 /// between the first and the last big datagram.

@@ -5,7 +5,7 @@
 //! A loss-based controller (cubic, newreno) halves its window on every loss, so on a 100 ms
 //! path with 0.5% random loss it cannot get past a few Mbit/s, whatever the link (the Mathis
 //! bound). quinn's experimental BBR ignores random loss but keeps twice the BDP in flight plus
-//! its ack-aggregation estimate, which overfills a one-BDP bottleneck queue: it sent 2.3
+//! its ack-aggregation estimate, which overfills a one-BDP bottleneck queue: it sent 2.2-2.7
 //! datagrams per one delivered in `benches/wan.sh`.
 //!
 //! # The model (in the way of BBR v1 / v3)
@@ -14,45 +14,70 @@
 //!   after it began is acknowledged; quinn's `on_ack` hands us each packet's send time, so
 //!   rounds need no per-packet state. Rounds the application left idle only count if they
 //!   raise the estimate.
-//! - **Minimum RTT**: the windowed minimum (10 s) of `ack time - send time` per packet (that
-//!   includes the peer's ACK delay; the minimum over many packets does not).
-//! - **Random-loss level**: the mean per-round loss rate (the first 8 rounds, then an EWMA
-//!   over 8), learnt up to 10%.
+//! - **RTT floor**: the lowest `ack time - send time` of any packet (that includes the peer's
+//!   ACK delay; the lowest of many does not). A sample within 1/32 (or 1 ms) of it confirms
+//!   it; with none for 5 s (the queue never drained: other flows, or our estimates adding up
+//!   to more than the link), `ProbeRtt` measures it again, keeping what it finds, so a path
+//!   that got longer is learnt too.
+//! - **Random-loss level**: the loss rate of datagrams sent while less than a BDP was in
+//!   flight (they cannot have overflowed a queue of ours): startup before its queue forms,
+//!   the drain of each probe cycle, `ProbeRtt`. A prior of 1% weighs as 100 datagrams; the
+//!   level is learnt up to 10%.
 //!
 //! # The window
-//! quinn 0.11 paces at 1.25 x window / smoothed RTT and lets a controller set only the window,
-//! so the window is the in-flight cap and the controller works in window terms:
-//! `window = gain x bandwidth x min RTT (+ the ack-aggregation allowance)`, capped by
-//! `inflight_hi`. Phases:
-//! - `Startup`: the window grows by what is acknowledged (doubling per round) until every RTT
-//!   sample of a round sees a queue (min RTT + 25%), the bandwidth stopped growing for 3
-//!   rounds, or a round is congested (below). Then `Down`.
-//! - `Resume`: a remembered path (see [`PathBook`]): half its BDP, then all of it, as long as
-//!   the RTT stays at its floor; then `Cruise` with the remembered bandwidth. A queue or a
-//!   congested round falls back to `Startup` at half the window: one round, not a timeout.
-//! - Probe cycle: `Down` (0.9 BDP until in flight is that low: drains this flow's queue so
-//!   the RTT floor is measured again, at most 2 rounds), `Cruise` (1.2 BDP for 4 to 8 rounds,
-//!   at random so flows desynchronise: the 0.2 is headroom for bunched ACKs and the whole
-//!   standing queue this flow builds), `Up` (1.5 BDP for two rounds: one to fill, one to
-//!   measure). While the link has room a cruise round already delivers 1.2x the estimate,
-//!   so the estimate grows by 20% a round; while it is full, the probe's share gain is
-//!   largest for the smallest flow, which is what pulls competing flows towards equal shares.
+//! quinn 0.11 lets a controller set only the window; it paces at 1.25 x window / smoothed RTT.
+//! So the window is the in-flight cap: `target = gain x bandwidth x RTT floor (+ the
+//! ack-aggregation allowance, BBR's "extra acked", at most 10% of the RTT floor at the
+//! bottleneck rate)`, capped by `inflight_hi`. Phases:
+//! - `Startup`: the window grows by 3/4 of what is acknowledged (x1.75 a round; x1.25 once RTT
+//!   samples show half the queue threshold) until 8 RTT samples in a row see a queue (the
+//!   floor + 25%, at least 2 ms), the bandwidth stopped growing for 3 rounds with data
+//!   waiting, or a round is congested. Then `Down`. (Doubling overflows a one-BDP buffer:
+//!   the queue is seen a round late.) Samples taken while the application had nothing to send
+//!   do not count: a lone datagram's ACK waits for the peer's ACK delay.
+//! - `Resume`: a remembered path (see [`PathBook`]): half its BDP, then all of it, each as
+//!   long as no 8 samples in a row see a queue; then `Cruise` with the remembered bandwidth. A
+//!   queue or a congested round falls back to `Startup` at half the window, within a round.
+//! - Probe cycle: `Down` (0.9 BDP until in flight is that low, at most 2 rounds: drains this
+//!   flow's queue, so the RTT floor is seen again), `Cruise` (1.2 BDP for 4 to 8 rounds, at
+//!   random so flows desynchronise: the 0.2 is headroom for bunched ACKs and all the standing
+//!   queue this flow builds), `Up` (1.5 BDP for two rounds, one to fill, one to measure; more
+//!   while `inflight_hi` holds it back). While the link has room a cruise round delivers 1.2x
+//!   the estimate, which then grows 20% a round; while it is full, a probe gains most share
+//!   for the smallest flow, which pulls competing flows towards equal shares.
+//! - `ProbeRtt`: half a BDP for 200 ms and at least a round (see above). Flows sharing a
+//!   queue synchronise on it: each sees the others' probe as a new floor sample.
+//! - Pacing headroom: on a busy host quinn's pacer (bursts of 2 ms worth, refilled on timers)
+//!   falls short of 1.25 x window / RTT and in flight stays under the target. A cruise round
+//!   whose mean in flight is under 92% of the target raises the window 8% above it (up to
+//!   1.6x, and 1.75 BDP at most); one over the target lowers it again.
 //!
 //! # What it reacts to
-//! A round is **congested** when its loss rate is above `max(2 x level, level + 1%)` (and at
-//! least 3 datagrams) *and* its mean RTT is inflated (a queue overflowing); or when its loss
-//! is above that and above 3% two rounds in a row (a policer, an overloaded path); or on an
-//! ECN mark. Then `inflight_hi` = 0.8 x the round's in-flight peak, and `Down`. Random loss
-//! at the learnt level does nothing. `inflight_hi` grows again (1, 2, 4, ... datagrams a
-//! round) in every round it bounded without congestion. Persistent congestion (quinn: every
-//! packet for several PTOs lost) restarts from `Startup`, keeping only the RTT floor.
+//! A round is **congested** when its loss rate is above `max(2 x level, level + 1%)`, with at
+//! least 3 datagrams lost and more than random loss at the level would plausibly give in a
+//! round that size (mean + 3 sigma + 1), *and* its mean RTT is inflated (a queue
+//! overflowing); or when that high loss lasts two rounds (a policer, a shallow buffer); or on
+//! an ECN mark. Then `inflight_hi` = 0.8 x the round's in-flight peak, and `Down`. Random loss
+//! at the learnt level does nothing. `inflight_hi` grows again only while probing (1, 2, 4, ...
+//! datagrams a round), so a loss-based flow sharing the link regrows its window meanwhile.
+//! Persistent congestion (quinn: every packet for several PTOs lost) restarts from `Startup`,
+//! keeping only the RTT floor.
 //!
 //! # Approximations (from what quinn's trait gives)
 //! - Delivery rate per round, not per packet: bunched ACKs average out over a round, at the
 //!   price of reacting a round later than BBR's per-packet samples.
-//! - Losses quinn reports after a batch of ACKs count in the round that is running then.
+//! - quinn reports losses once per batch, with the send time of the newest one lost: the whole
+//!   batch is classed (sent below or above a BDP) by that time, and counts in the round that
+//!   is running when it is reported.
+//! - In flight at send time is tracked from `on_end_acks` (exact) plus `on_sent` since; the
+//!   below/above-BDP history keeps its last 256 changes.
 //! - `app_limited` is quinn's flag at ACK time (the connection had nothing to send), not a
 //!   mark on each packet sent while idle.
+//!
+//! # Known limits
+//! In a very shallow bottleneck buffer (a tenth of a BDP) there is no queue to see: overflow
+//! shows only as loss two rounds in a row, `vmr` sends up to ~9% more than it delivers, and a
+//! cubic flow sharing that buffer gets little (as beside BBR).
 
 mod filter;
 mod vmr;

@@ -50,6 +50,14 @@ impl Run {
         }
     }
 
+    /// One fresh `vmr` flow from the start, unlimited (its index is 0).
+    fn with_vmr(link: LinkParams, seed: u64) -> Run {
+        let mut r = Run::new(link, seed);
+        let cc = vmr(&r.sim, seed);
+        r.flow(cc, 0.0, None);
+        r
+    }
+
     fn flow(&mut self, cc: Box<dyn Cc>, start: f64, app_rate: Option<u64>) -> usize {
         let f = self.sim.add(FlowSpec {
             cc,
@@ -245,9 +253,7 @@ fn leaves_a_cubic_flow_at_least_a_third() {
 
 #[test]
 fn follows_the_link_down_and_up() {
-    let mut r = Run::new(link(50.0, 100, 0.0), 3);
-    let cc = vmr(&r.sim, 3);
-    r.flow(cc, 0.0, None);
+    let mut r = Run::with_vmr(link(50.0, 100, 0.0), 3);
     r.until(10.0);
     // The bottleneck drops to 20 Mbit/s: the flow must stop overflowing its queue quickly.
     r.sim.set_link(20.0 * MBIT, 0.0);
@@ -277,9 +283,7 @@ fn finds_a_tenfold_faster_link_within_a_second_or_two() {
     // a bandwidth estimate that keeps growing sends the flow back to startup (x1.5 a round).
     let mut l = link(20.0, 100, 0.0);
     l.queue = Some(link(200.0, 100, 0.0).bdp());
-    let mut r = Run::new(l, 13);
-    let cc = vmr(&r.sim, 13);
-    r.flow(cc, 0.0, None);
+    let mut r = Run::with_vmr(l, 13);
     r.until(10.0);
     r.sim.set_link(200.0 * MBIT, 0.0);
     r.until(11.5).sim.mark();
@@ -421,9 +425,7 @@ fn a_remembered_path_that_changed_falls_back_quickly() {
 
 #[test]
 fn persistent_congestion_starts_over_and_a_dead_link_is_probed_gently() {
-    let mut r = Run::new(link(50.0, 100, 0.0), 8);
-    let cc = vmr(&r.sim, 8);
-    r.flow(cc, 0.0, None);
+    let mut r = Run::with_vmr(link(50.0, 100, 0.0), 8);
     r.until(5.0);
     // The link goes dead for 3 s, then comes back.
     r.sim.set_link(50.0 * MBIT, 1.0);

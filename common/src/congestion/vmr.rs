@@ -105,7 +105,7 @@ pub struct PathHint {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Doubling the window each round until the queue grows, the bandwidth stops growing or
+    /// Growing the window x1.75 a round until the queue grows, the bandwidth stops growing or
     /// loss says the path is congested.
     Startup,
     /// Starting from a remembered path: half its BDP, then all of it, as long as the RTT
@@ -181,7 +181,7 @@ pub struct Vmr {
     /// Consecutive RTT samples that saw a queue, or half of one.
     queue_streak: u32,
     early_streak: u32,
-    /// Startup grows by a quarter per round instead of doubling.
+    /// Startup grows by a quarter per round instead of three quarters.
     startup_gentle: bool,
     prev_high_loss: bool,
     /// Bytes acknowledged and lost of datagrams sent while in flight was below the BDP.
@@ -422,8 +422,9 @@ impl Vmr {
         }
         match self.phase {
             Phase::Startup if !app_limited => {
-                // Doubling each round until a queue starts to form, then x1.25: the queue is
-                // seen a round late, when doubling has already put twice as much in flight.
+                // x1.75 a round until a queue starts to form, then x1.25: the queue is seen a
+                // round late (doubling would by then have put two BDPs in flight: a one-BDP
+                // buffer overflows).
                 self.startup_cwnd += if self.startup_gentle {
                     bytes / 4
                 } else {
@@ -451,7 +452,7 @@ impl Vmr {
             self.queue_streak = 0;
         }
         // A queue starting to form: startup grows gently from here on (the queue it sees
-        // is a round old, and doubling for another round would overflow a 1-BDP buffer).
+        // is a round old, and growing fast for another round would overflow a 1-BDP buffer).
         if rtt > floor + (self.inflated_rtt(floor) - floor) / 2 {
             self.early_streak += 1;
             if self.early_streak >= QUEUE_STREAK {
@@ -559,7 +560,7 @@ impl Vmr {
     }
 
     /// A queue that the last `QUEUE_STREAK` RTT samples all saw ends startup (within a round,
-    /// before it doubles the queue again), or a resume whose remembered path no longer holds.
+    /// before it grows the queue much more), or a resume whose remembered path no longer holds.
     fn check_queue(&mut self, now: Instant) {
         if self.queue_streak < QUEUE_STREAK {
             return;
