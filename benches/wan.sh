@@ -303,7 +303,8 @@ run_case() {
   stop "$spid"
   stop "$rpid" "$apid" "$tpid"
   python3 "$script_dir/wan_table.py" case "$d" "$label" "$cc" "$loss" "$rate" "$delay" "$limit" \
-    "$finished" "$applied" "$cap_wall" "$cs" "$ca" "$load1" "$mib" >>"$ROWS"
+    "$finished" "$applied" "$cap_wall" "$cs" "$ca" "$load1" "$mib" >>"$ROWS" \
+    || log "analysing case $n failed: left out of the table (WAN_KEEP=1 keeps its logs in $d)"
   tail -1 "$ROWS" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print('wan:   ->', {k: r.get(k) for k in ('finished','transfer_s','data_mib','cycle_s','interrupted')})" >&2
   [[ $WAN_KEEP == 1 ]] || rm -rf "$d/replica" "$d/primary"
 }

@@ -117,9 +117,13 @@ def steady_udp_rate(d, skip=5.0):
     going = next((t for t, b in pts if b > MIB), None)
     if going is None:
         return None
-    pts = [(t, b) for t, b in pts if t >= going + skip]
+    later = []
+    for t, b in pts:
+        if t >= going + skip and (not later or t > later[-1][0]):
+            later.append((t, b))
+    pts = later
     # Drop the tail once the rate falls under half the median (the last chunks, the end).
-    steps = [(b1 - b0) / (t1 - t0) for (t0, b0), (t1, b1) in zip(pts, pts[1:]) if t1 > t0]
+    steps = [(b1 - b0) / (t1 - t0) for (t0, b0), (t1, b1) in zip(pts, pts[1:])]
     if len(steps) < 3:
         return None
     med = sorted(steps)[len(steps) // 2]
