@@ -26,10 +26,10 @@
 #                transfer and maximum, in BDPs of the link.
 #   cpu s/GiB    CPU seconds (utime+stime) of the shipper and of the applier per GiB of data.
 #   If the cycle has not finished after WAN_CAP_S seconds, the case is stopped and reports what
-#   the applier had APPLIED by then. Stop-gap until the applier's admin socket can say it: the
-#   initial copy writes in place, so that is the allocated bytes of the replica images (made
-#   durable by the applier at least every 64 MiB); goodput = that / time since "cycle planned",
-#   the table marks it "> cap".
+#   the applier had APPLIED by then: its admin socket (STORE/applier.sock) says which cycle it
+#   is receiving but has no byte count, so the bytes are the allocated bytes of the replica
+#   images (the initial copy writes in place, behind no undo log: there is no older point);
+#   goodput = that / time since "cycle planned", the table marks it "> cap".
 # Pairs (WAN_FAIR): two shippers (two trackers, two VMs, one applier) through ONE relay
 #   bottleneck (--multi: each shipper counted apart), started together; each one's rate is its
 #   client->server bytes delivered by the relay between WAN_FAIR_WARM_S after the start and the
@@ -297,6 +297,11 @@ run_case() {
   if ((!finished)); then
     cap_wall=$(date +%s.%N)
     applied=$(allocated "$d/replica" '*/disks/*.img')
+    # What the applier says of the cycle (its admin socket; it has no byte count yet).
+    python3 -c "import json,socket,sys
+s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])
+s.sendall(b'{\"op\":\"status\"}\n'); print(s.makefile().readline().strip())" \
+      "$d/replica/applier.sock" >"$d/applier-status.json" 2>/dev/null || true
   fi
   local cs ca
   cs=$(cpu_s "$spid"); ca=$(cpu_s "$apid")

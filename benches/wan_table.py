@@ -91,6 +91,13 @@ def case(a):
     row["c2s_bytes"] = c2s.get("forwarded_bytes", 0)
     row["queue_mean"] = c2s.get("mean_queue_bytes_busy")
     row["queue_max"] = c2s.get("max_queue_bytes", 0)
+    try:
+        st = json.loads(open(f"{d}/applier-status.json").read())["result"]["vms"][0]
+        rcv = st.get("receiving") or {}
+        row["applier"] = (f"applier: cycle {rcv.get('cycle')} ({rcv.get('kind')}) in progress"
+                          if rcv else f"applier: last cycle {st.get('last_cycle')}")
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
     rate = steady_udp_rate(d)
     if rate and row.get("data_mib") and row["c2s_bytes"]:
         row["steady_goodput_bps"] = rate * 8 * row["data_mib"] * MIB / row["c2s_bytes"]
@@ -230,7 +237,7 @@ def report(rows_file):
           "transfer, in BDPs. The targets are checked on the whole-transfer goodput.")
     print(f"- \"> cap\": not finished after {env.get('WAN_CAP_S', '?')} s; data = what the "
           "applier had applied by then (allocated bytes of the replica image: the initial copy "
-          "writes in place and makes it durable at least every 64 MiB)\n")
+          "writes in place; the applier's admin socket names the cycle but counts no bytes)\n")
 
     link = [r for r in rows if r["label"] == "link"]
     if link:
@@ -295,6 +302,8 @@ def report(rows_file):
             notes = []
             if r["interrupted"]:
                 notes.append(f"{r['interrupted']} reconnect(s): {r.get('first_error', '')}")
+            if r.get("applier"):
+                notes.append(r["applier"])
             if not r["finished"] and t:
                 notes.append(f"relay delivered {r['c2s_bytes'] / MIB:.1f} MiB of UDP payload "
                              f"({r['c2s_bytes'] * 8 / t / 1e6:.1f} Mbit/s)")
