@@ -4,7 +4,10 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"points","vm":V}`,
 //! `{"op":"export","vm":V,"point":N,"dir":D}` (through a point view: the point is pinned
-//! while it is written out, and later cycles go on landing). Responses:
+//! while it is written out, and later cycles go on landing); operations (see
+//! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
+//! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
 
@@ -36,6 +39,10 @@ pub enum Request {
         vm: String,
         point: u64,
         dir: PathBuf,
+    },
+    Report,
+    Remove {
+        vm: String,
     },
 }
 
@@ -176,6 +183,8 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             let files = export(&view, &dir)?;
             Ok(json!({ "files": files }))
         }
+        Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
+        Request::Remove { vm } => crate::ops::remove(app, &vm),
     }
 }
 

@@ -12,7 +12,7 @@ const MAX_FAILURES: usize = 4096;
 const HOUR: u64 = 3600;
 
 /// One cycle applied on the replica.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CycleRecord {
     pub cycle: u64,
     /// `initial`, `delta`, `resync`, `seed`.
@@ -58,7 +58,7 @@ pub struct ErrorRecord {
     pub message: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct History {
     /// When the first cycle was applied (cycles are expected from then on).
     #[serde(default)]
