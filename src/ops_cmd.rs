@@ -434,14 +434,11 @@ pub fn pause(vm: &str, resume: bool) -> Result<()> {
 }
 
 /// `resync VM [--wait]`: asks for a checksum resync; with --wait, shows its progress (the
-/// checksum pass, then the transfer) until it is applied.
+/// checksum pass, then the transfer) until the shipper reports it applied (its event).
 pub fn resync(vm: &str, wait: bool) -> Result<()> {
     let e = shipper_of(vm)?;
     let socket = e.control.context("the shipper's entry names no socket")?;
-    let status = |socket: &Path| -> Result<VmStatus> {
-        Ok(serde_json::from_value(ask(socket, &Ship::Status)?)?)
-    };
-    let before = status(&socket)?.last_cycle.unwrap_or(0);
+    let mut follow = vmreplica_ops::events::Follower::new(&registry::run_dir(), false);
     ask(&socket, &Ship::Resync)?;
     println!("VM {vm}: checksum resync requested: the next cycle compares every block");
     if !wait {
@@ -449,8 +446,24 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
     }
     let mut last_line = Instant::now() - Duration::from_secs(10);
     loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let st = status(&socket)?;
+        for line in follow.poll() {
+            let Ok(ev) = serde_json::from_str::<vmreplica_ops::events::Event>(&line) else {
+                continue;
+            };
+            if ev.vm.as_deref() == Some(vm)
+                && ev.source == "shipper"
+                && ev.event == vmreplica_ops::events::CYCLE_APPLIED
+                && ev.fields.get("kind") == Some(&Value::from("resync"))
+            {
+                println!(
+                    "VM {vm}: resync applied (cycle {}, {} differed)",
+                    ev.fields.get("cycle").cloned().unwrap_or_default(),
+                    human_bytes(ev.fields.get("bytes").and_then(Value::as_u64).unwrap_or(0))
+                );
+                return Ok(());
+            }
+        }
+        let st: VmStatus = serde_json::from_value(ask(&socket, &Ship::Status)?)?;
         if let Some(p) = st.progress.as_ref().filter(|p| p.kind == "resync") {
             if last_line.elapsed() >= Duration::from_secs(2) {
                 last_line = Instant::now();
@@ -471,14 +484,7 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
                 st.health.reasons.join("; ")
             );
         }
-        if let Some(p) = st
-            .latest_point
-            .as_ref()
-            .filter(|p| p.kind == "resync" && p.cycle > before)
-        {
-            println!("VM {vm}: resync applied (cycle {})", p.cycle);
-            return Ok(());
-        }
+        std::thread::sleep(Duration::from_millis(300));
     }
 }
 

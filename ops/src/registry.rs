@@ -94,12 +94,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Field 22 of `/proc/PID/stat` (after the parenthesised command, which may hold spaces).
+/// Field 22 of `/proc/PID/stat` (after the parenthesised command, which may hold spaces);
+/// None for a process that is gone, or has exited and waits to be reaped (a zombie).
 fn start_ticks(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &s[s.rfind(')')? + 1..];
+    let mut rest = s[s.rfind(')')? + 1..].split_whitespace();
     // Fields after the command start at field 3 (state): 22 is the 20th of them.
-    rest.split_whitespace().nth(19)?.parse().ok()
+    if matches!(rest.next(), Some("Z" | "X")) {
+        return None;
+    }
+    rest.nth(18)?.parse().ok()
 }
 
 /// This process's entry, removed when dropped.
