@@ -406,3 +406,58 @@ fn resync_with_progress_then_remove_on_both_sides() {
     assert_eq!(count(&run, "removed"), 2);
     tracker.stop();
 }
+
+/// An excluded disk (swap) is served by the tracker as usual but neither tracked nor
+/// shipped; the replica records its name and size (failover recreates it blank), and status
+/// shows it on both sites.
+#[test]
+fn an_excluded_disk_is_served_not_tracked_not_shipped_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    run_dir(dir.path());
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let sys = image(dir.path(), "sys.img", 16 * MIB);
+    let swap = image(dir.path(), "swap.img", 8 * MIB);
+    fill_random(&sys, 2);
+    let bad = Command::new(bin())
+        .args(["tracker", "--state-dir"])
+        .arg(dir.path().join("s2"))
+        .arg("--disk")
+        .arg(format!("sys={}", sys.display()))
+        .args(["--exclude", "nope"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--exclude nope"));
+    let tracker = TrackerProc::start(
+        dir.path(),
+        &[("sys", &sys), ("swap", &swap)],
+        &["--exclude", "swap"],
+    );
+    qemu_write_nbd(&tracker.uri("swap"), 0x33, "1M", "2M");
+    let (config, _applier, _shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 2, Duration::from_secs(60));
+    // Served: what was written reads back through the tracker.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &tracker.uri("swap")])
+        .args(["-c", "read -P 0x33 1M 2M"]));
+    assert!(!tracker.state.join("swap.bitmap").exists());
+    assert!(!site.store.join("vm1/disks/swap.img").exists());
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(site.store.join("vm1/state.json")).unwrap()).unwrap();
+    assert_eq!(
+        state["state"]["excluded"],
+        serde_json::json!([{"name": "swap", "size": 8 * MIB}])
+    );
+    site.assert_equal(&config, &sys);
+    let r = status("vm1");
+    for s in ["primary", "replica"] {
+        let v = side(&r, s).unwrap();
+        let d: Vec<&Value> = v["disks"].as_array().unwrap().iter().collect();
+        assert!(
+            d.iter()
+                .any(|d| d["name"] == "swap" && d["excluded"] == true && d["size"] == 8 * MIB),
+            "{s}: {v}"
+        );
+    }
+    assert!(status_text("vm1").contains("swap 8.0 MiB (excluded)"));
+    tracker.stop();
+}

@@ -992,6 +992,9 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
     let granularity = st["granularity"].as_u64().unwrap_or(65536);
     let mut out = Vec::new();
     for d in st["disks"].as_array().cloned().unwrap_or_default() {
+        if d["excluded"] == Value::Bool(true) {
+            continue; // not replicated: nothing to compare
+        }
         let name = d["name"].as_str().unwrap_or_default().to_string();
         let size = d["size"].as_u64().unwrap_or(0);
         let image =
