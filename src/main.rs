@@ -338,7 +338,7 @@ fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
 }
 
 /// Bytes as people read them: 0 B, 64.0 KiB, 1.5 GiB.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -355,17 +355,22 @@ fn human_bytes(n: u64) -> String {
 
 fn print_points(points: &[vmreplica_applier::PointInfo]) {
     println!(
-        "{:>8}  {:<25}  {:<8}  {:>12}",
+        "{:>8}  {:<25}  {:<8}  {:>12}  consistency",
         "cycle", "applied (UTC)", "kind", "size"
     );
     for p in points {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.applied_at);
         println!(
-            "{:>8}  {:<25}  {:<8}  {:>12}",
+            "{:>8}  {:<25}  {:<8}  {:>12}  {}",
             p.cycle,
             humantime::format_rfc3339_seconds(t).to_string(),
             p.kind,
-            human_bytes(p.bytes)
+            human_bytes(p.bytes),
+            if p.app_consistent {
+                "application"
+            } else {
+                "crash"
+            }
         );
     }
 }
