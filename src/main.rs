@@ -2,6 +2,7 @@
 
 mod ops_cmd;
 mod progress;
+mod seed_cmd;
 mod tracker_cmd;
 mod vm_cmd;
 
@@ -91,6 +92,12 @@ enum Cmd {
     /// Stop replicating a VM and remove its state on the chosen side(s), after a
     /// confirmation.
     Remove(ops_cmd::RemoveArgs),
+    /// Initial replication by external media (export, import), or from a copy already on
+    /// the replica site (adopt).
+    Seed {
+        #[command(subcommand)]
+        op: seed_cmd::SeedOp,
+    },
     /// Talk to a running tracker's control socket.
     Ctl {
         /// The tracker's control socket (default: STATE_DIR/control.sock).
@@ -597,6 +604,7 @@ fn main() -> Result<()> {
             config,
         } => ops_cmd::set(&vm, &settings, config.as_deref()),
         Cmd::Remove(a) => ops_cmd::remove(a),
+        Cmd::Seed { op } => seed_cmd::run(op),
     }
 }
 

@@ -44,6 +44,18 @@ pub enum Request {
     Remove {
         vm: String,
     },
+    SeedImport {
+        vm: String,
+        dir: PathBuf,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Adopt {
+        vm: String,
+        owner: String,
+        disks: Vec<(String, PathBuf)>,
+        granularity: u32,
+    },
 }
 
 pub(crate) struct AdminServer {
@@ -185,6 +197,15 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
         }
         Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
         Request::Remove { vm } => crate::ops::remove(app, &vm),
+        Request::SeedImport { vm, dir, owner } => {
+            crate::ops::seed_import(app, &vm, &dir, owner.as_deref())
+        }
+        Request::Adopt {
+            vm,
+            owner,
+            disks,
+            granularity,
+        } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
     }
 }
 

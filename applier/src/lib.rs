@@ -17,6 +17,7 @@ mod logfile;
 pub mod ops;
 pub mod pointview;
 pub mod rules;
+pub mod seed;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -239,10 +239,11 @@ pub(crate) fn remove_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     Ok(dir)
 }
 
-/// Removes what a crash left half removed.
+/// Removes what a crash left half removed, or half installed (a seed's staging directory).
 pub(crate) fn clear_removing(root: &Path) {
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().starts_with(".removing-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".removing-") || name.starts_with(".seed-") {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -286,4 +287,46 @@ pub(crate) fn remove(app: &Arc<App>, vm: &str) -> Result<Value, StoreError> {
     drop(guard);
     drop(entry);
     r.map(|dir| json!({ "removed": dir }))
+}
+
+/// Makes room for installing VM `vm` from outside the link (a seed, an adopted copy): a
+/// replica the applier has open only because its primary said hello (nothing received yet)
+/// is closed; one that holds anything, or whose primary is connected, is refused.
+pub(crate) fn make_room(app: &Arc<App>, vm: &str) -> Result<(), StoreError> {
+    let Some(entry) = app.take_vm(vm)? else {
+        return Ok(());
+    };
+    if !entry.conns_empty() {
+        app.put_back(vm, entry);
+        return Err(StoreError::Refused(format!(
+            "VM {vm}: its primary is connected: stop its shipper until the replica is installed"
+        )));
+    }
+    drop(entry);
+    Ok(())
+}
+
+/// The admin socket's `seed-import`.
+pub(crate) fn seed_import(
+    app: &Arc<App>,
+    vm: &str,
+    dir: &Path,
+    owner: Option<&str>,
+) -> Result<Value, StoreError> {
+    make_room(app, vm)?;
+    let r = crate::seed::import(app.store.root(), vm, dir, owner)?;
+    Ok(json!(r))
+}
+
+/// The admin socket's `adopt`.
+pub(crate) fn adopt(
+    app: &Arc<App>,
+    vm: &str,
+    owner: &str,
+    disks: &[(String, PathBuf)],
+    granularity: u32,
+) -> Result<Value, StoreError> {
+    make_room(app, vm)?;
+    let r = crate::seed::adopt(app.store.root(), vm, owner, disks, granularity)?;
+    Ok(json!(r))
 }

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod ratelimit;
 pub mod run;
 pub mod schedule;
+pub mod seed;
 pub mod session;
 pub mod ship;
 pub mod state;
