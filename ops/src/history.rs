@@ -196,7 +196,7 @@ impl History {
             cycles_done: done,
             cycles_expected: expected,
             cycles_missed: missed,
-            avg_cycle_bytes: if done > 0 { bytes / done } else { 0 },
+            avg_cycle_bytes: bytes.checked_div(done).unwrap_or(0),
             peak_cycle_bytes: recent.iter().map(|c| c.bytes).max().unwrap_or(0),
             avg_cycle_seconds: if done > 0 { secs / done as f64 } else { 0.0 },
             peak_cycle_seconds: recent.iter().map(|c| c.seconds()).fold(0.0, f64::max),

@@ -453,7 +453,7 @@ impl Ops {
 
     /// What a running shipper adds to the state file for status.
     pub fn live(&self) -> Live {
-        let progress = lock(&self.live).clone();
+        let progress = *lock(&self.live);
         Live {
             pid: std::process::id(),
             socket: self.socket.display().to_string(),

@@ -939,7 +939,7 @@ async fn plan_cycle(
         *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((
             Snapshot {
                 cycle,
-                kind: kind,
+                kind,
                 done,
                 total,
                 elapsed: started.elapsed(),

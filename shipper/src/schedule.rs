@@ -189,7 +189,8 @@ mod tests {
         assert_eq!(s.at(mon, 23 * 60), Some(None));
         assert_eq!(s.at(sat, 3 * 60), Some(None), "friday night's window");
         assert_eq!(s.at(sat, 12 * 60), Some(Some(50 << 20)));
-        assert_eq!(s.at(fri, 7 * 60), Some(None));
+        assert_eq!(s.at(fri, 5 * 60), Some(None), "thursday night's window");
+        assert_eq!(s.at(fri, 7 * 60), None);
         assert_eq!(s.at(fri, 20 * 60), None);
         assert_eq!(Schedule::default().limit_now(Some(5)), Some(5));
         assert_eq!(
@@ -204,7 +205,7 @@ mod tests {
             w(Some("someday"), "08:00", "09:00", "1M"),
             w(None, "08:00", "09:00", "lots"),
         ] {
-            let e = Schedule::parse(&[bad.clone()]).unwrap_err();
+            let e = Schedule::parse(std::slice::from_ref(&bad)).unwrap_err();
             assert!(e.starts_with("bandwidth_schedule[0]"), "{bad:?}: {e}");
         }
     }

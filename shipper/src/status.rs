@@ -74,7 +74,7 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
                 .collect()
         })
         .unwrap_or_default();
-    disks.sort_by(|a, b| a.excluded.cmp(&b.excluded));
+    disks.sort_by_key(|d| d.excluded);
     let tracking_lost: Vec<String> = disks
         .iter()
         .filter(|d| d.resync_required)

@@ -315,6 +315,9 @@ struct Shared {
     drop_pending: AtomicBool,
 }
 
+/// A tracked disk: its index among all disks, the disk, its tracking.
+type TrackedDisk<'a> = (usize, &'a Arc<Disk>, &'a Tracking);
+
 pub struct Tracker {
     shared: Arc<Shared>,
     /// Serialises freeze, release, merge and clear-resync.
@@ -821,7 +824,7 @@ impl Tracker {
     }
 
     /// The tracked disks (all but the excluded ones), with their index among all disks.
-    fn tracked(&self) -> Result<Vec<(usize, &Arc<Disk>, &Tracking)>, TrackerError> {
+    fn tracked(&self) -> Result<Vec<TrackedDisk<'_>>, TrackerError> {
         let excluded: Vec<bool> = self.lock_state().disks.iter().map(|d| d.excluded).collect();
         self.disks()
             .iter()
