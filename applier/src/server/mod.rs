@@ -318,14 +318,17 @@ impl Applier {
                     let remote = incoming.remote_address();
                     match incoming.await {
                         Ok(conn) => connection(app, conn).await,
-                        // A peer retrying with a wrong certificate: once a minute, counted.
-                        Err(e) => vmreplica_common::warn_limited!(
-                            Duration::from_secs(60),
-                            key = &remote.ip().to_string(),
-                            %remote,
-                            "refused a connection: {}",
-                            tls::describe_refusal(&e.to_string(), "replica", "primary")
-                        ),
+                        // A peer retrying with a wrong certificate: once a minute per
+                        // peer and reason, counted (a new reason is said at once).
+                        Err(e) => {
+                            let why = tls::describe_refusal(&e.to_string(), "replica", "primary");
+                            vmreplica_common::warn_limited!(
+                                Duration::from_secs(60),
+                                key = &format!("{} {why}", remote.ip()),
+                                %remote,
+                                "refused a connection: {why}"
+                            )
+                        }
                     }
                 });
             }
