@@ -397,7 +397,7 @@ pub fn fail_over_planned(
             std::sync::Arc::clone(&adopted),
         );
         std::sync::Arc::new(move |p: LineagePoint| -> Result<(), String> {
-            let req = Admin::Adopt(Adopt {
+            let req = Admin::AdoptPrimary(Adopt {
                 vm: vm.clone(),
                 owner: owner.clone(),
                 tracker: tracker.clone(),
@@ -418,6 +418,7 @@ pub fn fail_over_planned(
         cfg.clone(),
         progress,
         std::future::pending(),
+        None,
         Some(PlannedRun { planned, adopt }),
     ));
     let finished = match r {
@@ -429,7 +430,10 @@ pub fn fail_over_planned(
             };
             // Back to where it was: this site is the primary, sealed until the user says.
             if adopted.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = admin::call(admin_socket, &Admin::AdoptUndo(Vm { vm: vm.to_string() }));
+                let _ = admin::call(
+                    admin_socket,
+                    &Admin::AdoptPrimaryUndo(Vm { vm: vm.to_string() }),
+                );
             }
             bail!(
                 "VM {vm}: the planned failover did not complete: {why}. This site is still the \
@@ -507,7 +511,7 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
     }
     let v = call(
         &a.site,
-        &Admin::Adopt(Adopt {
+        &Admin::AdoptPrimary(Adopt {
             vm: vm.to_string(),
             owner: cfg.server_name.clone(),
             tracker: std::path::absolute(&cfg.tracker)?,

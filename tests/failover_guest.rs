@@ -106,7 +106,11 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
         checker.to_str().unwrap(),
     ]);
     let boot1 = console_lines(&vm_a.console_log());
-    assert!(boot1.iter().any(|l| l == "VMR-UMOUNT ok"), "{}", boot1.join("\n"));
+    assert!(
+        boot1.iter().any(|l| l == "VMR-UMOUNT ok"),
+        "{}",
+        boot1.join("\n")
+    );
     let mut written = files_written(&boot1);
     let vm_b = Instance::new(p.b.primary_dir().join("run"));
     let _k2 = KillOnDrop(vm_b.clone());
@@ -114,7 +118,11 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
     assert!(check.iter().any(|l| l == "VMR-JOURNAL clean"));
     assert_files(&check, &written);
     assert!(vm_b.wait_stopped(Duration::from_secs(60)).unwrap());
-    assert_eq!(sha(&p.img), sha(&p.b.image("sys")), "the disks differ after the planned failover");
+    assert_eq!(
+        sha(&p.img),
+        sha(&p.b.image("sys")),
+        "the disks differ after the planned failover"
+    );
     p.a.wait_role("replica", Duration::from_secs(90));
     // 3. Failback B → A (the checker is off): identical disks, then the writer on site A.
     let cfg_b = p.b.primary_dir().join("shipper.toml");
@@ -126,7 +134,11 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
         cfg_b.to_str().unwrap(),
         "--no-start",
     ]);
-    assert_eq!(sha(&p.img), sha(&p.b.image("sys")), "the disks differ after the failback");
+    assert_eq!(
+        sha(&p.img),
+        sha(&p.b.image("sys")),
+        "the disks differ after the failback"
+    );
     let uris = [("sys".to_string(), p.a.uri("sys"))].into();
     vm_a.start_definition(
         &VmDefinition::load(&writer).unwrap(),
@@ -136,9 +148,16 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
     )
     .unwrap();
     let boot3 = wait_files(&vm_a.console_log(), 4, BOOT);
-    assert!(!boot3.iter().any(|l| l == "VMR-MKFS"), "boot 3 made a new filesystem");
+    assert!(
+        !boot3.iter().any(|l| l == "VMR-MKFS"),
+        "boot 3 made a new filesystem"
+    );
     let first: u64 = tagged(&boot3, "VMR-FILE")[0][0].parse().unwrap();
-    assert_eq!(first, written.len() as u64 + 1, "boot 3 did not go on numbering");
+    assert_eq!(
+        first,
+        written.len() as u64 + 1,
+        "boot 3 did not go on numbering"
+    );
     // The files reported so far are in the replica once two more cycles landed (the second
     // one was frozen after this instant).
     let durable = files_written(&console_lines(&vm_a.console_log()));
@@ -177,5 +196,8 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
         check.join("\n")
     );
     assert_files(&check, &written);
-    eprintln!("{} files checked on site B after the unplanned failover", written.len());
+    eprintln!(
+        "{} files checked on site B after the unplanned failover",
+        written.len()
+    );
 }

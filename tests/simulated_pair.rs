@@ -390,6 +390,7 @@ impl Sim {
                 start: true,
                 definition: None,
             }),
+            paused: false,
         };
         self.shippers.push(Shipper {
             s: ShipperSession::new(cfg, self.at()),
@@ -1104,6 +1105,7 @@ impl Sim {
                 freeze: 1,
                 disks: Vec::new(),
                 parent: None,
+                meta: Default::default(),
             },
         });
         let c = self.conns.remove(&id).unwrap();

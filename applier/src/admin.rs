@@ -4,9 +4,12 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"points","vm":V}`,
 //! `{"op":"export","vm":V,"point":N,"dir":D}` (through a point view: the point is pinned
-//! while it is written out, and later cycles go on landing); failover's (handled in
+//! while it is written out, and later cycles go on landing); operations (see
+//! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
+//! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`; failover's (handled in
 //! `crate::failover::admin`): `failover-unplanned`, `failover-commit`, `failover-cancel`,
-//! `failover-abandon`, `adopt`, `adopt-undo`. Responses:
+//! `failover-abandon`, `adopt-primary`, `adopt-primary-undo`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
 
@@ -39,12 +42,28 @@ pub enum Request {
         point: u64,
         dir: PathBuf,
     },
+    Report,
+    Remove {
+        vm: String,
+    },
+    SeedImport {
+        vm: String,
+        dir: PathBuf,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Adopt {
+        vm: String,
+        owner: String,
+        disks: Vec<(String, PathBuf)>,
+        granularity: u32,
+    },
     FailoverUnplanned(crate::failover::admin::Unplanned),
     FailoverCommit(crate::failover::admin::Vm),
     FailoverCancel(crate::failover::admin::Vm),
     FailoverAbandon(crate::failover::admin::Vm),
-    Adopt(crate::failover::admin::Adopt),
-    AdoptUndo(crate::failover::admin::Vm),
+    AdoptPrimary(crate::failover::admin::Adopt),
+    AdoptPrimaryUndo(crate::failover::admin::Vm),
 }
 
 pub(crate) struct AdminServer {
@@ -184,12 +203,23 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             let files = export(&view, &dir)?;
             Ok(json!({ "files": files }))
         }
+        Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
+        Request::Remove { vm } => crate::ops::remove(app, &vm),
+        Request::SeedImport { vm, dir, owner } => {
+            crate::ops::seed_import(app, &vm, &dir, owner.as_deref())
+        }
+        Request::Adopt {
+            vm,
+            owner,
+            disks,
+            granularity,
+        } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
         Request::FailoverUnplanned(r) => crate::failover::admin::unplanned(app, rt, r),
         Request::FailoverCommit(r) => crate::failover::admin::commit(app, rt, r),
         Request::FailoverCancel(r) => crate::failover::admin::cancel(app, rt, r),
         Request::FailoverAbandon(r) => crate::failover::admin::abandon(app, rt, r),
-        Request::Adopt(r) => crate::failover::admin::adopt(app, rt, r),
-        Request::AdoptUndo(r) => crate::failover::admin::adopt_undo(app, rt, r),
+        Request::AdoptPrimary(r) => crate::failover::admin::adopt(app, rt, r),
+        Request::AdoptPrimaryUndo(r) => crate::failover::admin::adopt_undo(app, rt, r),
     }
 }
 

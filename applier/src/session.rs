@@ -21,8 +21,8 @@ use std::collections::VecDeque;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{
-    code, divergent_pages, resume_pages, CycleKind, DiskInfo, Endpoint, LineagePoint, Message,
-    Role, Tag, PROTOCOL_VERSION,
+    code, divergent_pages, resume_pages, CycleKind, CycleMeta, DiskInfo, Endpoint, LineagePoint,
+    Message, Role, Tag, PROTOCOL_VERSION,
 };
 
 use crate::rules::{self, Replica};
@@ -111,6 +111,8 @@ pub enum Action {
         freeze: u64,
         disks: Vec<DiskInfo>,
         parent: Option<LineagePoint>,
+        /// What the cycle says of itself (app-consistent, excluded disks, ...).
+        meta: CycleMeta,
     },
     /// Commit the cycle (`VmStore::commit`), then report [`Event::Committed`].
     Commit {
@@ -424,6 +426,7 @@ impl ApplierSession {
                 freeze,
                 disks,
                 parent,
+                meta,
             } => {
                 if let Err(m) = rules::decide(
                     &self.vm,
@@ -456,6 +459,7 @@ impl ApplierSession {
                     freeze,
                     disks,
                     parent,
+                    meta,
                 });
             }
             Message::Manifest {
@@ -590,6 +594,7 @@ mod tests {
             freeze: 9,
             disks: vec![],
             parent: None,
+            meta: Default::default(),
         }
     }
 

@@ -37,7 +37,7 @@ pub async fn welcome(cfg: &ShipperConfig) -> Result<Welcome, ShipError> {
         other => Err(ShipError::Protocol(other.name().into())),
     };
     conn.close(0u32.into(), b"hello only");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     r
 }
 
@@ -102,6 +102,6 @@ pub async fn reverse(cfg: &ShipperConfig, ask: &ReverseAsk) -> Result<ReverseOk,
     }
     .await;
     conn.close(0u32.into(), b"reverse asked");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     r
 }

@@ -139,6 +139,19 @@ pub enum Event {
     Tick,
     /// The driver adopted this site's images as the replica (planned failover), or failed.
     Adopted(Result<(), String>),
+    /// An operator paused replication: the attempt under way ends (a frozen generation stays
+    /// frozen, and resumes where it stopped), and nothing more is frozen or shipped until
+    /// [`Event::Resume`]. The tracker keeps tracking meanwhile.
+    Pause,
+    /// Replication goes on: at once, one cycle of everything that changed meanwhile. From a
+    /// stop (an error that needed an operator), it tries again.
+    Resume,
+    /// An operator asked for a checksum resync: the next freeze is a full one (at once, if
+    /// the session is waiting for the interval).
+    ResyncRequested,
+    /// The interval changed (None: continuous): the next freeze is due at the new interval
+    /// after the last one.
+    SetInterval(Option<Duration>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -225,6 +238,8 @@ pub struct Config {
     pub initial_sync_at: Option<Instant>,
     /// A planned failover: ship the last generation, then promote the replica.
     pub planned: Option<Planned>,
+    /// Start paused (a pause survives a restart).
+    pub paused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +281,8 @@ enum Phase {
         parent: LineagePoint,
     },
     Stopped,
+    /// Paused by an operator: nothing is frozen or shipped.
+    Paused,
 }
 
 /// What a tracker operation was for.
@@ -333,9 +350,14 @@ pub struct ShipperSession {
 
 impl ShipperSession {
     pub fn new(cfg: Config, now: Instant) -> ShipperSession {
+        let phase = if cfg.paused {
+            Phase::Paused
+        } else {
+            Phase::Idle { at: now }
+        };
         ShipperSession {
             cfg,
-            phase: Phase::Idle { at: now },
+            phase,
             attempt: 0,
             tracker: None,
             replica: None,
@@ -370,6 +392,73 @@ impl ShipperSession {
 
     pub fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.phase == Phase::Paused
+    }
+
+    /// Between cycles: waiting for the interval (or paused, or stopped), no attempt or
+    /// tracker operation under way.
+    pub fn is_idle(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Waiting { .. } | Phase::Paused | Phase::Stopped
+        )
+    }
+
+    /// The interval in force (None: continuous).
+    pub fn interval(&self) -> Option<Duration> {
+        self.cfg.interval
+    }
+
+    /// Operator events: pause, resume, resync, a new interval.
+    fn operator(&mut self, ev: Event) {
+        match ev {
+            Event::Pause => {
+                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
+                    return;
+                }
+                if !matches!(self.phase, Phase::Idle { .. } | Phase::Waiting { .. }) {
+                    // The attempt ends; a tracker operation in flight finishes on its own and
+                    // its answer is ignored (resume reads the tracker's state afresh).
+                    self.act(Action::Close {
+                        attempt: self.attempt,
+                    });
+                }
+                self.cycle = None;
+                self.phase = Phase::Paused;
+            }
+            Event::Resume => {
+                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
+                    self.backoff = MIN_BACKOFF;
+                    self.phase = Phase::Idle { at: self.now };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            Event::ResyncRequested => {
+                self.must_resync = true;
+                if let Phase::Waiting { .. } = self.phase {
+                    self.phase = Phase::Waiting {
+                        until: self.now,
+                        full: true,
+                    };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            Event::SetInterval(i) => {
+                self.cfg.interval = i;
+                if let Phase::Waiting { full: false, .. } = self.phase {
+                    let until = match (i, self.last_freeze) {
+                        (Some(i), Some(last)) => last + i,
+                        _ => self.now,
+                    };
+                    self.phase = Phase::Waiting { until, full: false };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The cycle being shipped: generation, kind.
@@ -416,7 +505,13 @@ impl ShipperSession {
 
     pub fn handle(&mut self, ev: Event, now: Instant) {
         self.now = now;
-        if self.phase == Phase::Stopped {
+        if matches!(
+            ev,
+            Event::Pause | Event::Resume | Event::ResyncRequested | Event::SetInterval(_)
+        ) {
+            return self.operator(ev);
+        }
+        if matches!(self.phase, Phase::Stopped | Phase::Paused) {
             return;
         }
         match ev {
@@ -1039,6 +1134,7 @@ impl ShipperSession {
                 freeze: f.id,
                 disks: t.disks.clone(),
                 parent,
+                meta: Default::default(),
             },
         });
     }

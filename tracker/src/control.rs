@@ -5,7 +5,8 @@
 //! without the replica's proof unless forced), `{"op":"merge","generation":N}`,
 //! `{"op":"clear-resync","disk":"NAME"}`,
 //! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false,"parent":{"lineage":P,"cycle":C}}`
-//! (`parent` optional: where a failover's new lineage continues from);
+//! (`parent` optional: where a failover's new lineage continues from),
+//! `{"op":"mark-resync","disk":"NAME"}` (an operator's explicit checksum resync);
 //! failover's: `{"op":"seal"}` and `{"op":"unseal"}` (writes refused with EPERM while
 //! sealed), `{"op":"freeze","baseline":true}` (a failover's baseline: never shipped),
 //! `{"op":"mark-dirty","disk":"NAME","ranges":[[OFFSET,LEN],...]}`, `{"op":"dirty-ranges"}`.
@@ -66,6 +67,9 @@ pub enum Request {
         ranges: Vec<(u64, u64)>,
     },
     DirtyRanges,
+    MarkResync {
+        disk: String,
+    },
 }
 
 /// The replica's proof that it applied a generation: its lineage and cycle (and the
@@ -100,6 +104,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                         "dirty_blocks": t.map(|t| t.bitmap().count(t.slots().active)),
                         "resync_required": ds.resync_required,
                         "connections": tracker.connections(&d.name),
+                        "excluded": ds.excluded,
                     })
                 })
                 .collect();
@@ -157,6 +162,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
         }),
         Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
         Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),
+        Request::MarkResync { disk } => tracker.mark_resync(&disk).map(|_| json!(null)),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),

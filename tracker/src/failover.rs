@@ -303,7 +303,7 @@ impl Tracker {
             .as_ref()
             .is_some_and(|f| f.baseline);
         let mut out = Vec::new();
-        for (d, t) in self.tracked()? {
+        for (_, d, t) in self.tracked()? {
             let s = t.slots();
             let bm = t.bitmap();
             let geo = t.geometry();

@@ -243,7 +243,7 @@ fn divergent_ranges_go_in_with_mark_dirty_and_come_out_with_dirty_ranges() {
     let e = t.mark_dirty("b", &[(8 * MIB, 1)]).unwrap_err().to_string();
     assert!(e.contains("beyond its end"), "{e}");
     let e = t.mark_dirty("c", &[(0, 1)]).unwrap_err().to_string();
-    assert!(e.contains("no disk \"c\""), "{e}");
+    assert!(e.contains("no disk named \"c\""), "{e}");
     let want = vec![
         ("a".to_string(), vec![(0, G), (MIB, 3 * G)]),
         ("b".to_string(), vec![(8 * MIB - G, G)]),

@@ -4,10 +4,10 @@
 //!   and `definition` optional): fail over to point N (default the newest);
 //! - `{"op":"failover-commit","vm":V}`, `{"op":"failover-cancel","vm":V}`,
 //!   `{"op":"failover-abandon","vm":V}`;
-//! - `{"op":"adopt","vm":V,"owner":NAME,"tracker":CONTROL_SOCKET,"lineage":L,"cycle":N}`:
+//! - `{"op":"adopt-primary","vm":V,"owner":NAME,"tracker":CONTROL_SOCKET,"lineage":L,"cycle":N}`:
 //!   this site's images (served by that tracker, or this site's own primary record) become
 //!   the replica of `owner` waiting for the reverse cycle continuing `(L, N)`;
-//!   `{"op":"adopt-undo","vm":V}` takes that back (the promote on the other site failed).
+//!   `{"op":"adopt-primary-undo","vm":V}` takes that back (the promote on the other site failed).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -678,6 +678,7 @@ impl VmStore {
             applied_at: now(),
             kind: "local".into(),
             bytes: 0,
+            app_consistent: false,
         }];
         next.role = Role::ReversePending(ReversePending {
             parent,
@@ -860,6 +861,7 @@ impl super::Store {
             applied_at: now(),
             kind: "local".into(),
             bytes: 0,
+            app_consistent: false,
         }];
         st.role = Role::ReversePending(ReversePending {
             parent,

@@ -89,6 +89,7 @@ fn all() -> Vec<Message> {
                 granularity: 65536,
             }],
             parent: None,
+            meta: CycleMeta::default(),
         },
         Message::BeginCycle {
             lineage: l,
@@ -97,6 +98,7 @@ fn all() -> Vec<Message> {
             freeze: 89,
             disks: vec![],
             parent: Some(point(9)),
+            meta: CycleMeta::default(),
         },
         Message::Divergent {
             ranges: vec![Range {
@@ -142,6 +144,25 @@ fn all() -> Vec<Message> {
             lineage: Lineage([2; 16]),
             parent: point(9),
             since: 1_700_000_001,
+        },
+        Message::BeginCycle {
+            lineage: l,
+            cycle: 9,
+            kind: CycleKind::Delta,
+            freeze: 89,
+            disks: vec![DiskInfo {
+                name: "sys".into(),
+                size: 1 << 30,
+                granularity: 65536,
+            }],
+            parent: None,
+            meta: CycleMeta {
+                app_consistent: true,
+                frozen_at: 1_790_000_000,
+                interval: 300,
+                rpo_limit: 3600,
+                excluded: vec![("swap".into(), 4 << 30)],
+            },
         },
         Message::Resume {
             lineage: l,
@@ -554,4 +575,31 @@ fn failover_messages_are_bounded_and_divergent_ranges_are_paged() {
         &divergent_pages(&RangeSet::new())[..],
         [Message::Divergent { last: true, ranges }] if ranges.is_empty()
     ));
+}
+
+/// A `BeginCycle` without cycle metadata is the same frame as before it existed (frames
+/// without it read as default metadata); metadata follows the parent behind a tag.
+#[test]
+fn cycle_metadata_is_an_optional_tail_of_begin_cycle() {
+    let plain = Message::BeginCycle {
+        lineage: Lineage([1; 16]),
+        cycle: 3,
+        kind: CycleKind::Delta,
+        freeze: 5,
+        disks: vec![],
+        parent: None,
+        meta: CycleMeta::default(),
+    };
+    let f = frame(&plain);
+    // tag + lineage + cycle + kind + freeze + disk count + no parent (version 3)
+    assert_eq!(f.len(), 4 + 1 + 16 + 8 + 1 + 8 + 4 + 1);
+    let Message::BeginCycle { meta, .. } = decode(&f).unwrap().unwrap().0 else {
+        panic!()
+    };
+    assert_eq!(meta, CycleMeta::default());
+    let mut bad = f.clone();
+    bad.push(9);
+    let n = (bad.len() - 4) as u32;
+    bad[..4].copy_from_slice(&n.to_be_bytes());
+    assert_eq!(decode(&bad), Err(WireError::BadFlag(9)));
 }

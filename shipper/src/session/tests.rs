@@ -33,6 +33,7 @@ fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Insta
             interval: Some(Duration::from_secs(60)),
             initial_sync_at: None,
             planned: None,
+            paused: false,
         },
         now,
     );
@@ -190,6 +191,7 @@ fn greeted(view_: TrackerView, role: Role, last: u64) -> ShipperSession {
             interval: Some(Duration::from_secs(60)),
             initial_sync_at: None,
             planned: None,
+            paused: false,
         },
         now,
     );
@@ -356,4 +358,122 @@ fn a_reverse_cycle_marks_the_divergent_ranges_then_ships_a_generation_frozen_aft
     }
     let e = stop_message(&drain(&mut s));
     assert!(e.contains("does not continue it"), "{e}");
+}
+
+/// A session whose tracker (next generation 10, nothing frozen) and replica (at 9) are
+/// in step, driven until it asks for its first freeze.
+fn in_step(paused: bool) -> (ShipperSession, Instant) {
+    let now = Instant::now();
+    let mut s = ShipperSession::new(
+        Config {
+            vm: "vm1".into(),
+            interval: Some(Duration::from_secs(60)),
+            initial_sync_at: None,
+            planned: None,
+            paused,
+        },
+        now,
+    );
+    if paused {
+        assert!(s.is_paused(), "a pause survives a restart");
+        s.handle(Event::Tick, now);
+        assert!(drain(&mut s).is_empty());
+        s.handle(Event::Resume, now);
+    } else {
+        s.handle(Event::Tick, now);
+    }
+    assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
+    s.handle(Event::Tracker(Ok(view(None, 10))), now);
+    s.handle(Event::Connected { attempt: 1 }, now);
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::Welcome {
+                version: PROTOCOL_VERSION,
+                lineage: Some(L),
+                last_cycle: 9,
+                last_freeze: 5,
+                receiving: None,
+                role: Role::Replica,
+            },
+        },
+        now,
+    );
+    assert_eq!(
+        drain(&mut s).last(),
+        Some(&Action::Tracker(TrackerOp::Freeze { full: false }))
+    );
+    (s, now)
+}
+
+/// Paused, the interval passes without a freeze and late answers are ignored; resumed,
+/// the tracker is read afresh at once (one cycle of everything changed meanwhile).
+#[test]
+fn pause_holds_freezes_and_resume_goes_on_at_once() {
+    let (mut s, now) = in_step(false);
+    s.handle(Event::Pause, now);
+    assert!(s.is_paused() && s.is_idle());
+    assert_eq!(drain(&mut s), vec![Action::Close { attempt: 1 }]);
+    s.handle(Event::Tracker(Ok(view(None, 11))), now);
+    s.handle(Event::Tick, now + Duration::from_secs(600));
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.poll_timeout(), None);
+    let later = now + Duration::from_secs(900);
+    s.handle(Event::Resume, later);
+    assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
+    assert!(!s.is_paused());
+}
+
+/// Waiting for the interval after a delta, a requested resync freezes every block at
+/// once; a shorter interval brings the next freeze forward.
+#[test]
+fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
+    let (mut s, now) = in_step(true);
+    // The freeze made generation 10; shipped and applied; released: waiting 60 s.
+    let f = Frozen {
+        generation: 10,
+        id: 77,
+        full: false,
+        baseline: false,
+    };
+    s.handle(Event::Tracker(Ok(view(Some(f), 11))), now);
+    drain(&mut s);
+    for m in resume_pages(L, 10, 1, &RangeSet::new()) {
+        s.handle(Event::Message { attempt: 1, msg: m }, now);
+    }
+    s.handle(
+        Event::Planned {
+            attempt: 1,
+            result: Ok(RangeSet::new()),
+        },
+        now,
+    );
+    s.handle(
+        Event::Sent {
+            attempt: 1,
+            result: Ok(()),
+        },
+        now,
+    );
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::Applied {
+                lineage: L,
+                cycle: 10,
+            },
+        },
+        now,
+    );
+    s.handle(Event::Tracker(Ok(view(None, 11))), now);
+    drain(&mut s);
+    assert!(s.is_idle());
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(60)));
+    s.handle(Event::SetInterval(Some(Duration::from_secs(5))), now);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
+    s.handle(Event::ResyncRequested, now + Duration::from_secs(1));
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Tracker(TrackerOp::Freeze { full: true })]
+    );
 }
