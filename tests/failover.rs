@@ -28,6 +28,15 @@ fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating(
     let out = p.b.cli_ok(&["failover", "unplanned", "vm1"]);
     assert!(out.contains("failed over to point"), "{out}");
     assert_eq!(p.b.role(), "failed-over");
+    // `vmreplica status` says so.
+    let st: serde_json::Value =
+        serde_json::from_str(&p.b.cli_ok(&["status", "vm1", "--json"])).unwrap();
+    let v = &st["vms"][0];
+    assert_eq!(
+        (v["role"].as_str(), v["state"].as_str()),
+        (Some("failed-over"), Some("failed-over")),
+        "{st}"
+    );
     let served = p.nbd_read(&p.b.uri("sys"));
     assert!(
         served == replica,
