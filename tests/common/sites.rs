@@ -216,9 +216,11 @@ impl Pair {
             .append(true)
             .open(s.dir.join("applier.log"))
             .unwrap();
+        // The store as a relative path, as an admin in its directory gives it: what the
+        // applier writes for other processes (shipper.toml, NBD URIs) must still resolve.
         let g = in_ns(&s.ns, bin())
-            .args(["applier", "--store"])
-            .arg(&s.store)
+            .current_dir(&s.dir)
+            .args(["applier", "--store", "store"])
             .args(["--listen", &s.addr()])
             .args([
                 "--allow",

@@ -33,10 +33,14 @@ pub struct Procs {
 }
 
 impl Procs {
+    /// `dir` is made absolute: what is written here for other processes (shipper.toml, NBD
+    /// URIs, a VM's command line) must not depend on their working directory, and relative
+    /// paths in shipper.toml are read from its own directory.
     pub fn new(vm_dir: &Path, vm: &str) -> Procs {
+        let dir = vm_dir.join("primary");
         Procs {
             vm: vm.to_string(),
-            dir: vm_dir.join("primary"),
+            dir: std::path::absolute(&dir).unwrap_or(dir),
         }
     }
 

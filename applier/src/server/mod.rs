@@ -342,8 +342,10 @@ impl Applier {
         let store = Store::new(&cfg.store, cfg.retention)?;
         let reset_key = vmreplica_common::resetkey::load_or_create(&cfg.store.join("reset.key"))?;
         let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
+        // Absolute: the paths a failover writes (shipper.toml, NBD URIs) are read by other
+        // processes, and relative ones in shipper.toml are taken from its own directory.
         let site = Arc::new(crate::failover::Site {
-            root: cfg.store.clone(),
+            root: std::path::absolute(&cfg.store)?,
             identity: cfg.identity_files,
         });
         let admin_path = cfg
