@@ -56,7 +56,7 @@ pids=()
 cleanup() {
   local p
   for p in "${pids[@]:-}"; do [[ -n $p ]] && kill -9 "$p" 2>/dev/null || true; done
-  for lock in "$work"/*/store/vm1/primary/tracker/shipper.lock "$work"/*/store/vm1/primary/tracker/lock; do
+  for lock in "$work"/*/[ab]/store/vm1/primary/tracker/shipper.lock "$work"/*/[ab]/store/vm1/primary/tracker/lock; do
     [[ -f $lock ]] || continue
     p=$(cat "$lock" 2>/dev/null || true)
     [[ $p =~ ^[0-9]+$ ]] && kill -9 "$p" 2>/dev/null || true
