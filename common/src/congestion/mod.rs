@@ -34,7 +34,13 @@
 //!   floor + 25%, at least 2 ms), the bandwidth stopped growing for 3 rounds with data
 //!   waiting, or a round is congested. Then `Down`. (Doubling overflows a one-BDP buffer:
 //!   the queue is seen a round late.) Samples taken while the application had nothing to send
-//!   do not count: a lone datagram's ACK waits for the peer's ACK delay.
+//!   do not count: a lone datagram's ACK waits for the peer's ACK delay. Nor do streaks of
+//!   samples that all came in within 2 ms: that is a stall (a busy receiver's or relay's late
+//!   ACKs), not a queue; one ended startup at 5 Mbit/s in `benches/wan.sh`.
+//! - Back to `Startup` from `Cruise` when the bandwidth estimate grew 1.1x a round over 3
+//!   cruise rounds with data waiting, no queue and no congestion (startup ended early, or the
+//!   link got faster): the cruise's 1.2x a round, or an old `inflight_hi` (dropped then),
+//!   would take seconds to reach a link many times faster.
 //! - `Resume`: a remembered path (see [`PathBook`]): half its BDP, then all of it, each as
 //!   long as no 8 samples in a row see a queue; then `Cruise` with the remembered bandwidth. A
 //!   queue or a congested round falls back to `Startup` at half the window, within a round.

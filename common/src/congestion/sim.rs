@@ -372,6 +372,11 @@ pub struct Sim {
     queue_n: u64,
     queue_max: f64,
     mark_at: u64,
+    /// Milliseconds since the mark spent in each of flow 0's phases, and those of them in
+    /// which the bottleneck had nothing to send (sampled every millisecond).
+    phase_ms: BTreeMap<String, (u64, u64)>,
+    /// The receiving host stalls: ACKs due in this span leave at its end.
+    ack_stall: Option<(u64, u64)>,
 }
 
 impl Sim {
@@ -390,6 +395,8 @@ impl Sim {
             queue_n: 0,
             queue_max: 0.0,
             mark_at: 0,
+            phase_ms: BTreeMap::new(),
+            ack_stall: None,
         };
         s.at(1_000_000, Ev::Tick);
         s
@@ -486,6 +493,7 @@ impl Sim {
         self.queue_sum = 0.0;
         self.queue_n = 0;
         self.queue_max = 0.0;
+        self.phase_ms.clear();
         for f in &mut self.flows {
             f.mark = f.stats.goodput_bytes;
         }
@@ -543,9 +551,24 @@ impl Sim {
         }
     }
 
+    /// The receiving host stalls for `len` from `from` (a busy applier, a late timer): the
+    /// ACKs it would send meanwhile leave when the stall ends.
+    pub fn stall_acks(&mut self, from: Duration, len: Duration) {
+        let from = from.as_nanos() as u64;
+        self.ack_stall = Some((from, from + len.as_nanos() as u64));
+    }
+
     /// Datagrams dropped (forward direction): by random loss, by the queue.
     pub fn drops(&self) -> (u64, u64) {
         (self.fwd.drop_loss, self.fwd.drop_queue)
+    }
+
+    /// Flow 0's phases since the mark: (phase, ms in it, ms of those the link was idle).
+    pub fn phases(&self) -> Vec<(String, u64, u64)> {
+        self.phase_ms
+            .iter()
+            .map(|(p, (ms, idle))| (p.clone(), *ms, *idle))
+            .collect()
     }
 
     fn tick(&mut self) {
@@ -553,6 +576,12 @@ impl Sim {
         self.queue_sum += q;
         self.queue_n += 1;
         self.queue_max = self.queue_max.max(q);
+        if let Some(v) = self.flows.first().and_then(|f| f.spec.cc.as_vmr()) {
+            let idle = self.fwd.busy_until <= self.now as f64;
+            let e = self.phase_ms.entry(format!("{:?}", v.phase())).or_default();
+            e.0 += 1;
+            e.1 += u64::from(idle);
+        }
         if self.now % 5_000_000 < 1_000_000 {
             for f in 0..self.flows.len() {
                 self.detect_losses(f);
@@ -676,8 +705,12 @@ impl Sim {
         if fl.recent.len() > 2 {
             fl.recent.pop_front();
         }
+        let stall_end = match self.ack_stall {
+            Some((from, to)) if (from..to).contains(&self.now) => to + self.rev.delay,
+            _ => 0,
+        };
         if let Some(t) = self.rev.admit(self.now, ACK_SIZE, &mut self.rng) {
-            self.at(t, Ev::Ack(f, pns));
+            self.at(t.max(stall_end), Ev::Ack(f, pns));
         }
     }
 

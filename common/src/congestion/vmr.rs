@@ -63,6 +63,12 @@ pub struct Params {
     pub aggregation_frac: f64,
     pub aggregation_floor: Duration,
     pub aggregation_max: Duration,
+    /// Back to `Startup` when the bandwidth estimate grew by `regrow_gain` a round over this
+    /// many cruise rounds in a row with data waiting and no queue: startup ended early (a
+    /// stalled host's late ACKs looked like a queue) or the link got faster, and the
+    /// cruise's 1.2x a round would take seconds to get there (0: never).
+    pub regrow_rounds: u32,
+    pub regrow_gain: f64,
 }
 
 impl Default for Params {
@@ -89,6 +95,8 @@ impl Default for Params {
             aggregation_frac: 0.1,
             aggregation_floor: Duration::from_millis(5),
             aggregation_max: Duration::from_millis(25),
+            regrow_rounds: 3,
+            regrow_gain: 1.1,
         }
     }
 }
@@ -180,6 +188,9 @@ pub struct Vmr {
     batch_acked: u64,
     /// Consecutive RTT samples that saw a queue, or half of one.
     queue_streak: u32,
+    /// When the first sample of the current queue streak and early streak was taken.
+    queue_since: Instant,
+    early_since: Instant,
     early_streak: u32,
     /// Startup grows by a quarter per round instead of three quarters.
     startup_gentle: bool,
@@ -196,6 +207,9 @@ pub struct Vmr {
     hi_growth: u64,
     full_bw: u64,
     full_bw_rounds: u32,
+    /// The bandwidth estimate at the end of the last cruise rounds with data waiting and no
+    /// queue, oldest first (see `Params::regrow_rounds`).
+    regrow: VecDeque<u64>,
     hint: Option<PathHint>,
     resume_delivered: u64,
     rng: u64,
@@ -234,6 +248,8 @@ impl Vmr {
             r: Round::default(),
             batch_acked: 0,
             queue_streak: 0,
+            queue_since: now,
+            early_since: now,
             early_streak: 0,
             startup_gentle: false,
             prev_high_loss: false,
@@ -246,6 +262,7 @@ impl Vmr {
             hi_growth: mtu,
             full_bw: 0,
             full_bw_rounds: 0,
+            regrow: VecDeque::new(),
             hint: None,
             resume_delivered: 0,
             rng: seed | 1,
@@ -361,6 +378,10 @@ impl Vmr {
             Phase::Down => 2,
             _ => 0,
         };
+        if phase != Phase::Cruise {
+            // A probe's growth is its own; only growth within one cruise counts.
+            self.regrow.clear();
+        }
         if phase == Phase::Startup {
             self.pace_boost = 1.0;
             self.full_bw = 0;
@@ -409,7 +430,7 @@ impl Vmr {
             self.r.rtt_min = Some(self.r.rtt_min.map_or(rtt, |m| m.min(rtt)));
             self.r.rtt_sum += rtt;
             self.r.rtt_n += 1;
-            self.track_queue(rtt, app_limited);
+            self.track_queue(now, rtt, app_limited);
         }
         self.r.acked += bytes;
         self.batch_acked += bytes;
@@ -439,7 +460,7 @@ impl Vmr {
     /// Streaks of RTT samples that saw a queue (see [`Vmr::check_queue`]). Samples taken
     /// while the application had nothing to send do not count: a lone datagram's ACK waits for
     /// the peer's ACK delay (up to 25 ms), which is no queue.
-    fn track_queue(&mut self, rtt: Duration, app_limited: bool) {
+    fn track_queue(&mut self, now: Instant, rtt: Duration, app_limited: bool) {
         if app_limited {
             self.queue_streak = 0;
             self.early_streak = 0;
@@ -447,6 +468,9 @@ impl Vmr {
         }
         let floor = self.min_rtt.unwrap_or(rtt);
         if rtt > self.inflated_rtt(floor) {
+            if self.queue_streak == 0 {
+                self.queue_since = now;
+            }
             self.queue_streak += 1;
         } else {
             self.queue_streak = 0;
@@ -454,8 +478,11 @@ impl Vmr {
         // A queue starting to form: startup grows gently from here on (the queue it sees
         // is a round old, and growing fast for another round would overflow a 1-BDP buffer).
         if rtt > floor + (self.inflated_rtt(floor) - floor) / 2 {
+            if self.early_streak == 0 {
+                self.early_since = now;
+            }
             self.early_streak += 1;
-            if self.early_streak >= QUEUE_STREAK {
+            if self.early_streak >= QUEUE_STREAK && self.lasting(self.early_since, now) {
                 self.startup_gentle = true;
             }
         } else {
@@ -559,10 +586,17 @@ impl Vmr {
             .update(self.agg_bytes - expected, self.round);
     }
 
+    /// Whether a streak of inflated RTT samples that began at `since` has lasted long enough
+    /// to be a queue: samples that all came in at once are a stall (a busy host's late ACKs,
+    /// a relay that was not scheduled for a while), over when they are in.
+    fn lasting(&self, since: Instant, now: Instant) -> bool {
+        now.saturating_duration_since(since) >= self.p.queue_floor
+    }
+
     /// A queue that the last `QUEUE_STREAK` RTT samples all saw ends startup (within a round,
     /// before it grows the queue much more), or a resume whose remembered path no longer holds.
     fn check_queue(&mut self, now: Instant) {
-        if self.queue_streak < QUEUE_STREAK {
+        if self.queue_streak < QUEUE_STREAK || !self.lasting(self.queue_since, now) {
             return;
         }
         match self.phase {
@@ -663,6 +697,16 @@ impl Vmr {
         if self.phase == Phase::Cruise && !congested {
             self.adjust_pace_boost(&r);
         }
+        if self.phase == Phase::Cruise {
+            if r.app_limited || congested || inflated {
+                self.regrow.clear();
+            } else if let Some(b) = self.bw.get() {
+                self.regrow.push_back(b);
+                if self.regrow.len() > self.p.regrow_rounds as usize + 1 {
+                    self.regrow.pop_front();
+                }
+            }
+        }
 
         match self.phase {
             Phase::Startup => {
@@ -693,6 +737,13 @@ impl Vmr {
             }
             Phase::ProbeRtt => {}
             _ if congested => self.enter(Phase::Down, "congestion"),
+            Phase::Cruise if self.regrowing() => {
+                // Growth with no queue and no high loss: a cap from older congestion is
+                // stale, and startup finds the new limits.
+                self.inflight_hi = u64::MAX;
+                self.startup_cwnd = self.cwnd.max(self.min_window());
+                self.enter(Phase::Startup, "bandwidth still growing");
+            }
             Phase::Down | Phase::Cruise | Phase::Up => {
                 if self.round - self.phase_round >= u64::from(self.phase_rounds) {
                     let next = match self.phase {
@@ -703,6 +754,18 @@ impl Vmr {
                     self.enter(next, "probe cycle");
                 }
             }
+        }
+    }
+
+    /// Whether the estimate grew by `regrow_gain` a round over the last `regrow_rounds`
+    /// qualifying cruise rounds (see `Params::regrow_rounds`).
+    fn regrowing(&self) -> bool {
+        let n = self.p.regrow_rounds as usize;
+        match (self.regrow.front(), self.regrow.back()) {
+            (Some(a), Some(b)) if n > 0 && self.regrow.len() > n => {
+                *b as f64 >= *a as f64 * self.p.regrow_gain.powi(n as i32)
+            }
+            _ => false,
         }
     }
 
