@@ -1,0 +1,189 @@
+//! Reviewer R1's findings on the applier (issue 16), each shown by a test that fails on the
+//! code as reviewed. They are `#[ignore]`d so the branch stays green; run one with
+//! `cargo nextest run -p vmreplica-applier --run-ignored only -E 'test(r1_)'`.
+
+use std::fs;
+use std::path::Path;
+use std::sync::mpsc;
+
+use vmreplica_applier::store::{Committed, Failure, Job, Retention, Store, VmStore};
+use vmreplica_applier::undo::format::{scan, Kind};
+use vmreplica_applier::PointView;
+use vmreplica_common::direct;
+use vmreplica_common::lineage::Lineage;
+use vmreplica_common::ranges::{Range, RangeSet};
+use vmreplica_common::wire::{checksum, is_zero, CycleKind, DiskInfo, Tag};
+
+const SIZE: u64 = 4 << 20;
+const G: u32 = 65536;
+const L: Lineage = Lineage([0x5a; 16]);
+
+type Images = Vec<Vec<u8>>;
+
+fn disks() -> Vec<DiskInfo> {
+    vec![DiskInfo {
+        name: "a".into(),
+        size: SIZE,
+        granularity: G,
+    }]
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").unwrap()
+}
+
+/// Hands blocks `bs` of `data` to the pipeline as chunks of `tag`, and waits until each is
+/// durably applied (or failed).
+fn send(vs: &VmStore, tag: Tag, data: &Images, bs: &[u64]) -> Vec<Result<(), Failure>> {
+    let (tx, rx) = mpsc::channel();
+    for &b in bs {
+        let off = b * u64::from(G);
+        let bytes = &data[0][off as usize..(off + u64::from(G)) as usize];
+        let payload = (!is_zero(bytes)).then(|| {
+            let mut buf = Vec::new();
+            let at = direct::aligned(&mut buf, bytes.len());
+            buf[at..].copy_from_slice(bytes);
+            (buf, at)
+        });
+        let tx = tx.clone();
+        vs.sender().expect("a cycle is being received").submit(Job {
+            tag,
+            disk: 0,
+            offset: off,
+            len: G,
+            data: payload,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+    }
+    vs.sender().unwrap().flush().ok();
+    drop(tx);
+    rx.iter().take(bs.len()).collect()
+}
+
+fn set_of(bs: &[u64]) -> RangeSet {
+    bs.iter()
+        .map(|&b| Range {
+            disk: 0,
+            offset: b * u64::from(G),
+            len: u64::from(G),
+        })
+        .collect()
+}
+
+/// Ships blocks `bs` of `data` as cycle `cycle` of `kind` (frozen as `freeze`) and commits.
+fn ship(vs: &mut VmStore, cycle: u64, kind: CycleKind, freeze: u64, data: &Images, bs: &[u64]) {
+    let st = vs.start_cycle(L, cycle, kind, freeze, &disks()).unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle,
+        epoch: st.epoch,
+    };
+    for r in send(vs, tag, data, bs) {
+        r.unwrap();
+    }
+    let set = set_of(bs);
+    vs.commit(
+        L,
+        cycle,
+        st.epoch,
+        set.len() as u64,
+        set.bytes(),
+        set.digest(),
+    )
+    .unwrap();
+}
+
+fn read_point(vs: &VmStore, point: u64) -> Vec<u8> {
+    let v = PointView::open(vs.shared(), point).unwrap();
+    let mut b = vec![0u8; SIZE as usize];
+    v.read_at(0, 0, &mut b).unwrap();
+    b
+}
+
+/// Cuts the undo log at `path` just before its first `applied` record: what a kill -9 leaves
+/// when it comes after a batch's image writes but before the pipeline's next mark (the
+/// writes are in the image, the entries that undo them are durable, nothing says applied).
+fn forget_applied_marks(path: &Path) {
+    let bytes = fs::read(path).unwrap();
+    let (_, found, _) = scan(&bytes).unwrap();
+    let first = found
+        .iter()
+        .find(|f| f.head.kind == Kind::Applied)
+        .expect("the log records an applied set");
+    let cut = first.pos - vmreplica_applier::undo::format::HEAD_LEN as u64;
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_len(cut).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// R1 finding 1. A checksum resync plans by comparing the replica image with the primary.
+/// If the applier is killed after a resync attempt wrote its blocks into the image but before
+/// they were marked applied, the next attempt of the same freeze finds those blocks equal
+/// (the image already holds them), plans nothing, and commits an *empty* cycle: the undo log
+/// holding the old contents is deleted and no point is made. Point N (the newest) then reads
+/// the resync's data from the image: a recovery point silently changed. (And nothing fsyncs
+/// the images at that commit: `mark` returns early when the last attempt wrote nothing.)
+#[test]
+#[ignore = "R1 finding 1: an empty resync commit after a crash drops the undo log of blocks it wrote, corrupting the newest point"]
+fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
+    let dir = tmp();
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let mut point1 = vec![vec![0u8; SIZE as usize]];
+    for b in 0..8u64 {
+        let o = (b * u64::from(G)) as usize;
+        point1[0][o..o + G as usize].fill(b as u8 + 1);
+    }
+    let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+    ship(&mut vs, 1, CycleKind::Initial, 11, &point1, &(0..8).collect::<Vec<_>>());
+    assert_eq!(read_point(&vs, 1), point1[0]);
+
+    // The tracker lost track of block 3 (resync_required): the primary now holds 0xEE there.
+    let mut primary = point1.clone();
+    let o = 3 * G as usize;
+    primary[0][o..o + G as usize].fill(0xEE);
+
+    // Resync cycle 5, first attempt: block 3 differs, is sent, captured and written...
+    let st = vs.start_cycle(L, 5, CycleKind::Resync, 55, &disks()).unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle: 5,
+        epoch: st.epoch,
+    };
+    for r in send(&vs, tag, &primary, &[3]) {
+        r.unwrap();
+    }
+    // ...and the applier is killed before the pipeline marked it applied.
+    drop(vs);
+    forget_applied_marks(&dir.path().join("vm1/undo/5.undo"));
+
+    // The applier restarts; the shipper resumes the same freeze.
+    let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+    let st = vs.start_cycle(L, 5, CycleKind::Resync, 55, &disks()).unwrap();
+    assert!(st.continued && st.applied.is_empty());
+    // The resync's plan: blocks whose checksums differ. None do any more.
+    let remote = vs.hashes("a", 0, G, (SIZE / u64::from(G)) as u32).unwrap();
+    let differ: Vec<u64> = (0..SIZE / u64::from(G))
+        .filter(|&b| {
+            let o = (b * u64::from(G)) as usize;
+            remote[b as usize] != checksum(&primary[0][o..o + G as usize])
+        })
+        .collect();
+    assert!(differ.is_empty(), "{differ:?}");
+    let plan = RangeSet::new();
+    let c = vs
+        .commit(L, 5, st.epoch, 0, 0, plan.digest())
+        .expect("the manifest matches what is applied");
+    assert_eq!(c, Committed::Empty);
+
+    // Point 1 must still read as it was applied.
+    let got = read_point(&vs, 1);
+    assert!(
+        got == point1[0],
+        "points {:?}: point 1 now reads block 3 as {:#x}, it was {:#x}",
+        vs.points().iter().map(|p| p.cycle).collect::<Vec<_>>(),
+        got[o],
+        point1[0][o]
+    );
+}
