@@ -136,7 +136,14 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
         point1[0][o..o + G as usize].fill(b as u8 + 1);
     }
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
-    ship(&mut vs, 1, CycleKind::Initial, 11, &point1, &(0..8).collect::<Vec<_>>());
+    ship(
+        &mut vs,
+        1,
+        CycleKind::Initial,
+        11,
+        &point1,
+        &(0..8).collect::<Vec<_>>(),
+    );
     assert_eq!(read_point(&vs, 1), point1[0]);
 
     // The tracker lost track of block 3 (resync_required): the primary now holds 0xEE there.
@@ -145,7 +152,9 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
     primary[0][o..o + G as usize].fill(0xEE);
 
     // Resync cycle 5, first attempt: block 3 differs, is sent, captured and written...
-    let st = vs.start_cycle(L, 5, CycleKind::Resync, 55, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 5, CycleKind::Resync, 55, &disks())
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 5,
@@ -160,7 +169,9 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
 
     // The applier restarts; the shipper resumes the same freeze.
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
-    let st = vs.start_cycle(L, 5, CycleKind::Resync, 55, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 5, CycleKind::Resync, 55, &disks())
+        .unwrap();
     assert!(st.continued && st.applied.is_empty());
     // The resync's plan: blocks whose checksums differ. None do any more.
     let remote = vs.hashes("a", 0, G, (SIZE / u64::from(G)) as u32).unwrap();
@@ -311,7 +322,14 @@ fn r1_an_initial_copy_over_leftover_images_matches_the_primary() {
         old[0][o..o + G as usize].fill(0xA0 + b as u8);
     }
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
-    ship(&mut vs, 1, CycleKind::Initial, 1, &old, &(0..8).collect::<Vec<_>>());
+    ship(
+        &mut vs,
+        1,
+        CycleKind::Initial,
+        1,
+        &old,
+        &(0..8).collect::<Vec<_>>(),
+    );
     drop(vs);
     // The state file is lost.
     fs::remove_file(dir.path().join("vm1/state.json")).unwrap();

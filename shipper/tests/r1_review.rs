@@ -21,7 +21,10 @@ const L: Lineage = Lineage([0x42; 16]);
 
 fn image(dir: &Path) -> PathBuf {
     let p = dir.join("sys.img");
-    std::fs::File::create(&p).unwrap().set_len(64 * MIB).unwrap();
+    std::fs::File::create(&p)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
     p
 }
 
@@ -43,9 +46,7 @@ fn write(t: &Tracker, offset: u64, byte: u8) {
             let _ = tx.send(r);
         }),
     );
-    rx.recv_timeout(Duration::from_secs(20))
-        .unwrap()
-        .unwrap();
+    rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
 }
 
 /// The tracker's status as the shipper's driver builds it (`run::tracker_view`).
@@ -108,8 +109,11 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                 }
                 let res = match &op {
                     TrackerOp::Status | TrackerOp::Freeze { .. } => Ok(()),
-                    TrackerOp::Release { generation, proof } => t
-                        .release_proven(*generation, Some((proof.0, proof.1, Some(proof.2))), false),
+                    TrackerOp::Release { generation, proof } => t.release_proven(
+                        *generation,
+                        Some((proof.0, proof.1, Some(proof.2))),
+                        false,
+                    ),
                     TrackerOp::Merge { generation } => t.merge(*generation),
                     TrackerOp::SetLineage {
                         lineage,
@@ -118,7 +122,10 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                     TrackerOp::ClearResync => Ok(()),
                 };
                 ops.push(op);
-                s.handle(Event::Tracker(res.map(|()| view(t)).map_err(|e| e.to_string())), now);
+                s.handle(
+                    Event::Tracker(res.map(|()| view(t)).map_err(|e| e.to_string())),
+                    now,
+                );
             }
             Action::Connect { attempt } => s.handle(Event::Connected { attempt }, now),
             Action::Send {
@@ -226,7 +233,8 @@ fn r1_a_restored_tracker_state_loses_no_write() {
     cp(&state, &backup);
     let t = open(dir.path(), &img);
     // The replica applies generation 1; it is released with its proof.
-    t.release_proven(1, Some((L, 1, Some(g1.id))), false).unwrap();
+    t.release_proven(1, Some((L, 1, Some(g1.id))), false)
+        .unwrap();
     // The guest writes block 5 (64 KiB at 5 MiB).
     write(&t, 5 * MIB, 0x77);
     assert!(t.disks()[0].tracking().unwrap().is_dirty(5 * MIB / 65536));
