@@ -330,6 +330,7 @@ impl Sim {
             vm: "vm1".into(),
             interval: Some(Duration::from_millis(300)),
             initial_sync_at: None,
+            paused: false,
         };
         self.shippers.push(Shipper {
             s: ShipperSession::new(cfg, self.at()),
@@ -960,6 +961,7 @@ impl Sim {
                 kind: CycleKind::Delta,
                 freeze: 1,
                 disks: Vec::new(),
+                meta: Default::default(),
             },
         });
         let c = self.conns.remove(&id).unwrap();

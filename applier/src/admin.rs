@@ -4,7 +4,10 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"points","vm":V}`,
 //! `{"op":"export","vm":V,"point":N,"dir":D}` (through a point view: the point is pinned
-//! while it is written out, and later cycles go on landing). Responses:
+//! while it is written out, and later cycles go on landing); operations (see
+//! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
+//! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
 
@@ -36,6 +39,22 @@ pub enum Request {
         vm: String,
         point: u64,
         dir: PathBuf,
+    },
+    Report,
+    Remove {
+        vm: String,
+    },
+    SeedImport {
+        vm: String,
+        dir: PathBuf,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Adopt {
+        vm: String,
+        owner: String,
+        disks: Vec<(String, PathBuf)>,
+        granularity: u32,
     },
 }
 
@@ -176,6 +195,17 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             let files = export(&view, &dir)?;
             Ok(json!({ "files": files }))
         }
+        Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
+        Request::Remove { vm } => crate::ops::remove(app, &vm),
+        Request::SeedImport { vm, dir, owner } => {
+            crate::ops::seed_import(app, &vm, &dir, owner.as_deref())
+        }
+        Request::Adopt {
+            vm,
+            owner,
+            disks,
+            granularity,
+        } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
     }
 }
 

@@ -8,13 +8,16 @@
 //! - [`store`]: per-VM replicas: state, receiving, commit and rollback, points, export;
 //! - [`pointview`]: reading a recovery point while later cycles apply;
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
-//! - [`server`]: its QUIC driver; [`admin`]: the local admin socket.
+//! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
+//! - [`ops`]: status, health and removal of replicas.
 
 pub mod admin;
 mod image;
 mod logfile;
+pub mod ops;
 pub mod pointview;
 pub mod rules;
+pub mod seed;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{
-    code, resume_pages, CycleKind, DiskInfo, Message, Tag, PROTOCOL_VERSION,
+    code, resume_pages, CycleKind, CycleMeta, DiskInfo, Message, Tag, PROTOCOL_VERSION,
 };
 
 use crate::rules::{self, Replica};
@@ -63,6 +63,8 @@ pub enum Action {
         kind: CycleKind,
         freeze: u64,
         disks: Vec<DiskInfo>,
+        /// What the cycle says of itself (app-consistent, excluded disks, ...).
+        meta: CycleMeta,
     },
     /// Commit the cycle (`VmStore::commit`), then report [`Event::Committed`].
     Commit {
@@ -290,6 +292,7 @@ impl ApplierSession {
                 kind,
                 freeze,
                 disks,
+                meta,
             } => {
                 if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind, freeze)
                 {
@@ -309,6 +312,7 @@ impl ApplierSession {
                     kind,
                     freeze,
                     disks,
+                    meta,
                 });
             }
             Message::Manifest {
@@ -396,6 +400,7 @@ mod tests {
             kind: CycleKind::Delta,
             freeze: 9,
             disks: vec![],
+            meta: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod name;
 pub mod ranges;
 pub mod ratelog;
 pub mod resetkey;
+pub mod seed;
 pub mod sparse;
 pub mod statefile;
 pub mod tls;

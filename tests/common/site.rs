@@ -66,6 +66,11 @@ impl Site {
     }
 
     pub fn applier(&self) -> Guard {
+        self.applier_with(&[])
+    }
+
+    /// [`Site::applier`] with extra arguments (`--metrics ADDR`, ...).
+    pub fn applier_with(&self, extra: &[&str]) -> Guard {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -86,6 +91,7 @@ impl Site {
             .arg(self.ca.join("replica-1.key"))
             .arg("--ca")
             .arg(self.ca.join("ca.pem"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
