@@ -90,6 +90,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
             vm: "vm1".into(),
             interval: Some(Duration::from_secs(1)),
             initial_sync_at: None,
+            paused: false,
         },
         now,
     );
