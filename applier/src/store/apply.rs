@@ -391,11 +391,21 @@ impl VmStore {
                 app_consistent,
             });
         next.record_cycle(lineage, cycle, kind);
-        let empty = applied.is_empty() && !next.points.is_empty();
+        // A cycle is empty only if it wrote nothing in any attempt: an attempt cut short
+        // after its image writes but before they were marked applied leaves captured entries
+        // (and changed images) that a later attempt's plan no longer sends.
+        let empty = applied.is_empty() && log.entries().is_empty() && !next.points.is_empty();
         let keeps_log = capture && !empty;
         if empty {
             drop(log);
         } else {
+            // The last mark synced what this attempt wrote; what an earlier attempt wrote
+            // without a mark is made durable here, before a point says it is there.
+            for (img, d) in self.shared.images().iter().zip(&self.state.disks) {
+                img.file
+                    .sync_data()
+                    .map_err(self.io(&self.image_path(&d.name)))?;
+            }
             if keeps_log {
                 let size = log.finish().map_err(self.io(&path))?;
                 next.undo.push(UndoRef {
