@@ -208,7 +208,6 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
 /// (The window is a few microseconds; a view opened as soon as the point exists, as a test
 /// failover or an export waiting for the newest point would, falls into it often.)
 #[test]
-#[ignore = "R1 finding 4: a view of a point opened while its commit finishes reads the previous point's data"]
 fn r1_a_view_of_a_point_being_committed_reads_that_point() {
     let dir = tmp();
     let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
@@ -217,7 +216,10 @@ fn r1_a_view_of_a_point_being_committed_reads_that_point() {
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
     let mut wrong = Vec::new();
-    for c in 2..=200u64 {
+    // A race: it was seen about once in 60 commits on a busy machine. The deterministic
+    // check is the store's unit test
+    // `a_view_of_a_point_whose_log_is_still_the_receiving_one_reads_that_point`.
+    for c in 2..=60u64 {
         data[0][..G as usize].fill(c as u8);
         let shared = std::sync::Arc::clone(vs.shared());
         let reader = std::thread::spawn(move || loop {
