@@ -275,47 +275,78 @@ fn drop_dac_override() {
     }
 }
 
-/// R1 finding 5. A state save can fail *after* its rename (the directory's fsync, or
-/// opening the directory for it, fails: EIO, EMFILE): the new state file is in place, yet
-/// `commit_state` reports the save as failed and the store acts as if the old state were on
-/// disk. Starting a cycle then deletes the undo log the new state file names (and `commit`
-/// cuts the trailer of the log a new state names as finished; `drop_point` deletes the merged
-/// log a new state names). After a restart the replica cannot be opened at all.
-#[test]
-#[ignore = "R1 finding 5: a save that fails after its rename is treated as not made; the files the new state names are removed"]
-fn r1_a_save_that_fails_after_its_rename_leaves_an_openable_replica() {
+/// Ships cycle 1 into a new replica, then starts cycle 2 with the VM's directory writable
+/// but not readable: the state save's rename works, the directory's fsync cannot be done.
+fn start_with_unsynced_save(dir: &Path) -> (VmStore, Images) {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tmp();
-    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let s = Store::new(dir, Retention::keep_all()).unwrap();
     let mut data = vec![vec![0u8; SIZE as usize]];
     data[0][..G as usize].fill(1);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
     drop_dac_override();
     // The VM's directory can be written (a rename works) but not opened (nor fsynced).
-    let vmdir = dir.path().join("vm1");
+    let vmdir = dir.join("vm1");
     fs::set_permissions(&vmdir, fs::Permissions::from_mode(0o300)).unwrap();
     let r = vs.start_cycle(L, 2, CycleKind::Delta, 2, &disks());
     fs::set_permissions(&vmdir, fs::Permissions::from_mode(0o755)).unwrap();
     let e = r.expect_err("the save failed");
     eprintln!("start_cycle: {e}");
+    assert!(e.to_string().contains("state.json"), "{e}");
+    data[0][..G as usize].fill(2);
+    (vs, data)
+}
+
+/// R1 finding 5. A state save can fail *after* its rename (the directory's fsync, or
+/// opening the directory for it, fails: EIO, EMFILE): the new state file is in place, yet
+/// `commit_state` reported the save as failed and the store acted as if the old state were
+/// on disk. Starting a cycle then deleted the undo log the new state file names (and
+/// `commit` cut the trailer of the log a new state names as finished; `drop_point` deleted
+/// the merged log a new state names). After a restart the replica could not be opened.
+#[test]
+fn r1_a_save_that_fails_after_its_rename_leaves_an_openable_replica() {
+    let dir = tmp();
+    let (vs, data) = start_with_unsynced_save(dir.path());
     // The applier restarts.
     drop(vs);
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
     let vs = s.open_vm("vm1", "primary-1");
     assert!(
         vs.is_ok(),
         "the replica cannot be opened any more: {}",
         vs.err().unwrap()
     );
+    // And replication goes on from what is on disk.
+    let mut vs = vs.unwrap();
+    ship(&mut vs, 2, CycleKind::Delta, 2, &data, &[0]);
+    assert_eq!(read_point(&vs, 2), data[0]);
+    assert_eq!(read_point(&vs, 1)[0], 1);
+}
+
+/// R1 finding 5, without a restart: the store that saw the save maybe made re-reads its
+/// state from disk (once the directory syncs) before it changes anything again.
+#[test]
+fn r1_a_store_goes_on_after_a_save_that_failed_after_its_rename() {
+    let dir = tmp();
+    let (mut vs, data) = start_with_unsynced_save(dir.path());
+    ship(&mut vs, 2, CycleKind::Delta, 2, &data, &[0]);
+    assert_eq!(read_point(&vs, 2), data[0]);
+    assert_eq!(read_point(&vs, 1)[0], 1);
+    drop(vs);
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let vs = s.open_vm("vm1", "primary-1").unwrap();
+    assert_eq!(read_point(&vs, 2), data[0]);
+    assert_eq!(read_point(&vs, 1)[0], 1);
 }
 
 /// R1 finding 6. A replica whose state file is gone (lost, or removed by an administrator
-/// after "state file is corrupt") is taken as a new one, but its image files are kept as
-/// they are: `open_images` only sizes an image of length 0. An initial copy skips the
-/// primary's holes (nothing is sent for them), so wherever the primary has a hole the
-/// replica keeps the old image's data: the new point silently differs from the primary.
+/// after "state file is corrupt") was taken as a new one, its image files kept as they were
+/// (`open_images` only sizes an image of length 0). An initial copy skips the primary's holes
+/// (nothing is sent for them), so wherever the primary has a hole the replica kept the old
+/// image's data: the new point silently differed from the primary. Now the replica is
+/// refused, naming the missing file and what to do, and changes nothing; once the directory
+/// is removed as the message says, a new initial copy matches the primary.
 #[test]
-#[ignore = "R1 finding 6: a replica without its state file reuses the old images; an initial copy leaves stale data in the primary's holes"]
 fn r1_an_initial_copy_over_leftover_images_matches_the_primary() {
     let dir = tmp();
     let s = Store::new(dir.path(), Retention::keep_all()).unwrap();

@@ -103,6 +103,7 @@ impl VmStore {
         disks: &[DiskInfo],
         meta: &CycleMeta,
     ) -> Result<Started, StoreError> {
+        self.settle()?;
         let decision = rules::decide(
             self.vm(),
             &self.state.replica(),
@@ -179,7 +180,9 @@ impl VmStore {
         });
         note_meta(&mut next, meta);
         if let Err(e) = self.commit_state(next) {
-            let _ = crate::undo::log::remove(&path);
+            if !self.unsynced() {
+                let _ = crate::undo::log::remove(&path);
+            }
             return Err(e);
         }
         let index = Arc::new(
@@ -314,6 +317,7 @@ impl VmStore {
         bytes: u64,
         digest: u64,
     ) -> Result<Committed, StoreError> {
+        self.settle()?;
         let matches = self
             .state
             .receiving
@@ -343,9 +347,13 @@ impl VmStore {
         match self.finish(p, now()) {
             Ok(c) => Ok(c),
             Err(e) => {
-                // The state still holds the cycle in part: reopen it from disk.
+                // The state still holds the cycle in part: reopen it from disk (after a save
+                // that was maybe made, the next operation settles the store instead: the
+                // finished log must not be reopened as a log in progress, cutting its trailer).
                 self.partial = None;
-                let _ = self.load_chain();
+                if !self.unsynced() {
+                    let _ = self.load_chain();
+                }
                 Err(e)
             }
         }
@@ -463,6 +471,7 @@ impl VmStore {
     /// Rolls the cycle held in part back from its undo log: the replica is the last point
     /// again. False if no cycle was held in part.
     pub fn roll_back(&mut self) -> Result<bool, StoreError> {
+        self.settle()?;
         if self.state.receiving.is_none() {
             return Ok(false);
         }

@@ -326,6 +326,11 @@ pub struct VmStore {
     buffers: Arc<Buffers>,
     /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
     _lock: File,
+    /// A state save failed after its rename ([`StateFileError::Unsynced`]): the state file
+    /// may be the new state or (after a power cut) the old one, so nothing either names may
+    /// be removed, and the state in memory is not trusted until [`VmStore::settle`] syncs
+    /// the directory and re-reads the state from disk.
+    unsynced: bool,
     /// Test hook: the next state save fails (as on a full disk).
     #[cfg(test)]
     pub(crate) fail_save: bool,
@@ -370,6 +375,7 @@ impl VmStore {
             running: None,
             buffers: Arc::default(),
             _lock: lock,
+            unsynced: false,
             #[cfg(test)]
             fail_save: false,
         };
@@ -499,7 +505,10 @@ impl VmStore {
     }
 
     /// Saves `next` as the state, then makes it the state in memory (and for views). If the
-    /// save fails, nothing changes.
+    /// save fails, nothing changes in memory. A save that failed after its rename (maybe
+    /// made, see [`StateFileError::Unsynced`]) sets `unsynced`: the caller must then not
+    /// clean up as if the old state were on disk (check [`VmStore::unsynced`]), and the next
+    /// operation settles the store first.
     fn commit_state(&mut self, next: VmState) -> Result<(), StoreError> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_save) {
@@ -508,9 +517,48 @@ impl VmStore {
                 source: io::Error::from_raw_os_error(libc::ENOSPC),
             }));
         }
-        next.save(&self.dir().join("state.json"))?;
+        if let Err(e) = next.save(&self.dir().join("state.json")) {
+            if e.maybe_made() {
+                tracing::error!(vm = %self.vm(), "{e}; the replica is re-read from disk before it is used again");
+                self.unsynced = true;
+            }
+            return Err(e.into());
+        }
         self.state = next;
         self.shared.publish(&self.state);
+        Ok(())
+    }
+
+    /// Whether the last state save may have been made despite its error: the caller keeps
+    /// every file, and leaves the rest to [`VmStore::settle`].
+    pub(crate) fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// After a save that was maybe made: syncs the VM's directory (so the state file on
+    /// disk, whichever it is, is durable), then re-reads the state from it and reopens the
+    /// replica as a restart would. Until the directory syncs, every operation that changes
+    /// the replica is refused with that error.
+    pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let path = self.dir().join("state.json");
+        crate::undo::log::sync_dir(&path).map_err(self.io(self.dir()))?;
+        if let Some(run) = self.running.take() {
+            // What it wrote and marked stays in its undo log; the state read below decides.
+            let _ = run.stop();
+        }
+        self.partial = None;
+        let state = read_vm_state(self.vm(), &path)?
+            .ok_or_else(|| StoreError::NoReplica(self.vm().to_string()))?;
+        self.state = state;
+        self.shared.publish(&self.state);
+        self.open_images(false)?;
+        self.load_chain()?;
+        self.remove_unreferenced()?;
+        self.unsynced = false;
+        tracing::info!(vm = %self.vm(), last_cycle = self.state.last_cycle, "state re-read from disk after a save that was maybe made");
         Ok(())
     }
 
