@@ -1,6 +1,6 @@
-//! Reviewer R1's findings on the applier (issue 16), each shown by a test that fails on the
-//! code as reviewed. They are `#[ignore]`d so the branch stays green; run one with
-//! `cargo nextest run -p vmreplica-applier --run-ignored only -E 'test(r1_)'`.
+//! Reviewer R1's findings on the applier (issue 16), each shown by a test that failed on the
+//! code as reviewed and passes with its fix (`cargo nextest run -p vmreplica-applier -E
+//! 'test(r1_)'`).
 
 use std::fs;
 use std::path::Path;
@@ -366,7 +366,23 @@ fn r1_an_initial_copy_over_leftover_images_matches_the_primary() {
     );
     drop(vs);
     // The state file is lost.
-    fs::remove_file(dir.path().join("vm1/state.json")).unwrap();
+    let state = dir.path().join("vm1/state.json");
+    fs::remove_file(&state).unwrap();
+    let img = dir.path().join("vm1/disks/a.img");
+    let before = fs::read(&img).unwrap();
+    let e = s
+        .open_vm("vm1", "primary-1")
+        .err()
+        .expect("a replica without its state file is refused");
+    let msg = e.to_string();
+    for want in [state.display().to_string(), img.display().to_string()] {
+        assert!(msg.contains(&want), "{msg} does not name {want}");
+    }
+    assert!(msg.contains("remove the directory"), "{msg}");
+    assert_eq!(fs::read(&img).unwrap(), before, "a refusal changes nothing");
+    assert!(!state.exists());
+    // The administrator removes the replica's directory, as the message says.
+    fs::remove_dir_all(dir.path().join("vm1")).unwrap();
     // A new initial copy: the primary now has data in blocks 0..4 only (4..8 are holes, so
     // the shipper's plan skips them).
     let mut primary = vec![vec![0u8; SIZE as usize]];
@@ -384,4 +400,23 @@ fn r1_an_initial_copy_over_leftover_images_matches_the_primary() {
         got[o],
         primary[0][o]
     );
+}
+
+/// R1 finding 6, the crash it must not catch: images created for a first cycle (all holes)
+/// whose state was never saved are a new replica, not leftovers.
+#[test]
+fn r1_images_created_before_a_first_state_save_are_not_leftovers() {
+    let dir = tmp();
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let d = dir.path().join("vm1/disks");
+    fs::create_dir_all(&d).unwrap();
+    fs::File::create(d.join("a.img"))
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let mut data = vec![vec![0u8; SIZE as usize]];
+    data[0][..G as usize].fill(3);
+    let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+    ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
+    assert_eq!(read_point(&vs, 1), data[0]);
 }

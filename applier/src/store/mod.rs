@@ -118,6 +118,19 @@ pub enum StoreError {
         found: u64,
         want: u64,
     },
+    #[error(
+        "VM {vm}: its state file {state} is missing but its directory holds replica data \
+         ({found}): without the state nothing says which point these files hold, and a new \
+         initial copy would keep their data where the primary has holes. Restore {state} \
+         from a backup, or remove the directory {dir} so that the shipper makes a new \
+         initial copy"
+    )]
+    StateLost {
+        vm: String,
+        state: PathBuf,
+        dir: PathBuf,
+        found: String,
+    },
     #[error("{0}")]
     Receive(Failure),
     #[error("{0}")]
@@ -264,6 +277,38 @@ fn read_vm_state(vm: &str, p: &Path) -> Result<Option<VmState>, StoreError> {
     }
 }
 
+/// A VM without a state file is a new replica only if its directory holds no replica data:
+/// no undo log, no image with data in it (images that are all holes are what a crash leaves
+/// between creating them for a first cycle and saving the state that names them).
+fn refuse_leftovers(vm: &str, dir: &Path) -> Result<(), StoreError> {
+    let mut found = Vec::new();
+    for sub in ["disks", "undo"] {
+        for e in fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+            let p = e.path();
+            let data = match File::open(&p) {
+                Ok(f) => {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    sub == "undo" || !vmreplica_common::sparse::is_hole(&f, 0, len).unwrap_or(false)
+                }
+                Err(_) => true,
+            };
+            if data {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    Err(StoreError::StateLost {
+        vm: vm.to_string(),
+        state: dir.join("state.json"),
+        dir: dir.to_path_buf(),
+        found: found.join(", "),
+    })
+}
+
 /// The directory of VM `vm`'s replica under `root`, once its name is checked.
 pub(crate) fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     validate_name(vm).map_err(|source| StoreError::Name {
@@ -353,7 +398,10 @@ impl VmStore {
         let state = match read_vm_state(vm, &state_path)? {
             Some(s) => s,
             None => match peer {
-                Some(peer) => VmState::new(peer),
+                Some(peer) => {
+                    refuse_leftovers(vm, &dir)?;
+                    VmState::new(peer)
+                }
                 None => return Err(StoreError::NoReplica(vm.to_string())),
             },
         };
