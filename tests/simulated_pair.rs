@@ -366,9 +366,12 @@ impl Sim {
     fn tracker_op(&mut self, sh: usize, op: TrackerOp) {
         let t = &mut self.tracker;
         let r: Result<(), String> = match op {
-            TrackerOp::Status | TrackerOp::ClearResync => {
+            TrackerOp::Status | TrackerOp::ClearResync | TrackerOp::MarkResync => {
                 if op == TrackerOp::ClearResync {
                     t.resync_required = false;
+                }
+                if op == TrackerOp::MarkResync {
+                    t.resync_required = true;
                 }
                 Ok(())
             }

@@ -121,6 +121,11 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                         next_generation,
                     } => t.set_lineage(lineage.unwrap_or(L), *next_generation, false),
                     TrackerOp::ClearResync => Ok(()),
+                    TrackerOp::MarkResync => t
+                        .state()
+                        .disks
+                        .iter()
+                        .try_for_each(|d| t.mark_resync(&d.name)),
                 };
                 ops.push(op);
                 s.handle(
@@ -164,7 +169,6 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
 /// and is retried after a backoff) ships a plain delta of what the new state tracked: the
 /// writes made before the state was lost are never shipped, and the replica silently differs.
 #[test]
-#[ignore = "R1 finding 2: the resync decision is not durable; a shipper restarted after set-lineage ships a delta"]
 fn r1_a_shipper_restarted_after_set_lineage_still_resyncs() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
@@ -182,6 +186,7 @@ fn r1_a_shipper_restarted_after_set_lineage_still_resyncs() {
             ops[..],
             [
                 TrackerOp::Status,
+                TrackerOp::MarkResync,
                 TrackerOp::SetLineage {
                     next_generation: 10,
                     ..
