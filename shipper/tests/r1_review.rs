@@ -1,7 +1,6 @@
 //! Reviewer R1's findings on the shipper's lineage rules with the real tracker (issues 16 and
-//! 17), each shown by a test that fails on the code as reviewed. They are `#[ignore]`d so the
-//! branch stays green; run them with
-//! `cargo nextest run -p vmreplica-shipper --run-ignored only -E 'test(r1_)'`.
+//! 17), each shown by a test that failed on the code as reviewed and passes with its fix
+//! (`cargo nextest run -p vmreplica-shipper -E 'test(r1_)'`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -214,7 +213,6 @@ fn r1_a_shipper_restarted_after_set_lineage_still_resyncs() {
 /// acknowledgement and ships deltas from the copy's bitmaps. Writes made after the copy was
 /// taken are in no bitmap: never shipped.
 #[test]
-#[ignore = "R1 finding 3: a restored tracker state directory is not detected; writes after the copy are never shipped"]
 fn r1_a_restored_tracker_state_loses_no_write() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());

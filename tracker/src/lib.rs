@@ -17,6 +17,7 @@ pub mod control;
 pub mod cow;
 pub mod crashpoint;
 pub mod disk;
+pub mod epoch;
 pub mod frozen;
 mod gate;
 pub mod imagelock;

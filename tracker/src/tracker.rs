@@ -273,6 +273,11 @@ pub struct State {
     pub next_generation: u64,
     pub frozen: Option<FrozenState>,
     pub disks: Vec<DiskState>,
+    /// Raised at every open and freeze, saved before the images are stamped with it: an
+    /// image stamped with a later epoch tells an older copy of this directory (see
+    /// [`crate::epoch`]). Added within version 2 (absent reads as 0).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// What a freeze produced, per disk: enough for a shipper to read the frozen blocks.
@@ -350,6 +355,39 @@ fn describe(disks: &[(String, PathBuf)]) -> String {
 fn save_state(dir: &Path, state: &State) -> Result<(), TrackerError> {
     write_state(&dir.join(STATE_FILE), STATE_FORMAT, STATE_VERSION, state)?;
     Ok(())
+}
+
+/// The epoch `img` was last used under (see [`crate::epoch`]); None if never stamped or
+/// unreadable (said).
+fn stamp_of(img: &Image) -> Option<u64> {
+    crate::epoch::read(&img.file).unwrap_or_else(|e| {
+        tracing::warn!(disk = %img.name, image = %img.path.display(), "cannot read the tracker epoch stamped on the image ({e}): a restored older state directory cannot be told for this disk");
+        None
+    })
+}
+
+/// Stamps the image of `d` with `epoch` (saved in the state before), with `sync`
+/// durably; a failure is said, rate-limited, and only weakens the restore detection.
+fn stamp(d: &Disk, epoch: u64, sync: bool) {
+    let r =
+        crate::epoch::write(&d.file, epoch).and_then(
+            |()| {
+                if sync {
+                    d.file.sync_all()
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    if let Err(e) = r {
+        vmreplica_common::warn_limited!(
+            std::time::Duration::from_secs(3600),
+            key = &d.name,
+            "disk {} ({}): cannot stamp the tracker epoch on the image ({e}): a restored older state directory cannot be told for this disk",
+            d.name,
+            d.path.display()
+        );
+    }
 }
 
 /// Whether any tracking file of `disks` exists in `dir`.
@@ -636,6 +674,7 @@ impl Tracker {
             clean: false,
             granularity: g,
             next_generation: 1,
+            epoch: 0,
             frozen: None,
             disks: images
                 .iter()
@@ -660,6 +699,16 @@ impl Tracker {
             }
             ds.excluded = excluded;
         }
+        // An image used under a later epoch than this state's: the state is an older copy.
+        let stamped = cfg
+            .tracking
+            .then(|| images.iter().filter_map(stamp_of).max())
+            .flatten();
+        let restored = existed && stamped.is_some_and(|e| e > state.epoch);
+        if restored {
+            tracing::error!(dir = %dir.display(), state_epoch = state.epoch, image_epoch = stamped, "{STATE_FILE} is older than the disks' last use (an older copy of the state directory was restored): its bitmaps miss the writes made since; every disk is marked for a checksum resync and a frozen generation is abandoned");
+        }
+        state.epoch = state.epoch.max(stamped.unwrap_or(0)) + 1;
         if cfg.tracking && !existed {
             // The state file comes first, so tracking files without it always mean it was
             // lost.
@@ -708,6 +757,11 @@ impl Tracker {
                         abandon = true;
                     }
                 }
+                if restored {
+                    ds.resync_required = true;
+                    ds.resync_since = since;
+                    abandon = true;
+                }
                 if state.frozen.is_some() && t.bitmap().abandoned() {
                     tracing::error!(disk = %img.name, "the frozen generation was abandoned before the tracker stopped; disk marked for checksum resync");
                     ds.resync_required = true;
@@ -746,6 +800,10 @@ impl Tracker {
         state.clean = false;
         if cfg.tracking {
             save_state(&dir, &state)?;
+            // Saved first: the live directory's epoch is never behind an image's.
+            for d in &disks {
+                stamp(d, state.epoch, true);
+            }
         }
         let shared = Arc::new(Shared {
             dir,
@@ -935,6 +993,7 @@ impl Tracker {
                 full,
             });
             next.next_generation = generation + 1;
+            next.epoch += 1;
             crash_point("freeze.before-save");
             self.save(&next)?;
             crash_point("freeze.saved");
@@ -945,6 +1004,9 @@ impl Tracker {
             Ok(())
         })?;
         let st = self.lock_state();
+        for (_, d, _) in &tracked {
+            stamp(d, st.epoch, false);
+        }
         let g = self
             .generation_info(&st)
             .expect("a generation was just frozen");
