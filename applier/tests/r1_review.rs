@@ -420,3 +420,46 @@ fn r1_images_created_before_a_first_state_save_are_not_leftovers() {
     ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
     assert_eq!(read_point(&vs, 1), data[0]);
 }
+
+/// R1 (low): a chunk of zero bytes is bad data, answered at once; never a write of nothing
+/// whose acknowledgement never comes, nor an empty range in the applied set.
+#[test]
+fn r1_a_zero_length_chunk_is_refused_at_once() {
+    let dir = tmp();
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let mut data = vec![vec![0u8; SIZE as usize]];
+    data[0][..G as usize].fill(1);
+    let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+    ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
+    let st = vs.start_cycle(L, 2, CycleKind::Delta, 2, &disks()).unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle: 2,
+        epoch: st.epoch,
+    };
+    for with_data in [false, true] {
+        let (tx, rx) = mpsc::channel();
+        let payload = with_data.then(|| {
+            let mut buf = Vec::new();
+            let at = direct::aligned(&mut buf, 4096);
+            (buf, at)
+        });
+        vs.sender().unwrap().submit(Job {
+            tag,
+            disk: 0,
+            offset: u64::from(G),
+            len: 0,
+            data: payload,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        vs.sender().unwrap().flush().ok();
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("a zero-length chunk is answered");
+        let e = r.expect_err("a zero-length chunk is refused");
+        assert_eq!(e.code, vmreplica_common::wire::code::BAD_DATA, "{e}");
+    }
+    assert!(vs.applied().unwrap().is_empty());
+}

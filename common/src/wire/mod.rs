@@ -656,6 +656,13 @@ fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
     if len > MAX_CHUNK {
         return Err(WireError::ChunkTooLarge(len));
     }
+    if len == 0 {
+        return Err(WireError::BadChunk {
+            disk,
+            offset,
+            reason: "a chunk of no bytes".into(),
+        });
+    }
     let encoding = match r.u8()? {
         0 => Encoding::Zero,
         1 => Encoding::Lz4,
