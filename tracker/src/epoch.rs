@@ -18,6 +18,9 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use crate::disk::Disk;
 
 /// The extended attribute holding an image's epoch (decimal ASCII).
 pub const XATTR: &str = "user.vmreplica.tracker-epoch";
@@ -76,6 +79,45 @@ pub fn write(image: &File, epoch: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// At open: whether the state (epoch `state_epoch`, read from `dir`; `check` false for a
+/// state just made or no tracking) is older than the images' last use, and the state's new
+/// epoch (above every stamp seen). Said when restored.
+pub(crate) fn check<'a>(
+    dir: &Path,
+    check: bool,
+    state_epoch: u64,
+    images: impl Iterator<Item = (&'a str, &'a Path, &'a File)>,
+) -> (bool, u64) {
+    let stamped = images
+        .filter_map(|(name, path, file)| {
+            read(file).unwrap_or_else(|e| {
+                tracing::warn!(disk = name, image = %path.display(), "cannot read the tracker epoch stamped on the image ({e}): a restored older state directory cannot be told for this disk");
+                None
+            })
+        })
+        .max();
+    let restored = check && stamped.is_some_and(|e| e > state_epoch);
+    if restored {
+        tracing::error!(dir = %dir.display(), state_epoch, image_epoch = stamped, "the tracker's state is older than the disks' last use (an older copy of the state directory was restored): its bitmaps miss the writes made since; every disk is marked for a checksum resync and a frozen generation is abandoned");
+    }
+    (restored, state_epoch.max(stamped.unwrap_or(0)) + 1)
+}
+
+/// Stamps the image of `d` with `epoch` (saved in the state before), with `sync` durably;
+/// a failure is said, rate-limited, and only weakens the restore detection.
+pub(crate) fn stamp(d: &Disk, epoch: u64, sync: bool) {
+    let r = write(&d.file, epoch).and_then(|()| if sync { d.file.sync_all() } else { Ok(()) });
+    if let Err(e) = r {
+        vmreplica_common::warn_limited!(
+            std::time::Duration::from_secs(3600),
+            key = &d.name,
+            "disk {} ({}): cannot stamp the tracker epoch on the image ({e}): a restored older state directory cannot be told for this disk",
+            d.name,
+            d.path.display()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -357,39 +357,6 @@ fn save_state(dir: &Path, state: &State) -> Result<(), TrackerError> {
     Ok(())
 }
 
-/// The epoch `img` was last used under (see [`crate::epoch`]); None if never stamped or
-/// unreadable (said).
-fn stamp_of(img: &Image) -> Option<u64> {
-    crate::epoch::read(&img.file).unwrap_or_else(|e| {
-        tracing::warn!(disk = %img.name, image = %img.path.display(), "cannot read the tracker epoch stamped on the image ({e}): a restored older state directory cannot be told for this disk");
-        None
-    })
-}
-
-/// Stamps the image of `d` with `epoch` (saved in the state before), with `sync`
-/// durably; a failure is said, rate-limited, and only weakens the restore detection.
-fn stamp(d: &Disk, epoch: u64, sync: bool) {
-    let r =
-        crate::epoch::write(&d.file, epoch).and_then(
-            |()| {
-                if sync {
-                    d.file.sync_all()
-                } else {
-                    Ok(())
-                }
-            },
-        );
-    if let Err(e) = r {
-        vmreplica_common::warn_limited!(
-            std::time::Duration::from_secs(3600),
-            key = &d.name,
-            "disk {} ({}): cannot stamp the tracker epoch on the image ({e}): a restored older state directory cannot be told for this disk",
-            d.name,
-            d.path.display()
-        );
-    }
-}
-
 /// Whether any tracking file of `disks` exists in `dir`.
 fn tracking_files_exist(dir: &Path, disks: &[(String, PathBuf)]) -> bool {
     disks.iter().any(|(name, _)| {
@@ -699,16 +666,12 @@ impl Tracker {
             }
             ds.excluded = excluded;
         }
-        // An image used under a later epoch than this state's: the state is an older copy.
-        let stamped = cfg
-            .tracking
-            .then(|| images.iter().filter_map(stamp_of).max())
-            .flatten();
-        let restored = existed && stamped.is_some_and(|e| e > state.epoch);
-        if restored {
-            tracing::error!(dir = %dir.display(), state_epoch = state.epoch, image_epoch = stamped, "{STATE_FILE} is older than the disks' last use (an older copy of the state directory was restored): its bitmaps miss the writes made since; every disk is marked for a checksum resync and a frozen generation is abandoned");
-        }
-        state.epoch = state.epoch.max(stamped.unwrap_or(0)) + 1;
+        let stamps = images
+            .iter()
+            .map(|i| (i.name.as_str(), i.path.as_path(), &i.file));
+        let (restored, epoch) =
+            crate::epoch::check(&dir, existed && cfg.tracking, state.epoch, stamps);
+        state.epoch = epoch;
         if cfg.tracking && !existed {
             // The state file comes first, so tracking files without it always mean it was
             // lost.
@@ -802,7 +765,7 @@ impl Tracker {
             save_state(&dir, &state)?;
             // Saved first: the live directory's epoch is never behind an image's.
             for d in &disks {
-                stamp(d, state.epoch, true);
+                crate::epoch::stamp(d, state.epoch, true);
             }
         }
         let shared = Arc::new(Shared {
@@ -1005,7 +968,7 @@ impl Tracker {
         })?;
         let st = self.lock_state();
         for (_, d, _) in &tracked {
-            stamp(d, st.epoch, false);
+            crate::epoch::stamp(d, st.epoch, false);
         }
         let g = self
             .generation_info(&st)
