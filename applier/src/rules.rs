@@ -44,8 +44,8 @@ pub fn decide(
     freeze: u64,
 ) -> Result<Decision, String> {
     let nothing = "nothing on the replica was changed";
-    if cycle == 0 {
-        return Err(format!("VM {vm}: cycle 0 does not exist; {nothing}"));
+    if cycle == 0 || cycle > vmreplica_common::wire::MAX_CYCLE {
+        return Err(format!("VM {vm}: cycle {cycle} is out of range; {nothing}"));
     }
     if !r.has_points && r.lineage.is_none() {
         if kind != CycleKind::Initial {
@@ -129,6 +129,22 @@ mod tests {
             has_points: last > 0,
             receiving: None,
         }
+    }
+
+    #[test]
+    fn cycle_numbers_out_of_range_are_refused() {
+        use CycleKind::*;
+        let max = vmreplica_common::wire::MAX_CYCLE;
+        for c in [0, max + 1, u64::MAX] {
+            let e = decide("vm1", &at(None, 0), A, c, Initial, 1).unwrap_err();
+            assert!(e.contains("out of range") && e.contains("vm1"), "{e}");
+        }
+        assert_eq!(
+            decide("vm1", &at(None, 0), A, max, Initial, 1),
+            Ok(Decision::Fresh)
+        );
+        // The replica at the highest cycle: the next delta is refused, never an overflow.
+        assert!(decide("vm1", &at(Some(A), max), A, max + 1, Delta, 1).is_err());
     }
 
     #[test]

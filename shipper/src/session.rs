@@ -708,6 +708,13 @@ impl ShipperSession {
             return self.resync(&t, r.last_cycle, None);
         };
         let n = r.last_cycle;
+        if n >= vmreplica_common::wire::MAX_CYCLE {
+            return self.stop(format!(
+                "VM {}: the replica reports cycle {n}, beyond any this primary can follow: \
+                 nothing is shipped or released",
+                self.cfg.vm
+            ));
+        }
         let Some(tl) = t.lineage else {
             tracing::info!(vm = %self.cfg.vm, "the tracker has no lineage (its state was lost or recreated): checksum resync");
             return self.resync(&t, n, Some(rl));

@@ -979,6 +979,11 @@ impl Tracker {
 
     fn end_generation(&self, generation: u64, merge: bool) -> Result<(), TrackerError> {
         let _op = self.lock_ops();
+        self.end_generation_held(generation, merge)
+    }
+
+    /// [`Self::end_generation`], the operations lock held by the caller.
+    fn end_generation_held(&self, generation: u64, merge: bool) -> Result<(), TrackerError> {
         self.shared.settle()?;
         let tracked = self.tracked()?;
         let frozen = self.lock_state().frozen.as_ref().map(|f| f.generation);
@@ -1039,6 +1044,7 @@ impl Tracker {
         applied: Option<(Lineage, u64, Option<u64>)>,
         force: bool,
     ) -> Result<(), TrackerError> {
+        let _op = self.lock_ops(); // no merge or freeze between the check and the release
         let st = self.state();
         let frozen_id = st.frozen.as_ref().map(|f| f.id);
         let why = match (applied, st.lineage) {
@@ -1055,6 +1061,12 @@ impl Tracker {
                 "the replica applied another freeze numbered {generation} (an older state \
                  directory was restored here since)"
             )),
+            // A generation number alone can come again after a restore: the id is needed.
+            (Some((_, _, None)), _) if frozen_id.is_some_and(|id| id != 0) => Some(format!(
+                "the replica's proof names no freeze, and generation {generation} is freeze \
+                 {:#x}: a proof without it cannot tell this freeze from an older one",
+                frozen_id.unwrap_or(0)
+            )),
             _ => None,
         };
         if let Some(why) = why {
@@ -1066,7 +1078,7 @@ impl Tracker {
                 "generation released without the replica's proof (forced)"
             );
         }
-        self.release(generation)
+        self.end_generation_held(generation, false)
     }
 
     /// Sets the lineage (the replica's, after a resync) and raises `next_generation` to at

@@ -326,3 +326,32 @@ fn a_failure_after_the_resync_was_frozen_keeps_the_disk_marked() {
     t.clear_resync("a").unwrap();
     assert!(!t.state().disks[0].resync_required);
 }
+
+/// R1 (low): a release is checked and made under one hold of the operations lock, and a
+/// proof that names no freeze does not release a freeze that has an id; a generation number
+/// that would overflow is refused at the control socket.
+#[test]
+fn a_release_needs_the_freeze_id_and_generations_stay_in_range() {
+    use vmreplica_common::lineage::Lineage;
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64 * MIB);
+    let t = Tracker::open(config(dir.path(), &[("a", &a)])).unwrap();
+    let l = Lineage([3; 16]);
+    t.set_lineage(l, 1, false).unwrap();
+    let g = t.freeze().unwrap();
+    let e = t
+        .release_proven(g.generation, Some((l, g.generation, None)), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names no freeze"), "{e}");
+    assert!(t.frozen().is_some(), "a refused release changes nothing");
+    t.release_proven(g.generation, Some((l, g.generation, Some(g.id))), false)
+        .unwrap();
+    let req = serde_json::json!({"op": "set-lineage", "lineage": l,
+        "next_generation": u64::MAX, "force": false});
+    let r = vmreplica_tracker::control::handle(&t, &req.to_string());
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("out of range"), "{r}");
+    assert_eq!(t.state().next_generation, 2);
+    t.freeze().unwrap();
+}
