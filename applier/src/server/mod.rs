@@ -196,6 +196,7 @@ impl VmEntry {
     /// Runs a store operation on a blocking thread; the event that reports it.
     async fn run(self: &Arc<Self>, op: Action) -> Event {
         let me = Arc::clone(self);
+        let failed = Failed::of(&op);
         let r = tokio::task::spawn_blocking(move || {
             let mut vs = lock(&me.store);
             let fail = |e: StoreError| (e.code(), e.to_string());
@@ -262,9 +263,12 @@ impl VmEntry {
         })
         .await;
         r.unwrap_or_else(|e| {
-            tracing::error!(vm = %self.name, "store operation failed: {e}");
+            tracing::error!(vm = %self.name, "store operation failed: {e}; the replica is re-read from disk before its next use");
+            // What the panic left in memory is not trusted: the next operation re-reads the
+            // replica from disk, as a restart would.
+            lock(&self.store).reload();
             let replica = lock(&self.session).replica().to_owned();
-            Event::Started(Err((code::INTERNAL, e.to_string())), replica)
+            failed.event(replica, e.to_string())
         })
     }
 
@@ -277,6 +281,49 @@ impl VmEntry {
                 format!("VM {}: no cycle is being received", self.name),
             )
         })
+    }
+}
+
+/// What a store operation that panicked reports to the session: the result of the kind it
+/// waits for (a start, a commit or checksums), so it never waits for ever.
+#[derive(Debug)]
+enum Failed {
+    Start,
+    Commit,
+    Hashes {
+        conn: crate::session::ConnId,
+        disk: String,
+        offset: u64,
+    },
+}
+
+impl Failed {
+    fn of(op: &Action) -> Failed {
+        match op {
+            Action::Commit { .. } => Failed::Commit,
+            Action::Hashes {
+                conn, disk, offset, ..
+            } => Failed::Hashes {
+                conn: *conn,
+                disk: disk.clone(),
+                offset: *offset,
+            },
+            _ => Failed::Start,
+        }
+    }
+
+    fn event(self, replica: crate::rules::Replica, why: String) -> Event {
+        let e = (code::INTERNAL, why);
+        match self {
+            Failed::Start => Event::Started(Err(e), replica),
+            Failed::Commit => Event::Committed(Err(e), replica),
+            Failed::Hashes { conn, disk, offset } => Event::Hashes {
+                conn,
+                disk,
+                offset,
+                result: Err(e),
+            },
+        }
     }
 }
 
@@ -519,4 +566,47 @@ async fn control(
     lock(&vm.conns).remove(&conn);
     let _ = writer.await;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmreplica_common::lineage::Lineage;
+
+    /// A store operation that panicked reports the result its session waits for (before, every
+    /// panic was reported as a failed start: a session waiting for a commit or checksums
+    /// waited for ever, and every later request of the VM with it).
+    #[test]
+    fn a_panicked_operation_reports_the_result_its_session_waits_for() {
+        let replica = crate::rules::Replica {
+            lineage: None,
+            last_cycle: 0,
+            last_freeze: 0,
+            has_points: false,
+            receiving: None,
+        };
+        let commit = Action::Commit {
+            lineage: Lineage([1; 16]),
+            cycle: 3,
+            epoch: 1,
+            ranges: 0,
+            bytes: 0,
+            digest: 0,
+        };
+        assert!(matches!(
+            Failed::of(&commit).event(replica, "boom".into()),
+            Event::Committed(Err((code::INTERNAL, ref m)), _) if m == "boom"
+        ));
+        let hashes = Action::Hashes {
+            conn: 7,
+            disk: "sys".into(),
+            offset: 4096,
+            block: 65536,
+            count: 2,
+        };
+        assert!(matches!(
+            Failed::of(&hashes).event(replica, "boom".into()),
+            Event::Hashes { conn: 7, ref disk, offset: 4096, result: Err(_) } if disk == "sys"
+        ));
+    }
 }

@@ -577,6 +577,13 @@ impl VmStore {
         Ok(())
     }
 
+    /// Makes the next operation re-read the replica from disk first (see
+    /// [`VmStore::settle`]): for a store an operation panicked in, whose memory is not
+    /// trusted.
+    pub fn reload(&mut self) {
+        self.unsynced = true;
+    }
+
     /// Whether the last state save may have been made despite its error: the caller keeps
     /// every file, and leaves the rest to [`VmStore::settle`].
     pub(crate) fn unsynced(&self) -> bool {
