@@ -463,3 +463,25 @@ fn r1_a_zero_length_chunk_is_refused_at_once() {
     }
     assert!(vs.applied().unwrap().is_empty());
 }
+
+/// R1 (low): a peer naming thousands of disks for a replica is refused before anything is
+/// created.
+#[test]
+fn r1_a_cycle_with_too_many_disks_is_refused_and_creates_nothing() {
+    let dir = tmp();
+    let s = Store::new(dir.path(), Retention::keep_all()).unwrap();
+    let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+    let many: Vec<DiskInfo> = (0..10_000)
+        .map(|i| DiskInfo {
+            name: format!("d{i}"),
+            size: SIZE,
+            granularity: G,
+        })
+        .collect();
+    let e = vs
+        .start_cycle(L, 1, CycleKind::Initial, 1, &many)
+        .expect_err("too many disks");
+    assert!(e.to_string().contains("10000 disks"), "{e}");
+    assert!(!dir.path().join("vm1/disks").exists());
+    assert!(vs.disks().is_empty());
+}

@@ -69,7 +69,12 @@ pub(crate) struct App {
     vms: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
     open_delay: Option<(String, Duration)>,
+    /// Most VMs open at once ([`MAX_VMS`]; tests lower it).
+    max_vms: usize,
 }
+
+/// Most replicas one applier keeps open: a peer naming ever new VMs is refused past it.
+pub const MAX_VMS: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -87,9 +92,21 @@ impl App {
             name: name.to_string(),
             source,
         })?;
-        let slot = Arc::clone(lock(&self.vms).entry(name.to_string()).or_default());
+        let slot = {
+            let mut vms = lock(&self.vms);
+            if !vms.contains_key(name) && vms.len() >= self.max_vms {
+                return Err(StoreError::Receive(crate::store::Failure {
+                    code: code::BUSY,
+                    message: format!(
+                        "VM {name}: this applier has {} replicas open, its limit; refused",
+                        vms.len()
+                    ),
+                }));
+            }
+            Arc::clone(vms.entry(name.to_string()).or_default())
+        };
         let app = Arc::clone(self);
-        let (name, peer) = (name.to_string(), peer.map(str::to_string));
+        let (key, name, peer) = (name, name.to_string(), peer.map(str::to_string));
         let entry = slot
             .get_or_try_init(|| async move {
                 let app2 = Arc::clone(&app);
@@ -102,7 +119,22 @@ impl App {
                         })
                     })?
             })
-            .await?;
+            .await;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                // A failed open leaves no slot behind (a peer naming ever new VMs that cannot
+                // be opened would grow the table), unless another caller opened it since.
+                let mut vms = lock(&self.vms);
+                if vms
+                    .get(key)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.get().is_none())
+                {
+                    vms.remove(key);
+                }
+                return Err(e);
+            }
+        };
         Ok(Arc::clone(entry))
     }
 
@@ -354,6 +386,7 @@ impl Applier {
             vms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             open_delay: cfg.open_delay,
+            max_vms: MAX_VMS,
         });
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
         let ep = endpoint.clone();
@@ -608,5 +641,41 @@ mod tests {
             Failed::of(&hashes).event(replica, "boom".into()),
             Event::Hashes { conn: 7, ref disk, offset: 4096, result: Err(_) } if disk == "sys"
         ));
+    }
+
+    /// A peer naming ever new VMs cannot grow the applier's table: a failed open leaves no
+    /// entry, and past the limit a new VM is refused (BUSY) while open ones go on.
+    #[tokio::test]
+    async fn the_table_of_open_vms_is_bounded() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = Store::new(dir.path(), crate::store::Retention::keep_all()).unwrap();
+        let app = Arc::new(App {
+            store,
+            admin_path: dir.path().join("applier.sock"),
+            allow: AllowList::new(&[]),
+            vms: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            open_delay: None,
+            max_vms: 2,
+        });
+        // Replicas that cannot be opened (state lost, data left): no entry stays.
+        for i in 0..5 {
+            let undo = dir.path().join(format!("bad{i}/undo"));
+            std::fs::create_dir_all(&undo).unwrap();
+            std::fs::write(undo.join("3.undo"), b"x").unwrap();
+            assert!(app.vm(&format!("bad{i}"), Some("p")).await.is_err());
+        }
+        assert_eq!(lock(&app.vms).len(), 0);
+        app.vm("vm1", Some("p")).await.unwrap();
+        app.vm("vm2", Some("p")).await.unwrap();
+        let e = app
+            .vm("vm3", Some("p"))
+            .await
+            .err()
+            .expect("past the limit");
+        assert_eq!(e.code(), code::BUSY, "{e}");
+        assert!(e.to_string().contains("vm3"), "{e}");
+        app.vm("vm1", Some("p")).await.expect("an open VM goes on");
+        assert_eq!(lock(&app.vms).len(), 2);
     }
 }

@@ -22,6 +22,9 @@ use super::{StoreError, VmStore};
 use crate::rules::{self, Decision};
 use crate::undo::{Enc, Header, LogIndex, UndoLog};
 
+/// Most disks one replica takes (a VM has a few; a peer naming more is refused).
+pub const MAX_DISKS: usize = 256;
+
 /// A cycle started or continued.
 #[derive(Debug)]
 pub struct Started {
@@ -263,6 +266,14 @@ impl VmStore {
                 granularity: d.granularity,
             })
             .collect();
+        if given.len() > MAX_DISKS {
+            return Err(StoreError::Refused(format!(
+                "VM {}: the cycle names {} disks, more than the {MAX_DISKS} a replica takes; \
+                 nothing on the replica was changed",
+                self.vm(),
+                given.len()
+            )));
+        }
         for d in &given {
             validate_name(&d.name).map_err(|source| StoreError::Name {
                 name: d.name.clone(),
