@@ -605,8 +605,9 @@ impl VmStore {
             let _ = run.stop();
         }
         self.partial = None;
-        let state = read_vm_state(self.vm(), &path)?
-            .ok_or_else(|| StoreError::NoReplica(self.vm().to_string()))?;
+        // None: nothing was saved yet (a first cycle), the replica is still new.
+        let state =
+            read_vm_state(self.vm(), &path)?.unwrap_or_else(|| VmState::new(&self.state.owner));
         self.state = state;
         self.shared.publish(&self.state);
         self.open_images(false)?;
