@@ -273,8 +273,7 @@ pub struct State {
     pub next_generation: u64,
     pub frozen: Option<FrozenState>,
     pub disks: Vec<DiskState>,
-    /// Raised at every open and freeze, saved before the images are stamped with it: an
-    /// image stamped with a later epoch tells an older copy of this directory (see
+    /// Raised at every open and freeze, saved before the images are stamped with it (see
     /// [`crate::epoch`]). Added within version 2 (absent reads as 0).
     #[serde(default)]
     pub epoch: u64,
@@ -720,13 +719,8 @@ impl Tracker {
                         abandon = true;
                     }
                 }
-                if restored {
-                    ds.resync_required = true;
-                    ds.resync_since = since;
-                    abandon = true;
-                }
-                if state.frozen.is_some() && t.bitmap().abandoned() {
-                    tracing::error!(disk = %img.name, "the frozen generation was abandoned before the tracker stopped; disk marked for checksum resync");
+                if restored || (state.frozen.is_some() && t.bitmap().abandoned()) {
+                    tracing::error!(disk = %img.name, restored, "the disk's tracking cannot be trusted (an older state restored, or the frozen generation abandoned before the tracker stopped); disk marked for checksum resync");
                     ds.resync_required = true;
                     ds.resync_since = since;
                     abandon = true;
@@ -840,8 +834,14 @@ impl Tracker {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A save maybe made (renamed, its directory not synced) fails like any other, and the
+    /// state in memory (the old one) is saved again before the next operation.
     fn save(&self, state: &State) -> Result<(), TrackerError> {
-        save_state(&self.shared.dir, state)
+        let r = save_state(&self.shared.dir, state);
+        if matches!(&r, Err(TrackerError::State(e)) if e.maybe_made()) {
+            self.shared.unsaved.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
     /// The tracked disks (all but the excluded ones), with their index among all disks.
