@@ -74,7 +74,9 @@ fn set_of(bs: &[u64]) -> RangeSet {
 
 /// Ships blocks `bs` of `data` as cycle `cycle` of `kind` (frozen as `freeze`) and commits.
 fn ship(vs: &mut VmStore, cycle: u64, kind: CycleKind, freeze: u64, data: &Images, bs: &[u64]) {
-    let st = vs.start_cycle(L, cycle, kind, freeze, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, cycle, kind, freeze, &disks(), None)
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle,
@@ -152,7 +154,7 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
 
     // Resync cycle 5, first attempt: block 3 differs, is sent, captured and written...
     let st = vs
-        .start_cycle(L, 5, CycleKind::Resync, 55, &disks())
+        .start_cycle(L, 5, CycleKind::Resync, 55, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -169,7 +171,7 @@ fn r1_a_resync_continued_after_a_crash_keeps_the_previous_point_intact() {
     // The applier restarts; the shipper resumes the same freeze.
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     let st = vs
-        .start_cycle(L, 5, CycleKind::Resync, 55, &disks())
+        .start_cycle(L, 5, CycleKind::Resync, 55, &disks(), None)
         .unwrap();
     assert!(st.continued && st.applied.is_empty());
     // The resync's plan: blocks whose checksums differ. None do any more.
@@ -288,7 +290,7 @@ fn start_with_unsynced_save(dir: &Path) -> (VmStore, Images) {
     // The VM's directory can be written (a rename works) but not opened (nor fsynced).
     let vmdir = dir.join("vm1");
     fs::set_permissions(&vmdir, fs::Permissions::from_mode(0o300)).unwrap();
-    let r = vs.start_cycle(L, 2, CycleKind::Delta, 2, &disks());
+    let r = vs.start_cycle(L, 2, CycleKind::Delta, 2, &disks(), None);
     fs::set_permissions(&vmdir, fs::Permissions::from_mode(0o755)).unwrap();
     let e = r.expect_err("the save failed");
     eprintln!("start_cycle: {e}");
@@ -431,7 +433,9 @@ fn r1_a_zero_length_chunk_is_refused_at_once() {
     data[0][..G as usize].fill(1);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
-    let st = vs.start_cycle(L, 2, CycleKind::Delta, 2, &disks()).unwrap();
+    let st = vs
+        .start_cycle(L, 2, CycleKind::Delta, 2, &disks(), None)
+        .unwrap();
     let tag = Tag {
         lineage: L,
         cycle: 2,
@@ -479,7 +483,7 @@ fn r1_a_cycle_with_too_many_disks_is_refused_and_creates_nothing() {
         })
         .collect();
     let e = vs
-        .start_cycle(L, 1, CycleKind::Initial, 1, &many)
+        .start_cycle(L, 1, CycleKind::Initial, 1, &many, None)
         .expect_err("too many disks");
     assert!(e.to_string().contains("10000 disks"), "{e}");
     assert!(!dir.path().join("vm1/disks").exists());

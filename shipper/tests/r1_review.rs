@@ -58,6 +58,7 @@ fn view(t: &Tracker) -> TrackerView {
             generation: g.generation,
             id: g.id,
             full: g.full,
+            baseline: g.baseline,
         }),
         resync_required: st.disks.iter().any(|d| d.resync_required),
         disks: st
@@ -69,6 +70,8 @@ fn view(t: &Tracker) -> TrackerView {
                 granularity: st.granularity,
             })
             .collect(),
+        parent: None,
+        sealed: st.sealed,
     }
 }
 
@@ -89,6 +92,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
             vm: "vm1".into(),
             interval: Some(Duration::from_secs(1)),
             initial_sync_at: None,
+            planned: None,
             paused: false,
         },
         now,
@@ -119,7 +123,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                         lineage,
                         next_generation,
                     } => t.set_lineage(lineage.unwrap_or(L), *next_generation, false),
-                    TrackerOp::ClearResync => Ok(()),
+                    TrackerOp::ClearResync | TrackerOp::MarkDirty { .. } => Ok(()),
                     TrackerOp::MarkResync => t
                         .state()
                         .disks
@@ -145,6 +149,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                         last_cycle: r.last_cycle,
                         last_freeze: r.last_freeze,
                         receiving: None,
+                        role: vmreplica_common::wire::Role::Replica,
                     },
                 },
                 now,
