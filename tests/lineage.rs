@@ -212,6 +212,10 @@ fn the_trackers_lineage_controls_refuse_what_would_lose_changes() {
             serde_json::json!({"lineage": a, "cycle": 5, "freeze": id ^ 1}),
             "another freeze",
         ),
+        (
+            serde_json::json!({"lineage": a, "cycle": 5}),
+            "names no freeze",
+        ),
     ] {
         let e = call(serde_json::json!({"op": "release", "generation": 5, "applied": proof}))
             .unwrap_err()

@@ -426,9 +426,12 @@ impl Sim {
     fn tracker_op(&mut self, sh: usize, op: TrackerOp) {
         let t = &mut self.tracker;
         let r: Result<(), String> = match op {
-            TrackerOp::Status | TrackerOp::ClearResync => {
+            TrackerOp::Status | TrackerOp::ClearResync | TrackerOp::MarkResync => {
                 if op == TrackerOp::ClearResync {
                     t.resync_required = false;
+                }
+                if op == TrackerOp::MarkResync {
+                    t.resync_required = true;
                 }
                 Ok(())
             }
@@ -1020,25 +1023,31 @@ impl Sim {
                 self.applier = ApplierSession::new("vm1", self.store.replica());
             }
             35..=37 => {
-                // The tracker's state directory is lost: no lineage, generation 1, and (as the
-                // tracker guarantees) every disk needs a resync.
+                // The tracker's state directory is lost, all of it (recreated empty: no
+                // tracking files left to say so): no lineage, generation 1, no resync flags.
+                // Only the missing lineage tells the shipper to resync.
                 self.faults.hit("tracker state lost");
                 self.tracker = Tracker {
                     lineage: None,
                     next_generation: 1,
                     frozen: None,
                     dirty: BTreeSet::new(),
-                    resync_required: true,
+                    resync_required: false,
                     sealed: false,
                 };
             }
             38..=40 => {
                 if let Some((t, _)) = self.pick_history() {
-                    // An older tracker state restored: its bitmaps miss writes since, so the
-                    // disk is marked for resync as a restored state directory is.
+                    // An older tracker state restored: its bitmaps miss writes since. The
+                    // tracker tells it by the epoch its images carry (newer than the copy's):
+                    // every disk is marked for resync and the copy's frozen generation, whose
+                    // copies-on-write miss what was written since, is abandoned (merged).
                     self.faults.hit("tracker state restored");
                     self.tracker = t;
                     self.tracker.resync_required = true;
+                    if let Some(f) = self.tracker.frozen.take() {
+                        self.tracker.dirty.extend(f.2);
+                    }
                 }
             }
             41..=44 => {

@@ -218,11 +218,14 @@ impl PointView {
     /// Where each piece of `[start, end)` of `disk` is for this point now.
     fn resolve(&self, disk: u16, start: u64, end: u64) -> Vec<(u64, u64, Src)> {
         let chain = self.shared.chain.read().unwrap_or_else(|e| e.into_inner());
+        // The receiving log too only if it undoes to this point or later: a commit publishes
+        // its point before it moves the log out of `receiving`, and a view of that new point
+        // must not read the point before it from the log.
         let logs = chain
             .logs
             .iter()
-            .filter(|l| l.to >= self.point)
-            .chain(chain.receiving.iter());
+            .chain(chain.receiving.iter())
+            .filter(|l| l.to >= self.point);
         let mut out = Vec::new();
         let mut rest = vec![(start, end)];
         for log in logs {

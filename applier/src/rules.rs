@@ -53,8 +53,8 @@ pub fn decide(
     parent: Option<LineagePoint>,
 ) -> Result<Decision, String> {
     let nothing = "nothing on the replica was changed";
-    if cycle == 0 {
-        return Err(format!("VM {vm}: cycle 0 does not exist; {nothing}"));
+    if cycle == 0 || cycle > vmreplica_common::wire::MAX_CYCLE {
+        return Err(format!("VM {vm}: cycle {cycle} is out of range; {nothing}"));
     }
     if let Some(m) = failed_over_message(vm, &r.role) {
         return Err(m);
@@ -162,6 +162,22 @@ mod tests {
             receiving: None,
             role: Role::Replica,
         }
+    }
+
+    #[test]
+    fn cycle_numbers_out_of_range_are_refused() {
+        use CycleKind::*;
+        let max = vmreplica_common::wire::MAX_CYCLE;
+        for c in [0, max + 1, u64::MAX] {
+            let e = decide("vm1", &at(None, 0), A, c, Initial, 1, None).unwrap_err();
+            assert!(e.contains("out of range") && e.contains("vm1"), "{e}");
+        }
+        assert_eq!(
+            decide("vm1", &at(None, 0), A, max, Initial, 1, None),
+            Ok(Decision::Fresh)
+        );
+        // The replica at the highest cycle: the next delta is refused, never an overflow.
+        assert!(decide("vm1", &at(Some(A), max), A, max + 1, Delta, 1, None).is_err());
     }
 
     #[test]

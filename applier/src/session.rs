@@ -166,6 +166,10 @@ enum Pending {
     Other,
 }
 
+/// Requests that may wait while the store works for another: a shipper sends one at a time,
+/// so more means a confused or hostile peer; they are refused (BUSY), not queued without end.
+pub const MAX_WAITING: usize = 256;
+
 pub struct ApplierSession {
     vm: String,
     replica: Replica,
@@ -238,6 +242,18 @@ impl ApplierSession {
                 | Event::Reversed { .. }
         );
         if self.pending.is_some() && !is_result {
+            if self.waiting.len() >= MAX_WAITING {
+                if let Event::Hello { conn, .. } | Event::Message { conn, .. } = ev {
+                    let m = format!(
+                        "VM {}: {MAX_WAITING} requests already wait for the replica's store; \
+                         this one is refused (a shipper sends one at a time: is a second one \
+                         running against this replica?)",
+                        self.vm
+                    );
+                    self.send(conn, error(code::BUSY, m));
+                }
+                return;
+            }
             self.waiting.push_back(ev);
             return;
         }
@@ -600,6 +616,36 @@ mod tests {
 
     fn drain(s: &mut ApplierSession) -> Vec<Action> {
         std::iter::from_fn(|| s.poll_action()).collect()
+    }
+
+    #[test]
+    fn requests_waiting_for_the_store_are_bounded() {
+        let mut s = ApplierSession::new("vm1", replica(5));
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(6),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Start { cycle: 6, .. }]
+        ));
+        // While the store works, a peer floods: what exceeds the bound is refused at once.
+        for _ in 0..MAX_WAITING + 10 {
+            s.handle(Event::Message {
+                conn: 2,
+                msg: begin(6),
+            });
+        }
+        let acts = drain(&mut s);
+        assert_eq!(acts.len(), 10, "{acts:?}");
+        for a in &acts {
+            assert!(
+                matches!(a, Action::Send { conn: 2, msg: Message::Error { code: c, message } }
+                    if *c == code::BUSY && message.contains("vm1")),
+                "{a:?}"
+            );
+        }
+        assert_eq!(s.waiting.len(), MAX_WAITING);
     }
 
     #[test]

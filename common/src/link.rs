@@ -399,7 +399,7 @@ mod tests {
             epoch: 1,
         };
         let chunk = Chunk::pack(tag, 0, 65536, &[9u8; 8192], true);
-        let raw = Chunk::pack(tag, 0, 0, &[], false);
+        let raw = Chunk::pack(tag, 0, 0, &[7u8; 100], false);
         send_chunk(&mut s, chunk.clone()).await.unwrap();
         send_chunk(&mut s, raw.clone()).await.unwrap();
         send(&mut s, &Message::Chunk(chunk.clone())).await.unwrap();

@@ -31,10 +31,60 @@ pub enum StateFileError {
         found: u32,
         expected: u32,
     },
+    /// The new file was renamed into place but its directory could not be synced: a reader
+    /// (a restart) sees the new state, a power cut may bring the old one back. The save is
+    /// *maybe made*: the caller must keep whatever either state refers to, and must not take
+    /// the new state as durable until a later save (or directory sync) succeeds.
+    #[error(
+        "state file {path} was replaced but its directory could not be synced ({source}); \
+         the new state may not survive a power cut"
+    )]
+    Unsynced { path: PathBuf, source: io::Error },
 }
 
-/// Replaces `path` with `data` atomically and durably.
+impl StateFileError {
+    /// Whether the new state may be on disk despite the error (see [`StateFileError::Unsynced`]).
+    pub fn maybe_made(&self) -> bool {
+        matches!(self, StateFileError::Unsynced { .. })
+    }
+}
+
+/// A failed replace: whether the new file was already renamed into place, and why.
+struct ReplaceError {
+    renamed: bool,
+    source: io::Error,
+}
+
+impl From<io::Error> for ReplaceError {
+    fn from(source: io::Error) -> ReplaceError {
+        ReplaceError {
+            renamed: false,
+            source,
+        }
+    }
+}
+
+/// Replaces `path` with `data` atomically and durably. An error after the rename (syncing
+/// the directory) says so in its message: the new file is then in place but may not be
+/// durable; callers that must tell the two apart use [`write_state`].
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace(path, data).map_err(|e| {
+        if e.renamed {
+            io::Error::new(
+                e.source.kind(),
+                format!(
+                    "{} is in place but its directory could not be synced: {}",
+                    path.display(),
+                    e.source
+                ),
+            )
+        } else {
+            e.source
+        }
+    })
+}
+
+fn replace(path: &Path, data: &[u8]) -> Result<(), ReplaceError> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -56,7 +106,12 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| ReplaceError {
+            renamed: true,
+            source,
+        })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,9 +138,19 @@ pub fn write_state<T: Serialize>(
         source: io::Error::other(e),
     })?;
     data.push(b'\n');
-    write_atomic(path, &data).map_err(|source| StateFileError::Write {
-        path: path.to_path_buf(),
-        source,
+    replace(path, &data).map_err(|e| {
+        let path = path.to_path_buf();
+        if e.renamed {
+            StateFileError::Unsynced {
+                path,
+                source: e.source,
+            }
+        } else {
+            StateFileError::Write {
+                path,
+                source: e.source,
+            }
+        }
     })
 }
 

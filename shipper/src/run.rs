@@ -171,6 +171,7 @@ async fn tracker_op(
             })
             .await?;
         }
+        TrackerOp::MarkResync => mark_resync(socket).await?,
         TrackerOp::ClearResync => {
             let st = call(Request::Status).await?;
             for d in st["disks"].as_array().cloned().unwrap_or_default() {

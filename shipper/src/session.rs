@@ -108,6 +108,9 @@ pub enum TrackerOp {
         next_generation: u64,
     },
     ClearResync,
+    /// Marks every tracked disk for a checksum resync, saved by the tracker: the shipper's
+    /// decision to resync, made durable before it acts on it.
+    MarkResync,
     /// Mark these ranges (by disk index) dirty: a reverse cycle's divergent ranges.
     MarkDirty {
         ranges: RangeSet,
@@ -333,6 +336,9 @@ pub struct ShipperSession {
     /// A resync was decided (the next freeze is a full one), whatever the tracker's flags say
     /// once its lineage is set.
     must_resync: bool,
+    /// The decision to resync was saved in the tracker (its resync flags), this process: a
+    /// restarted shipper reads it back from them.
+    resync_marked: bool,
     /// Bytes of the cycle being shipped (its manifest's), and of them, those the replica
     /// held when this attempt began.
     cycle_bytes: u64,
@@ -367,6 +373,7 @@ impl ShipperSession {
             now,
             resync_freeze: None,
             must_resync: false,
+            resync_marked: false,
             cycle_bytes: 0,
             cycle_skipped: 0,
             divergent: None,
@@ -627,6 +634,8 @@ impl ShipperSession {
             Ok(t) => t,
             Err(e) => {
                 if matches!(phase, Phase::Status | Phase::Tracker(_)) {
+                    // Whether a mark in flight was saved is unknown: it is made again.
+                    self.resync_marked = false;
                     self.retry(format!("tracker: {e}"));
                 }
                 return;
@@ -666,6 +675,7 @@ impl ShipperSession {
                 }
                 if full.is_some() {
                     self.must_resync = false;
+                    self.resync_marked = false;
                 }
                 self.decide();
             }
@@ -861,6 +871,13 @@ impl ShipperSession {
             return self.resync(&t, r.last_cycle, None);
         };
         let n = r.last_cycle;
+        if n >= vmreplica_common::wire::MAX_CYCLE {
+            return self.stop(format!(
+                "VM {}: the replica reports cycle {n}, beyond any this primary can follow: \
+                 nothing is shipped or released",
+                self.cfg.vm
+            ));
+        }
         let Some(tl) = t.lineage else {
             tracing::info!(vm = %self.cfg.vm, "the tracker has no lineage (its state was lost or recreated): checksum resync");
             return self.resync(&t, n, Some(rl));
@@ -958,14 +975,25 @@ impl ShipperSession {
     /// A checksum resync against a replica at cycle `n` of `lineage` (None: the replica has
     /// none): merge what is frozen, put the tracker in the replica's lineage with a generation
     /// after `n`, freeze every block.
+    ///
+    /// The decision is saved in the tracker (its resync flags) before anything is changed:
+    /// once `set-lineage` has put the tracker in step with the replica, nothing else tells a
+    /// restarted shipper that the writes tracked before must be found by checksums.
     fn resync(&mut self, t: &TrackerView, n: u64, lineage: Option<Lineage>) {
         self.must_resync = true;
         let want = lineage.or(t.lineage);
         let in_lineage = want.is_some() && t.lineage == want;
         match (t.frozen, want) {
             (Some(f), Some(l)) if f.full && f.generation > n && in_lineage => {
-                self.ship(l, f, CycleKind::Resync, t)
+                return self.ship(l, f, CycleKind::Resync, t)
             }
+            _ if !t.resync_required && !self.resync_marked => {
+                self.resync_marked = true;
+                return self.tracker_op(TrackerOp::MarkResync, After::Decide);
+            }
+            _ => {}
+        }
+        match (t.frozen, want) {
             (Some(f), _) => self.tracker_op(
                 TrackerOp::Merge {
                     generation: f.generation,

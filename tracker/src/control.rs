@@ -1,8 +1,9 @@
 //! The local control socket: one JSON request per line, one JSON response per line.
 //!
 //! Requests: `{"op":"status"}`, `{"op":"freeze","full":false}`,
-//! `{"op":"release","generation":N,"applied":{"lineage":L,"cycle":N},"force":false}` (refused
-//! without the replica's proof unless forced), `{"op":"merge","generation":N}`,
+//! `{"op":"release","generation":N,"applied":{"lineage":L,"cycle":N,"freeze":ID},"force":false}`
+//! (refused without the replica's proof, naming the freeze, unless forced),
+//! `{"op":"merge","generation":N}`,
 //! `{"op":"clear-resync","disk":"NAME"}`,
 //! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false,"parent":{"lineage":P,"cycle":C}}`
 //! (`parent` optional: where a failover's new lineage continues from),
@@ -141,6 +142,15 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                 force,
             )
             .map(|_| json!(null)),
+        Request::SetLineage {
+            next_generation, ..
+        } if next_generation > vmreplica_common::wire::MAX_CYCLE => {
+            let e = format!(
+                "next_generation {next_generation} is out of range (at most {})",
+                vmreplica_common::wire::MAX_CYCLE
+            );
+            return json!({"ok": false, "error": e});
+        }
         Request::SetLineage {
             lineage,
             next_generation,

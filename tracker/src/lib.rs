@@ -19,6 +19,7 @@ pub mod control;
 pub mod cow;
 pub mod crashpoint;
 pub mod disk;
+pub mod epoch;
 pub mod failover;
 pub mod frozen;
 mod gate;

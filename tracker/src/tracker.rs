@@ -307,6 +307,10 @@ pub struct State {
     pub next_generation: u64,
     pub frozen: Option<FrozenState>,
     pub disks: Vec<DiskState>,
+    /// Raised at every open and freeze, saved before the images are stamped with it (see
+    /// [`crate::epoch`]). Added within version 2 (absent reads as 0).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// What a freeze produced, per disk: enough for a shipper to read the frozen blocks.
@@ -685,6 +689,7 @@ impl Tracker {
             clean: false,
             granularity: g,
             next_generation: 1,
+            epoch: 0,
             frozen: None,
             disks: images
                 .iter()
@@ -709,6 +714,12 @@ impl Tracker {
             }
             ds.excluded = excluded;
         }
+        let stamps = images
+            .iter()
+            .map(|i| (i.name.as_str(), i.path.as_path(), &i.file));
+        let (restored, epoch) =
+            crate::epoch::check(&dir, existed && cfg.tracking, state.epoch, stamps);
+        state.epoch = epoch;
         if cfg.tracking && !existed {
             // The state file comes first, so tracking files without it always mean it was
             // lost.
@@ -764,8 +775,8 @@ impl Tracker {
                     // A baseline whose copy-on-write failed is dropped, not abandoned: the
                     // writes since the failover are in the active slot.
                     baseline_lost = true;
-                } else if state.frozen.is_some() && t.bitmap().abandoned() {
-                    tracing::error!(disk = %img.name, "the frozen generation was abandoned before the tracker stopped; disk marked for checksum resync");
+                } else if restored || (state.frozen.is_some() && t.bitmap().abandoned()) {
+                    tracing::error!(disk = %img.name, restored, "the disk's tracking cannot be trusted (an older state restored, or the frozen generation abandoned before the tracker stopped); disk marked for checksum resync");
                     ds.resync_required = true;
                     ds.resync_since = since;
                     abandon = true;
@@ -810,6 +821,10 @@ impl Tracker {
         state.clean = false;
         if cfg.tracking {
             save_state(&dir, &state)?;
+            // Saved first: the live directory's epoch is never behind an image's.
+            for d in &disks {
+                crate::epoch::stamp(d, state.epoch, true);
+            }
         }
         let shared = Arc::new(Shared {
             dir,
@@ -890,8 +905,14 @@ impl Tracker {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A save maybe made (renamed, its directory not synced) fails like any other, and the
+    /// state in memory (the old one) is saved again before the next operation.
     pub(crate) fn save(&self, state: &State) -> Result<(), TrackerError> {
-        save_state(&self.shared.dir, state)
+        let r = save_state(&self.shared.dir, state);
+        if matches!(&r, Err(TrackerError::State(e)) if e.maybe_made()) {
+            self.shared.unsaved.store(true, Ordering::SeqCst);
+        }
+        r
     }
 
     /// The tracked disks (all but the excluded ones), with their index among all disks.
@@ -1020,6 +1041,7 @@ impl Tracker {
                 baseline,
             });
             next.next_generation = generation + 1;
+            next.epoch += 1;
             crash_point("freeze.before-save");
             self.save(&next)?;
             crash_point("freeze.saved");
@@ -1030,6 +1052,9 @@ impl Tracker {
             Ok(())
         })?;
         let st = self.lock_state();
+        for (_, d, _) in &tracked {
+            crate::epoch::stamp(d, st.epoch, false);
+        }
         let g = self
             .generation_info(&st)
             .expect("a generation was just frozen");
@@ -1039,6 +1064,11 @@ impl Tracker {
 
     fn end_generation(&self, generation: u64, merge: bool) -> Result<(), TrackerError> {
         let _op = self.lock_ops();
+        self.end_generation_held(generation, merge)
+    }
+
+    /// [`Self::end_generation`], the operations lock held by the caller.
+    fn end_generation_held(&self, generation: u64, merge: bool) -> Result<(), TrackerError> {
         self.shared.settle()?;
         let tracked = self.tracked()?;
         let frozen = self.lock_state().frozen.as_ref().map(|f| f.generation);
@@ -1099,6 +1129,7 @@ impl Tracker {
         applied: Option<(Lineage, u64, Option<u64>)>,
         force: bool,
     ) -> Result<(), TrackerError> {
+        let _op = self.lock_ops(); // no merge or freeze between the check and the release
         let st = self.state();
         let frozen_id = st.frozen.as_ref().map(|f| f.id);
         let baseline = st
@@ -1120,6 +1151,12 @@ impl Tracker {
                 "the replica applied another freeze numbered {generation} (an older state \
                  directory was restored here since)"
             )),
+            // A generation number alone can come again after a restore: the id is needed.
+            (Some((_, _, None)), _) if frozen_id.is_some_and(|id| id != 0) => Some(format!(
+                "the replica's proof names no freeze, and generation {generation} is freeze \
+                 {:#x}: a proof without it cannot tell this freeze from an older one",
+                frozen_id.unwrap_or(0)
+            )),
             _ => None,
         };
         if let Some(why) = why {
@@ -1131,7 +1168,7 @@ impl Tracker {
                 "generation released without the replica's proof (forced)"
             );
         }
-        self.release(generation)
+        self.end_generation_held(generation, false)
     }
 
     /// Sets the lineage (the replica's, after a resync) and raises `next_generation` to at

@@ -326,3 +326,91 @@ fn a_failure_after_the_resync_was_frozen_keeps_the_disk_marked() {
     t.clear_resync("a").unwrap();
     assert!(!t.state().disks[0].resync_required);
 }
+
+/// R1 (low): a release is checked and made under one hold of the operations lock, and a
+/// proof that names no freeze does not release a freeze that has an id; a generation number
+/// that would overflow is refused at the control socket.
+#[test]
+fn a_release_needs_the_freeze_id_and_generations_stay_in_range() {
+    use vmreplica_common::lineage::Lineage;
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64 * MIB);
+    let t = Tracker::open(config(dir.path(), &[("a", &a)])).unwrap();
+    let l = Lineage([3; 16]);
+    t.set_lineage(l, 1, false).unwrap();
+    let g = t.freeze().unwrap();
+    let e = t
+        .release_proven(g.generation, Some((l, g.generation, None)), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("names no freeze"), "{e}");
+    assert!(t.frozen().is_some(), "a refused release changes nothing");
+    t.release_proven(g.generation, Some((l, g.generation, Some(g.id))), false)
+        .unwrap();
+    let req = serde_json::json!({"op": "set-lineage", "lineage": l,
+        "next_generation": u64::MAX, "force": false});
+    let r = vmreplica_tracker::control::handle(&t, &req.to_string());
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap().contains("out of range"), "{r}");
+    assert_eq!(t.state().next_generation, 2);
+    t.freeze().unwrap();
+}
+
+/// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread (tests run as root), so
+/// that directory permissions apply to it.
+fn drop_dac_override() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: capget/capset with a version-3 header and the two data words it expects.
+    unsafe {
+        assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
+        d[0].effective &= !((1u32 << 1) | (1u32 << 2));
+        assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
+    }
+}
+
+/// R1 finding 5, the tracker's side: a freeze whose state save fails after its rename (the
+/// state directory cannot be opened to sync it) fails, and the state in memory (not frozen)
+/// is saved again before the next operation, so the file no longer says "frozen" while
+/// writes keep going to the slot it names as frozen.
+#[test]
+fn a_freeze_whose_save_is_maybe_made_is_saved_again_as_not_made() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(dir.path(), "a.img", 64 * MIB);
+    let t = Tracker::open(config(dir.path(), &[("a", &a)])).unwrap();
+    write(&*t.disks()[0], MIB, vec![7; 65536]);
+    drop_dac_override();
+    let state = dir.path().join("state");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o300)).unwrap();
+    let r = t.freeze();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = r.expect_err("the save failed").to_string();
+    assert!(e.contains("tracker.json"), "{e}");
+    assert!(t.frozen().is_none());
+    let _ = t.state(); // any operation
+    let on_disk = std::fs::read_to_string(state.join("tracker.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&on_disk).unwrap();
+    assert!(v["state"]["frozen"].is_null(), "{on_disk}");
+    let g = t.freeze().unwrap();
+    assert!(FrozenReader::open(&g.disks[0])
+        .unwrap()
+        .blocks()
+        .unwrap()
+        .contains(&(MIB / 65536)));
+}

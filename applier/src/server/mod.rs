@@ -73,7 +73,12 @@ pub(crate) struct App {
     vms: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
     open_delay: Option<(String, Duration)>,
+    /// Most VMs open at once ([`MAX_VMS`]; tests lower it).
+    max_vms: usize,
 }
+
+/// Most replicas one applier keeps open: a peer naming ever new VMs is refused past it.
+pub const MAX_VMS: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -91,9 +96,21 @@ impl App {
             name: name.to_string(),
             source,
         })?;
-        let slot = Arc::clone(lock(&self.vms).entry(name.to_string()).or_default());
+        let slot = {
+            let mut vms = lock(&self.vms);
+            if !vms.contains_key(name) && vms.len() >= self.max_vms {
+                return Err(StoreError::Receive(crate::store::Failure {
+                    code: code::BUSY,
+                    message: format!(
+                        "VM {name}: this applier has {} replicas open, its limit; refused",
+                        vms.len()
+                    ),
+                }));
+            }
+            Arc::clone(vms.entry(name.to_string()).or_default())
+        };
         let app = Arc::clone(self);
-        let (name, peer) = (name.to_string(), peer.map(str::to_string));
+        let (key, name, peer) = (name, name.to_string(), peer.map(str::to_string));
         let entry = slot
             .get_or_try_init(|| async move {
                 let app2 = Arc::clone(&app);
@@ -106,7 +123,22 @@ impl App {
                         })
                     })?
             })
-            .await?;
+            .await;
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                // A failed open leaves no slot behind (a peer naming ever new VMs that cannot
+                // be opened would grow the table), unless another caller opened it since.
+                let mut vms = lock(&self.vms);
+                if vms
+                    .get(key)
+                    .is_some_and(|s| Arc::ptr_eq(s, &slot) && s.get().is_none())
+                {
+                    vms.remove(key);
+                }
+                return Err(e);
+            }
+        };
         Ok(Arc::clone(entry))
     }
 
@@ -205,6 +237,7 @@ impl VmEntry {
     /// Runs a store operation on a blocking thread; the event that reports it.
     async fn run(self: &Arc<Self>, op: Action) -> Event {
         let me = Arc::clone(self);
+        let failed = Failed::of(&op);
         let r = tokio::task::spawn_blocking(move || {
             let mut vs = lock(&me.store);
             let fail = |e: StoreError| (e.code(), e.to_string());
@@ -301,9 +334,12 @@ impl VmEntry {
         })
         .await;
         r.unwrap_or_else(|e| {
-            tracing::error!(vm = %self.name, "store operation failed: {e}");
+            tracing::error!(vm = %self.name, "store operation failed: {e}; the replica is re-read from disk before its next use");
+            // What the panic left in memory is not trusted: the next operation re-reads the
+            // replica from disk, as a restart would.
+            lock(&self.store).reload();
             let replica = lock(&self.session).replica().to_owned();
-            Event::Started(Err((code::INTERNAL, e.to_string())), replica)
+            failed.event(replica, e.to_string())
         })
     }
 
@@ -323,6 +359,49 @@ impl VmEntry {
                 format!("VM {}: no cycle is being received", self.name),
             )
         })
+    }
+}
+
+/// What a store operation that panicked reports to the session: the result of the kind it
+/// waits for (a start, a commit or checksums), so it never waits for ever.
+#[derive(Debug)]
+enum Failed {
+    Start,
+    Commit,
+    Hashes {
+        conn: crate::session::ConnId,
+        disk: String,
+        offset: u64,
+    },
+}
+
+impl Failed {
+    fn of(op: &Action) -> Failed {
+        match op {
+            Action::Commit { .. } => Failed::Commit,
+            Action::Hashes {
+                conn, disk, offset, ..
+            } => Failed::Hashes {
+                conn: *conn,
+                disk: disk.clone(),
+                offset: *offset,
+            },
+            _ => Failed::Start,
+        }
+    }
+
+    fn event(self, replica: crate::rules::Replica, why: String) -> Event {
+        let e = (code::INTERNAL, why);
+        match self {
+            Failed::Start => Event::Started(Err(e), replica),
+            Failed::Commit => Event::Committed(Err(e), replica),
+            Failed::Hashes { conn, disk, offset } => Event::Hashes {
+                conn,
+                disk,
+                offset,
+                result: Err(e),
+            },
+        }
     }
 }
 
@@ -360,6 +439,7 @@ impl Applier {
             vms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             open_delay: cfg.open_delay,
+            max_vms: MAX_VMS,
         });
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
         // The VMs this site is primary for: their processes are found again (or started).
@@ -578,4 +658,88 @@ async fn control(
     lock(&vm.conns).remove(&conn);
     let _ = writer.await;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmreplica_common::lineage::Lineage;
+
+    /// A store operation that panicked reports the result its session waits for (before, every
+    /// panic was reported as a failed start: a session waiting for a commit or checksums
+    /// waited for ever, and every later request of the VM with it).
+    #[test]
+    fn a_panicked_operation_reports_the_result_its_session_waits_for() {
+        let replica = crate::rules::Replica {
+            lineage: None,
+            last_cycle: 0,
+            last_freeze: 0,
+            has_points: false,
+            receiving: None,
+            role: vmreplica_common::wire::Role::Replica,
+        };
+        let commit = Action::Commit {
+            lineage: Lineage([1; 16]),
+            cycle: 3,
+            epoch: 1,
+            ranges: 0,
+            bytes: 0,
+            digest: 0,
+        };
+        assert!(matches!(
+            Failed::of(&commit).event(replica, "boom".into()),
+            Event::Committed(Err((code::INTERNAL, ref m)), _) if m == "boom"
+        ));
+        let hashes = Action::Hashes {
+            conn: 7,
+            disk: "sys".into(),
+            offset: 4096,
+            block: 65536,
+            count: 2,
+        };
+        assert!(matches!(
+            Failed::of(&hashes).event(replica, "boom".into()),
+            Event::Hashes { conn: 7, ref disk, offset: 4096, result: Err(_) } if disk == "sys"
+        ));
+    }
+
+    /// A peer naming ever new VMs cannot grow the applier's table: a failed open leaves no
+    /// entry, and past the limit a new VM is refused (BUSY) while open ones go on.
+    #[tokio::test]
+    async fn the_table_of_open_vms_is_bounded() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let store = Store::new(dir.path(), crate::store::Retention::keep_all()).unwrap();
+        let app = Arc::new(App {
+            store,
+            admin_path: dir.path().join("applier.sock"),
+            allow: AllowList::new(&[]),
+            vms: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            open_delay: None,
+            max_vms: 2,
+            site: Arc::new(crate::failover::Site {
+                root: dir.path().to_path_buf(),
+                identity: None,
+            }),
+        });
+        // Replicas that cannot be opened (state lost, data left): no entry stays.
+        for i in 0..5 {
+            let undo = dir.path().join(format!("bad{i}/undo"));
+            std::fs::create_dir_all(&undo).unwrap();
+            std::fs::write(undo.join("3.undo"), b"x").unwrap();
+            assert!(app.vm(&format!("bad{i}"), Some("p")).await.is_err());
+        }
+        assert_eq!(lock(&app.vms).len(), 0);
+        app.vm("vm1", Some("p")).await.unwrap();
+        app.vm("vm2", Some("p")).await.unwrap();
+        let e = app
+            .vm("vm3", Some("p"))
+            .await
+            .err()
+            .expect("past the limit");
+        assert_eq!(e.code(), code::BUSY, "{e}");
+        assert!(e.to_string().contains("vm3"), "{e}");
+        app.vm("vm1", Some("p")).await.expect("an open VM goes on");
+        assert_eq!(lock(&app.vms).len(), 2);
+    }
 }

@@ -22,6 +22,9 @@ use super::{StoreError, VmStore};
 use crate::rules::{self, Decision};
 use crate::undo::{Enc, Header, LogIndex, UndoLog};
 
+/// Most disks one replica takes (a VM has a few; a peer naming more is refused).
+pub const MAX_DISKS: usize = 256;
+
 /// A cycle started or continued.
 #[derive(Debug)]
 pub struct Started {
@@ -107,6 +110,7 @@ impl VmStore {
         parent: Option<LineagePoint>,
         meta: &CycleMeta,
     ) -> Result<Started, StoreError> {
+        self.settle()?;
         let decision = rules::decide(
             self.vm(),
             &self.state.replica(),
@@ -188,7 +192,9 @@ impl VmStore {
         });
         note_meta(&mut next, meta);
         if let Err(e) = self.commit_state(next) {
-            let _ = crate::undo::log::remove(&path);
+            if !self.unsynced() {
+                let _ = crate::undo::log::remove(&path);
+            }
             return Err(e);
         }
         let index = Arc::new(
@@ -270,6 +276,14 @@ impl VmStore {
                 image: None,
             })
             .collect();
+        if given.len() > MAX_DISKS {
+            return Err(StoreError::Refused(format!(
+                "VM {}: the cycle names {} disks, more than the {MAX_DISKS} a replica takes; \
+                 nothing on the replica was changed",
+                self.vm(),
+                given.len()
+            )));
+        }
         for d in &given {
             validate_name(&d.name).map_err(|source| StoreError::Name {
                 name: d.name.clone(),
@@ -329,6 +343,7 @@ impl VmStore {
         bytes: u64,
         digest: u64,
     ) -> Result<Committed, StoreError> {
+        self.settle()?;
         let matches = self
             .state
             .receiving
@@ -358,9 +373,13 @@ impl VmStore {
         match self.finish(p, now()) {
             Ok(c) => Ok(c),
             Err(e) => {
-                // The state still holds the cycle in part: reopen it from disk.
+                // The state still holds the cycle in part: reopen it from disk (after a save
+                // that was maybe made, the next operation settles the store instead: the
+                // finished log must not be reopened as a log in progress, cutting its trailer).
                 self.partial = None;
-                let _ = self.load_chain();
+                if !self.unsynced() {
+                    let _ = self.load_chain();
+                }
                 Err(e)
             }
         }
@@ -415,11 +434,21 @@ impl VmStore {
             // The reverse cycle landed: this site is the new primary's replica.
             next.role = super::state::Role::Replica;
         }
-        let empty = applied.is_empty() && !next.points.is_empty();
+        // A cycle is empty only if it wrote nothing in any attempt: an attempt cut short
+        // after its image writes but before they were marked applied leaves captured entries
+        // (and changed images) that a later attempt's plan no longer sends.
+        let empty = applied.is_empty() && log.entries().is_empty() && !next.points.is_empty();
         let keeps_log = capture && !empty;
         if empty {
             drop(log);
         } else {
+            // The last mark synced what this attempt wrote; what an earlier attempt wrote
+            // without a mark is made durable here, before a point says it is there.
+            for (img, d) in self.shared.images().iter().zip(&self.state.disks) {
+                img.file
+                    .sync_data()
+                    .map_err(self.io(&self.image_path(&d.name)))?;
+            }
             if keeps_log {
                 let size = log.finish().map_err(self.io(&path))?;
                 next.undo.push(UndoRef {
@@ -486,6 +515,7 @@ impl VmStore {
     /// Rolls the cycle held in part back from its undo log: the replica is the last point
     /// again. False if no cycle was held in part.
     pub fn roll_back(&mut self) -> Result<bool, StoreError> {
+        self.settle()?;
         if self.state.receiving.is_none() {
             return Ok(false);
         }

@@ -71,7 +71,8 @@ pub fn check_export_dir(root: &Path, out: &Path, disks: &[String]) -> Result<(),
 /// Writes each disk of `view`'s point as `out/NAME.img` (sparse; only data is written).
 /// Images are created new (never overwritten); on an error the ones begun are removed.
 pub fn export(view: &PointView, out: &Path) -> Result<Vec<PathBuf>, StoreError> {
-    fs::create_dir_all(out).map_err(|source| StoreError::Io {
+    // Every directory made is durable (its parent fsynced), like the images in it.
+    crate::undo::log::create_dirs(out).map_err(|source| StoreError::Io {
         path: out.to_path_buf(),
         source,
     })?;

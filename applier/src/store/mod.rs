@@ -123,6 +123,19 @@ pub enum StoreError {
         found: u64,
         want: u64,
     },
+    #[error(
+        "VM {vm}: its state file {state} is missing but its directory holds replica data \
+         ({found}): without the state nothing says which point these files hold, and a new \
+         initial copy would keep their data where the primary has holes. Restore {state} \
+         from a backup, or remove the directory {dir} so that the shipper makes a new \
+         initial copy"
+    )]
+    StateLost {
+        vm: String,
+        state: PathBuf,
+        dir: PathBuf,
+        found: String,
+    },
     #[error("{0}")]
     Receive(Failure),
     #[error("{0}")]
@@ -278,6 +291,38 @@ fn read_vm_state(vm: &str, p: &Path) -> Result<Option<VmState>, StoreError> {
     }
 }
 
+/// A VM without a state file is a new replica only if its directory holds no replica data:
+/// no undo log, no image with data in it (images that are all holes are what a crash leaves
+/// between creating them for a first cycle and saving the state that names them).
+fn refuse_leftovers(vm: &str, dir: &Path) -> Result<(), StoreError> {
+    let mut found = Vec::new();
+    for sub in ["disks", "undo"] {
+        for e in fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+            let p = e.path();
+            let data = match File::open(&p) {
+                Ok(f) => {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    sub == "undo" || !vmreplica_common::sparse::is_hole(&f, 0, len).unwrap_or(false)
+                }
+                Err(_) => true,
+            };
+            if data {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    Err(StoreError::StateLost {
+        vm: vm.to_string(),
+        state: dir.join("state.json"),
+        dir: dir.to_path_buf(),
+        found: found.join(", "),
+    })
+}
+
 /// The directory of VM `vm`'s replica under `root`, once its name is checked.
 pub(crate) fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     validate_name(vm).map_err(|source| StoreError::Name {
@@ -340,6 +385,11 @@ pub struct VmStore {
     buffers: Arc<Buffers>,
     /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
     _lock: File,
+    /// A state save failed after its rename ([`StateFileError::Unsynced`]): the state file
+    /// may be the new state or (after a power cut) the old one, so nothing either names may
+    /// be removed, and the state in memory is not trusted until [`VmStore::settle`] syncs
+    /// the directory and re-reads the state from disk.
+    unsynced: bool,
     /// Images outside the store (an old primary's, adopted) held as a tracker holds them, so
     /// that no tracker or VM takes them while they are a replica (see `failover`).
     held: Vec<File>,
@@ -365,7 +415,10 @@ impl VmStore {
         let state = match read_vm_state(vm, &state_path)? {
             Some(s) => s,
             None => match peer {
-                Some(peer) => VmState::new(peer),
+                Some(peer) => {
+                    refuse_leftovers(vm, &dir)?;
+                    VmState::new(peer)
+                }
                 None => return Err(StoreError::NoReplica(vm.to_string())),
             },
         };
@@ -387,6 +440,7 @@ impl VmStore {
             running: None,
             buffers: Arc::default(),
             _lock: lock,
+            unsynced: false,
             held: Vec::new(),
             #[cfg(test)]
             fail_save: false,
@@ -522,7 +576,10 @@ impl VmStore {
     }
 
     /// Saves `next` as the state, then makes it the state in memory (and for views). If the
-    /// save fails, nothing changes.
+    /// save fails, nothing changes in memory. A save that failed after its rename (maybe
+    /// made, see [`StateFileError::Unsynced`]) sets `unsynced`: the caller must then not
+    /// clean up as if the old state were on disk (check [`VmStore::unsynced`]), and the next
+    /// operation settles the store first.
     fn commit_state(&mut self, next: VmState) -> Result<(), StoreError> {
         #[cfg(test)]
         if std::mem::take(&mut self.fail_save) {
@@ -531,9 +588,56 @@ impl VmStore {
                 source: io::Error::from_raw_os_error(libc::ENOSPC),
             }));
         }
-        next.save(&self.dir().join("state.json"))?;
+        if let Err(e) = next.save(&self.dir().join("state.json")) {
+            if e.maybe_made() {
+                tracing::error!(vm = %self.vm(), "{e}; the replica is re-read from disk before it is used again");
+                self.unsynced = true;
+            }
+            return Err(e.into());
+        }
         self.state = next;
         self.shared.publish(&self.state);
+        Ok(())
+    }
+
+    /// Makes the next operation re-read the replica from disk first (see
+    /// [`VmStore::settle`]): for a store an operation panicked in, whose memory is not
+    /// trusted.
+    pub fn reload(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// Whether the last state save may have been made despite its error: the caller keeps
+    /// every file, and leaves the rest to [`VmStore::settle`].
+    pub(crate) fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    /// After a save that was maybe made: syncs the VM's directory (so the state file on
+    /// disk, whichever it is, is durable), then re-reads the state from it and reopens the
+    /// replica as a restart would. Until the directory syncs, every operation that changes
+    /// the replica is refused with that error.
+    pub(crate) fn settle(&mut self) -> Result<(), StoreError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let path = self.dir().join("state.json");
+        crate::undo::log::sync_dir(&path).map_err(self.io(self.dir()))?;
+        if let Some(run) = self.running.take() {
+            // What it wrote and marked stays in its undo log; the state read below decides.
+            let _ = run.stop();
+        }
+        self.partial = None;
+        // None: nothing was saved yet (a first cycle), the replica is still new.
+        let state =
+            read_vm_state(self.vm(), &path)?.unwrap_or_else(|| VmState::new(&self.state.owner));
+        self.state = state;
+        self.shared.publish(&self.state);
+        self.open_images(false)?;
+        self.load_chain()?;
+        self.remove_unreferenced()?;
+        self.unsynced = false;
+        tracing::info!(vm = %self.vm(), last_cycle = self.state.last_cycle, "state re-read from disk after a save that was maybe made");
         Ok(())
     }
 

@@ -100,6 +100,7 @@ pub fn plan_retention(
 impl VmStore {
     /// Applies the retention policy at time `now`.
     pub(crate) fn retain(&mut self, now: u64) -> Result<(), StoreError> {
+        self.settle()?;
         let pinned = self.shared.pinned();
         let drop = plan_retention(&self.state.points, now, &self.retention, &pinned);
         for cycle in drop {
@@ -155,7 +156,7 @@ impl VmStore {
         next.undo.sort_by_key(|u| u.from);
         next.refresh_point_sizes();
         if let Err(e) = self.commit_state(next) {
-            if let Some((r, _)) = &merged {
+            if let Some((r, _)) = merged.as_ref().filter(|_| !self.unsynced()) {
                 let _ = undo::log::remove(&self.undo_path(&r.file));
             }
             self.shared.publish(&self.state);

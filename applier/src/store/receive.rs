@@ -377,6 +377,17 @@ impl Pipeline {
         for j in jobs {
             if let Some(f) = &self.failed {
                 (j.done)(Err(f.clone()));
+            } else if j.len == 0 {
+                // Nothing to write: a write of nothing would fail (EINVAL) and with it the
+                // whole cycle.
+                let f = Failure {
+                    code: code::BAD_DATA,
+                    message: format!(
+                        "VM {}: chunk at {} of disk {} has no bytes",
+                        self.vm, j.offset, j.disk
+                    ),
+                };
+                (j.done)(Err(f));
             } else if self.sizes.get(j.disk as usize).is_none_or(|size| {
                 j.offset
                     .checked_add(u64::from(j.len))

@@ -931,3 +931,26 @@ fn cycle_metadata_marks_points_and_records_excluded_disks() {
         Err(StoreError::ImageSize { .. })
     ));
 }
+
+/// R1 finding 4, without a race: a commit publishes its point before it moves the cycle's
+/// log out of `receiving`; a view of the new point opened in that window must read that
+/// point, not the one before it from the cycle's own undo log.
+#[test]
+fn a_view_of_a_point_whose_log_is_still_the_receiving_one_reads_that_point() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    let data = seeded(3);
+    let (mut vs, _) = initial(&s, &data);
+    let mut next = data.clone();
+    next[0][..G as usize].fill(0x77);
+    ship(&mut vs, 2, CycleKind::Delta, &next, &[(0, 0)]).unwrap();
+    // Back into the commit's window: point 2 is published, its log still the receiving one.
+    {
+        let mut chain = vs.shared.chain.write().unwrap();
+        let log = chain.logs.pop().expect("cycle 2's log");
+        assert_eq!((log.from, log.to), (2, 1));
+        chain.receiving = Some(log);
+    }
+    assert!(read_point(&vs, 2) == next, "point 2 reads point 1's data");
+    assert!(read_point(&vs, 1) == data);
+}

@@ -35,6 +35,9 @@ pub const PROTOCOL_VERSION: u16 = 3;
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Largest frame (a chunk that did not compress, plus headers, fits easily).
 pub const MAX_FRAME: u32 = 4 << 20;
+/// Highest cycle (generation) number anyone takes: far beyond any real history, and low
+/// enough that `cycle + 1` never overflows anywhere.
+pub const MAX_CYCLE: u64 = u64::MAX / 2;
 /// Most entries in a list (disks, ranges, hashes).
 pub const MAX_LIST: u32 = 1 << 20;
 pub const MAX_STRING: u16 = 4096;
@@ -757,6 +760,13 @@ fn chunk_fields(r: &mut R<'_>) -> Result<(Chunk, usize), WireError> {
     let len = r.u32()?;
     if len > MAX_CHUNK {
         return Err(WireError::ChunkTooLarge(len));
+    }
+    if len == 0 {
+        return Err(WireError::BadChunk {
+            disk,
+            offset,
+            reason: "a chunk of no bytes".into(),
+        });
     }
     let encoding = match r.u8()? {
         0 => Encoding::Zero,

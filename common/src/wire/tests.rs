@@ -311,6 +311,11 @@ fn a_chunk_frame_splits_into_head_and_payload() {
         decode_chunk_head(bad[4..].try_into().unwrap()),
         Err(WireError::ChunkTooLarge(MAX_CHUNK + 1))
     );
+    bad[at..at + 4].copy_from_slice(&0u32.to_be_bytes());
+    assert!(matches!(
+        decode_chunk_head(bad[4..].try_into().unwrap()),
+        Err(WireError::BadChunk { .. })
+    ));
     assert!(!is_chunk(&[T_HELLO]));
 }
 

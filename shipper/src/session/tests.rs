@@ -175,7 +175,13 @@ fn a_lost_acknowledgement_is_released_only_for_the_same_freeze() {
             proof: (L, 9, 42)
         })]
     );
-    let (mut s, _) = connected(Some(f), 41);
+    // Another freeze numbered 9 (an older tracker state): a resync, decided durably (the
+    // tracker's resync flags) before the frozen generation is merged.
+    let (mut s, now) = connected(Some(f), 41);
+    assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::MarkResync)]);
+    let mut marked = view(Some(f), 10);
+    marked.resync_required = true;
+    s.handle(Event::Tracker(Ok(marked)), now);
     assert_eq!(
         drain(&mut s),
         vec![Action::Tracker(TrackerOp::Merge { generation: 9 })]
