@@ -13,6 +13,10 @@
 //! does not follow its last cycle; every point holds the primary's contents at its freeze.
 //! At the end, with faults stopped, replication converges: the replica equals the primary.
 //!
+//! The VM definition travels along: the operator edits it now and then (sometimes into one
+//! the replica refuses); a refusal never stops replication, and at the end the replica holds
+//! the primary's last good definition.
+//!
 //! `SIM_SEEDS=N` runs more seeds (CI runs a bounded number), `SIM_SEED=S` one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -24,8 +28,10 @@ use vmreplica_applier::rules::{self, Decision, Replica};
 use vmreplica_applier::session::{self as aps, ApplierSession};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
-use vmreplica_common::wire::{code, CycleKind, DiskInfo, Message, Receiving, Tag};
-use vmreplica_shipper::session::{self as sps, Frozen, ShipperSession, TrackerOp, TrackerView};
+use vmreplica_common::wire::{code, CycleKind, DefinitionHash, DiskInfo, Message, Receiving, Tag};
+use vmreplica_shipper::session::{
+    self as sps, Definition, Frozen, ShipperSession, TrackerOp, TrackerView,
+};
 
 /// Blocks of the simulated disk, and their size.
 const BLOCKS: u64 = 24;
@@ -56,9 +62,18 @@ struct Tracker {
     frozen: Option<(u64, bool, BTreeSet<u64>, Disk, u64)>,
     dirty: BTreeSet<u64>,
     resync_required: bool,
+    /// `next_generation` when tracking was last lost: a full freeze made before that cannot
+    /// clear `resync_required` (as the real tracker's `clear-resync` refuses).
+    resync_since: u64,
 }
 
 impl Tracker {
+    /// Tracking is lost (a restored or lost state, an operator's forced lineage).
+    fn raise_resync(&mut self) {
+        self.resync_required = true;
+        self.resync_since = self.next_generation;
+    }
+
     fn view(&self) -> TrackerView {
         TrackerView {
             lineage: self.lineage,
@@ -91,6 +106,8 @@ struct Store {
     epoch: u64,
     /// The cycle held in part: its identity, epoch, what it applied, the image before it.
     receiving: Option<(Receiving, u64, RangeSet, Disk)>,
+    /// The VM definition it holds.
+    definition: Option<DefinitionHash>,
 }
 
 impl Store {
@@ -259,6 +276,14 @@ struct Sim {
     lock_refused: u32,
     /// Whether shippers take the tracker's lock (without it, two run at once).
     locked: bool,
+    /// The primary's VM definition (its version), and the versions the replica refuses.
+    definition: u64,
+    bad_definitions: BTreeSet<u64>,
+}
+
+/// Version `v` of the simulated VM's definition.
+fn definition(v: u64) -> Definition {
+    Definition::new(format!("version = 1 # edit {v}"), None)
 }
 
 impl Sim {
@@ -280,6 +305,7 @@ impl Sim {
             frozen: None,
             dirty: BTreeSet::new(),
             resync_required: false,
+            resync_since: 0,
         };
         let store = Store {
             image: vec![0; BLOCKS as usize],
@@ -309,6 +335,25 @@ impl Sim {
             applied_cycles: 0,
             lock_refused: 0,
             locked: true,
+            definition: 1,
+            bad_definitions: BTreeSet::new(),
+        }
+    }
+
+    fn new_applier(&mut self) {
+        self.applier = ApplierSession::new("vm1", self.store.replica());
+        self.applier.set_definition(self.store.definition);
+    }
+
+    /// The operator edits the definition (into one the replica refuses, with `bad`); running
+    /// shippers pick it up.
+    fn edit_definition(&mut self, bad: bool) {
+        self.definition += 1;
+        if bad {
+            self.bad_definitions.insert(self.definition);
+        }
+        for sh in &mut self.shippers {
+            sh.s.set_definition(Some(definition(self.definition)));
         }
     }
 
@@ -331,8 +376,10 @@ impl Sim {
             interval: Some(Duration::from_millis(300)),
             initial_sync_at: None,
         };
+        let mut s = ShipperSession::new(cfg, self.at());
+        s.set_definition(Some(definition(self.definition)));
         self.shippers.push(Shipper {
-            s: ShipperSession::new(cfg, self.at()),
+            s,
             sending: None,
             alive: true,
         });
@@ -366,7 +413,7 @@ impl Sim {
         let t = &mut self.tracker;
         let r: Result<(), String> = match op {
             TrackerOp::Status | TrackerOp::ClearResync => {
-                if op == TrackerOp::ClearResync {
+                if op == TrackerOp::ClearResync && t.resync_since < t.next_generation {
                     t.resync_required = false;
                 }
                 Ok(())
@@ -559,6 +606,18 @@ impl Sim {
                 }
                 sps::Action::Done { .. } => self.applied_cycles += 1,
                 sps::Action::Retry { .. } => {}
+                sps::Action::Definition { hash, result } => {
+                    let refused = self
+                        .bad_definitions
+                        .iter()
+                        .any(|v| definition(*v).hash == hash);
+                    assert_eq!(result.is_err(), refused, "definition {hash}: {result:?}");
+                    self.faults.hit(if refused {
+                        "definition refused"
+                    } else {
+                        "definition stored"
+                    });
+                }
                 sps::Action::Stop { error } => {
                     // Only two different histories may stop replication; the operator then
                     // sets the tracker to the replica's lineage (forced: a resync follows).
@@ -572,12 +631,12 @@ impl Sim {
                     self.shippers[sh].alive = false;
                     if self.tracker.frozen.is_none() {
                         self.tracker.lineage = r;
-                        self.tracker.resync_required = true;
+                        self.tracker.raise_resync();
                     } else if let Some(f) = self.tracker.frozen.take() {
                         // The operator merges what is frozen first.
                         self.tracker.dirty.extend(f.2);
                         self.tracker.lineage = r;
-                        self.tracker.resync_required = true;
+                        self.tracker.raise_resync();
                     }
                     self.start_shipper(true);
                 }
@@ -646,6 +705,20 @@ impl Sim {
                         .commit(tag, ranges, bytes, digest, &mut self.committed);
                     let rep = self.store.replica();
                     self.applier.handle(aps::Event::Committed(r, rep));
+                }
+                aps::Action::StoreDefinition { conn, hash, .. } => {
+                    let bad = self
+                        .bad_definitions
+                        .iter()
+                        .any(|v| definition(*v).hash == hash);
+                    let result = if bad {
+                        Err("refused".to_string())
+                    } else {
+                        self.store.definition = Some(hash);
+                        Ok(())
+                    };
+                    self.applier
+                        .handle(aps::Event::DefinitionStored { conn, hash, result });
                 }
                 aps::Action::Hashes {
                     conn, disk, offset, ..
@@ -874,7 +947,7 @@ impl Sim {
                 self.kill_conns(|_| true);
                 // A new process: a dead connection's packets no longer reach it (QUIC).
                 self.stale.clear();
-                self.applier = ApplierSession::new("vm1", self.store.replica());
+                self.new_applier();
             }
             35..=37 => {
                 // The tracker's state directory is lost: no lineage, generation 1, and (as the
@@ -886,6 +959,7 @@ impl Sim {
                     frozen: None,
                     dirty: BTreeSet::new(),
                     resync_required: true,
+                    resync_since: 1,
                 };
             }
             38..=40 => {
@@ -894,7 +968,7 @@ impl Sim {
                     // disk is marked for resync as a restored state directory is.
                     self.faults.hit("tracker state restored");
                     self.tracker = t;
-                    self.tracker.resync_required = true;
+                    self.tracker.raise_resync();
                 }
             }
             41..=44 => {
@@ -903,7 +977,7 @@ impl Sim {
                     self.kill_conns(|_| true);
                     self.stale.clear();
                     self.store = s;
-                    self.applier = ApplierSession::new("vm1", self.store.replica());
+                    self.new_applier();
                 }
             }
             45..=49 => {
@@ -917,6 +991,11 @@ impl Sim {
                 }
             }
             50..=54 => self.rogue_gap(),
+            55..=57 => {
+                let bad = self.rng.gen_bool(0.4);
+                self.faults.hit("definition edited");
+                self.edit_definition(bad);
+            }
             _ => {}
         }
     }
@@ -1046,6 +1125,9 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
     if !sim.shippers.iter().any(|s| s.alive) {
         sim.start_shipper(false);
     }
+    // The last edit is one the replica keeps.
+    sim.edit_definition(false);
+    let want_definition = Some(definition(sim.definition).hash);
     let target = sim.disk.clone();
     let mut converged = false;
     for _ in 0..20_000 {
@@ -1054,7 +1136,8 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
             && sim.store.receiving.is_none()
             && sim.store.lineage.is_some()
             && sim.store.lineage == sim.tracker.lineage
-            && sim.tracker.frozen.is_none();
+            && sim.tracker.frozen.is_none()
+            && sim.store.definition == want_definition;
         if done {
             converged = true;
             break;
@@ -1139,6 +1222,9 @@ fn simulated_pairs_survive_every_fault_and_converge() {
         "stale chunk delivered",
         "a gap refused",
         "different lineages: stopped",
+        "definition edited",
+        "definition stored",
+        "definition refused",
     ] {
         assert!(
             seen.get(f).copied().unwrap_or(0) > 0,

@@ -8,9 +8,11 @@
 //! - [`store`]: per-VM replicas: state, receiving, commit and rollback, points, export;
 //! - [`pointview`]: reading a recovery point while later cycles apply;
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
+//! - [`definition`]: the VM definitions the primaries ship (how to start each VM here);
 //! - [`server`]: its QUIC driver; [`admin`]: the local admin socket.
 
 pub mod admin;
+pub mod definition;
 mod image;
 mod logfile;
 pub mod pointview;

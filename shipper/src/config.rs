@@ -14,8 +14,12 @@
 //! streams = 4                  # parallel QUIC streams
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! definition = "vm1.vm.toml"   # optional: the VM definition, kept on the replica site
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
+//! [reverse]                    # optional: this (primary) site's own applier, where the
+//! replica = "192.0.2.5:7443"   # replica site ships after a failover (reverse replication)
+//! server_name = "primary-1-applier"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use thiserror::Error;
 use vmreplica_common::link::Tuning;
+use vmreplica_common::wire::ReverseTarget;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -56,8 +61,17 @@ struct Raw {
     #[serde(default = "one")]
     connections: usize,
     initial_sync_at: Option<String>,
+    definition: Option<PathBuf>,
     #[serde(default)]
     tuning: Tuning,
+    reverse: Option<RawReverse>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReverse {
+    replica: String,
+    server_name: String,
 }
 
 fn default_interval() -> String {
@@ -98,6 +112,11 @@ pub struct ShipperConfig {
     pub connections: usize,
     pub initial_sync_at: Option<SystemTime>,
     pub tuning: Tuning,
+    /// The VM definition file (`VmDefinition`), shipped to the replica site when it changes.
+    pub definition: Option<PathBuf>,
+    /// This site's own applier, for reverse replication after a failover; shipped with the
+    /// definition.
+    pub reverse: Option<ReverseTarget>,
 }
 
 /// Parses sizes like `100M`, `1G`, `500K` or plain bytes.
@@ -153,6 +172,25 @@ impl ShipperConfig {
         if raw.connections == 0 || raw.connections > 16 {
             return Err(bad("connections must be 1 to 16".into()));
         }
+        let reverse = match raw.reverse {
+            None => None,
+            Some(r) => {
+                if r.replica.trim().is_empty() || r.replica.len() > 255 {
+                    return Err(bad(
+                        "[reverse] replica: give HOST:PORT of this site's applier".into(),
+                    ));
+                }
+                if r.server_name.trim().is_empty() || r.server_name.len() > 255 {
+                    return Err(bad(
+                        "[reverse] server_name: give the name in that applier's certificate".into(),
+                    ));
+                }
+                Some(ReverseTarget {
+                    replica: r.replica,
+                    server_name: r.server_name,
+                })
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(ShipperConfig {
@@ -170,6 +208,8 @@ impl ShipperConfig {
             connections: raw.connections,
             initial_sync_at,
             tuning: raw.tuning,
+            definition: raw.definition.map(rel),
+            reverse,
         })
     }
 
@@ -206,6 +246,20 @@ key = "p.key"
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
+        assert!(c.definition.is_none() && c.reverse.is_none());
+        let c = ShipperConfig::parse(
+            &format!("{BASE}definition = \"vm1.vm.toml\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"primary-1-applier\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.definition, Some(PathBuf::from("/etc/vmr/vm1.vm.toml")));
+        assert_eq!(
+            c.reverse,
+            Some(ReverseTarget {
+                replica: "192.0.2.5:7443".into(),
+                server_name: "primary-1-applier".into()
+            })
+        );
         for bad in [
             "interval = \"soon\"",
             "bandwidth_limit = \"lots\"",
@@ -214,6 +268,9 @@ key = "p.key"
             "connections = 17",
             "colour = 1",
             "initial_sync_at = \"tomorrow\"",
+            "[reverse]\nreplica = \"h:1\"",
+            "[reverse]\nreplica = \"\"\nserver_name = \"x\"",
+            "[reverse]\nreplica = \"h:1\"\nserver_name = \"x\"\nport = 3",
         ] {
             let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
                 .unwrap_err()

@@ -7,11 +7,13 @@
 //! - [`run`]: its async driver (tracker requests, connections, planning and sending tasks);
 //!   `verify`;
 //! - [`ship`]: the data path: plan, read, pack on a pool of threads, send, acknowledgements;
+//! - [`definition`]: the VM definition kept on the replica site;
 //! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
 //! - [`ratelimit`]: pacing to a bandwidth limit.
 
 pub mod config;
+pub mod definition;
 pub mod lock;
 pub mod progress;
 pub mod ratelimit;

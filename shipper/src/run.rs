@@ -277,6 +277,7 @@ pub async fn run(
         },
         now,
     );
+    s.set_definition(crate::definition::load(&cfg));
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>> = Arc::default();
@@ -289,12 +290,17 @@ pub async fn run(
         while let Some(a) = s.poll_action() {
             match a {
                 Action::Tracker(op) => {
+                    if matches!(op, TrackerOp::Freeze { .. }) {
+                        // An edited definition goes with the cycle this freeze starts.
+                        s.set_definition(crate::definition::load(&cfg));
+                    }
                     let (tx, socket) = (tx.clone(), cfg.tracker.clone());
                     tokio::spawn(async move {
                         let _ = tx.send(Report::Tracker(tracker_op(&socket, op).await));
                     });
                 }
                 Action::Connect { attempt } => {
+                    s.set_definition(crate::definition::load(&cfg));
                     let (tx, ep, cfg, hashes) = (
                         tx.clone(),
                         ep.clone(),
@@ -427,6 +433,17 @@ pub async fn run(
                         after.as_secs()
                     );
                 }
+                Action::Definition { hash, result } => match result {
+                    Ok(()) => {
+                        tracing::info!(vm = cfg.vm, %hash, "the replica holds the VM definition")
+                    }
+                    Err(e) => tracing::error!(
+                        vm = cfg.vm,
+                        %hash,
+                        "the replica refused the VM definition: {e}; it keeps the one it had \
+                         (replication goes on): correct the definition"
+                    ),
+                },
                 Action::Stop { error } => {
                     tracing::error!(vm = cfg.vm, "replication stopped: {error}");
                     ep.close(0u32.into(), b"shipper stopping");

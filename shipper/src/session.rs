@@ -24,6 +24,12 @@
 //!
 //! A generation is released only with the replica's proof: its `Applied` for exactly that
 //! lineage and cycle.
+//!
+//! The VM's definition travels with its disks: when the replica's welcome names another
+//! definition than the session's ([`ShipperSession::set_definition`]), it is sent before the
+//! next cycle begins (and again before any cycle once the driver hands a changed one). The
+//! replica answers `DefinitionStored`, stored or refused; either way replication goes on, and
+//! a refused definition is not sent again until it changes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -31,7 +37,8 @@ use std::time::{Duration, Instant};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::{
-    code, CycleKind, DiskInfo, Message, Receiving, Tag, PROTOCOL_VERSION,
+    code, CycleKind, DefinitionHash, DiskInfo, Message, Receiving, ReverseTarget, Tag,
+    PROTOCOL_VERSION,
 };
 
 /// The tracker's state, as its status reports it.
@@ -62,6 +69,25 @@ pub struct ReplicaView {
     /// The freeze id of the last cycle (0: unknown).
     pub last_freeze: u64,
     pub receiving: Option<Receiving>,
+}
+
+/// The VM's definition as the shipper sends it: `VmDefinition::to_toml()` and the primary
+/// site's reverse target, and their hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Definition {
+    pub hash: DefinitionHash,
+    pub text: String,
+    pub reverse: Option<ReverseTarget>,
+}
+
+impl Definition {
+    pub fn new(text: String, reverse: Option<ReverseTarget>) -> Definition {
+        Definition {
+            hash: DefinitionHash::of(&text, reverse.as_ref()),
+            text,
+            reverse,
+        }
+    }
 }
 
 /// A request to the tracker's control socket.
@@ -164,6 +190,11 @@ pub enum Action {
     Stop {
         error: String,
     },
+    /// The replica stored definition `hash`, or refused it (replication goes on).
+    Definition {
+        hash: DefinitionHash,
+        result: Result<(), String>,
+    },
 }
 
 pub struct Config {
@@ -253,6 +284,12 @@ pub struct ShipperSession {
     /// held when this attempt began.
     cycle_bytes: u64,
     cycle_skipped: u64,
+    /// The definition to keep on the replica, the one the replica holds (as its welcome or
+    /// its last answer said), the one sent on this attempt, and the last one it refused.
+    definition: Option<Definition>,
+    replica_definition: Option<DefinitionHash>,
+    definition_sent: Option<DefinitionHash>,
+    definition_refused: Option<DefinitionHash>,
     actions: VecDeque<Action>,
 }
 
@@ -272,8 +309,40 @@ impl ShipperSession {
             must_resync: false,
             cycle_bytes: 0,
             cycle_skipped: 0,
+            definition: None,
+            replica_definition: None,
+            definition_sent: None,
+            definition_refused: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The definition the replica should hold (None: the session sends none). Sent before the
+    /// next cycle begins if the replica holds another.
+    pub fn set_definition(&mut self, d: Option<Definition>) {
+        self.definition = d;
+    }
+
+    /// Sends the definition if the replica holds another one and it was neither sent on this
+    /// attempt nor refused.
+    fn offer_definition(&mut self) {
+        let Some(d) = &self.definition else { return };
+        if self.replica_definition == Some(d.hash)
+            || self.definition_sent == Some(d.hash)
+            || self.definition_refused == Some(d.hash)
+        {
+            return;
+        }
+        let msg = Message::Definition {
+            hash: d.hash,
+            definition: d.text.clone(),
+            reverse: d.reverse.clone(),
+        };
+        self.definition_sent = Some(d.hash);
+        self.act(Action::Send {
+            attempt: self.attempt,
+            msg,
+        });
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -360,6 +429,7 @@ impl ShipperSession {
                 if attempt == self.attempt && self.phase == Phase::Connecting =>
             {
                 self.phase = Phase::Hello;
+                self.definition_sent = None;
                 let lineage = self.tracker.as_ref().and_then(|t| t.lineage);
                 self.act(Action::Send {
                     attempt,
@@ -486,6 +556,26 @@ impl ShipperSession {
             };
             return self.retry(e);
         }
+        if let Message::DefinitionStored { hash, error } = msg {
+            // Answers the definition sent on this attempt, whatever the cycle is doing.
+            match error {
+                None => {
+                    self.replica_definition = Some(hash);
+                    self.act(Action::Definition {
+                        hash,
+                        result: Ok(()),
+                    });
+                }
+                Some(e) => {
+                    self.definition_refused = Some(hash);
+                    self.act(Action::Definition {
+                        hash,
+                        result: Err(e),
+                    });
+                }
+            }
+            return;
+        }
         match (self.phase.clone(), msg) {
             (
                 Phase::Hello,
@@ -495,6 +585,7 @@ impl ShipperSession {
                     last_cycle,
                     last_freeze,
                     receiving,
+                    definition,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
@@ -509,6 +600,8 @@ impl ShipperSession {
                     last_freeze,
                     receiving,
                 });
+                self.replica_definition = definition;
+                self.offer_definition();
                 self.decide();
             }
             (
@@ -715,6 +808,8 @@ impl ShipperSession {
     }
 
     fn ship(&mut self, lineage: Lineage, f: Frozen, kind: CycleKind, t: &TrackerView) {
+        // A definition changed since the welcome goes first.
+        self.offer_definition();
         let generation = f.generation;
         self.cycle = Some(Cycle {
             lineage,
@@ -766,6 +861,16 @@ mod tests {
 
     /// A session connected to a replica at cycle 9 of L, whose tracker holds `frozen`.
     fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Instant) {
+        connected_with(frozen, last_freeze, None, None)
+    }
+
+    /// [`connected`], the session holding definition `mine`, the replica `theirs`.
+    fn connected_with(
+        frozen: Option<Frozen>,
+        last_freeze: u64,
+        mine: Option<Definition>,
+        theirs: Option<DefinitionHash>,
+    ) -> (ShipperSession, Instant) {
         let now = Instant::now();
         let mut s = ShipperSession::new(
             Config {
@@ -775,6 +880,7 @@ mod tests {
             },
             now,
         );
+        s.set_definition(mine);
         s.handle(Event::Tick, now);
         assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
         s.handle(Event::Tracker(Ok(view(frozen, 11))), now);
@@ -796,6 +902,7 @@ mod tests {
                     last_cycle: 9,
                     last_freeze,
                     receiving: None,
+                    definition: theirs,
                 },
             },
             now,
@@ -915,5 +1022,137 @@ mod tests {
             drain(&mut s),
             vec![Action::Tracker(TrackerOp::Merge { generation: 9 })]
         );
+    }
+
+    /// The definition goes before the cycle when the replica holds another; a refusal is
+    /// reported and the cycle goes on; a changed definition goes before the next cycle; one
+    /// the replica holds is not sent again.
+    #[test]
+    fn a_definition_goes_before_the_cycle_and_a_refusal_does_not_stop_replication() {
+        let f = Frozen {
+            generation: 10,
+            id: 77,
+            full: false,
+        };
+        let d1 = Definition::new("version = 1 # a".into(), None);
+        let (mut s, now) = connected_with(Some(f), 5, Some(d1.clone()), None);
+        let acts = drain(&mut s);
+        assert!(
+            matches!(
+                &acts[..],
+                [
+                    Action::Send {
+                        msg: Message::Definition { hash, .. },
+                        ..
+                    },
+                    Action::Send {
+                        msg: Message::BeginCycle { cycle: 10, .. },
+                        ..
+                    }
+                ] if *hash == d1.hash
+            ),
+            "{acts:?}"
+        );
+        // Refused: said, and the cycle goes on (no retry, no close).
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: Message::DefinitionStored {
+                    hash: d1.hash,
+                    error: Some("bad".into()),
+                },
+            },
+            now,
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Definition {
+                hash: d1.hash,
+                result: Err("bad".into())
+            }]
+        );
+        for p in resume_pages(L, 10, 3, &RangeSet::new()) {
+            s.handle(Event::Message { attempt: 1, msg: p }, now);
+        }
+        assert!(matches!(&drain(&mut s)[..], [Action::Plan { .. }]));
+        s.handle(
+            Event::Planned {
+                attempt: 1,
+                result: Ok(RangeSet::new()),
+            },
+            now,
+        );
+        drain(&mut s);
+        s.handle(
+            Event::Sent {
+                attempt: 1,
+                result: Ok(()),
+            },
+            now,
+        );
+        drain(&mut s);
+        // The operator edits the definition; the next cycle carries it first.
+        let d2 = Definition::new("version = 1 # b".into(), None);
+        s.set_definition(Some(d2.clone()));
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: Message::Applied {
+                    lineage: L,
+                    cycle: 10,
+                },
+            },
+            now,
+        );
+        drain(&mut s);
+        let next = Frozen {
+            generation: 11,
+            id: 78,
+            full: false,
+        };
+        s.handle(Event::Tracker(Ok(view(Some(next), 12))), now);
+        let acts = drain(&mut s);
+        assert!(
+            matches!(
+                &acts[..],
+                [
+                    Action::Send {
+                        msg: Message::Definition { hash, .. },
+                        ..
+                    },
+                    Action::Send {
+                        msg: Message::BeginCycle { cycle: 11, .. },
+                        ..
+                    }
+                ] if *hash == d2.hash
+            ),
+            "{acts:?}"
+        );
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: Message::DefinitionStored {
+                    hash: d2.hash,
+                    error: None,
+                },
+            },
+            now,
+        );
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Definition {
+                hash: d2.hash,
+                result: Ok(())
+            }]
+        );
+        // A replica that holds it already is not sent it again.
+        let (mut s, _) = connected_with(Some(f), 5, Some(d2.clone()), Some(d2.hash));
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Send {
+                msg: Message::BeginCycle { .. },
+                ..
+            }]
+        ));
     }
 }

@@ -122,7 +122,8 @@ impl App {
             Some(p) => self.store.open_vm(name, p)?,
             None => self.store.open_existing(name)?,
         };
-        let session = ApplierSession::new(name, vs.replica());
+        let mut session = ApplierSession::new(name, vs.replica());
+        session.set_definition(vs.definition_hash());
         let buffers = vs.buffers();
         Ok(Arc::new(VmEntry {
             name: name.to_string(),
@@ -218,6 +219,22 @@ impl VmEntry {
                         disk,
                         offset,
                         result,
+                    }
+                }
+                Action::StoreDefinition {
+                    conn,
+                    hash,
+                    definition,
+                    reverse,
+                } => {
+                    let result = vs.store_definition(hash, &definition, reverse);
+                    if let Err(e) = &result {
+                        tracing::warn!(vm = %me.name, %hash, "refused the VM definition the primary sent: {e}");
+                    }
+                    Event::DefinitionStored {
+                        conn,
+                        hash,
+                        result: result.map_err(|e| e.to_string()),
                     }
                 }
                 Action::Send { .. } => unreachable!("sends are carried out under the session lock"),

@@ -19,6 +19,7 @@
 //! rollback), `points` (retention), `export`, `verify` (checksums).
 
 mod apply;
+pub(crate) mod definition;
 mod export;
 mod points;
 mod receive;
@@ -44,10 +45,11 @@ use crate::pointview::VmShared;
 use crate::undo::LogIndex;
 
 pub use apply::{Committed, Started};
+pub use definition::DEFINITION_FILE;
 pub use export::{check_export_dir, export};
 pub use points::{plan_retention, Retention};
 pub use receive::{Failure, Job, JobSender};
-pub use state::{PointInfo, Span, SpanParent};
+pub use state::{DefinitionInfo, PointInfo, Span, SpanParent, TestPin};
 
 use receive::{Partial, Running};
 use state::VmState;
@@ -122,6 +124,9 @@ pub enum StoreError {
     Receive(Failure),
     #[error("{0}")]
     Export(String),
+    /// A VM definition the replica does not keep (it keeps the one it had).
+    #[error("{0}")]
+    Definition(String),
     #[error(transparent)]
     State(#[from] StateFileError),
 }

@@ -4,12 +4,16 @@
 //! Every change is made on a clone, saved (temp, fsync, rename, fsync dir) and only then
 //! swapped in: a save that fails (a full disk, an I/O error) leaves the state in memory as
 //! it is on disk, so nothing is acknowledged that a restart would not know.
+//!
+//! Fields added within version 2 carry `#[serde(default)]` (a file without them reads as
+//! before, so they need no version bump): `definition` (the VM definition the replica holds)
+//! and `tests` (the test failovers, which pin their points).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use vmreplica_common::lineage::Lineage;
-use vmreplica_common::wire::{CycleKind, Receiving};
+use vmreplica_common::wire::{CycleKind, DefinitionHash, Receiving, ReverseTarget};
 use vmreplica_common::{read_state, write_state, StateFileError};
 
 use crate::rules::Replica;
@@ -80,6 +84,35 @@ pub(crate) struct ReceivingState {
     pub capture: bool,
 }
 
+/// The VM definition the replica holds (`definition.toml` beside the state, when
+/// `has_definition`), as the primary shipped it, with the primary site's reverse target.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DefinitionInfo {
+    pub hash: DefinitionHash,
+    pub has_definition: bool,
+    pub reverse: Option<ReverseTarget>,
+    /// Seconds since the epoch when it was stored.
+    pub stored_at: u64,
+}
+
+/// A test failover: point `point` served over NBD with a scratch overlay in `tests/POINT/`.
+/// Persisted, so an applier restart serves it again (with its scratch writes) and retention
+/// never drops its point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestPin {
+    pub point: u64,
+    /// Seconds since the epoch when it started.
+    pub created_at: u64,
+    /// Also served on this TCP address (with TLS, admitting these client names).
+    #[serde(default)]
+    pub tcp: Option<String>,
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
+    /// The VM was booted from the shipped definition (`tests/POINT/vm/`).
+    #[serde(default)]
+    pub started: bool,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct VmState {
     pub owner: String,
@@ -96,6 +129,10 @@ pub(crate) struct VmState {
     pub receiving: Option<ReceivingState>,
     pub points: Vec<PointInfo>,
     pub undo: Vec<UndoRef>,
+    #[serde(default)]
+    pub definition: Option<DefinitionInfo>,
+    #[serde(default)]
+    pub tests: Vec<TestPin>,
 }
 
 impl VmState {
@@ -111,6 +148,8 @@ impl VmState {
             receiving: None,
             points: Vec::new(),
             undo: Vec::new(),
+            definition: None,
+            tests: Vec::new(),
         }
     }
 
