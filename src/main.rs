@@ -1,6 +1,7 @@
 //! `vmreplica`: one command line for every role.
 
 mod progress;
+mod testfo_cmd;
 mod tracker_cmd;
 mod vm_cmd;
 
@@ -51,6 +52,11 @@ enum Cmd {
         #[command(subcommand)]
         op: vm_cmd::VmOp,
     },
+    /// Fail a VM over to this site; test failovers leave replication running.
+    Failover {
+        #[command(subcommand)]
+        op: FailoverOp,
+    },
     /// Talk to a running tracker's control socket.
     Ctl {
         /// The tracker's control socket (default: STATE_DIR/control.sock).
@@ -59,6 +65,13 @@ enum Cmd {
         #[command(subcommand)]
         op: CtlOp,
     },
+}
+
+/// Each failover kind's subcommands come from its own file.
+#[derive(Subcommand)]
+enum FailoverOp {
+    #[command(flatten)]
+    Test(testfo_cmd::TestOp),
 }
 
 #[derive(clap::Args)]
@@ -524,6 +537,9 @@ fn main() -> Result<()> {
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
+        Cmd::Failover {
+            op: FailoverOp::Test(op),
+        } => testfo_cmd::run(op),
     }
 }
 

@@ -9,7 +9,8 @@
 //! - [`pointview`]: reading a recovery point while later cycles apply;
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
 //! - [`definition`]: the VM definitions the primaries ship (how to start each VM here);
-//! - [`server`]: its QUIC driver; [`admin`]: the local admin socket.
+//! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
+//! - [`testfo`]: test failovers (a point served over NBD with a scratch overlay).
 
 pub mod admin;
 pub mod definition;
@@ -20,6 +21,7 @@ pub mod rules;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod testfo;
 pub mod undo;
 
 pub use pointview::{Extent, ExtentKind, PointView, VmShared};

@@ -63,6 +63,9 @@ type Slot = Arc<OnceCell<Arc<VmEntry>>>;
 
 pub(crate) struct App {
     pub store: Store,
+    /// This applier's certificate (also what test failovers' NBD over TLS presents).
+    pub identity: Arc<Identity>,
+    pub tests: crate::testfo::TestFailovers,
     allow: AllowList,
     vms: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
@@ -265,6 +268,7 @@ pub struct Applier {
     endpoint: quinn::Endpoint,
     task: tokio::task::JoinHandle<()>,
     admin: Option<crate::admin::AdminServer>,
+    app: Arc<App>,
 }
 
 impl Applier {
@@ -275,6 +279,8 @@ impl Applier {
         let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
         let app = Arc::new(App {
             store,
+            identity: Arc::new(cfg.identity),
+            tests: Default::default(),
             allow: cfg.allow,
             vms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -284,10 +290,14 @@ impl Applier {
             .admin_socket
             .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
+        // Test failovers the store records are served again (their points stay pinned
+        // meanwhile: retention reads the pins from the state).
+        tokio::spawn(crate::testfo::admin::restore(Arc::clone(&app)));
         let ep = endpoint.clone();
+        let app2 = Arc::clone(&app);
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let app = Arc::clone(&app);
+                let app = Arc::clone(&app2);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
@@ -305,6 +315,7 @@ impl Applier {
             endpoint,
             task,
             admin: Some(admin),
+            app,
         })
     }
 
@@ -321,6 +332,10 @@ impl Applier {
         if let Some(a) = self.admin.take() {
             a.stop();
         }
+        // Test failovers stop being served (their VMs keep running, detached); the next
+        // applier serves them again.
+        let app = Arc::clone(&self.app);
+        let _ = tokio::task::spawn_blocking(move || app.tests.shutdown_all()).await;
     }
 }
 

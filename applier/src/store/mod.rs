@@ -24,8 +24,9 @@ mod export;
 mod points;
 mod receive;
 pub(crate) mod state;
+mod testpins;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod verify;
 
 use std::fs::{self, File, OpenOptions};

@@ -111,6 +111,9 @@ pub struct TestPin {
     /// The VM was booted from the shipped definition (`tests/POINT/vm/`).
     #[serde(default)]
     pub started: bool,
+    /// Most bytes each scratch file may hold.
+    #[serde(default)]
+    pub scratch_limit: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
