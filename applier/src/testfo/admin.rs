@@ -115,6 +115,15 @@ pub(crate) fn start(
 ) -> Result<Value, TestError> {
     let entry = rt.block_on(app.vm(&req.vm, None))?;
     let _busy = app.tests.serialize();
+    // What the request asks is checked before the point it names.
+    let definition = if req.start {
+        Some(checked_definition(app, &entry)?)
+    } else {
+        None
+    };
+    if let Some(addr) = &req.tcp {
+        super::check_tcp(addr, &req.tls_allow)?;
+    }
     let point = pick_point(&entry, req.point)?;
     if let Some(r) = app.tests.get(&req.vm, point) {
         return Err(TestError(format!(
@@ -129,13 +138,8 @@ pub(crate) fn start(
             req.vm
         )));
     }
-    let definition = if req.start {
-        Some(checked_definition(app, &entry)?)
-    } else {
-        None
-    };
     let limit = scratch_limit(&entry, req.scratch_limit)?;
-    let pin = TestPin {
+    let mut pin = TestPin {
         point,
         created_at: now(),
         tcp: req.tcp.clone(),
@@ -151,6 +155,8 @@ pub(crate) fn start(
             return Err(e);
         }
     };
+    // The port bound (for port 0), so that a restart binds the same one.
+    pin.tcp = running.tcp.map(|a| a.to_string());
     // Recorded before it is reported: from here on a restart serves it again.
     if let Err(e) = lock(&entry.store).add_test(pin) {
         running.shutdown();

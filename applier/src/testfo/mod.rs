@@ -243,12 +243,8 @@ pub(crate) fn serve(
     Ok(running)
 }
 
-fn listen_tcp(
-    server: &Arc<Server>,
-    addr: &str,
-    allow: &[String],
-    identity: &Identity,
-) -> Result<SocketAddr, TestError> {
+/// Checks a TCP export's address and client names; returns the address.
+pub(crate) fn check_tcp(addr: &str, allow: &[String]) -> Result<SocketAddr, TestError> {
     if allow.is_empty() {
         return Err(TestError(
             "a TCP export needs TLS clients named: give --tls-allow NAME (a certificate name \
@@ -256,11 +252,20 @@ fn listen_tcp(
                 .into(),
         ));
     }
-    let a: SocketAddr = addr.parse().map_err(|e| {
+    addr.parse().map_err(|e| {
         TestError(format!(
-            "--tcp {addr}: {e} (give HOST:PORT, e.g. 0.0.0.0:10809)"
+            "--tcp {addr}: {e} (give IP:PORT, e.g. 192.0.2.10:10809; port 0 picks one)"
         ))
-    })?;
+    })
+}
+
+fn listen_tcp(
+    server: &Arc<Server>,
+    addr: &str,
+    allow: &[String],
+    identity: &Identity,
+) -> Result<SocketAddr, TestError> {
+    let a = check_tcp(addr, allow)?;
     let l = TcpListener::bind(a).map_err(|e| TestError(format!("--tcp {addr}: {e}")))?;
     let bound = l.local_addr()?;
     let tls = TlsConfig::new(identity, AllowList::new(allow))
