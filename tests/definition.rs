@@ -11,7 +11,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::site::*;
-use common::*;
 use vmreplica_common::link::{self, Tuning};
 use vmreplica_common::tls::Identity;
 use vmreplica_common::wire::{DefinitionHash, Message, ReverseTarget, PROTOCOL_VERSION};
