@@ -1,5 +1,7 @@
 //! `vmreplica`: one command line for every role.
 
+mod plan;
+mod plan_cmd;
 mod progress;
 mod testfo_cmd;
 mod tracker_cmd;
@@ -56,6 +58,11 @@ enum Cmd {
     Failover {
         #[command(subcommand)]
         op: FailoverOp,
+    },
+    /// Recovery plans: many VMs failed over in order, with hooks and pauses.
+    Plan {
+        #[command(subcommand)]
+        op: plan_cmd::PlanOp,
     },
     /// Talk to a running tracker's control socket.
     Ctl {
@@ -540,6 +547,7 @@ fn main() -> Result<()> {
         Cmd::Failover {
             op: FailoverOp::Test(op),
         } => testfo_cmd::run(op),
+        Cmd::Plan { op } => plan_cmd::run(op),
     }
 }
 
