@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod launch;
 pub mod overlay;
+mod pool;
 #[cfg(test)]
 mod tests;
 pub mod zerolog;
@@ -63,6 +64,7 @@ pub(crate) struct Running {
     pub created_at: u64,
     pub overlays: Vec<Arc<Overlay>>,
     server: Arc<Server>,
+    pool: Arc<pool::Pool>,
     /// Holds the point (also in memory, besides the state's pin).
     _view: Arc<PointView>,
 }
@@ -95,6 +97,7 @@ impl Running {
     /// Stops serving: new connections are refused, connected clients are cut.
     pub fn shutdown(&self) {
         self.server.shutdown();
+        self.pool.close();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -178,6 +181,11 @@ pub(crate) fn serve(
     crate::undo::log::create_dirs(&dir)
         .map_err(|e| TestError(format!("{}: {e}", dir.display())))?;
     let view = Arc::new(PointView::open(shared, pin.point)?);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8)
+        * 2;
+    let pool = pool::Pool::new(&format!("testfo-{}", pin.point), threads)?;
     let mut overlays = Vec::new();
     for i in 0..view.disks().len() {
         overlays.push(Arc::new(Overlay::open(
@@ -186,6 +194,7 @@ pub(crate) fn serve(
             &dir,
             create,
             limit,
+            Some(Arc::clone(&pool)),
         )?));
     }
     let exports = overlays
@@ -223,6 +232,7 @@ pub(crate) fn serve(
         created_at: pin.created_at,
         overlays,
         server,
+        pool,
         _view: view,
     };
     if let Some(addr) = &pin.tcp {

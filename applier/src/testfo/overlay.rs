@@ -11,7 +11,8 @@
 //! applier restart: [`Overlay::open`] rebuilds the map from them.
 //!
 //! The scratch file may use at most `limit` bytes (beyond, writes fail with ENOSPC), so a
-//! test VM cannot fill the store that replication needs.
+//! test VM cannot fill the store that replication needs. Reads run on a small [`Pool`] when
+//! given one, so a connection has several in flight.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -24,6 +25,7 @@ use vmreplica_common::sparse;
 use vmreplica_nbd::consts::{STATE_HOLE, STATE_ZERO};
 use vmreplica_nbd::device::{BlockDevice, DeviceFlags, Done, Extent, ReadDone, Zero};
 
+use super::pool::Pool;
 use super::zerolog::ZeroLog;
 use crate::pointview::{ExtentKind, PointView};
 
@@ -50,7 +52,13 @@ struct Map {
     allocated: u64,
 }
 
+/// The overlay of one disk, served as a [`BlockDevice`].
 pub struct Overlay {
+    inner: Arc<Inner>,
+    pool: Option<Arc<Pool>>,
+}
+
+struct Inner {
     view: Arc<PointView>,
     disk: usize,
     name: String,
@@ -76,14 +84,40 @@ fn no_space() -> io::Error {
 
 impl Overlay {
     /// The overlay of disk `disk` of `view` with its scratch files in `dir`: made empty with
-    /// `create`, else rebuilt from the scratch file and zero record found there.
+    /// `create`, else rebuilt from the scratch file and zero record found there. Reads run on
+    /// `pool` if given (else on the caller's thread).
     pub fn open(
         view: Arc<PointView>,
         disk: usize,
         dir: &Path,
         create: bool,
         limit: u64,
+        pool: Option<Arc<Pool>>,
     ) -> io::Result<Overlay> {
+        Ok(Overlay {
+            inner: Arc::new(Inner::open(view, disk, dir, create, limit)?),
+            pool,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Bytes the scratch file holds (what the test VM wrote).
+    pub fn scratch_bytes(&self) -> u64 {
+        self.inner.scratch_bytes()
+    }
+}
+
+impl Inner {
+    fn open(
+        view: Arc<PointView>,
+        disk: usize,
+        dir: &Path,
+        create: bool,
+        limit: u64,
+    ) -> io::Result<Inner> {
         let (name, size) = view.disks().get(disk).cloned().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -127,7 +161,7 @@ impl Overlay {
         };
         let fs_block = scratch.metadata().map_err(|e| ctx(&path, e))?.blksize();
         let block = fs_block.clamp(MIN_BLOCK, MAX_BLOCK).next_power_of_two();
-        Ok(Overlay {
+        Ok(Inner {
             view,
             disk,
             name,
@@ -142,12 +176,7 @@ impl Overlay {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Bytes the scratch file holds (what the test VM wrote).
-    pub fn scratch_bytes(&self) -> u64 {
+    fn scratch_bytes(&self) -> u64 {
         self.map.read().unwrap_or_else(|e| e.into_inner()).allocated
     }
 
@@ -367,7 +396,7 @@ impl Overlay {
 
 impl BlockDevice for Overlay {
     fn size(&self) -> u64 {
-        self.size
+        self.inner.size
     }
 
     fn flags(&self) -> DeviceFlags {
@@ -383,24 +412,31 @@ impl BlockDevice for Overlay {
     }
 
     fn read(&self, offset: u64, len: u32, done: ReadDone) {
-        let mut buf = vec![0u8; len as usize];
-        done(self.read_into(offset, &mut buf).map(|()| buf))
+        let inner = Arc::clone(&self.inner);
+        let job = move || {
+            let mut buf = vec![0u8; len as usize];
+            done(inner.read_into(offset, &mut buf).map(|()| buf))
+        };
+        match &self.pool {
+            Some(p) => p.run(job),
+            None => job(),
+        }
     }
 
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
-        done(self.do_write(offset, &data, fua))
+        done(self.inner.do_write(offset, &data, fua))
     }
 
     fn flush(&self, done: Done) {
-        done(self.sync())
+        done(self.inner.sync())
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool, done: Done) {
-        done(self.do_zero(offset, len, fua))
+        done(self.inner.do_zero(offset, len, fua))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, zero: Zero, done: Done) {
-        done(self.do_zero(offset, len, zero.fua))
+        done(self.inner.do_zero(offset, len, zero.fua))
     }
 
     fn contexts(&self) -> Vec<String> {
@@ -417,6 +453,6 @@ impl BlockDevice for Overlay {
         if context != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        self.allocation(offset, len, max)
+        self.inner.allocation(offset, len, max)
     }
 }

@@ -64,7 +64,7 @@ fn the_overlay_reads_the_point_keeps_writes_in_scratch_and_survives_a_reopen() {
     let view = Arc::new(PointView::open(vs.shared(), 1).unwrap());
     let tdir = dir.path().join("vm1/tests/1");
     std::fs::create_dir_all(&tdir).unwrap();
-    let o = Overlay::open(Arc::clone(&view), 0, &tdir, true, u64::MAX).unwrap();
+    let o = Overlay::open(Arc::clone(&view), 0, &tdir, true, u64::MAX, None).unwrap();
     let mut want = point1[0].clone();
     assert!(
         read(&o, 0, SIZE as usize) == want,
@@ -124,7 +124,7 @@ fn the_overlay_reads_the_point_keeps_writes_in_scratch_and_survives_a_reopen() {
     // Reopened from its files (an applier restart): the same bytes.
     let scratch = o.scratch_bytes();
     drop(o);
-    let o = Overlay::open(Arc::clone(&view), 0, &tdir, false, u64::MAX).unwrap();
+    let o = Overlay::open(Arc::clone(&view), 0, &tdir, false, u64::MAX, None).unwrap();
     assert!(read(&o, 0, SIZE as usize) == want, "after a reopen");
     assert_eq!(o.scratch_bytes(), scratch);
 
@@ -143,7 +143,7 @@ fn the_scratch_limit_holds_and_concurrent_writes_into_one_block_both_survive() {
     let view = Arc::new(PointView::open(vs.shared(), 1).unwrap());
     let tdir = dir.path().join("t");
     std::fs::create_dir_all(&tdir).unwrap();
-    let o = Arc::new(Overlay::open(Arc::clone(&view), 1, &tdir, true, 3 * 4096).unwrap());
+    let o = Arc::new(Overlay::open(Arc::clone(&view), 1, &tdir, true, 3 * 4096, None).unwrap());
     write(&o, 0, &[1u8; 8192]).unwrap();
     // Rewriting what is there costs nothing more.
     write(&o, 0, &[2u8; 8192]).unwrap();
@@ -157,7 +157,7 @@ fn the_scratch_limit_holds_and_concurrent_writes_into_one_block_both_survive() {
     // Bytes of one block written at once from two threads: both land.
     let tdir = dir.path().join("t2");
     std::fs::create_dir_all(&tdir).unwrap();
-    let o = Arc::new(Overlay::open(Arc::clone(&view), 0, &tdir, true, u64::MAX).unwrap());
+    let o = Arc::new(Overlay::open(Arc::clone(&view), 0, &tdir, true, u64::MAX, None).unwrap());
     let before = read(&o, 1 << 20, 4096);
     let ts: Vec<_> = (0..2u8)
         .map(|i| {
