@@ -23,6 +23,7 @@ have systemd-analyze || need_apt+=(systemd)
 have virt-xml-validate || need_apt+=(libvirt-clients)
 have xmllint || need_apt+=(libxml2-utils)
 have gnuplot || need_apt+=(gnuplot-nox)   # benches/rpo.sh plots
+have promtool || need_apt+=(prometheus)   # metrics: promtool check metrics, a real scrape
 [ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || need_apt+=(busybox-static)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

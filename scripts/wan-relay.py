@@ -4,7 +4,8 @@
 One QUIC (or any UDP) client talks to --listen; every datagram goes to --to from one
 upstream socket, and the server's answers go back to the client's latest source address
 (so a client that changes its source port, e.g. a restarted shipper or QUIC migration,
-keeps working; one client at a time).
+keeps working; one client at a time). With --multi, every client address gets its own
+upstream socket instead (several shippers sharing one bottleneck, each counted apart).
 
     wan-relay.py --listen 127.0.0.1:7000 --to 127.0.0.1:7443 \\
         --delay-ms 50 --jitter-ms 0 --loss 0.005 --rate 200M [--queue 2500K]
@@ -27,7 +28,7 @@ Each direction is its own pipe with the same parameters (a symmetric link):
 Control:
   SIGUSR1        toggle the link down/up: while down every datagram, both ways, is dropped
                  (what is already in flight on the "wire" is still delivered).
-  SIGUSR2        print the statistics now.
+  SIGUSR2        print the statistics now (and write --stats-json).
   SIGTERM/SIGINT print the statistics and exit (also written as JSON to --stats-json).
 
 Socket buffers: --sock-buffer (default 32M) for both sockets, past net.core.rmem_max when
@@ -39,6 +40,16 @@ errors) per direction, the kernel's receive-buffer drops of the relay's sockets 
 that cannot keep up shows here), CPU seconds used, and the wall-clock times of the first
 and last "big" client-to-server datagram (>= --big bytes, default 1000), which a benchmark
 uses to time a bulk transfer.
+
+Queue occupancy at the bottleneck (with --rate), per direction: the time-weighted mean of
+the bytes queued (exact: the backlog drains linearly between arrivals) over the relay's
+life and over the busy period (first to last big datagram, client to server; the figure a
+bulk-transfer benchmark wants), the maximum in bytes and in datagrams, and the mean in
+datagrams (mean bytes / mean datagram size).
+
+CPU ceiling: about 10 us per datagram on one core of the development machines, i.e. roughly
+90-100 k datagrams/s or 850-950 Mbit/s of 1200-byte datagrams (benches/wan.sh measures it on
+the machine at hand and prints it beside its results).
 
 Python 3 standard library only; one thread, an epoll loop that sleeps until the next
 datagram arrives or is due (no busy polling). For safety --to must be a loopback address
@@ -113,7 +124,9 @@ class Pipe:
     __slots__ = (
         "rate_Bps", "queue", "overhead", "delay", "jitter", "loss", "busy_until",
         "last_deliver", "inflight", "fwd_pkts", "fwd_bytes", "drop_loss", "drop_queue",
-        "drop_down", "drop_send", "max_backlog",
+        "drop_down", "drop_send", "max_backlog", "q_area", "q_t", "q_t0", "departures",
+        "max_qpkts", "adm_pkts", "adm_bytes", "busy_area0", "busy_t0", "busy_area1",
+        "busy_t1",
     )
 
     def __init__(self, a):
@@ -129,9 +142,55 @@ class Pipe:
         self.fwd_pkts = self.fwd_bytes = 0
         self.drop_loss = self.drop_queue = self.drop_down = self.drop_send = 0
         self.max_backlog = 0
+        # Queue occupancy: integral of the backlog (byte-seconds) up to q_t; departure times
+        # of the datagrams still queued (for the datagram count); the integral at the start
+        # and end of the busy period (first/last big datagram).
+        self.q_area = 0.0
+        self.q_t = self.q_t0 = time.monotonic()
+        self.departures = collections.deque()
+        self.max_qpkts = 0
+        self.adm_pkts = self.adm_bytes = 0
+        self.busy_area0 = self.busy_t0 = self.busy_area1 = self.busy_t1 = None
+
+    def integrate(self, now):
+        """Adds the backlog's area from q_t to now (it drains at rate_Bps) to q_area."""
+        dt = now - self.q_t
+        if dt <= 0 or not self.rate_Bps:
+            self.q_t = max(self.q_t, now)
+            return
+        b0 = max(0.0, (self.busy_until - self.q_t) * self.rate_Bps)
+        drained = dt * self.rate_Bps
+        if b0 <= drained:
+            self.q_area += b0 * b0 / (2 * self.rate_Bps)
+        else:
+            self.q_area += (2 * b0 - drained) / 2 * dt
+        self.q_t = now
+
+    def mark_busy(self, now):
+        """A big datagram arrived: the busy period starts (first one) or extends to now."""
+        self.integrate(now)
+        if self.busy_t0 is None:
+            self.busy_area0, self.busy_t0 = self.q_area, now
+        self.busy_area1, self.busy_t1 = self.q_area, now
+
+    def queue_stats(self, now):
+        self.integrate(now)
+        life = now - self.q_t0
+        mean = self.q_area / life if life > 0 else 0.0
+        busy = None
+        if self.busy_t0 is not None and self.busy_t1 > self.busy_t0:
+            busy = (self.busy_area1 - self.busy_area0) / (self.busy_t1 - self.busy_t0)
+        size = self.adm_bytes / self.adm_pkts if self.adm_pkts else 0
+        return {
+            "mean_queue_bytes": round(mean, 1),
+            "mean_queue_bytes_busy": None if busy is None else round(busy, 1),
+            "mean_queue_packets_busy": None if busy is None or not size else round(busy / size, 2),
+            "max_queue_packets": self.max_qpkts,
+        }
 
     def stats(self):
-        return {
+        s = self.queue_stats(time.monotonic())
+        s.update({
             "forwarded_packets": self.fwd_pkts,
             "forwarded_bytes": self.fwd_bytes,
             "dropped_loss": self.drop_loss,
@@ -140,7 +199,8 @@ class Pipe:
             "dropped_send_error": self.drop_send,
             "max_queue_bytes": int(self.max_backlog),
             "in_flight": len(self.inflight),
-        }
+        })
+        return s
 
 
 def udp_drops(ports):
@@ -179,6 +239,8 @@ def main():
     ap.add_argument("--stats-json", default=None, help="write final statistics as JSON to this file")
     ap.add_argument("--start-down", action="store_true", help="start with the link cut")
     ap.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --to address")
+    ap.add_argument("--multi", action="store_true",
+                    help="one upstream socket per client address (several clients share the link)")
     a = ap.parse_args()
 
     lfam, laddr = a.listen
@@ -195,21 +257,19 @@ def main():
     uniform = rng.uniform
 
     down = [a.start_down]
-    client = [None]
     client_changes = [0]
     big_first = [0.0]
     big_last = [0.0]
     big = a.big
     pipes = (Pipe(a), Pipe(a))
 
-    lsock = socket.socket(lfam, socket.SOCK_DGRAM)
-    usock = socket.socket(tfam, socket.SOCK_DGRAM)
     # Big socket buffers absorb the senders' bursts (GSO batches, BBR): as root the *FORCE
     # options go past net.core.{r,w}mem_max (for these sockets only); otherwise the kernel
     # caps the plain options there.
     force = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33),
              socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32)}
-    for s in (lsock, usock):
+
+    def buffered(s):
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 s.setsockopt(socket.SOL_SOCKET, force[opt], a.sock_buffer)
@@ -219,10 +279,28 @@ def main():
                 except OSError:
                     pass
         s.setblocking(False)
+        return s
+
+    class Client:
+        """A client address and the upstream socket its datagrams leave from."""
+        __slots__ = ("n", "addr", "usock", "usend", "urecv", "fwd_pkts", "fwd_bytes",
+                     "big_first", "big_last")
+
+        def __init__(self, n):
+            self.n = n
+            self.addr = None
+            self.usock = buffered(socket.socket(tfam, socket.SOCK_DGRAM))
+            self.usock.connect(taddr)  # the kernel then only hands us the server's datagrams
+            self.usend, self.urecv = self.usock.send, self.usock.recv
+            self.fwd_pkts = self.fwd_bytes = 0
+            self.big_first = self.big_last = 0.0
+
+    lsock = buffered(socket.socket(lfam, socket.SOCK_DGRAM))
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind(laddr)
-    usock.connect(taddr)  # the kernel then only hands us the server's datagrams
-    ports = {lsock.getsockname()[1], usock.getsockname()[1]}
+    clients = {}  # address -> Client (--multi)
+    single = Client(1)  # the one upstream socket without --multi
+    ports = {lsock.getsockname()[1], single.usock.getsockname()[1]}
 
     t_start = time.monotonic()
     wall_start = time.time()
@@ -237,8 +315,15 @@ def main():
                 "rate_bits": a.rate, "queue_bytes": a.queue, "overhead": a.overhead,
             },
             "link_down": down[0],
-            "client": "%s:%d" % client[0][:2] if client[0] else None,
+            "client": "%s:%d" % single.addr[:2] if single.addr else None,
             "client_address_changes": client_changes[0],
+            "clients": [
+                {"n": c.n, "addr": "%s:%d" % c.addr[:2], "c2s_forwarded_packets": c.fwd_pkts,
+                 "c2s_forwarded_bytes": c.fwd_bytes,
+                 "big_c2s_first_wall": c.big_first and wall_start + (c.big_first - t_start),
+                 "big_c2s_last_wall": c.big_last and wall_start + (c.big_last - t_start)}
+                for c in (clients.values() if a.multi else [single] if single.addr else [])
+            ],
             "elapsed_s": round(time.monotonic() - t_start, 3),
             "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
             "kernel_rx_drops": udp_drops(ports),
@@ -262,7 +347,9 @@ def main():
                 f"  {d}: forwarded {p['forwarded_packets']} pkts {p['forwarded_bytes']} B; "
                 f"dropped loss {p['dropped_loss']} queue {p['dropped_queue']} "
                 f"down {p['dropped_down']} send-error {p['dropped_send_error']}; "
-                f"max queue {p['max_queue_bytes']} B"
+                f"queue mean {p['mean_queue_bytes']:.0f} B (busy period "
+                f"{p['mean_queue_bytes_busy'] if p['mean_queue_bytes_busy'] is not None else '-'} B), "
+                f"max {p['max_queue_bytes']} B / {p['max_queue_packets']} datagrams"
             )
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
@@ -294,24 +381,24 @@ def main():
 
     sel = selectors.DefaultSelector()
     sel.register(lsock, selectors.EVENT_READ, C2S)
-    sel.register(usock, selectors.EVENT_READ, S2C)
+    sel.register(single.usock, selectors.EVENT_READ, single)
     sel.register(rfd, selectors.EVENT_READ, -1)
 
     sys.stderr.write(
         f"wan-relay: {lsock.getsockname()[0]}:{lsock.getsockname()[1]} -> {taddr[0]}:{taddr[1]}; "
         f"delay {a.delay_ms} ms each way (RTT {2 * a.delay_ms} ms), jitter {a.jitter_ms} ms, "
         f"loss {a.loss}, rate {a.rate / 1e6:g} Mbit/s{' (unlimited)' if not a.rate else ''}, "
-        f"queue {a.queue} B{', link DOWN' if down[0] else ''}\n"
+        f"queue {a.queue} B{', link DOWN' if down[0] else ''}"
+        f"{', one upstream socket per client' if a.multi else ''}\n"
     )
     sys.stderr.flush()
 
     monotonic = time.monotonic
-    lrecv, urecv = lsock.recvfrom, usock.recv
-    lsend, usend = lsock.sendto, usock.send
+    lrecv, lsend = lsock.recvfrom, lsock.sendto
     BATCH = 256
     next_stats = monotonic() + a.stats_interval if a.stats_interval > 0 else float("inf")
 
-    def admit(p, data, now):
+    def admit(p, data, now, cl):
         """Loss, then bottleneck, then propagation; queues the datagram or drops it."""
         if down[0]:
             p.drop_down += 1
@@ -331,8 +418,19 @@ def main():
                     p.max_backlog = backlog
             else:
                 busy = now
+            p.integrate(now)
             t = busy + (len(data) + p.overhead) / p.rate_Bps
             p.busy_until = t
+            deps = p.departures
+            while deps and deps[0] <= now:
+                deps.popleft()
+            deps.append(t)
+            if len(deps) > p.max_qpkts:
+                p.max_qpkts = len(deps)
+            p.adm_pkts += 1
+            p.adm_bytes += len(data)
+            if p is pc2s and len(data) >= big:
+                p.mark_busy(now)
         if p.jitter:
             t += max(0.0, p.delay + uniform(-p.jitter, p.jitter))
         else:
@@ -340,7 +438,7 @@ def main():
         if t < p.last_deliver:
             t = p.last_deliver
         p.last_deliver = t
-        p.inflight.append((t, data))
+        p.inflight.append((t, data, cl))
 
     pc2s, ps2c = pipes
     q_c2s, q_s2c = pc2s.inflight, ps2c.inflight
@@ -349,29 +447,38 @@ def main():
         now = monotonic()
         # Deliver what is due.
         while q_c2s and q_c2s[0][0] <= now:
-            t, data = q_c2s.popleft()
+            t, data, cl = q_c2s.popleft()
             try:
-                usend(data)
+                cl.usend(data)
                 pc2s.fwd_pkts += 1
                 n = len(data)
                 pc2s.fwd_bytes += n
+                cl.fwd_pkts += 1
+                cl.fwd_bytes += n
                 if n >= big:
                     if not big_first[0]:
                         big_first[0] = now
                     big_last[0] = now
+                    if not cl.big_first:
+                        cl.big_first = now
+                    cl.big_last = now
             except OSError:
                 pc2s.drop_send += 1
         while q_s2c and q_s2c[0][0] <= now:
-            t, data = q_s2c.popleft()
+            t, data, cl = q_s2c.popleft()
             try:
-                lsend(data, client[0])
+                lsend(data, cl.addr)
                 ps2c.fwd_pkts += 1
                 ps2c.fwd_bytes += len(data)
             except (OSError, TypeError):
                 ps2c.drop_send += 1
         if want_report[0]:
             want_report[0] = False
-            report("stats")
+            s = report("stats")
+            if a.stats_json:
+                with open(a.stats_json + ".tmp", "w") as fh:
+                    json.dump(s, fh, indent=1)
+                os.replace(a.stats_json + ".tmp", a.stats_json)
         if now >= next_stats:
             report("stats")
             next_stats = now + a.stats_interval
@@ -397,21 +504,33 @@ def main():
                         break
                     except OSError:
                         continue  # e.g. ICMP errors surfacing as ECONNREFUSED
-                    if src != client[0]:
-                        if client[0] is not None:
-                            client_changes[0] += 1
-                            sys.stderr.write(f"wan-relay: client is now {src[0]}:{src[1]}\n")
-                        client[0] = src
-                    admit(pc2s, data, now)
+                    if a.multi:
+                        cl = clients.get(src)
+                        if cl is None:
+                            cl = clients[src] = Client(len(clients) + 1)
+                            cl.addr = src
+                            ports.add(cl.usock.getsockname()[1])
+                            sel.register(cl.usock, selectors.EVENT_READ, cl)
+                            sys.stderr.write(f"wan-relay: client #{cl.n} is {src[0]}:{src[1]}\n")
+                            sys.stderr.flush()
+                    else:
+                        cl = single
+                        if src != cl.addr:
+                            if cl.addr is not None:
+                                client_changes[0] += 1
+                                sys.stderr.write(f"wan-relay: client is now {src[0]}:{src[1]}\n")
+                            cl.addr = src
+                    admit(pc2s, data, now, cl)
             else:
+                cl = d
                 for _ in range(BATCH):
                     try:
-                        data = urecv(65535)
+                        data = cl.urecv(65535)
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError:
                         continue  # server port closed (ICMP port unreachable)
-                    admit(ps2c, data, now)
+                    admit(ps2c, data, now, cl)
 
     s = report("exit")
     if a.stats_json:

@@ -1,8 +1,10 @@
 //! `vmreplica`: one command line for every role.
 
+mod ops_cmd;
 mod plan;
 mod plan_cmd;
 mod progress;
+mod seed_cmd;
 mod testfo_cmd;
 mod tracker_cmd;
 mod vm_cmd;
@@ -63,6 +65,51 @@ enum Cmd {
     Plan {
         #[command(subcommand)]
         op: plan_cmd::PlanOp,
+    },
+    /// Every VM this host protects or holds: state, health, RPO, cycles, bytes, errors.
+    Status(ops_cmd::StatusArgs),
+    /// The event stream (JSON lines): cycles applied, health changes, resyncs, failover...
+    Events {
+        /// Keep printing events as they come.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: the events so far first.
+        #[arg(long)]
+        all: bool,
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Pause a VM's replication (its tracker keeps tracking; survives a shipper restart).
+    Pause { vm: String },
+    /// Resume a VM's replication: one cycle ships everything that changed meanwhile.
+    Resume { vm: String },
+    /// Resynchronise a VM by comparing checksums (only differing blocks are sent).
+    Resync {
+        vm: String,
+        /// Show its progress until it is applied.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Change a VM's interval, bandwidth_limit, compression, rpo_limit or
+    /// app_consistent_every, in its configuration and in the running shipper.
+    Set {
+        vm: String,
+        /// key=value, e.g. interval=30s bandwidth_limit=20M compression=false.
+        #[arg(required = true)]
+        settings: Vec<String>,
+        /// The shipper's configuration (default: the one the running shipper read).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Stop replicating a VM and remove its state on the chosen side(s), after a
+    /// confirmation.
+    Remove(ops_cmd::RemoveArgs),
+    /// Initial replication by external media (export, import), or from a copy already on
+    /// the replica site (adopt).
+    Seed {
+        #[command(subcommand)]
+        op: seed_cmd::SeedOp,
     },
     /// Talk to a running tracker's control socket.
     Ctl {
@@ -126,6 +173,9 @@ struct ApplierServe {
     /// The local admin socket (default: STORE/applier.sock).
     #[arg(long)]
     admin_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at this address (GET /metrics), e.g. 127.0.0.1:9465.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -296,17 +346,26 @@ async fn stop_signal() {
 }
 
 fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
+    vmreplica_ops::events::set_source("shipper");
     let cfg = vmreplica_shipper::ShipperConfig::load(config)?;
-    runtime()?.block_on(vmreplica_shipper::run::run(
-        cfg,
-        progress::sink(bar),
-        stop_signal(),
-    ))?;
-    Ok(())
+    runtime()?.block_on(async move {
+        // SIGHUP: read the configuration again.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        vmreplica_shipper::run::run_with(cfg, progress::sink(bar), stop_signal(), Some(rx)).await?;
+        Ok::<(), anyhow::Error>(())
+    })
 }
 
 /// Bytes as people read them: 0 B, 64.0 KiB, 1.5 GiB.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -323,17 +382,22 @@ fn human_bytes(n: u64) -> String {
 
 fn print_points(points: &[vmreplica_applier::PointInfo]) {
     println!(
-        "{:>8}  {:<25}  {:<8}  {:>12}",
+        "{:>8}  {:<25}  {:<8}  {:>12}  consistency",
         "cycle", "applied (UTC)", "kind", "size"
     );
     for p in points {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(p.applied_at);
         println!(
-            "{:>8}  {:<25}  {:<8}  {:>12}",
+            "{:>8}  {:<25}  {:<8}  {:>12}  {}",
             p.cycle,
             humantime::format_rfc3339_seconds(t).to_string(),
             p.kind,
-            human_bytes(p.bytes)
+            human_bytes(p.bytes),
+            if p.app_consistent {
+                "application"
+            } else {
+                "crash"
+            }
         );
     }
 }
@@ -437,8 +501,13 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 admin_socket: sv.admin_socket,
                 open_delay: None,
             };
+            vmreplica_ops::events::set_source("applier");
+            let metrics = sv.metrics;
             runtime()?.block_on(async move {
-                let a = Applier::start(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut a = Applier::start(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+                if let Some(m) = metrics {
+                    a.serve_metrics(m).await?;
+                }
                 tracing::info!(addr = %a.local_addr()?, "applier listening");
                 stop_signal().await;
                 tracing::info!("applier stopping");
@@ -548,6 +617,18 @@ fn main() -> Result<()> {
             op: FailoverOp::Test(op),
         } => testfo_cmd::run(op),
         Cmd::Plan { op } => plan_cmd::run(op),
+        Cmd::Status(a) => ops_cmd::status(a),
+        Cmd::Events { follow, all, vm } => ops_cmd::events(follow, all, vm.as_deref()),
+        Cmd::Pause { vm } => ops_cmd::pause(&vm, false),
+        Cmd::Resume { vm } => ops_cmd::pause(&vm, true),
+        Cmd::Resync { vm, wait } => ops_cmd::resync(&vm, wait),
+        Cmd::Set {
+            vm,
+            settings,
+            config,
+        } => ops_cmd::set(&vm, &settings, config.as_deref()),
+        Cmd::Remove(a) => ops_cmd::remove(a),
+        Cmd::Seed { op } => seed_cmd::run(op),
     }
 }
 

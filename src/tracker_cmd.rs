@@ -23,6 +23,10 @@ pub struct TrackerArgs {
     /// Serve this disk read-only (writes refused with EPERM). Repeatable.
     #[arg(long = "read-only", value_name = "NAME")]
     read_only: Vec<String>,
+    /// Serve this disk but neither track nor ship it (swap, scratch); failover recreates it
+    /// blank and sparse. Repeatable.
+    #[arg(long = "exclude", value_name = "NAME")]
+    exclude: Vec<String>,
     /// Unix socket to serve NBD on (default: STATE_DIR/nbd.sock unless --listen is given).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -169,6 +173,7 @@ pub fn run(a: TrackerArgs) -> Result<()> {
     cfg.force_thread_pool = a.io_engine == "thread-pool";
     cfg.al_extents = a.al_extents;
     cfg.cow_limit = a.cow_limit;
+    cfg.excluded = a.exclude.clone();
     let tracker = Arc::new(Tracker::open(cfg).context("cannot start the tracker")?);
     if a.io_engine == "io_uring" && tracker.engine_name() != "io_uring" {
         bail!("--io-engine io_uring was asked for, but io_uring is not available here");
@@ -224,6 +229,10 @@ pub fn run(a: TrackerArgs) -> Result<()> {
             .spawn(move || control::serve(t, control_listener))?;
     }
     tracing::info!(control = %control_path.display(), engine = tracker.engine_name(), "tracker ready");
+    let mut entry = vmreplica_ops::registry::Entry::me(vmreplica_ops::registry::TRACKER);
+    entry.control = Some(std::path::absolute(&control_path).unwrap_or(control_path.clone()));
+    entry.state = Some(std::path::absolute(&a.state_dir).unwrap_or(a.state_dir.clone()));
+    let _registration = vmreplica_ops::registry::register(entry);
 
     let sig = signals.forever().next();
     tracing::info!(?sig, "stopping: finishing requests in flight");

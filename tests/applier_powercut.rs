@@ -216,12 +216,6 @@ impl Sites {
 }
 
 #[test]
-#[ignore = "applier bug found by the honest power-cut model (names lost unless their directory \
-            is fsynced): the store root, STORE/VM, STORE/VM/disks (its image names) and \
-            STORE/VM/staging/N are created without an fsync of their parent directory, so a \
-            power cut after an acknowledged cycle can lose the VM's state.json and images \
-            (APPLIER_POWERCUT_SEED=6338744605675531484: 'cycle 1 was acknowledged but the points \
-            are []'); left to the applier's rewrite (issue 16)"]
 fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
     let seed: u64 = std::env::var("APPLIER_POWERCUT_SEED")
         .ok()

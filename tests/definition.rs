@@ -85,7 +85,7 @@ fn send_definition(
             other => panic!("{other:?}"),
         };
         conn.close(0u32.into(), b"done");
-        ep.wait_idle().await;
+        ep.endpoint.wait_idle().await;
         (held, answer)
     })
 }

@@ -84,8 +84,19 @@ fn systemd_units_verify_cleanly_and_stay_hardened() {
         assert!(level <= 2.0, "{u} is exposed {level} (was 1.6):\n{text}");
     }
 
+    // Every role may write the runtime registry and event stream under a read-only /run
+    // (`vmreplica status` finds the roles there), kept while any unit runs.
+    for u in UNITS {
+        let text = std::fs::read_to_string(dir.path().join(u)).unwrap();
+        assert!(
+            text.contains("RuntimeDirectory=vmreplica\n")
+                && text.contains("RuntimeDirectoryPreserve=yes"),
+            "{u}"
+        );
+    }
     // The tracker's ordering: the shipper needs it and starts after it.
     let shipper = std::fs::read_to_string(dir.path().join(UNITS[1])).unwrap();
+    assert!(shipper.contains("ExecReload=/bin/kill -HUP $MAINPID"));
     assert!(shipper.contains("Requires=vmreplica-tracker@%i.service"));
     assert!(shipper.contains("After=vmreplica-tracker@%i.service"));
 

@@ -341,13 +341,14 @@ fn points_lists_each_applied_cycle_and_verify_names_a_damaged_range() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["cycle", "applied", "(UTC)", "kind", "size"],
+        ["cycle", "applied", "(UTC)", "kind", "size", "consistency"],
         "{out}"
     );
     let points: Vec<(u64, String, String, String)> = lines
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 5, "{l}");
+            assert_eq!(f.len(), 6, "{l}");
+            assert_eq!(f[5], "crash", "{l}");
             (
                 f[0].parse().unwrap(),
                 f[1].to_string(),

@@ -25,6 +25,7 @@ fn open(dir: &std::path::Path, disks: &[(String, std::path::PathBuf)]) -> Arc<Tr
             al_extents: 1000,
             cow_limit: Default::default(),
             engine: None,
+            excluded: Vec::new(),
         })
         .unwrap(),
     )

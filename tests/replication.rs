@@ -237,6 +237,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
             al_extents: 1000,
             cow_limit: Default::default(),
             engine: None,
+            excluded: Vec::new(),
         })
         .unwrap(),
     );

@@ -375,6 +375,7 @@ impl Sim {
             vm: "vm1".into(),
             interval: Some(Duration::from_millis(300)),
             initial_sync_at: None,
+            paused: false,
         };
         let mut s = ShipperSession::new(cfg, self.at());
         s.set_definition(Some(definition(self.definition)));
@@ -1039,6 +1040,7 @@ impl Sim {
                 kind: CycleKind::Delta,
                 freeze: 1,
                 disks: Vec::new(),
+                meta: Default::default(),
             },
         });
         let c = self.conns.remove(&id).unwrap();

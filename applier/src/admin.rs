@@ -4,7 +4,10 @@
 //!
 //! Requests: `{"op":"status"}`, `{"op":"points","vm":V}`,
 //! `{"op":"export","vm":V,"point":N,"dir":D}` (through a point view: the point is pinned
-//! while it is written out, and later cycles go on landing); test failovers' `test-start`,
+//! while it is written out, and later cycles go on landing); operations (see
+//! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
+//! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`; test failovers' `test-start`,
 //! `test-stop` and `tests` (see `testfo::admin`). Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
@@ -41,6 +44,22 @@ pub enum Request {
     TestStart(crate::testfo::admin::StartRequest),
     TestStop(crate::testfo::admin::StopRequest),
     Tests(crate::testfo::admin::ListRequest),
+    Report,
+    Remove {
+        vm: String,
+    },
+    SeedImport {
+        vm: String,
+        dir: PathBuf,
+        #[serde(default)]
+        owner: Option<String>,
+    },
+    Adopt {
+        vm: String,
+        owner: String,
+        disks: Vec<(String, PathBuf)>,
+        granularity: u32,
+    },
 }
 
 pub(crate) struct AdminServer {
@@ -195,6 +214,17 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
         Request::TestStart(_) | Request::TestStop(_) | Request::Tests(_) => {
             unreachable!("dispatched to testfo")
         }
+        Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
+        Request::Remove { vm } => crate::ops::remove(app, &vm),
+        Request::SeedImport { vm, dir, owner } => {
+            crate::ops::seed_import(app, &vm, &dir, owner.as_deref())
+        }
+        Request::Adopt {
+            vm,
+            owner,
+            disks,
+            granularity,
+        } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
     }
 }
 

@@ -10,14 +10,17 @@
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
 //! - [`definition`]: the VM definitions the primaries ship (how to start each VM here);
 //! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
+//! - [`ops`]: status, health and removal of replicas;
 //! - [`testfo`]: test failovers (a point served over NBD with a scratch overlay).
 
 pub mod admin;
 pub mod definition;
 mod image;
 mod logfile;
+pub mod ops;
 pub mod pointview;
 pub mod rules;
+pub mod seed;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -21,8 +21,8 @@ use std::collections::VecDeque;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{
-    code, resume_pages, CycleKind, DefinitionHash, DiskInfo, Message, ReverseTarget, Tag,
-    PROTOCOL_VERSION,
+    code, resume_pages, CycleKind, CycleMeta, DefinitionHash, DiskInfo, Message, ReverseTarget,
+    Tag, PROTOCOL_VERSION,
 };
 
 use crate::rules::{self, Replica};
@@ -75,6 +75,8 @@ pub enum Action {
         kind: CycleKind,
         freeze: u64,
         disks: Vec<DiskInfo>,
+        /// What the cycle says of itself (app-consistent, excluded disks, ...).
+        meta: CycleMeta,
     },
     /// Commit the cycle (`VmStore::commit`), then report [`Event::Committed`].
     Commit {
@@ -341,6 +343,7 @@ impl ApplierSession {
                 kind,
                 freeze,
                 disks,
+                meta,
             } => {
                 if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind, freeze)
                 {
@@ -360,6 +363,7 @@ impl ApplierSession {
                     kind,
                     freeze,
                     disks,
+                    meta,
                 });
             }
             Message::Manifest {
@@ -478,6 +482,7 @@ mod tests {
             kind: CycleKind::Delta,
             freeze: 9,
             disks: vec![],
+            meta: Default::default(),
         }
     }
 

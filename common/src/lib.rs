@@ -5,6 +5,7 @@
 //! or a thread pool) through which the tracker and the applier write images and the shipper
 //! reads them.
 
+pub mod congestion;
 pub mod direct;
 pub mod engine;
 pub mod lineage;
@@ -13,6 +14,7 @@ pub mod name;
 pub mod ranges;
 pub mod ratelog;
 pub mod resetkey;
+pub mod seed;
 pub mod sparse;
 pub mod statefile;
 pub mod tls;

@@ -4,7 +4,8 @@
 //! Defaults are sized for 100 ms RTT at 1 Gbit/s (a bandwidth-delay product of 12.5 MB):
 //! 16 MiB per-stream and 64 MiB per-connection receive windows, a 64 MiB send window, and
 //! 8 MiB UDP socket buffers. Congestion control is Cubic unless configured otherwise; quinn's
-//! BBR is offered but marked experimental by quinn itself.
+//! BBR is offered but marked experimental by quinn itself; `vmr` is our own, for long lossy
+//! links ([`crate::congestion`]), and remembers each path for the next connection.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use quinn::{Endpoint, EndpointConfig, RecvStream, SendStream, TransportConfig, V
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::congestion::{PathBook, VmrConfig};
 use crate::tls::Identity;
 use crate::wire::{self, Chunk, Message, WireError};
 
@@ -75,6 +77,8 @@ pub enum Congestion {
     NewReno,
     /// quinn's BBR implementation is experimental.
     Bbr,
+    /// vmreplica's model-based controller for long, lossy links ([`crate::congestion`]).
+    Vmr,
 }
 
 /// Transport tuning; the defaults suit 100 ms at 1 Gbit/s.
@@ -109,6 +113,13 @@ impl Default for Tuning {
 
 impl Tuning {
     pub fn transport(&self) -> TransportConfig {
+        self.transport_on(None)
+    }
+
+    /// The transport for a connection over `path` (the endpoint's book and the remote
+    /// address): a `vmr` controller starts from what the book remembers of that path and
+    /// keeps it up to date.
+    pub fn transport_on(&self, path: Option<(PathBook, SocketAddr)>) -> TransportConfig {
         let mut t = TransportConfig::default();
         let var = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
         let idle = Duration::from_secs(self.idle_timeout_s.clamp(1, 3600));
@@ -132,6 +143,10 @@ impl Tuning {
             Congestion::Bbr => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
             }
+            Congestion::Vmr => t.congestion_controller_factory(Arc::new(VmrConfig {
+                params: Default::default(),
+                path,
+            })),
         };
         t
     }
@@ -199,8 +214,36 @@ pub fn server(
         .map_err(|source| LinkError::Socket { addr, source })
 }
 
+/// A client endpoint and what its connections share: the TLS configuration and the memory
+/// of the paths they took (so a reconnect starts at the path's last measured rate).
+#[derive(Clone)]
+pub struct Client {
+    pub endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    tuning: Tuning,
+    paths: PathBook,
+}
+
+impl Client {
+    /// Connects to `remote`, starting from what this endpoint remembers of the path.
+    pub fn connect(
+        &self,
+        remote: SocketAddr,
+        server_name: &str,
+    ) -> Result<quinn::Connecting, quinn::ConnectError> {
+        let mut cfg = self.config.clone();
+        let path = Some((self.paths.clone(), remote));
+        cfg.transport_config(Arc::new(self.tuning.transport_on(path)));
+        self.endpoint.connect_with(cfg, remote, server_name)
+    }
+
+    pub fn paths(&self) -> &PathBook {
+        &self.paths
+    }
+}
+
 /// A client endpoint bound to `bind` (use port 0), presenting the identity's certificate.
-pub fn client(bind: SocketAddr, id: &Identity, tuning: &Tuning) -> Result<Endpoint, LinkError> {
+pub fn client(bind: SocketAddr, id: &Identity, tuning: &Tuning) -> Result<Client, LinkError> {
     let crypto = QuicClientConfig::try_from(id.client_config()?)
         .map_err(|e| LinkError::Setup(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -213,8 +256,13 @@ pub fn client(bind: SocketAddr, id: &Identity, tuning: &Tuning) -> Result<Endpoi
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| LinkError::Socket { addr: bind, source })?;
-    ep.set_default_client_config(cfg);
-    Ok(ep)
+    ep.set_default_client_config(cfg.clone());
+    Ok(Client {
+        endpoint: ep,
+        config: cfg,
+        tuning: tuning.clone(),
+        paths: PathBook::default(),
+    })
 }
 
 /// Names in the peer's verified certificate.
@@ -303,7 +351,7 @@ mod tests {
     use crate::tls::{init_ca, issue, Validity};
 
     /// Endpoints and connections that must outlive the test's stream.
-    type Keep = (Endpoint, Endpoint, quinn::Connection, quinn::Connection);
+    type Keep = (Endpoint, Client, quinn::Connection, quinn::Connection);
 
     const HELLO: Message = Message::Acked {
         cycle: 1,

@@ -37,6 +37,16 @@ pub enum TlsError {
     Config(String),
     #[error("{0} already exists; refusing to overwrite it")]
     Exists(PathBuf),
+    #[error(
+        "the private key {key} does not belong to the certificate {cert} ({reason}): give the \
+         key issued with that certificate (`vmreplica certs issue` writes NAME.pem and NAME.key \
+         together)"
+    )]
+    KeyMismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl Fn(io::Error) -> TlsError + '_ {
@@ -232,15 +242,28 @@ fn pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 impl Identity {
+    /// Loads a host's certificate, its key and the CA; a key that is not the certificate's
+    /// is refused here, naming both files (TLS would only say the handshake failed).
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Identity, TlsError> {
-        Ok(Identity {
+        let id = Identity {
             chain: pem_certs(cert)?,
             key: PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
                 path: key.to_path_buf(),
                 reason: e.to_string(),
             })?,
             ca: pem_certs(ca)?,
-        })
+        };
+        let mismatch = |reason: String| TlsError::KeyMismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason,
+        };
+        let signer = rustls::crypto::ring::sign::any_supported_type(&id.key)
+            .map_err(|e| mismatch(e.to_string()))?;
+        rustls::sign::CertifiedKey::new(id.chain.clone(), signer)
+            .keys_match()
+            .map_err(|e| mismatch(e.to_string()))?;
+        Ok(id)
     }
 
     fn roots(&self) -> Result<RootCertStore, TlsError> {
@@ -477,5 +500,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope.pem"), "{e}");
+    }
+
+    /// A key that is not the certificate's is refused when loading, naming both files
+    /// (before, the TLS handshake failed later and named neither).
+    #[test]
+    fn a_key_of_another_certificate_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "vmreplica test CA", 30).unwrap();
+        let (c1, _) = issue(&ca, "primary-1", &[], Validity::days(7), dir.path()).unwrap();
+        let (_, k2) = issue(&ca, "primary-2", &[], Validity::days(7), dir.path()).unwrap();
+        let e = Identity::load(&c1, &k2, &ca.join("ca.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("primary-1.pem")
+                && e.contains("primary-2.key")
+                && e.contains("does not belong"),
+            "{e}"
+        );
     }
 }

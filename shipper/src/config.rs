@@ -14,14 +14,24 @@
 //! streams = 4                  # parallel QUIC streams
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! rpo_limit = "1h"             # past it the VM's health is critical (default 1h)
+//! metrics = "127.0.0.1:9464"   # optional: Prometheus metrics (GET /metrics)
+//! guest_agent = "/run/vmreplica/vm/vm1/qga.sock"  # optional: the VM's qemu-guest-agent
+//! app_consistent_every = "1h"  # with guest_agent: how often a point is app-consistent
 //! definition = "vm1.vm.toml"   # optional: the VM definition, kept on the replica site
+//! [[bandwidth_schedule]]       # optional, repeatable (see `schedule`)
+//! days = "mon-fri"
+//! from = "08:00"
+//! to = "18:00"
+//! limit = "10M"
 //! [tuning]
-//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn)
+//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
 //! [reverse]                    # optional: this (primary) site's own applier, where the
 //! replica = "192.0.2.5:7443"   # replica site ships after a failover (reverse replication)
 //! server_name = "primary-1-applier"
 //! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +39,8 @@ use serde::Deserialize;
 use thiserror::Error;
 use vmreplica_common::link::Tuning;
 use vmreplica_common::wire::ReverseTarget;
+
+use crate::schedule::{RawWindow, Schedule};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -62,6 +74,12 @@ struct Raw {
     connections: usize,
     initial_sync_at: Option<String>,
     definition: Option<PathBuf>,
+    rpo_limit: Option<String>,
+    metrics: Option<String>,
+    guest_agent: Option<PathBuf>,
+    app_consistent_every: Option<String>,
+    #[serde(default)]
+    bandwidth_schedule: Vec<RawWindow>,
     #[serde(default)]
     tuning: Tuning,
     reverse: Option<RawReverse>,
@@ -111,13 +129,66 @@ pub struct ShipperConfig {
     /// which helps on long links with random loss, where one flow stays far below the link.
     pub connections: usize,
     pub initial_sync_at: Option<SystemTime>,
+    /// Past it (the age of the last cycle applied) health is critical.
+    pub rpo_limit: Duration,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<SocketAddr>,
+    /// The VM's qemu-guest-agent socket, for application-consistent points.
+    pub guest_agent: Option<PathBuf>,
+    /// How often a point is application-consistent (needs `guest_agent`).
+    pub app_consistent_every: Option<Duration>,
+    pub bandwidth_schedule: Schedule,
     pub tuning: Tuning,
     /// The VM definition file (`VmDefinition`), shipped to the replica site when it changes.
     pub definition: Option<PathBuf>,
     /// This site's own applier, for reverse replication after a failover; shipped with the
     /// definition.
     pub reverse: Option<ReverseTarget>,
+    /// The file it was read from (for reloads).
+    pub path: PathBuf,
 }
+
+/// Parses an interval: a duration or `continuous`.
+pub fn parse_interval(s: &str) -> Result<Interval, String> {
+    if s == "continuous" {
+        return Ok(Interval::Continuous);
+    }
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("must be positive (or \"continuous\")".into());
+    }
+    Ok(Interval::Every(d))
+}
+
+/// Parses a positive duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e}"))
+        .and_then(|d| {
+            if d.is_zero() {
+                Err(format!("{s:?} must be positive"))
+            } else {
+                Ok(d)
+            }
+        })
+}
+
+/// Parses a bandwidth limit (`unlimited` or `none`: no limit).
+pub fn parse_limit(s: &str) -> Result<Option<u64>, String> {
+    match s.trim() {
+        "unlimited" | "none" => Ok(None),
+        s => parse_bytes(s).map(Some),
+    }
+}
+
+/// The keys `vmreplica set` changes on a running shipper (and in its file).
+pub const SETTABLE: [&str; 5] = [
+    "interval",
+    "bandwidth_limit",
+    "compression",
+    "rpo_limit",
+    "app_consistent_every",
+];
 
 /// Parses sizes like `100M`, `1G`, `500K` or plain bytes.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -144,22 +215,38 @@ impl ShipperConfig {
         };
         let raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         vmreplica_common::validate_name(&raw.vm).map_err(|e| bad(format!("vm: {e}")))?;
-        let interval = if raw.interval == "continuous" {
-            Interval::Continuous
-        } else {
-            let d = humantime::parse_duration(&raw.interval)
-                .map_err(|e| bad(format!("interval {:?}: {e}", raw.interval)))?;
-            if d.is_zero() {
-                return Err(bad("interval must be positive (or \"continuous\")".into()));
-            }
-            Interval::Every(d)
+        let interval = parse_interval(&raw.interval).map_err(|e| bad(format!("interval {e}")))?;
+        let bandwidth_limit = match raw.bandwidth_limit.as_deref() {
+            Some(l) => parse_limit(l).map_err(|e| bad(format!("bandwidth_limit: {e}")))?,
+            None => None,
         };
-        let bandwidth_limit = raw
-            .bandwidth_limit
+        let rpo_limit = match raw.rpo_limit.as_deref() {
+            Some(r) => parse_duration(r).map_err(|e| bad(format!("rpo_limit: {e}")))?,
+            None => Duration::from_secs(vmreplica_ops::status::DEFAULT_RPO_LIMIT),
+        };
+        let metrics = raw
+            .metrics
             .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(|e| bad(format!("bandwidth_limit: {e}")))?;
+            .map(|m| {
+                m.parse::<SocketAddr>().map_err(|e| {
+                    bad(format!(
+                        "metrics {m:?}: {e} (an address such as 127.0.0.1:9464)"
+                    ))
+                })
+            })
+            .transpose()?;
+        let app_consistent_every = match raw.app_consistent_every.as_deref() {
+            Some("off" | "never") | None => None,
+            Some(d) => {
+                Some(parse_duration(d).map_err(|e| bad(format!("app_consistent_every: {e}")))?)
+            }
+        };
+        if app_consistent_every.is_some() && raw.guest_agent.is_none() {
+            return Err(bad(
+                "app_consistent_every needs guest_agent (the VM's qemu-guest-agent socket)".into(),
+            ));
+        }
+        let bandwidth_schedule = Schedule::parse(&raw.bandwidth_schedule).map_err(bad)?;
         let initial_sync_at = raw
             .initial_sync_at
             .as_deref()
@@ -207,10 +294,58 @@ impl ShipperConfig {
             streams: raw.streams,
             connections: raw.connections,
             initial_sync_at,
+            rpo_limit,
+            metrics,
+            guest_agent: raw.guest_agent.map(rel),
+            app_consistent_every,
+            bandwidth_schedule,
             tuning: raw.tuning,
             definition: raw.definition.map(rel),
             reverse,
+            path: path.to_path_buf(),
         })
+    }
+
+    /// Sets `key` (one of [`SETTABLE`]) to `value` in the configuration file at `path`,
+    /// keeping its comments and layout. The whole file is checked as the shipper reads it
+    /// before it is replaced (atomically); a bad value changes nothing.
+    pub fn set_in_file(path: &Path, key: &str, value: &str) -> Result<ShipperConfig, ConfigError> {
+        let bad = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !SETTABLE.contains(&key) {
+            return Err(bad(format!(
+                "{key} cannot be set on a running shipper (settable: {}); edit the file and restart",
+                SETTABLE.join(", ")
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut doc: toml_edit::DocumentMut = text
+            .parse()
+            .map_err(|e: toml_edit::TomlError| bad(e.to_string()))?;
+        let item = if key == "compression" {
+            match value {
+                "true" | "on" | "yes" => toml_edit::value(true),
+                "false" | "off" | "no" => toml_edit::value(false),
+                v => return Err(bad(format!("compression: {v:?} is not true or false"))),
+            }
+        } else {
+            toml_edit::value(value)
+        };
+        doc[key] = item;
+        let new = doc.to_string();
+        let cfg = Self::parse(&new, path)?;
+        vmreplica_common::write_atomic(path, new.as_bytes()).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<ShipperConfig, ConfigError> {
@@ -260,6 +395,13 @@ key = "p.key"
                 server_name: "primary-1-applier".into()
             })
         );
+        let c =
+            ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"vmr\"\n"), p).unwrap();
+        assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);
+        let e = ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"fast\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("vmr"), "the error lists the choices: {e}");
         for bad in [
             "interval = \"soon\"",
             "bandwidth_limit = \"lots\"",
@@ -278,5 +420,50 @@ key = "p.key"
             assert!(e.contains("shipper.toml"), "{bad}: {e}");
         }
         assert!(ShipperConfig::parse("vm = \"../x\"", p).is_err());
+    }
+
+    #[test]
+    fn operations_keys_and_set_keeps_the_file_readable_and_commented() {
+        let p = Path::new("/etc/vmr/shipper.toml");
+        let c = ShipperConfig::parse(
+            &format!(
+                "{BASE}rpo_limit = \"30m\"\nmetrics = \"127.0.0.1:0\"\nguest_agent = \"qga.sock\"\n\
+                 app_consistent_every = \"1h\"\nbandwidth_limit = \"unlimited\"\n\
+                 [[bandwidth_schedule]]\nfrom = \"08:00\"\nto = \"18:00\"\nlimit = \"1M\"\n"
+            ),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.rpo_limit, Duration::from_secs(1800));
+        assert_eq!(c.guest_agent, Some(PathBuf::from("/etc/vmr/qga.sock")));
+        assert_eq!(c.app_consistent_every, Some(Duration::from_secs(3600)));
+        assert!(!c.bandwidth_schedule.is_empty() && c.bandwidth_limit.is_none());
+        for bad in [
+            "app_consistent_every = \"1h\"",
+            "metrics = \"localhost\"",
+            "rpo_limit = \"0s\"",
+        ] {
+            let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("shipper.toml"), "{bad}: {e}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("shipper.toml");
+        std::fs::write(&f, format!("# my VM\n{BASE}interval = \"5m\" # five\n")).unwrap();
+        let c = ShipperConfig::set_in_file(&f, "interval", "30s").unwrap();
+        assert_eq!(c.interval, Interval::Every(Duration::from_secs(30)));
+        ShipperConfig::set_in_file(&f, "compression", "false").unwrap();
+        ShipperConfig::set_in_file(&f, "bandwidth_limit", "20M").unwrap();
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(text.starts_with("# my VM\n"), "{text}");
+        let c = ShipperConfig::load(&f).unwrap();
+        assert!(!c.compression);
+        assert_eq!(c.bandwidth_limit, Some(20 << 20));
+        // A bad value or key changes nothing.
+        assert!(ShipperConfig::set_in_file(&f, "interval", "soon").is_err());
+        assert!(ShipperConfig::set_in_file(&f, "vm", "vm2").is_err());
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), text);
     }
 }

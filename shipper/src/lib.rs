@@ -10,15 +10,25 @@
 //! - [`definition`]: the VM definition kept on the replica site;
 //! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
-//! - [`ratelimit`]: pacing to a bandwidth limit.
+//! - [`ratelimit`]: pacing to a bandwidth limit, [`schedule`]: the limit by time of day;
+//! - operations: [`control`] (the control socket: status, pause, resume, resync, set,
+//!   reload), [`state`] (history and pause, across restarts), [`status`] (the primary's view
+//!   of the VM), [`appfreeze`] (application-consistent freezes through the guest agent).
 
+pub mod appfreeze;
 pub mod config;
+pub mod control;
 pub mod definition;
 pub mod lock;
+mod ops;
 pub mod progress;
 pub mod ratelimit;
 pub mod run;
+pub mod schedule;
+pub mod seed;
 pub mod session;
 pub mod ship;
+pub mod state;
+pub mod status;
 
 pub use config::ShipperConfig;

@@ -15,13 +15,19 @@ pub struct ShipperLock {
     pub path: PathBuf,
 }
 
-/// Takes the lock beside `control_socket`, or says which process holds it.
-pub fn lock(control_socket: &Path) -> io::Result<ShipperLock> {
-    let dir = control_socket
+/// The directory of the tracker's control socket (its state directory, as a rule): where the
+/// shipper keeps its lock, state file and control socket.
+pub fn dir_of(control_socket: &Path) -> PathBuf {
+    control_socket
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let path = dir.join("shipper.lock");
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// Takes the lock beside `control_socket`, or says which process holds it.
+pub fn lock(control_socket: &Path) -> io::Result<ShipperLock> {
+    let path = dir_of(control_socket).join("shipper.lock");
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)

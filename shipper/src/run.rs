@@ -9,33 +9,59 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
-use serde_json::Value;
+use quinn::{Connection, RecvStream, SendStream};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use vmreplica_common::lineage::Lineage;
-use vmreplica_common::link::{self, LinkError};
+use vmreplica_common::link::{self, Client, LinkError};
 use vmreplica_common::tls::{self, Identity};
 use vmreplica_common::wire::{CycleKind, DiskInfo, Message, PROTOCOL_VERSION};
 use vmreplica_tracker::control::{self, Applied, Request};
 use vmreplica_tracker::Generation;
 
-use crate::config::{Interval, ShipperConfig};
-use crate::progress::Progress;
-use crate::ratelimit::RateLimit;
-use crate::session::{self, Action, Event, Frozen, ShipperSession, TrackerOp, TrackerView};
-use crate::ship::{open_readers, plan, send_data, SendStats, ShipError, ShipOptions};
+use vmreplica_ops::status::VmStatus;
 
-/// Calls the tracker's control socket off the async threads.
+use crate::appfreeze::Outcome;
+use crate::config::ShipperConfig;
+use crate::control::Command;
+use crate::ops::{Ops, Settings};
+use crate::progress::{Progress, Snapshot};
+use crate::session::{self, Action, Event, Frozen, ShipperSession, TrackerOp, TrackerView};
+use crate::ship::{open_readers, plan_with_progress, send_data, SendStats, ShipError, ShipOptions};
+
+/// Calls the tracker's control socket off the async threads. Its failures name the tracker
+/// and its socket: the primary's side, not the applier's.
 async fn tracker(socket: &Path, req: Request) -> Result<Value, ShipError> {
-    let socket = socket.to_path_buf();
-    tokio::task::spawn_blocking(move || control::call(&socket, &req))
+    let path = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || control::call(&path, &req))
         .await
-        .map_err(|e| ShipError::Protocol(e.to_string()))?
-        .map_err(|e| ShipError::Protocol(format!("tracker: {e}")))
+        .map_err(|e| ShipError::Tracker(e.to_string()))?
+        .map_err(|e| tracker_error(socket, &e))
 }
 
-/// The tracker's status as the session sees it, and its frozen generation (for reading).
-fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String> {
+/// A tracker failure in words that say which side and which file.
+pub fn tracker_error(socket: &Path, e: &std::io::Error) -> ShipError {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    ShipError::Tracker(if matches!(e.kind(), NotFound | ConnectionRefused) {
+        format!(
+            "the tracker on this (primary) host does not answer at its control socket {}: \
+             {}; is `vmreplica tracker` running for this VM, and is `tracker` in the shipper's \
+             configuration its control socket?",
+            socket.display(),
+            if e.kind() == NotFound {
+                "there is no such socket"
+            } else {
+                "nothing listens on it (a tracker that stopped left it behind)"
+            }
+        )
+    } else {
+        format!("the tracker at {} (primary host): {e}", socket.display())
+    })
+}
+
+/// The tracker's status as the session sees it (its tracked disks only), its frozen
+/// generation (for reading), and the disks it serves without tracking them.
+fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>, Excluded), String> {
     let frozen: Option<Generation> = if st["frozen"].is_null() {
         None
     } else {
@@ -49,7 +75,21 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
         None => None,
     };
     let granularity = st["granularity"].as_u64().unwrap_or(65536) as u32;
-    let disks = st["disks"].as_array().cloned().unwrap_or_default();
+    let (excluded, disks): (Vec<Value>, Vec<Value>) = st["disks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|d| d["excluded"] == Value::Bool(true));
+    let excluded = excluded
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap_or_default().to_string(),
+                d["size"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
     Ok((
         TrackerView {
             lineage,
@@ -72,6 +112,7 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
                 .collect(),
         },
         frozen,
+        excluded,
     ))
 }
 
@@ -79,7 +120,7 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>), String>
 async fn tracker_op(
     socket: &Path,
     op: TrackerOp,
-) -> Result<(TrackerView, Option<Generation>), String> {
+) -> Result<(TrackerView, Option<Generation>, Excluded), String> {
     let call = |req| async { tracker(socket, req).await.map_err(|e| e.to_string()) };
     match op {
         TrackerOp::Status => {}
@@ -131,10 +172,10 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, ShipError> {
     addr.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
-        .ok_or_else(|| ShipError::Protocol(format!("cannot resolve replica address {addr:?}")))
+        .ok_or_else(|| ShipError::Local(format!("cannot resolve replica address {addr:?}")))
 }
 
-pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
+pub fn endpoint(cfg: &ShipperConfig) -> Result<Client, ShipError> {
     let id = Identity::load(&cfg.cert, &cfg.key, &cfg.ca).map_err(LinkError::from)?;
     let remote = resolve(&cfg.replica)?;
     let bind: SocketAddr = if remote.is_ipv4() {
@@ -148,7 +189,7 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Endpoint, ShipError> {
 /// One QUIC connection to the applier and its control stream; a certificate either side
 /// refuses is reported in plain words: which side refused whose certificate, and why.
 async fn open(
-    ep: &Endpoint,
+    ep: &Client,
     cfg: &ShipperConfig,
 ) -> Result<(Connection, (SendStream, RecvStream)), ShipError> {
     let remote = resolve(&cfg.replica)?;
@@ -217,7 +258,7 @@ pub async fn greet(cfg: &ShipperConfig) -> Result<(Option<Lineage>, u64), ShipEr
         other => Err(ShipError::Protocol(other.name().into())),
     };
     conn.close(0u32.into(), b"hello only");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     r
 }
 
@@ -231,10 +272,28 @@ struct Link {
 /// What the driver's tasks report back.
 enum Report {
     Session(Event),
-    Tracker(Result<(TrackerView, Option<Generation>), String>),
+    Tracker(Result<(TrackerView, Option<Generation>, Excluded), String>),
     Connected(u64, Link),
     Sent(u64, Result<SendStats, String>),
+    /// An application-consistent freeze happened (freeze id, generation, frozen ms), or
+    /// could not (the error).
+    App(Result<(u64, u64, u64), String>),
+    /// The tracker marked every disk for a resync (or could not): answer the operator.
+    ResyncMarked(
+        Result<(), String>,
+        std::sync::mpsc::Sender<Result<Value, String>>,
+    ),
+    /// A status was made (for health events).
+    Health(Box<VmStatus>),
+    /// Read the configuration again (SIGHUP).
+    Reload,
 }
+
+/// Disks the tracker serves without tracking them: (name, size).
+type Excluded = Vec<(String, u64)>;
+
+/// How often the bandwidth schedule and health are looked at.
+const OPS_TICK: Duration = Duration::from_secs(5);
 
 /// Runs replication until `stop` resolves (or an error that needs an operator).
 pub async fn run(
@@ -242,19 +301,57 @@ pub async fn run(
     progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ShipError> {
-    let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Protocol(e.to_string()))?;
+    run_with(cfg, progress, stop, None).await
+}
+
+/// [`run`], reading the configuration again whenever `reload` yields (SIGHUP): the
+/// interval, bandwidth limit and schedule, compression, RPO limit and application-consistent
+/// settings change at once; other keys need a restart (logged).
+pub async fn run_with(
+    cfg: ShipperConfig,
+    progress: Arc<dyn Progress>,
+    stop: impl std::future::Future<Output = ()>,
+    mut reload: Option<mpsc::UnboundedReceiver<()>>,
+) -> Result<(), ShipError> {
+    let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Local(e.to_string()))?;
+    let mut ops = Ops::new(&cfg).map_err(ShipError::Local)?;
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Command>();
+    crate::control::start(&ops.socket, control_tx)
+        .map_err(|e| ShipError::Local(format!("control socket {}: {e}", ops.socket.display())))?;
+    if let Some(addr) = cfg.metrics {
+        let socket = ops.socket.clone();
+        let source: vmreplica_ops::metrics::Source = Arc::new(move || {
+            crate::control::call(&socket, &crate::control::Request::Status)
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_value::<VmStatus>(v).ok())
+                .into_iter()
+                .collect()
+        });
+        let bound = vmreplica_ops::metrics::serve(addr, source)
+            .await
+            .map_err(|e| ShipError::Local(e.to_string()))?;
+        ops.registration
+            .update(|e| e.metrics = Some(bound.to_string()));
+    }
     let ep = endpoint(&cfg)?;
     let packers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 8);
-    let opts = Arc::new(ShipOptions {
-        compression: cfg.compression,
-        streams: cfg.streams,
-        limit: cfg.bandwidth_limit.map(|b| Arc::new(RateLimit::new(b))),
-        engine: vmreplica_common::engine::probe(false),
-        progress,
-        packers,
-    });
+    let progress = ops.progress(progress);
+    let streams = cfg.streams;
+    let engine = vmreplica_common::engine::probe(false);
+    let make_opts = |ops: &Ops| {
+        Arc::new(ShipOptions {
+            compression: ops.settings.compression,
+            streams,
+            limit: Some(Arc::clone(&ops.limit)),
+            engine: Arc::clone(&engine),
+            progress: Arc::clone(&progress),
+            packers,
+        })
+    };
+    let mut opts = make_opts(&ops);
     let now = Instant::now();
     let initial_sync_at = cfg
         .initial_sync_at
@@ -266,14 +363,20 @@ pub async fn run(
             humantime::format_duration(Duration::from_secs((at - now).as_secs()))
         );
     }
+    let paused = ops.state.paused();
+    if paused {
+        tracing::info!(
+            vm = cfg.vm,
+            "replication is paused (`vmreplica resume {}` goes on)",
+            cfg.vm
+        );
+    }
     let mut s = ShipperSession::new(
         session::Config {
             vm: cfg.vm.clone(),
-            interval: match cfg.interval {
-                Interval::Every(d) => Some(d),
-                Interval::Continuous => None,
-            },
+            interval: ops.settings.interval(),
             initial_sync_at,
+            paused,
         },
         now,
     );
@@ -285,10 +388,19 @@ pub async fn run(
     let mut frozen: Option<Generation> = None;
     let mut cycle_started = Instant::now();
     let mut last_sent = SendStats::default();
+    let mut ops_tick = tokio::time::interval(OPS_TICK);
     tokio::pin!(stop);
     loop {
         while let Some(a) = s.poll_action() {
             match a {
+                Action::Tracker(TrackerOp::Freeze { full }) if ops.app_due() => {
+                    let (tx, socket) = (tx.clone(), cfg.tracker.clone());
+                    let agent = ops.settings.guest_agent.clone().unwrap_or_default();
+                    tokio::spawn(async move {
+                        let r = app_freeze(&agent, &socket, full, &tx).await;
+                        let _ = tx.send(Report::Tracker(r));
+                    });
+                }
                 Action::Tracker(op) => {
                     if matches!(op, TrackerOp::Freeze { .. }) {
                         // An edited definition goes with the cycle this freeze starts.
@@ -328,9 +440,10 @@ pub async fn run(
                         }
                     }
                 }
-                Action::Send { attempt, msg } => {
+                Action::Send { attempt, mut msg } => {
                     if matches!(msg, Message::BeginCycle { .. }) {
                         cycle_started = Instant::now();
+                        ops.begin(&mut msg, frozen.as_ref());
                     }
                     if let Some(l) = link.as_ref().filter(|l| l.attempt == attempt) {
                         let _ = l.ctl.send(msg);
@@ -361,10 +474,11 @@ pub async fn run(
                         Arc::clone(&opts.engine),
                     );
                     let socket = cfg.tracker.clone();
+                    let live = Arc::clone(&ops.live);
                     tokio::spawn(async move {
                         let result = async {
                             still_frozen(&socket, freeze).await?;
-                            plan_cycle(&g, kind, &engine, ctl, hashes)
+                            plan_cycle(&g, kind, &engine, ctl, hashes, live)
                                 .await
                                 .map_err(|e| e.to_string())
                         }
@@ -423,15 +537,19 @@ pub async fn run(
                         secs = format!("{:.2}", cycle_started.elapsed().as_secs_f64()),
                         "cycle applied on the replica"
                     );
+                    ops.done(cycle, kind, bytes, last_sent.wire_bytes, frozen.as_ref());
                     last_sent = SendStats::default();
                 }
                 Action::Retry { error, after } => {
                     opts.progress.end(false);
-                    tracing::warn!(
+                    vmreplica_common::warn_limited!(
+                        Duration::from_secs(300),
+                        key = &error,
                         vm = cfg.vm,
                         "replication interrupted: {error}; retrying in {}s (the frozen generation is kept)",
                         after.as_secs()
                     );
+                    ops.failed(&error, after);
                 }
                 Action::Definition { hash, result } => match result {
                     Ok(()) => {
@@ -445,9 +563,13 @@ pub async fn run(
                     ),
                 },
                 Action::Stop { error } => {
-                    tracing::error!(vm = cfg.vm, "replication stopped: {error}");
-                    ep.close(0u32.into(), b"shipper stopping");
-                    return Err(ShipError::Protocol(error));
+                    opts.progress.end(false);
+                    tracing::error!(
+                        vm = cfg.vm,
+                        "replication stopped: {error} (`vmreplica resume {}` tries again once it is fixed)",
+                        cfg.vm
+                    );
+                    ops.stopped(&error);
                 }
             }
         }
@@ -458,22 +580,49 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let reloaded = async {
+            match reload.as_mut() {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let report = tokio::select! {
             r = rx.recv() => r,
             _ = sleep => {
                 s.handle(Event::Tick, Instant::now());
                 continue;
             }
+            Some(cmd) = control_rx.recv() => {
+                let old = ops.settings.compression;
+                control_command(cmd, &mut s, &mut ops, &tx);
+                if ops.settings.compression != old {
+                    opts = make_opts(&ops);
+                }
+                continue;
+            }
+            Some(()) = reloaded => Some(Report::Reload),
+            _ = ops_tick.tick() => {
+                ops.schedule_tick();
+                let tx = tx.clone();
+                let f = status_job(&ops);
+                tokio::spawn(async move {
+                    if let Ok(st) = tokio::task::spawn_blocking(f).await {
+                        let _ = tx.send(Report::Health(Box::new(st)));
+                    }
+                });
+                continue;
+            }
             _ = &mut stop => {
-                ep.close(0u32.into(), b"shipper stopping");
+                ep.endpoint.close(0u32.into(), b"shipper stopping");
                 return Ok(());
             }
         };
         let Some(report) = report else { continue };
         let ev = match report {
             Report::Session(ev) => ev,
-            Report::Tracker(r) => Event::Tracker(r.map(|(view, g)| {
+            Report::Tracker(r) => Event::Tracker(r.map(|(view, g, excluded)| {
                 frozen = g;
+                ops.excluded = excluded;
                 view
             })),
             Report::Connected(attempt, l) => {
@@ -491,16 +640,224 @@ pub async fn run(
                     last_sent = st;
                 }),
             },
+            Report::App(r) => {
+                note_app(&mut ops, r);
+                continue;
+            }
+            Report::ResyncMarked(r, reply) => {
+                if r.is_ok() {
+                    s.handle(Event::ResyncRequested, Instant::now());
+                    tracing::info!(vm = cfg.vm, "checksum resync requested");
+                }
+                let _ = reply.send(r.map(|()| Value::Null));
+                continue;
+            }
+            Report::Health(st) => {
+                ops.note_health(&st);
+                continue;
+            }
+            Report::Reload => {
+                let _ = reload_config(&mut s, &mut ops, "sighup");
+                opts = make_opts(&ops);
+                continue;
+            }
         };
         s.handle(ev, Instant::now());
     }
+}
+
+/// Reads the configuration file again and applies what may change at run time.
+fn reload_config(s: &mut ShipperSession, ops: &mut Ops, by: &str) -> Result<Value, String> {
+    let new = ShipperConfig::load(&ops.config_path).map_err(|e| {
+        tracing::error!("reload: {e}; the settings in force stay");
+        e.to_string()
+    })?;
+    let settings = Settings::of(&new);
+    let interval = settings.interval();
+    let changed = ops.apply(settings, by);
+    if s.interval() != interval {
+        s.handle(Event::SetInterval(interval), Instant::now());
+    }
+    Ok(changed)
+}
+
+/// Carries out an operator's request from the control socket.
+fn control_command(
+    cmd: Command,
+    s: &mut ShipperSession,
+    ops: &mut Ops,
+    tx: &mpsc::UnboundedSender<Report>,
+) {
+    use crate::control::Request as C;
+    let Command { req, reply } = cmd;
+    let r = match req {
+        C::Status => {
+            let f = status_job(ops);
+            tokio::spawn(async move {
+                let r = tokio::task::spawn_blocking(f)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|st| serde_json::to_value(st).map_err(|e| e.to_string()));
+                let _ = reply.send(r);
+            });
+            return;
+        }
+        C::Pause => ops.set_paused(true).map(|changed| {
+            s.handle(Event::Pause, Instant::now());
+            json!({ "changed": changed })
+        }),
+        C::Resume => ops.set_paused(false).map(|changed| {
+            s.handle(Event::Resume, Instant::now());
+            json!({ "changed": changed })
+        }),
+        C::Resync => {
+            let (tx, socket) = (tx.clone(), ops.tracker.clone());
+            tokio::spawn(async move {
+                let r = mark_resync(&socket).await;
+                let _ = tx.send(Report::ResyncMarked(r, reply));
+            });
+            return;
+        }
+        C::Set { key, value } => {
+            let mut new = ops.settings.clone();
+            new.set(&key, &value).map(|()| {
+                let interval = new.interval();
+                let changed = ops.apply(new, "set");
+                if s.interval() != interval {
+                    s.handle(Event::SetInterval(interval), Instant::now());
+                }
+                changed
+            })
+        }
+        C::Reload => reload_config(s, ops, "reload"),
+    };
+    let _ = reply.send(r);
+}
+
+/// Marks every tracked disk of the tracker for a checksum resync.
+async fn mark_resync(socket: &Path) -> Result<(), String> {
+    let st = tracker(socket, Request::Status)
+        .await
+        .map_err(|e| e.to_string())?;
+    for d in st["disks"].as_array().cloned().unwrap_or_default() {
+        if d["excluded"] == Value::Bool(true) {
+            continue;
+        }
+        let disk = d["name"].as_str().unwrap_or_default().to_string();
+        tracker(socket, Request::MarkResync { disk })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A job that makes the primary's status of the VM (it asks the tracker: run it on a
+/// blocking thread).
+fn status_job(ops: &Ops) -> impl FnOnce() -> VmStatus + Send + 'static {
+    let (vm, state, live, socket) = (
+        ops.vm.clone(),
+        ops.state.clone(),
+        ops.live(),
+        ops.tracker.clone(),
+    );
+    let (interval, rpo_limit) = (
+        ops.settings.interval_secs(),
+        ops.settings.rpo_limit.as_secs(),
+    );
+    move || {
+        let t = control::call(&socket, &Request::Status).map_err(|e| tracker_error(&socket, &e));
+        crate::status::primary(crate::status::Inputs {
+            vm: &vm,
+            now_ms: crate::ops::now_ms(),
+            state: &state,
+            interval,
+            rpo_limit,
+            tracker: t.as_ref().map_err(|e| e.to_string()),
+            live: Some(&live),
+            processes: Vec::new(),
+        })
+    }
+}
+
+/// An application-consistent freeze, then the tracker's status; a guest that could not be
+/// frozen makes a crash-consistent freeze instead.
+async fn app_freeze(
+    agent: &Path,
+    socket: &Path,
+    full: bool,
+    tx: &mpsc::UnboundedSender<Report>,
+) -> Result<(TrackerView, Option<Generation>, Excluded), String> {
+    let (a, t) = (agent.to_path_buf(), socket.to_path_buf());
+    let outcome = tokio::task::spawn_blocking(move || crate::appfreeze::freeze(&a, &t, full))
+        .await
+        .map_err(|e| e.to_string())?;
+    match outcome {
+        Outcome::Frozen {
+            tracker: Ok(g),
+            frozen_ms,
+            ..
+        } => {
+            let id = g["id"].as_u64().unwrap_or(0);
+            let generation = g["generation"].as_u64().unwrap_or(0);
+            let _ = tx.send(Report::App(Ok((id, generation, frozen_ms))));
+        }
+        Outcome::Frozen {
+            tracker: Err(e), ..
+        } => return Err(tracker_error(socket, &e).to_string()),
+        Outcome::ThawFailed(e) => {
+            let _ = tx.send(Report::App(Err(e)));
+        }
+        Outcome::NotFrozen(e) => {
+            let _ = tx.send(Report::App(Err(e)));
+            return tracker_op(socket, TrackerOp::Freeze { full }).await;
+        }
+    }
+    tracker_op(socket, TrackerOp::Status).await
+}
+
+/// Records the outcome of an application-consistent freeze.
+fn note_app(ops: &mut Ops, r: Result<(u64, u64, u64), String>) {
+    let now = crate::ops::now_ms() / 1000;
+    match r {
+        Ok((id, generation, frozen_ms)) => {
+            tracing::info!(
+                vm = ops.vm,
+                generation,
+                frozen_ms,
+                "application-consistent freeze: the guest was frozen for {frozen_ms} ms"
+            );
+            ops.state.app.record(id, generation, now, frozen_ms);
+            ops.state.app.last_error = None;
+            vmreplica_ops::events::emit(
+                ops.event(vmreplica_ops::events::APP_CONSISTENT_FREEZE)
+                    .field("generation", generation)
+                    .field("frozen_ms", frozen_ms),
+            );
+        }
+        Err(e) => {
+            vmreplica_common::warn_limited!(
+                Duration::from_secs(600),
+                vm = ops.vm,
+                "application-consistent freeze failed, the point is crash-consistent: {e}"
+            );
+            // Tried: the next try waits a whole period.
+            ops.state.app.last_at = Some(now);
+            ops.state.app.last_error = Some(e.clone());
+            ops.state.app.last_error_at = Some(now);
+            vmreplica_ops::events::emit(
+                ops.event(vmreplica_ops::events::APP_CONSISTENT_FREEZE)
+                    .field("error", e),
+            );
+        }
+    }
+    let _ = ops.save();
 }
 
 /// Connects `cfg.connections` times: the first connection's control stream carries the
 /// session's messages (its reader feeds them back as events; checksums go to the planner);
 /// the others say hello for the VM only, so data streams may use them.
 async fn connect(
-    ep: &Endpoint,
+    ep: &Client,
     cfg: &ShipperConfig,
     attempt: u64,
     tx: mpsc::UnboundedSender<Report>,
@@ -571,7 +928,7 @@ async fn connect(
 /// Fails unless the tracker's frozen generation is still freeze `id` (a tracker restarted on
 /// a restored state directory may hold another freeze of the same number).
 async fn still_frozen(socket: &Path, id: u64) -> Result<(), String> {
-    let (view, _) = tracker_op(socket, TrackerOp::Status).await?;
+    let (view, _, _) = tracker_op(socket, TrackerOp::Status).await?;
     match view.frozen {
         Some(f) if f.id == id => Ok(()),
         other => Err(format!(
@@ -589,27 +946,50 @@ async fn plan_cycle(
     engine: &Arc<dyn vmreplica_common::engine::Engine>,
     ctl: mpsc::UnboundedSender<Message>,
     hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>>,
+    live: Arc<Mutex<Option<(Snapshot, &'static str)>>>,
 ) -> Result<vmreplica_common::ranges::RangeSet, ShipError> {
     let readers = open_readers(g)?;
+    let started = Instant::now();
+    let (cycle, total) = (g.generation, g.disks.iter().map(|d| d.size).sum::<u64>());
+    let on_progress = move |done: u64| {
+        // A resync's checksum pass, as progress for status.
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+            Snapshot {
+                cycle,
+                kind,
+                done,
+                total,
+                elapsed: started.elapsed(),
+            },
+            "comparing",
+        ));
+    };
     let (htx, hrx) = mpsc::unbounded_channel::<Message>();
     *hashes.lock().unwrap_or_else(|e| e.into_inner()) = Some(htx);
     let hrx = Arc::new(tokio::sync::Mutex::new(hrx));
-    let r = plan(&readers, kind, engine, |disk, offset, block, count| {
-        let (ctl, hrx) = (ctl.clone(), Arc::clone(&hrx));
-        async move {
-            ctl.send(Message::HashRequest {
-                disk,
-                offset,
-                block,
-                count,
-            })
-            .map_err(|_| ShipError::Protocol("the connection is gone".into()))?;
-            match tokio::time::timeout(Duration::from_secs(120), hrx.lock().await.recv()).await {
-                Ok(Some(Message::Hashes { hashes, .. })) => Ok(hashes),
-                _ => Err(ShipError::Protocol("no checksums from the applier".into())),
+    let r = plan_with_progress(
+        &readers,
+        kind,
+        engine,
+        &on_progress,
+        |disk, offset, block, count| {
+            let (ctl, hrx) = (ctl.clone(), Arc::clone(&hrx));
+            async move {
+                ctl.send(Message::HashRequest {
+                    disk,
+                    offset,
+                    block,
+                    count,
+                })
+                .map_err(|_| ShipError::Protocol("the connection is gone".into()))?;
+                match tokio::time::timeout(Duration::from_secs(120), hrx.lock().await.recv()).await
+                {
+                    Ok(Some(Message::Hashes { hashes, .. })) => Ok(hashes),
+                    _ => Err(ShipError::Protocol("no checksums from the applier".into())),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     *hashes.lock().unwrap_or_else(|e| e.into_inner()) = None;
     r
@@ -629,6 +1009,9 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
     let granularity = st["granularity"].as_u64().unwrap_or(65536);
     let mut out = Vec::new();
     for d in st["disks"].as_array().cloned().unwrap_or_default() {
+        if d["excluded"] == Value::Bool(true) {
+            continue; // not replicated: nothing to compare
+        }
         let name = d["name"].as_str().unwrap_or_default().to_string();
         let size = d["size"].as_u64().unwrap_or(0);
         let image =
@@ -685,6 +1068,6 @@ pub async fn verify(cfg: &ShipperConfig) -> Result<Vec<(String, Vec<(u64, u64)>)
         out.push((name, diffs));
     }
     conn.close(0u32.into(), b"verify done");
-    ep.wait_idle().await;
+    ep.endpoint.wait_idle().await;
     Ok(out)
 }

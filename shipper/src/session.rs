@@ -136,6 +136,19 @@ pub enum Event {
     },
     /// Time passed (see [`ShipperSession::poll_timeout`]).
     Tick,
+    /// An operator paused replication: the attempt under way ends (a frozen generation stays
+    /// frozen, and resumes where it stopped), and nothing more is frozen or shipped until
+    /// [`Event::Resume`]. The tracker keeps tracking meanwhile.
+    Pause,
+    /// Replication goes on: at once, one cycle of everything that changed meanwhile. From a
+    /// stop (an error that needed an operator), it tries again.
+    Resume,
+    /// An operator asked for a checksum resync: the next freeze is a full one (at once, if
+    /// the session is waiting for the interval).
+    ResyncRequested,
+    /// The interval changed (None: continuous): the next freeze is due at the new interval
+    /// after the last one.
+    SetInterval(Option<Duration>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -203,6 +216,8 @@ pub struct Config {
     pub interval: Option<Duration>,
     /// No initial copy before this instant.
     pub initial_sync_at: Option<Instant>,
+    /// Start paused (a pause survives a restart).
+    pub paused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +248,8 @@ enum Phase {
     },
     Manifest,
     Stopped,
+    /// Paused by an operator: nothing is frozen or shipped.
+    Paused,
 }
 
 /// What a tracker operation was for.
@@ -295,9 +312,14 @@ pub struct ShipperSession {
 
 impl ShipperSession {
     pub fn new(cfg: Config, now: Instant) -> ShipperSession {
+        let phase = if cfg.paused {
+            Phase::Paused
+        } else {
+            Phase::Idle { at: now }
+        };
         ShipperSession {
             cfg,
-            phase: Phase::Idle { at: now },
+            phase,
             attempt: 0,
             tracker: None,
             replica: None,
@@ -362,6 +384,73 @@ impl ShipperSession {
         self.phase == Phase::Stopped
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.phase == Phase::Paused
+    }
+
+    /// Between cycles: waiting for the interval (or paused, or stopped), no attempt or
+    /// tracker operation under way.
+    pub fn is_idle(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Waiting { .. } | Phase::Paused | Phase::Stopped
+        )
+    }
+
+    /// The interval in force (None: continuous).
+    pub fn interval(&self) -> Option<Duration> {
+        self.cfg.interval
+    }
+
+    /// Operator events: pause, resume, resync, a new interval.
+    fn operator(&mut self, ev: Event) {
+        match ev {
+            Event::Pause => {
+                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
+                    return;
+                }
+                if !matches!(self.phase, Phase::Idle { .. } | Phase::Waiting { .. }) {
+                    // The attempt ends; a tracker operation in flight finishes on its own and
+                    // its answer is ignored (resume reads the tracker's state afresh).
+                    self.act(Action::Close {
+                        attempt: self.attempt,
+                    });
+                }
+                self.cycle = None;
+                self.phase = Phase::Paused;
+            }
+            Event::Resume => {
+                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
+                    self.backoff = MIN_BACKOFF;
+                    self.phase = Phase::Idle { at: self.now };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            Event::ResyncRequested => {
+                self.must_resync = true;
+                if let Phase::Waiting { .. } = self.phase {
+                    self.phase = Phase::Waiting {
+                        until: self.now,
+                        full: true,
+                    };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            Event::SetInterval(i) => {
+                self.cfg.interval = i;
+                if let Phase::Waiting { full: false, .. } = self.phase {
+                    let until = match (i, self.last_freeze) {
+                        (Some(i), Some(last)) => last + i,
+                        _ => self.now,
+                    };
+                    self.phase = Phase::Waiting { until, full: false };
+                    self.handle(Event::Tick, self.now);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The cycle being shipped: generation, kind.
     pub fn current(&self) -> Option<(u64, CycleKind)> {
         self.cycle.map(|c| (c.generation, c.kind))
@@ -406,7 +495,13 @@ impl ShipperSession {
 
     pub fn handle(&mut self, ev: Event, now: Instant) {
         self.now = now;
-        if self.phase == Phase::Stopped {
+        if matches!(
+            ev,
+            Event::Pause | Event::Resume | Event::ResyncRequested | Event::SetInterval(_)
+        ) {
+            return self.operator(ev);
+        }
+        if matches!(self.phase, Phase::Stopped | Phase::Paused) {
             return;
         }
         match ev {
@@ -829,6 +924,7 @@ impl ShipperSession {
                 kind,
                 freeze: f.id,
                 disks: t.disks.clone(),
+                meta: Default::default(),
             },
         });
     }
@@ -877,6 +973,7 @@ mod tests {
                 vm: "vm1".into(),
                 interval: Some(Duration::from_secs(60)),
                 initial_sync_at: None,
+                paused: false,
             },
             now,
         );
@@ -1154,5 +1251,121 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    /// A session whose tracker (next generation 10, nothing frozen) and replica (at 9) are
+    /// in step, driven until it asks for its first freeze.
+    fn in_step(paused: bool) -> (ShipperSession, Instant) {
+        let now = Instant::now();
+        let mut s = ShipperSession::new(
+            Config {
+                vm: "vm1".into(),
+                interval: Some(Duration::from_secs(60)),
+                initial_sync_at: None,
+                paused,
+            },
+            now,
+        );
+        if paused {
+            assert!(s.is_paused(), "a pause survives a restart");
+            s.handle(Event::Tick, now);
+            assert!(drain(&mut s).is_empty());
+            s.handle(Event::Resume, now);
+        } else {
+            s.handle(Event::Tick, now);
+        }
+        assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
+        s.handle(Event::Tracker(Ok(view(None, 10))), now);
+        s.handle(Event::Connected { attempt: 1 }, now);
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: Message::Welcome {
+                    version: PROTOCOL_VERSION,
+                    lineage: Some(L),
+                    last_cycle: 9,
+                    last_freeze: 5,
+                    receiving: None,
+                    definition: None,
+                },
+            },
+            now,
+        );
+        assert_eq!(
+            drain(&mut s).last(),
+            Some(&Action::Tracker(TrackerOp::Freeze { full: false }))
+        );
+        (s, now)
+    }
+
+    /// Paused, the interval passes without a freeze and late answers are ignored; resumed,
+    /// the tracker is read afresh at once (one cycle of everything changed meanwhile).
+    #[test]
+    fn pause_holds_freezes_and_resume_goes_on_at_once() {
+        let (mut s, now) = in_step(false);
+        s.handle(Event::Pause, now);
+        assert!(s.is_paused() && s.is_idle());
+        assert_eq!(drain(&mut s), vec![Action::Close { attempt: 1 }]);
+        s.handle(Event::Tracker(Ok(view(None, 11))), now);
+        s.handle(Event::Tick, now + Duration::from_secs(600));
+        assert!(drain(&mut s).is_empty());
+        assert_eq!(s.poll_timeout(), None);
+        let later = now + Duration::from_secs(900);
+        s.handle(Event::Resume, later);
+        assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
+        assert!(!s.is_paused());
+    }
+
+    /// Waiting for the interval after a delta, a requested resync freezes every block at
+    /// once; a shorter interval brings the next freeze forward.
+    #[test]
+    fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
+        let (mut s, now) = in_step(true);
+        // The freeze made generation 10; shipped and applied; released: waiting 60 s.
+        let f = Frozen {
+            generation: 10,
+            id: 77,
+            full: false,
+        };
+        s.handle(Event::Tracker(Ok(view(Some(f), 11))), now);
+        drain(&mut s);
+        for m in resume_pages(L, 10, 1, &RangeSet::new()) {
+            s.handle(Event::Message { attempt: 1, msg: m }, now);
+        }
+        s.handle(
+            Event::Planned {
+                attempt: 1,
+                result: Ok(RangeSet::new()),
+            },
+            now,
+        );
+        s.handle(
+            Event::Sent {
+                attempt: 1,
+                result: Ok(()),
+            },
+            now,
+        );
+        s.handle(
+            Event::Message {
+                attempt: 1,
+                msg: Message::Applied {
+                    lineage: L,
+                    cycle: 10,
+                },
+            },
+            now,
+        );
+        s.handle(Event::Tracker(Ok(view(None, 11))), now);
+        drain(&mut s);
+        assert!(s.is_idle());
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(60)));
+        s.handle(Event::SetInterval(Some(Duration::from_secs(5))), now);
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
+        s.handle(Event::ResyncRequested, now + Duration::from_secs(1));
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Tracker(TrackerOp::Freeze { full: true })]
+        );
     }
 }

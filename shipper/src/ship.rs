@@ -35,6 +35,12 @@ pub enum ShipError {
     Refused { cycle: u64, reason: String },
     #[error("unexpected answer from the applier: {0}")]
     Protocol(String),
+    /// The primary's own tracker failed the shipper (not the applier, not the link).
+    #[error("{0}")]
+    Tracker(String),
+    /// Something on this host (a lock, an address, a configuration).
+    #[error("{0}")]
+    Local(String),
 }
 
 /// What sending a cycle moved.
@@ -135,12 +141,28 @@ pub async fn plan<F, Fut>(
     readers: &[Arc<FrozenReader>],
     kind: CycleKind,
     engine: &Arc<dyn Engine>,
+    hash: F,
+) -> Result<RangeSet, ShipError>
+where
+    F: FnMut(String, u64, u32, u32) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u64>, ShipError>>,
+{
+    plan_with_progress(readers, kind, engine, &|_| {}, hash).await
+}
+
+/// [`plan`], telling `progress` how many bytes of the disks a resync has compared so far.
+pub async fn plan_with_progress<F, Fut>(
+    readers: &[Arc<FrozenReader>],
+    kind: CycleKind,
+    engine: &Arc<dyn Engine>,
+    progress: &(dyn Fn(u64) + Send + Sync),
     mut hash: F,
 ) -> Result<RangeSet, ShipError>
 where
     F: FnMut(String, u64, u32, u32) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<u64>, ShipError>>,
 {
+    let mut compared = 0u64;
     let mut plan = RangeSet::new();
     for (i, r) in readers.iter().enumerate() {
         let disk = i as u16;
@@ -180,6 +202,8 @@ where
                 }
             }
             offset += span;
+            compared += span;
+            progress(compared);
         }
     }
     Ok(plan)

@@ -10,7 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary under test. Every process a test starts registers itself and writes events
+/// in a run directory of the test's own (under target/), never the host's /run/vmreplica;
+/// a test that looks at them sets `VMREPLICA_RUN_DIR` itself first.
 pub fn bin() -> &'static str {
+    static RUN_DIR: std::sync::Once = std::sync::Once::new();
+    RUN_DIR.call_once(|| {
+        if std::env::var_os("VMREPLICA_RUN_DIR").is_none() {
+            let d =
+                Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("run-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&d);
+            std::env::set_var("VMREPLICA_RUN_DIR", d);
+        }
+    });
     env!("CARGO_BIN_EXE_vmreplica")
 }
 

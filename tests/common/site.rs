@@ -69,7 +69,7 @@ impl Site {
         self.applier_with(&[])
     }
 
-    /// The applier with extra arguments (retention, ...).
+    /// [`Site::applier`] with extra arguments (`--metrics ADDR`, ...).
     pub fn applier_with(&self, extra: &[&str]) -> Guard {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -4,7 +4,8 @@
 //! `{"op":"release","generation":N,"applied":{"lineage":L,"cycle":N},"force":false}` (refused
 //! without the replica's proof unless forced), `{"op":"merge","generation":N}`,
 //! `{"op":"clear-resync","disk":"NAME"}`,
-//! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false}`.
+//! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false}`,
+//! `{"op":"mark-resync","disk":"NAME"}` (an operator's explicit checksum resync).
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -50,6 +51,9 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    MarkResync {
+        disk: String,
+    },
 }
 
 /// The replica's proof that it applied a generation: its lineage and cycle (and the
@@ -83,6 +87,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                         "size": d.size,
                         "dirty_blocks": t.map(|t| t.bitmap().count(t.slots().active)),
                         "resync_required": ds.resync_required,
+                        "excluded": ds.excluded,
                     })
                 })
                 .collect();
@@ -119,6 +124,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
             .map(|_| json!(null)),
         Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
         Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),
+        Request::MarkResync { disk } => tracker.mark_resync(&disk).map(|_| json!(null)),
     };
     match result {
         Ok(v) => json!({"ok": true, "result": v}),

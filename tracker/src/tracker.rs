@@ -89,6 +89,8 @@ pub enum TrackerError {
     NotFrozen { asked: u64, frozen: Option<u64> },
     #[error("tracking is off")]
     TrackingOff,
+    #[error("this tracker serves no disk named {0:?}")]
+    NoSuchDisk(String),
     #[error("disk {name}: image {path} is in use by another vmreplica tracker; one tracker serves an image")]
     ImageTaken { name: String, path: PathBuf },
     #[error("disk {name}: image {path} is open for writing by another process (a running VM, qemu-nbd, qemu-img?); stop it, or point it at the tracker's socket instead of the file")]
@@ -98,6 +100,19 @@ pub enum TrackerError {
         first: String,
         second: String,
         path: PathBuf,
+    },
+    #[error("--exclude {0}: no --disk of that name")]
+    UnknownExcluded(String),
+    #[error("every disk is excluded: nothing would be replicated")]
+    AllExcluded,
+    #[error(
+        "generation {generation} is frozen with disk {disk} {was}: start the tracker with the \
+         disks excluded as before until the shipper has shipped it (or `ctl merge {generation}`)"
+    )]
+    ExclusionWhileFrozen {
+        generation: u64,
+        disk: String,
+        was: &'static str,
     },
     #[error("generation {0} is frozen: the lineage cannot change until it is released or merged")]
     LineageWhileFrozen(u64),
@@ -127,6 +142,9 @@ pub struct TrackerConfig {
     pub cow_limit: CowLimit,
     /// An engine to use instead of probing one (tests).
     pub engine: Option<Arc<dyn Engine>>,
+    /// Disks served but neither tracked nor shipped (swap, scratch): no bitmap, no log, no
+    /// copy-on-write; the shipper leaves them out and failover recreates them blank.
+    pub excluded: Vec<String>,
 }
 
 impl TrackerConfig {
@@ -141,6 +159,7 @@ impl TrackerConfig {
             al_extents: crate::activity_log::CAPACITY,
             cow_limit: CowLimit::default(),
             engine: None,
+            excluded: Vec::new(),
         }
     }
 }
@@ -224,6 +243,9 @@ pub struct DiskState {
     /// before that cannot clear `resync_required`.
     #[serde(default)]
     pub resync_since: u64,
+    /// Served but not tracked (added within version 2: absent reads as false).
+    #[serde(default)]
+    pub excluded: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -292,6 +314,9 @@ struct Shared {
     /// Frozen slots of an abandoned generation, emptied once the state without it is saved.
     drop_pending: AtomicBool,
 }
+
+/// A tracked disk: its index among all disks, the disk, its tracking.
+type TrackedDisk<'a> = (usize, &'a Arc<Disk>, &'a Tracking);
 
 pub struct Tracker {
     shared: Arc<Shared>,
@@ -498,6 +523,16 @@ impl Tracker {
         if cfg.disks.is_empty() {
             return Err(TrackerError::NoDisks);
         }
+        if let Some(x) = cfg
+            .excluded
+            .iter()
+            .find(|x| !cfg.disks.iter().any(|(n, _)| n == *x))
+        {
+            return Err(TrackerError::UnknownExcluded(x.clone()));
+        }
+        if cfg.disks.iter().all(|(n, _)| cfg.excluded.contains(n)) {
+            return Err(TrackerError::AllExcluded);
+        }
         let images = open_images(&cfg.disks)?;
         let given: Vec<(String, PathBuf)> = images
             .iter()
@@ -538,6 +573,20 @@ impl Tracker {
                     found: prev.granularity,
                     given: g,
                 });
+            }
+            for d in &prev.disks {
+                let now = cfg.excluded.contains(&d.name);
+                if let (Some(f), true) = (&prev.frozen, now != d.excluded) {
+                    return Err(TrackerError::ExclusionWhileFrozen {
+                        generation: f.generation,
+                        disk: d.name.clone(),
+                        was: if d.excluded {
+                            "excluded (now it is not)"
+                        } else {
+                            "tracked (now it is excluded)"
+                        },
+                    });
+                }
             }
             for (d, img) in prev.disks.iter().zip(&images) {
                 if d.size != img.size {
@@ -597,9 +646,20 @@ impl Tracker {
                     active_slot: 0,
                     resync_required: false,
                     resync_since: 0,
+                    excluded: false,
                 })
                 .collect(),
         });
+        for ds in &mut state.disks {
+            let excluded = cfg.excluded.contains(&ds.name);
+            if ds.excluded && !excluded && existed {
+                // Its writes were never tracked: only a checksum resync can tell what differs.
+                tracing::warn!(disk = %ds.name, "disk no longer excluded: it needs a checksum resync (and a replica that has it: a new initial copy if the replica never had it)");
+                ds.resync_required = true;
+                ds.resync_since = state.next_generation;
+            }
+            ds.excluded = excluded;
+        }
         if cfg.tracking && !existed {
             // The state file comes first, so tracking files without it always mean it was
             // lost.
@@ -616,7 +676,7 @@ impl Tracker {
         let mut abandon = false;
         let since = state.next_generation;
         for (img, ds) in images.into_iter().zip(state.disks.iter_mut()) {
-            let tracking = if cfg.tracking {
+            let tracking = if cfg.tracking && !ds.excluded {
                 let args = OpenArgs {
                     geo: Geometry {
                         disk_size: img.size,
@@ -763,12 +823,16 @@ impl Tracker {
         save_state(&self.shared.dir, state)
     }
 
-    fn tracked(&self) -> Result<Vec<(&Arc<Disk>, &Tracking)>, TrackerError> {
+    /// The tracked disks (all but the excluded ones), with their index among all disks.
+    fn tracked(&self) -> Result<Vec<TrackedDisk<'_>>, TrackerError> {
+        let excluded: Vec<bool> = self.lock_state().disks.iter().map(|d| d.excluded).collect();
         self.disks()
             .iter()
-            .map(|d| {
+            .enumerate()
+            .filter(|(i, _)| !excluded.get(*i).copied().unwrap_or(false))
+            .map(|(i, d)| {
                 d.tracking()
-                    .map(|t| (d, t))
+                    .map(|t| (i, d, t))
                     .ok_or(TrackerError::TrackingOff)
             })
             .collect()
@@ -855,14 +919,14 @@ impl Tracker {
         self.quiesced(|| -> Result<(), TrackerError> {
             at_freeze();
             self.budget.reset(self.cow_limit.bytes(&self.shared.dir));
-            for (d, t) in &tracked {
+            for (_, d, t) in &tracked {
                 t.prepare_freeze(full).map_err(tracking_err(d))?;
             }
             let mut st = self.lock_state();
             let mut next = st.clone();
             let generation = next.next_generation;
-            for ((_, t), ds) in tracked.iter().zip(next.disks.iter_mut()) {
-                ds.active_slot = 1 - t.slots().active;
+            for (i, _, t) in &tracked {
+                next.disks[*i].active_slot = 1 - t.slots().active;
             }
             next.frozen = Some(FrozenState {
                 generation,
@@ -874,7 +938,7 @@ impl Tracker {
             crash_point("freeze.before-save");
             self.save(&next)?;
             crash_point("freeze.saved");
-            for (_, t) in &tracked {
+            for (_, _, t) in &tracked {
                 t.flip();
             }
             *st = next;
@@ -904,7 +968,7 @@ impl Tracker {
             if merge {
                 // The generation's bits go back to the active set, durably, while the
                 // generation stays intact: a failure or crash here loses nothing.
-                for (d, t) in &tracked {
+                for (_, d, t) in &tracked {
                     t.merge_frozen().map_err(|source| TrackerError::Tracking {
                         name: d.name.clone(),
                         source,
@@ -920,7 +984,7 @@ impl Tracker {
             drop(st);
             crash_point(&format!("{what}.saved"));
             // Only now that no state names the generation are its slot and copies emptied.
-            for (d, t) in &tracked {
+            for (_, d, t) in &tracked {
                 if let Err(e) = t.drop_frozen() {
                     tracing::warn!(disk = %d.name, "emptying generation {generation}'s slots after the {what}: {e} (the next freeze empties them again)");
                 }
@@ -1013,6 +1077,25 @@ impl Tracker {
         self.save(&next)?;
         *st = next;
         tracing::info!(%lineage, next_generation = st.next_generation, "lineage set");
+        Ok(())
+    }
+
+    /// Marks a disk for a checksum resync because an operator asked for one (`vmreplica
+    /// resync`): saved before it counts, so it survives restarts; the shipper's next cycle
+    /// compares checksums, and its release clears the mark as after lost tracking.
+    pub fn mark_resync(&self, name: &str) -> Result<(), TrackerError> {
+        let _op = self.lock_ops();
+        self.shared.settle()?;
+        let Some(idx) = self.disks().iter().position(|d| d.name == name) else {
+            return Err(TrackerError::NoSuchDisk(name.to_string()));
+        };
+        let mut st = self.lock_state();
+        let mut next = st.clone();
+        next.disks[idx].resync_required = true;
+        next.disks[idx].resync_since = next.next_generation;
+        self.save(&next)?;
+        *st = next;
+        tracing::info!(disk = name, "disk marked for a checksum resync");
         Ok(())
     }
 

@@ -66,6 +66,8 @@ pub(crate) struct App {
     /// This applier's certificate (also what test failovers' NBD over TLS presents).
     pub identity: Arc<Identity>,
     pub tests: crate::testfo::TestFailovers,
+    /// The admin socket (for status: where this applier answers).
+    pub admin_path: PathBuf,
     allow: AllowList,
     vms: Mutex<HashMap<String, Slot>>,
     next_conn: AtomicU64,
@@ -107,6 +109,24 @@ impl App {
         Ok(Arc::clone(entry))
     }
 
+    /// Takes VM `name`'s entry out of the table (to remove its replica): Ok(None) if it is
+    /// not open here.
+    pub fn take_vm(&self, name: &str) -> Result<Option<Arc<VmEntry>>, StoreError> {
+        validate_name(name).map_err(|source| StoreError::Name {
+            name: name.to_string(),
+            source,
+        })?;
+        let slot = lock(&self.vms).remove(name);
+        Ok(slot.and_then(|s| s.get().cloned()))
+    }
+
+    /// Puts an entry taken with [`App::take_vm`] back.
+    pub fn put_back(&self, name: &str, entry: Arc<VmEntry>) {
+        let cell = OnceCell::new();
+        let _ = cell.set(entry);
+        lock(&self.vms).insert(name.to_string(), Arc::new(cell));
+    }
+
     /// The VMs this applier has open.
     pub fn open_vms(&self) -> Vec<Arc<VmEntry>> {
         lock(&self.vms)
@@ -142,6 +162,11 @@ impl App {
 }
 
 impl VmEntry {
+    /// Whether no primary's control stream talks to this replica.
+    pub fn conns_empty(&self) -> bool {
+        lock(&self.conns).is_empty()
+    }
+
     /// Feeds `ev` to the session and carries out what it asks, until it asks nothing.
     /// Messages are handed to their streams' writers under the session's lock, so they keep
     /// the session's order; store operations run on a blocking thread, and their results go
@@ -185,8 +210,9 @@ impl VmEntry {
                     kind,
                     freeze,
                     disks,
+                    meta,
                 } => {
-                    let r = vs.start_cycle(lineage, cycle, kind, freeze, &disks);
+                    let r = vs.start_cycle_with(lineage, cycle, kind, freeze, &disks, &meta);
                     *lock(&me.sender) = vs.sender();
                     if let Err(e) = &r {
                         tracing::warn!(vm = %me.name, cycle, "cycle not started: {e}");
@@ -202,10 +228,21 @@ impl VmEntry {
                     digest,
                 } => {
                     let r = vs.commit(lineage, cycle, epoch, ranges, bytes, digest);
-                    if let Err(e) = &r {
-                        tracing::warn!(vm = %me.name, cycle, "cycle not applied: {e}");
-                    } else {
-                        *lock(&me.sender) = None;
+                    match &r {
+                        Err(e) => tracing::warn!(vm = %me.name, cycle, "cycle not applied: {e}"),
+                        Ok(c) => {
+                            *lock(&me.sender) = None;
+                            let point = *c == crate::store::Committed::Point;
+                            vmreplica_ops::events::emit(
+                                vmreplica_ops::events::Event::new(
+                                    vmreplica_ops::events::CYCLE_APPLIED,
+                                )
+                                .vm(&me.name)
+                                .field("cycle", cycle)
+                                .field("bytes", bytes)
+                                .field("point", point),
+                            );
+                        }
                     }
                     Event::Committed(r.map(|_| ()).map_err(fail), vs.replica())
                 }
@@ -269,6 +306,8 @@ pub struct Applier {
     task: tokio::task::JoinHandle<()>,
     admin: Option<crate::admin::AdminServer>,
     app: Arc<App>,
+    registration: vmreplica_ops::registry::Registration,
+    health: tokio::task::JoinHandle<()>,
 }
 
 impl Applier {
@@ -277,46 +316,73 @@ impl Applier {
         let store = Store::new(&cfg.store, cfg.retention)?;
         let reset_key = vmreplica_common::resetkey::load_or_create(&cfg.store.join("reset.key"))?;
         let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
+        let admin_path = cfg
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let app = Arc::new(App {
             store,
             identity: Arc::new(cfg.identity),
             tests: Default::default(),
+            admin_path: admin_path.clone(),
             allow: cfg.allow,
             vms: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             open_delay: cfg.open_delay,
         });
-        let admin_path = cfg
-            .admin_socket
-            .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
         // Test failovers the store records are served again (their points stay pinned
         // meanwhile: retention reads the pins from the state).
         tokio::spawn(crate::testfo::admin::restore(Arc::clone(&app)));
         let ep = endpoint.clone();
-        let app2 = Arc::clone(&app);
+        let accepting = Arc::clone(&app);
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let app = Arc::clone(&app2);
+                let app = Arc::clone(&accepting);
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
                         Ok(conn) => connection(app, conn).await,
-                        Err(e) => tracing::warn!(
-                            %remote,
-                            "refused a connection: {}",
-                            tls::describe_refusal(&e.to_string(), "replica", "primary")
-                        ),
+                        // A peer retrying with a wrong certificate: once a minute per
+                        // peer and reason, counted (a new reason is said at once).
+                        Err(e) => {
+                            let why = tls::describe_refusal(&e.to_string(), "replica", "primary");
+                            vmreplica_common::warn_limited!(
+                                Duration::from_secs(60),
+                                key = &format!("{} {why}", remote.ip()),
+                                %remote,
+                                "refused a connection: {why}"
+                            )
+                        }
                     }
                 });
             }
         });
+        let mut entry = vmreplica_ops::registry::Entry::me(vmreplica_ops::registry::APPLIER);
+        entry.control = Some(std::path::absolute(&admin_path).unwrap_or(admin_path.clone()));
+        entry.state = Some(std::path::absolute(&cfg.store).unwrap_or(cfg.store.clone()));
+        let registration = vmreplica_ops::registry::register(entry);
+        let health = crate::ops::watch_health(Arc::clone(&app), admin_path);
         Ok(Applier {
             endpoint,
             task,
             admin: Some(admin),
             app,
+            registration,
+            health,
         })
+    }
+
+    /// Serves Prometheus metrics of every replica at `addr` (`GET /metrics`); returns the
+    /// address bound.
+    pub async fn serve_metrics(&mut self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let (app, admin) = (Arc::clone(&self.app), self.app.admin_path.clone());
+        let source: vmreplica_ops::metrics::Source =
+            Arc::new(move || crate::ops::report(&app, &admin));
+        let bound = vmreplica_ops::metrics::serve(addr, source).await?;
+        self.registration
+            .update(|e| e.metrics = Some(bound.to_string()));
+        Ok(bound)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -329,6 +395,7 @@ impl Applier {
             .close(VarInt::from_u32(0), b"applier shutting down");
         self.endpoint.wait_idle().await;
         self.task.abort();
+        self.health.abort();
         if let Some(a) = self.admin.take() {
             a.stop();
         }
@@ -350,7 +417,13 @@ async fn connection(app: Arc<App>, conn: Connection) {
     let remote = conn.remote_address();
     let names = link::peer_names(&conn);
     let Some(peer) = app.allow.admit(&names) else {
-        tracing::warn!(%remote, ?names, "refused primary: its certificate name is not in the allow-list");
+        vmreplica_common::warn_limited!(
+            Duration::from_secs(60),
+            key = &remote.ip().to_string(),
+            %remote,
+            ?names,
+            "refused primary: its certificate name is not in the allow-list"
+        );
         conn.close(
             VarInt::from_u32(u32::from(code::NOT_ALLOWED)),
             b"not allowed: certificate name is not in the applier's allow-list",

@@ -14,10 +14,10 @@ use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::sparse::punch_hole;
 use vmreplica_common::validate_name;
-use vmreplica_common::wire::{CycleKind, DiskInfo};
+use vmreplica_common::wire::{CycleKind, CycleMeta, DiskInfo};
 
 use super::receive::{JobSender, Partial, Running};
-use super::state::{DiskMeta, PointInfo, ReceivingState, UndoRef};
+use super::state::{DiskMeta, ExcludedDisk, PointInfo, ReceivingState, UndoRef, VmState};
 use super::{StoreError, VmStore};
 use crate::rules::{self, Decision};
 use crate::undo::{Enc, Header, LogIndex, UndoLog};
@@ -48,6 +48,34 @@ pub(super) fn now() -> u64 {
         .unwrap_or(0)
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Records what a cycle's metadata tells of the replica (a shipper that sends none leaves
+/// what is known).
+fn note_meta(next: &mut VmState, meta: &CycleMeta) {
+    if *meta == CycleMeta::default() {
+        return;
+    }
+    next.excluded = meta
+        .excluded
+        .iter()
+        .map(|(name, size)| ExcludedDisk {
+            name: name.clone(),
+            size: *size,
+        })
+        .collect();
+    if meta.interval != 0 {
+        next.ops.interval = Some(meta.interval);
+    }
+    if meta.rpo_limit != 0 {
+        next.ops.rpo_limit = Some(meta.rpo_limit);
+    }
+}
+
 impl VmStore {
     /// Starts cycle `cycle` of `lineage` (or continues it, if it is the one held in part):
     /// checks the lineage rules, rolls back a different cycle held in part, hands out a new
@@ -59,6 +87,21 @@ impl VmStore {
         kind: CycleKind,
         freeze: u64,
         disks: &[DiskInfo],
+    ) -> Result<Started, StoreError> {
+        self.start_cycle_with(lineage, cycle, kind, freeze, disks, &CycleMeta::default())
+    }
+
+    /// [`VmStore::start_cycle`] with what the cycle says of itself (`meta`): recorded with
+    /// the cycle (app-consistent, frozen at) and the replica (excluded disks, the primary's
+    /// interval and RPO limit, for status).
+    pub fn start_cycle_with(
+        &mut self,
+        lineage: Lineage,
+        cycle: u64,
+        kind: CycleKind,
+        freeze: u64,
+        disks: &[DiskInfo],
+        meta: &CycleMeta,
     ) -> Result<Started, StoreError> {
         let decision = rules::decide(
             self.vm(),
@@ -73,8 +116,11 @@ impl VmStore {
         let epoch = self.state.epoch + 1;
         if decision == Decision::Continue {
             let mut next = self.state.clone();
+            note_meta(&mut next, meta);
             if let Some(r) = next.receiving.as_mut() {
                 r.epoch = epoch;
+                r.app_consistent = meta.app_consistent;
+                r.frozen_at = meta.frozen_at;
             }
             next.epoch = epoch;
             self.commit_state(next)?;
@@ -127,7 +173,11 @@ impl VmStore {
             freeze,
             log: file,
             capture,
+            app_consistent: meta.app_consistent,
+            frozen_at: meta.frozen_at,
+            started_ms: now_ms(),
         });
+        note_meta(&mut next, meta);
         if let Err(e) = self.commit_state(next) {
             let _ = crate::undo::log::remove(&path);
             return Err(e);
@@ -322,7 +372,24 @@ impl VmStore {
         let mut next = self.state.clone();
         let prev = next.newest_point();
         next.last_freeze = next.receiving.as_ref().map_or(0, |r| r.freeze);
+        let (app_consistent, frozen_at, started_ms) =
+            next.receiving.as_ref().map_or((false, 0, 0), |r| {
+                (r.app_consistent, r.frozen_at, r.started_ms)
+            });
         next.receiving = None;
+        next.ops.last_frozen_at = frozen_at;
+        next.ops
+            .history
+            .record(vmreplica_ops::history::CycleRecord {
+                cycle,
+                kind: kind.name().to_string(),
+                frozen_at,
+                started_ms,
+                applied_ms: (at * 1000).max(now_ms()),
+                bytes: applied.bytes(),
+                wire_bytes: 0,
+                app_consistent,
+            });
         next.record_cycle(lineage, cycle, kind);
         let empty = applied.is_empty() && !next.points.is_empty();
         let keeps_log = capture && !empty;
@@ -345,6 +412,7 @@ impl VmStore {
                 applied_at: at,
                 kind: kind.name().to_string(),
                 bytes: 0,
+                app_consistent,
             });
             if kind == CycleKind::Initial {
                 // Nothing before an initial copy can be rebuilt: it starts the history afresh.

@@ -167,6 +167,7 @@ impl Store {
             path: root.to_path_buf(),
             source,
         })?;
+        crate::ops::clear_removing(root);
         Ok(Store {
             root: root.to_path_buf(),
             retention,
@@ -225,6 +226,7 @@ impl Store {
             .flatten()
             .filter(|e| e.path().join("state.json").exists())
             .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
             .collect();
         v.sort();
         v
@@ -269,7 +271,7 @@ fn read_vm_state(vm: &str, p: &Path) -> Result<Option<VmState>, StoreError> {
 }
 
 /// The directory of VM `vm`'s replica under `root`, once its name is checked.
-fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
+pub(crate) fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     validate_name(vm).map_err(|source| StoreError::Name {
         name: vm.to_string(),
         source,
@@ -279,7 +281,7 @@ fn vm_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
 
 /// Takes `ROOT/VM.lock` exclusively (flock; released when the file is closed, also by a
 /// crash), so that one process at a time opens a replica.
-fn lock_vm(root: &Path, vm: &str) -> Result<File, StoreError> {
+pub(crate) fn lock_vm(root: &Path, vm: &str) -> Result<File, StoreError> {
     let p = root.join(format!("{vm}.lock"));
     let io = |source| StoreError::Io {
         path: p.clone(),
@@ -443,6 +445,46 @@ impl VmStore {
                 granularity: d.granularity,
             })
             .collect()
+    }
+
+    /// Disks the primary serves without replicating them (name, size): a failover recreates
+    /// them blank and sparse ([`VmStore::create_excluded_images`]).
+    pub fn excluded_disks(&self) -> Vec<(String, u64)> {
+        state::excluded_disks(&self.state)
+    }
+
+    /// Creates the blank sparse images of the excluded disks in `dir` (`NAME.img`), for a
+    /// failover to serve beside the replica's images; an image already there of the right
+    /// size is kept (a rerun), one of another size refused. Returns (name, path) per disk.
+    /// F2: call it where a failover opens the VM's disks (with `dir` = `STORE/VM/disks`).
+    pub fn create_excluded_images(&self, dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
+        let mut out = Vec::new();
+        crate::undo::log::create_dirs(dir).map_err(self.io(dir))?;
+        for (name, size) in self.excluded_disks() {
+            let p = dir.join(format!("{name}.img"));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(self.io(&p))?;
+            let len = f.metadata().map_err(self.io(&p))?.len();
+            if len == 0 {
+                f.set_len(size).map_err(self.io(&p))?;
+                f.sync_all().map_err(self.io(&p))?;
+            } else if len != size {
+                return Err(StoreError::ImageSize {
+                    vm: self.vm().to_string(),
+                    path: p,
+                    found: len,
+                    want: size,
+                });
+            }
+            out.push((name, p));
+        }
+        crate::undo::log::sync_dir(&dir.join("x")).map_err(self.io(dir))?;
+        Ok(out)
     }
 
     pub fn disk_names(&self) -> Vec<String> {

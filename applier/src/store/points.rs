@@ -196,6 +196,7 @@ mod tests {
                 applied_at: *t,
                 kind: "delta".into(),
                 bytes: 0,
+                app_consistent: false,
             })
             .collect()
     }

@@ -6,8 +6,10 @@
 //! it is on disk, so nothing is acknowledged that a restart would not know.
 //!
 //! Fields added within version 2 carry `#[serde(default)]` (a file without them reads as
-//! before, so they need no version bump): `definition` (the VM definition the replica holds)
-//! and `tests` (the test failovers, which pin their points).
+//! before, so they need no version bump): `definition` (the VM definition the replica holds),
+//! `tests` (the test failovers, which pin their points), operations' `excluded` disks, `ops`
+//! (what status needs: the primary's interval and RPO limit, the cycle history) and points'
+//! `app_consistent`.
 
 use std::path::Path;
 
@@ -30,6 +32,10 @@ pub struct PointInfo {
     pub kind: String,
     /// Bytes it costs: the undo log that leads to it (0 for the newest point).
     pub bytes: u64,
+    /// The guest's filesystems were frozen through its agent for it: it mounts without
+    /// journal recovery.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// An undo log turning point `from` back into point `to` (`to` < `from`).
@@ -82,6 +88,37 @@ pub(crate) struct ReceivingState {
     /// Whether old contents are captured (false: an initial copy into an empty replica,
     /// which has no earlier point to keep).
     pub capture: bool,
+    /// What the cycle said of itself: application-consistent, when it was frozen; when
+    /// receiving began (ms since the epoch).
+    #[serde(default)]
+    pub app_consistent: bool,
+    #[serde(default)]
+    pub frozen_at: u64,
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+/// A disk the primary serves without replicating it (swap, scratch): failover recreates it
+/// blank and sparse, of this size.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExcludedDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+/// What status needs of a replica (all learnt from the cycles' metadata).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpsState {
+    /// The primary's interval in seconds (None: unknown; `u64::MAX`: continuous).
+    #[serde(default)]
+    pub interval: Option<u64>,
+    #[serde(default)]
+    pub rpo_limit: Option<u64>,
+    /// When the last cycle applied was frozen (seconds since the epoch; 0: unknown).
+    #[serde(default)]
+    pub last_frozen_at: u64,
+    #[serde(default)]
+    pub history: vmreplica_ops::history::History,
 }
 
 /// The VM definition the replica holds (`definition.toml` beside the state, when
@@ -136,6 +173,21 @@ pub(crate) struct VmState {
     pub definition: Option<DefinitionInfo>,
     #[serde(default)]
     pub tests: Vec<TestPin>,
+    #[serde(default)]
+    pub excluded: Vec<ExcludedDisk>,
+    #[serde(default)]
+    pub ops: OpsState,
+}
+
+/// The disks a failover must recreate blank and sparse (name, size): served by the primary's
+/// tracker but not replicated. F2 creates them where a failover opens the VM's disks (see
+/// [`crate::store::create_excluded_images`]).
+pub fn excluded_disks(state: &VmState) -> Vec<(String, u64)> {
+    state
+        .excluded
+        .iter()
+        .map(|d| (d.name.clone(), d.size))
+        .collect()
 }
 
 impl VmState {
@@ -153,6 +205,8 @@ impl VmState {
             undo: Vec::new(),
             definition: None,
             tests: Vec::new(),
+            excluded: Vec::new(),
+            ops: OpsState::default(),
         }
     }
 

@@ -916,3 +916,71 @@ fn point_extents_tell_data_holes_and_recorded_zeroes_apart() {
         ]
     );
 }
+
+/// What a cycle says of itself is recorded: app-consistent points, the primary's interval
+/// and RPO limit, the excluded disks (failover recreates them blank and sparse), the
+/// history status reads.
+#[test]
+fn cycle_metadata_marks_points_and_records_excluded_disks() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    let data = seeded(3);
+    let (mut vs, _) = initial(&s, &data);
+    let meta = vmreplica_common::wire::CycleMeta {
+        app_consistent: true,
+        frozen_at: 1_796_000_000,
+        interval: 60,
+        rpo_limit: 900,
+        excluded: vec![("swap".into(), 3 << 20)],
+    };
+    let mut data2 = data.clone();
+    data2[0][..G as usize].fill(9);
+    let st = vs
+        .start_cycle_with(L, 2, CycleKind::Delta, FREEZE, &disks(), &meta)
+        .unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle: 2,
+        epoch: st.epoch,
+    };
+    for r in send(&vs, tag, &data2, &[(0, 0)]) {
+        r.unwrap();
+    }
+    let set = plan(&[(0, 0)]);
+    vs.commit(L, 2, st.epoch, set.len() as u64, set.bytes(), set.digest())
+        .unwrap();
+    let points = vs.points();
+    assert!(
+        !points[0].app_consistent && points[1].app_consistent,
+        "{points:?}"
+    );
+    assert_eq!(vs.excluded_disks(), vec![("swap".to_string(), 3 << 20)]);
+    let state = VmState::load(&dir.path().join("vm1/state.json"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (state.ops.interval, state.ops.rpo_limit),
+        (Some(60), Some(900))
+    );
+    assert_eq!(state.ops.last_frozen_at, 1_796_000_000);
+    assert_eq!(state.ops.history.totals.cycles, 2);
+    assert!(state.ops.history.last().unwrap().app_consistent);
+    // Blank sparse images for a failover, again on a rerun; another size is refused.
+    let out = dir.path().join("vm1/disks");
+    let made = vs.create_excluded_images(&out).unwrap();
+    assert_eq!(made, vec![("swap".to_string(), out.join("swap.img"))]);
+    let m = fs::metadata(out.join("swap.img")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((m.len(), m.blocks()), (3 << 20, 0));
+    vs.create_excluded_images(&out).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(out.join("swap.img"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    assert!(matches!(
+        vs.create_excluded_images(&out),
+        Err(StoreError::ImageSize { .. })
+    ));
+}

@@ -121,6 +121,29 @@ pub struct DiskInfo {
     pub granularity: u32,
 }
 
+/// What a cycle tells the replica besides its blocks, for status and failover. Added within
+/// protocol 2: encoded after the disks of a `BeginCycle` (a tag byte, then the fields) only
+/// when it is not the default, so a `BeginCycle` without it reads as before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CycleMeta {
+    /// The guest's filesystems were frozen through its agent for this freeze.
+    pub app_consistent: bool,
+    /// When the tracker froze the generation, seconds since the epoch (0: unknown).
+    pub frozen_at: u64,
+    /// The primary's interval in seconds (0: unknown, [`CycleMeta::CONTINUOUS`]: continuous).
+    pub interval: u64,
+    /// The RPO past which the VM's health is critical, seconds (0: unknown).
+    pub rpo_limit: u64,
+    /// Disks the tracker serves without replicating them (name, size): failover recreates
+    /// them blank.
+    pub excluded: Vec<(String, u64)>,
+}
+
+impl CycleMeta {
+    pub const CONTINUOUS: u64 = u64::MAX;
+    const TAG: u8 = 1;
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
     Zero = 0,
@@ -189,6 +212,7 @@ pub enum Message {
         kind: CycleKind,
         freeze: u64,
         disks: Vec<DiskInfo>,
+        meta: CycleMeta,
     },
     /// Applier → shipper, the answer to `BeginCycle`, in pages: the epoch of this attempt,
     /// and the ranges of the cycle already durably applied (the shipper skips them). `last`
@@ -473,6 +497,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             kind,
             freeze,
             disks,
+            meta,
         } => {
             w.u8(T_BEGIN);
             w.lineage(lineage);
@@ -484,6 +509,18 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 w.str(&d.name);
                 w.u64(d.size);
                 w.u32(d.granularity);
+            }
+            if *meta != CycleMeta::default() {
+                w.u8(CycleMeta::TAG);
+                w.bool(meta.app_consistent);
+                w.u64(meta.frozen_at);
+                w.u64(meta.interval);
+                w.u64(meta.rpo_limit);
+                w.u32(meta.excluded.len() as u32);
+                for (name, size) in &meta.excluded {
+                    w.str(name);
+                    w.u64(*size);
+                }
             }
         }
         Message::Resume {
@@ -816,12 +853,28 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                     granularity: r.u32()?,
                 });
             }
+            let mut meta = CycleMeta::default();
+            if !r.0.is_empty() {
+                match r.u8()? {
+                    CycleMeta::TAG => {}
+                    t => return Err(WireError::BadFlag(t)),
+                }
+                meta.app_consistent = r.bool()?;
+                meta.frozen_at = r.u64()?;
+                meta.interval = r.u64()?;
+                meta.rpo_limit = r.u64()?;
+                let n = r.count(10)?;
+                for _ in 0..n {
+                    meta.excluded.push((r.str()?, r.u64()?));
+                }
+            }
             Message::BeginCycle {
                 lineage,
                 cycle,
                 kind,
                 freeze,
                 disks,
+                meta,
             }
         }
         T_RESUME => {

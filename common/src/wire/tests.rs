@@ -59,6 +59,25 @@ fn all() -> Vec<Message> {
                 size: 1 << 30,
                 granularity: 65536,
             }],
+            meta: CycleMeta::default(),
+        },
+        Message::BeginCycle {
+            lineage: l,
+            cycle: 9,
+            kind: CycleKind::Delta,
+            freeze: 89,
+            disks: vec![DiskInfo {
+                name: "sys".into(),
+                size: 1 << 30,
+                granularity: 65536,
+            }],
+            meta: CycleMeta {
+                app_consistent: true,
+                frozen_at: 1_790_000_000,
+                interval: 300,
+                rpo_limit: 3600,
+                excluded: vec![("swap".into(), 4 << 30)],
+            },
         },
         Message::Resume {
             lineage: l,
@@ -449,4 +468,30 @@ fn welcomes_without_a_definition_decode_and_oversized_definitions_are_refused() 
     not_utf8.extend(2u32.to_be_bytes());
     not_utf8.extend([0xff, 0xfe, 0]);
     assert_eq!(decode(&not_utf8), Err(WireError::BadString));
+}
+
+/// A `BeginCycle` without cycle metadata is the same frame as before it existed (older
+/// shippers' frames read as default metadata); metadata follows the disks behind a tag.
+#[test]
+fn cycle_metadata_is_an_optional_tail_of_begin_cycle() {
+    let plain = Message::BeginCycle {
+        lineage: Lineage([1; 16]),
+        cycle: 3,
+        kind: CycleKind::Delta,
+        freeze: 5,
+        disks: vec![],
+        meta: CycleMeta::default(),
+    };
+    let f = frame(&plain);
+    // tag + lineage + cycle + kind + freeze + disk count
+    assert_eq!(f.len(), 4 + 1 + 16 + 8 + 1 + 8 + 4);
+    let Message::BeginCycle { meta, .. } = decode(&f).unwrap().unwrap().0 else {
+        panic!()
+    };
+    assert_eq!(meta, CycleMeta::default());
+    let mut bad = f.clone();
+    bad.push(9);
+    let n = (bad.len() - 4) as u32;
+    bad[..4].copy_from_slice(&n.to_be_bytes());
+    assert_eq!(decode(&bad), Err(WireError::BadFlag(9)));
 }

@@ -1,0 +1,332 @@
+//! Operations on the replica site: each VM's status as the replica sees it (the status
+//! schema's `VmStatus`, site `replica`: for `vmreplica status`, metrics and health events),
+//! removing a VM's replica, and the admin socket's requests for them (`report`, `remove`;
+//! `seed-import` and `adopt` are in [`crate::seed`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmreplica_ops::events::{self, Event};
+use vmreplica_ops::status::{
+    health, AppConsistent, DiskStatus, HealthInput, Level, Point, Process, Site, State, VmStatus,
+    DEFAULT_RPO_LIMIT,
+};
+
+use crate::server::App;
+use crate::store::state::VmState;
+use crate::store::{lock_vm, vm_dir, StoreError};
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The role the replica state records. Failover (F2) adds a `role` to the state: return its
+/// name here (`failed-over`, `primary`, ...), and the matching [`State`] in [`state_of`].
+fn role_of(_s: &VmState) -> String {
+    "replica".into()
+}
+
+fn state_of(s: &VmState) -> State {
+    match s.receiving.as_ref().map(|r| r.kind.as_str()) {
+        Some("initial") => State::InitialCopy,
+        Some("resync") => State::Resynchronizing,
+        _ if s.points.is_empty() => State::InitialCopy,
+        _ => State::Replicating,
+    }
+}
+
+/// A VM as the replica sees it.
+pub(crate) fn replica_status(
+    vm: &str,
+    s: &VmState,
+    now_ms: u64,
+    processes: Vec<Process>,
+) -> VmStatus {
+    let now = now_ms / 1000;
+    let interval = s.ops.interval.filter(|i| *i != u64::MAX);
+    let rpo_limit = s.ops.rpo_limit.unwrap_or(DEFAULT_RPO_LIMIT);
+    let h = &s.ops.history;
+    let last_hour = h.last_hour(now_ms, interval);
+    let rpo = match s.ops.last_frozen_at {
+        0 => h.last().map(|c| now.saturating_sub(c.applied_ms / 1000)),
+        t => Some(now.saturating_sub(t)),
+    }
+    .or_else(|| s.points.last().map(|p| now.saturating_sub(p.applied_at)));
+    let state = state_of(s);
+    let hl = health(&HealthInput {
+        stopped: None,
+        tracking_lost: Vec::new(),
+        resyncing: state == State::Resynchronizing,
+        paused: false,
+        no_point: s.points.is_empty(),
+        interval,
+        rpo_limit,
+        rpo,
+        last_hour: last_hour.clone(),
+    });
+    let app = s.points.iter().rev().find(|p| p.app_consistent);
+    let mut disks: Vec<DiskStatus> = s
+        .disks
+        .iter()
+        .map(|d| DiskStatus {
+            name: d.name.clone(),
+            size: d.size,
+            excluded: false,
+            dirty_bytes: None,
+            resync_required: false,
+        })
+        .collect();
+    disks.extend(s.excluded.iter().map(|d| DiskStatus {
+        name: d.name.clone(),
+        size: d.size,
+        excluded: true,
+        dirty_bytes: None,
+        resync_required: false,
+    }));
+    VmStatus {
+        vm: vm.to_string(),
+        site: Site::Replica,
+        role: role_of(s),
+        state,
+        health: hl,
+        progress: None,
+        lineage: s.lineage.map(|l| l.to_string()),
+        interval_seconds: interval,
+        rpo_limit_seconds: rpo_limit,
+        rpo_seconds: rpo,
+        last_cycle: (s.last_cycle > 0).then_some(s.last_cycle),
+        latest_point: s.points.last().map(|p| Point {
+            cycle: p.cycle,
+            time: p.applied_at,
+            age_seconds: now.saturating_sub(p.applied_at),
+            kind: p.kind.clone(),
+            app_consistent: p.app_consistent,
+        }),
+        points: Some(s.points.len() as u64),
+        backlog_bytes: None,
+        last_hour,
+        total_cycles: h.totals.cycles,
+        total_bytes: h.totals.bytes,
+        total_wire_bytes: 0,
+        compression_ratio: None,
+        link_rate_bytes_per_second: None,
+        bandwidth_limit_bytes_per_second: None,
+        compression: None,
+        last_error: h.last_error.as_ref().map(|e| e.message.clone()),
+        last_error_time: h.last_error.as_ref().map(|e| e.at),
+        app_consistent: AppConsistent {
+            every_seconds: None,
+            last_time: app.map(|p| p.applied_at),
+            last_cycle: app.map(|p| p.cycle),
+            last_frozen_ms: None,
+            last_error: None,
+        },
+        disks,
+        processes,
+    }
+}
+
+/// Every VM of a store no applier runs on, read from the state files.
+pub fn store_report(store: &crate::Store) -> Vec<VmStatus> {
+    store
+        .vms()
+        .into_iter()
+        .filter_map(|name| {
+            let s = store.peek_state(&name).ok()?;
+            Some(replica_status(&name, &s, now_ms(), Vec::new()))
+        })
+        .collect()
+}
+
+/// Every VM of the running applier's store.
+pub(crate) fn report(app: &Arc<App>, admin: &Path) -> Vec<VmStatus> {
+    let open = app.open_vms();
+    let me = Process {
+        role: "applier".into(),
+        pid: std::process::id(),
+        socket: Some(admin.display().to_string()),
+    };
+    app.store
+        .vms()
+        .into_iter()
+        .filter_map(|name| {
+            let state = match open.iter().find(|e| e.name == name) {
+                Some(e) => Some((*e.shared.state()).clone()),
+                None => app.store.peek_state(&name).ok(),
+            }?;
+            Some(replica_status(&name, &state, now_ms(), vec![me.clone()]))
+        })
+        .collect()
+}
+
+/// Health levels seen last, per VM, for health-changed events.
+#[derive(Default)]
+pub(crate) struct HealthWatch(std::collections::HashMap<String, Level>);
+
+impl HealthWatch {
+    pub fn note(&mut self, st: &VmStatus) {
+        let level = st.health.level;
+        match self.0.insert(st.vm.clone(), level) {
+            Some(from) if from != level => {
+                tracing::info!(
+                    vm = st.vm,
+                    "replica health {} -> {}: {}",
+                    from.name(),
+                    level.name(),
+                    st.health.reasons.join("; ")
+                );
+                events::emit(
+                    Event::new(events::HEALTH_CHANGED)
+                        .vm(&st.vm)
+                        .field("site", "replica")
+                        .field("from", from.name())
+                        .field("to", level.name())
+                        .field("reasons", &st.health.reasons),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Watches the health of every replica every few seconds (events on changes).
+pub(crate) fn watch_health(app: Arc<App>, admin: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut w = HealthWatch::default();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let (a, p) = (Arc::clone(&app), admin.clone());
+            let Ok(all) = tokio::task::spawn_blocking(move || report(&a, &p)).await else {
+                continue;
+            };
+            for st in &all {
+                w.note(st);
+            }
+        }
+    })
+}
+
+/// Removes VM `vm`'s replica from the store at `root`: its images, undo logs, points and
+/// state. The caller holds the VM's lock (`VM.lock`). The directory is first renamed out of
+/// the way (atomic: a crash leaves either the replica whole or a `.removing-` directory that
+/// the next start clears), then deleted.
+pub(crate) fn remove_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
+    let dir = vm_dir(root, vm)?;
+    if !dir.join("state.json").exists() {
+        return Err(StoreError::NoReplica(vm.to_string()));
+    }
+    let gone = root.join(format!(".removing-{vm}-{}", std::process::id()));
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| StoreError::Io { path: p, source }
+    };
+    std::fs::rename(&dir, &gone).map_err(io(&dir))?;
+    std::fs::File::open(root)
+        .and_then(|d| d.sync_all())
+        .map_err(io(root))?;
+    std::fs::remove_dir_all(&gone).map_err(io(&gone))?;
+    tracing::warn!(vm, dir = %dir.display(), "replica removed");
+    events::emit(
+        Event::new(events::REMOVED)
+            .vm(vm)
+            .field("site", "replica")
+            .field("dir", &dir),
+    );
+    Ok(dir)
+}
+
+/// Removes what a crash left half removed, or half installed (a seed's staging directory).
+pub(crate) fn clear_removing(root: &Path) {
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".removing-") || name.starts_with(".seed-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes a replica with no applier running (under its lock).
+pub fn remove_offline(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
+    let _lock = lock_vm(root, vm)?;
+    remove_dir(root, vm)
+}
+
+/// The admin socket's `remove`: refused while the primary is connected (pause or stop its
+/// shipper first) or a point is held open (an export, a test failover).
+pub(crate) fn remove(app: &Arc<App>, vm: &str) -> Result<Value, StoreError> {
+    let entry = app.take_vm(vm)?;
+    let Some(entry) = entry else {
+        let dir = remove_offline(app.store.root(), vm)?;
+        return Ok(json!({ "removed": dir }));
+    };
+    let refuse =
+        |why: String| StoreError::Refused(format!("VM {vm}: {why}; the replica was not removed"));
+    if !entry.conns_empty() {
+        app.put_back(vm, entry);
+        return Err(refuse(
+            "its primary is connected: pause or stop its shipper first (`vmreplica pause VM` \
+             on the primary)"
+                .into(),
+        ));
+    }
+    let pinned = entry.shared.pinned();
+    if let Some(p) = pinned.iter().next() {
+        app.put_back(vm, entry);
+        return Err(refuse(format!(
+            "point {p} is held open (an export or a test failover): end that first"
+        )));
+    }
+    // Holding the replica's store (its lock) while its directory goes.
+    let vs = Arc::clone(&entry.store);
+    let guard = vs.lock().unwrap_or_else(|e| e.into_inner());
+    let r = remove_dir(app.store.root(), vm);
+    drop(guard);
+    drop(entry);
+    r.map(|dir| json!({ "removed": dir }))
+}
+
+/// Makes room for installing VM `vm` from outside the link (a seed, an adopted copy): a
+/// replica the applier has open only because its primary said hello (nothing received yet)
+/// is closed; one that holds anything, or whose primary is connected, is refused.
+pub(crate) fn make_room(app: &Arc<App>, vm: &str) -> Result<(), StoreError> {
+    let Some(entry) = app.take_vm(vm)? else {
+        return Ok(());
+    };
+    if !entry.conns_empty() {
+        app.put_back(vm, entry);
+        return Err(StoreError::Refused(format!(
+            "VM {vm}: its primary is connected: stop its shipper until the replica is installed"
+        )));
+    }
+    drop(entry);
+    Ok(())
+}
+
+/// The admin socket's `seed-import`.
+pub(crate) fn seed_import(
+    app: &Arc<App>,
+    vm: &str,
+    dir: &Path,
+    owner: Option<&str>,
+) -> Result<Value, StoreError> {
+    make_room(app, vm)?;
+    let r = crate::seed::import(app.store.root(), vm, dir, owner)?;
+    Ok(json!(r))
+}
+
+/// The admin socket's `adopt`.
+pub(crate) fn adopt(
+    app: &Arc<App>,
+    vm: &str,
+    owner: &str,
+    disks: &[(String, PathBuf)],
+    granularity: u32,
+) -> Result<Value, StoreError> {
+    make_room(app, vm)?;
+    let r = crate::seed::adopt(app.store.root(), vm, owner, disks, granularity)?;
+    Ok(json!(r))
+}
