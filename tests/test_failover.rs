@@ -386,3 +386,70 @@ fn an_applier_restart_serves_a_test_failover_again_with_its_writes_and_on_tcp_wi
         .arg(&store));
     b.settle_and_verify();
 }
+
+/// A disk the primary serves but does not replicate (`--exclude swap`) is served blank by a
+/// test failover, as a failover recreates it: zeroes and a hole where the primary has data,
+/// its own writes kept in scratch. The VM definition may name it (it used to be refused as
+/// "not replicated here", so `--start` could not boot such a VM).
+#[test]
+fn an_excluded_disk_is_served_blank_beside_the_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let sys = image(dir.path(), "sys.img", 16 * MIB);
+    let swap = image(dir.path(), "swap.img", 8 * MIB);
+    fill_random(&sys, 2);
+    let tracker = TrackerProc::start(
+        dir.path(),
+        &[("sys", &sys), ("swap", &swap)],
+        &["--exclude", "swap"],
+    );
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &tracker.uri("swap")])
+        .args(["-c", "write -P 51 1M 2M"]));
+    let (_config, _applier, _shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 2, LIMIT);
+    let t = start_test(&site.store, "vm1", &[]);
+    let point = t["point"].as_u64().unwrap();
+    let sys_uri = disk_uri(&t, "sys");
+    let swap_uri = disk_uri(&t, "swap");
+    let copy = export_point(&site.store, "vm1", point, &dir.path().join("copy"), "sys");
+    assert!(nbdcopy_equals(&sys_uri, &copy));
+    let info = stdout(Command::new("nbdinfo").args(["--size", &swap_uri]));
+    assert_eq!(info.trim(), (8 * MIB).to_string());
+    let map = parse_map(&stdout(Command::new("nbdinfo").args(["--map", &swap_uri])));
+    assert!(map.iter().all(|e| e.2 & 1 == 1), "blank is a hole: {map:?}");
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &swap_uri,
+        "-c",
+        "read -P 0 0 8M",
+        "-c",
+        "write -P 68 2M 1M",
+        "-c",
+        "read -P 68 2M 1M",
+        "-c",
+        "read -P 0 3M 5M",
+    ]));
+    // The primary's swap is untouched by the test's writes.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", &tracker.uri("swap")])
+        .args(["-c", "read -P 51 1M 2M"]));
+    // A definition naming the excluded disk passes the check --start makes first (then the
+    // point is found under test already).
+    let def = "version = 1\nname = \"vm1\"\ndisks = [\"sys\", \"swap\"]\n\
+               qemu = [\"qemu-system-x86_64-not-here\", \"-drive\", \"file=${disk:sys}\", \
+               \"-drive\", \"file=${disk:swap}\", \"-qmp\", \"unix:${qmp},server=on,wait=off\", \"${net}\"]\n\
+               net = []\n";
+    std::fs::write(site.store.join("vm1/definition.toml"), def).unwrap();
+    let out = Command::new(bin())
+        .args(["failover", "test", "vm1", "--point", &point.to_string()])
+        .args(["--start", "--store"])
+        .arg(&site.store)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("already under test"), "{err}");
+    tracker.stop();
+}

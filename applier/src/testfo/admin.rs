@@ -209,13 +209,12 @@ fn checked_definition(
                 entry.name
             ))
         })?;
-    let have: Vec<String> = entry
-        .shared
-        .state()
-        .disks
-        .iter()
-        .map(|d| d.name.clone())
+    // Replicated disks, and the excluded ones (served blank).
+    let state = entry.shared.state();
+    let have: Vec<String> = (state.disks.iter().map(|d| d.name.clone()))
+        .chain(state.excluded.iter().map(|d| d.name.clone()))
         .collect();
+    drop(state);
     if let Some(d) = def.disks().iter().find(|d| !have.contains(d)) {
         return Err(TestError(format!(
             "VM {}: its definition uses disk {d:?}, which is not replicated here (the replica \

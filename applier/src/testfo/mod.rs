@@ -197,6 +197,22 @@ pub(crate) fn serve(
             Some(Arc::clone(&pool)),
         )?));
     }
+    // The disks the primary serves but does not replicate: blank, as a failover makes them.
+    let excluded = shared.state().excluded.clone();
+    for d in excluded {
+        if view.disks().iter().any(|(n, _)| *n == d.name) {
+            continue;
+        }
+        overlays.push(Arc::new(Overlay::open_blank(
+            Arc::clone(&view),
+            &d.name,
+            d.size,
+            &dir,
+            create,
+            limit,
+            Some(Arc::clone(&pool)),
+        )?));
+    }
     let exports = overlays
         .iter()
         .map(|o| Export {

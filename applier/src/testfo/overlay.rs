@@ -60,7 +60,9 @@ pub struct Overlay {
 
 struct Inner {
     view: Arc<PointView>,
-    disk: usize,
+    /// The point's disk it overlays; None: a blank disk (one the primary does not replicate,
+    /// served as zeroes, as a failover recreates it).
+    disk: Option<usize>,
     name: String,
     size: u64,
     block: u64,
@@ -94,8 +96,49 @@ impl Overlay {
         limit: u64,
         pool: Option<Arc<Pool>>,
     ) -> io::Result<Overlay> {
+        let (name, size) = view.disks().get(disk).cloned().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("VM {}: no disk {disk}", view.vm()),
+            )
+        })?;
         Ok(Overlay {
-            inner: Arc::new(Inner::open(view, disk, dir, create, limit)?),
+            inner: Arc::new(Inner::open(
+                view,
+                Some(disk),
+                name,
+                size,
+                dir,
+                create,
+                limit,
+            )?),
+            pool,
+        })
+    }
+
+    /// The overlay of a blank disk `name` of `size` bytes (a disk the primary serves but does
+    /// not replicate: its VM gets it empty, as after a failover). Its scratch files are made
+    /// when missing (the disk was excluded after the test failover started).
+    pub fn open_blank(
+        view: Arc<PointView>,
+        name: &str,
+        size: u64,
+        dir: &Path,
+        create: bool,
+        limit: u64,
+        pool: Option<Arc<Pool>>,
+    ) -> io::Result<Overlay> {
+        let create = create || !dir.join(format!("{name}.scratch")).exists();
+        Ok(Overlay {
+            inner: Arc::new(Inner::open(
+                view,
+                None,
+                name.to_string(),
+                size,
+                dir,
+                create,
+                limit,
+            )?),
             pool,
         })
     }
@@ -113,17 +156,13 @@ impl Overlay {
 impl Inner {
     fn open(
         view: Arc<PointView>,
-        disk: usize,
+        disk: Option<usize>,
+        name: String,
+        size: u64,
         dir: &Path,
         create: bool,
         limit: u64,
     ) -> io::Result<Inner> {
-        let (name, size) = view.disks().get(disk).cloned().ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("VM {}: no disk {disk}", view.vm()),
-            )
-        })?;
         let path = dir.join(format!("{name}.scratch"));
         let zpath = dir.join(format!("{name}.zero"));
         let scratch = OpenOptions::new()
@@ -222,7 +261,10 @@ impl Inner {
                     .read_exact_at(dst, a)
                     .map_err(|e| ctx(&self.path, e))?,
                 Src::Zero => dst.fill(0),
-                Src::Point => self.view.read_at(self.disk, a, dst)?,
+                Src::Point => match self.disk {
+                    Some(d) => self.view.read_at(d, a, dst)?,
+                    None => dst.fill(0),
+                },
             }
         }
         Ok(())
@@ -369,7 +411,11 @@ impl Inner {
                 Src::Scratch => push(b - a, 0, &mut out),
                 Src::Zero => push(b - a, STATE_HOLE | STATE_ZERO, &mut out),
                 Src::Point => {
-                    for x in self.view.extents(self.disk, a, b - a)? {
+                    let Some(disk) = self.disk else {
+                        push(b - a, STATE_HOLE | STATE_ZERO, &mut out);
+                        continue;
+                    };
+                    for x in self.view.extents(disk, a, b - a)? {
                         let f = match x.kind {
                             ExtentKind::Data => 0,
                             ExtentKind::Hole => STATE_HOLE | STATE_ZERO,
