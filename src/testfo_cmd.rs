@@ -202,7 +202,26 @@ pub fn run(op: TestOp) -> Result<()> {
             all,
             site,
         } => {
-            let v = site.call(&Request::TestStop(StopRequest { vm, point, all }))?;
+            let req = StopRequest {
+                vm: vm.clone(),
+                point,
+                all,
+            };
+            let v = match admin::call(&site.socket(), &Request::TestStop(req))? {
+                Some(v) => v,
+                // No applier: stopped from the store (its test VMs too).
+                None => {
+                    eprintln!(
+                        "no applier answers on {}: stopping from the store {}",
+                        site.socket().display(),
+                        site.store.display()
+                    );
+                    vmreplica_applier::testfo::admin::stop_offline(
+                        &site.store,
+                        StopRequest { vm, point, all },
+                    )?
+                }
+            };
             for s in v["stopped"].as_array().into_iter().flatten() {
                 println!(
                     "stopped the test failover of {} point {} ({}); its scratch writes are \

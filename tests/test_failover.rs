@@ -453,3 +453,44 @@ fn an_excluded_disk_is_served_blank_beside_the_point() {
     assert!(err.contains("already under test"), "{err}");
     tracker.stop();
 }
+
+/// A replica with a test failover recorded is not removed, even with its applier down (the
+/// pin is then only in the state, and the test VM may still run): test-stop comes first.
+#[test]
+fn remove_refuses_a_replica_under_test_even_with_the_applier_down() {
+    let (dir, site, _img, tracker) = small_site(2);
+    let (_config, mut applier, shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 1, LIMIT);
+    let t = start_test(&site.store, "vm1", &[]);
+    let point = t["point"].as_u64().unwrap();
+    drop(shipper);
+    applier.kill();
+    let remove = || {
+        Command::new(bin())
+            .args(["remove", "vm1", "--replica", "--yes", "--store"])
+            .arg(&site.store)
+            .output()
+            .unwrap()
+    };
+    let out = remove();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "removed under test: {err}");
+    assert!(
+        err.contains(&format!("test failovers of points {point}")) && err.contains("test-stop"),
+        "{err}"
+    );
+    assert!(site.store.join("vm1/state.json").exists());
+    // With no applier, test-stop works on the store and the removal goes through.
+    run(Command::new(bin())
+        .args(["failover", "test-stop", "vm1", "--all", "--store"])
+        .arg(&site.store));
+    let out = remove();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!site.store.join("vm1").exists());
+    tracker.stop();
+    drop(dir);
+}

@@ -248,15 +248,7 @@ fn stop_one(app: &Arc<App>, entry: &VmEntry, point: u64) -> Result<Value, TestEr
         r.shutdown();
     }
     lock(&entry.store).remove_test(point)?;
-    std::fs::remove_dir_all(&dir)
-        .or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| TestError(format!("{}: {e}", dir.display())))?;
+    remove_test_dir(&dir)?;
     tracing::info!(vm = %entry.name, point, ?vm_stop, "test failover stopped; its scratch files are gone");
     Ok(json!({ "point": point, "vm_stop": format!("{vm_stop:?}") }))
 }
@@ -269,11 +261,21 @@ pub(crate) fn stop(
     let entry = rt.block_on(app.vm(&req.vm, None))?;
     let _busy = app.tests.serialize();
     let pins: Vec<u64> = lock(&entry.store).tests().iter().map(|t| t.point).collect();
+    let points = choose(&req, &pins)?;
+    let mut stopped = Vec::new();
+    for p in points {
+        stopped.push(stop_one(app, &entry, p)?);
+    }
+    Ok(json!({ "vm": req.vm, "stopped": stopped }))
+}
+
+/// Which of the test failovers `pins` a stop request names.
+fn choose(req: &StopRequest, pins: &[u64]) -> Result<Vec<u64>, TestError> {
     let points = match (req.point, req.all) {
         (Some(_), true) => {
             return Err(TestError("give --point N or --all, not both".into()));
         }
-        (_, true) => pins.clone(),
+        (_, true) => pins.to_vec(),
         (Some(p), false) if pins.contains(&p) => vec![p],
         (Some(p), false) => {
             return Err(TestError(format!(
@@ -282,7 +284,7 @@ pub(crate) fn stop(
                 under_test(&pins)
             )))
         }
-        (None, false) => match pins.as_slice() {
+        (None, false) => match pins {
             [p] => vec![*p],
             [] => vec![],
             _ => {
@@ -303,11 +305,42 @@ pub(crate) fn stop(
             req.vm
         )));
     }
+    Ok(points)
+}
+
+/// `test-stop` with no applier running (it crashed, or was stopped): the test VMs are stopped,
+/// the pins forgotten and the scratch files removed, from the store (under the replica's lock,
+/// like any offline administration).
+pub fn stop_offline(store_root: &std::path::Path, req: StopRequest) -> Result<Value, TestError> {
+    let store = crate::store::Store::new(store_root, crate::store::Retention::keep_all())?;
+    let mut vs = store.open_existing(&req.vm)?;
+    let pins: Vec<u64> = vs.tests().iter().map(|t| t.point).collect();
+    let points = choose(&req, &pins)?;
+    let vm_dir = store_root.join(&req.vm);
     let mut stopped = Vec::new();
-    for p in points {
-        stopped.push(stop_one(app, &entry, p)?);
+    for point in points {
+        let dir = test_dir(&vm_dir, point);
+        let vm_stop = launch::stop_test_vm(&dir.join("vm")).map_err(|e| {
+            TestError(format!(
+                "VM {} point {point}: cannot stop the test VM: {e}; the test failover stays",
+                req.vm
+            ))
+        })?;
+        vs.remove_test(point)?;
+        remove_test_dir(&dir)?;
+        tracing::info!(vm = %req.vm, point, ?vm_stop, "test failover stopped (no applier running)");
+        stopped.push(json!({ "point": point, "vm_stop": format!("{vm_stop:?}") }));
     }
     Ok(json!({ "vm": req.vm, "stopped": stopped }))
+}
+
+fn remove_test_dir(dir: &std::path::Path) -> Result<(), TestError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(TestError(format!("{}: {e}", dir.display())))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn under_test(pins: &[u64]) -> String {
