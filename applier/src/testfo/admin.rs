@@ -281,7 +281,7 @@ fn choose(req: &StopRequest, pins: &[u64]) -> Result<Vec<u64>, TestError> {
             return Err(TestError(format!(
                 "VM {} has no test failover of point {p}{}",
                 req.vm,
-                under_test(&pins)
+                under_test(pins)
             )))
         }
         (None, false) => match pins {
