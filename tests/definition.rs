@@ -176,3 +176,41 @@ fn the_vm_definition_travels_with_the_disks_and_bad_ones_never_stop_replication(
     site.wait_cycles(n, 2, LIMIT);
     site.assert_equal(&config, &img);
 }
+
+/// A definition named in the configuration after the shipper started reaches the replica on
+/// a reload (SIGHUP), without a restart; so does a changed `[reverse]`. (The shipper kept
+/// reading the file it was started with.)
+#[test]
+fn a_reloaded_configuration_ships_the_definition_it_names() {
+    let (dir, site, img, tracker) = small_site(2);
+    let def_path = dir.path().join("vm1.vm.toml");
+    std::fs::write(&def_path, definition("vm1", "qemu-system-x86_64", 512)).unwrap();
+    let config = site.config_with(&tracker, "300ms", "");
+    let _applier = site.applier();
+    let shipper = site.shipper(&config, &[]);
+    site.wait_cycles(0, 2, LIMIT);
+    let stored = site.store.join("vm1/definition.toml");
+    assert!(!stored.exists());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "definition = \"vm1.vm.toml\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"a\"\n",
+    );
+    std::fs::write(&config, &text).unwrap();
+    // SAFETY: kill(2) on the pid of our own, running child.
+    unsafe { libc::kill(shipper.0.id() as i32, libc::SIGHUP) };
+    wait_until("the definition after a reload", || stored.exists());
+    assert_eq!(recorded(&site.store)["reverse"]["server_name"], "a");
+    std::fs::write(
+        &config,
+        text.replace("server_name = \"a\"", "server_name = \"b\""),
+    )
+    .unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(shipper.0.id() as i32, libc::SIGHUP) };
+    wait_until("the new reverse target", || {
+        recorded(&site.store)["reverse"]["server_name"] == "b"
+    });
+    let n = site.applied();
+    site.wait_cycles(n, 2, LIMIT);
+    site.assert_equal(&config, &img);
+}

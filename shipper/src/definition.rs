@@ -4,7 +4,8 @@
 //! configuration's `[reverse]` target.
 //!
 //! The file is read again before each connection and each freeze, so an edited definition
-//! reaches the replica with the next cycle, without a restart. A definition that cannot be
+//! reaches the replica with the next cycle, without a restart; a reloaded configuration
+//! (SIGHUP, `reload`) may name another file or `[reverse]` target ([`Source`]). A definition that cannot be
 //! read or checked is said in the log (at most once a minute) and not sent: replication goes
 //! on, and the replica keeps the last good one it received.
 
@@ -14,11 +15,34 @@ use vmreplica_common::error_limited;
 use vmreplica_common::wire::MAX_DEFINITION;
 use vmreplica_vm::VmDefinition;
 
+use std::path::PathBuf;
+
+use vmreplica_common::wire::ReverseTarget;
+
 use crate::config::ShipperConfig;
 use crate::session::Definition;
 
+/// Where the definition comes from: the configuration's `definition` and `[reverse]`, as
+/// last (re)loaded.
+#[derive(Clone, Debug, Default)]
+pub struct Source {
+    pub vm: String,
+    pub definition: Option<PathBuf>,
+    pub reverse: Option<ReverseTarget>,
+}
+
+impl Source {
+    pub fn of(cfg: &ShipperConfig) -> Source {
+        Source {
+            vm: cfg.vm.clone(),
+            definition: cfg.definition.clone(),
+            reverse: cfg.reverse.clone(),
+        }
+    }
+}
+
 /// Why a configured definition is not sent.
-pub fn check(cfg: &ShipperConfig) -> Result<Option<Definition>, String> {
+pub fn check(cfg: &Source) -> Result<Option<Definition>, String> {
     let Some(path) = &cfg.definition else {
         return Ok(cfg
             .reverse
@@ -49,7 +73,7 @@ pub fn check(cfg: &ShipperConfig) -> Result<Option<Definition>, String> {
 }
 
 /// [`check`], with a failure logged (rate-limited) instead of returned.
-pub fn load(cfg: &ShipperConfig) -> Option<Definition> {
+pub fn load(cfg: &Source) -> Option<Definition> {
     match check(cfg) {
         Ok(d) => d,
         Err(e) => {

@@ -380,7 +380,7 @@ pub async fn run_with(
         },
         now,
     );
-    s.set_definition(crate::definition::load(&cfg));
+    s.set_definition(crate::definition::load(&ops.definition));
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>> = Arc::default();
@@ -394,6 +394,7 @@ pub async fn run_with(
         while let Some(a) = s.poll_action() {
             match a {
                 Action::Tracker(TrackerOp::Freeze { full }) if ops.app_due() => {
+                    s.set_definition(crate::definition::load(&ops.definition));
                     let (tx, socket) = (tx.clone(), cfg.tracker.clone());
                     let agent = ops.settings.guest_agent.clone().unwrap_or_default();
                     tokio::spawn(async move {
@@ -404,7 +405,7 @@ pub async fn run_with(
                 Action::Tracker(op) => {
                     if matches!(op, TrackerOp::Freeze { .. }) {
                         // An edited definition goes with the cycle this freeze starts.
-                        s.set_definition(crate::definition::load(&cfg));
+                        s.set_definition(crate::definition::load(&ops.definition));
                     }
                     let (tx, socket) = (tx.clone(), cfg.tracker.clone());
                     tokio::spawn(async move {
@@ -412,7 +413,7 @@ pub async fn run_with(
                     });
                 }
                 Action::Connect { attempt } => {
-                    s.set_definition(crate::definition::load(&cfg));
+                    s.set_definition(crate::definition::load(&ops.definition));
                     let (tx, ep, cfg, hashes) = (
                         tx.clone(),
                         ep.clone(),
@@ -675,6 +676,9 @@ fn reload_config(s: &mut ShipperSession, ops: &mut Ops, by: &str) -> Result<Valu
     let settings = Settings::of(&new);
     let interval = settings.interval();
     let changed = ops.apply(settings, by);
+    // A definition named, changed or dropped goes with the next cycle.
+    ops.definition = crate::definition::Source::of(&new);
+    s.set_definition(crate::definition::load(&ops.definition));
     if s.interval() != interval {
         s.handle(Event::SetInterval(interval), Instant::now());
     }
