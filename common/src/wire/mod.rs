@@ -322,8 +322,8 @@ const T_ERROR: u8 = 8;
 const T_HASH_REQ: u8 = 9;
 const T_HASHES: u8 = 10;
 const T_ACKED: u8 = 11;
-const T_DEFINITION: u8 = 12;
-const T_DEFINITION_STORED: u8 = 13;
+const T_DEFINITION: u8 = 17;
+const T_DEFINITION_STORED: u8 = 18;
 
 struct W<'a>(&'a mut Vec<u8>);
 
