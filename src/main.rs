@@ -1,5 +1,6 @@
 //! `vmreplica`: one command line for every role.
 
+mod failover_cmd;
 mod ops_cmd;
 mod plan;
 mod plan_cmd;
@@ -56,11 +57,14 @@ enum Cmd {
         #[command(subcommand)]
         op: vm_cmd::VmOp,
     },
-    /// Fail a VM over to this site; test failovers leave replication running.
+    /// Bring a VM up on this site: test (replication goes on), unplanned (primary gone),
+    /// commit, cancel, abandon, planned (no write lost).
     Failover {
         #[command(subcommand)]
         op: FailoverOp,
     },
+    /// After an unplanned failover, replicate back to this (old primary) site.
+    Reverse(failover_cmd::ReverseArgs),
     /// Recovery plans: many VMs failed over in order, with hooks and pauses.
     Plan {
         #[command(subcommand)]
@@ -126,6 +130,8 @@ enum Cmd {
 enum FailoverOp {
     #[command(flatten)]
     Test(testfo_cmd::TestOp),
+    #[command(flatten)]
+    Other(failover_cmd::FailoverOp),
 }
 
 #[derive(clap::Args)]
@@ -293,12 +299,39 @@ enum CtlOp {
     },
     /// Put a frozen generation's blocks back into the dirty set.
     Merge { generation: u64 },
+    /// Refuse every write (EPERM) from now on, reads still served: a planned failover seals
+    /// the disks once the VM is shut down. Kept across restarts.
+    Seal,
+    /// Take writes again after a seal.
+    Unseal,
+    /// Mark byte ranges of a disk dirty (the next cycle ships them): OFFSET+LEN ...
+    MarkDirty {
+        disk: String,
+        #[arg(value_name = "OFFSET+LEN", required = true)]
+        ranges: Vec<String>,
+    },
+    /// Per disk, the byte ranges changed and not yet replicated.
+    DirtyRanges,
+}
+
+/// Parses `OFFSET+LEN` (bytes).
+fn parse_range(s: &str) -> Result<(u64, u64)> {
+    let (o, l) = s
+        .split_once('+')
+        .with_context(|| format!("{s:?}: expected OFFSET+LEN, in bytes"))?;
+    Ok((
+        o.trim().parse().with_context(|| format!("{s:?}: offset"))?,
+        l.trim().parse().with_context(|| format!("{s:?}: length"))?,
+    ))
 }
 
 fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
     let req = match op {
         CtlOp::Status => Request::Status,
-        CtlOp::Freeze { full } => Request::Freeze { full },
+        CtlOp::Freeze { full } => Request::Freeze {
+            full,
+            baseline: false,
+        },
         CtlOp::Release { generation, force } => {
             if !force {
                 bail!(
@@ -322,8 +355,19 @@ fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
             lineage: vmreplica_common::lineage::Lineage::parse(&lineage)?,
             next_generation,
             force,
+            parent: None,
         },
         CtlOp::Merge { generation } => Request::Merge { generation },
+        CtlOp::Seal => Request::Seal,
+        CtlOp::Unseal => Request::Unseal,
+        CtlOp::MarkDirty { disk, ranges } => Request::MarkDirty {
+            disk,
+            ranges: ranges
+                .iter()
+                .map(|r| parse_range(r))
+                .collect::<Result<_>>()?,
+        },
+        CtlOp::DirtyRanges => Request::DirtyRanges,
     };
     let v = control::call(socket, &req)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -359,7 +403,8 @@ fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
                 }
             }
         });
-        vmreplica_shipper::run::run_with(cfg, progress::sink(bar), stop_signal(), Some(rx)).await?;
+        vmreplica_shipper::run::run_with(cfg, progress::sink(bar), stop_signal(), Some(rx), None)
+            .await?;
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -500,6 +545,11 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 tuning: Default::default(),
                 admin_socket: sv.admin_socket,
                 open_delay: None,
+                identity_files: Some(vmreplica_applier::failover::IdentityFiles {
+                    cert: std::path::absolute(&sv.cert)?,
+                    key: std::path::absolute(&sv.key)?,
+                    ca: std::path::absolute(&sv.ca)?,
+                }),
             };
             vmreplica_ops::events::set_source("applier");
             let metrics = sv.metrics;
@@ -616,6 +666,10 @@ fn main() -> Result<()> {
         Cmd::Failover {
             op: FailoverOp::Test(op),
         } => testfo_cmd::run(op),
+        Cmd::Failover {
+            op: FailoverOp::Other(op),
+        } => failover_cmd::run(op),
+        Cmd::Reverse(a) => failover_cmd::reverse(a),
         Cmd::Plan { op } => plan_cmd::run(op),
         Cmd::Status(a) => ops_cmd::status(a),
         Cmd::Events { follow, all, vm } => ops_cmd::events(follow, all, vm.as_deref()),

@@ -86,12 +86,85 @@ impl FailoverVm for TestFailover {
     }
 }
 
-/// Planned and unplanned failover: the functions of the failover work (F2), wired here when
-/// they are part of the build. Until then, a plan asking for them is refused before it runs.
-pub fn not_available(kind: &str) -> anyhow::Error {
+/// Unplanned failover of one VM, through this (replica) site's applier.
+pub struct UnplannedFailover {
+    pub site: Site,
+}
+
+impl FailoverVm for UnplannedFailover {
+    fn kind(&self) -> &'static str {
+        "unplanned failover"
+    }
+
+    fn mode(&self) -> &'static str {
+        "unplanned"
+    }
+
+    fn fail_over(&self, vm: &str, plan: &VmPlan) -> Result<String> {
+        let v = crate::failover_cmd::fail_over_unplanned(
+            &self.site.socket(),
+            vm,
+            plan.point,
+            plan.start,
+            None,
+        )?;
+        let disks: Vec<String> = match &v["disks"] {
+            serde_json::Value::Object(m) => m
+                .values()
+                .filter_map(|u| u.as_str().map(str::to_string))
+                .collect(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|d| d["uri"].as_str().or(d.as_str()).map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(format!(
+            "point {}, lineage {}, disks served in {} ms{}: {}",
+            v["point"],
+            v["lineage"].as_str().unwrap_or("?"),
+            v["served_ms"],
+            if v["qemu"].is_null() {
+                ""
+            } else {
+                ", VM started"
+            },
+            disks.join(" ")
+        ))
+    }
+}
+
+/// Planned failover of one VM, run on its primary site with the shipper configuration the
+/// plan names (`[vm.NAME] config`).
+pub struct PlannedFailover {
+    pub site: Site,
+}
+
+impl FailoverVm for PlannedFailover {
+    fn kind(&self) -> &'static str {
+        "planned failover"
+    }
+
+    fn mode(&self) -> &'static str {
+        "planned"
+    }
+
+    fn fail_over(&self, vm: &str, plan: &VmPlan) -> Result<String> {
+        let config = plan.config.as_deref().ok_or_else(|| no_config(vm))?;
+        let opts = crate::failover_cmd::PlannedOptions {
+            no_start: !plan.start,
+            shutdown_timeout: std::time::Duration::from_secs(300).into(),
+            ..Default::default()
+        };
+        let f = crate::failover_cmd::fail_over_planned(config, vm, &opts, &self.site.socket())?;
+        Ok(format!("{f:?}"))
+    }
+}
+
+fn no_config(vm: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "{kind} is not available in this build of vmreplica; plans can run test failovers \
-         (--test)"
+        "VM {vm}: a planned failover runs with the VM's shipper configuration: give it in the \
+         plan ([vm.{vm}] config = \"/etc/vmreplica/{vm}/shipper.toml\")"
     )
 }
 
@@ -163,8 +236,14 @@ pub fn run(op: PlanOp) -> Result<()> {
             let p = Plan::load(&plan)?;
             let failover: Box<dyn FailoverVm> = match (test, planned, unplanned) {
                 (true, _, _) => Box::new(TestFailover { site }),
-                (_, true, _) => return Err(not_available("planned failover")),
-                (_, _, true) => return Err(not_available("unplanned failover")),
+                (_, true, _) => {
+                    // Every VM's configuration is named before anything runs.
+                    if let Some(vm) = p.vms.iter().find(|(_, v)| v.config.is_none()) {
+                        return Err(no_config(vm.0));
+                    }
+                    Box::new(PlannedFailover { site })
+                }
+                (_, _, true) => Box::new(UnplannedFailover { site }),
                 _ => bail!("say which failover: --test, --planned or --unplanned"),
             };
             let stdin = std::io::stdin();

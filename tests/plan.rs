@@ -60,7 +60,7 @@ fn a_plan_runs_groups_in_order_with_hooks_and_a_pause_and_a_failing_hook_stops_i
     .unwrap();
     let _applier = site.applier();
     let _s1 = site.shipper(&c1, &[]);
-    let _s2 = site.shipper(&c2, &[]);
+    let s2 = site.shipper(&c2, &[]);
     let store = site.store.clone();
     let deadline = Instant::now() + LIMIT;
     let has_points =
@@ -148,12 +148,37 @@ start = false
     assert_eq!(listed[0]["vm"], "vm1");
     plan(&store, &["test-stop", ps], "");
 
-    // Stopped at the pause; planned failover is not in this build; a bad plan is refused.
+    // Stopped at the pause; a planned failover needs each VM's shipper configuration (refused
+    // before anything runs); a bad plan is refused.
     let (ok, _, err) = plan(&store, &["failover", ps, "--test"], "q\n");
     assert!(!ok && err.contains("group db: pause"), "{err}");
     plan(&store, &["test-stop", ps], "");
-    let (ok, _, err) = plan(&store, &["failover", ps, "--planned"], "");
-    assert!(!ok && err.contains("not available in this build"), "{err}");
+    let (ok, out, err) = plan(&store, &["failover", ps, "--planned"], "");
+    assert!(!ok && err.contains("[vm.vm1] config"), "{err}");
+    assert!(!out.contains("[1/2]"), "ran: {out}");
+
+    // An unplanned failover of the plan's second group (vm2, its primary gone): the disks
+    // are served by this site; cancelled, vm2 replicates again.
+    drop(s2);
+    let p2 = dir.path().join("vm2-plan.toml");
+    std::fs::write(
+        &p2,
+        "version = 1\n[[group]]\nname = \"web\"\nvms = [\"vm2\"]\n[vm.vm2]\nstart = false\n",
+    )
+    .unwrap();
+    let (ok, out, err) = plan(
+        &store,
+        &["failover", p2.to_str().unwrap(), "--unplanned"],
+        "",
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("vm2: ok") && out.contains("disks served in"),
+        "{out}"
+    );
+    run(Command::new(bin())
+        .args(["failover", "cancel", "vm2", "--store"])
+        .arg(&store));
     std::fs::write(&p, "version = 1\n[[group]]\nvms = [\"vm1\", \"vm1\"]\n").unwrap();
     let (ok, _, err) = plan(&store, &["failover", ps, "--test"], "");
     assert!(!ok && err.contains("shop.toml"), "{err}");

@@ -10,11 +10,14 @@
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
 //! - [`definition`]: the VM definitions the primaries ship (how to start each VM here);
 //! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
+//! - [`failover`]: unplanned failover, commit, cancel, abandon, promote, reverse and
+//!   adoption, and the processes a site runs for a VM it is primary for;
 //! - [`ops`]: status, health and removal of replicas;
 //! - [`testfo`]: test failovers (a point served over NBD with a scratch overlay).
 
 pub mod admin;
 pub mod definition;
+pub mod failover;
 mod image;
 mod logfile;
 pub mod ops;

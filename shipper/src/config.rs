@@ -14,6 +14,7 @@
 //! streams = 4                  # parallel QUIC streams
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! qmp = "/run/vmreplica/vm/vm1/qmp.sock"      # optional: the VM's QMP socket (planned failover)
 //! rpo_limit = "1h"             # past it the VM's health is critical (default 1h)
 //! metrics = "127.0.0.1:9464"   # optional: Prometheus metrics (GET /metrics)
 //! guest_agent = "/run/vmreplica/vm/vm1/qga.sock"  # optional: the VM's qemu-guest-agent
@@ -26,9 +27,9 @@
 //! limit = "10M"
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
-//! [reverse]                    # optional: this (primary) site's own applier, where the
-//! replica = "192.0.2.5:7443"   # replica site ships after a failover (reverse replication)
-//! server_name = "primary-1-applier"
+//! [reverse]                    # optional: this site's applier, where the replica site
+//! replica = "192.0.2.5:7443"   # ships after a failover (replication back)
+//! server_name = "site-a"       # the name in this site's applier certificate
 //! ```
 
 use std::net::SocketAddr;
@@ -38,7 +39,6 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 use thiserror::Error;
 use vmreplica_common::link::Tuning;
-use vmreplica_common::wire::ReverseTarget;
 
 use crate::schedule::{RawWindow, Schedule};
 
@@ -82,14 +82,17 @@ struct Raw {
     bandwidth_schedule: Vec<RawWindow>,
     #[serde(default)]
     tuning: Tuning,
-    reverse: Option<RawReverse>,
+    qmp: Option<PathBuf>,
+    reverse: Option<ReverseConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// This (primary) site's applier, as the replica site reaches it: where a failed-over VM
+/// replicates back to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct RawReverse {
-    replica: String,
-    server_name: String,
+pub struct ReverseConfig {
+    pub replica: String,
+    pub server_name: String,
 }
 
 fn default_interval() -> String {
@@ -141,9 +144,13 @@ pub struct ShipperConfig {
     pub tuning: Tuning,
     /// The VM definition file (`VmDefinition`), shipped to the replica site when it changes.
     pub definition: Option<PathBuf>,
-    /// This site's own applier, for reverse replication after a failover; shipped with the
-    /// definition.
-    pub reverse: Option<ReverseTarget>,
+    /// The VM's QMP socket: a planned failover shuts the VM down through it.
+    pub qmp: Option<PathBuf>,
+    /// This site's applier, for replication back after a failover (also shipped with the
+    /// definition).
+    pub reverse: Option<ReverseConfig>,
+    /// The interval as written (passed on to the site that replicates back).
+    pub interval_text: String,
     /// The file it was read from (for reloads).
     pub path: PathBuf,
 }
@@ -215,6 +222,7 @@ impl ShipperConfig {
         };
         let raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         vmreplica_common::validate_name(&raw.vm).map_err(|e| bad(format!("vm: {e}")))?;
+        let interval_text = raw.interval.clone();
         let interval = parse_interval(&raw.interval).map_err(|e| bad(format!("interval {e}")))?;
         let bandwidth_limit = match raw.bandwidth_limit.as_deref() {
             Some(l) => parse_limit(l).map_err(|e| bad(format!("bandwidth_limit: {e}")))?,
@@ -272,10 +280,7 @@ impl ShipperConfig {
                         "[reverse] server_name: give the name in that applier's certificate".into(),
                     ));
                 }
-                Some(ReverseTarget {
-                    replica: r.replica,
-                    server_name: r.server_name,
-                })
+                Some(r)
             }
         };
         let base = path.parent().unwrap_or(Path::new("."));
@@ -301,7 +306,9 @@ impl ShipperConfig {
             bandwidth_schedule,
             tuning: raw.tuning,
             definition: raw.definition.map(rel),
+            qmp: raw.qmp.map(rel),
             reverse,
+            interval_text,
             path: path.to_path_buf(),
         })
     }
@@ -381,7 +388,7 @@ key = "p.key"
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
-        assert!(c.definition.is_none() && c.reverse.is_none());
+        assert!(c.definition.is_none() && c.reverse.is_none() && c.qmp.is_none());
         let c = ShipperConfig::parse(
             &format!("{BASE}definition = \"vm1.vm.toml\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"primary-1-applier\"\n"),
             p,
@@ -390,11 +397,18 @@ key = "p.key"
         assert_eq!(c.definition, Some(PathBuf::from("/etc/vmr/vm1.vm.toml")));
         assert_eq!(
             c.reverse,
-            Some(ReverseTarget {
+            Some(ReverseConfig {
                 replica: "192.0.2.5:7443".into(),
                 server_name: "primary-1-applier".into()
             })
         );
+        let c = ShipperConfig::parse(
+            &format!("{BASE}qmp = \"run/qmp.sock\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"site-a\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.qmp, Some(PathBuf::from("/etc/vmr/run/qmp.sock")));
+        assert_eq!(c.reverse.unwrap().server_name, "site-a");
         let c =
             ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"vmr\"\n"), p).unwrap();
         assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);

@@ -5,9 +5,9 @@
 //!
 //! The file is read again before each connection and each freeze, so an edited definition
 //! reaches the replica with the next cycle, without a restart; a reloaded configuration
-//! (SIGHUP, `reload`) may name another file or `[reverse]` target ([`Source`]). A definition that cannot be
-//! read or checked is said in the log (at most once a minute) and not sent: replication goes
-//! on, and the replica keeps the last good one it received.
+//! (SIGHUP, `reload`) may name another file or `[reverse]` target ([`Source`]). A definition
+//! that cannot be read or checked is said in the log (at most once a minute) and not sent:
+//! replication goes on, and the replica keeps the last good one it received.
 
 use std::time::Duration;
 
@@ -36,7 +36,10 @@ impl Source {
         Source {
             vm: cfg.vm.clone(),
             definition: cfg.definition.clone(),
-            reverse: cfg.reverse.clone(),
+            reverse: cfg.reverse.as_ref().map(|r| ReverseTarget {
+                replica: r.replica.clone(),
+                server_name: r.server_name.clone(),
+            }),
         }
     }
 }

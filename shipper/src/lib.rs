@@ -8,6 +8,7 @@
 //!   `verify`;
 //! - [`ship`]: the data path: plan, read, pack on a pool of threads, send, acknowledgements;
 //! - [`definition`]: the VM definition kept on the replica site;
+//! - [`failover`]: what the replica site is for a VM, and asking it to replicate back;
 //! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
 //! - [`ratelimit`]: pacing to a bandwidth limit, [`schedule`]: the limit by time of day;
@@ -19,6 +20,7 @@ pub mod appfreeze;
 pub mod config;
 pub mod control;
 pub mod definition;
+pub mod failover;
 pub mod lock;
 mod ops;
 pub mod progress;

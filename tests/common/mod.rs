@@ -4,6 +4,7 @@
 pub mod guest;
 pub mod powercut;
 pub mod site;
+pub mod sites;
 pub mod testfo;
 
 use std::path::{Path, PathBuf};
