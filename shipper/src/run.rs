@@ -376,8 +376,16 @@ pub async fn run_with(
     let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Local(e.to_string()))?;
     let mut ops = Ops::new(&cfg).map_err(ShipError::Local)?;
     let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Command>();
-    crate::control::start(&ops.socket, control_tx)
-        .map_err(|e| ShipError::Local(format!("control socket {}: {e}", ops.socket.display())))?;
+    // A planned failover is a one-off command run where the VM's shipper was just stopped
+    // (its control socket may still answer for a moment): no control socket of its own.
+    let _no_control = if planned.is_none() {
+        crate::control::start(&ops.socket, control_tx).map_err(|e| {
+            ShipError::Local(format!("control socket {}: {e}", ops.socket.display()))
+        })?;
+        None
+    } else {
+        Some(control_tx)
+    };
     if let Some(addr) = cfg.metrics {
         let socket = ops.socket.clone();
         let source: vmreplica_ops::metrics::Source = Arc::new(move || {
