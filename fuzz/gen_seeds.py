@@ -107,7 +107,8 @@ REQUEST = {
 # Replication wire frames (common/src/wire.rs, protocol 2): 4-byte length, type, fields.
 # Checksums are not valid xxh3 values; the frames decode, and unpacking then reaches lz4 and
 # the checksum. (The undo log seeds, fuzz/seeds/undo, need valid xxh3 checks: the applier's
-# test `fuzz_seeds_are_valid_logs` writes them, with VMREPLICA_WRITE_FUZZ_SEEDS=fuzz/seeds/undo.)
+# test `fuzz_seeds_are_valid_logs` writes them, with VMREPLICA_WRITE_FUZZ_SEEDS=fuzz/seeds/undo;
+# the zero record seeds, fuzz/seeds/zero_log, the test `fuzz_seeds_are_valid_records`.)
 T_HELLO, T_WELCOME, T_BEGIN, T_RESUME, T_CHUNK, T_MANIFEST, T_APPLIED, T_HASHES, T_ACKED = (
     1, 2, 3, 4, 5, 6, 7, 10, 11)
 LINEAGE = bytes(range(16))

@@ -6,7 +6,9 @@
 # with a private CA and mutual TLS between them. It runs the initial sync, several cycles
 # under a write load (fio through the NBD export), then shows the replica verified equal,
 # the recovery points, and the first point, exported while the VM writes again and cycles
-# keep landing, equal to the disk before the writes. Then a planned failover moves the VM to
+# keep landing, equal to the disk before the writes; then a test failover of that point
+# (served over NBD at once, its writes kept apart from the replica) while replication goes
+# on (the VM's definition travels with its disks). Then a planned failover moves the VM to
 # the replica host without losing a write (checksums), the VM writes there, replication
 # runs back, and a failback returns it with identical disks. Any difference fails the demo.
 # Everything lives in a temporary directory that is removed at exit.
@@ -57,6 +59,15 @@ say "replica: the applier admits only primary-1"
 APPLIER=$!
 PIDS+=($APPLIER)
 
+cat > vm1.vm.toml <<'TOML'
+version = 1
+name = "vm1"
+disks = ["sys"]
+qemu = ["qemu-system-x86_64", "-name", "${name}", "-m", "1024", "-display", "none",
+        "-drive", "file=${disk:sys},file.reconnect-delay=30,format=raw,if=virtio,cache=none",
+        "-qmp", "unix:${qmp},server=on,wait=off", "-serial", "file:${console}", "${net}"]
+net = ["-nic", "user,model=virtio-net-pci"]
+TOML
 cat > shipper.toml <<TOML
 vm = "vm1"
 tracker = "primary/control.sock"
@@ -68,6 +79,7 @@ key = "ca/primary-1.key"
 interval = "3s"
 compression = true
 streams = 4
+definition = "vm1.vm.toml"    # how to start the VM on the replica site
 [reverse]                  # the primary host's own applier, for replication back
 replica = "127.0.0.1:7444"
 server_name = "primary-1"
@@ -118,6 +130,24 @@ if cmp -s "point-$first/sys.img" vm1-sys.img; then
   exit 1
 fi
 wait "$FIO"
+
+say "test failover of point $first: served over NBD at once, replication goes on"
+wait_for 30 test -s replica/vm1/definition.toml
+echo "the replica site holds the VM definition (replica/vm1/definition.toml): --start would boot it"
+"$BIN" failover test vm1 --point "$first" --store replica
+TURI="nbd+unix:///sys?socket=$WORK/replica/vm1/tests/$first/nbd.sock"
+nbdcopy "$TURI" test-read.img
+cmp test-read.img before-writes.img
+echo "the test failover serves point $first exactly"
+qemu-io -f raw "$TURI" -c 'write -P 0x99 0 1M' -c 'read -P 0x99 0 1M' >/dev/null
+echo "a test VM's writes go to a scratch file (read back through the export)"
+"$BIN" failover tests --store replica
+"$BIN" failover test-stop vm1 --store replica
+n=$(grep -c 'cycle applied' shipper.log)
+wait_for 60 bash -c "[ \$(grep -c 'cycle applied' shipper.log) -ge $((n + 2)) ]"
+"$BIN" verify vm1 --config shipper.toml
+cmp vm1-sys.img replica/vm1/disks/sys.img
+echo "the replica never saw the test's writes, and replication went on"
 "$BIN" applier status --store replica > status.json
 python3 - <<'PY'
 import json

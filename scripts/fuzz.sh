@@ -7,7 +7,8 @@
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]        (default 60)
 #
 # Targets (fuzz/fuzz_targets): handshake, request, reply_roundtrip, wire, state, undo (the
-# applier's undo logs), vm_definition (VM definition files), vm_protocol (QMP and guest-agent replies). Each runs
+# applier's undo logs), vm_definition (VM definition files), vm_protocol (QMP and guest-agent replies),
+# zero_log (a test failover's zero record). Each runs
 # for the given time starting from the committed seeds in fuzz/seeds/<target> (regenerate
 # them with fuzz/gen_seeds.py) plus the corpus kept in fuzz/corpus/<target> (git-ignored),
 # with -rss_limit_mb=2048. Every target runs even if an earlier one crashed; the script exits
@@ -17,7 +18,7 @@
 # sancov passes), which RUSTC_BOOTSTRAP=1 unlocks on stable. Installs cargo-fuzz if missing.
 #
 # Environment:
-#   FUZZ_TARGETS    targets to run (default: all eight)
+#   FUZZ_TARGETS    targets to run (default: all nine)
 #   FUZZ_SANITIZER  address (default) or none
 #   FUZZ_ARGS       extra libFuzzer flags, e.g. "-max_len=16384" or "-jobs=2"
 set -euo pipefail
@@ -30,7 +31,7 @@ case "$secs" in
     exit 2
     ;;
 esac
-targets="${FUZZ_TARGETS:-handshake request reply_roundtrip wire state undo vm_definition vm_protocol}"
+targets="${FUZZ_TARGETS:-handshake request reply_roundtrip wire state undo vm_definition vm_protocol zero_log}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 read -r -a extra <<<"${FUZZ_ARGS:-}"
 

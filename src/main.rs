@@ -2,8 +2,11 @@
 
 mod failover_cmd;
 mod ops_cmd;
+mod plan;
+mod plan_cmd;
 mod progress;
 mod seed_cmd;
+mod testfo_cmd;
 mod tracker_cmd;
 mod vm_cmd;
 
@@ -54,14 +57,19 @@ enum Cmd {
         #[command(subcommand)]
         op: vm_cmd::VmOp,
     },
-    /// Bring a VM up on the other site: unplanned (primary gone), commit, cancel, abandon,
-    /// planned (no write lost).
+    /// Bring a VM up on this site: test (replication goes on), unplanned (primary gone),
+    /// commit, cancel, abandon, planned (no write lost).
     Failover {
         #[command(subcommand)]
-        op: failover_cmd::FailoverOp,
+        op: FailoverOp,
     },
     /// After an unplanned failover, replicate back to this (old primary) site.
     Reverse(failover_cmd::ReverseArgs),
+    /// Recovery plans: many VMs failed over in order, with hooks and pauses.
+    Plan {
+        #[command(subcommand)]
+        op: plan_cmd::PlanOp,
+    },
     /// Every VM this host protects or holds: state, health, RPO, cycles, bytes, errors.
     Status(ops_cmd::StatusArgs),
     /// The event stream (JSON lines): cycles applied, health changes, resyncs, failover...
@@ -115,6 +123,15 @@ enum Cmd {
         #[command(subcommand)]
         op: CtlOp,
     },
+}
+
+/// Each failover kind's subcommands come from its own file.
+#[derive(Subcommand)]
+enum FailoverOp {
+    #[command(flatten)]
+    Test(testfo_cmd::TestOp),
+    #[command(flatten)]
+    Other(failover_cmd::FailoverOp),
 }
 
 #[derive(clap::Args)]
@@ -646,8 +663,14 @@ fn main() -> Result<()> {
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
-        Cmd::Failover { op } => failover_cmd::run(op),
+        Cmd::Failover {
+            op: FailoverOp::Test(op),
+        } => testfo_cmd::run(op),
+        Cmd::Failover {
+            op: FailoverOp::Other(op),
+        } => failover_cmd::run(op),
         Cmd::Reverse(a) => failover_cmd::reverse(a),
+        Cmd::Plan { op } => plan_cmd::run(op),
         Cmd::Status(a) => ops_cmd::status(a),
         Cmd::Events { follow, all, vm } => ops_cmd::events(follow, all, vm.as_deref()),
         Cmd::Pause { vm } => ops_cmd::pause(&vm, false),

@@ -13,6 +13,9 @@
 //! does not follow its last cycle; every point holds the primary's contents at its freeze.
 //! At the end, with faults stopped, replication converges: the replica equals the primary.
 //!
+//! The VM definition travels along: the operator edits it now and then (sometimes into one
+//! the replica refuses); a refusal never stops replication, and at the end the replica holds
+//! the primary's last good definition.
 //! A planned failover runs the same way: the guest stops, the tracker is sealed, a shipper in
 //! planned mode ships the last generation, adopts, and asks the replica to `Promote`, while
 //! links are cut, acknowledgements and answers lost, and either side crashes. Checked: the
@@ -31,9 +34,11 @@ use vmreplica_applier::session::{self as aps, ApplierSession};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::{
-    code, CycleKind, DiskInfo, LineagePoint, Message, Receiving, Role, Tag,
+    code, CycleKind, DefinitionHash, DiskInfo, LineagePoint, Message, Receiving, Role, Tag,
 };
-use vmreplica_shipper::session::{self as sps, Frozen, ShipperSession, TrackerOp, TrackerView};
+use vmreplica_shipper::session::{
+    self as sps, Definition, Frozen, ShipperSession, TrackerOp, TrackerView,
+};
 
 /// Blocks of the simulated disk, and their size.
 const BLOCKS: u64 = 24;
@@ -64,10 +69,19 @@ struct Tracker {
     frozen: Option<(u64, bool, BTreeSet<u64>, Disk, u64)>,
     dirty: BTreeSet<u64>,
     resync_required: bool,
+    /// `next_generation` when tracking was last lost: a full freeze made before that cannot
+    /// clear `resync_required` (as the real tracker's `clear-resync` refuses).
+    resync_since: u64,
     sealed: bool,
 }
 
 impl Tracker {
+    /// Tracking is lost (a restored or lost state, an operator's forced lineage).
+    fn raise_resync(&mut self) {
+        self.resync_required = true;
+        self.resync_since = self.next_generation;
+    }
+
     fn view(&self) -> TrackerView {
         TrackerView {
             lineage: self.lineage,
@@ -103,6 +117,8 @@ struct Store {
     epoch: u64,
     /// The cycle held in part: its identity, epoch, what it applied, the image before it.
     receiving: Option<(Receiving, u64, RangeSet, Disk)>,
+    /// The VM definition it holds.
+    definition: Option<DefinitionHash>,
     role: Role,
 }
 
@@ -301,6 +317,14 @@ struct Sim {
     finished: Option<(LineagePoint, Lineage)>,
     /// Promotes the store carried out (a repeated one for the same point counts once).
     promotions: u32,
+    /// The primary's VM definition (its version), and the versions the replica refuses.
+    definition: u64,
+    bad_definitions: BTreeSet<u64>,
+}
+
+/// Version `v` of the simulated VM's definition.
+fn definition(v: u64) -> Definition {
+    Definition::new(format!("version = 1 # edit {v}"), None)
 }
 
 impl Sim {
@@ -322,6 +346,7 @@ impl Sim {
             frozen: None,
             dirty: BTreeSet::new(),
             resync_required: false,
+            resync_since: 0,
             sealed: false,
         };
         let store = Store {
@@ -356,6 +381,25 @@ impl Sim {
             adopted: None,
             finished: None,
             promotions: 0,
+            definition: 1,
+            bad_definitions: BTreeSet::new(),
+        }
+    }
+
+    fn new_applier(&mut self) {
+        self.applier = ApplierSession::new("vm1", self.store.replica());
+        self.applier.set_definition(self.store.definition);
+    }
+
+    /// The operator edits the definition (into one the replica refuses, with `bad`); running
+    /// shippers pick it up.
+    fn edit_definition(&mut self, bad: bool) {
+        self.definition += 1;
+        if bad {
+            self.bad_definitions.insert(self.definition);
+        }
+        for sh in &mut self.shippers {
+            sh.s.set_definition(Some(definition(self.definition)));
         }
     }
 
@@ -392,8 +436,10 @@ impl Sim {
             }),
             paused: false,
         };
+        let mut s = ShipperSession::new(cfg, self.at());
+        s.set_definition(Some(definition(self.definition)));
         self.shippers.push(Shipper {
-            s: ShipperSession::new(cfg, self.at()),
+            s,
             sending: None,
             alive: true,
         });
@@ -427,11 +473,11 @@ impl Sim {
         let t = &mut self.tracker;
         let r: Result<(), String> = match op {
             TrackerOp::Status | TrackerOp::ClearResync | TrackerOp::MarkResync => {
-                if op == TrackerOp::ClearResync {
+                if op == TrackerOp::ClearResync && t.resync_since < t.next_generation {
                     t.resync_required = false;
                 }
                 if op == TrackerOp::MarkResync {
-                    t.resync_required = true;
+                    t.raise_resync();
                 }
                 Ok(())
             }
@@ -627,6 +673,18 @@ impl Sim {
                 }
                 sps::Action::Done { .. } => self.applied_cycles += 1,
                 sps::Action::Retry { .. } => {}
+                sps::Action::Definition { hash, result } => {
+                    let refused = self
+                        .bad_definitions
+                        .iter()
+                        .any(|v| definition(*v).hash == hash);
+                    assert_eq!(result.is_err(), refused, "definition {hash}: {result:?}");
+                    self.faults.hit(if refused {
+                        "definition refused"
+                    } else {
+                        "definition stored"
+                    });
+                }
                 sps::Action::Adopt { parent } => {
                     // The sealed tracker's last generation, on the replica: what the driver
                     // adopts (again after a crash, possibly a later, empty one).
@@ -666,12 +724,12 @@ impl Sim {
                     self.shippers[sh].alive = false;
                     if self.tracker.frozen.is_none() {
                         self.tracker.lineage = r;
-                        self.tracker.resync_required = true;
+                        self.tracker.raise_resync();
                     } else if let Some(f) = self.tracker.frozen.take() {
                         // The operator merges what is frozen first.
                         self.tracker.dirty.extend(f.2);
                         self.tracker.lineage = r;
-                        self.tracker.resync_required = true;
+                        self.tracker.raise_resync();
                     }
                     self.start_shipper(true);
                 }
@@ -740,6 +798,20 @@ impl Sim {
                         .commit(tag, ranges, bytes, digest, &mut self.committed);
                     let rep = self.store.replica();
                     self.applier.handle(aps::Event::Committed(r, rep));
+                }
+                aps::Action::StoreDefinition { conn, hash, .. } => {
+                    let bad = self
+                        .bad_definitions
+                        .iter()
+                        .any(|v| definition(*v).hash == hash);
+                    let result = if bad {
+                        Err("refused".to_string())
+                    } else {
+                        self.store.definition = Some(hash);
+                        Ok(())
+                    };
+                    self.applier
+                        .handle(aps::Event::DefinitionStored { conn, hash, result });
                 }
                 aps::Action::Hashes {
                     conn, disk, offset, ..
@@ -1020,7 +1092,7 @@ impl Sim {
                 self.kill_conns(|_| true);
                 // A new process: a dead connection's packets no longer reach it (QUIC).
                 self.stale.clear();
-                self.applier = ApplierSession::new("vm1", self.store.replica());
+                self.new_applier();
             }
             35..=37 => {
                 // The tracker's state directory is lost, all of it (recreated empty: no
@@ -1033,6 +1105,7 @@ impl Sim {
                     frozen: None,
                     dirty: BTreeSet::new(),
                     resync_required: false,
+                    resync_since: 0,
                     sealed: false,
                 };
             }
@@ -1044,7 +1117,7 @@ impl Sim {
                     // copies-on-write miss what was written since, is abandoned (merged).
                     self.faults.hit("tracker state restored");
                     self.tracker = t;
-                    self.tracker.resync_required = true;
+                    self.tracker.raise_resync();
                     if let Some(f) = self.tracker.frozen.take() {
                         self.tracker.dirty.extend(f.2);
                     }
@@ -1056,7 +1129,7 @@ impl Sim {
                     self.kill_conns(|_| true);
                     self.stale.clear();
                     self.store = s;
-                    self.applier = ApplierSession::new("vm1", self.store.replica());
+                    self.new_applier();
                 }
             }
             45..=49 => {
@@ -1070,6 +1143,11 @@ impl Sim {
                 }
             }
             50..=54 => self.rogue_gap(),
+            55..=57 => {
+                let bad = self.rng.gen_bool(0.4);
+                self.faults.hit("definition edited");
+                self.edit_definition(bad);
+            }
             _ => {}
         }
     }
@@ -1208,6 +1286,9 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
     if !sim.shippers.iter().any(|s| s.alive) {
         sim.start_shipper(false);
     }
+    // The last edit is one the replica keeps.
+    sim.edit_definition(false);
+    let want_definition = Some(definition(sim.definition).hash);
     let target = sim.disk.clone();
     let mut converged = false;
     for _ in 0..20_000 {
@@ -1216,7 +1297,8 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
             && sim.store.receiving.is_none()
             && sim.store.lineage.is_some()
             && sim.store.lineage == sim.tracker.lineage
-            && sim.tracker.frozen.is_none();
+            && sim.tracker.frozen.is_none()
+            && sim.store.definition == want_definition;
         if done {
             converged = true;
             break;
@@ -1301,6 +1383,9 @@ fn simulated_pairs_survive_every_fault_and_converge() {
         "stale chunk delivered",
         "a gap refused",
         "different lineages: stopped",
+        "definition edited",
+        "definition stored",
+        "definition refused",
     ] {
         assert!(
             seen.get(f).copied().unwrap_or(0) > 0,

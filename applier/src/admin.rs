@@ -7,7 +7,8 @@
 //! while it is written out, and later cycles go on landing); operations (see
 //! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
 //! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
-//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`; failover's (handled in
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`; test failovers' `test-start`,
+//! `test-stop` and `tests` (see `testfo::admin`); failover's (handled in
 //! `crate::failover::admin`): `failover-unplanned`, `failover-commit`, `failover-cancel`,
 //! `failover-abandon`, `adopt-primary`, `adopt-primary-undo`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
@@ -42,6 +43,9 @@ pub enum Request {
         point: u64,
         dir: PathBuf,
     },
+    TestStart(crate::testfo::admin::StartRequest),
+    TestStop(crate::testfo::admin::StopRequest),
+    Tests(crate::testfo::admin::ListRequest),
     Report,
     Remove {
         vm: String,
@@ -158,13 +162,25 @@ fn serve_client(app: &Arc<App>, rt: &tokio::runtime::Handle, s: UnixStream) -> i
             return Ok(());
         }
         let v = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(req) => match handle(app, rt, req) {
+            Ok(req) => match dispatch(app, rt, req) {
                 Ok(v) => json!({"ok": true, "result": v}),
-                Err(e) => json!({"ok": false, "error": e.to_string()}),
+                Err(e) => json!({"ok": false, "error": e}),
             },
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
         writeln!(w, "{v}")?;
+    }
+}
+
+/// Each request to the module that handles it.
+fn dispatch(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<Value, String> {
+    use crate::testfo::admin as testfo;
+    let text = |e: crate::testfo::TestError| e.to_string();
+    match req {
+        Request::TestStart(r) => testfo::start(app, rt, r).map_err(text),
+        Request::TestStop(r) => testfo::stop(app, rt, r).map_err(text),
+        Request::Tests(r) => testfo::list(app, r).map_err(text),
+        other => handle(app, rt, other).map_err(|e| e.to_string()),
     }
 }
 
@@ -202,6 +218,9 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             tracing::info!(vm, point, dir = %dir.display(), "exporting a recovery point");
             let files = export(&view, &dir)?;
             Ok(json!({ "files": files }))
+        }
+        Request::TestStart(_) | Request::TestStop(_) | Request::Tests(_) => {
+            unreachable!("dispatched to testfo")
         }
         Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
         Request::Remove { vm } => crate::ops::remove(app, &vm),

@@ -8,12 +8,15 @@
 //! - [`store`]: per-VM replicas: state, receiving, commit and rollback, points, export;
 //! - [`pointview`]: reading a recovery point while later cycles apply;
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
+//! - [`definition`]: the VM definitions the primaries ship (how to start each VM here);
 //! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
 //! - [`failover`]: unplanned failover, commit, cancel, abandon, promote, reverse and
 //!   adoption, and the processes a site runs for a VM it is primary for;
-//! - [`ops`]: status, health and removal of replicas.
+//! - [`ops`]: status, health and removal of replicas;
+//! - [`testfo`]: test failovers (a point served over NBD with a scratch overlay).
 
 pub mod admin;
+pub mod definition;
 pub mod failover;
 mod image;
 mod logfile;
@@ -24,6 +27,7 @@ pub mod seed;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod testfo;
 pub mod undo;
 
 pub use pointview::{Extent, ExtentKind, PointView, VmShared};

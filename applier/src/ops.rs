@@ -230,6 +230,21 @@ pub(crate) fn remove_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     if !dir.join("state.json").exists() {
         return Err(StoreError::NoReplica(vm.to_string()));
     }
+    // Test failovers recorded (served or not: an applier may be down) have VMs that may
+    // still run on their exports: they end first. (A state that does not read is no reason
+    // to keep a replica its admin removes.)
+    let tests = VmState::load(&dir.join("state.json"))
+        .ok()
+        .flatten()
+        .map(|s| s.tests)
+        .unwrap_or_default();
+    if !tests.is_empty() {
+        let points: Vec<String> = tests.iter().map(|t| t.point.to_string()).collect();
+        return Err(StoreError::Refused(format!(
+            "VM {vm}: test failovers of points {} are recorded: stop them first (vmreplica              failover test-stop {vm} --all); the replica was not removed",
+            points.join(", ")
+        )));
+    }
     let gone = root.join(format!(".removing-{vm}-{}", std::process::id()));
     let io = |p: &Path| {
         let p = p.to_path_buf();

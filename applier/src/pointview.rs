@@ -140,8 +140,11 @@ pub struct Extent {
 pub enum ExtentKind {
     /// Allocated data.
     Data,
-    /// Reads as zeroes, not allocated.
+    /// Reads as zeroes, not allocated (a hole of the image).
     Hole,
+    /// Reads as zeroes; whether it was allocated at the point is not known (an undo entry
+    /// that recorded zeroes or a hole without telling them apart).
+    Zero,
 }
 
 /// A read-only view of recovery point `point` of a VM's disks, exact at every instant while
@@ -294,7 +297,9 @@ impl PointView {
         }
     }
 
-    /// Data and holes of `[offset, offset + len)` of disk `disk` at the point, in order.
+    /// Data, holes and zeroes of `[offset, offset + len)` of disk `disk` at the point, in
+    /// order: the image's holes are holes; what a later cycle overwrote is what its undo log
+    /// recorded (data, or zeroes not known to be a hole).
     pub fn extents(&self, disk: usize, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         self.check(disk, offset, len)?;
         let images = self.shared.images();
@@ -341,9 +346,11 @@ impl PointView {
     }
 }
 
+/// What an undo entry's old contents were: zeroes (stored without telling a hole from
+/// written zeroes, so not claimed to be a hole), or data.
 fn kind_of(e: &Entry) -> ExtentKind {
     if e.enc == Enc::Zero {
-        ExtentKind::Hole
+        ExtentKind::Zero
     } else {
         ExtentKind::Data
     }

@@ -11,6 +11,10 @@
 //! and commits a cycle only for the attempt's own manifest. Store operations run one at a
 //! time; events that arrive meanwhile wait their turn.
 //!
+//! It also keeps the VM's definition: the welcome says which one the replica holds, a
+//! `Definition` whose hash matches its contents is handed to the store (which checks and
+//! keeps it, or refuses it and keeps the one it had), and the answer is `DefinitionStored`;
+//! a refusal never stops replication.
 //! Failover: the welcome says what the site is for the VM (its role); a replica waiting for
 //! a reverse cycle follows it with its divergent ranges (loaded by the driver); `Promote`
 //! (planned failover) and `Reverse` (replicate back after an unplanned one) are carried out
@@ -21,8 +25,8 @@ use std::collections::VecDeque;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{
-    code, divergent_pages, resume_pages, CycleKind, CycleMeta, DiskInfo, Endpoint, LineagePoint,
-    Message, Role, Tag, PROTOCOL_VERSION,
+    code, divergent_pages, resume_pages, CycleKind, CycleMeta, DefinitionHash, DiskInfo, Endpoint,
+    LineagePoint, Message, ReverseTarget, Role, Tag, PROTOCOL_VERSION,
 };
 
 use crate::rules::{self, Replica};
@@ -53,6 +57,12 @@ pub enum Event {
     },
     /// The replica changed outside the session (an administrator's rollback, a failover).
     Replica(Replica),
+    /// The store kept definition `hash`, or refused it.
+    DefinitionStored {
+        conn: ConnId,
+        hash: DefinitionHash,
+        result: Result<(), String>,
+    },
     /// The divergent ranges of a replica waiting for a reverse cycle, loaded.
     Divergent {
         conn: ConnId,
@@ -131,6 +141,14 @@ pub enum Action {
         block: u32,
         count: u32,
     },
+    /// Check and keep a VM definition (its hash checked already), then report
+    /// [`Event::DefinitionStored`].
+    StoreDefinition {
+        conn: ConnId,
+        hash: DefinitionHash,
+        definition: String,
+        reverse: Option<ReverseTarget>,
+    },
     /// Load the replica's divergent ranges, then report [`Event::Divergent`].
     LoadDivergent {
         conn: ConnId,
@@ -162,6 +180,7 @@ enum Pending {
         cycle: u64,
     },
     Hashes,
+    Definition,
     /// A divergent list, a promote or a reverse request.
     Other,
 }
@@ -173,6 +192,8 @@ pub const MAX_WAITING: usize = 256;
 pub struct ApplierSession {
     vm: String,
     replica: Replica,
+    /// The definition the replica holds.
+    definition: Option<DefinitionHash>,
     /// The receive attempt whose chunks are admitted.
     current: Option<Tag>,
     pending: Option<Pending>,
@@ -189,6 +210,7 @@ impl ApplierSession {
         ApplierSession {
             vm: vm.to_string(),
             replica,
+            definition: None,
             current: None,
             pending: None,
             waiting: VecDeque::new(),
@@ -198,6 +220,15 @@ impl ApplierSession {
 
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    /// The definition the replica holds (as the store says when the replica is opened).
+    pub fn set_definition(&mut self, d: Option<DefinitionHash>) {
+        self.definition = d;
+    }
+
+    pub fn definition(&self) -> Option<DefinitionHash> {
+        self.definition
     }
 
     /// The next thing the driver must do.
@@ -237,6 +268,7 @@ impl ApplierSession {
                 | Event::Committed(..)
                 | Event::Hashes { .. }
                 | Event::Replica(_)
+                | Event::DefinitionStored { .. }
                 | Event::Divergent { .. }
                 | Event::Promoted { .. }
                 | Event::Reversed { .. }
@@ -295,6 +327,7 @@ impl ApplierSession {
                         last_cycle: self.replica.last_cycle,
                         last_freeze: self.replica.last_freeze,
                         receiving: self.replica.receiving,
+                        definition: self.definition,
                         role: self.replica.role,
                     },
                 );
@@ -372,6 +405,19 @@ impl ApplierSession {
                     self.current = None;
                 }
                 self.replica = r;
+            }
+            Event::DefinitionStored { conn, hash, result } => {
+                if matches!(self.pending, Some(Pending::Definition)) {
+                    self.pending = None;
+                }
+                let error = match result {
+                    Ok(()) => {
+                        self.definition = Some(hash);
+                        None
+                    }
+                    Err(e) => Some(e),
+                };
+                self.send(conn, Message::DefinitionStored { hash, error });
             }
             Event::Divergent { conn, result } => {
                 self.end_other();
@@ -530,6 +576,37 @@ impl ApplierSession {
                     offset,
                     block,
                     count,
+                });
+            }
+            Message::Definition {
+                hash,
+                definition,
+                reverse,
+            } => {
+                if DefinitionHash::of(&definition, reverse.as_ref()) != hash {
+                    let m = format!(
+                        "VM {}: the definition sent does not match its hash {hash}; nothing \
+                         was stored",
+                        self.vm
+                    );
+                    return self.send(
+                        conn,
+                        Message::DefinitionStored {
+                            hash,
+                            error: Some(m),
+                        },
+                    );
+                }
+                if self.definition == Some(hash) {
+                    // Held already (an answer lost with a connection): nothing to store.
+                    return self.send(conn, Message::DefinitionStored { hash, error: None });
+                }
+                self.pending = Some(Pending::Definition);
+                self.actions.push_back(Action::StoreDefinition {
+                    conn,
+                    hash,
+                    definition,
+                    reverse,
                 });
             }
             Message::Promote {
@@ -764,6 +841,113 @@ mod tests {
             s.admit(&tag(2)).is_err(),
             "a committed cycle takes no more data"
         );
+    }
+
+    /// A definition whose hash matches is stored (the welcome names it from then on), one
+    /// held already is acknowledged without the store, one whose hash does not match or that
+    /// the store refuses is answered with the reason; none of it stops a cycle.
+    #[test]
+    fn definitions_are_stored_checked_and_refused_without_stopping_cycles() {
+        let mut s = ApplierSession::new("vm1", replica(5));
+        let text = "version = 1".to_string();
+        let hash = DefinitionHash::of(&text, None);
+        let def = |hash| Message::Definition {
+            hash,
+            definition: text.clone(),
+            reverse: None,
+        };
+        s.handle(Event::Message {
+            conn: 1,
+            msg: def(hash),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::StoreDefinition { hash: h, .. }] if *h == hash
+        ));
+        // A cycle's begin waits for the store's answer, then goes on.
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(6),
+        });
+        assert!(drain(&mut s).is_empty());
+        s.handle(Event::DefinitionStored {
+            conn: 1,
+            hash,
+            result: Err("VM definition vm1: no qemu".into()),
+        });
+        let acts = drain(&mut s);
+        assert!(
+            matches!(
+                &acts[..],
+                [
+                    Action::Send {
+                        msg: Message::DefinitionStored { error: Some(e), .. },
+                        ..
+                    },
+                    Action::Start { cycle: 6, .. }
+                ] if e.contains("no qemu")
+            ),
+            "{acts:?}"
+        );
+        assert_eq!(s.definition(), None);
+        s.handle(Event::Started(Ok((1, RangeSet::new())), replica(5)));
+        drain(&mut s);
+        s.handle(Event::Message {
+            conn: 1,
+            msg: def(hash),
+        });
+        drain(&mut s);
+        s.handle(Event::DefinitionStored {
+            conn: 1,
+            hash,
+            result: Ok(()),
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 1,
+                msg: Message::DefinitionStored { hash, error: None }
+            }]
+        );
+        // Held now: the welcome says so, and a resend needs no store.
+        s.handle(Event::Hello {
+            conn: 2,
+            version: PROTOCOL_VERSION,
+            lineage: Some(A),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Send { msg: Message::Welcome { definition: Some(h), .. }, .. }] if *h == hash
+        ));
+        s.handle(Event::Message {
+            conn: 2,
+            msg: def(hash),
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 2,
+                msg: Message::DefinitionStored { hash, error: None }
+            }]
+        );
+        // A hash that is not the text's: refused before the store.
+        let wrong = DefinitionHash([1; 16]);
+        s.handle(Event::Message {
+            conn: 2,
+            msg: def(wrong),
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Send { msg: Message::DefinitionStored { error: Some(e), .. }, .. }]
+                if e.contains("does not match")
+        ));
+        // The cycle in progress was never disturbed.
+        s.admit(&Tag {
+            lineage: A,
+            cycle: 6,
+            epoch: 1,
+        })
+        .unwrap();
     }
 
     /// The welcome says what the site is; a replica waiting for a reverse cycle follows it

@@ -19,6 +19,7 @@
 //! metrics = "127.0.0.1:9464"   # optional: Prometheus metrics (GET /metrics)
 //! guest_agent = "/run/vmreplica/vm/vm1/qga.sock"  # optional: the VM's qemu-guest-agent
 //! app_consistent_every = "1h"  # with guest_agent: how often a point is app-consistent
+//! definition = "vm1.vm.toml"   # optional: the VM definition, kept on the replica site
 //! [[bandwidth_schedule]]       # optional, repeatable (see `schedule`)
 //! days = "mon-fri"
 //! from = "08:00"
@@ -26,8 +27,8 @@
 //! limit = "10M"
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
-//! [reverse]                    # this site's applier, for replication back after a failover
-//! replica = "192.0.2.5:7443"
+//! [reverse]                    # optional: this site's applier, where the replica site
+//! replica = "192.0.2.5:7443"   # ships after a failover (replication back)
 //! server_name = "site-a"       # the name in this site's applier certificate
 //! ```
 
@@ -72,6 +73,7 @@ struct Raw {
     #[serde(default = "one")]
     connections: usize,
     initial_sync_at: Option<String>,
+    definition: Option<PathBuf>,
     rpo_limit: Option<String>,
     metrics: Option<String>,
     guest_agent: Option<PathBuf>,
@@ -140,9 +142,12 @@ pub struct ShipperConfig {
     pub app_consistent_every: Option<Duration>,
     pub bandwidth_schedule: Schedule,
     pub tuning: Tuning,
+    /// The VM definition file (`VmDefinition`), shipped to the replica site when it changes.
+    pub definition: Option<PathBuf>,
     /// The VM's QMP socket: a planned failover shuts the VM down through it.
     pub qmp: Option<PathBuf>,
-    /// This site's applier, for replication back after a failover.
+    /// This site's applier, for replication back after a failover (also shipped with the
+    /// definition).
     pub reverse: Option<ReverseConfig>,
     /// The interval as written (passed on to the site that replicates back).
     pub interval_text: String,
@@ -262,6 +267,22 @@ impl ShipperConfig {
         if raw.connections == 0 || raw.connections > 16 {
             return Err(bad("connections must be 1 to 16".into()));
         }
+        let reverse = match raw.reverse {
+            None => None,
+            Some(r) => {
+                if r.replica.trim().is_empty() || r.replica.len() > 255 {
+                    return Err(bad(
+                        "[reverse] replica: give HOST:PORT of this site's applier".into(),
+                    ));
+                }
+                if r.server_name.trim().is_empty() || r.server_name.len() > 255 {
+                    return Err(bad(
+                        "[reverse] server_name: give the name in that applier's certificate".into(),
+                    ));
+                }
+                Some(r)
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(ShipperConfig {
@@ -284,8 +305,9 @@ impl ShipperConfig {
             app_consistent_every,
             bandwidth_schedule,
             tuning: raw.tuning,
+            definition: raw.definition.map(rel),
             qmp: raw.qmp.map(rel),
-            reverse: raw.reverse,
+            reverse,
             interval_text,
             path: path.to_path_buf(),
         })
@@ -366,7 +388,20 @@ key = "p.key"
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
-        assert!(c.reverse.is_none() && c.qmp.is_none());
+        assert!(c.definition.is_none() && c.reverse.is_none() && c.qmp.is_none());
+        let c = ShipperConfig::parse(
+            &format!("{BASE}definition = \"vm1.vm.toml\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"primary-1-applier\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.definition, Some(PathBuf::from("/etc/vmr/vm1.vm.toml")));
+        assert_eq!(
+            c.reverse,
+            Some(ReverseConfig {
+                replica: "192.0.2.5:7443".into(),
+                server_name: "primary-1-applier".into()
+            })
+        );
         let c = ShipperConfig::parse(
             &format!("{BASE}qmp = \"run/qmp.sock\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"site-a\"\n"),
             p,
@@ -389,6 +424,9 @@ key = "p.key"
             "connections = 17",
             "colour = 1",
             "initial_sync_at = \"tomorrow\"",
+            "[reverse]\nreplica = \"h:1\"",
+            "[reverse]\nreplica = \"\"\nserver_name = \"x\"",
+            "[reverse]\nreplica = \"h:1\"\nserver_name = \"x\"\nport = 3",
         ] {
             let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
                 .unwrap_err()

@@ -183,6 +183,8 @@ pub(crate) struct Ops {
     pub socket: PathBuf,
     pub tracker: PathBuf,
     pub config_path: PathBuf,
+    /// Where the VM definition is read from (changes with a reload).
+    pub definition: crate::definition::Source,
     pub registration: Registration,
     pub live: Arc<Mutex<Option<(Snapshot, &'static str)>>>,
     /// The cycle being shipped, and when it began (ms since the epoch).
@@ -238,6 +240,7 @@ impl Ops {
             socket,
             tracker: cfg.tracker.clone(),
             config_path: cfg.path.clone(),
+            definition: crate::definition::Source::of(cfg),
             registration: registry::register(entry),
             live: Arc::default(),
             cycle: None,

@@ -450,6 +450,7 @@ pub async fn run_with(
         },
         now,
     );
+    s.set_definition(crate::definition::load(&ops.definition));
     let adopt = planned.map(|p| p.adopt);
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
@@ -464,6 +465,7 @@ pub async fn run_with(
         while let Some(a) = s.poll_action() {
             match a {
                 Action::Tracker(TrackerOp::Freeze { full }) if ops.app_due() => {
+                    s.set_definition(crate::definition::load(&ops.definition));
                     let (tx, socket) = (tx.clone(), cfg.tracker.clone());
                     let agent = ops.settings.guest_agent.clone().unwrap_or_default();
                     tokio::spawn(async move {
@@ -472,12 +474,17 @@ pub async fn run_with(
                     });
                 }
                 Action::Tracker(op) => {
+                    if matches!(op, TrackerOp::Freeze { .. }) {
+                        // An edited definition goes with the cycle this freeze starts.
+                        s.set_definition(crate::definition::load(&ops.definition));
+                    }
                     let (tx, socket) = (tx.clone(), cfg.tracker.clone());
                     tokio::spawn(async move {
                         let _ = tx.send(Report::Tracker(tracker_op(&socket, op).await));
                     });
                 }
                 Action::Connect { attempt } => {
+                    s.set_definition(crate::definition::load(&ops.definition));
                     let (tx, ep, cfg, hashes) = (
                         tx.clone(),
                         ep.clone(),
@@ -623,6 +630,17 @@ pub async fn run_with(
                     );
                     ops.failed(&error, after);
                 }
+                Action::Definition { hash, result } => match result {
+                    Ok(()) => {
+                        tracing::info!(vm = cfg.vm, %hash, "the replica holds the VM definition")
+                    }
+                    Err(e) => tracing::error!(
+                        vm = cfg.vm,
+                        %hash,
+                        "the replica refused the VM definition: {e}; it keeps the one it had \
+                         (replication goes on): correct the definition"
+                    ),
+                },
                 Action::Stop { error } if adopt.is_some() => {
                     // A planned failover is a command: it ends, saying why.
                     opts.progress.end(false);
@@ -758,6 +776,9 @@ fn reload_config(s: &mut ShipperSession, ops: &mut Ops, by: &str) -> Result<Valu
     let settings = Settings::of(&new);
     let interval = settings.interval();
     let changed = ops.apply(settings, by);
+    // A definition named, changed or dropped goes with the next cycle.
+    ops.definition = crate::definition::Source::of(&new);
+    s.set_definition(crate::definition::load(&ops.definition));
     if s.interval() != interval {
         s.handle(Event::SetInterval(interval), Instant::now());
     }

@@ -39,6 +39,12 @@
 //!   as the replica ([`Action::Adopt`]) and the replica is asked to `Promote`; once it
 //!   answers (or its welcome shows it promoted at that very point already), the session
 //!   finishes ([`Action::Finished`]).
+//!
+//! The VM's definition travels with its disks: when the replica's welcome names another
+//! definition than the session's ([`ShipperSession::set_definition`]), it is sent before the
+//! next cycle begins (and again before any cycle once the driver hands a changed one). The
+//! replica answers `DefinitionStored`, stored or refused; either way replication goes on, and
+//! a refused definition is not sent again until it changes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -46,8 +52,8 @@ use std::time::{Duration, Instant};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::{
-    code, failed_over_message, CycleKind, DiskInfo, Endpoint, LineagePoint, Message, Receiving,
-    Role, Tag, PROTOCOL_VERSION,
+    code, failed_over_message, CycleKind, DefinitionHash, DiskInfo, Endpoint, LineagePoint,
+    Message, Receiving, ReverseTarget, Role, Tag, PROTOCOL_VERSION,
 };
 
 /// The tracker's state, as its status reports it.
@@ -85,6 +91,25 @@ pub struct ReplicaView {
     pub last_freeze: u64,
     pub receiving: Option<Receiving>,
     pub role: Role,
+}
+
+/// The VM's definition as the shipper sends it: `VmDefinition::to_toml()` and the primary
+/// site's reverse target, and their hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Definition {
+    pub hash: DefinitionHash,
+    pub text: String,
+    pub reverse: Option<ReverseTarget>,
+}
+
+impl Definition {
+    pub fn new(text: String, reverse: Option<ReverseTarget>) -> Definition {
+        Definition {
+            hash: DefinitionHash::of(&text, reverse.as_ref()),
+            text,
+            reverse,
+        }
+    }
 }
 
 /// A request to the tracker's control socket.
@@ -208,6 +233,11 @@ pub enum Action {
     /// Replication cannot go on without an operator: the message says why and what to do.
     Stop {
         error: String,
+    },
+    /// The replica stored definition `hash`, or refused it (replication goes on).
+    Definition {
+        hash: DefinitionHash,
+        result: Result<(), String>,
     },
     /// Planned failover: `parent` (this tracker's last, sealed generation) is on the replica;
     /// adopt this site's images as the replica that waits for the reverse cycle continuing
@@ -343,6 +373,12 @@ pub struct ShipperSession {
     /// held when this attempt began.
     cycle_bytes: u64,
     cycle_skipped: u64,
+    /// The definition to keep on the replica, the one the replica holds (as its welcome or
+    /// its last answer said), the one sent on this attempt, and the last one it refused.
+    definition: Option<Definition>,
+    replica_definition: Option<DefinitionHash>,
+    definition_sent: Option<DefinitionHash>,
+    definition_refused: Option<DefinitionHash>,
     /// The divergent ranges of a replica waiting for a reverse cycle, and whether this
     /// session marked them dirty in the tracker.
     divergent: Option<RangeSet>,
@@ -376,12 +412,52 @@ impl ShipperSession {
             resync_marked: false,
             cycle_bytes: 0,
             cycle_skipped: 0,
+            definition: None,
+            replica_definition: None,
+            definition_sent: None,
+            definition_refused: None,
             divergent: None,
             reverse_marked: false,
             final_from: None,
             promoted: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The definition the replica should hold (None: the session sends none). Sent before the
+    /// next cycle begins if the replica holds another.
+    pub fn set_definition(&mut self, d: Option<Definition>) {
+        self.definition = d;
+    }
+
+    /// Sends the definition if the replica holds another one and it was neither sent on this
+    /// attempt nor refused.
+    fn offer_definition(&mut self) {
+        let Some(d) = &self.definition else { return };
+        // A site the VM failed over to runs it from the definition it holds: not replaced.
+        if self
+            .replica
+            .as_ref()
+            .is_some_and(|r| matches!(r.role, Role::FailedOver { .. } | Role::Primary { .. }))
+        {
+            return;
+        }
+        if self.replica_definition == Some(d.hash)
+            || self.definition_sent == Some(d.hash)
+            || self.definition_refused == Some(d.hash)
+        {
+            return;
+        }
+        let msg = Message::Definition {
+            hash: d.hash,
+            definition: d.text.clone(),
+            reverse: d.reverse.clone(),
+        };
+        self.definition_sent = Some(d.hash);
+        self.act(Action::Send {
+            attempt: self.attempt,
+            msg,
+        });
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -553,6 +629,7 @@ impl ShipperSession {
                 if attempt == self.attempt && self.phase == Phase::Connecting =>
             {
                 self.phase = Phase::Hello;
+                self.definition_sent = None;
                 let lineage = self.tracker.as_ref().and_then(|t| t.lineage);
                 self.act(Action::Send {
                     attempt,
@@ -702,6 +779,26 @@ impl ShipperSession {
             };
             return self.retry(e);
         }
+        if let Message::DefinitionStored { hash, error } = msg {
+            // Answers the definition sent on this attempt, whatever the cycle is doing.
+            match error {
+                None => {
+                    self.replica_definition = Some(hash);
+                    self.act(Action::Definition {
+                        hash,
+                        result: Ok(()),
+                    });
+                }
+                Some(e) => {
+                    self.definition_refused = Some(hash);
+                    self.act(Action::Definition {
+                        hash,
+                        result: Err(e),
+                    });
+                }
+            }
+            return;
+        }
         match (self.phase.clone(), msg) {
             (
                 Phase::Hello,
@@ -711,6 +808,7 @@ impl ShipperSession {
                     last_cycle,
                     last_freeze,
                     receiving,
+                    definition,
                     role,
                 },
             ) => {
@@ -727,6 +825,7 @@ impl ShipperSession {
                     receiving,
                     role,
                 });
+                self.replica_definition = definition;
                 self.divergent = None;
                 if matches!(role, Role::ReversePending { .. }) {
                     self.phase = Phase::Divergent {
@@ -734,6 +833,7 @@ impl ShipperSession {
                     };
                     return;
                 }
+                self.offer_definition();
                 self.decide();
             }
             (Phase::Divergent { mut ranges }, Message::Divergent { ranges: page, last }) => {
@@ -1141,6 +1241,8 @@ impl ShipperSession {
         t: &TrackerView,
         parent: Option<LineagePoint>,
     ) {
+        // A definition changed since the welcome goes first.
+        self.offer_definition();
         let generation = f.generation;
         self.cycle = Some(Cycle {
             lineage,

@@ -149,6 +149,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                         last_cycle: r.last_cycle,
                         last_freeze: r.last_freeze,
                         receiving: None,
+                        definition: None,
                         role: vmreplica_common::wire::Role::Replica,
                     },
                 },

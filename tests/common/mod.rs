@@ -5,6 +5,7 @@ pub mod guest;
 pub mod powercut;
 pub mod site;
 pub mod sites;
+pub mod testfo;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

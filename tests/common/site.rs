@@ -105,11 +105,27 @@ impl Site {
 
     /// A shipper config reaching the applier through `port` (a relay's), plus `extra` TOML.
     pub fn config_via(&self, tracker: &TrackerProc, replica: &str, extra: &str) -> PathBuf {
+        self.config_full(tracker, replica, "1s", extra)
+    }
+
+    /// A shipper config with `interval` between freezes, plus `extra` TOML.
+    pub fn config_with(&self, tracker: &TrackerProc, interval: &str, extra: &str) -> PathBuf {
+        let replica = format!("{}:{}", self.replica_ip, self.port);
+        self.config_full(tracker, &replica, interval, extra)
+    }
+
+    fn config_full(
+        &self,
+        tracker: &TrackerProc,
+        replica: &str,
+        interval: &str,
+        extra: &str,
+    ) -> PathBuf {
         let p = self.dir.join("shipper.toml");
         std::fs::write(
             &p,
             format!(
-                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"1s\"\nstreams = 2\n{extra}",
+                "vm = \"vm1\"\ntracker = \"{}\"\nreplica = \"{}\"\nserver_name = \"replica-1\"\nca = \"{ca}/ca.pem\"\ncert = \"{ca}/primary-1.pem\"\nkey = \"{ca}/primary-1.key\"\ninterval = \"{interval}\"\nstreams = 2\n{extra}",
                 tracker.control.display(),
                 replica,
                 ca = self.ca.display()
@@ -175,11 +191,16 @@ impl Site {
 
     /// `vmreplica verify` succeeds and the replica image is byte-for-byte the primary.
     pub fn assert_equal(&self, config: &Path, img: &Path) {
+        self.assert_equal_disk(config, img, "sys")
+    }
+
+    /// [`Site::assert_equal`] for the disk named `disk`.
+    pub fn assert_equal_disk(&self, config: &Path, img: &Path, disk: &str) {
         let out = run(in_ns(&self.primary_ns, bin())
             .args(["verify", "vm1", "--config"])
             .arg(config));
         assert!(String::from_utf8_lossy(&out.stdout).contains("replica equal to primary"));
-        let replica = self.store.join("vm1/disks/sys.img");
+        let replica = self.store.join(format!("vm1/disks/{disk}.img"));
         assert!(
             std::fs::read(img).unwrap() == std::fs::read(&replica).unwrap(),
             "cmp: replica differs"

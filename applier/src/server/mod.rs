@@ -66,6 +66,9 @@ type Slot = Arc<OnceCell<Arc<VmEntry>>>;
 
 pub(crate) struct App {
     pub store: Store,
+    /// This applier's certificate (also what test failovers' NBD over TLS presents).
+    pub identity: Arc<Identity>,
+    pub tests: crate::testfo::TestFailovers,
     pub site: Arc<crate::failover::Site>,
     /// The admin socket (for status: where this applier answers).
     pub admin_path: PathBuf,
@@ -183,7 +186,8 @@ impl App {
             Some(p) => self.store.open_vm(name, p)?,
             None => self.store.open_existing(name)?,
         };
-        let session = ApplierSession::new(name, vs.replica());
+        let mut session = ApplierSession::new(name, vs.replica());
+        session.set_definition(vs.definition_hash());
         let buffers = vs.buffers();
         Ok(Arc::new(VmEntry {
             name: name.to_string(),
@@ -299,6 +303,22 @@ impl VmEntry {
                         disk,
                         offset,
                         result,
+                    }
+                }
+                Action::StoreDefinition {
+                    conn,
+                    hash,
+                    definition,
+                    reverse,
+                } => {
+                    let result = vs.store_definition(hash, &definition, reverse);
+                    if let Err(e) = &result {
+                        tracing::warn!(vm = %me.name, %hash, "refused the VM definition the primary sent: {e}");
+                    }
+                    Event::DefinitionStored {
+                        conn,
+                        hash,
+                        result: result.map_err(|e| e.to_string()),
                     }
                 }
                 Action::LoadDivergent { conn } => Event::Divergent {
@@ -433,6 +453,8 @@ impl Applier {
             .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let app = Arc::new(App {
             store,
+            identity: Arc::new(cfg.identity),
+            tests: Default::default(),
             site,
             admin_path: admin_path.clone(),
             allow: cfg.allow,
@@ -442,6 +464,9 @@ impl Applier {
             max_vms: MAX_VMS,
         });
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
+        // Test failovers the store records are served again (their points stay pinned
+        // meanwhile: retention reads the pins from the state).
+        tokio::spawn(crate::testfo::admin::restore(Arc::clone(&app)));
         // The VMs this site is primary for: their processes are found again (or started).
         {
             let app = Arc::clone(&app);
@@ -512,6 +537,10 @@ impl Applier {
         if let Some(a) = self.admin.take() {
             a.stop();
         }
+        // Test failovers stop being served (their VMs keep running, detached); the next
+        // applier serves them again.
+        let app = Arc::clone(&self.app);
+        let _ = tokio::task::spawn_blocking(move || app.tests.shutdown_all()).await;
     }
 }
 
@@ -709,8 +738,26 @@ mod tests {
     async fn the_table_of_open_vms_is_bounded() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let store = Store::new(dir.path(), crate::store::Retention::keep_all()).unwrap();
+        let ca = dir.path().join("ca");
+        vmreplica_common::tls::init_ca(&ca, "test CA", 30).unwrap();
+        vmreplica_common::tls::issue(
+            &ca,
+            "replica-1",
+            &[],
+            vmreplica_common::tls::Validity::days(30),
+            &ca,
+        )
+        .unwrap();
+        let identity = Identity::load(
+            &ca.join("replica-1.pem"),
+            &ca.join("replica-1.key"),
+            &ca.join("ca.pem"),
+        )
+        .unwrap();
         let app = Arc::new(App {
             store,
+            identity: Arc::new(identity),
+            tests: Default::default(),
             admin_path: dir.path().join("applier.sock"),
             allow: AllowList::new(&[]),
             vms: Mutex::new(HashMap::new()),

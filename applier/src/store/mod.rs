@@ -19,13 +19,15 @@
 //! rollback), `points` (retention), `export`, `verify` (checksums).
 
 mod apply;
+pub(crate) mod definition;
 mod export;
 mod failover;
 mod points;
 mod receive;
 pub(crate) mod state;
+mod testpins;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod verify;
 
 use std::fs::{self, File, OpenOptions};
@@ -45,13 +47,14 @@ use crate::pointview::VmShared;
 use crate::undo::LogIndex;
 
 pub use apply::{Committed, Started};
+pub use definition::DEFINITION_FILE;
 pub use export::{check_export_dir, export};
 pub use failover::{lock_holder, AdoptedDisk};
 pub use points::{plan_retention, Retention};
 pub use receive::{Failure, Job, JobSender};
 pub use state::{
-    FailedOver, FailoverStep, PointInfo, Primary, ReversePending, ReverseTarget, Role, Span,
-    SpanParent,
+    DefinitionInfo, FailedOver, FailoverStep, PointInfo, Primary, ReversePending, ReverseTarget,
+    Role, Span, SpanParent, TestPin,
 };
 
 use receive::{Partial, Running};
@@ -140,6 +143,9 @@ pub enum StoreError {
     Receive(Failure),
     #[error("{0}")]
     Export(String),
+    /// A VM definition the replica does not keep (it keeps the one it had).
+    #[error("{0}")]
+    Definition(String),
     /// A failover operation this site's role refuses (the message says why and what to do).
     #[error("{0}")]
     Role(String),

@@ -101,7 +101,10 @@ impl VmStore {
     /// Applies the retention policy at time `now`.
     pub(crate) fn retain(&mut self, now: u64) -> Result<(), StoreError> {
         self.settle()?;
-        let pinned = self.shared.pinned();
+        let mut pinned = self.shared.pinned();
+        // A test failover's point stays, also while its view is not open (an applier
+        // restarting serves it again).
+        pinned.extend(self.state.tests.iter().map(|t| t.point));
         let drop = plan_retention(&self.state.points, now, &self.retention, &pinned);
         for cycle in drop {
             if !self.shared.unpinned_take(cycle) {

@@ -8,14 +8,17 @@
 //! Fields added after version 2 was released carry `#[serde(default)]` and stay inside
 //! version 2 (a file without them reads as before, no version bump needed): the VM's `role`
 //! on this site and its transitions (see [`Role`]), per-disk `image` paths outside the
-//! store, operations' `excluded` disks, `ops` (what status needs: the primary's interval and
-//! RPO limit, the cycle history) and points' `app_consistent`.
+//! store, `definition` (the VM definition the replica holds), `tests` (the test failovers,
+//! which pin their points), operations' `excluded` disks, `ops` (what status needs: the
+//! primary's interval and RPO limit, the cycle history) and points' `app_consistent`.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmreplica_common::lineage::Lineage;
-use vmreplica_common::wire::{CycleKind, LineagePoint, Receiving, Role as WireRole};
+use vmreplica_common::wire::{
+    CycleKind, DefinitionHash, LineagePoint, Receiving, Role as WireRole,
+};
 use vmreplica_common::{read_state, write_state, StateFileError};
 
 use crate::rules::Replica;
@@ -221,6 +224,39 @@ pub struct OpsState {
     pub history: vmreplica_ops::history::History,
 }
 
+/// The VM definition the replica holds (`definition.toml` beside the state, when
+/// `has_definition`), as the primary shipped it, with the primary site's reverse target.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DefinitionInfo {
+    pub hash: DefinitionHash,
+    pub has_definition: bool,
+    /// The primary's `[reverse]` (its own applier), as its shipper configuration says.
+    pub reverse: Option<vmreplica_common::wire::ReverseTarget>,
+    /// Seconds since the epoch when it was stored.
+    pub stored_at: u64,
+}
+
+/// A test failover: point `point` served over NBD with a scratch overlay in `tests/POINT/`.
+/// Persisted, so an applier restart serves it again (with its scratch writes) and retention
+/// never drops its point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestPin {
+    pub point: u64,
+    /// Seconds since the epoch when it started.
+    pub created_at: u64,
+    /// Also served on this TCP address (with TLS, admitting these client names).
+    #[serde(default)]
+    pub tcp: Option<String>,
+    #[serde(default)]
+    pub tls_allow: Vec<String>,
+    /// The VM was booted from the shipped definition (`tests/POINT/vm/`).
+    #[serde(default)]
+    pub started: bool,
+    /// Most bytes each scratch file may hold.
+    #[serde(default)]
+    pub scratch_limit: Option<u64>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct VmState {
     pub owner: String,
@@ -237,6 +273,10 @@ pub(crate) struct VmState {
     pub receiving: Option<ReceivingState>,
     pub points: Vec<PointInfo>,
     pub undo: Vec<UndoRef>,
+    #[serde(default)]
+    pub definition: Option<DefinitionInfo>,
+    #[serde(default)]
+    pub tests: Vec<TestPin>,
     #[serde(default)]
     pub role: Role,
     #[serde(default)]
@@ -269,6 +309,8 @@ impl VmState {
             receiving: None,
             points: Vec::new(),
             undo: Vec::new(),
+            definition: None,
+            tests: Vec::new(),
             role: Role::Replica,
             excluded: Vec::new(),
             ops: OpsState::default(),

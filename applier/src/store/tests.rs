@@ -16,13 +16,13 @@ use vmreplica_common::wire::{code, is_zero, CycleKind, DiskInfo, Tag};
 use super::*;
 use crate::pointview::PointView;
 
-const SIZE: u64 = 4 << 20;
-const G: u32 = 65536;
+pub(crate) const SIZE: u64 = 4 << 20;
+pub(crate) const G: u32 = 65536;
 const L: Lineage = Lineage([0x11; 16]);
 /// The tracker's freeze id (the tests freeze each cycle once).
 const FREEZE: u64 = 7;
 
-type Images = Vec<Vec<u8>>;
+pub(crate) type Images = Vec<Vec<u8>>;
 
 fn disks() -> Vec<DiskInfo> {
     ["a", "b"]
@@ -35,11 +35,11 @@ fn disks() -> Vec<DiskInfo> {
         .collect()
 }
 
-fn store(dir: &std::path::Path, r: Retention) -> Store {
+pub(crate) fn store(dir: &std::path::Path, r: Retention) -> Store {
     Store::new(dir, r).unwrap()
 }
 
-fn tmp() -> tempfile::TempDir {
+pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::tempdir_in("/var/tmp").unwrap()
 }
 
@@ -97,7 +97,7 @@ fn plan(blocks: &[(u16, u64)]) -> RangeSet {
 
 /// Ships `blocks` of `data` as cycle `cycle` (skipping what the replica already holds) and
 /// commits it.
-fn ship(
+pub(crate) fn ship(
     vs: &mut VmStore,
     cycle: u64,
     kind: CycleKind,
@@ -154,13 +154,13 @@ fn mutate(rng: &mut impl Rng, data: &mut Images) -> Vec<(u16, u64)> {
     blocks
 }
 
-fn initial(s: &Store, data: &Images) -> (VmStore, BTreeMap<u64, Images>) {
+pub(crate) fn initial(s: &Store, data: &Images) -> (VmStore, BTreeMap<u64, Images>) {
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     ship(&mut vs, 1, CycleKind::Initial, data, &all_blocks()).unwrap();
     (vs, BTreeMap::from([(1, data.clone())]))
 }
 
-fn read_images(vs: &VmStore) -> Images {
+pub(crate) fn read_images(vs: &VmStore) -> Images {
     ["a", "b"]
         .iter()
         .map(|n| fs::read(vs.image_path(n)).unwrap())
@@ -178,7 +178,7 @@ fn read_point(vs: &VmStore, point: u64) -> Images {
         .collect()
 }
 
-fn seeded(seed: u64) -> Images {
+pub(crate) fn seeded(seed: u64) -> Images {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut d = vec![vec![0u8; SIZE as usize]; 2];
     for img in &mut d {
@@ -862,6 +862,59 @@ fn a_point_view_reads_point_n_exactly_while_20_cycles_land() {
     let points: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
     assert_eq!(points, vec![21, 22, 23]);
     assert!(read_images(&vs) == primary);
+}
+
+/// A point's block status: the image's holes are holes; what a later cycle overwrote is what
+/// its undo log recorded: data, or zeroes not claimed to be a hole (the log does not tell a
+/// hole from written zeroes).
+#[test]
+fn point_extents_tell_data_holes_and_recorded_zeroes_apart() {
+    use crate::pointview::{Extent, ExtentKind};
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    // Disk a: data in its first half, a hole in its second.
+    let mut primary = seeded(3);
+    let (mut vs, _) = initial(&s, &primary);
+    let g = u64::from(G);
+    let half = SIZE / 2;
+    // Cycle 2: block 0 becomes zeroes, the second block of the hole becomes data.
+    primary[0][..G as usize].fill(0);
+    let hb = (half / g + 1) as usize;
+    primary[0][hb * G as usize..(hb + 1) * G as usize].fill(9);
+    ship(
+        &mut vs,
+        2,
+        CycleKind::Delta,
+        &primary,
+        &[(0, 0), (0, hb as u64)],
+    )
+    .unwrap();
+    let ext = |point| {
+        PointView::open(vs.shared(), point)
+            .unwrap()
+            .extents(0, 0, SIZE)
+            .unwrap()
+    };
+    let e = |offset, len, kind| Extent { offset, len, kind };
+    assert_eq!(
+        ext(1),
+        vec![
+            e(0, half, ExtentKind::Data),
+            e(half, g, ExtentKind::Hole),
+            e(half + g, g, ExtentKind::Zero),
+            e(half + 2 * g, half - 2 * g, ExtentKind::Hole),
+        ]
+    );
+    assert_eq!(
+        ext(2),
+        vec![
+            e(0, g, ExtentKind::Hole),
+            e(g, half - g, ExtentKind::Data),
+            e(half, g, ExtentKind::Hole),
+            e(half + g, g, ExtentKind::Data),
+            e(half + 2 * g, half - 2 * g, ExtentKind::Hole),
+        ]
+    );
 }
 
 /// What a cycle says of itself is recorded: app-consistent points, the primary's interval

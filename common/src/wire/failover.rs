@@ -2,14 +2,12 @@
 //! addresses sites give each other, and the codec of `Promote`, `Promoted`, `Reverse` and
 //! `ReverseOk`.
 
+use super::definition::MAX_DEFINITION;
 use super::{
     Message, WireError, R, RESUME_PAGE, T_PROMOTE, T_PROMOTED, T_REVERSE, T_REVERSE_OK, W,
 };
 use crate::lineage::Lineage;
 use crate::ranges::{Range, RangeSet};
-
-/// Most bytes of a VM definition carried in `Promote`.
-pub const MAX_DEFINITION: u32 = 256 * 1024;
 
 /// A point of a lineage: its cycle `cycle` (a new lineage's parent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

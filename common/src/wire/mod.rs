@@ -17,12 +17,18 @@
 //! (planned failover) and `Reverse` requests. An older peer is refused at hello with a message
 //! that says which side to upgrade: `Hello` and `Welcome` decode in every version's layout
 //! for that.
+//!
+//! The VM's definition travels with its disks ([`definition`]): `Welcome` ends with the
+//! replica's [`DefinitionHash`] when it holds one (a welcome without it decodes as holding
+//! none), and `Definition` / `DefinitionStored` carry a new one and its fate. A peer that
+//! predates them never receives them: the shipper sends a definition only to a replica whose
+//! welcome said which one it holds, or that it holds none.
 
+pub mod definition;
 mod failover;
 
-pub use failover::{
-    divergent_pages, failed_over_message, Endpoint, LineagePoint, Role, MAX_DEFINITION,
-};
+pub use definition::{DefinitionHash, ReverseTarget, MAX_DEFINITION};
+pub use failover::{divergent_pages, failed_over_message, Endpoint, LineagePoint, Role};
 
 use crate::direct;
 use crate::lineage::Lineage;
@@ -66,6 +72,8 @@ pub enum WireError {
     BadKind(u8),
     #[error("a flag byte is {0}, not 0 or 1")]
     BadFlag(u8),
+    #[error("VM definition of {0} bytes exceeds the {MAX_DEFINITION}-byte limit")]
+    DefinitionTooLarge(u32),
     #[error("chunk of {0} bytes exceeds the {MAX_CHUNK}-byte limit")]
     ChunkTooLarge(u32),
     #[error("chunk at disk {disk} offset {offset}: {reason}")]
@@ -201,13 +209,15 @@ pub enum Message {
         lineage: Option<Lineage>,
     },
     /// Applier → shipper: the replica's lineage, its last complete cycle (0: none) and the
-    /// freeze id of that cycle (0: unknown), and the cycle it holds in part, if any.
+    /// freeze id of that cycle (0: unknown), the cycle it holds in part, if any, and the VM
+    /// definition it holds, if any.
     Welcome {
         version: u16,
         lineage: Option<Lineage>,
         last_cycle: u64,
         last_freeze: u64,
         receiving: Option<Receiving>,
+        definition: Option<DefinitionHash>,
         /// What the site is for this VM (a replica, or failed over: see [`Role`]).
         role: Role,
     },
@@ -266,6 +276,20 @@ pub enum Message {
         offset: u64,
         hashes: Vec<u64>,
     },
+    /// Shipper → applier, on the control stream: the VM's definition (`VmDefinition::to_toml()`,
+    /// at most [`MAX_DEFINITION`] bytes) and the primary site's reverse target, whose
+    /// [`DefinitionHash::of`] is `hash`; sent when the replica's hash differs.
+    Definition {
+        hash: DefinitionHash,
+        definition: String,
+        reverse: Option<ReverseTarget>,
+    },
+    /// Applier → shipper: the definition `hash` is stored (`error` None), or refused (the
+    /// replica keeps the one it had; replication goes on either way).
+    DefinitionStored {
+        hash: DefinitionHash,
+        error: Option<String>,
+    },
     /// Applier → shipper, after a `Welcome` with [`Role::ReversePending`], in pages: the
     /// ranges where this site's disks may differ from the point the reverse cycle continues
     /// (its unreplicated writes); the shipper ships them with its own. `last` ends the list.
@@ -321,6 +345,8 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::HashRequest { .. } => "HashRequest",
             Message::Hashes { .. } => "Hashes",
+            Message::Definition { .. } => "Definition",
+            Message::DefinitionStored { .. } => "DefinitionStored",
             Message::Divergent { .. } => "Divergent",
             Message::Promote { .. } => "Promote",
             Message::Promoted { .. } => "Promoted",
@@ -361,6 +387,8 @@ const T_ERROR: u8 = 8;
 const T_HASH_REQ: u8 = 9;
 const T_HASHES: u8 = 10;
 const T_ACKED: u8 = 11;
+const T_DEFINITION: u8 = 17;
+const T_DEFINITION_STORED: u8 = 18;
 const T_DIVERGENT: u8 = 12;
 const T_PROMOTE: u8 = 13;
 const T_PROMOTED: u8 = 14;
@@ -406,6 +434,16 @@ impl W<'_> {
     fn bool(&mut self, b: bool) {
         self.u8(u8::from(b));
     }
+    fn opt_str(&mut self, s: &Option<String>) {
+        match s {
+            Some(s) => {
+                self.u8(1);
+                self.str(s);
+            }
+            None => self.u8(0),
+        }
+    }
+
     fn ranges(&mut self, ranges: &[Range]) {
         self.u32(ranges.len() as u32);
         for r in ranges {
@@ -470,6 +508,16 @@ impl<'a> R<'a> {
     fn bool(&mut self) -> Result<bool, WireError> {
         self.flag()
     }
+    fn opt_str(&mut self) -> Result<Option<String>, WireError> {
+        Ok(match self.flag()? {
+            false => None,
+            true => Some(self.str()?),
+        })
+    }
+    fn hash(&mut self) -> Result<DefinitionHash, WireError> {
+        let b = self.take(16, "definition hash")?;
+        Ok(DefinitionHash(b.try_into().expect("16 bytes")))
+    }
     fn count(&mut self, entry_size: usize) -> Result<usize, WireError> {
         let n = self.u32()?;
         if n > MAX_LIST || (n as usize).saturating_mul(entry_size) > self.0.len() {
@@ -511,6 +559,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             last_cycle,
             last_freeze,
             receiving,
+            definition,
             role,
         } => {
             w.u8(T_WELCOME);
@@ -531,6 +580,11 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             // Version 2 ended here.
             if *version >= 3 {
                 w.role(role);
+            }
+            // Absent, not a 0 flag, when there is none: a welcome of before still decodes.
+            if let Some(h) = definition {
+                w.u8(1);
+                w.0.extend_from_slice(&h.0);
             }
         }
         Message::BeginCycle {
@@ -642,6 +696,30 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             for h in hashes {
                 w.u64(*h);
             }
+        }
+        Message::Definition {
+            hash,
+            definition,
+            reverse,
+        } => {
+            w.u8(T_DEFINITION);
+            w.0.extend_from_slice(&hash.0);
+            // Longer than the limit: the decoder refuses it (so does the frame bound).
+            w.u32(definition.len().min(u32::MAX as usize) as u32);
+            w.0.extend_from_slice(definition.as_bytes());
+            match reverse {
+                Some(r) => {
+                    w.u8(1);
+                    w.str(&r.replica);
+                    w.str(&r.server_name);
+                }
+                None => w.u8(0),
+            }
+        }
+        Message::DefinitionStored { hash, error } => {
+            w.u8(T_DEFINITION_STORED);
+            w.0.extend_from_slice(&hash.0);
+            w.opt_str(error);
         }
         Message::Divergent { ranges, last } => {
             w.u8(T_DIVERGENT);
@@ -857,12 +935,22 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             } else {
                 Role::Replica
             };
+            // The definition's hash, if the replica holds one (absent before it existed).
+            let definition = if r.0.is_empty() {
+                None
+            } else {
+                match r.u8()? {
+                    1 => Some(r.hash()?),
+                    b => return Err(WireError::BadFlag(b)),
+                }
+            };
             Message::Welcome {
                 version,
                 lineage,
                 last_cycle,
                 last_freeze,
                 receiving,
+                definition,
                 role,
             }
         }
@@ -966,6 +1054,31 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 hashes,
             }
         }
+        T_DEFINITION => {
+            let hash = r.hash()?;
+            let n = r.u32()?;
+            if n > MAX_DEFINITION {
+                return Err(WireError::DefinitionTooLarge(n));
+            }
+            let definition = String::from_utf8(r.take(n as usize, "definition")?.to_vec())
+                .map_err(|_| WireError::BadString)?;
+            let reverse = match r.flag()? {
+                false => None,
+                true => Some(ReverseTarget {
+                    replica: r.str()?,
+                    server_name: r.str()?,
+                }),
+            };
+            Message::Definition {
+                hash,
+                definition,
+                reverse,
+            }
+        }
+        T_DEFINITION_STORED => Message::DefinitionStored {
+            hash: r.hash()?,
+            error: r.opt_str()?,
+        },
         T_DIVERGENT => Message::Divergent {
             last: r.bool()?,
             ranges: r.ranges()?,

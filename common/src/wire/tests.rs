@@ -46,6 +46,7 @@ fn all() -> Vec<Message> {
                 kind: CycleKind::Resync,
                 freeze: 88,
             }),
+            definition: Some(DefinitionHash([5; 16])),
             role: Role::Replica,
         },
         Message::Welcome {
@@ -54,6 +55,7 @@ fn all() -> Vec<Message> {
             last_cycle: 0,
             last_freeze: 0,
             receiving: None,
+            definition: None,
             role: Role::FailedOver {
                 lineage: l,
                 parent: point(5),
@@ -65,6 +67,7 @@ fn all() -> Vec<Message> {
             last_cycle: 9,
             last_freeze: 0,
             receiving: None,
+            definition: Some(DefinitionHash([6; 16])),
             role: Role::Primary {
                 lineage: Lineage([1; 16]),
                 parent: point(9),
@@ -76,6 +79,7 @@ fn all() -> Vec<Message> {
             last_cycle: 9,
             last_freeze: 0,
             receiving: None,
+            definition: None,
             role: Role::ReversePending { parent: point(9) },
         },
         Message::BeginCycle {
@@ -208,6 +212,27 @@ fn all() -> Vec<Message> {
             offset: 0,
             hashes: vec![1, 2, 3],
         },
+        Message::Definition {
+            hash: DefinitionHash([3; 16]),
+            definition: "version = 1\nname = \"vm1\"\n".into(),
+            reverse: Some(ReverseTarget {
+                replica: "192.0.2.1:7443".into(),
+                server_name: "replica-2".into(),
+            }),
+        },
+        Message::Definition {
+            hash: DefinitionHash([3; 16]),
+            definition: String::new(),
+            reverse: None,
+        },
+        Message::DefinitionStored {
+            hash: DefinitionHash([3; 16]),
+            error: Some("VM definition vm1: bad".into()),
+        },
+        Message::DefinitionStored {
+            hash: DefinitionHash([3; 16]),
+            error: None,
+        },
     ]
 }
 
@@ -249,6 +274,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
             last_cycle: 5,
             last_freeze: 0,
             receiving: None,
+            definition: None,
             role: Role::Replica,
         }
     );
@@ -260,6 +286,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
         last_freeze: 6,
         receiving: None,
         role: Role::Replica,
+        definition: None,
     };
     let f = frame(&v2);
     assert_eq!(decode(&f).unwrap().unwrap().0, v2);
@@ -270,6 +297,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
         last_freeze: 6,
         receiving: None,
         role: Role::Replica,
+        definition: None,
     });
     assert_eq!(v3.len(), f.len() + 1, "the role is one byte more");
     v3.pop();
@@ -529,6 +557,42 @@ fn zero_blocks_amid_data_travel_as_zero_markers() {
     assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
 }
 
+/// A welcome of version 2 from before definitions travelled (it ends after `receiving`)
+/// decodes as holding none; a flag other than 1 where the hash would start is refused; a
+/// definition past its limit is refused before it is read.
+#[test]
+fn welcomes_without_a_definition_decode_and_oversized_definitions_are_refused() {
+    let w = Message::Welcome {
+        version: 2,
+        lineage: None,
+        last_cycle: 3,
+        last_freeze: 4,
+        receiving: None,
+        definition: None,
+        role: Role::Replica,
+    };
+    let f = frame(&w);
+    assert_eq!(decode(&f).unwrap().unwrap().0, w);
+    let mut zero_flag = f.clone();
+    zero_flag.push(0);
+    zero_flag[3] += 1;
+    assert_eq!(decode(&zero_flag), Err(WireError::BadFlag(0)));
+    let mut big = vec![0, 0, 0, 21, T_DEFINITION];
+    big.extend([0u8; 16]);
+    big.extend((MAX_DEFINITION + 1).to_be_bytes());
+    assert_eq!(
+        decode(&big),
+        Err(WireError::DefinitionTooLarge(MAX_DEFINITION + 1))
+    );
+    let mut not_utf8 = vec![0, 0, 0, 24, T_DEFINITION];
+    not_utf8.extend([0u8; 16]);
+    not_utf8.extend(2u32.to_be_bytes());
+    not_utf8.extend([0xff, 0xfe, 0]);
+    assert_eq!(decode(&not_utf8), Err(WireError::BadString));
+}
+
+/// A `BeginCycle` without cycle metadata is the same frame as before it existed (older
+/// shippers' frames read as default metadata); metadata follows the disks behind a tag.
 #[test]
 fn failover_messages_are_bounded_and_divergent_ranges_are_paged() {
     // A definition longer than the limit is refused, without allocating it.
@@ -553,6 +617,7 @@ fn failover_messages_are_bounded_and_divergent_ranges_are_paged() {
         last_freeze: 0,
         receiving: None,
         role: Role::Replica,
+        definition: None,
     });
     *w.last_mut().unwrap() = 9;
     assert_eq!(decode(&w), Err(WireError::BadKind(9)));

@@ -26,6 +26,16 @@ fn view(frozen: Option<Frozen>, next: u64) -> TrackerView {
 
 /// A session connected to a replica at cycle 9 of L, whose tracker holds `frozen`.
 fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Instant) {
+    connected_with(frozen, last_freeze, None, None)
+}
+
+/// [`connected`], the session holding definition `mine`, the replica `theirs`.
+fn connected_with(
+    frozen: Option<Frozen>,
+    last_freeze: u64,
+    mine: Option<Definition>,
+    theirs: Option<DefinitionHash>,
+) -> (ShipperSession, Instant) {
     let now = Instant::now();
     let mut s = ShipperSession::new(
         Config {
@@ -37,6 +47,7 @@ fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Insta
         },
         now,
     );
+    s.set_definition(mine);
     s.handle(Event::Tick, now);
     assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
     s.handle(Event::Tracker(Ok(view(frozen, 11))), now);
@@ -58,6 +69,7 @@ fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Insta
                 last_cycle: 9,
                 last_freeze,
                 receiving: None,
+                definition: theirs,
                 role: Role::Replica,
             },
         },
@@ -215,6 +227,7 @@ fn greeted(view_: TrackerView, role: Role, last: u64) -> ShipperSession {
                 last_freeze: 0,
                 receiving: None,
                 role,
+                definition: None,
             },
         },
         now,
@@ -401,6 +414,7 @@ fn in_step(paused: bool) -> (ShipperSession, Instant) {
                 last_freeze: 5,
                 receiving: None,
                 role: Role::Replica,
+                definition: None,
             },
         },
         now,
@@ -482,4 +496,138 @@ fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
         drain(&mut s),
         vec![Action::Tracker(TrackerOp::Freeze { full: true })]
     );
+}
+
+/// The definition goes before the cycle when the replica holds another; a refusal is
+/// reported and the cycle goes on; a changed definition goes before the next cycle; one
+/// the replica holds is not sent again.
+#[test]
+fn a_definition_goes_before_the_cycle_and_a_refusal_does_not_stop_replication() {
+    let f = Frozen {
+        generation: 10,
+        id: 77,
+        full: false,
+        baseline: false,
+    };
+    let d1 = Definition::new("version = 1 # a".into(), None);
+    let (mut s, now) = connected_with(Some(f), 5, Some(d1.clone()), None);
+    let acts = drain(&mut s);
+    assert!(
+        matches!(
+            &acts[..],
+            [
+                Action::Send {
+                    msg: Message::Definition { hash, .. },
+                    ..
+                },
+                Action::Send {
+                    msg: Message::BeginCycle { cycle: 10, .. },
+                    ..
+                }
+            ] if *hash == d1.hash
+        ),
+        "{acts:?}"
+    );
+    // Refused: said, and the cycle goes on (no retry, no close).
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::DefinitionStored {
+                hash: d1.hash,
+                error: Some("bad".into()),
+            },
+        },
+        now,
+    );
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Definition {
+            hash: d1.hash,
+            result: Err("bad".into())
+        }]
+    );
+    for p in resume_pages(L, 10, 3, &RangeSet::new()) {
+        s.handle(Event::Message { attempt: 1, msg: p }, now);
+    }
+    assert!(matches!(&drain(&mut s)[..], [Action::Plan { .. }]));
+    s.handle(
+        Event::Planned {
+            attempt: 1,
+            result: Ok(RangeSet::new()),
+        },
+        now,
+    );
+    drain(&mut s);
+    s.handle(
+        Event::Sent {
+            attempt: 1,
+            result: Ok(()),
+        },
+        now,
+    );
+    drain(&mut s);
+    // The operator edits the definition; the next cycle carries it first.
+    let d2 = Definition::new("version = 1 # b".into(), None);
+    s.set_definition(Some(d2.clone()));
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::Applied {
+                lineage: L,
+                cycle: 10,
+            },
+        },
+        now,
+    );
+    drain(&mut s);
+    let next = Frozen {
+        generation: 11,
+        id: 78,
+        full: false,
+        baseline: false,
+    };
+    s.handle(Event::Tracker(Ok(view(Some(next), 12))), now);
+    let acts = drain(&mut s);
+    assert!(
+        matches!(
+            &acts[..],
+            [
+                Action::Send {
+                    msg: Message::Definition { hash, .. },
+                    ..
+                },
+                Action::Send {
+                    msg: Message::BeginCycle { cycle: 11, .. },
+                    ..
+                }
+            ] if *hash == d2.hash
+        ),
+        "{acts:?}"
+    );
+    s.handle(
+        Event::Message {
+            attempt: 1,
+            msg: Message::DefinitionStored {
+                hash: d2.hash,
+                error: None,
+            },
+        },
+        now,
+    );
+    assert_eq!(
+        drain(&mut s),
+        vec![Action::Definition {
+            hash: d2.hash,
+            result: Ok(())
+        }]
+    );
+    // A replica that holds it already is not sent it again.
+    let (mut s, _) = connected_with(Some(f), 5, Some(d2.clone()), Some(d2.hash));
+    assert!(matches!(
+        &drain(&mut s)[..],
+        [Action::Send {
+            msg: Message::BeginCycle { .. },
+            ..
+        }]
+    ));
 }

@@ -1,0 +1,51 @@
+//! Test failovers as the replica's state records them (`tests`): each pins its point (also
+//! for retention, while no view holds it: see `points`), and is served again after an
+//! applier restart. Saved before the test failover is reported started, removed before its
+//! scratch files are.
+
+use super::state::TestPin;
+use super::{StoreError, VmStore};
+
+impl VmStore {
+    /// The test failovers recorded.
+    pub fn tests(&self) -> Vec<TestPin> {
+        self.state.tests.clone()
+    }
+
+    /// Records a test failover (a second one of the same point is refused).
+    pub fn add_test(&mut self, pin: TestPin) -> Result<(), StoreError> {
+        if self.state.tests.iter().any(|t| t.point == pin.point) {
+            return Err(StoreError::Refused(format!(
+                "VM {}: point {} is already under test; stop that test failover first \
+                 (vmreplica failover test-stop {} --point {})",
+                self.vm(),
+                pin.point,
+                self.vm(),
+                pin.point
+            )));
+        }
+        let mut next = self.state.clone();
+        next.tests.push(pin);
+        next.tests.sort_by_key(|t| t.point);
+        self.commit_state(next)
+    }
+
+    /// Records that the test failover of `point` booted its VM (or not).
+    pub fn set_test_started(&mut self, point: u64, started: bool) -> Result<(), StoreError> {
+        let mut next = self.state.clone();
+        for t in next.tests.iter_mut().filter(|t| t.point == point) {
+            t.started = started;
+        }
+        self.commit_state(next)
+    }
+
+    /// Forgets the test failover of `point` (its point may then go by retention).
+    pub fn remove_test(&mut self, point: u64) -> Result<(), StoreError> {
+        if !self.state.tests.iter().any(|t| t.point == point) {
+            return Ok(());
+        }
+        let mut next = self.state.clone();
+        next.tests.retain(|t| t.point != point);
+        self.commit_state(next)
+    }
+}
