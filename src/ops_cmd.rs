@@ -419,9 +419,12 @@ pub fn pause(vm: &str, resume: bool) -> Result<()> {
     let e = shipper_of(vm)?;
     let socket = e.control.context("the shipper's entry names no socket")?;
     let v = ask(&socket, if resume { &Ship::Resume } else { &Ship::Pause })?;
-    let what = if resume { "resumed" } else { "paused" };
     if v["changed"] == Value::Bool(false) {
-        println!("VM {vm}: replication was {what} already");
+        if resume {
+            println!("VM {vm}: replication was not paused: nothing to resume");
+        } else {
+            println!("VM {vm}: replication was paused already");
+        }
     } else if resume {
         println!("VM {vm}: replication resumed: one cycle ships what changed meanwhile");
     } else {
@@ -440,6 +443,17 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
     let socket = e.control.context("the shipper's entry names no socket")?;
     let mut follow = vmreplica_ops::events::Follower::new(&registry::run_dir(), false);
     ask(&socket, &Ship::Resync)?;
+    let st: VmStatus = serde_json::from_value(ask(&socket, &Ship::Status)?)?;
+    if st.state == State::Paused {
+        println!(
+            "VM {vm}: checksum resync requested; replication is paused: it runs when \
+             replication resumes (`vmreplica resume {vm}`)"
+        );
+        if wait {
+            bail!("VM {vm}: paused: not waiting for a resync that cannot start; resume it first");
+        }
+        return Ok(());
+    }
     println!("VM {vm}: checksum resync requested: the next cycle compares every block");
     if !wait {
         return Ok(());
@@ -478,6 +492,9 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
                 );
             }
         }
+        if st.state == State::Paused {
+            bail!("VM {vm}: replication was paused: the resync goes on when it resumes");
+        }
         if st.state == State::Stopped {
             bail!(
                 "VM {vm}: replication stopped: {}",
@@ -509,12 +526,9 @@ pub fn set(vm: &str, pairs: &[String], config: Option<&Path>) -> Result<()> {
         };
         kv.push((k.trim().to_string(), v.trim().to_string()));
     }
-    for (k, v) in &kv {
-        let c = vmreplica_shipper::ShipperConfig::set_in_file(&config, k, v)?;
-        if c.vm != vm {
-            bail!("{} configures VM {}, not {vm}", config.display(), c.vm);
-        }
-    }
+    // All pairs at once: one bad pair, or a file of another VM, changes nothing.
+    let refs: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    vmreplica_shipper::ShipperConfig::set_in_file(&config, vm, &refs)?;
     println!("{}: {}", config.display(), pairs.join(", "));
     if let Some(socket) = entry.and_then(|e| e.control) {
         for (k, v) in kv {

@@ -200,6 +200,8 @@ pub struct HealthInput {
     pub stopped: Option<String>,
     /// Disks whose tracking was lost (a resync is needed and not under way).
     pub tracking_lost: Vec<String>,
+    /// An operator asked for a checksum resync; it has not started yet.
+    pub resync_requested: bool,
     pub resyncing: bool,
     pub paused: bool,
     /// No recovery point yet (the initial copy has not finished).
@@ -261,6 +263,13 @@ pub fn health(i: &HealthInput) -> Health {
     }
     if i.resyncing {
         warning.push("a checksum resync is under way".into());
+    }
+    if i.resync_requested {
+        warning.push(if i.paused {
+            "a checksum resync was requested: it runs when replication resumes".into()
+        } else {
+            "a checksum resync was requested: the next cycle compares every block".into()
+        });
     }
     if i.no_point && i.stopped.is_none() {
         warning.push("the initial copy has not finished: no recovery point yet".into());
@@ -329,6 +338,11 @@ mod tests {
         assert_eq!(health(&i).level, Level::Critical);
         i.resyncing = true;
         assert_eq!(health(&i).level, Level::Warning);
+        let mut i = base();
+        i.resync_requested = true;
+        let h = health(&i);
+        assert_eq!(h.level, Level::Warning);
+        assert!(h.reasons[0].contains("resync was requested"), "{h:?}");
         let mut i = base();
         i.stopped = Some("no shipper runs".into());
         i.no_point = true;

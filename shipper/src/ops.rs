@@ -193,6 +193,8 @@ pub(crate) struct Ops {
     pub health: Option<Level>,
     /// Disks the tracker serves and does not track.
     pub excluded: Vec<(String, u64)>,
+    /// The configuration it started with (a reload takes over only what may change).
+    pub started: ShipperConfig,
 }
 
 impl Ops {
@@ -245,6 +247,7 @@ impl Ops {
             announced: None,
             health: None,
             excluded: Vec::new(),
+            started: cfg.clone(),
         })
     }
 
@@ -343,6 +346,9 @@ impl Ops {
         );
         self.state.history.record(rec);
         self.state.stopped = None;
+        if kind == CycleKind::Resync {
+            self.state.resync_requested = None;
+        }
         self.cycle = None;
         let _ = self.save();
     }
@@ -367,6 +373,13 @@ impl Ops {
             self.event(events::REPLICATION_STOPPED)
                 .field("error", error),
         );
+    }
+
+    /// An operator's resync was marked in the tracker: remembered until a resync cycle is
+    /// applied, so that status does not call it lost tracking.
+    pub fn resync_requested(&mut self) {
+        self.state.resync_requested = Some(now_ms() / 1000);
+        let _ = self.save();
     }
 
     /// Pause or resume, saved before it takes effect.

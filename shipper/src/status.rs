@@ -75,9 +75,11 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
         })
         .unwrap_or_default();
     disks.sort_by_key(|d| d.excluded);
+    // A resync the operator asked for is not lost tracking.
+    let resync_requested = i.state.resync_requested.is_some();
     let tracking_lost: Vec<String> = disks
         .iter()
-        .filter(|d| d.resync_required)
+        .filter(|d| d.resync_required && !resync_requested)
         .map(|d| d.name.clone())
         .collect();
     // Backlog: what is dirty, plus the frozen generation not yet applied.
@@ -115,7 +117,7 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
         State::InitialCopy
     } else if resyncing {
         State::Resynchronizing
-    } else if !tracking_lost.is_empty() {
+    } else if !tracking_lost.is_empty() || resync_requested {
         State::ResyncRequired
     } else {
         State::Replicating
@@ -123,6 +125,7 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
     let hl = health(&HealthInput {
         stopped: stopped.clone(),
         tracking_lost,
+        resync_requested: resync_requested && !resyncing,
         resyncing,
         paused,
         no_point,
