@@ -229,3 +229,43 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
     drop(shipper);
     tracker.stop();
 }
+
+/// Junk datagrams at the applier's port (a scanner, a misdirected client; some shaped like
+/// QUIC v1 Initials): neither a log line each nor a stalled replication.
+#[test]
+fn junk_datagrams_neither_flood_the_log_nor_stop_replication() {
+    let (dir, site, _img, tracker) = small_site(1);
+    std::env::set_var("VMREPLICA_RUN_DIR", dir.path().join("run"));
+    let (_config, _applier, _shipper) = site.start(&tracker, &[]);
+    site.wait_cycles(0, 2, Duration::from_secs(60));
+    let quiet = |log: String| log.lines().filter(|l| !l.contains("cycle")).count();
+    let before = quiet(site.log("applier"));
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..5000u32 {
+        let mut b = vec![0u8; if i % 2 == 0 { 1200 } else { 37 }];
+        for byte in b.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *byte = x as u8;
+        }
+        if i % 3 == 0 {
+            // Long header, QUIC version 1, an 8-byte destination connection id.
+            b[0] = 0xc0 | (b[0] & 0x0f);
+            b[1..5].copy_from_slice(&1u32.to_be_bytes());
+            b[5] = 8;
+        }
+        sock.send_to(&b, ("127.0.0.1", site.port)).unwrap();
+    }
+    let since = site.applied();
+    site.wait_cycles(since, 2, Duration::from_secs(30));
+    let after = quiet(site.log("applier"));
+    assert!(
+        after - before <= 3,
+        "{} log lines for junk:\n{}",
+        after - before,
+        tail(&site.log("applier"))
+    );
+    tracker.stop();
+}

@@ -6,7 +6,7 @@
 //! not know); a field removed or changed in meaning makes version 2. Times are seconds since
 //! the epoch (UTC), durations seconds, sizes bytes; a value a site cannot know is `null`
 //! (the replica does not know the primary's backlog; the primary does not hold points). The
-//! README ("Status and health") documents each field; `tests/ops_status.rs` pins the schema.
+//! README ("Status and health") documents each field; `ops/tests/schema.rs` pins the schema.
 
 use serde::{Deserialize, Serialize};
 
