@@ -132,7 +132,8 @@ pub fn gather(a: &StatusArgs) -> Result<Report> {
         let sp = vmreplica_shipper::state::path_for(control);
         if !sp.exists() {
             notes.push(format!(
-                "a tracker (PID {}, state {}) serves disks no shipper has shipped yet",
+                "a tracker (PID {}, state {}) serves disks that no shipper on this host \
+                 ships (no shipper state there)",
                 t.pid,
                 t.state
                     .as_ref()
@@ -209,7 +210,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
     let r = gather(&a)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-    } else if r.vms.is_empty() {
+    } else if r.vms.is_empty() && a.vm.is_none() {
         println!(
             "no VM is protected or held on this host{} (roles register in {})",
             a.vm.as_deref()
@@ -224,7 +225,12 @@ pub fn status(a: StatusArgs) -> Result<()> {
     }
     if let Some(vm) = &a.vm {
         if r.vms.is_empty() {
-            bail!("VM {vm}: nothing on this host protects or holds it");
+            bail!(
+                "VM {vm}: nothing on this host protects or holds it (roles register in {}; \
+                 a replica store or a shipper configuration whose role does not run: --store, \
+                 --config)",
+                registry::run_dir().display()
+            );
         }
     }
     Ok(())

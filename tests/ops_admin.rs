@@ -226,7 +226,28 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
     );
     let since = site.applied();
     site.wait_cycles(since, 2, Duration::from_secs(30));
-    drop(shipper);
+
+    // A bandwidth schedule whose window holds every time of day: its limit is in force at
+    // once, over the configured one; shown in status and announced.
+    std::fs::write(
+        &config,
+        format!(
+            "{before}bandwidth_limit = \"20M\"\n[[bandwidth_schedule]]\nfrom = \"00:00\"\n\
+             to = \"24:00\"\nlimit = \"3M\"\n"
+        ),
+    )
+    .unwrap();
+    hup(&shipper);
+    wait_primary("the scheduled limit", |p| {
+        p["bandwidth_limit_bytes_per_second"] == 3 << 20
+    });
+    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    assert!(
+        events.lines().any(|l| l.contains("\"bandwidth-changed\"")
+            && l.contains("\"limit_bytes_per_second\":3145728")),
+        "{events}"
+    );
+
     tracker.stop();
 }
 
