@@ -536,17 +536,30 @@ pub fn set(vm: &str, pairs: &[String], config: Option<&Path>) -> Result<()> {
     let refs: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     vmreplica_shipper::ShipperConfig::set_in_file(&config, vm, &refs)?;
     println!("{}: {}", config.display(), pairs.join(", "));
+    let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+    if let Some(e) = entry
+        .as_ref()
+        .filter(|e| e.config.as_deref().is_some_and(|c| !same(c, &config)))
+    {
+        bail!(
+            "VM {vm}: its running shipper (PID {}) reads {}, not {}: that file was changed, \
+             the running shipper was not",
+            e.pid,
+            e.config.as_deref().unwrap_or(Path::new("?")).display(),
+            config.display()
+        );
+    }
     if let Some(socket) = entry.and_then(|e| e.control) {
-        for (k, v) in kv {
-            ask(
-                &socket,
-                &Ship::Set {
-                    key: k.clone(),
-                    value: v.clone(),
-                },
-            )?;
-        }
+        // The running shipper reads the file just written (its defaults included).
+        let changed = ask(&socket, &Ship::Reload)?;
         println!("VM {vm}: the running shipper uses the new settings now");
+        if let Some(keys) = changed["restart_needed"].as_array() {
+            let keys: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
+            eprintln!(
+                "note: {} changed in the file earlier and take effect when the shipper restarts",
+                keys.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -152,6 +152,14 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
         says(&o)
     );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+    // An RPO limit no longer than the interval (always critical) is refused.
+    let o = vmr(&["set", "vm1", "rpo_limit=1s"]);
+    assert!(
+        !o.status.success() && says(&o).contains("must be longer than the interval"),
+        "{}",
+        says(&o)
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
     let other = dir.path().join("vm2.toml");
     std::fs::write(&other, before.replace("vm = \"vm1\"", "vm = \"vm2\"")).unwrap();
     let o = vmr(&[

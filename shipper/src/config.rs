@@ -162,6 +162,19 @@ pub fn parse_limit(s: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// An RPO limit no longer than the interval would make health critical before every cycle.
+pub fn check_rpo_limit(interval: &Interval, rpo_limit: Duration) -> Result<(), String> {
+    match interval {
+        Interval::Every(d) if rpo_limit <= *d => Err(format!(
+            "rpo_limit ({}) must be longer than the interval ({}): the latest point would pass \
+             it before every cycle and health would always be critical",
+            humantime::format_duration(rpo_limit),
+            humantime::format_duration(*d)
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The keys `vmreplica set` changes on a running shipper (and in its file).
 pub const SETTABLE: [&str; 5] = [
     "interval",
@@ -203,8 +216,15 @@ impl ShipperConfig {
         };
         let rpo_limit = match raw.rpo_limit.as_deref() {
             Some(r) => parse_duration(r).map_err(|e| bad(format!("rpo_limit: {e}")))?,
-            None => Duration::from_secs(vmreplica_ops::status::DEFAULT_RPO_LIMIT),
+            // An hour, or two intervals if they are longer.
+            None => {
+                Duration::from_secs(vmreplica_ops::status::DEFAULT_RPO_LIMIT).max(match interval {
+                    Interval::Every(d) => 2 * d,
+                    Interval::Continuous => Duration::ZERO,
+                })
+            }
         };
+        check_rpo_limit(&interval, rpo_limit).map_err(bad)?;
         let metrics = raw
             .metrics
             .as_deref()
@@ -436,6 +456,7 @@ key = "p.key"
             "app_consistent_every = \"1h\"",
             "metrics = \"localhost\"",
             "rpo_limit = \"0s\"",
+            "interval = \"5m\"\nrpo_limit = \"5m\"",
         ] {
             let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
                 .unwrap_err()

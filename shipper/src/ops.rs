@@ -100,6 +100,7 @@ impl Settings {
                 ))
             }
         }
+        crate::config::check_rpo_limit(&self.interval, self.rpo_limit)?;
         Ok(())
     }
 
