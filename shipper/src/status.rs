@@ -153,9 +153,16 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
     } else {
         None
     };
-    let link_rate = last
-        .filter(|c| c.seconds() > 0.0 && c.wire_bytes > 0)
-        .map(|c| (c.wire_bytes as f64 / c.seconds()).round());
+    // The newest cycle that carried enough to measure the link (an idle VM's empty cycles
+    // say nothing of it): 1 MiB, else any.
+    let rate_of = |min: u64| {
+        h.cycles
+            .iter()
+            .rev()
+            .find(|c| c.seconds() > 0.0 && c.wire_bytes >= min.max(1))
+            .map(|c| (c.wire_bytes as f64 / c.seconds()).round())
+    };
+    let link_rate = rate_of(1 << 20).or_else(|| rate_of(1));
     let app = &i.state.app;
     let mut processes = i.processes;
     if let Some(l) = live {
