@@ -181,7 +181,7 @@ pub struct VmStatus {
     pub total_wire_bytes: u64,
     /// Data bytes over bytes on the wire, last hour (primary).
     pub compression_ratio: Option<f64>,
-    /// Wire bytes per second of the last cycle's transfer (primary).
+    /// Wire bytes per second of the newest cycle that carried data (primary).
     pub link_rate_bytes_per_second: Option<f64>,
     /// The limit in force now (configured or from the schedule), bytes per second.
     pub bandwidth_limit_bytes_per_second: Option<u64>,
