@@ -347,7 +347,7 @@ pub fn render(v: &VmStatus) -> String {
         sent += &format!(", compression {r:.2}x");
     }
     if let Some(r) = v.link_rate_bytes_per_second {
-        sent += &format!(", link {:.1} MB/s", r / 1e6);
+        sent += &format!(", link {}/s", human_bytes(r as u64));
     }
     if v.site == Site::Primary {
         sent += &format!(
