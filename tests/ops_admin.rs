@@ -143,6 +143,23 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
         "{p}"
     );
 
+    // Paused, the primary holds no connection: the replica can be removed (to reseed it)
+    // without stopping the shipper (the connection used to stay up between cycles).
+    let t0 = Instant::now();
+    loop {
+        let o = vmr(&["remove", "vm1", "--replica", "--yes"]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            says(&o).contains("its primary is connected") && t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            says(&o)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!site.store.join("vm1").exists());
+
     // `set`: a bad value beside a good one changes nothing; nor does another VM's file.
     let before = std::fs::read_to_string(&config).unwrap();
     let o = vmr(&["set", "vm1", "interval=4s", "bandwidth_limit=lots"]);
@@ -176,13 +193,15 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
     );
     assert!(!std::fs::read_to_string(&other).unwrap().contains("4s"));
 
-    // Resume twice: the resync runs.
+    // Resume twice: a new initial copy into the emptied replica, which also ends the
+    // requested resync.
     assert!(says(&vmr(&["resume", "vm1"])).contains("replication resumed"));
     assert!(says(&vmr(&["resume", "vm1"])).contains("was not paused"));
-    let p = wait_primary("the resync applied", |p| {
+    let p = wait_primary("the new initial copy applied", |p| {
         p["state"] == "replicating" && p["health"]["level"] == "normal"
     });
     assert_eq!(p["last_cycle"], p["latest_point"]["cycle"]);
+    site.assert_equal(&config, &img);
 
     // SIGHUP with a broken file: the settings in force stay, the file is named.
     std::fs::write(&config, format!("{before}interval = [\n")).unwrap();

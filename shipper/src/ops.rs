@@ -347,7 +347,9 @@ impl Ops {
         );
         self.state.history.record(rec);
         self.state.stopped = None;
-        if kind == CycleKind::Resync {
+        // A full cycle (a resync, or an initial copy into a replica emptied meanwhile) ends
+        // a requested resync.
+        if matches!(kind, CycleKind::Resync | CycleKind::Initial) {
             self.state.resync_requested = None;
         }
         self.cycle = None;
