@@ -233,6 +233,22 @@ fn a_careless_admin_is_told_what_happened_and_nothing_is_left_half_done() {
     assert!(log.contains("reload: streams changed in"), "{log}");
     wait_primary("the new interval", |p| p["interval_seconds"] == 3);
 
+    // Stopped on an error that needs an operator (the tracker set to another lineage),
+    // fixed, then resumed: said to go on (it used to say "was not paused"), and it does.
+    assert!(says(&vmr(&["pause", "vm1"])).contains("replication paused"));
+    let st = tracker.ctl(&["status"]);
+    let lineage = st["lineage"].as_str().unwrap().to_string();
+    if let Some(g) = st["frozen"]["generation"].as_u64() {
+        tracker.ctl(&["merge", &g.to_string()]);
+    }
+    tracker.ctl(&["set-lineage", "0123456789abcdef0123456789abcdef", "--force"]);
+    assert!(says(&vmr(&["resume", "vm1"])).contains("replication resumed"));
+    wait_primary("stopped on two lineages", |p| p["state"] == "stopped");
+    tracker.ctl(&["set-lineage", &lineage, "--force"]);
+    let o = vmr(&["resume", "vm1"]);
+    assert!(says(&o).contains("replication resumed"), "{}", says(&o));
+    wait_primary("going on", |p| p["state"] == "replicating");
+
     // A guest agent socket that is not there (a typo): the points go on, crash-consistent,
     // and status says why, naming the socket.
     std::fs::write(

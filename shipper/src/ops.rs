@@ -387,7 +387,9 @@ impl Ops {
 
     /// Pause or resume, saved before it takes effect.
     pub fn set_paused(&mut self, paused: bool) -> Result<bool, String> {
-        if self.state.paused() == paused {
+        // Resuming a VM stopped on an error (not paused) tries again: a change too.
+        let retry = !paused && self.state.stopped.is_some();
+        if self.state.paused() == paused && !retry {
             return Ok(false);
         }
         let mut next = self.state.clone();
@@ -395,7 +397,9 @@ impl Ops {
         if paused {
             next.history.pause(now);
         } else {
-            next.history.resume(now);
+            if self.state.paused() {
+                next.history.resume(now);
+            }
             next.stopped = None;
         }
         next.save(&self.state_path)
