@@ -1,5 +1,6 @@
 //! `vmreplica`: one command line for every role.
 
+mod failover_cmd;
 mod ops_cmd;
 mod progress;
 mod seed_cmd;
@@ -53,6 +54,14 @@ enum Cmd {
         #[command(subcommand)]
         op: vm_cmd::VmOp,
     },
+    /// Bring a VM up on the other site: unplanned (primary gone), commit, cancel, abandon,
+    /// planned (no write lost).
+    Failover {
+        #[command(subcommand)]
+        op: failover_cmd::FailoverOp,
+    },
+    /// After an unplanned failover, replicate back to this (old primary) site.
+    Reverse(failover_cmd::ReverseArgs),
     /// Every VM this host protects or holds: state, health, RPO, cycles, bytes, errors.
     Status(ops_cmd::StatusArgs),
     /// The event stream (JSON lines): cycles applied, health changes, resyncs, failover...
@@ -273,12 +282,39 @@ enum CtlOp {
     },
     /// Put a frozen generation's blocks back into the dirty set.
     Merge { generation: u64 },
+    /// Refuse every write (EPERM) from now on, reads still served: a planned failover seals
+    /// the disks once the VM is shut down. Kept across restarts.
+    Seal,
+    /// Take writes again after a seal.
+    Unseal,
+    /// Mark byte ranges of a disk dirty (the next cycle ships them): OFFSET+LEN ...
+    MarkDirty {
+        disk: String,
+        #[arg(value_name = "OFFSET+LEN", required = true)]
+        ranges: Vec<String>,
+    },
+    /// Per disk, the byte ranges changed and not yet replicated.
+    DirtyRanges,
+}
+
+/// Parses `OFFSET+LEN` (bytes).
+fn parse_range(s: &str) -> Result<(u64, u64)> {
+    let (o, l) = s
+        .split_once('+')
+        .with_context(|| format!("{s:?}: expected OFFSET+LEN, in bytes"))?;
+    Ok((
+        o.trim().parse().with_context(|| format!("{s:?}: offset"))?,
+        l.trim().parse().with_context(|| format!("{s:?}: length"))?,
+    ))
 }
 
 fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
     let req = match op {
         CtlOp::Status => Request::Status,
-        CtlOp::Freeze { full } => Request::Freeze { full },
+        CtlOp::Freeze { full } => Request::Freeze {
+            full,
+            baseline: false,
+        },
         CtlOp::Release { generation, force } => {
             if !force {
                 bail!(
@@ -302,8 +338,19 @@ fn run_ctl(socket: &Path, op: CtlOp) -> Result<()> {
             lineage: vmreplica_common::lineage::Lineage::parse(&lineage)?,
             next_generation,
             force,
+            parent: None,
         },
         CtlOp::Merge { generation } => Request::Merge { generation },
+        CtlOp::Seal => Request::Seal,
+        CtlOp::Unseal => Request::Unseal,
+        CtlOp::MarkDirty { disk, ranges } => Request::MarkDirty {
+            disk,
+            ranges: ranges
+                .iter()
+                .map(|r| parse_range(r))
+                .collect::<Result<_>>()?,
+        },
+        CtlOp::DirtyRanges => Request::DirtyRanges,
     };
     let v = control::call(socket, &req)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -339,7 +386,8 @@ fn run_shipper(config: &Path, bar: progress::Bar) -> Result<()> {
                 }
             }
         });
-        vmreplica_shipper::run::run_with(cfg, progress::sink(bar), stop_signal(), Some(rx)).await?;
+        vmreplica_shipper::run::run_with(cfg, progress::sink(bar), stop_signal(), Some(rx), None)
+            .await?;
         Ok::<(), anyhow::Error>(())
     })
 }
@@ -480,6 +528,11 @@ fn run_applier(a: ApplierArgs) -> Result<()> {
                 tuning: Default::default(),
                 admin_socket: sv.admin_socket,
                 open_delay: None,
+                identity_files: Some(vmreplica_applier::failover::IdentityFiles {
+                    cert: std::path::absolute(&sv.cert)?,
+                    key: std::path::absolute(&sv.key)?,
+                    ca: std::path::absolute(&sv.ca)?,
+                }),
             };
             vmreplica_ops::events::set_source("applier");
             let metrics = sv.metrics;
@@ -593,6 +646,8 @@ fn main() -> Result<()> {
         Cmd::Verify { vm, config } => run_verify(vm.as_deref(), &config),
         Cmd::Certs { op } => run_certs(op),
         Cmd::Vm { op } => vm_cmd::run(op),
+        Cmd::Failover { op } => failover_cmd::run(op),
+        Cmd::Reverse(a) => failover_cmd::reverse(a),
         Cmd::Status(a) => ops_cmd::status(a),
         Cmd::Events { follow, all, vm } => ops_cmd::events(follow, all, vm.as_deref()),
         Cmd::Pause { vm } => ops_cmd::pause(&vm, false),

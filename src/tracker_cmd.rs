@@ -189,6 +189,12 @@ pub fn run(a: TrackerArgs) -> Result<()> {
         },
         exports,
     );
+    {
+        let server = Arc::downgrade(&server);
+        tracker.set_connections(Box::new(move |name| {
+            server.upgrade().map_or(0, |s| s.connections(name))
+        }));
+    }
     let socket = match (&a.socket, &a.listen) {
         (Some(s), _) => Some(s.clone()),
         (None, None) => Some(a.state_dir.join("nbd.sock")),

@@ -105,7 +105,13 @@ fn freezer(control_sock: PathBuf, seed: u64, stop: Arc<AtomicBool>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..60)));
-        let Ok(g) = control::call(&control_sock, &Request::Freeze { full: false }) else {
+        let Ok(g) = control::call(
+            &control_sock,
+            &Request::Freeze {
+                full: false,
+                baseline: false,
+            },
+        ) else {
             return;
         };
         let generation = g["generation"].as_u64().unwrap();

@@ -187,7 +187,7 @@ fn control_proxy(
                 for line in BufReader::new(s).lines() {
                     let Ok(line) = line else { return };
                     let v = match serde_json::from_str::<Request>(&line) {
-                        Ok(Request::Freeze { full }) => {
+                        Ok(Request::Freeze { full, .. }) => {
                             let mut copy = Vec::new();
                             match t.freeze_with(full, || {
                                 copy = images.iter().map(|p| std::fs::read(p).unwrap()).collect()
@@ -270,6 +270,7 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: None,
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -376,6 +377,7 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: None,
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -458,6 +460,7 @@ async fn a_slow_vm_does_not_hold_up_another_vms_hello() {
         tuning: Default::default(),
         admin_socket: None,
         open_delay: Some(("slow".into(), std::time::Duration::from_secs(8))),
+        identity_files: None,
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();

@@ -7,7 +7,9 @@
 //! while it is written out, and later cycles go on landing); operations (see
 //! [`crate::ops`], [`crate::seed`]): `{"op":"report"}` (every VM's status, the status
 //! schema's `VmStatus`), `{"op":"remove","vm":V}`, `{"op":"seed-import","vm":V,"dir":D}`,
-//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`. Responses:
+//! `{"op":"adopt","vm":V,"owner":O,"disks":[[NAME,PATH],...]}`; failover's (handled in
+//! `crate::failover::admin`): `failover-unplanned`, `failover-commit`, `failover-cancel`,
+//! `failover-abandon`, `adopt-primary`, `adopt-primary-undo`. Responses:
 //! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. The socket is the owner's only
 //! (mode 0600).
 
@@ -56,6 +58,12 @@ pub enum Request {
         disks: Vec<(String, PathBuf)>,
         granularity: u32,
     },
+    FailoverUnplanned(crate::failover::admin::Unplanned),
+    FailoverCommit(crate::failover::admin::Vm),
+    FailoverCancel(crate::failover::admin::Vm),
+    FailoverAbandon(crate::failover::admin::Vm),
+    AdoptPrimary(crate::failover::admin::Adopt),
+    AdoptPrimaryUndo(crate::failover::admin::Vm),
 }
 
 pub(crate) struct AdminServer {
@@ -206,7 +214,18 @@ fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<V
             disks,
             granularity,
         } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
+        Request::FailoverUnplanned(r) => crate::failover::admin::unplanned(app, rt, r),
+        Request::FailoverCommit(r) => crate::failover::admin::commit(app, rt, r),
+        Request::FailoverCancel(r) => crate::failover::admin::cancel(app, rt, r),
+        Request::FailoverAbandon(r) => crate::failover::admin::abandon(app, rt, r),
+        Request::AdoptPrimary(r) => crate::failover::admin::adopt(app, rt, r),
+        Request::AdoptPrimaryUndo(r) => crate::failover::admin::adopt_undo(app, rt, r),
     }
+}
+
+/// See `crate::failover::admin::supervise`.
+pub(crate) async fn supervise(app: &Arc<App>) {
+    crate::failover::admin::supervise(app).await
 }
 
 /// Sends one request to an applier's admin socket and returns its result (or its error as

@@ -9,9 +9,12 @@
 //! - [`pointview`]: reading a recovery point while later cycles apply;
 //! - [`session`]: the replica side of the cycle protocol, without I/O;
 //! - [`server`]: its QUIC driver; [`admin`]: the local admin socket;
+//! - [`failover`]: unplanned failover, commit, cancel, abandon, promote, reverse and
+//!   adoption, and the processes a site runs for a VM it is primary for;
 //! - [`ops`]: status, health and removal of replicas.
 
 pub mod admin;
+pub mod failover;
 mod image;
 mod logfile;
 pub mod ops;

@@ -15,7 +15,7 @@ use vmreplica_ops::status::{
 };
 
 use crate::server::App;
-use crate::store::state::VmState;
+use crate::store::state::{Role, VmState};
 use crate::store::{lock_vm, vm_dir, StoreError};
 
 fn now_ms() -> u64 {
@@ -24,13 +24,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The role the replica state records. Failover (F2) adds a `role` to the state: return its
-/// name here (`failed-over`, `primary`, ...), and the matching [`State`] in [`state_of`].
-fn role_of(_s: &VmState) -> String {
-    "replica".into()
+/// The role the replica state records (see [`Role`]): `replica`, `failed-over` (not yet
+/// committed), `primary` (committed, or promoted by a planned failover: this site runs the
+/// VM, its shipper reports replication), `reverse-pending` (an old primary waiting for the
+/// reverse cycle).
+fn role_of(s: &VmState) -> String {
+    match s.role {
+        Role::Replica => "replica",
+        Role::FailedOver(_) => "failed-over",
+        Role::Primary(_) => "primary",
+        Role::ReversePending(_) => "reverse-pending",
+    }
+    .into()
 }
 
 fn state_of(s: &VmState) -> State {
+    if matches!(s.role, Role::FailedOver(_) | Role::Primary(_)) {
+        return State::FailedOver;
+    }
     match s.receiving.as_ref().map(|r| r.kind.as_str()) {
         Some("initial") => State::InitialCopy,
         Some("resync") => State::Resynchronizing,

@@ -84,7 +84,12 @@ impl VmShared {
     pub(crate) fn publish(&self, state: &VmState) {
         *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state.clone());
         let mut pins = self.lock_pins();
-        pins.points = state.points.iter().map(|p| p.cycle).collect();
+        // A VM failed over here has its images written by its tracker: no point is readable.
+        pins.points = if state.is_replica() {
+            state.points.iter().map(|p| p.cycle).collect()
+        } else {
+            Default::default()
+        };
     }
 
     fn lock_pins(&self) -> std::sync::MutexGuard<'_, Pins> {

@@ -6,12 +6,16 @@
 //!   with any number `> last`; it refuses an initial copy (that would replace it) and any
 //!   other lineage.
 //! - A replica without a lineage (written before lineages existed) accepts only a resync.
+//! - A site the VM failed over to (primary now) refuses every cycle, naming the point it
+//!   failed over at and the commands that replicate back or resolve a split brain.
+//! - A replica waiting for a reverse cycle takes only a `Reverse` cycle that continues the
+//!   point it waits at (and is numbered after it); an ordinary replica takes no `Reverse`.
 //!
 //! A refusal says why and what to do, and never changes the replica. The session checks
 //! these before it asks the store to start a cycle, and the store checks them again.
 
 use vmreplica_common::lineage::{show, Lineage};
-use vmreplica_common::wire::{CycleKind, Receiving};
+use vmreplica_common::wire::{CycleKind, LineagePoint, Receiving, Role};
 
 /// What the rules need to know of a replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +27,11 @@ pub struct Replica {
     /// Whether it holds a recovery point (an empty replica holds none).
     pub has_points: bool,
     pub receiving: Option<Receiving>,
+    /// What the site is for the VM.
+    pub role: Role,
 }
+
+pub use vmreplica_common::wire::failed_over_message;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -42,12 +50,36 @@ pub fn decide(
     cycle: u64,
     kind: CycleKind,
     freeze: u64,
+    parent: Option<LineagePoint>,
 ) -> Result<Decision, String> {
     let nothing = "nothing on the replica was changed";
     if cycle == 0 {
         return Err(format!("VM {vm}: cycle 0 does not exist; {nothing}"));
     }
-    if !r.has_points && r.lineage.is_none() {
+    if let Some(m) = failed_over_message(vm, &r.role) {
+        return Err(m);
+    }
+    if let Role::ReversePending { parent: want } = r.role {
+        let given = match parent {
+            Some(p) => p.to_string(),
+            None => "no point".to_string(),
+        };
+        if kind != CycleKind::Reverse || parent != Some(want) || cycle <= want.cycle {
+            return Err(format!(
+                "VM {vm}: this site waits for the reverse cycle from the new primary, which \
+                 continues {want}; a {} cycle ({cycle} of lineage {lineage}, continuing {given}) \
+                 is refused; {nothing}",
+                kind.name()
+            ));
+        }
+    } else if kind == CycleKind::Reverse {
+        return Err(format!(
+            "VM {vm}: reverse cycle {cycle} of lineage {lineage}, but this replica (lineage {}, \
+             cycle {}) does not wait for one; {nothing}",
+            show(r.lineage),
+            r.last_cycle
+        ));
+    } else if !r.has_points && r.lineage.is_none() {
         if kind != CycleKind::Initial {
             return Err(format!(
                 "VM {vm}: the replica is empty, so it needs an initial copy, not a {} cycle \
@@ -128,6 +160,7 @@ mod tests {
             last_freeze: 0,
             has_points: last > 0,
             receiving: None,
+            role: Role::Replica,
         }
     }
 
@@ -135,22 +168,28 @@ mod tests {
     fn gaps_other_lineages_and_replacing_copies_are_refused() {
         use CycleKind::*;
         let empty = at(None, 0);
-        assert_eq!(decide("vm1", &empty, A, 7, Initial, 1), Ok(Decision::Fresh));
-        assert!(decide("vm1", &empty, A, 7, Delta, 1)
+        assert_eq!(
+            decide("vm1", &empty, A, 7, Initial, 1, None),
+            Ok(Decision::Fresh)
+        );
+        assert!(decide("vm1", &empty, A, 7, Delta, 1, None)
             .unwrap_err()
             .contains("empty"));
         let r = at(Some(A), 5);
-        assert_eq!(decide("vm1", &r, A, 6, Delta, 1), Ok(Decision::Fresh));
+        assert_eq!(decide("vm1", &r, A, 6, Delta, 1, None), Ok(Decision::Fresh));
         // A gap (N+2 after N), an old cycle, the same one again.
         for c in [7, 8, 5, 4] {
-            let e = decide("vm1", &r, A, c, Delta, 1).unwrap_err();
+            let e = decide("vm1", &r, A, c, Delta, 1, None).unwrap_err();
             assert!(e.contains("must be 6") && e.contains("vm1"), "{e}");
         }
-        assert_eq!(decide("vm1", &r, A, 9, Resync, 1), Ok(Decision::Fresh));
-        assert!(decide("vm1", &r, A, 5, Resync, 1).is_err());
-        let e = decide("vm1", &r, A, 9, Initial, 1).unwrap_err();
+        assert_eq!(
+            decide("vm1", &r, A, 9, Resync, 1, None),
+            Ok(Decision::Fresh)
+        );
+        assert!(decide("vm1", &r, A, 5, Resync, 1, None).is_err());
+        let e = decide("vm1", &r, A, 9, Initial, 1, None).unwrap_err();
         assert!(e.contains("would replace it"), "{e}");
-        let e = decide("vm1", &r, B, 6, Delta, 1).unwrap_err();
+        let e = decide("vm1", &r, B, 6, Delta, 1, None).unwrap_err();
         assert!(
             e.contains(&A.to_string()) && e.contains(&B.to_string()),
             "{e}"
@@ -163,10 +202,14 @@ mod tests {
             last_freeze: 0,
             has_points: true,
             receiving: None,
+            role: Role::Replica,
         };
-        assert!(decide("vm1", &old, A, 4, Delta, 1).is_err());
-        assert_eq!(decide("vm1", &old, A, 4, Resync, 1), Ok(Decision::Fresh));
-        assert!(decide("vm1", &r, A, 0, Resync, 1).is_err());
+        assert!(decide("vm1", &old, A, 4, Delta, 1, None).is_err());
+        assert_eq!(
+            decide("vm1", &old, A, 4, Resync, 1, None),
+            Ok(Decision::Fresh)
+        );
+        assert!(decide("vm1", &r, A, 0, Resync, 1, None).is_err());
     }
 
     #[test]
@@ -178,7 +221,7 @@ mod tests {
             kind: CycleKind::Delta,
             freeze: 66,
         });
-        let d = |c, k, f| decide("vm1", &r, A, c, k, f);
+        let d = |c, k, f| decide("vm1", &r, A, c, k, f, None);
         assert_eq!(d(6, CycleKind::Delta, 66), Ok(Decision::Continue));
         // Same number, another freeze (an older tracker state restored, then frozen again):
         // other contents, so fresh.
@@ -186,5 +229,78 @@ mod tests {
         // Same number, another kind (a resync after the tracker lost its state): fresh.
         assert_eq!(d(6, CycleKind::Resync, 66), Ok(Decision::Fresh));
         assert_eq!(d(7, CycleKind::Resync, 1), Ok(Decision::Fresh));
+    }
+
+    /// A site the VM failed over to refuses the old primary's every cycle, naming the point
+    /// and the commands; a replica waiting for a reverse cycle takes only the one continuing
+    /// its point, and an ordinary replica takes no reverse cycle.
+    #[test]
+    fn failed_over_sites_refuse_and_reverse_cycles_must_continue_the_point() {
+        use CycleKind::*;
+        let p = LineagePoint {
+            lineage: A,
+            cycle: 5,
+        };
+        for role in [
+            Role::FailedOver {
+                lineage: B,
+                parent: p,
+            },
+            Role::Primary {
+                lineage: B,
+                parent: p,
+            },
+        ] {
+            let r = Replica {
+                role,
+                ..at(Some(A), 5)
+            };
+            for (k, c) in [(Delta, 6), (Resync, 9), (Reverse, 9), (Initial, 9)] {
+                let e = decide("vm1", &r, A, c, k, 1, Some(p)).unwrap_err();
+                for want in [
+                    "VM vm1 failed over to this site at cycle 5 of lineage",
+                    "vmreplica reverse vm1",
+                    "--discard-local-changes",
+                    "vmreplica failover abandon vm1",
+                    "split brain",
+                ] {
+                    assert!(e.contains(want), "{want}: {e}");
+                }
+                assert_eq!(
+                    e.contains("vmreplica failover commit vm1"),
+                    matches!(role, Role::FailedOver { .. }),
+                    "{e}"
+                );
+            }
+        }
+        let r = Replica {
+            role: Role::ReversePending { parent: p },
+            ..at(Some(A), 5)
+        };
+        assert_eq!(
+            decide("vm1", &r, B, 8, Reverse, 1, Some(p)),
+            Ok(Decision::Fresh)
+        );
+        // Continuing the point in the same lineage (an abandoned failover) is a reverse too.
+        assert_eq!(
+            decide("vm1", &r, A, 8, Reverse, 1, Some(p)),
+            Ok(Decision::Fresh)
+        );
+        let other = LineagePoint {
+            lineage: A,
+            cycle: 4,
+        };
+        for (k, c, parent) in [
+            (Delta, 6, None),
+            (Resync, 8, None),
+            (Reverse, 8, None),
+            (Reverse, 8, Some(other)),
+            (Reverse, 5, Some(p)),
+        ] {
+            let e = decide("vm1", &r, B, c, k, 1, parent).unwrap_err();
+            assert!(e.contains("waits for the reverse cycle"), "{e}");
+        }
+        let e = decide("vm1", &at(Some(A), 5), B, 8, Reverse, 1, Some(p)).unwrap_err();
+        assert!(e.contains("does not wait for one"), "{e}");
     }
 }

@@ -199,6 +199,7 @@ pub fn import(
                 name: d.name.clone(),
                 size: d.size,
                 granularity: m.granularity,
+                image: None,
             });
         }
         let mut s = VmState::new(owner.unwrap_or(&m.owner));
@@ -296,6 +297,7 @@ pub fn adopt(
                 name: name.clone(),
                 size,
                 granularity,
+                image: None,
             });
         }
         let mut s = VmState::new(owner);

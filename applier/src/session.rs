@@ -10,13 +10,19 @@
 //! epoch of each receive attempt and admits only that attempt's chunks ([`ApplierSession::admit`]),
 //! and commits a cycle only for the attempt's own manifest. Store operations run one at a
 //! time; events that arrive meanwhile wait their turn.
+//!
+//! Failover: the welcome says what the site is for the VM (its role); a replica waiting for
+//! a reverse cycle follows it with its divergent ranges (loaded by the driver); `Promote`
+//! (planned failover) and `Reverse` (replicate back after an unplanned one) are carried out
+//! by the driver and answered here.
 
 use std::collections::VecDeque;
 
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{
-    code, resume_pages, CycleKind, CycleMeta, DiskInfo, Message, Tag, PROTOCOL_VERSION,
+    code, divergent_pages, resume_pages, CycleKind, CycleMeta, DiskInfo, Endpoint, LineagePoint,
+    Message, Role, Tag, PROTOCOL_VERSION,
 };
 
 use crate::rules::{self, Replica};
@@ -45,8 +51,49 @@ pub enum Event {
         offset: u64,
         result: Result<Vec<u64>, (u16, String)>,
     },
-    /// The replica changed outside the session (an administrator's rollback).
+    /// The replica changed outside the session (an administrator's rollback, a failover).
     Replica(Replica),
+    /// The divergent ranges of a replica waiting for a reverse cycle, loaded.
+    Divergent {
+        conn: ConnId,
+        result: Result<RangeSet, (u16, String)>,
+    },
+    /// A promote was carried out (the new lineage) or refused.
+    Promoted {
+        conn: ConnId,
+        result: Result<Lineage, (u16, String)>,
+        replica: Replica,
+    },
+    /// A reverse request was carried out (or checked): the new lineage, the point it
+    /// continues, the failover's time; or refused.
+    Reversed {
+        conn: ConnId,
+        result: Result<(Lineage, LineagePoint, u64), (u16, String)>,
+        replica: Replica,
+    },
+}
+
+/// A planned failover's promote, as the old primary asks it (see `Message::Promote`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromoteRequest {
+    pub lineage: Lineage,
+    pub cycle: u64,
+    pub back: Endpoint,
+    pub here: Endpoint,
+    pub interval: String,
+    pub start: bool,
+    pub definition: Option<String>,
+}
+
+/// An old primary's request to be replicated back to (see `Message::Reverse`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReverseRequest {
+    pub start: bool,
+    pub discard_local: bool,
+    pub last_write_at: u64,
+    pub back: Endpoint,
+    pub here: Endpoint,
+    pub interval: String,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -63,6 +110,7 @@ pub enum Action {
         kind: CycleKind,
         freeze: u64,
         disks: Vec<DiskInfo>,
+        parent: Option<LineagePoint>,
         /// What the cycle says of itself (app-consistent, excluded disks, ...).
         meta: CycleMeta,
     },
@@ -83,6 +131,21 @@ pub enum Action {
         block: u32,
         count: u32,
     },
+    /// Load the replica's divergent ranges, then report [`Event::Divergent`].
+    LoadDivergent {
+        conn: ConnId,
+    },
+    /// Promote the replica (planned failover), then report [`Event::Promoted`].
+    Promote {
+        conn: ConnId,
+        request: PromoteRequest,
+    },
+    /// Replicate back to the old primary (or check that it may be), then report
+    /// [`Event::Reversed`].
+    Reverse {
+        conn: ConnId,
+        request: ReverseRequest,
+    },
 }
 
 /// A store operation in flight, and who asked.
@@ -99,6 +162,8 @@ enum Pending {
         cycle: u64,
     },
     Hashes,
+    /// A divergent list, a promote or a reverse request.
+    Other,
 }
 
 pub struct ApplierSession {
@@ -164,7 +229,13 @@ impl ApplierSession {
     pub fn handle(&mut self, ev: Event) {
         let is_result = matches!(
             ev,
-            Event::Started(..) | Event::Committed(..) | Event::Hashes { .. } | Event::Replica(_)
+            Event::Started(..)
+                | Event::Committed(..)
+                | Event::Hashes { .. }
+                | Event::Replica(_)
+                | Event::Divergent { .. }
+                | Event::Promoted { .. }
+                | Event::Reversed { .. }
         );
         if self.pending.is_some() && !is_result {
             self.waiting.push_back(ev);
@@ -208,8 +279,13 @@ impl ApplierSession {
                         last_cycle: self.replica.last_cycle,
                         last_freeze: self.replica.last_freeze,
                         receiving: self.replica.receiving,
+                        role: self.replica.role,
                     },
                 );
+                if matches!(self.replica.role, Role::ReversePending { .. }) {
+                    self.pending = Some(Pending::Other);
+                    self.actions.push_back(Action::LoadDivergent { conn });
+                }
             }
             Event::Message { conn, msg } => self.message(conn, msg),
             Event::Started(r, replica) => {
@@ -276,12 +352,69 @@ impl ApplierSession {
                 }
             }
             Event::Replica(r) => {
-                if r.receiving != self.replica.receiving {
+                if r.receiving != self.replica.receiving || r.role != self.replica.role {
                     self.current = None;
                 }
                 self.replica = r;
             }
+            Event::Divergent { conn, result } => {
+                self.end_other();
+                match result {
+                    Ok(set) => {
+                        for page in divergent_pages(&set) {
+                            self.send(conn, page);
+                        }
+                    }
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
+            Event::Promoted {
+                conn,
+                result,
+                replica,
+            } => {
+                self.end_other();
+                self.set_replica(replica);
+                match result {
+                    Ok(lineage) => self.send(conn, Message::Promoted { lineage }),
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
+            Event::Reversed {
+                conn,
+                result,
+                replica,
+            } => {
+                self.end_other();
+                self.set_replica(replica);
+                match result {
+                    Ok((lineage, parent, since)) => self.send(
+                        conn,
+                        Message::ReverseOk {
+                            lineage,
+                            parent,
+                            since,
+                        },
+                    ),
+                    Err((c, m)) => self.send(conn, error(c, m)),
+                }
+            }
         }
+    }
+
+    fn end_other(&mut self) {
+        if matches!(self.pending, Some(Pending::Other)) {
+            self.pending = None;
+        }
+    }
+
+    /// The replica after a store operation that may have changed its role: an attempt in
+    /// progress ends with a role change.
+    fn set_replica(&mut self, r: Replica) {
+        if r.role != self.replica.role {
+            self.current = None;
+        }
+        self.replica = r;
     }
 
     fn message(&mut self, conn: ConnId, msg: Message) {
@@ -292,12 +425,25 @@ impl ApplierSession {
                 kind,
                 freeze,
                 disks,
+                parent,
                 meta,
             } => {
-                if let Err(m) = rules::decide(&self.vm, &self.replica, lineage, cycle, kind, freeze)
-                {
+                if let Err(m) = rules::decide(
+                    &self.vm,
+                    &self.replica,
+                    lineage,
+                    cycle,
+                    kind,
+                    freeze,
+                    parent,
+                ) {
                     tracing::warn!(vm = %self.vm, cycle, "refused: {m}");
-                    return self.send(conn, error(code::LINEAGE, m));
+                    let c = if rules::failed_over_message(&self.vm, &self.replica.role).is_some() {
+                        code::FAILED_OVER
+                    } else {
+                        code::LINEAGE
+                    };
+                    return self.send(conn, error(c, m));
                 }
                 // From now on no chunk is admitted until the new attempt has its epoch.
                 self.current = None;
@@ -312,6 +458,7 @@ impl ApplierSession {
                     kind,
                     freeze,
                     disks,
+                    parent,
                     meta,
                 });
             }
@@ -369,6 +516,51 @@ impl ApplierSession {
                     count,
                 });
             }
+            Message::Promote {
+                lineage,
+                cycle,
+                back,
+                here,
+                interval,
+                start,
+                definition,
+            } => {
+                self.current = None;
+                self.pending = Some(Pending::Other);
+                self.actions.push_back(Action::Promote {
+                    conn,
+                    request: PromoteRequest {
+                        lineage,
+                        cycle,
+                        back,
+                        here,
+                        interval,
+                        start,
+                        definition,
+                    },
+                });
+            }
+            Message::Reverse {
+                start,
+                discard_local,
+                last_write_at,
+                back,
+                here,
+                interval,
+            } => {
+                self.pending = Some(Pending::Other);
+                self.actions.push_back(Action::Reverse {
+                    conn,
+                    request: ReverseRequest {
+                        start,
+                        discard_local,
+                        last_write_at,
+                        back,
+                        here,
+                        interval,
+                    },
+                });
+            }
             other => {
                 let m = format!("unexpected {} on the control stream", other.name());
                 self.send(conn, error(code::PROTOCOL, m));
@@ -390,6 +582,7 @@ mod tests {
             last_freeze: 0,
             has_points: true,
             receiving: None,
+            role: Role::Replica,
         }
     }
 
@@ -400,6 +593,7 @@ mod tests {
             kind: CycleKind::Delta,
             freeze: 9,
             disks: vec![],
+            parent: None,
             meta: Default::default(),
         }
     }
@@ -523,6 +717,128 @@ mod tests {
         assert!(
             s.admit(&tag(2)).is_err(),
             "a committed cycle takes no more data"
+        );
+    }
+
+    /// The welcome says what the site is; a replica waiting for a reverse cycle follows it
+    /// with its divergent ranges; a failed-over site refuses cycles with FAILED_OVER; a
+    /// promote is carried out by the driver and answered.
+    #[test]
+    fn roles_divergent_ranges_and_promote() {
+        let parent = LineagePoint {
+            lineage: A,
+            cycle: 5,
+        };
+        let mut s = ApplierSession::new(
+            "vm1",
+            Replica {
+                role: Role::ReversePending { parent },
+                ..replica(5)
+            },
+        );
+        s.handle(Event::Hello {
+            conn: 1,
+            version: PROTOCOL_VERSION,
+            lineage: None,
+        });
+        let acts = drain(&mut s);
+        assert!(
+            matches!(
+                &acts[..],
+                [
+                    Action::Send {
+                        msg: Message::Welcome {
+                            role: Role::ReversePending { .. },
+                            ..
+                        },
+                        ..
+                    },
+                    Action::LoadDivergent { conn: 1 }
+                ]
+            ),
+            "{acts:?}"
+        );
+        let mut d = RangeSet::new();
+        d.insert(0, 0, 4096);
+        s.handle(Event::Divergent {
+            conn: 1,
+            result: Ok(d.clone()),
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 1,
+                msg: Message::Divergent {
+                    ranges: d.iter().collect(),
+                    last: true
+                }
+            }]
+        );
+        // Failed over: cycles refused with FAILED_OVER.
+        let mut s = ApplierSession::new(
+            "vm1",
+            Replica {
+                role: Role::FailedOver {
+                    lineage: Lineage([0xc; 16]),
+                    parent,
+                },
+                ..replica(5)
+            },
+        );
+        s.handle(Event::Message {
+            conn: 1,
+            msg: begin(6),
+        });
+        match &drain(&mut s)[..] {
+            [Action::Send {
+                msg: Message::Error { code: c, message },
+                ..
+            }] => assert!(
+                *c == code::FAILED_OVER && message.contains("abandon vm1"),
+                "{message}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A promote: the driver does it, the session answers.
+        let mut s = ApplierSession::new("vm1", replica(5));
+        let ep = Endpoint {
+            addr: "a:1".into(),
+            name: "a".into(),
+        };
+        s.handle(Event::Message {
+            conn: 2,
+            msg: Message::Promote {
+                lineage: A,
+                cycle: 5,
+                back: ep.clone(),
+                here: ep.clone(),
+                interval: "1m".into(),
+                start: false,
+                definition: None,
+            },
+        });
+        assert!(matches!(
+            &drain(&mut s)[..],
+            [Action::Promote { conn: 2, .. }]
+        ));
+        let l2 = Lineage([0xd; 16]);
+        s.handle(Event::Promoted {
+            conn: 2,
+            result: Ok(l2),
+            replica: Replica {
+                role: Role::Primary {
+                    lineage: l2,
+                    parent,
+                },
+                ..replica(5)
+            },
+        });
+        assert_eq!(
+            drain(&mut s),
+            vec![Action::Send {
+                conn: 2,
+                msg: Message::Promoted { lineage: l2 }
+            }]
         );
     }
 }

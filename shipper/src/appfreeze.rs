@@ -36,7 +36,13 @@ pub fn freeze(agent: &Path, tracker: &Path, full: bool) -> Outcome {
         Err(e) => return Outcome::NotFrozen(e.to_string()),
     };
     let r = ga.freeze_then(FreezeTimeouts::default(), || {
-        control::call(tracker, &Request::Freeze { full })
+        control::call(
+            tracker,
+            &Request::Freeze {
+                full,
+                baseline: false,
+            },
+        )
     });
     match r {
         Ok(f) => Outcome::Frozen {

@@ -14,6 +14,7 @@
 //! streams = 4                  # parallel QUIC streams
 //! connections = 1              # QUIC connections the streams are spread over
 //! initial_sync_at = "2026-11-24T02:00:00Z"   # optional: when the initial copy may start
+//! qmp = "/run/vmreplica/vm/vm1/qmp.sock"      # optional: the VM's QMP socket (planned failover)
 //! rpo_limit = "1h"             # past it the VM's health is critical (default 1h)
 //! metrics = "127.0.0.1:9464"   # optional: Prometheus metrics (GET /metrics)
 //! guest_agent = "/run/vmreplica/vm/vm1/qga.sock"  # optional: the VM's qemu-guest-agent
@@ -25,6 +26,9 @@
 //! limit = "10M"
 //! [tuning]
 //! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
+//! [reverse]                    # this site's applier, for replication back after a failover
+//! replica = "192.0.2.5:7443"
+//! server_name = "site-a"       # the name in this site's applier certificate
 //! ```
 
 use std::net::SocketAddr;
@@ -76,6 +80,17 @@ struct Raw {
     bandwidth_schedule: Vec<RawWindow>,
     #[serde(default)]
     tuning: Tuning,
+    qmp: Option<PathBuf>,
+    reverse: Option<ReverseConfig>,
+}
+
+/// This (primary) site's applier, as the replica site reaches it: where a failed-over VM
+/// replicates back to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseConfig {
+    pub replica: String,
+    pub server_name: String,
 }
 
 fn default_interval() -> String {
@@ -125,6 +140,12 @@ pub struct ShipperConfig {
     pub app_consistent_every: Option<Duration>,
     pub bandwidth_schedule: Schedule,
     pub tuning: Tuning,
+    /// The VM's QMP socket: a planned failover shuts the VM down through it.
+    pub qmp: Option<PathBuf>,
+    /// This site's applier, for replication back after a failover.
+    pub reverse: Option<ReverseConfig>,
+    /// The interval as written (passed on to the site that replicates back).
+    pub interval_text: String,
     /// The file it was read from (for reloads).
     pub path: PathBuf,
 }
@@ -209,6 +230,7 @@ impl ShipperConfig {
         };
         let raw: Raw = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         vmreplica_common::validate_name(&raw.vm).map_err(|e| bad(format!("vm: {e}")))?;
+        let interval_text = raw.interval.clone();
         let interval = parse_interval(&raw.interval).map_err(|e| bad(format!("interval {e}")))?;
         let bandwidth_limit = match raw.bandwidth_limit.as_deref() {
             Some(l) => parse_limit(l).map_err(|e| bad(format!("bandwidth_limit: {e}")))?,
@@ -285,6 +307,9 @@ impl ShipperConfig {
             app_consistent_every,
             bandwidth_schedule,
             tuning: raw.tuning,
+            qmp: raw.qmp.map(rel),
+            reverse: raw.reverse,
+            interval_text,
             path: path.clone(),
         })
     }
@@ -372,6 +397,8 @@ impl ShipperConfig {
             self.initial_sync_at != new.initial_sync_at,
         );
         differ("metrics", self.metrics != new.metrics);
+        differ("qmp", self.qmp != new.qmp);
+        differ("reverse", self.reverse != new.reverse);
         differ(
             "tuning",
             format!("{:?}", self.tuning) != format!("{:?}", new.tuning),
@@ -412,6 +439,14 @@ key = "p.key"
         let c = ShipperConfig::parse(&format!("{BASE}interval = \"continuous\"\nbandwidth_limit = \"10M\"\n[tuning]\ncongestion = \"bbr\"\n"), p).unwrap();
         assert_eq!(c.interval, Interval::Continuous);
         assert_eq!(c.bandwidth_limit, Some(10 << 20));
+        assert!(c.reverse.is_none() && c.qmp.is_none());
+        let c = ShipperConfig::parse(
+            &format!("{BASE}qmp = \"run/qmp.sock\"\n[reverse]\nreplica = \"192.0.2.5:7443\"\nserver_name = \"site-a\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.qmp, Some(PathBuf::from("/etc/vmr/run/qmp.sock")));
+        assert_eq!(c.reverse.unwrap().server_name, "site-a");
         let c =
             ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"vmr\"\n"), p).unwrap();
         assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);

@@ -7,6 +7,7 @@
 //! - [`run`]: its async driver (tracker requests, connections, planning and sending tasks);
 //!   `verify`;
 //! - [`ship`]: the data path: plan, read, pack on a pool of threads, send, acknowledgements;
+//! - [`failover`]: what the replica site is for a VM, and asking it to replicate back;
 //! - [`lock`]: one shipper per tracker;
 //! - [`progress`]: a cycle's progress, for a bar or log lines;
 //! - [`ratelimit`]: pacing to a bandwidth limit, [`schedule`]: the limit by time of day;
@@ -17,6 +18,7 @@
 pub mod appfreeze;
 pub mod config;
 pub mod control;
+pub mod failover;
 pub mod lock;
 mod ops;
 pub mod progress;

@@ -306,7 +306,7 @@ impl Ops {
             let name = match kind {
                 CycleKind::Initial => Some(events::INITIAL_COPY_STARTED),
                 CycleKind::Resync => Some(events::RESYNC_STARTED),
-                CycleKind::Delta => None,
+                CycleKind::Delta | CycleKind::Reverse => None,
             };
             if let Some(name) = name {
                 tracing::info!(vm = self.vm, cycle, "{} started", kind.name());

@@ -72,6 +72,7 @@ pub fn kind_label(kind: CycleKind) -> &'static str {
         CycleKind::Initial => "initial copy",
         CycleKind::Resync => "resync",
         CycleKind::Delta => "delta",
+        CycleKind::Reverse => "reverse",
     }
 }
 

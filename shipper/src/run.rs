@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::link::{self, Client, LinkError};
 use vmreplica_common::tls::{self, Identity};
-use vmreplica_common::wire::{CycleKind, DiskInfo, Message, PROTOCOL_VERSION};
+use vmreplica_common::wire::{CycleKind, DiskInfo, LineagePoint, Message, PROTOCOL_VERSION};
 use vmreplica_tracker::control::{self, Applied, Request};
 use vmreplica_tracker::Generation;
 
@@ -74,6 +74,14 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>, Excluded
         Some(s) => Some(Lineage::parse(s).map_err(|e| format!("tracker status: {e}"))?),
         None => None,
     };
+    let parent: Option<LineagePoint> = if st["parent"].is_null() {
+        None
+    } else {
+        Some(
+            serde_json::from_value(st["parent"].clone())
+                .map_err(|e| format!("tracker status: parent: {e}"))?,
+        )
+    };
     let granularity = st["granularity"].as_u64().unwrap_or(65536) as u32;
     let (excluded, disks): (Vec<Value>, Vec<Value>) = st["disks"]
         .as_array()
@@ -98,7 +106,10 @@ fn tracker_view(st: &Value) -> Result<(TrackerView, Option<Generation>, Excluded
                 generation: g.generation,
                 id: g.id,
                 full: g.full,
+                baseline: g.baseline,
             }),
+            parent,
+            sealed: st["sealed"] == Value::Bool(true),
             resync_required: disks
                 .iter()
                 .any(|d| d["resync_required"] == Value::Bool(true)),
@@ -125,7 +136,11 @@ async fn tracker_op(
     match op {
         TrackerOp::Status => {}
         TrackerOp::Freeze { full } => {
-            call(Request::Freeze { full }).await?;
+            call(Request::Freeze {
+                full,
+                baseline: false,
+            })
+            .await?;
         }
         TrackerOp::Release { generation, proof } => {
             call(Request::Release {
@@ -152,6 +167,7 @@ async fn tracker_op(
                 lineage,
                 next_generation,
                 force: false,
+                parent: None,
             })
             .await?;
         }
@@ -162,6 +178,31 @@ async fn tracker_op(
                     let disk = d["name"].as_str().unwrap_or_default().to_string();
                     call(Request::ClearResync { disk }).await?;
                 }
+            }
+        }
+        TrackerOp::MarkDirty { ranges } => {
+            let st = call(Request::Status).await?;
+            let disks = st["disks"].as_array().cloned().unwrap_or_default();
+            for (i, d) in disks.iter().enumerate() {
+                let marks: Vec<(u64, u64)> = ranges
+                    .iter()
+                    .filter(|r| usize::from(r.disk) == i)
+                    .map(|r| (r.offset, r.len))
+                    .collect();
+                if marks.is_empty() {
+                    continue;
+                }
+                let disk = d["name"].as_str().unwrap_or_default().to_string();
+                tracing::info!(
+                    disk,
+                    ranges = marks.len(),
+                    "marking the replica's divergent ranges dirty"
+                );
+                call(Request::MarkDirty {
+                    disk,
+                    ranges: marks,
+                })
+                .await?;
             }
         }
     }
@@ -188,7 +229,7 @@ pub fn endpoint(cfg: &ShipperConfig) -> Result<Client, ShipError> {
 
 /// One QUIC connection to the applier and its control stream; a certificate either side
 /// refuses is reported in plain words: which side refused whose certificate, and why.
-async fn open(
+pub(crate) async fn open(
     ep: &Client,
     cfg: &ShipperConfig,
 ) -> Result<(Connection, (SendStream, RecvStream)), ShipError> {
@@ -209,7 +250,7 @@ async fn open(
 /// Says hello on a control stream and returns the welcome. The replica checks this
 /// primary's certificate after the handshake completed here: a refusal arrives as the
 /// connection's end, on this first exchange.
-async fn hello(
+pub(crate) async fn hello(
     cfg: &ShipperConfig,
     ctl: &mut (SendStream, RecvStream),
     lineage: Option<Lineage>,
@@ -301,23 +342,50 @@ pub async fn run(
     progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ShipError> {
-    run_with(cfg, progress, stop, None).await
+    run_with(cfg, progress, stop, None, None).await.map(|_| ())
+}
+
+/// Adopts this site's images as the replica waiting for the reverse cycle continuing the
+/// point given (a planned failover's step between its last cycle and the promote).
+pub type Adopt = Arc<dyn Fn(LineagePoint) -> Result<(), String> + Send + Sync>;
+
+/// A planned failover, as [`run_with`] carries it out.
+pub struct PlannedRun {
+    pub planned: session::Planned,
+    pub adopt: Adopt,
+}
+
+/// What a planned failover did: the last cycle (`parent`), and the replica's new lineage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished {
+    pub parent: LineagePoint,
+    pub lineage: Lineage,
 }
 
 /// [`run`], reading the configuration again whenever `reload` yields (SIGHUP): the
 /// interval, bandwidth limit and schedule, compression, RPO limit and application-consistent
-/// settings change at once; other keys need a restart (logged).
+/// settings change at once; other keys need a restart (logged). With `planned`, the last
+/// cycle of a sealed tracker, then the promote: returns once the replica is the primary.
 pub async fn run_with(
     cfg: ShipperConfig,
     progress: Arc<dyn Progress>,
     stop: impl std::future::Future<Output = ()>,
     mut reload: Option<mpsc::UnboundedReceiver<()>>,
-) -> Result<(), ShipError> {
+    planned: Option<PlannedRun>,
+) -> Result<Option<Finished>, ShipError> {
     let _lock = crate::lock::lock(&cfg.tracker).map_err(|e| ShipError::Local(e.to_string()))?;
     let mut ops = Ops::new(&cfg).map_err(ShipError::Local)?;
     let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Command>();
-    crate::control::start(&ops.socket, control_tx)
-        .map_err(|e| ShipError::Local(format!("control socket {}: {e}", ops.socket.display())))?;
+    // A planned failover is a one-off command run where the VM's shipper was just stopped
+    // (its control socket may still answer for a moment): no control socket of its own.
+    let _no_control = if planned.is_none() {
+        crate::control::start(&ops.socket, control_tx).map_err(|e| {
+            ShipError::Local(format!("control socket {}: {e}", ops.socket.display()))
+        })?;
+        None
+    } else {
+        Some(control_tx)
+    };
     if let Some(addr) = cfg.metrics {
         let socket = ops.socket.clone();
         let source: vmreplica_ops::metrics::Source = Arc::new(move || {
@@ -376,10 +444,12 @@ pub async fn run_with(
             vm: cfg.vm.clone(),
             interval: ops.settings.interval(),
             initial_sync_at,
+            planned: planned.as_ref().map(|p| p.planned.clone()),
             paused,
         },
         now,
     );
+    let adopt = planned.map(|p| p.adopt);
     let cfg = Arc::new(cfg);
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let hashes: Arc<Mutex<Option<mpsc::UnboundedSender<Message>>>> = Arc::default();
@@ -468,6 +538,13 @@ pub async fn run_with(
                         Arc::clone(&opts.engine),
                     );
                     let socket = cfg.tracker.clone();
+                    // A reverse cycle ships what is frozen, or (full: a side lost its
+                    // tracking) what differs by checksums.
+                    let kind = match kind {
+                        CycleKind::Reverse if g.full => CycleKind::Resync,
+                        CycleKind::Reverse => CycleKind::Delta,
+                        k => k,
+                    };
                     let live = Arc::clone(&ops.live);
                     tokio::spawn(async move {
                         let result = async {
@@ -545,6 +622,13 @@ pub async fn run_with(
                     );
                     ops.failed(&error, after);
                 }
+                Action::Stop { error } if adopt.is_some() => {
+                    // A planned failover is a command: it ends, saying why.
+                    opts.progress.end(false);
+                    tracing::error!(vm = cfg.vm, "planned failover stopped: {error}");
+                    ep.endpoint.close(0u32.into(), b"planned failover stopped");
+                    return Err(ShipError::Protocol(error));
+                }
                 Action::Stop { error } => {
                     opts.progress.end(false);
                     tracing::error!(
@@ -553,6 +637,21 @@ pub async fn run_with(
                         cfg.vm
                     );
                     ops.stopped(&error);
+                }
+                Action::Adopt { parent } => {
+                    let (tx, adopt) = (tx.clone(), adopt.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let r = match adopt {
+                            Some(a) => a(parent),
+                            None => Err("no adoption step was given".into()),
+                        };
+                        let _ = tx.send(Report::Session(Event::Adopted(r)));
+                    });
+                }
+                Action::Finished { parent, lineage } => {
+                    tracing::info!(vm = cfg.vm, %parent, new_lineage = %lineage, "the replica is the VM's primary now");
+                    ep.endpoint.close(0u32.into(), b"planned failover done");
+                    return Ok(Some(Finished { parent, lineage }));
                 }
             }
         }
@@ -597,7 +696,7 @@ pub async fn run_with(
             }
             _ = &mut stop => {
                 ep.endpoint.close(0u32.into(), b"shipper stopping");
-                return Ok(());
+                return Ok(None);
             }
         };
         let Some(report) = report else { continue };

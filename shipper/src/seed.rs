@@ -75,13 +75,20 @@ pub fn export(
                     lineage: l,
                     next_generation: st["next_generation"].as_u64().unwrap_or(1),
                     force: false,
+                    parent: None,
                 },
             )?;
             l
         }
     };
-    let g: Generation = serde_json::from_value(call(&cfg.tracker, Request::Freeze { full: true })?)
-        .map_err(|e| format!("tracker's freeze: {e}"))?;
+    let g: Generation = serde_json::from_value(call(
+        &cfg.tracker,
+        Request::Freeze {
+            full: true,
+            baseline: false,
+        },
+    )?)
+    .map_err(|e| format!("tracker's freeze: {e}"))?;
     let r = write_seed(&g, out, progress).and_then(|disks| {
         let excluded = st["disks"]
             .as_array()

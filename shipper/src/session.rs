@@ -24,6 +24,21 @@
 //!
 //! A generation is released only with the replica's proof: its `Applied` for exactly that
 //! lineage and cycle.
+//!
+//! Failover:
+//! - a frozen baseline (an uncommitted failover's) is never shipped: replication stops until
+//!   the failover is committed;
+//! - a replica the VM failed over to (its welcome says so) stops replication, with the
+//!   message naming the point and the commands that replicate back or resolve a split brain;
+//! - a replica waiting for a reverse cycle continuing point P sends its divergent ranges
+//!   after the welcome: if this tracker's lineage continues P (a failover's new lineage, or
+//!   P's own lineage after an abandoned failover), those ranges are marked dirty, a
+//!   generation frozen after that is shipped as a `Reverse` cycle, and replication goes on;
+//! - planned failover ([`Config::planned`], the tracker sealed): one last generation is
+//!   frozen after the seal, shipped and released, then the driver adopts this site's images
+//!   as the replica ([`Action::Adopt`]) and the replica is asked to `Promote`; once it
+//!   answers (or its welcome shows it promoted at that very point already), the session
+//!   finishes ([`Action::Finished`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -31,7 +46,8 @@ use std::time::{Duration, Instant};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::{
-    code, CycleKind, DiskInfo, Message, Receiving, Tag, PROTOCOL_VERSION,
+    code, failed_over_message, CycleKind, DiskInfo, Endpoint, LineagePoint, Message, Receiving,
+    Role, Tag, PROTOCOL_VERSION,
 };
 
 /// The tracker's state, as its status reports it.
@@ -43,6 +59,10 @@ pub struct TrackerView {
     /// Some disk lost its tracking: only a resync can catch up.
     pub resync_required: bool,
     pub disks: Vec<DiskInfo>,
+    /// The point the lineage continues (a failover's new lineage).
+    pub parent: Option<LineagePoint>,
+    /// Writes are refused (a planned failover's last cycle).
+    pub sealed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +72,8 @@ pub struct Frozen {
     pub id: u64,
     /// Every block (an initial copy or a resync), not only the changed ones.
     pub full: bool,
+    /// A failover's baseline: never shipped.
+    pub baseline: bool,
 }
 
 /// The replica's position, as its welcome reports it (and as cycles move it).
@@ -62,6 +84,7 @@ pub struct ReplicaView {
     /// The freeze id of the last cycle (0: unknown).
     pub last_freeze: u64,
     pub receiving: Option<Receiving>,
+    pub role: Role,
 }
 
 /// A request to the tracker's control socket.
@@ -85,6 +108,10 @@ pub enum TrackerOp {
         next_generation: u64,
     },
     ClearResync,
+    /// Mark these ranges (by disk index) dirty: a reverse cycle's divergent ranges.
+    MarkDirty {
+        ranges: RangeSet,
+    },
 }
 
 #[derive(Debug)]
@@ -110,6 +137,8 @@ pub enum Event {
     },
     /// Time passed (see [`ShipperSession::poll_timeout`]).
     Tick,
+    /// The driver adopted this site's images as the replica (planned failover), or failed.
+    Adopted(Result<(), String>),
     /// An operator paused replication: the attempt under way ends (a frozen generation stays
     /// frozen, and resumes where it stopped), and nothing more is frozen or shipped until
     /// [`Event::Resume`]. The tracker keeps tracking meanwhile.
@@ -177,6 +206,28 @@ pub enum Action {
     Stop {
         error: String,
     },
+    /// Planned failover: `parent` (this tracker's last, sealed generation) is on the replica;
+    /// adopt this site's images as the replica that waits for the reverse cycle continuing
+    /// it, then report [`Event::Adopted`].
+    Adopt {
+        parent: LineagePoint,
+    },
+    /// Planned failover done: the replica is the primary in `lineage`, which continues
+    /// `parent`. The session is over.
+    Finished {
+        parent: LineagePoint,
+        lineage: Lineage,
+    },
+}
+
+/// What a planned failover asks the replica (see `Message::Promote`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub back: Endpoint,
+    pub here: Endpoint,
+    pub interval: String,
+    pub start: bool,
+    pub definition: Option<String>,
 }
 
 pub struct Config {
@@ -185,6 +236,8 @@ pub struct Config {
     pub interval: Option<Duration>,
     /// No initial copy before this instant.
     pub initial_sync_at: Option<Instant>,
+    /// A planned failover: ship the last generation, then promote the replica.
+    pub planned: Option<Planned>,
     /// Start paused (a pause survives a restart).
     pub paused: bool,
 }
@@ -216,6 +269,17 @@ enum Phase {
         plan: RangeSet,
     },
     Manifest,
+    /// The divergent ranges of a replica waiting for a reverse cycle, arriving.
+    Divergent {
+        ranges: RangeSet,
+    },
+    /// Planned failover: the driver adopts, then the replica is promoted.
+    Adopting {
+        parent: LineagePoint,
+    },
+    Promoting {
+        parent: LineagePoint,
+    },
     Stopped,
     /// Paused by an operator: nothing is frozen or shipped.
     Paused,
@@ -236,6 +300,8 @@ enum After {
     Froze {
         for_resync: bool,
     },
+    /// After the reverse cycle's divergent ranges were marked dirty.
+    Marked,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +311,7 @@ struct Cycle {
     kind: CycleKind,
     freeze: u64,
     epoch: u64,
+    parent: Option<LineagePoint>,
 }
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -270,6 +337,14 @@ pub struct ShipperSession {
     /// held when this attempt began.
     cycle_bytes: u64,
     cycle_skipped: u64,
+    /// The divergent ranges of a replica waiting for a reverse cycle, and whether this
+    /// session marked them dirty in the tracker.
+    divergent: Option<RangeSet>,
+    reverse_marked: bool,
+    /// Planned failover: the first generation this session froze (after the seal), and the
+    /// replica's new lineage once it was promoted.
+    final_from: Option<u64>,
+    promoted: Option<Lineage>,
     actions: VecDeque<Action>,
 }
 
@@ -294,6 +369,10 @@ impl ShipperSession {
             must_resync: false,
             cycle_bytes: 0,
             cycle_skipped: 0,
+            divergent: None,
+            reverse_marked: false,
+            final_from: None,
+            promoted: None,
             actions: VecDeque::new(),
         }
     }
@@ -453,6 +532,18 @@ impl ShipperSession {
                 _ => {}
             },
             Event::Tracker(r) => self.tracker_answer(r),
+            Event::Adopted(r) => {
+                let Phase::Adopting { parent } = self.phase.clone() else {
+                    return;
+                };
+                match r {
+                    Err(e) => self.stop(format!(
+                        "VM {}: adopting this site's images as the replica failed: {e}",
+                        self.cfg.vm
+                    )),
+                    Ok(()) => self.promote(parent),
+                }
+            }
             Event::Connected { attempt }
                 if attempt == self.attempt && self.phase == Phase::Connecting =>
             {
@@ -555,7 +646,18 @@ impl ShipperSession {
             Phase::Tracker(After::Released { clear: true }) => {
                 self.tracker_op(TrackerOp::ClearResync, After::Decide);
             }
+            Phase::Tracker(After::Marked) => {
+                self.reverse_marked = true;
+                self.decide();
+            }
             Phase::Tracker(After::Froze { for_resync }) => {
+                if self.cfg.planned.is_some() && self.final_from.is_none() {
+                    self.final_from = self
+                        .tracker
+                        .as_ref()
+                        .and_then(|t| t.frozen)
+                        .map(|f| f.generation);
+                }
                 let full = self
                     .tracker
                     .as_ref()
@@ -576,6 +678,15 @@ impl ShipperSession {
 
     fn message(&mut self, msg: Message) {
         if let Message::Error { code: c, message } = &msg {
+            if matches!(self.phase, Phase::Promoting { .. }) && *c != code::BUSY {
+                return self.stop(format!(
+                    "VM {}: the replica refused the promote: {message}",
+                    self.cfg.vm
+                ));
+            }
+            if matches!(*c, code::FAILED_OVER | code::SPLIT_BRAIN) {
+                return self.stop(message.clone());
+            }
             let e = if *c == code::PROTOCOL && self.phase == Phase::Hello {
                 format!("the applier refused the hello: {message}")
             } else {
@@ -592,6 +703,7 @@ impl ShipperSession {
                     last_cycle,
                     last_freeze,
                     receiving,
+                    role,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
@@ -605,8 +717,32 @@ impl ShipperSession {
                     last_cycle,
                     last_freeze,
                     receiving,
+                    role,
                 });
+                self.divergent = None;
+                if matches!(role, Role::ReversePending { .. }) {
+                    self.phase = Phase::Divergent {
+                        ranges: RangeSet::new(),
+                    };
+                    return;
+                }
                 self.decide();
+            }
+            (Phase::Divergent { mut ranges }, Message::Divergent { ranges: page, last }) => {
+                for r in page {
+                    if r.offset.checked_add(r.len).is_some() {
+                        ranges.insert_range(r);
+                    }
+                }
+                if !last {
+                    self.phase = Phase::Divergent { ranges };
+                    return;
+                }
+                self.divergent = Some(ranges);
+                self.decide();
+            }
+            (Phase::Promoting { parent }, Message::Promoted { lineage }) => {
+                self.finish(parent, lineage);
             }
             (
                 Phase::Resume { mut applied },
@@ -652,12 +788,15 @@ impl ShipperSession {
                         c.generation, c.lineage
                     ));
                 }
+                // A reverse cycle made the replica an ordinary one.
                 self.replica = Some(ReplicaView {
                     lineage: Some(lineage),
                     last_cycle: cycle,
                     last_freeze: c.freeze,
                     receiving: None,
+                    role: Role::Replica,
                 });
+                self.divergent = None;
                 self.backoff = MIN_BACKOFF;
                 self.act(Action::Done {
                     cycle,
@@ -691,6 +830,30 @@ impl ShipperSession {
         let (Some(t), Some(r)) = (self.tracker.clone(), self.replica) else {
             return;
         };
+        if let Some(f) = t.frozen.filter(|f| f.baseline) {
+            return self.stop(format!(
+                "VM {}: the tracker's frozen generation {} is a failover's baseline (it keeps \
+                 the failover point so that the failover can be cancelled) and is never \
+                 shipped: commit the failover first (`vmreplica failover commit {}`)",
+                self.cfg.vm, f.generation, self.cfg.vm
+            ));
+        }
+        if let Some(m) = self.already_promoted(&t, &r) {
+            return m;
+        }
+        if let Some(m) = failed_over_message(&self.cfg.vm, &r.role) {
+            return self.stop(m);
+        }
+        if self.cfg.planned.is_some() && !t.sealed {
+            return self.stop(format!(
+                "VM {}: a planned failover ships the last cycle of a sealed tracker, and this \
+                 one is not sealed (`vmreplica ctl seal`)",
+                self.cfg.vm
+            ));
+        }
+        if let Role::ReversePending { parent } = r.role {
+            return self.decide_reverse(&t, &r, parent);
+        }
         let empty = r.lineage.is_none() && r.last_cycle == 0;
         if empty {
             return self.decide_initial(&t);
@@ -738,10 +901,28 @@ impl ShipperSession {
             }
             Some(f) if f.full && f.generation > n => self.ship(tl, f, CycleKind::Resync, &t),
             Some(_) => self.resync(&t, n, Some(rl)),
+            None if t.next_generation == n + 1
+                && self.cfg.planned.is_some()
+                && self.final_from.is_some_and(|g| g <= n) =>
+            {
+                // The last generation, frozen after the seal, is on the replica.
+                self.phase = Phase::Adopting {
+                    parent: LineagePoint {
+                        lineage: tl,
+                        cycle: n,
+                    },
+                };
+                self.act(Action::Adopt {
+                    parent: LineagePoint {
+                        lineage: tl,
+                        cycle: n,
+                    },
+                });
+            }
             None if t.next_generation == n + 1 => {
                 let full = t.resync_required || self.must_resync;
                 let until = match (self.cfg.interval, self.last_freeze) {
-                    (Some(i), Some(last)) if !full => last + i,
+                    (Some(i), Some(last)) if !full && self.cfg.planned.is_none() => last + i,
                     _ => self.now,
                 };
                 self.phase = Phase::Waiting { until, full };
@@ -811,7 +992,129 @@ impl ShipperSession {
         }
     }
 
+    /// A replica waiting for a reverse cycle continuing `parent`: mark its divergent ranges
+    /// dirty, freeze after that, ship the generation as the `Reverse` cycle.
+    fn decide_reverse(&mut self, t: &TrackerView, r: &ReplicaView, parent: LineagePoint) {
+        let vm = self.cfg.vm.clone();
+        let Some(tl) = t
+            .lineage
+            .filter(|l| *l == parent.lineage || t.parent == Some(parent))
+        else {
+            return self.stop(format!(
+                "VM {vm}: the replica waits for a reverse cycle continuing {parent}, but this \
+                 tracker's lineage {} (continuing {}) does not continue it: nothing is shipped",
+                vmreplica_common::lineage::show(t.lineage),
+                t.parent.map_or("nothing".to_string(), |p| p.to_string())
+            ));
+        };
+        if t.next_generation <= parent.cycle {
+            return self.tracker_op(
+                TrackerOp::SetLineage {
+                    lineage: Some(tl),
+                    next_generation: parent.cycle + 1,
+                },
+                After::Decide,
+            );
+        }
+        match t.frozen {
+            Some(f)
+                if r.receiving
+                    == Some(Receiving {
+                        lineage: tl,
+                        cycle: f.generation,
+                        kind: CycleKind::Reverse,
+                        freeze: f.id,
+                    })
+                    || (self.reverse_marked && f.generation > parent.cycle) =>
+            {
+                self.ship_reverse(tl, f, t, parent)
+            }
+            Some(f) => self.tracker_op(
+                TrackerOp::Merge {
+                    generation: f.generation,
+                },
+                After::Decide,
+            ),
+            None if !self.reverse_marked => {
+                let ranges = self.divergent.clone().unwrap_or_default();
+                self.tracker_op(TrackerOp::MarkDirty { ranges }, After::Marked)
+            }
+            None => {
+                self.last_freeze = Some(self.now);
+                let full = t.resync_required;
+                self.tracker_op(
+                    TrackerOp::Freeze { full },
+                    After::Froze { for_resync: full },
+                )
+            }
+        }
+    }
+
+    fn ship_reverse(&mut self, lineage: Lineage, f: Frozen, t: &TrackerView, parent: LineagePoint) {
+        self.ship_from(lineage, f, CycleKind::Reverse, t, Some(parent));
+    }
+
+    /// A planned failover whose promote already happened (the replica says it is primary
+    /// continuing this tracker's last generation): adopt and finish.
+    fn already_promoted(&mut self, t: &TrackerView, r: &ReplicaView) -> Option<()> {
+        self.cfg.planned.as_ref()?;
+        let Role::Primary { lineage, parent } = r.role else {
+            return None;
+        };
+        let last = t
+            .frozen
+            .map_or(t.next_generation.saturating_sub(1), |f| f.generation);
+        if t.lineage != Some(parent.lineage) || parent.cycle != last {
+            return None;
+        }
+        self.phase = Phase::Adopting { parent };
+        self.promoted = Some(lineage);
+        self.act(Action::Adopt { parent });
+        Some(())
+    }
+
+    fn promote(&mut self, parent: LineagePoint) {
+        if let Some(lineage) = self.promoted {
+            return self.finish(parent, lineage);
+        }
+        let Some(p) = self.cfg.planned.clone() else {
+            return;
+        };
+        self.phase = Phase::Promoting { parent };
+        self.act(Action::Send {
+            attempt: self.attempt,
+            msg: Message::Promote {
+                lineage: parent.lineage,
+                cycle: parent.cycle,
+                back: p.back,
+                here: p.here,
+                interval: p.interval,
+                start: p.start,
+                definition: p.definition,
+            },
+        });
+    }
+
+    fn finish(&mut self, parent: LineagePoint, lineage: Lineage) {
+        self.act(Action::Close {
+            attempt: self.attempt,
+        });
+        self.act(Action::Finished { parent, lineage });
+        self.phase = Phase::Stopped;
+    }
+
     fn ship(&mut self, lineage: Lineage, f: Frozen, kind: CycleKind, t: &TrackerView) {
+        self.ship_from(lineage, f, kind, t, None)
+    }
+
+    fn ship_from(
+        &mut self,
+        lineage: Lineage,
+        f: Frozen,
+        kind: CycleKind,
+        t: &TrackerView,
+        parent: Option<LineagePoint>,
+    ) {
         let generation = f.generation;
         self.cycle = Some(Cycle {
             lineage,
@@ -819,6 +1122,7 @@ impl ShipperSession {
             kind,
             freeze: f.id,
             epoch: 0,
+            parent,
         });
         self.phase = Phase::Resume {
             applied: RangeSet::new(),
@@ -831,6 +1135,7 @@ impl ShipperSession {
                 kind,
                 freeze: f.id,
                 disks: t.disks.clone(),
+                parent,
                 meta: Default::default(),
             },
         });
@@ -838,296 +1143,4 @@ impl ShipperSession {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use vmreplica_common::wire::resume_pages;
-
-    const L: Lineage = Lineage([4; 16]);
-
-    fn drain(s: &mut ShipperSession) -> Vec<Action> {
-        std::iter::from_fn(|| s.poll_action()).collect()
-    }
-
-    fn view(frozen: Option<Frozen>, next: u64) -> TrackerView {
-        TrackerView {
-            lineage: Some(L),
-            next_generation: next,
-            frozen,
-            resync_required: false,
-            disks: vec![DiskInfo {
-                name: "sys".into(),
-                size: 1 << 40,
-                granularity: 65536,
-            }],
-        }
-    }
-
-    /// A session connected to a replica at cycle 9 of L, whose tracker holds `frozen`.
-    fn connected(frozen: Option<Frozen>, last_freeze: u64) -> (ShipperSession, Instant) {
-        let now = Instant::now();
-        let mut s = ShipperSession::new(
-            Config {
-                vm: "vm1".into(),
-                interval: Some(Duration::from_secs(60)),
-                initial_sync_at: None,
-                paused: false,
-            },
-            now,
-        );
-        s.handle(Event::Tick, now);
-        assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
-        s.handle(Event::Tracker(Ok(view(frozen, 11))), now);
-        assert_eq!(drain(&mut s), vec![Action::Connect { attempt: 1 }]);
-        s.handle(Event::Connected { attempt: 1 }, now);
-        assert!(matches!(
-            &drain(&mut s)[..],
-            [Action::Send {
-                msg: Message::Hello { .. },
-                ..
-            }]
-        ));
-        s.handle(
-            Event::Message {
-                attempt: 1,
-                msg: Message::Welcome {
-                    version: PROTOCOL_VERSION,
-                    lineage: Some(L),
-                    last_cycle: 9,
-                    last_freeze,
-                    receiving: None,
-                },
-            },
-            now,
-        );
-        (s, now)
-    }
-
-    /// A resume answer far beyond one frame's worth (300,000 ranges, where one frame holds
-    /// about 190,000 chunks' worth) arrives in pages; what is already applied is not sent
-    /// again, and the manifest covers both.
-    #[test]
-    fn a_huge_resume_is_taken_in_pages_and_only_the_rest_is_sent() {
-        let f = Frozen {
-            generation: 10,
-            id: 77,
-            full: false,
-        };
-        let (mut s, now) = connected(Some(f), 5);
-        let acts = drain(&mut s);
-        assert!(
-            matches!(
-                &acts[..],
-                [Action::Send {
-                    msg: Message::BeginCycle {
-                        cycle: 10,
-                        freeze: 77,
-                        kind: CycleKind::Delta,
-                        ..
-                    },
-                    ..
-                }]
-            ),
-            "{acts:?}"
-        );
-        let mut applied = RangeSet::new();
-        let mut planned = RangeSet::new();
-        for i in 0..400_000u64 {
-            planned.insert(0, i * 131072, i * 131072 + 65536);
-            if i % 4 != 0 {
-                applied.insert(0, i * 131072, i * 131072 + 65536);
-            }
-        }
-        let pages = resume_pages(L, 10, 3, &applied);
-        assert!(pages.len() >= 3);
-        for p in pages {
-            s.handle(Event::Message { attempt: 1, msg: p }, now);
-        }
-        let acts = drain(&mut s);
-        assert_eq!(
-            acts,
-            vec![Action::Plan {
-                attempt: 1,
-                generation: 10,
-                freeze: 77,
-                kind: CycleKind::Delta
-            }]
-        );
-        s.handle(
-            Event::Planned {
-                attempt: 1,
-                result: Ok(planned.clone()),
-            },
-            now,
-        );
-        let acts = drain(&mut s);
-        let [Action::SendData { ranges, tag, .. }] = &acts[..] else {
-            panic!("{acts:?}");
-        };
-        assert_eq!((tag.cycle, tag.epoch), (10, 3));
-        assert_eq!(ranges.len(), 100_000, "only what the replica lacks is sent");
-        s.handle(
-            Event::Sent {
-                attempt: 1,
-                result: Ok(()),
-            },
-            now,
-        );
-        match &drain(&mut s)[..] {
-            [Action::Send {
-                msg:
-                    Message::Manifest {
-                        ranges,
-                        bytes,
-                        digest,
-                        epoch: 3,
-                        ..
-                    },
-                ..
-            }] => assert_eq!(
-                (*ranges, *bytes, *digest),
-                (planned.len() as u64, planned.bytes(), planned.digest())
-            ),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    /// The frozen generation is the replica's last cycle: released with the replica's proof
-    /// only if it is the very freeze the replica applied; another freeze of that number (an
-    /// older tracker state restored) is merged and resynced, never released.
-    #[test]
-    fn a_lost_acknowledgement_is_released_only_for_the_same_freeze() {
-        let f = Frozen {
-            generation: 9,
-            id: 42,
-            full: false,
-        };
-        let (mut s, _) = connected(Some(f), 42);
-        assert_eq!(
-            drain(&mut s),
-            vec![Action::Tracker(TrackerOp::Release {
-                generation: 9,
-                proof: (L, 9, 42)
-            })]
-        );
-        let (mut s, _) = connected(Some(f), 41);
-        assert_eq!(
-            drain(&mut s),
-            vec![Action::Tracker(TrackerOp::Merge { generation: 9 })]
-        );
-    }
-
-    /// A session whose tracker (next generation 10, nothing frozen) and replica (at 9) are
-    /// in step, driven until it asks for its first freeze.
-    fn in_step(paused: bool) -> (ShipperSession, Instant) {
-        let now = Instant::now();
-        let mut s = ShipperSession::new(
-            Config {
-                vm: "vm1".into(),
-                interval: Some(Duration::from_secs(60)),
-                initial_sync_at: None,
-                paused,
-            },
-            now,
-        );
-        if paused {
-            assert!(s.is_paused(), "a pause survives a restart");
-            s.handle(Event::Tick, now);
-            assert!(drain(&mut s).is_empty());
-            s.handle(Event::Resume, now);
-        } else {
-            s.handle(Event::Tick, now);
-        }
-        assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
-        s.handle(Event::Tracker(Ok(view(None, 10))), now);
-        s.handle(Event::Connected { attempt: 1 }, now);
-        s.handle(
-            Event::Message {
-                attempt: 1,
-                msg: Message::Welcome {
-                    version: PROTOCOL_VERSION,
-                    lineage: Some(L),
-                    last_cycle: 9,
-                    last_freeze: 5,
-                    receiving: None,
-                },
-            },
-            now,
-        );
-        assert_eq!(
-            drain(&mut s).last(),
-            Some(&Action::Tracker(TrackerOp::Freeze { full: false }))
-        );
-        (s, now)
-    }
-
-    /// Paused, the interval passes without a freeze and late answers are ignored; resumed,
-    /// the tracker is read afresh at once (one cycle of everything changed meanwhile).
-    #[test]
-    fn pause_holds_freezes_and_resume_goes_on_at_once() {
-        let (mut s, now) = in_step(false);
-        s.handle(Event::Pause, now);
-        assert!(s.is_paused() && s.is_idle());
-        assert_eq!(drain(&mut s), vec![Action::Close { attempt: 1 }]);
-        s.handle(Event::Tracker(Ok(view(None, 11))), now);
-        s.handle(Event::Tick, now + Duration::from_secs(600));
-        assert!(drain(&mut s).is_empty());
-        assert_eq!(s.poll_timeout(), None);
-        let later = now + Duration::from_secs(900);
-        s.handle(Event::Resume, later);
-        assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
-        assert!(!s.is_paused());
-    }
-
-    /// Waiting for the interval after a delta, a requested resync freezes every block at
-    /// once; a shorter interval brings the next freeze forward.
-    #[test]
-    fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
-        let (mut s, now) = in_step(true);
-        // The freeze made generation 10; shipped and applied; released: waiting 60 s.
-        let f = Frozen {
-            generation: 10,
-            id: 77,
-            full: false,
-        };
-        s.handle(Event::Tracker(Ok(view(Some(f), 11))), now);
-        drain(&mut s);
-        for m in resume_pages(L, 10, 1, &RangeSet::new()) {
-            s.handle(Event::Message { attempt: 1, msg: m }, now);
-        }
-        s.handle(
-            Event::Planned {
-                attempt: 1,
-                result: Ok(RangeSet::new()),
-            },
-            now,
-        );
-        s.handle(
-            Event::Sent {
-                attempt: 1,
-                result: Ok(()),
-            },
-            now,
-        );
-        s.handle(
-            Event::Message {
-                attempt: 1,
-                msg: Message::Applied {
-                    lineage: L,
-                    cycle: 10,
-                },
-            },
-            now,
-        );
-        s.handle(Event::Tracker(Ok(view(None, 11))), now);
-        drain(&mut s);
-        assert!(s.is_idle());
-        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(60)));
-        s.handle(Event::SetInterval(Some(Duration::from_secs(5))), now);
-        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
-        s.handle(Event::ResyncRequested, now + Duration::from_secs(1));
-        assert_eq!(
-            drain(&mut s),
-            vec![Action::Tracker(TrackerOp::Freeze { full: true })]
-        );
-    }
-}
+mod tests;

@@ -4,6 +4,7 @@
 pub mod guest;
 pub mod powercut;
 pub mod site;
+pub mod sites;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

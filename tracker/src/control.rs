@@ -4,8 +4,12 @@
 //! `{"op":"release","generation":N,"applied":{"lineage":L,"cycle":N},"force":false}` (refused
 //! without the replica's proof unless forced), `{"op":"merge","generation":N}`,
 //! `{"op":"clear-resync","disk":"NAME"}`,
-//! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false}`,
-//! `{"op":"mark-resync","disk":"NAME"}` (an operator's explicit checksum resync).
+//! `{"op":"set-lineage","lineage":L,"next_generation":N,"force":false,"parent":{"lineage":P,"cycle":C}}`
+//! (`parent` optional: where a failover's new lineage continues from),
+//! `{"op":"mark-resync","disk":"NAME"}` (an operator's explicit checksum resync);
+//! failover's: `{"op":"seal"}` and `{"op":"unseal"}` (writes refused with EPERM while
+//! sealed), `{"op":"freeze","baseline":true}` (a failover's baseline: never shipped),
+//! `{"op":"mark-dirty","disk":"NAME","ranges":[[OFFSET,LEN],...]}`, `{"op":"dirty-ranges"}`.
 //! Responses: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -17,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::tracker::Tracker;
+use crate::tracker::{Parent, Tracker};
 use vmreplica_common::lineage::Lineage;
 
 /// Longest request line accepted.
@@ -30,6 +34,9 @@ pub enum Request {
     Freeze {
         #[serde(default)]
         full: bool,
+        /// A failover's baseline (see `failover`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        baseline: bool,
     },
     Release {
         generation: u64,
@@ -50,7 +57,16 @@ pub enum Request {
         next_generation: u64,
         #[serde(default)]
         force: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<Parent>,
     },
+    Seal,
+    Unseal,
+    MarkDirty {
+        disk: String,
+        ranges: Vec<(u64, u64)>,
+    },
+    DirtyRanges,
     MarkResync {
         disk: String,
     },
@@ -87,6 +103,7 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                         "size": d.size,
                         "dirty_blocks": t.map(|t| t.bitmap().count(t.slots().active)),
                         "resync_required": ds.resync_required,
+                        "connections": tracker.connections(&d.name),
                         "excluded": ds.excluded,
                     })
                 })
@@ -95,6 +112,11 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
             Ok(json!({
                 "engine": tracker.engine_name(),
                 "lineage": st.lineage,
+                "parent": st.parent,
+                "sealed": st.sealed,
+                "last_write_at": tracker.last_write_at(),
+                "pid": std::process::id(),
+                "state_dir": tracker.state_dir(),
                 "next_generation": st.next_generation,
                 "granularity": st.granularity,
                 "frozen": tracker.frozen(),
@@ -103,7 +125,11 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
                 "cow_limit_bytes": cow_limit,
             }))
         }
-        Request::Freeze { full } => tracker.freeze_with(full, || {}).map(|g| json!(g)),
+        Request::Freeze {
+            full: _,
+            baseline: true,
+        } => tracker.freeze_baseline().map(|g| json!(g)),
+        Request::Freeze { full, .. } => tracker.freeze_with(full, || {}).map(|g| json!(g)),
         Request::Release {
             generation,
             applied,
@@ -119,9 +145,21 @@ pub fn handle(tracker: &Tracker, line: &str) -> Value {
             lineage,
             next_generation,
             force,
+            parent,
         } => tracker
-            .set_lineage(lineage, next_generation, force)
+            .set_lineage_from(lineage, next_generation, parent, force)
             .map(|_| json!(null)),
+        Request::Seal => tracker.seal(true).map(|_| json!(null)),
+        Request::Unseal => tracker.seal(false).map(|_| json!(null)),
+        Request::MarkDirty { disk, ranges } => {
+            tracker.mark_dirty(&disk, &ranges).map(|_| json!(null))
+        }
+        Request::DirtyRanges => tracker.dirty_ranges().map(|v| {
+            json!(v
+                .into_iter()
+                .map(|(name, ranges)| json!({"name": name, "ranges": ranges}))
+                .collect::<Vec<_>>())
+        }),
         Request::Merge { generation } => tracker.merge(generation).map(|_| json!(null)),
         Request::ClearResync { disk } => tracker.clear_resync(&disk).map(|_| json!(null)),
         Request::MarkResync { disk } => tracker.mark_resync(&disk).map(|_| json!(null)),

@@ -9,6 +9,10 @@
 //! (which abandons the frozen generation and marks the disk for a checksum resync) and the
 //! write goes ahead. Errors of the image itself reach the client with their errno.
 //!
+//! A sealed disk (planned failover: the VM is shut down and its last cycle is being shipped)
+//! refuses every modifying operation with EPERM and serves reads; the seal is checked inside
+//! the gate, so a seal that drained the gate leaves no write behind it.
+//!
 //! Nothing here blocks an engine's completion thread: work that must block (writing zeroes
 //! where the file system cannot, an operation the engine refused) goes to the disk's own
 //! worker thread, and so does the gate's exit that follows it.
@@ -17,6 +21,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -33,8 +38,9 @@ use crate::tracking::Tracking;
 /// The name under which the dirty bitmap is offered: `qemu:dirty-bitmap:vmreplica`.
 pub const DIRTY_BITMAP_CONTEXT: &str = "qemu:dirty-bitmap:vmreplica";
 
-/// Told of a tracking failure (with its reason), before the write it hit goes ahead.
-pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+/// Told of a tracking failure (with its reason, and whether it was the copy-on-write of a
+/// frozen block rather than the dirty tracking itself), before the write it hit goes ahead.
+pub type FailureHook = Box<dyn Fn(&str, bool) + Send + Sync>;
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -46,6 +52,11 @@ pub struct Disk {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) tracking: Option<Tracking>,
     pub(crate) gate: Gate,
+    /// Writes are refused with EPERM (a planned failover sealed the VM's disks).
+    pub(crate) sealed: AtomicBool,
+    /// When a write last reached the disk (seconds since the epoch; shared by the tracker's
+    /// disks): split-brain detection compares it with a failover's time.
+    pub(crate) last_write: Arc<AtomicU64>,
     /// This disk itself, for completions that outlive the call that started them (a disk
     /// always lives in an `Arc`: see [`Disk::new`]).
     me: Weak<Disk>,
@@ -66,6 +77,7 @@ impl Disk {
         file: File,
         engine: Arc<dyn Engine>,
         tracking: Option<Tracking>,
+        last_write: Arc<AtomicU64>,
     ) -> Arc<Disk> {
         Arc::new_cyclic(|me| Disk {
             name,
@@ -75,6 +87,8 @@ impl Disk {
             engine,
             tracking,
             gate: Gate::default(),
+            sealed: AtomicBool::new(false),
+            last_write,
             me: me.clone(),
             on_failure: OnceLock::new(),
             worker: Mutex::new(None),
@@ -143,16 +157,20 @@ impl Disk {
     /// Tracking failed for a write about to be issued: the frozen generation can no longer be
     /// kept (readers are told before the write goes ahead), and the tracker is told (it
     /// abandons the generation and marks the disk for a resync, durably if it can).
-    fn tracking_failed(&self, why: &str) {
+    fn tracking_failed(&self, why: &str, cow: bool) {
         if let Some(t) = &self.tracking {
             if t.slots().frozen.is_some() && !t.abandoned() {
                 t.abandon();
             }
         }
-        error_limited!(Duration::from_secs(10), key = &self.name, disk = %self.name, "tracking failed: {why}; the write goes ahead, the frozen generation (if any) is abandoned and the disk needs a checksum resync");
+        error_limited!(Duration::from_secs(10), key = &self.name, disk = %self.name, "tracking failed: {why}; the write goes ahead, the frozen generation (if any) is abandoned");
         if let Some(hook) = self.on_failure.get() {
-            hook(why);
+            hook(why, cow);
         }
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::SeqCst)
     }
 
     pub fn read(&self, offset: u64, len: u32, done: ReadDone) {
@@ -177,10 +195,15 @@ impl Disk {
             "a write may wait at the gate: never on a completion thread"
         );
         self.gate.enter();
+        if self.is_sealed() {
+            self.gate.exit();
+            return done(Err(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        self.last_write.fetch_max(now_secs(), Ordering::Relaxed);
         let disk = self.arc();
-        let issue = move |r: Result<(), String>| {
-            if let Err(why) = r {
-                disk.tracking_failed(&why);
+        let issue = move |r: Result<(), (String, bool)>| {
+            if let Err((why, cow)) = r {
+                disk.tracking_failed(&why, cow);
             }
             let d2 = Arc::clone(&disk);
             disk.submit(
@@ -206,11 +229,16 @@ impl Disk {
             return issue(Ok(()));
         };
         match t.mark(offset, len) {
-            Err(e) => issue(Err(e.to_string())),
+            Err(e) => issue(Err((e.to_string(), false))),
             Ok(None) => issue(Ok(())),
-            Ok(Some(frozen)) => {
-                t.copy_on_write(frozen, &self.file, &self.path, offset, len, Box::new(issue))
-            }
+            Ok(Some(frozen)) => t.copy_on_write(
+                frozen,
+                &self.file,
+                &self.path,
+                offset,
+                len,
+                Box::new(move |r: Result<(), String>| issue(r.map_err(|w| (w, true)))),
+            ),
         }
     }
 
@@ -374,6 +402,14 @@ impl BlockDevice for Disk {
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Writes zeroes over `[offset, offset+len)` with blocking calls, 1 MiB at a time.

@@ -198,6 +198,13 @@ impl FrozenReader {
         Ok(out)
     }
 
+    /// Blocks the guest rewrote since the freeze, whose frozen contents are in the
+    /// copy-on-write store (cancelling a failover puts them back), in order.
+    pub fn copied_blocks(&self) -> io::Result<Vec<u64>> {
+        self.check()?;
+        self.set_blocks(COW_SLOT)
+    }
+
     /// The generation's blocks, in order.
     pub fn blocks(&self) -> io::Result<Vec<u64>> {
         self.check()?;

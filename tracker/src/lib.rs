@@ -7,7 +7,9 @@
 //! - [`tracking`], [`bitmap`], [`activity_log`]: dirty bits, their crash safety, and
 //!   copy-on-write of frozen blocks;
 //! - [`tracker`]: the set of disks, the state directory, and frozen generations;
-//! - [`control`]: the local control socket (freeze, release, merge, status);
+//! - [`control`]: the local control socket (freeze, release, merge, status, seal,
+//!   mark-dirty, dirty-ranges);
+//! - [`failover`]: seal, a failover's baseline, divergent ranges, the last write's time;
 //! - [`engine`]: io_uring and thread-pool image I/O (shared with the other roles, from
 //!   `vmreplica_common`).
 
@@ -17,6 +19,7 @@ pub mod control;
 pub mod cow;
 pub mod crashpoint;
 pub mod disk;
+pub mod failover;
 pub mod frozen;
 mod gate;
 pub mod imagelock;
@@ -26,5 +29,5 @@ pub mod tracking;
 pub use vmreplica_common::engine;
 
 pub use tracker::{
-    CowLimit, Generation, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY,
+    CowLimit, Generation, Parent, Tracker, TrackerConfig, TrackerError, DEFAULT_GRANULARITY,
 };

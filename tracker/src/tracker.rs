@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
@@ -33,9 +33,9 @@ use crate::imagelock::{self, Conflict};
 use crate::tracking::{OpenArgs, OpenOutcome, Slots, Tracking, TrackingError};
 
 pub const STATE_FILE: &str = "tracker.json";
-const STATE_FORMAT: &str = "vmreplica-tracker";
+pub(crate) const STATE_FORMAT: &str = "vmreplica-tracker";
 /// Version 2 added `lineage`; version 1 files are migrated (lineage None) when opened.
-const STATE_VERSION: u32 = 2;
+pub(crate) const STATE_VERSION: u32 = 2;
 pub const DEFAULT_GRANULARITY: u32 = 64 * 1024;
 
 #[derive(Debug, Error)]
@@ -127,6 +127,18 @@ pub enum TrackerError {
          the replica holds it)"
     )]
     Unproven { generation: u64, why: String },
+    #[error("disk {disk}: range {offset}+{len} is beyond its end ({size} bytes)")]
+    BadRange {
+        disk: String,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+    #[error(
+        "generation {0} is a failover's baseline (it keeps the failover point so the failover \
+         can be cancelled; it is never shipped): release it by committing the failover"
+    )]
+    Baseline(u64),
 }
 
 pub struct TrackerConfig {
@@ -260,14 +272,36 @@ pub struct FrozenState {
     /// Every block was frozen (initial sync or resync), not just the changed ones.
     #[serde(default)]
     pub full: bool,
+    /// A failover's baseline: a full freeze that is never shipped; its copy-on-write store
+    /// keeps the failover point's contents of every block written since, so the failover can
+    /// be cancelled. Released without a replica's proof; dropped (not abandoned: no resync)
+    /// if its copy-on-write fails.
+    #[serde(default)]
+    pub baseline: bool,
 }
 
+/// The point a lineage continues from: a failover's new lineage starts at `cycle` of
+/// `lineage` (its parent), with the same contents.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Parent {
+    pub lineage: Lineage,
+    pub cycle: u64,
+}
+
+/// Fields added inside version 2 carry `#[serde(default)]` (a file without them reads as
+/// before); an unknown version is refused.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     /// The lineage the generations belong to (set by the shipper before the first initial
     /// copy; None after a migration from version 1, or before the first copy).
     #[serde(default)]
     pub lineage: Option<Lineage>,
+    /// Where the lineage continues from (a failover's parent point), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    /// Writes are refused (planned failover): kept across restarts until unsealed.
+    #[serde(default)]
+    pub sealed: bool,
     pub clean: bool,
     pub granularity: u32,
     pub next_generation: u64,
@@ -300,31 +334,41 @@ pub struct Generation {
     /// A full freeze (every block), for initial sync or resync.
     #[serde(default)]
     pub full: bool,
+    /// A failover's baseline (never shipped; see [`FrozenState::baseline`]).
+    #[serde(default)]
+    pub baseline: bool,
     pub disks: Vec<FrozenDisk>,
 }
 
 /// What the tracker and its disks' failure hooks share.
-struct Shared {
-    dir: PathBuf,
-    disks: Vec<Arc<Disk>>,
-    state: Mutex<State>,
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) disks: Vec<Arc<Disk>>,
+    pub(crate) state: Mutex<State>,
+    /// When a write last reached a disk (see `Disk::last_write`).
+    pub(crate) last_write: Arc<AtomicU64>,
     /// The state in memory is ahead of the file (a save after a tracking failure failed):
     /// every later operation saves it again first.
     unsaved: AtomicBool,
     /// Frozen slots of an abandoned generation, emptied once the state without it is saved.
-    drop_pending: AtomicBool,
+    pub(crate) drop_pending: AtomicBool,
 }
 
 /// A tracked disk: its index among all disks, the disk, its tracking.
 type TrackedDisk<'a> = (usize, &'a Arc<Disk>, &'a Tracking);
 
 pub struct Tracker {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     /// Serialises freeze, release, merge and clear-resync.
     ops: Mutex<()>,
     engine: Arc<dyn Engine>,
     budget: Arc<CowBudget>,
     cow_limit: CowLimit,
+    /// NBD connections of a disk, when a server reports them (see
+    /// [`Tracker::set_connections`]).
+    pub(crate) connections: std::sync::OnceLock<crate::failover::Connections>,
+    /// Stops the thread that persists the last write's time.
+    pub(crate) _stamper: Option<crate::failover::Stamper>,
     _lock: File,
 }
 
@@ -347,7 +391,7 @@ fn describe(disks: &[(String, PathBuf)]) -> String {
         .join(", ")
 }
 
-fn save_state(dir: &Path, state: &State) -> Result<(), TrackerError> {
+pub(crate) fn save_state(dir: &Path, state: &State) -> Result<(), TrackerError> {
     write_state(&dir.join(STATE_FILE), STATE_FORMAT, STATE_VERSION, state)?;
     Ok(())
 }
@@ -435,12 +479,12 @@ fn open_images(disks: &[(String, PathBuf)]) -> Result<Vec<Image>, TrackerError> 
 }
 
 impl Shared {
-    fn lock_state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Saves `st` (the state in memory); after a failure, later operations try again.
-    fn persist(&self, st: &State) -> Result<(), TrackerError> {
+    pub(crate) fn persist(&self, st: &State) -> Result<(), TrackerError> {
         match save_state(&self.dir, st) {
             Ok(()) => {
                 self.unsaved.store(false, Ordering::SeqCst);
@@ -461,7 +505,7 @@ impl Shared {
     }
 
     /// Saves the state again if an earlier save failed.
-    fn settle(&self) -> Result<(), TrackerError> {
+    pub(crate) fn settle(&self) -> Result<(), TrackerError> {
         if self.unsaved.load(Ordering::SeqCst) {
             let st = self.lock_state();
             self.persist(&st)?;
@@ -483,8 +527,11 @@ impl Shared {
     /// a resync, and a frozen generation, which can no longer be read as it was frozen, is
     /// abandoned: its blocks go back into the dirty sets. Runs in the thread that hit the
     /// failure, while the write waits; never under a lock a freeze holds while draining.
-    fn tracking_failed(&self, idx: usize, why: &str) {
+    fn tracking_failed(&self, idx: usize, why: &str, cow: bool) {
         let mut st = self.lock_state();
+        if cow && st.frozen.as_ref().is_some_and(|f| f.baseline) {
+            return self.drop_baseline(st, why);
+        }
         let since = st.next_generation;
         let ds = &st.disks[idx];
         if ds.resync_required && ds.resync_since == since && st.frozen.is_none() {
@@ -633,6 +680,8 @@ impl Tracker {
         let state_lost = cfg.tracking && !existed && tracking_files_exist(&dir, &given);
         let mut state = previous.unwrap_or_else(|| State {
             lineage: None,
+            parent: None,
+            sealed: false,
             clean: false,
             granularity: g,
             next_generation: 1,
@@ -672,6 +721,9 @@ impl Tracker {
             tracing::error!(dir = %dir.display(), "{STATE_FILE} is missing but tracking files are there: the tracker's state was lost; every disk is marked for a checksum resync");
         }
         let budget = Arc::new(CowBudget::new(cfg.cow_limit.bytes(&dir)));
+        let last_write = Arc::new(AtomicU64::new(crate::failover::read_stamp(&dir)));
+        let baseline = state.frozen.as_ref().is_some_and(|f| f.baseline);
+        let mut baseline_lost = false;
         let mut disks = Vec::new();
         let mut abandon = false;
         let since = state.next_generation;
@@ -708,7 +760,11 @@ impl Tracker {
                         abandon = true;
                     }
                 }
-                if state.frozen.is_some() && t.bitmap().abandoned() {
+                if baseline && t.bitmap().abandoned() {
+                    // A baseline whose copy-on-write failed is dropped, not abandoned: the
+                    // writes since the failover are in the active slot.
+                    baseline_lost = true;
+                } else if state.frozen.is_some() && t.bitmap().abandoned() {
                     tracing::error!(disk = %img.name, "the frozen generation was abandoned before the tracker stopped; disk marked for checksum resync");
                     ds.resync_required = true;
                     ds.resync_since = since;
@@ -725,10 +781,18 @@ impl Tracker {
                 img.file,
                 Arc::clone(&engine),
                 tracking,
+                Arc::clone(&last_write),
             ));
         }
+        for d in &disks {
+            d.sealed.store(state.sealed, Ordering::SeqCst);
+        }
         let mut drop_frozen = false;
-        if let (true, Some(f)) = (abandon, &state.frozen) {
+        if let (true, Some(f)) = (baseline_lost && !abandon, &state.frozen) {
+            tracing::error!(generation = f.generation, "the failover's baseline was dropped before the tracker stopped (its copy-on-write failed): the failover can no longer be cancelled");
+            state.frozen = None;
+            drop_frozen = true;
+        } else if let (true, Some(f)) = (abandon, &state.frozen) {
             // A generation whose bits or copies cannot be trusted is not shipped.
             tracing::error!(generation = f.generation, "the frozen generation cannot be proven complete: abandoned, its blocks return to the dirty set");
             for d in &disks {
@@ -751,6 +815,7 @@ impl Tracker {
             dir,
             disks,
             state: Mutex::new(state),
+            last_write,
             unsaved: AtomicBool::new(false),
             drop_pending: AtomicBool::new(false),
         });
@@ -759,18 +824,24 @@ impl Tracker {
         }
         for (i, d) in shared.disks.iter().enumerate() {
             let weak: Weak<Shared> = Arc::downgrade(&shared);
-            d.set_failure_hook(Box::new(move |why| {
+            d.set_failure_hook(Box::new(move |why, cow| {
                 if let Some(s) = weak.upgrade() {
-                    s.tracking_failed(i, why);
+                    s.tracking_failed(i, why, cow);
                 }
             }));
         }
+        crate::failover::write_pid(&lock);
+        let stamper = cfg
+            .tracking
+            .then(|| crate::failover::Stamper::start(&shared));
         Ok(Tracker {
             shared,
             ops: Mutex::new(()),
             engine,
             budget,
             cow_limit: cfg.cow_limit,
+            connections: std::sync::OnceLock::new(),
+            _stamper: stamper,
             _lock: lock,
         })
     }
@@ -805,7 +876,7 @@ impl Tracker {
         (self.budget.used(), self.budget.limit())
     }
 
-    fn lock_state(&self) -> MutexGuard<'_, State> {
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
         self.shared.lock_state()
     }
 
@@ -815,16 +886,16 @@ impl Tracker {
         self.lock_state().clone()
     }
 
-    fn lock_ops(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn lock_ops(&self) -> MutexGuard<'_, ()> {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn save(&self, state: &State) -> Result<(), TrackerError> {
+    pub(crate) fn save(&self, state: &State) -> Result<(), TrackerError> {
         save_state(&self.shared.dir, state)
     }
 
     /// The tracked disks (all but the excluded ones), with their index among all disks.
-    fn tracked(&self) -> Result<Vec<TrackedDisk<'_>>, TrackerError> {
+    pub(crate) fn tracked(&self) -> Result<Vec<TrackedDisk<'_>>, TrackerError> {
         let excluded: Vec<bool> = self.lock_state().disks.iter().map(|d| d.excluded).collect();
         self.disks()
             .iter()
@@ -840,7 +911,7 @@ impl Tracker {
 
     /// Runs `f` with every disk's writes drained and held back. Callers hold `ops` and no
     /// other lock: a write being drained may need the state lock (a tracking failure).
-    fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
         for d in self.disks() {
             d.gate.close();
         }
@@ -879,6 +950,7 @@ impl Tracker {
             id: frozen.id,
             frozen_at: frozen.frozen_at,
             full: frozen.full,
+            baseline: frozen.baseline,
             disks,
         })
     }
@@ -906,6 +978,18 @@ impl Tracker {
         full: bool,
         at_freeze: impl FnOnce(),
     ) -> Result<Generation, TrackerError> {
+        self.freeze_as(full, false, at_freeze)
+    }
+
+    /// [`Self::freeze_with`]; with `baseline`, a full freeze that is a failover's baseline
+    /// (never shipped, see [`FrozenState::baseline`]).
+    pub(crate) fn freeze_as(
+        &self,
+        full: bool,
+        baseline: bool,
+        at_freeze: impl FnOnce(),
+    ) -> Result<Generation, TrackerError> {
+        let full = full || baseline;
         let _op = self.lock_ops();
         self.shared.settle()?;
         let tracked = self.tracked()?;
@@ -933,6 +1017,7 @@ impl Tracker {
                 id: rand::random::<u64>() | 1,
                 frozen_at: now(),
                 full,
+                baseline,
             });
             next.next_generation = generation + 1;
             crash_point("freeze.before-save");
@@ -948,7 +1033,7 @@ impl Tracker {
         let g = self
             .generation_info(&st)
             .expect("a generation was just frozen");
-        tracing::info!(generation = g.generation, full, "froze all disks");
+        tracing::info!(generation = g.generation, full, baseline, "froze all disks");
         Ok(g)
     }
 
@@ -1016,8 +1101,13 @@ impl Tracker {
     ) -> Result<(), TrackerError> {
         let st = self.state();
         let frozen_id = st.frozen.as_ref().map(|f| f.id);
+        let baseline = st
+            .frozen
+            .as_ref()
+            .is_some_and(|f| f.baseline && f.generation == generation);
         let why = match (applied, st.lineage) {
-            _ if force => None,
+            // Never shipped: nothing to prove (releasing it commits a failover).
+            _ if force || baseline => None,
             (None, _) => Some("no proof that the replica applied it was given".to_string()),
             (Some((l, _, _)), None) => Some(format!(
                 "the replica's proof names lineage {l}, but this tracker has no lineage"
@@ -1053,6 +1143,18 @@ impl Tracker {
         next_generation: u64,
         force: bool,
     ) -> Result<(), TrackerError> {
+        self.set_lineage_from(lineage, next_generation, None, force)
+    }
+
+    /// [`Self::set_lineage`], recording `parent` as the point the lineage continues from (a
+    /// failover's new lineage); `None` keeps what is recorded (for the same lineage).
+    pub fn set_lineage_from(
+        &self,
+        lineage: Lineage,
+        next_generation: u64,
+        parent: Option<Parent>,
+        force: bool,
+    ) -> Result<(), TrackerError> {
         let _op = self.lock_ops();
         let mut st = self.lock_state();
         if let Some(f) = &st.frozen {
@@ -1071,6 +1173,9 @@ impl Tracker {
             for d in &mut next.disks {
                 d.resync_required = true;
             }
+        }
+        if st.lineage != Some(lineage) || parent.is_some() {
+            next.parent = parent;
         }
         next.lineage = Some(lineage);
         next.next_generation = next.next_generation.max(next_generation);
@@ -1155,6 +1260,7 @@ impl Tracker {
             next.clean = true;
             self.save(&next)?;
             *st = next;
+            crate::failover::write_stamp(&self.shared);
         }
         tracing::info!(dir = %self.shared.dir.display(), "tracker state flushed and marked clean");
         Ok(())

@@ -384,6 +384,19 @@ impl Tracking {
         sums
     }
 
+    /// Marks byte ranges `(offset, length)` dirty in the active slot, durably (a checkpoint
+    /// follows): reverse replication's divergent ranges.
+    pub fn mark_ranges(&self, ranges: &[(u64, u64)]) -> Result<(), TrackingError> {
+        {
+            let slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+            for &(offset, len) in ranges {
+                self.bitmap
+                    .set_range(slots.active, self.geo.block_range(offset, len));
+            }
+        }
+        self.checkpoint()
+    }
+
     /// A checkpoint: makes the bitmap durable and empties the log, recording the slots'
     /// checksums, with no bit set meanwhile.
     pub fn checkpoint(&self) -> Result<(), TrackingError> {

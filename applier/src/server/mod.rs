@@ -42,13 +42,15 @@ pub struct ApplierConfig {
     pub admin_socket: Option<PathBuf>,
     /// Test hook: opening this VM takes this long (a slow store).
     pub open_delay: Option<(String, Duration)>,
+    /// The files of `identity` (the shipper that replicates back after a failover presents
+    /// this applier's certificate).
+    pub identity_files: Option<crate::failover::IdentityFiles>,
 }
 
 /// One replica served by this applier: its session, its store (for blocking operations, on
 /// blocking threads only), and the writers of the control streams talking to it.
 pub(crate) struct VmEntry {
     pub name: String,
-    pub owner: String,
     pub shared: Arc<VmShared>,
     session: Mutex<ApplierSession>,
     pub store: Arc<Mutex<VmStore>>,
@@ -57,12 +59,14 @@ pub(crate) struct VmEntry {
     /// Buffers chunks are verified into.
     pub buffers: Arc<crate::image::Buffers>,
     conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<Message>>>,
+    site: Arc<crate::failover::Site>,
 }
 
 type Slot = Arc<OnceCell<Arc<VmEntry>>>;
 
 pub(crate) struct App {
     pub store: Store,
+    pub site: Arc<crate::failover::Site>,
     /// The admin socket (for status: where this applier answers).
     pub admin_path: PathBuf,
     allow: AllowList,
@@ -106,6 +110,11 @@ impl App {
         Ok(Arc::clone(entry))
     }
 
+    /// Closes the VM's entry (its store lock goes with the last user of the entry).
+    pub fn forget(&self, name: &str) {
+        lock(&self.vms).remove(name);
+    }
+
     /// Takes VM `name`'s entry out of the table (to remove its replica): Ok(None) if it is
     /// not open here.
     pub fn take_vm(&self, name: &str) -> Result<Option<Arc<VmEntry>>, StoreError> {
@@ -146,13 +155,13 @@ impl App {
         let buffers = vs.buffers();
         Ok(Arc::new(VmEntry {
             name: name.to_string(),
-            owner: vs.owner().to_string(),
             shared: Arc::clone(vs.shared()),
             session: Mutex::new(session),
             store: Arc::new(Mutex::new(vs)),
             sender: Mutex::new(None),
             buffers,
             conns: Mutex::new(HashMap::new()),
+            site: Arc::clone(&self.site),
         }))
     }
 }
@@ -206,9 +215,11 @@ impl VmEntry {
                     kind,
                     freeze,
                     disks,
+                    parent,
                     meta,
                 } => {
-                    let r = vs.start_cycle_with(lineage, cycle, kind, freeze, &disks, &meta);
+                    let r =
+                        vs.start_cycle_with(lineage, cycle, kind, freeze, &disks, parent, &meta);
                     *lock(&me.sender) = vs.sender();
                     if let Err(e) = &r {
                         tracing::warn!(vm = %me.name, cycle, "cycle not started: {e}");
@@ -257,6 +268,34 @@ impl VmEntry {
                         result,
                     }
                 }
+                Action::LoadDivergent { conn } => Event::Divergent {
+                    conn,
+                    result: vs.divergent().map_err(fail),
+                },
+                Action::Promote { conn, request } => {
+                    let r = crate::failover::promote(&me.site, &mut vs, &request);
+                    *lock(&me.sender) = None;
+                    match &r {
+                        Ok(p) => tracing::warn!(vm = %me.name, lineage = %p.lineage, "promoted (planned failover)"),
+                        Err(e) => tracing::warn!(vm = %me.name, "promote refused: {e}"),
+                    }
+                    Event::Promoted {
+                        conn,
+                        result: r.map(|p| p.lineage).map_err(fail),
+                        replica: vs.replica(),
+                    }
+                }
+                Action::Reverse { conn, request } => {
+                    let r = crate::failover::reverse(&me.site, &mut vs, &request);
+                    if let Err(e) = &r {
+                        tracing::warn!(vm = %me.name, "reverse refused: {e}");
+                    }
+                    Event::Reversed {
+                        conn,
+                        result: r.map_err(fail),
+                        replica: vs.replica(),
+                    }
+                }
                 Action::Send { .. } => unreachable!("sends are carried out under the session lock"),
             }
         })
@@ -266,6 +305,13 @@ impl VmEntry {
             let replica = lock(&self.session).replica().to_owned();
             Event::Started(Err((code::INTERNAL, e.to_string())), replica)
         })
+    }
+
+    /// After an operation outside the session changed the replica (a failover): no chunk
+    /// of the attempt before goes anywhere, and the session learns the replica's state.
+    pub async fn replica_changed(self: &Arc<Self>, replica: crate::rules::Replica) {
+        *lock(&self.sender) = None;
+        self.drive(Event::Replica(replica)).await;
     }
 
     /// Whether a chunk of `tag` is of the attempt being received (see the session).
@@ -296,12 +342,19 @@ impl Applier {
         let store = Store::new(&cfg.store, cfg.retention)?;
         let reset_key = vmreplica_common::resetkey::load_or_create(&cfg.store.join("reset.key"))?;
         let endpoint = link::server(cfg.listen, &cfg.identity, &cfg.tuning, Some(&reset_key))?;
+        // Absolute: the paths a failover writes (shipper.toml, NBD URIs) are read by other
+        // processes, and relative ones in shipper.toml are taken from its own directory.
+        let site = Arc::new(crate::failover::Site {
+            root: std::path::absolute(&cfg.store)?,
+            identity: cfg.identity_files,
+        });
         let admin_path = cfg
             .admin_socket
             .clone()
             .unwrap_or_else(|| cfg.store.join("applier.sock"));
         let app = Arc::new(App {
             store,
+            site,
             admin_path: admin_path.clone(),
             allow: cfg.allow,
             vms: Mutex::new(HashMap::new()),
@@ -309,6 +362,11 @@ impl Applier {
             open_delay: cfg.open_delay,
         });
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
+        // The VMs this site is primary for: their processes are found again (or started).
+        {
+            let app = Arc::clone(&app);
+            tokio::spawn(async move { crate::admin::supervise(&app).await });
+        }
         let ep = endpoint.clone();
         let accepting = Arc::clone(&app);
         let task = tokio::spawn(async move {
@@ -452,11 +510,12 @@ async fn stream(
             lineage,
         }) => {
             let entry = match app.vm(&vm, Some(&st.peer)).await {
-                Ok(e) if e.owner == st.peer => e,
+                // The owner as last saved: a failover's adoption changes it.
+                Ok(e) if e.shared.state().owner == st.peer => e,
                 Ok(e) => {
                     let err = StoreError::NotOwner {
                         vm: vm.clone(),
-                        owner: e.owner.clone(),
+                        owner: e.shared.state().owner.clone(),
                         peer: st.peer.clone(),
                     };
                     tracing::warn!(peer = st.peer, "refused VM {vm}: {err}");

@@ -14,7 +14,7 @@ use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::sparse::punch_hole;
 use vmreplica_common::validate_name;
-use vmreplica_common::wire::{CycleKind, CycleMeta, DiskInfo};
+use vmreplica_common::wire::{CycleKind, CycleMeta, DiskInfo, LineagePoint};
 
 use super::receive::{JobSender, Partial, Running};
 use super::state::{DiskMeta, ExcludedDisk, PointInfo, ReceivingState, UndoRef, VmState};
@@ -87,13 +87,16 @@ impl VmStore {
         kind: CycleKind,
         freeze: u64,
         disks: &[DiskInfo],
+        parent: Option<LineagePoint>,
     ) -> Result<Started, StoreError> {
-        self.start_cycle_with(lineage, cycle, kind, freeze, disks, &CycleMeta::default())
+        let meta = CycleMeta::default();
+        self.start_cycle_with(lineage, cycle, kind, freeze, disks, parent, &meta)
     }
 
     /// [`VmStore::start_cycle`] with what the cycle says of itself (`meta`): recorded with
     /// the cycle (app-consistent, frozen at) and the replica (excluded disks, the primary's
     /// interval and RPO limit, for status).
+    #[allow(clippy::too_many_arguments)] // a BeginCycle's fields, as the wire has them
     pub fn start_cycle_with(
         &mut self,
         lineage: Lineage,
@@ -101,6 +104,7 @@ impl VmStore {
         kind: CycleKind,
         freeze: u64,
         disks: &[DiskInfo],
+        parent: Option<LineagePoint>,
         meta: &CycleMeta,
     ) -> Result<Started, StoreError> {
         let decision = rules::decide(
@@ -110,8 +114,13 @@ impl VmStore {
             cycle,
             kind,
             freeze,
+            parent,
         )
         .map_err(StoreError::Refused)?;
+        if kind == CycleKind::Reverse {
+            self.check_reverse_ready()?;
+        }
+        self.hold_images()?;
         self.register_disks(disks)?;
         let epoch = self.state.epoch + 1;
         if decision == Decision::Continue {
@@ -258,6 +267,7 @@ impl VmStore {
                 name: d.name.clone(),
                 size: d.size,
                 granularity: d.granularity,
+                image: None,
             })
             .collect();
         for d in &given {
@@ -266,7 +276,12 @@ impl VmStore {
                 source,
             })?;
         }
-        if self.state.disks == given {
+        let same = |a: &DiskMeta, b: &DiskMeta| {
+            (&a.name, a.size, a.granularity) == (&b.name, b.size, b.granularity)
+        };
+        if self.state.disks.len() == given.len()
+            && self.state.disks.iter().zip(&given).all(|(a, b)| same(a, b))
+        {
             return Ok(());
         }
         if !self.state.disks.is_empty() || given.is_empty() {
@@ -391,6 +406,15 @@ impl VmStore {
                 app_consistent,
             });
         next.record_cycle(lineage, cycle, kind);
+        let reversed = kind == CycleKind::Reverse;
+        let divergent = match &next.role {
+            super::state::Role::ReversePending(r) if reversed => r.divergent.clone(),
+            _ => None,
+        };
+        if reversed {
+            // The reverse cycle landed: this site is the new primary's replica.
+            next.role = super::state::Role::Replica;
+        }
         let empty = applied.is_empty() && !next.points.is_empty();
         let keeps_log = capture && !empty;
         if empty {
@@ -431,6 +455,15 @@ impl VmStore {
         }
         if !keeps_log {
             crate::undo::log::remove(&path).map_err(self.io(&path))?;
+        }
+        if let Some(f) = divergent {
+            let p = self.dir().join("failover").join(f);
+            if let Err(e) = crate::undo::log::remove(&p) {
+                tracing::warn!(vm = %self.vm(), "{e} (left behind, harmless)");
+            }
+        }
+        if reversed {
+            tracing::info!(vm = %self.vm(), cycle, %lineage, "the reverse cycle landed: this site replicates the new primary");
         }
         tracing::info!(
             vm = %self.vm(),

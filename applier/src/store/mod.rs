@@ -20,6 +20,7 @@
 
 mod apply;
 mod export;
+mod failover;
 mod points;
 mod receive;
 pub(crate) mod state;
@@ -45,12 +46,16 @@ use crate::undo::LogIndex;
 
 pub use apply::{Committed, Started};
 pub use export::{check_export_dir, export};
+pub use failover::{lock_holder, AdoptedDisk};
 pub use points::{plan_retention, Retention};
 pub use receive::{Failure, Job, JobSender};
-pub use state::{PointInfo, Span, SpanParent};
+pub use state::{
+    FailedOver, FailoverStep, PointInfo, Primary, ReversePending, ReverseTarget, Role, Span,
+    SpanParent,
+};
 
 use receive::{Partial, Running};
-use state::VmState;
+use state::{DiskMeta, VmState};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -122,6 +127,12 @@ pub enum StoreError {
     Receive(Failure),
     #[error("{0}")]
     Export(String),
+    /// A failover operation this site's role refuses (the message says why and what to do).
+    #[error("{0}")]
+    Role(String),
+    /// Both sites wrote since their last common point.
+    #[error("{0}")]
+    SplitBrain(String),
     #[error(transparent)]
     State(#[from] StateFileError),
 }
@@ -138,6 +149,8 @@ impl StoreError {
             StoreError::NoSuchCycle { .. } => code::STALE,
             StoreError::DiskMismatch { .. } => code::PROTOCOL,
             StoreError::Busy { .. } => code::BUSY,
+            StoreError::Role(_) => code::FAILED_OVER,
+            StoreError::SplitBrain(_) => code::SPLIT_BRAIN,
             StoreError::Receive(f) => f.code,
             StoreError::State(StateFileError::Write { source, .. })
                 if source.raw_os_error() == Some(libc::ENOSPC) =>
@@ -238,6 +251,7 @@ pub(crate) fn status_json(
             serde_json::json!({
                 "vm": name,
                 "open": open,
+                "role": s.role,
                 "owner": s.owner,
                 "lineage": s.lineage,
                 "last_cycle": s.last_cycle,
@@ -326,6 +340,9 @@ pub struct VmStore {
     buffers: Arc<Buffers>,
     /// This process's hold on the replica (see [`lock_vm`]); released when dropped.
     _lock: File,
+    /// Images outside the store (an old primary's, adopted) held as a tracker holds them, so
+    /// that no tracker or VM takes them while they are a replica (see `failover`).
+    held: Vec<File>,
     /// Test hook: the next state save fails (as on a full disk).
     #[cfg(test)]
     pub(crate) fail_save: bool,
@@ -370,6 +387,7 @@ impl VmStore {
             running: None,
             buffers: Arc::default(),
             _lock: lock,
+            held: Vec::new(),
             #[cfg(test)]
             fail_save: false,
         };
@@ -485,8 +503,13 @@ impl VmStore {
         self.state.disks.iter().map(|d| d.name.clone()).collect()
     }
 
+    /// A disk's image: in the store (`disks/NAME.img`), or where the state says (an adopted
+    /// one).
     pub fn image_path(&self, disk: &str) -> PathBuf {
-        self.dir().join("disks").join(format!("{disk}.img"))
+        match self.state.disks.iter().find(|d| d.name == disk) {
+            Some(DiskMeta { image: Some(p), .. }) => p.clone(),
+            _ => self.dir().join("disks").join(format!("{disk}.img")),
+        }
     }
 
     fn undo_path(&self, file: &str) -> PathBuf {

@@ -5,15 +5,17 @@
 //! swapped in: a save that fails (a full disk, an I/O error) leaves the state in memory as
 //! it is on disk, so nothing is acknowledged that a restart would not know.
 //!
-//! Fields added within version 2 carry `#[serde(default)]` (a file without them reads as
-//! before, no version bump needed): operations' `excluded` disks, `ops` (what status needs:
-//! the primary's interval and RPO limit, the cycle history) and points' `app_consistent`.
+//! Fields added after version 2 was released carry `#[serde(default)]` and stay inside
+//! version 2 (a file without them reads as before, no version bump needed): the VM's `role`
+//! on this site and its transitions (see [`Role`]), per-disk `image` paths outside the
+//! store, operations' `excluded` disks, `ops` (what status needs: the primary's interval and
+//! RPO limit, the cycle history) and points' `app_consistent`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmreplica_common::lineage::Lineage;
-use vmreplica_common::wire::{CycleKind, Receiving};
+use vmreplica_common::wire::{CycleKind, LineagePoint, Receiving, Role as WireRole};
 use vmreplica_common::{read_state, write_state, StateFileError};
 
 use crate::rules::Replica;
@@ -50,6 +52,106 @@ pub(crate) struct DiskMeta {
     pub name: String,
     pub size: u64,
     pub granularity: u32,
+    /// The image, when it is not `STORE/VM/disks/NAME.img` (an old primary's own images,
+    /// adopted as the replica for reverse replication).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+}
+
+/// What this site is for the VM. Every transition is saved (clone, save, swap) before it is
+/// acted on: from `FailedOver` on, no cycle of the old primary is taken.
+///
+/// - `Replica` takes cycles from its owner (the only role before failover existed);
+/// - `FailedOver`: an unplanned failover made this site the primary (its tracker serves the
+///   images), not committed yet: cancel returns to `Replica` at the point it left;
+/// - `Primary`: a committed or planned failover: this site is the primary;
+/// - `ReversePending`: this site's images (a former primary's, or a primary that gave way)
+///   wait for the reverse cycle from the new primary, which continues `parent`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Role {
+    #[default]
+    Replica,
+    FailedOver(FailedOver),
+    Primary(Primary),
+    ReversePending(ReversePending),
+}
+
+/// How far an unplanned failover got (each step is redone idempotently after a crash).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverStep {
+    /// The role is saved: cycles are refused; the images are being rolled back.
+    Begun,
+    /// The images hold the failover point (a redo log, if any, leads back to `from`).
+    RolledBack,
+    /// The tracker serves the images, its baseline frozen.
+    Serving,
+    /// A cancel is putting the images back to `from`.
+    Cancelling,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailedOver {
+    /// The new lineage, and the point it continues.
+    pub lineage: Lineage,
+    pub parent: SpanParent,
+    /// The point failed over to, and the newest point before (what a cancel returns to).
+    pub point: u64,
+    pub from: u64,
+    /// Seconds since the epoch.
+    pub since: u64,
+    pub step: FailoverStep,
+    /// The redo log (`failover/redo.log`), when older points were rolled back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redo: Option<String>,
+    /// Start the VM once the disks are served (and a VM definition to use, if not the
+    /// shipped one).
+    #[serde(default)]
+    pub start: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<PathBuf>,
+}
+
+/// Where reverse replication goes: the old primary site's applier (`back`), and how that
+/// site reaches this one (`here`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReverseTarget {
+    pub back: vmreplica_common::wire::Endpoint,
+    pub here: vmreplica_common::wire::Endpoint,
+    pub interval: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Primary {
+    pub lineage: Lineage,
+    pub parent: SpanParent,
+    pub since: u64,
+    /// Set once reverse replication is asked for (a planned failover, or `reverse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<ReverseTarget>,
+    #[serde(default)]
+    pub start: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReversePending {
+    pub parent: SpanParent,
+    /// This site's divergent ranges (`failover/divergent.json`), sent to the new primary's
+    /// shipper, which ships them with its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergent: Option<String>,
+    /// The state dir of the tracker that served these images: no reverse cycle lands while
+    /// it still runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracker: Option<PathBuf>,
+    pub since: u64,
+    /// The primary this record was before it gave way (a planned failover away from it),
+    /// restored if the promote on the other site fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<Primary>>,
 }
 
 /// Where a span of cycles came from: the point it continues from in another lineage (a
@@ -136,6 +238,8 @@ pub(crate) struct VmState {
     pub points: Vec<PointInfo>,
     pub undo: Vec<UndoRef>,
     #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
     pub excluded: Vec<ExcludedDisk>,
     #[serde(default)]
     pub ops: OpsState,
@@ -165,6 +269,7 @@ impl VmState {
             receiving: None,
             points: Vec::new(),
             undo: Vec::new(),
+            role: Role::Replica,
             excluded: Vec::new(),
             ops: OpsState::default(),
         }
@@ -195,6 +300,7 @@ impl VmState {
             last_freeze: self.last_freeze,
             has_points: !self.points.is_empty(),
             receiving: self.receiving_info(),
+            role: self.role.wire(),
         }
     }
 
@@ -232,6 +338,11 @@ impl VmState {
         self.last_cycle = cycle;
     }
 
+    /// Whether this site takes cycles into its images as a replica (not a primary).
+    pub fn is_replica(&self) -> bool {
+        matches!(self.role, Role::Replica | Role::ReversePending(_))
+    }
+
     /// Sizes of points: each costs the undo log that leads back to it.
     pub fn refresh_point_sizes(&mut self) {
         for p in &mut self.points {
@@ -241,6 +352,44 @@ impl VmState {
                 .find(|u| u.to == p.cycle)
                 .map(|u| u.bytes)
                 .unwrap_or(0);
+        }
+    }
+}
+
+impl SpanParent {
+    pub fn point(&self) -> LineagePoint {
+        LineagePoint {
+            lineage: self.lineage,
+            cycle: self.cycle,
+        }
+    }
+}
+
+impl Role {
+    /// The role as a shipper is told it.
+    pub fn wire(&self) -> WireRole {
+        match self {
+            Role::Replica => WireRole::Replica,
+            Role::FailedOver(f) => WireRole::FailedOver {
+                lineage: f.lineage,
+                parent: f.parent.point(),
+            },
+            Role::Primary(p) => WireRole::Primary {
+                lineage: p.lineage,
+                parent: p.parent.point(),
+            },
+            Role::ReversePending(r) => WireRole::ReversePending {
+                parent: r.parent.point(),
+            },
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Replica => "replica",
+            Role::FailedOver(_) => "failed-over",
+            Role::Primary(_) => "primary",
+            Role::ReversePending(_) => "reverse-pending",
         }
     }
 }

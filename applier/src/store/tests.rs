@@ -104,7 +104,7 @@ fn ship(
     data: &Images,
     blocks: &[(u16, u64)],
 ) -> Result<Committed, StoreError> {
-    let st = vs.start_cycle(L, cycle, kind, FREEZE, &disks())?;
+    let st = vs.start_cycle(L, cycle, kind, FREEZE, &disks(), None)?;
     let tag = Tag {
         lineage: L,
         cycle,
@@ -278,7 +278,7 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     blocks.sort();
     blocks.dedup();
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -302,7 +302,7 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     assert_eq!(vs.receiving().map(|r| r.cycle), Some(2));
     // The shipper resumes cycle 2: the replica reports what it holds, the rest follows.
     let st2 = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     assert!(st2.continued && st2.epoch > st.epoch);
     assert_eq!(st2.applied, plan(&blocks[..half]));
@@ -330,7 +330,7 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -346,7 +346,7 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     }
     // ... again after a reconnect (a new attempt of the same cycle)...
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         epoch: st.epoch,
@@ -359,7 +359,7 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     drop(vs);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         epoch: st.epoch,
@@ -387,7 +387,7 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
     let old = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let old_tag = Tag {
         lineage: L,
@@ -398,7 +398,7 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     // stream is still alive and sends other bytes where cycle 2 writes (say, a block it
     // read before a tracker restart): refused.
     let new = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let mut other = primary.clone();
     for &(d, b) in &blocks {
@@ -420,7 +420,7 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
         r.unwrap();
     }
     let third = vs
-        .start_cycle(L, 3, CycleKind::Resync, FREEZE, &disks())
+        .start_cycle(L, 3, CycleKind::Resync, FREEZE, &disks(), None)
         .unwrap();
     assert!(!third.continued);
     for r in send(&vs, new_tag, &other, &blocks) {
@@ -461,7 +461,7 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -480,7 +480,7 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     drop(vs);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     let again = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     assert!(
         again.continued && again.applied.is_empty(),
@@ -497,7 +497,7 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let s2 = store(dir2.path(), Retention::keep_all());
     let mut vs2 = s2.open_vm("vm1", "p").unwrap();
     let st = vs2
-        .start_cycle(L, 1, CycleKind::Initial, FREEZE, &disks())
+        .start_cycle(L, 1, CycleKind::Initial, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -522,11 +522,11 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
     // The save that would start cycle 2 fails: nothing starts.
     vs.fail_save = true;
     assert!(vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .is_err());
     assert!(vs.receiving().is_none() && vs.sender().is_none());
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -558,7 +558,7 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
     // ... and a failed save after a restart leaves the restart's view consistent too.
     let more = mutate(&mut rng, &mut primary);
     let st = vs
-        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -580,7 +580,7 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
         (2, Some(3))
     );
     let st = vs
-        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     assert!(st.continued);
     assert_eq!(st.applied, set);
@@ -610,7 +610,7 @@ fn empty_cycles_advance_the_replica_without_a_point() {
     );
     // The sequence holds: 7 after 5 is a gap.
     assert!(matches!(
-        vs.start_cycle(L, 7, CycleKind::Delta, FREEZE, &disks()),
+        vs.start_cycle(L, 7, CycleKind::Delta, FREEZE, &disks(), None),
         Err(StoreError::Refused(_))
     ));
     let mut p2 = primary.clone();
@@ -645,7 +645,7 @@ fn refused_cycles_change_nothing_and_the_cycle_held_in_part_goes_on() {
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     let tag = Tag {
         lineage: L,
@@ -663,19 +663,19 @@ fn refused_cycles_change_nothing_and_the_cycle_held_in_part_goes_on() {
         (L, 9, CycleKind::Initial),
         (L, 1, CycleKind::Resync),
     ] {
-        let e = vs.start_cycle(l, c, k, FREEZE, &disks()).unwrap_err();
+        let e = vs.start_cycle(l, c, k, FREEZE, &disks(), None).unwrap_err();
         assert!(matches!(e, StoreError::Refused(_)), "{e}");
         assert_eq!(e.code(), code::LINEAGE);
     }
     let mut more = disks();
     more[0].size += 4096;
     assert!(matches!(
-        vs.start_cycle(L, 2, CycleKind::Delta, FREEZE, &more),
+        vs.start_cycle(L, 2, CycleKind::Delta, FREEZE, &more, None),
         Err(StoreError::DiskMismatch { .. })
     ));
     // The cycle held in part is untouched: it resumes and commits.
     let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks())
+        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .unwrap();
     assert!(st.continued);
     assert_eq!(st.applied, plan(&blocks));
@@ -883,7 +883,7 @@ fn cycle_metadata_marks_points_and_records_excluded_disks() {
     let mut data2 = data.clone();
     data2[0][..G as usize].fill(9);
     let st = vs
-        .start_cycle_with(L, 2, CycleKind::Delta, FREEZE, &disks(), &meta)
+        .start_cycle_with(L, 2, CycleKind::Delta, FREEZE, &disks(), None, &meta)
         .unwrap();
     let tag = Tag {
         lineage: L,

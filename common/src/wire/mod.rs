@@ -9,11 +9,20 @@
 //! runs as a marker, the rest lz4 compressed (raw when that does not shrink it), each with an
 //! xxh3 checksum of the uncompressed bytes.
 //!
-//! Version 2 (this one): every cycle message carries its lineage and cycle, and every data
-//! frame the receive attempt's epoch; the resume answer is the durably applied set of ranges
-//! (paged), and the manifest proves a cycle complete by the digest of its ranges. A version 1
-//! peer is refused at hello with a message that says which side to upgrade: `Hello` and
-//! `Welcome` decode in both versions' layouts for that.
+//! Version 2: every cycle message carries its lineage and cycle, and every data frame the
+//! receive attempt's epoch; the resume answer is the durably applied set of ranges (paged),
+//! and the manifest proves a cycle complete by the digest of its ranges. Version 3 (this one)
+//! adds failover (see [`failover`]): the replica's role in `Welcome`, `Reverse` cycles with
+//! the point they continue, the divergent ranges a replica waiting for one sends, `Promote`
+//! (planned failover) and `Reverse` requests. An older peer is refused at hello with a message
+//! that says which side to upgrade: `Hello` and `Welcome` decode in every version's layout
+//! for that.
+
+mod failover;
+
+pub use failover::{
+    divergent_pages, failed_over_message, Endpoint, LineagePoint, Role, MAX_DEFINITION,
+};
 
 use crate::direct;
 use crate::lineage::Lineage;
@@ -21,7 +30,7 @@ use crate::ranges::{Range, RangeSet};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Most uncompressed bytes in one chunk.
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Largest frame (a chunk that did not compress, plus headers, fits easily).
@@ -72,6 +81,10 @@ pub enum CycleKind {
     Initial = 1,
     /// Differences found by comparing checksums (tracking was lost).
     Resync = 2,
+    /// The first cycle after a failover, towards the site that was primary before it: the
+    /// ranges where the two sites can differ, continuing a point the replica holds (its
+    /// `parent`).
+    Reverse = 3,
 }
 
 impl CycleKind {
@@ -80,6 +93,7 @@ impl CycleKind {
             CycleKind::Delta => "delta",
             CycleKind::Initial => "initial",
             CycleKind::Resync => "resync",
+            CycleKind::Reverse => "reverse",
         }
     }
 
@@ -88,6 +102,7 @@ impl CycleKind {
             "delta" => Some(CycleKind::Delta),
             "initial" => Some(CycleKind::Initial),
             "resync" => Some(CycleKind::Resync),
+            "reverse" => Some(CycleKind::Reverse),
             _ => None,
         }
     }
@@ -97,6 +112,7 @@ impl CycleKind {
             0 => Ok(CycleKind::Delta),
             1 => Ok(CycleKind::Initial),
             2 => Ok(CycleKind::Resync),
+            3 => Ok(CycleKind::Reverse),
             k => Err(WireError::BadKind(k)),
         }
     }
@@ -189,15 +205,18 @@ pub enum Message {
         last_cycle: u64,
         last_freeze: u64,
         receiving: Option<Receiving>,
+        /// What the site is for this VM (a replica, or failed over: see [`Role`]).
+        role: Role,
     },
     /// Shipper → applier: a cycle starts (or resumes): the tracker's generation `cycle` of
-    /// `lineage`, frozen as freeze `freeze`.
+    /// `lineage`, frozen as freeze `freeze`. A `Reverse` cycle names the point it continues.
     BeginCycle {
         lineage: Lineage,
         cycle: u64,
         kind: CycleKind,
         freeze: u64,
         disks: Vec<DiskInfo>,
+        parent: Option<LineagePoint>,
         meta: CycleMeta,
     },
     /// Applier → shipper, the answer to `BeginCycle`, in pages: the epoch of this attempt,
@@ -244,6 +263,44 @@ pub enum Message {
         offset: u64,
         hashes: Vec<u64>,
     },
+    /// Applier → shipper, after a `Welcome` with [`Role::ReversePending`], in pages: the
+    /// ranges where this site's disks may differ from the point the reverse cycle continues
+    /// (its unreplicated writes); the shipper ships them with its own. `last` ends the list.
+    Divergent { ranges: Vec<Range>, last: bool },
+    /// Old primary → replica (planned failover): the replica holds exactly `(lineage,
+    /// cycle)`, the primary's sealed last cycle; become the primary in a new lineage that
+    /// continues it, start the VM (`start`, from `definition` if given), and replicate back to
+    /// `back` (the old primary site's applier), which reaches this site as `here`.
+    Promote {
+        lineage: Lineage,
+        cycle: u64,
+        back: Endpoint,
+        here: Endpoint,
+        interval: String,
+        start: bool,
+        definition: Option<String>,
+    },
+    /// Replica → old primary: promoted; the new lineage.
+    Promoted { lineage: Lineage },
+    /// Old primary → new primary (after an unplanned failover): replicate back to `back`
+    /// (`here`: how that site reaches this one). `start` false only checks (split brain,
+    /// commit); `last_write_at` is the old primary's last write (seconds since the epoch);
+    /// `discard_local`: its writes since the failover may be overwritten.
+    Reverse {
+        start: bool,
+        discard_local: bool,
+        last_write_at: u64,
+        back: Endpoint,
+        here: Endpoint,
+        interval: String,
+    },
+    /// New primary → old primary: the reverse is accepted (or would be): the new lineage,
+    /// the point it continues, the failover's time.
+    ReverseOk {
+        lineage: Lineage,
+        parent: LineagePoint,
+        since: u64,
+    },
 }
 
 impl Message {
@@ -261,6 +318,11 @@ impl Message {
             Message::Error { .. } => "Error",
             Message::HashRequest { .. } => "HashRequest",
             Message::Hashes { .. } => "Hashes",
+            Message::Divergent { .. } => "Divergent",
+            Message::Promote { .. } => "Promote",
+            Message::Promoted { .. } => "Promoted",
+            Message::Reverse { .. } => "Reverse",
+            Message::ReverseOk { .. } => "ReverseOk",
         }
     }
 }
@@ -279,6 +341,10 @@ pub mod code {
     pub const STALE: u16 = 8;
     /// The replica is busy (another shipper's attempt, a store operation).
     pub const BUSY: u16 = 9;
+    /// The VM failed over to the replica site: it takes no cycles from the old primary.
+    pub const FAILED_OVER: u16 = 10;
+    /// Both sites wrote since their last common point: refused until an operator chooses.
+    pub const SPLIT_BRAIN: u16 = 11;
 }
 
 const T_HELLO: u8 = 1;
@@ -292,6 +358,11 @@ const T_ERROR: u8 = 8;
 const T_HASH_REQ: u8 = 9;
 const T_HASHES: u8 = 10;
 const T_ACKED: u8 = 11;
+const T_DIVERGENT: u8 = 12;
+const T_PROMOTE: u8 = 13;
+const T_PROMOTED: u8 = 14;
+const T_REVERSE: u8 = 15;
+const T_REVERSE_OK: u8 = 16;
 
 struct W<'a>(&'a mut Vec<u8>);
 
@@ -331,6 +402,14 @@ impl W<'_> {
     }
     fn bool(&mut self, b: bool) {
         self.u8(u8::from(b));
+    }
+    fn ranges(&mut self, ranges: &[Range]) {
+        self.u32(ranges.len() as u32);
+        for r in ranges {
+            self.u16(r.disk);
+            self.u64(r.offset);
+            self.u64(r.len);
+        }
     }
 }
 
@@ -395,6 +474,18 @@ impl<'a> R<'a> {
         }
         Ok(n as usize)
     }
+    fn ranges(&mut self) -> Result<Vec<Range>, WireError> {
+        let n = self.count(18)?;
+        let mut ranges = Vec::with_capacity(n);
+        for _ in 0..n {
+            ranges.push(Range {
+                disk: self.u16()?,
+                offset: self.u64()?,
+                len: self.u64()?,
+            });
+        }
+        Ok(ranges)
+    }
 }
 
 /// Appends the frame for `m` to `out`; a frame that would exceed [`MAX_FRAME`] is refused
@@ -417,6 +508,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             last_cycle,
             last_freeze,
             receiving,
+            role,
         } => {
             w.u8(T_WELCOME);
             w.u16(*version);
@@ -433,6 +525,10 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 }
                 None => w.u8(0),
             }
+            // Version 2 ended here.
+            if *version >= 3 {
+                w.role(role);
+            }
         }
         Message::BeginCycle {
             lineage,
@@ -440,6 +536,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             kind,
             freeze,
             disks,
+            parent,
             meta,
         } => {
             w.u8(T_BEGIN);
@@ -453,6 +550,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 w.u64(d.size);
                 w.u32(d.granularity);
             }
+            w.opt_point(parent);
             if *meta != CycleMeta::default() {
                 w.u8(CycleMeta::TAG);
                 w.bool(meta.app_consistent);
@@ -478,12 +576,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             w.u64(*cycle);
             w.u64(*epoch);
             w.bool(*last);
-            w.u32(ranges.len() as u32);
-            for r in ranges {
-                w.u16(r.disk);
-                w.u64(r.offset);
-                w.u64(r.len);
-            }
+            w.ranges(ranges);
         }
         Message::Chunk(c) => chunk_body(w, c),
         Message::Acked {
@@ -547,6 +640,15 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
                 w.u64(*h);
             }
         }
+        Message::Divergent { ranges, last } => {
+            w.u8(T_DIVERGENT);
+            w.bool(*last);
+            w.ranges(ranges);
+        }
+        m @ (Message::Promote { .. }
+        | Message::Promoted { .. }
+        | Message::Reverse { .. }
+        | Message::ReverseOk { .. }) => failover::encode(w, m),
     })
 }
 
@@ -708,7 +810,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             let version = r.u16()?;
             let vm = r.str()?;
             // Version 1 ended here: such a hello decodes, so that it can be refused by version.
-            let lineage = if r.0.is_empty() && version != PROTOCOL_VERSION {
+            let lineage = if r.0.is_empty() && version == 1 {
                 None
             } else {
                 r.opt_lineage()?
@@ -723,8 +825,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             let version = r.u16()?;
             let last_cycle = r.u64()?;
             // Version 1 ended here (see Hello).
-            let (lineage, last_freeze, receiving) = if r.0.is_empty() && version != PROTOCOL_VERSION
-            {
+            let (lineage, last_freeze, receiving) = if r.0.is_empty() && version == 1 {
                 (None, 0, None)
             } else {
                 let lineage = r.opt_lineage()?;
@@ -740,12 +841,19 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 };
                 (lineage, last_freeze, receiving)
             };
+            // Versions 1 and 2 ended here.
+            let role = if version >= 3 {
+                r.role()?
+            } else {
+                Role::Replica
+            };
             Message::Welcome {
                 version,
                 lineage,
                 last_cycle,
                 last_freeze,
                 receiving,
+                role,
             }
         }
         T_BEGIN => {
@@ -762,6 +870,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                     granularity: r.u32()?,
                 });
             }
+            let parent = r.opt_point()?;
             let mut meta = CycleMeta::default();
             if !r.0.is_empty() {
                 match r.u8()? {
@@ -783,6 +892,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 kind,
                 freeze,
                 disks,
+                parent,
                 meta,
             }
         }
@@ -791,15 +901,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             let cycle = r.u64()?;
             let epoch = r.u64()?;
             let last = r.bool()?;
-            let n = r.count(18)?;
-            let mut ranges = Vec::with_capacity(n);
-            for _ in 0..n {
-                ranges.push(Range {
-                    disk: r.u16()?,
-                    offset: r.u64()?,
-                    len: r.u64()?,
-                });
-            }
+            let ranges = r.ranges()?;
             Message::Resume {
                 lineage,
                 cycle,
@@ -854,6 +956,11 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 hashes,
             }
         }
+        T_DIVERGENT => Message::Divergent {
+            last: r.bool()?,
+            ranges: r.ranges()?,
+        },
+        t @ (T_PROMOTE | T_PROMOTED | T_REVERSE | T_REVERSE_OK) => failover::decode(t, &mut r)?,
         t => return Err(WireError::UnknownType(t)),
     };
     if !r.0.is_empty() {

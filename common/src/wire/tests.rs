@@ -9,6 +9,13 @@ fn tag(cycle: u64) -> Tag {
     }
 }
 
+fn point(cycle: u64) -> LineagePoint {
+    LineagePoint {
+        lineage: Lineage([9; 16]),
+        cycle,
+    }
+}
+
 fn frame(m: &Message) -> Vec<u8> {
     let mut buf = Vec::new();
     encode(m, &mut buf).unwrap();
@@ -19,17 +26,17 @@ fn all() -> Vec<Message> {
     let l = Lineage([9; 16]);
     vec![
         Message::Hello {
-            version: 2,
+            version: 3,
             vm: "vm1".into(),
             lineage: Some(l),
         },
         Message::Hello {
-            version: 2,
+            version: 3,
             vm: "vm1".into(),
             lineage: None,
         },
         Message::Welcome {
-            version: 2,
+            version: 3,
             lineage: Some(l),
             last_cycle: 7,
             last_freeze: 77,
@@ -39,13 +46,37 @@ fn all() -> Vec<Message> {
                 kind: CycleKind::Resync,
                 freeze: 88,
             }),
+            role: Role::Replica,
         },
         Message::Welcome {
-            version: 2,
+            version: 3,
             lineage: None,
             last_cycle: 0,
             last_freeze: 0,
             receiving: None,
+            role: Role::FailedOver {
+                lineage: l,
+                parent: point(5),
+            },
+        },
+        Message::Welcome {
+            version: 3,
+            lineage: Some(l),
+            last_cycle: 9,
+            last_freeze: 0,
+            receiving: None,
+            role: Role::Primary {
+                lineage: Lineage([1; 16]),
+                parent: point(9),
+            },
+        },
+        Message::Welcome {
+            version: 3,
+            lineage: Some(l),
+            last_cycle: 9,
+            last_freeze: 0,
+            receiving: None,
+            role: Role::ReversePending { parent: point(9) },
         },
         Message::BeginCycle {
             lineage: l,
@@ -57,7 +88,62 @@ fn all() -> Vec<Message> {
                 size: 1 << 30,
                 granularity: 65536,
             }],
+            parent: None,
             meta: CycleMeta::default(),
+        },
+        Message::BeginCycle {
+            lineage: l,
+            cycle: 12,
+            kind: CycleKind::Reverse,
+            freeze: 89,
+            disks: vec![],
+            parent: Some(point(9)),
+            meta: CycleMeta::default(),
+        },
+        Message::Divergent {
+            ranges: vec![Range {
+                disk: 0,
+                offset: 1 << 20,
+                len: 65536,
+            }],
+            last: true,
+        },
+        Message::Promote {
+            lineage: l,
+            cycle: 9,
+            back: Endpoint {
+                addr: "192.0.2.1:7443".into(),
+                name: "site-a".into(),
+            },
+            here: Endpoint {
+                addr: "192.0.2.2:7443".into(),
+                name: "site-b".into(),
+            },
+            interval: "5m".into(),
+            start: true,
+            definition: Some("version = 1\nname = \"vm1\"\n".repeat(1000)),
+        },
+        Message::Promoted {
+            lineage: Lineage([2; 16]),
+        },
+        Message::Reverse {
+            start: false,
+            discard_local: true,
+            last_write_at: 1_700_000_000,
+            back: Endpoint {
+                addr: "a:1".into(),
+                name: "a".into(),
+            },
+            here: Endpoint {
+                addr: "b:2".into(),
+                name: "b".into(),
+            },
+            interval: "continuous".into(),
+        },
+        Message::ReverseOk {
+            lineage: Lineage([2; 16]),
+            parent: point(9),
+            since: 1_700_000_001,
         },
         Message::BeginCycle {
             lineage: l,
@@ -69,6 +155,7 @@ fn all() -> Vec<Message> {
                 size: 1 << 30,
                 granularity: 65536,
             }],
+            parent: None,
             meta: CycleMeta {
                 app_consistent: true,
                 frozen_at: 1_790_000_000,
@@ -161,9 +248,33 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
             lineage: None,
             last_cycle: 5,
             last_freeze: 0,
-            receiving: None
+            receiving: None,
+            role: Role::Replica,
         }
     );
+    // Version 2's welcome ends before the role.
+    let v2 = Message::Welcome {
+        version: 2,
+        lineage: Some(Lineage([3; 16])),
+        last_cycle: 5,
+        last_freeze: 6,
+        receiving: None,
+        role: Role::Replica,
+    };
+    let f = frame(&v2);
+    assert_eq!(decode(&f).unwrap().unwrap().0, v2);
+    let mut v3 = frame(&Message::Welcome {
+        version: 3,
+        lineage: Some(Lineage([3; 16])),
+        last_cycle: 5,
+        last_freeze: 6,
+        receiving: None,
+        role: Role::Replica,
+    });
+    assert_eq!(v3.len(), f.len() + 1, "the role is one byte more");
+    v3.pop();
+    v3[3] -= 1;
+    assert!(decode(&v3).is_err(), "a version 3 welcome carries its role");
     // A version 2 hello must carry its lineage field.
     let mut cut = frame(&Message::Hello {
         version: 2,
@@ -413,8 +524,61 @@ fn zero_blocks_amid_data_travel_as_zero_markers() {
     assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
 }
 
-/// A `BeginCycle` without cycle metadata is the same frame as before it existed (older
-/// shippers' frames read as default metadata); metadata follows the disks behind a tag.
+#[test]
+fn failover_messages_are_bounded_and_divergent_ranges_are_paged() {
+    // A definition longer than the limit is refused, without allocating it.
+    let mut f = vec![T_PROMOTE];
+    f.extend([0u8; 16]);
+    f.extend(9u64.to_be_bytes());
+    for s in ["a:1", "a", "b:2", "b", "5m"] {
+        f.extend((s.len() as u16).to_be_bytes());
+        f.extend(s.as_bytes());
+    }
+    f.push(1);
+    f.push(1);
+    f.extend((MAX_DEFINITION + 1).to_be_bytes());
+    let mut framed = (f.len() as u32).to_be_bytes().to_vec();
+    framed.extend(f);
+    assert_eq!(decode(&framed), Err(WireError::BadString));
+    // An unknown role is refused.
+    let mut w = frame(&Message::Welcome {
+        version: 3,
+        lineage: None,
+        last_cycle: 0,
+        last_freeze: 0,
+        receiving: None,
+        role: Role::Replica,
+    });
+    *w.last_mut().unwrap() = 9;
+    assert_eq!(decode(&w), Err(WireError::BadKind(9)));
+    // Divergent ranges of any number arrive in pages that each fit a frame.
+    let mut set = RangeSet::new();
+    for i in 0..250_000u64 {
+        set.insert(0, i * 131072, i * 131072 + 65536);
+    }
+    let pages = divergent_pages(&set);
+    assert_eq!(pages.len(), 3);
+    let mut back = RangeSet::new();
+    for (i, p) in pages.iter().enumerate() {
+        let mut buf = Vec::new();
+        encode(p, &mut buf).unwrap();
+        match decode(&buf).unwrap().unwrap().0 {
+            Message::Divergent { ranges, last } => {
+                assert_eq!(last, i == 2);
+                ranges.into_iter().for_each(|r| back.insert_range(r));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(back, set);
+    assert!(matches!(
+        &divergent_pages(&RangeSet::new())[..],
+        [Message::Divergent { last: true, ranges }] if ranges.is_empty()
+    ));
+}
+
+/// A `BeginCycle` without cycle metadata is the same frame as before it existed (frames
+/// without it read as default metadata); metadata follows the parent behind a tag.
 #[test]
 fn cycle_metadata_is_an_optional_tail_of_begin_cycle() {
     let plain = Message::BeginCycle {
@@ -423,11 +587,12 @@ fn cycle_metadata_is_an_optional_tail_of_begin_cycle() {
         kind: CycleKind::Delta,
         freeze: 5,
         disks: vec![],
+        parent: None,
         meta: CycleMeta::default(),
     };
     let f = frame(&plain);
-    // tag + lineage + cycle + kind + freeze + disk count
-    assert_eq!(f.len(), 4 + 1 + 16 + 8 + 1 + 8 + 4);
+    // tag + lineage + cycle + kind + freeze + disk count + no parent (version 3)
+    assert_eq!(f.len(), 4 + 1 + 16 + 8 + 1 + 8 + 4 + 1);
     let Message::BeginCycle { meta, .. } = decode(&f).unwrap().unwrap().0 else {
         panic!()
     };
