@@ -132,7 +132,8 @@ pub fn gather(a: &StatusArgs) -> Result<Report> {
         let sp = vmreplica_shipper::state::path_for(control);
         if !sp.exists() {
             notes.push(format!(
-                "a tracker (PID {}, state {}) serves disks no shipper has shipped yet",
+                "a tracker (PID {}, state {}) serves disks that no shipper on this host \
+                 ships (no shipper state there)",
                 t.pid,
                 t.state
                     .as_ref()
@@ -209,7 +210,7 @@ pub fn status(a: StatusArgs) -> Result<()> {
     let r = gather(&a)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
-    } else if r.vms.is_empty() {
+    } else if r.vms.is_empty() && a.vm.is_none() {
         println!(
             "no VM is protected or held on this host{} (roles register in {})",
             a.vm.as_deref()
@@ -224,7 +225,12 @@ pub fn status(a: StatusArgs) -> Result<()> {
     }
     if let Some(vm) = &a.vm {
         if r.vms.is_empty() {
-            bail!("VM {vm}: nothing on this host protects or holds it");
+            bail!(
+                "VM {vm}: nothing on this host protects or holds it (roles register in {}; \
+                 a replica store or a shipper configuration whose role does not run: --store, \
+                 --config)",
+                registry::run_dir().display()
+            );
         }
     }
     Ok(())
@@ -341,7 +347,7 @@ pub fn render(v: &VmStatus) -> String {
         sent += &format!(", compression {r:.2}x");
     }
     if let Some(r) = v.link_rate_bytes_per_second {
-        sent += &format!(", link {:.1} MB/s", r / 1e6);
+        sent += &format!(", link {}/s", human_bytes(r as u64));
     }
     if v.site == Site::Primary {
         sent += &format!(
@@ -419,9 +425,12 @@ pub fn pause(vm: &str, resume: bool) -> Result<()> {
     let e = shipper_of(vm)?;
     let socket = e.control.context("the shipper's entry names no socket")?;
     let v = ask(&socket, if resume { &Ship::Resume } else { &Ship::Pause })?;
-    let what = if resume { "resumed" } else { "paused" };
     if v["changed"] == Value::Bool(false) {
-        println!("VM {vm}: replication was {what} already");
+        if resume {
+            println!("VM {vm}: replication was not paused: nothing to resume");
+        } else {
+            println!("VM {vm}: replication was paused already");
+        }
     } else if resume {
         println!("VM {vm}: replication resumed: one cycle ships what changed meanwhile");
     } else {
@@ -440,6 +449,17 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
     let socket = e.control.context("the shipper's entry names no socket")?;
     let mut follow = vmreplica_ops::events::Follower::new(&registry::run_dir(), false);
     ask(&socket, &Ship::Resync)?;
+    let st: VmStatus = serde_json::from_value(ask(&socket, &Ship::Status)?)?;
+    if st.state == State::Paused {
+        println!(
+            "VM {vm}: checksum resync requested; replication is paused: it runs when \
+             replication resumes (`vmreplica resume {vm}`)"
+        );
+        if wait {
+            bail!("VM {vm}: paused: not waiting for a resync that cannot start; resume it first");
+        }
+        return Ok(());
+    }
     println!("VM {vm}: checksum resync requested: the next cycle compares every block");
     if !wait {
         return Ok(());
@@ -478,6 +498,9 @@ pub fn resync(vm: &str, wait: bool) -> Result<()> {
                 );
             }
         }
+        if st.state == State::Paused {
+            bail!("VM {vm}: replication was paused: the resync goes on when it resumes");
+        }
         if st.state == State::Stopped {
             bail!(
                 "VM {vm}: replication stopped: {}",
@@ -509,24 +532,34 @@ pub fn set(vm: &str, pairs: &[String], config: Option<&Path>) -> Result<()> {
         };
         kv.push((k.trim().to_string(), v.trim().to_string()));
     }
-    for (k, v) in &kv {
-        let c = vmreplica_shipper::ShipperConfig::set_in_file(&config, k, v)?;
-        if c.vm != vm {
-            bail!("{} configures VM {}, not {vm}", config.display(), c.vm);
-        }
-    }
+    // All pairs at once: one bad pair, or a file of another VM, changes nothing.
+    let refs: Vec<(&str, &str)> = kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    vmreplica_shipper::ShipperConfig::set_in_file(&config, vm, &refs)?;
     println!("{}: {}", config.display(), pairs.join(", "));
+    let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+    if let Some(e) = entry
+        .as_ref()
+        .filter(|e| e.config.as_deref().is_some_and(|c| !same(c, &config)))
+    {
+        bail!(
+            "VM {vm}: its running shipper (PID {}) reads {}, not {}: that file was changed, \
+             the running shipper was not",
+            e.pid,
+            e.config.as_deref().unwrap_or(Path::new("?")).display(),
+            config.display()
+        );
+    }
     if let Some(socket) = entry.and_then(|e| e.control) {
-        for (k, v) in kv {
-            ask(
-                &socket,
-                &Ship::Set {
-                    key: k.clone(),
-                    value: v.clone(),
-                },
-            )?;
-        }
+        // The running shipper reads the file just written (its defaults included).
+        let changed = ask(&socket, &Ship::Reload)?;
         println!("VM {vm}: the running shipper uses the new settings now");
+        if let Some(keys) = changed["restart_needed"].as_array() {
+            let keys: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
+            eprintln!(
+                "note: {} changed in the file earlier and take effect when the shipper restarts",
+                keys.join(", ")
+            );
+        }
     }
     Ok(())
 }

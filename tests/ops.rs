@@ -241,6 +241,8 @@ fn status_through_initial_copy_replication_pause_and_missed_cycles() {
             .contains("cycles of the last hour were missed"),
         "{p}"
     );
+    // The link's rate is still known (from the last cycle that carried data).
+    assert!(p["link_rate_bytes_per_second"].as_f64() > Some(0.0), "{p}");
     eprintln!(
         "--- status after a missed-cycle period:\n{}",
         status_text("vm1")

@@ -121,6 +121,14 @@ fn a_seed_exported_while_writing_carries_the_initial_copy_and_a_damaged_one_is_r
     );
     assert!(e.contains("sys.sums"), "{e}");
 
+    // A seed of another VM (the wrong disk from the shelf) is refused, naming both.
+    let e = fails(
+        &["seed", "import", "vm2", "--from", seed.to_str().unwrap()],
+        &site.store,
+    );
+    assert!(e.contains("is of VM vm1"), "{e}");
+    assert!(!site.store.join("vm2").exists());
+
     // The good seed; then replication ships only what changed since its freeze.
     let out = stdout(
         Command::new(bin())

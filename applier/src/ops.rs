@@ -71,6 +71,7 @@ pub(crate) fn replica_status(
     let hl = health(&HealthInput {
         stopped: None,
         tracking_lost: Vec::new(),
+        resync_requested: false,
         resyncing: state == State::Resynchronizing,
         paused: false,
         no_point: s.points.is_empty(),

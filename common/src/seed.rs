@@ -92,12 +92,36 @@ impl Manifest {
         if !m.granularity.is_power_of_two() || m.granularity < 4096 {
             return Err(bad(format!("granularity {} is not valid", m.granularity)));
         }
+        if m.generation == 0 {
+            return Err(bad(format!(
+                "{MANIFEST}: generation 0: a seed is of a frozen generation, 1 or later"
+            )));
+        }
+        if m.disks.is_empty() {
+            return Err(bad(format!("{MANIFEST} lists no disk")));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut files = std::collections::BTreeSet::new();
         for d in &m.disks {
             crate::validate_name(&d.name).map_err(|e| bad(format!("disk: {e}")))?;
+            if !names.insert(d.name.as_str()) {
+                return Err(bad(format!("{MANIFEST} lists disk {} twice", d.name)));
+            }
             for f in [&d.file, &d.sums] {
                 if f.contains('/') || f.starts_with('.') {
                     return Err(bad(format!("file name {f:?} is not in the seed directory")));
                 }
+                if !files.insert(f.as_str()) {
+                    return Err(bad(format!("{MANIFEST} names file {f} twice")));
+                }
+            }
+        }
+        for (name, _) in &m.excluded {
+            crate::validate_name(name).map_err(|e| bad(format!("excluded disk: {e}")))?;
+            if !names.insert(name.as_str()) {
+                return Err(bad(format!(
+                    "{MANIFEST} lists disk {name} twice (excluded and shipped, or excluded twice)"
+                )));
             }
         }
         Ok(m)
@@ -151,4 +175,60 @@ pub fn read_sums(path: &Path, blocks: u64, want: u64) -> Result<Vec<u64>, String
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> serde_json::Value {
+        serde_json::json!({
+            "format": FORMAT, "version": VERSION, "vm": "vm1", "owner": "primary-1",
+            "lineage": "4ef9e9b3c0b6afb6b6b4209e6f196ddb", "generation": 22, "freeze": 7,
+            "frozen_at": 1, "created_at": 2, "granularity": 65536,
+            "disks": [{"name": "sys", "size": 65536, "file": "sys.img", "sums": "sys.sums",
+                       "sums_checksum": 1, "data_bytes": 0}],
+            "excluded": [["swap", 65536]]
+        })
+    }
+
+    /// A hand-edited or damaged manifest is refused with what is wrong, before any file is
+    /// read: generation 0, no disk, a disk twice, a file named twice, an excluded disk that
+    /// is also shipped.
+    #[test]
+    fn manifests_that_cannot_describe_a_replica_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |m: &serde_json::Value| {
+            std::fs::write(dir.path().join(MANIFEST), m.to_string()).unwrap();
+            Manifest::load(dir.path())
+        };
+        assert!(write(&manifest()).is_ok());
+        let disk = manifest()["disks"][0].clone();
+        let mut other = disk.clone();
+        other["name"] = "data".into();
+        for (edit, want) in [
+            (serde_json::json!({"generation": 0}), "generation 0"),
+            (serde_json::json!({"disks": []}), "lists no disk"),
+            (serde_json::json!({"disks": [disk, disk]}), "disk sys twice"),
+            (
+                serde_json::json!({"disks": [disk, other]}),
+                "file sys.img twice",
+            ),
+            (
+                serde_json::json!({"excluded": [["sys", 5]]}),
+                "disk sys twice",
+            ),
+            (
+                serde_json::json!({"excluded": [["../x", 5]]}),
+                "excluded disk",
+            ),
+        ] {
+            let mut m = manifest();
+            for (k, v) in edit.as_object().unwrap() {
+                m[k] = v.clone();
+            }
+            let e = write(&m).unwrap_err().to_string();
+            assert!(e.contains(want), "{edit}: {e}");
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! not know); a field removed or changed in meaning makes version 2. Times are seconds since
 //! the epoch (UTC), durations seconds, sizes bytes; a value a site cannot know is `null`
 //! (the replica does not know the primary's backlog; the primary does not hold points). The
-//! README ("Status and health") documents each field; `tests/ops_status.rs` pins the schema.
+//! README ("Status and health") documents each field; `ops/tests/schema.rs` pins the schema.
 
 use serde::{Deserialize, Serialize};
 
@@ -181,7 +181,7 @@ pub struct VmStatus {
     pub total_wire_bytes: u64,
     /// Data bytes over bytes on the wire, last hour (primary).
     pub compression_ratio: Option<f64>,
-    /// Wire bytes per second of the last cycle's transfer (primary).
+    /// Wire bytes per second of the newest cycle that carried data (primary).
     pub link_rate_bytes_per_second: Option<f64>,
     /// The limit in force now (configured or from the schedule), bytes per second.
     pub bandwidth_limit_bytes_per_second: Option<u64>,
@@ -200,6 +200,8 @@ pub struct HealthInput {
     pub stopped: Option<String>,
     /// Disks whose tracking was lost (a resync is needed and not under way).
     pub tracking_lost: Vec<String>,
+    /// An operator asked for a checksum resync; it has not started yet.
+    pub resync_requested: bool,
     pub resyncing: bool,
     pub paused: bool,
     /// No recovery point yet (the initial copy has not finished).
@@ -261,6 +263,13 @@ pub fn health(i: &HealthInput) -> Health {
     }
     if i.resyncing {
         warning.push("a checksum resync is under way".into());
+    }
+    if i.resync_requested {
+        warning.push(if i.paused {
+            "a checksum resync was requested: it runs when replication resumes".into()
+        } else {
+            "a checksum resync was requested: the next cycle compares every block".into()
+        });
     }
     if i.no_point && i.stopped.is_none() {
         warning.push("the initial copy has not finished: no recovery point yet".into());
@@ -329,6 +338,11 @@ mod tests {
         assert_eq!(health(&i).level, Level::Critical);
         i.resyncing = true;
         assert_eq!(health(&i).level, Level::Warning);
+        let mut i = base();
+        i.resync_requested = true;
+        let h = health(&i);
+        assert_eq!(h.level, Level::Warning);
+        assert!(h.reasons[0].contains("resync was requested"), "{h:?}");
         let mut i = base();
         i.stopped = Some("no shipper runs".into());
         i.no_point = true;

@@ -188,6 +188,19 @@ pub fn parse_limit(s: &str) -> Result<Option<u64>, String> {
     }
 }
 
+/// An RPO limit no longer than the interval would make health critical before every cycle.
+pub fn check_rpo_limit(interval: &Interval, rpo_limit: Duration) -> Result<(), String> {
+    match interval {
+        Interval::Every(d) if rpo_limit <= *d => Err(format!(
+            "rpo_limit ({}) must be longer than the interval ({}): the latest point would pass \
+             it before every cycle and health would always be critical",
+            humantime::format_duration(rpo_limit),
+            humantime::format_duration(*d)
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The keys `vmreplica set` changes on a running shipper (and in its file).
 pub const SETTABLE: [&str; 5] = [
     "interval",
@@ -230,8 +243,15 @@ impl ShipperConfig {
         };
         let rpo_limit = match raw.rpo_limit.as_deref() {
             Some(r) => parse_duration(r).map_err(|e| bad(format!("rpo_limit: {e}")))?,
-            None => Duration::from_secs(vmreplica_ops::status::DEFAULT_RPO_LIMIT),
+            // An hour, or two intervals if they are longer.
+            None => {
+                Duration::from_secs(vmreplica_ops::status::DEFAULT_RPO_LIMIT).max(match interval {
+                    Interval::Every(d) => 2 * d,
+                    Interval::Continuous => Duration::ZERO,
+                })
+            }
         };
+        check_rpo_limit(&interval, rpo_limit).map_err(bad)?;
         let metrics = raw
             .metrics
             .as_deref()
@@ -283,6 +303,9 @@ impl ShipperConfig {
                 Some(r)
             }
         };
+        // Relative paths are the file's neighbours, made absolute: the runtime registry and
+        // the control socket are found from any directory (`vmreplica status` run elsewhere).
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         Ok(ShipperConfig {
@@ -309,24 +332,23 @@ impl ShipperConfig {
             qmp: raw.qmp.map(rel),
             reverse,
             interval_text,
-            path: path.to_path_buf(),
+            path: path.clone(),
         })
     }
 
-    /// Sets `key` (one of [`SETTABLE`]) to `value` in the configuration file at `path`,
-    /// keeping its comments and layout. The whole file is checked as the shipper reads it
-    /// before it is replaced (atomically); a bad value changes nothing.
-    pub fn set_in_file(path: &Path, key: &str, value: &str) -> Result<ShipperConfig, ConfigError> {
+    /// Sets each `key = value` (keys of [`SETTABLE`]) in the configuration file at `path`,
+    /// keeping its comments and layout. The whole file is checked as the shipper reads it,
+    /// and must configure VM `vm`, before it is replaced (atomically, once for all pairs): a
+    /// bad value, key or file changes nothing.
+    pub fn set_in_file(
+        path: &Path,
+        vm: &str,
+        pairs: &[(&str, &str)],
+    ) -> Result<ShipperConfig, ConfigError> {
         let bad = |reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             reason,
         };
-        if !SETTABLE.contains(&key) {
-            return Err(bad(format!(
-                "{key} cannot be set on a running shipper (settable: {}); edit the file and restart",
-                SETTABLE.join(", ")
-            )));
-        }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -334,18 +356,36 @@ impl ShipperConfig {
         let mut doc: toml_edit::DocumentMut = text
             .parse()
             .map_err(|e: toml_edit::TomlError| bad(e.to_string()))?;
-        let item = if key == "compression" {
-            match value {
-                "true" | "on" | "yes" => toml_edit::value(true),
-                "false" | "off" | "no" => toml_edit::value(false),
-                v => return Err(bad(format!("compression: {v:?} is not true or false"))),
+        for &(key, value) in pairs {
+            if !SETTABLE.contains(&key) {
+                return Err(bad(format!(
+                    "{key:?} cannot be set on a running shipper (settable: {}); edit the file \
+                     and restart; nothing was changed",
+                    SETTABLE.join(", ")
+                )));
             }
-        } else {
-            toml_edit::value(value)
-        };
-        doc[key] = item;
+            doc[key] = if key == "compression" {
+                match value {
+                    "true" | "on" | "yes" => toml_edit::value(true),
+                    "false" | "off" | "no" => toml_edit::value(false),
+                    v => {
+                        return Err(bad(format!(
+                            "compression: {v:?} is not true or false; nothing was changed"
+                        )))
+                    }
+                }
+            } else {
+                toml_edit::value(value)
+            };
+        }
         let new = doc.to_string();
         let cfg = Self::parse(&new, path)?;
+        if cfg.vm != vm {
+            return Err(bad(format!(
+                "it configures VM {}, not {vm}; nothing was changed",
+                cfg.vm
+            )));
+        }
         vmreplica_common::write_atomic(path, new.as_bytes()).map_err(|source| {
             ConfigError::Read {
                 path: path.to_path_buf(),
@@ -353,6 +393,38 @@ impl ShipperConfig {
             }
         })?;
         Ok(cfg)
+    }
+
+    /// The keys changed in `new` that a running shipper cannot take over (it keeps its
+    /// values until it restarts): everything but [`SETTABLE`], the bandwidth schedule and
+    /// the guest agent.
+    pub fn restart_only_changes(&self, new: &ShipperConfig) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut differ = |key, changed: bool| {
+            if changed {
+                v.push(key);
+            }
+        };
+        differ("vm", self.vm != new.vm);
+        differ("tracker", self.tracker != new.tracker);
+        differ("replica", self.replica != new.replica);
+        differ("server_name", self.server_name != new.server_name);
+        differ("ca", self.ca != new.ca);
+        differ("cert", self.cert != new.cert);
+        differ("key", self.key != new.key);
+        differ("streams", self.streams != new.streams);
+        differ("connections", self.connections != new.connections);
+        differ(
+            "initial_sync_at",
+            self.initial_sync_at != new.initial_sync_at,
+        );
+        differ("metrics", self.metrics != new.metrics);
+        differ("qmp", self.qmp != new.qmp);
+        differ(
+            "tuning",
+            format!("{:?}", self.tuning) != format!("{:?}", new.tuning),
+        );
+        v
     }
 
     pub fn load(path: &Path) -> Result<ShipperConfig, ConfigError> {
@@ -456,6 +528,7 @@ key = "p.key"
             "app_consistent_every = \"1h\"",
             "metrics = \"localhost\"",
             "rpo_limit = \"0s\"",
+            "interval = \"5m\"\nrpo_limit = \"5m\"",
         ] {
             let e = ShipperConfig::parse(&format!("{BASE}{bad}\n"), p)
                 .unwrap_err()
@@ -466,18 +539,28 @@ key = "p.key"
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("shipper.toml");
         std::fs::write(&f, format!("# my VM\n{BASE}interval = \"5m\" # five\n")).unwrap();
-        let c = ShipperConfig::set_in_file(&f, "interval", "30s").unwrap();
+        let c = ShipperConfig::set_in_file(&f, "vm1", &[("interval", "30s")]).unwrap();
         assert_eq!(c.interval, Interval::Every(Duration::from_secs(30)));
-        ShipperConfig::set_in_file(&f, "compression", "false").unwrap();
-        ShipperConfig::set_in_file(&f, "bandwidth_limit", "20M").unwrap();
+        ShipperConfig::set_in_file(
+            &f,
+            "vm1",
+            &[("compression", "false"), ("bandwidth_limit", "20M")],
+        )
+        .unwrap();
         let text = std::fs::read_to_string(&f).unwrap();
         assert!(text.starts_with("# my VM\n"), "{text}");
         let c = ShipperConfig::load(&f).unwrap();
         assert!(!c.compression);
         assert_eq!(c.bandwidth_limit, Some(20 << 20));
-        // A bad value or key changes nothing.
-        assert!(ShipperConfig::set_in_file(&f, "interval", "soon").is_err());
-        assert!(ShipperConfig::set_in_file(&f, "vm", "vm2").is_err());
+        // A bad value or key changes nothing, not even the good pairs beside it; nor does
+        // a file of another VM.
+        let set = |pairs: &[(&str, &str)]| ShipperConfig::set_in_file(&f, "vm1", pairs);
+        assert!(set(&[("interval", "soon")]).is_err());
+        assert!(set(&[("vm", "vm2")]).is_err());
+        assert!(set(&[("interval", "1s"), ("bandwidth_limit", "bad")]).is_err());
+        assert!(set(&[("interval", "1s"), ("compression", "maybe")]).is_err());
+        let e = ShipperConfig::set_in_file(&f, "vm2", &[("interval", "1s")]).unwrap_err();
+        assert!(e.to_string().contains("configures VM vm1, not vm2"), "{e}");
         assert_eq!(std::fs::read_to_string(&f).unwrap(), text);
     }
 }

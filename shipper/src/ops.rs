@@ -100,6 +100,7 @@ impl Settings {
                 ))
             }
         }
+        crate::config::check_rpo_limit(&self.interval, self.rpo_limit)?;
         Ok(())
     }
 
@@ -195,6 +196,8 @@ pub(crate) struct Ops {
     pub health: Option<Level>,
     /// Disks the tracker serves and does not track.
     pub excluded: Vec<(String, u64)>,
+    /// The configuration it started with (a reload takes over only what may change).
+    pub started: ShipperConfig,
 }
 
 impl Ops {
@@ -248,6 +251,7 @@ impl Ops {
             announced: None,
             health: None,
             excluded: Vec::new(),
+            started: cfg.clone(),
         })
     }
 
@@ -346,6 +350,11 @@ impl Ops {
         );
         self.state.history.record(rec);
         self.state.stopped = None;
+        // A full cycle (a resync, or an initial copy into a replica emptied meanwhile) ends
+        // a requested resync.
+        if matches!(kind, CycleKind::Resync | CycleKind::Initial) {
+            self.state.resync_requested = None;
+        }
         self.cycle = None;
         let _ = self.save();
     }
@@ -372,9 +381,18 @@ impl Ops {
         );
     }
 
+    /// An operator's resync was marked in the tracker: remembered until a resync cycle is
+    /// applied, so that status does not call it lost tracking.
+    pub fn resync_requested(&mut self) {
+        self.state.resync_requested = Some(now_ms() / 1000);
+        let _ = self.save();
+    }
+
     /// Pause or resume, saved before it takes effect.
     pub fn set_paused(&mut self, paused: bool) -> Result<bool, String> {
-        if self.state.paused() == paused {
+        // Resuming a VM stopped on an error (not paused) tries again: a change too.
+        let retry = !paused && self.state.stopped.is_some();
+        if self.state.paused() == paused && !retry {
             return Ok(false);
         }
         let mut next = self.state.clone();
@@ -382,7 +400,9 @@ impl Ops {
         if paused {
             next.history.pause(now);
         } else {
-            next.history.resume(now);
+            if self.state.paused() {
+                next.history.resume(now);
+            }
             next.stopped = None;
         }
         next.save(&self.state_path)

@@ -747,6 +747,7 @@ pub async fn run_with(
             }
             Report::ResyncMarked(r, reply) => {
                 if r.is_ok() {
+                    ops.resync_requested();
                     s.handle(Event::ResyncRequested, Instant::now());
                     tracing::info!(vm = cfg.vm, "checksum resync requested");
                 }
@@ -773,14 +774,38 @@ fn reload_config(s: &mut ShipperSession, ops: &mut Ops, by: &str) -> Result<Valu
         tracing::error!("reload: {e}; the settings in force stay");
         e.to_string()
     })?;
+    if new.vm != ops.started.vm {
+        let e = format!(
+            "reload: {} now configures VM {}, but this shipper ships VM {}: nothing was \
+             reloaded (put the VM's name back; another VM needs its own shipper)",
+            ops.config_path.display(),
+            new.vm,
+            ops.started.vm
+        );
+        tracing::error!("{e}");
+        return Err(e);
+    }
+    let restart = ops.started.restart_only_changes(&new);
+    if !restart.is_empty() {
+        tracing::warn!(
+            vm = ops.vm,
+            "reload: {} changed in {}: a running shipper keeps them until it restarts; the \
+             other settings are in force now",
+            restart.join(", "),
+            ops.config_path.display()
+        );
+    }
     let settings = Settings::of(&new);
     let interval = settings.interval();
-    let changed = ops.apply(settings, by);
+    let mut changed = ops.apply(settings, by);
     // A definition named, changed or dropped goes with the next cycle.
     ops.definition = crate::definition::Source::of(&new);
     s.set_definition(crate::definition::load(&ops.definition));
     if s.interval() != interval {
         s.handle(Event::SetInterval(interval), Instant::now());
+    }
+    if !restart.is_empty() {
+        changed["restart_needed"] = serde_json::json!(restart);
     }
     Ok(changed)
 }

@@ -502,9 +502,11 @@ impl ShipperSession {
                 if matches!(self.phase, Phase::Paused | Phase::Stopped) {
                     return;
                 }
-                if !matches!(self.phase, Phase::Idle { .. } | Phase::Waiting { .. }) {
-                    // The attempt ends; a tracker operation in flight finishes on its own and
-                    // its answer is ignored (resume reads the tracker's state afresh).
+                if !matches!(self.phase, Phase::Idle { .. }) {
+                    // The attempt ends, and with it the connection (also between cycles: a
+                    // paused VM holds none, so its replica can be removed or reseeded); a
+                    // tracker operation in flight finishes on its own and its answer is
+                    // ignored (resume reads the tracker's state afresh).
                     self.act(Action::Close {
                         attempt: self.attempt,
                     });

@@ -65,6 +65,11 @@ pub struct ShipperState {
     /// Replication stopped on an error that needs an operator (cleared when it goes on).
     #[serde(default)]
     pub stopped: Option<String>,
+    /// When an operator asked for a checksum resync (`vmreplica resync`), until a resync
+    /// cycle is applied: the tracker's "resync required" is then the operator's, not
+    /// tracking lost. Added within version 1 (absent: none asked).
+    #[serde(default)]
+    pub resync_requested: Option<u64>,
 }
 
 /// Where the state of the shipper of the tracker at `control_socket` lives.

@@ -75,9 +75,11 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
         })
         .unwrap_or_default();
     disks.sort_by_key(|d| d.excluded);
+    // A resync the operator asked for is not lost tracking.
+    let resync_requested = i.state.resync_requested.is_some();
     let tracking_lost: Vec<String> = disks
         .iter()
-        .filter(|d| d.resync_required)
+        .filter(|d| d.resync_required && !resync_requested)
         .map(|d| d.name.clone())
         .collect();
     // Backlog: what is dirty, plus the frozen generation not yet applied.
@@ -115,7 +117,7 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
         State::InitialCopy
     } else if resyncing {
         State::Resynchronizing
-    } else if !tracking_lost.is_empty() {
+    } else if !tracking_lost.is_empty() || resync_requested {
         State::ResyncRequired
     } else {
         State::Replicating
@@ -123,6 +125,7 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
     let hl = health(&HealthInput {
         stopped: stopped.clone(),
         tracking_lost,
+        resync_requested: resync_requested && !resyncing,
         resyncing,
         paused,
         no_point,
@@ -150,9 +153,16 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
     } else {
         None
     };
-    let link_rate = last
-        .filter(|c| c.seconds() > 0.0 && c.wire_bytes > 0)
-        .map(|c| (c.wire_bytes as f64 / c.seconds()).round());
+    // The newest cycle that carried enough to measure the link (an idle VM's empty cycles
+    // say nothing of it): 1 MiB, else any.
+    let rate_of = |min: u64| {
+        h.cycles
+            .iter()
+            .rev()
+            .find(|c| c.seconds() > 0.0 && c.wire_bytes >= min.max(1))
+            .map(|c| (c.wire_bytes as f64 / c.seconds()).round())
+    };
+    let link_rate = rate_of(1 << 20).or_else(|| rate_of(1));
     let app = &i.state.app;
     let mut processes = i.processes;
     if let Some(l) = live {
