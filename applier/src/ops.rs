@@ -231,18 +231,33 @@ pub(crate) fn remove_dir(root: &Path, vm: &str) -> Result<PathBuf, StoreError> {
     if !dir.join("state.json").exists() {
         return Err(StoreError::NoReplica(vm.to_string()));
     }
+    // A state that does not read is no reason to keep a replica its admin removes.
+    let state = VmState::load(&dir.join("state.json")).ok().flatten();
+    // A site the VM failed over to serves the running VM from these images: removing them
+    // would destroy the only live copy.
+    if let Some(state) = &state {
+        let live = match &state.role {
+            Role::FailedOver(_) => Some("failed over to this site (not committed)"),
+            Role::Primary(_) => Some("the primary on this site (it failed over here)"),
+            Role::Replica | Role::ReversePending(_) => None,
+        };
+        if let Some(what) = live {
+            return Err(StoreError::Refused(format!(
+                "VM {vm} is {what}: {} holds the running VM's disks, not a replica; cancel \
+                 the failover (vmreplica failover cancel {vm}) or fail back (vmreplica failover \
+                 planned) first; nothing was removed",
+                dir.display()
+            )));
+        }
+    }
     // Test failovers recorded (served or not: an applier may be down) have VMs that may
-    // still run on their exports: they end first. (A state that does not read is no reason
-    // to keep a replica its admin removes.)
-    let tests = VmState::load(&dir.join("state.json"))
-        .ok()
-        .flatten()
-        .map(|s| s.tests)
-        .unwrap_or_default();
+    // still run on their exports: they end first.
+    let tests = state.map(|s| s.tests).unwrap_or_default();
     if !tests.is_empty() {
         let points: Vec<String> = tests.iter().map(|t| t.point.to_string()).collect();
         return Err(StoreError::Refused(format!(
-            "VM {vm}: test failovers of points {} are recorded: stop them first (vmreplica              failover test-stop {vm} --all); the replica was not removed",
+            "VM {vm}: test failovers of points {} are recorded: stop them first (vmreplica \
+             failover test-stop {vm} --all); the replica was not removed",
             points.join(", ")
         )));
     }
@@ -356,4 +371,42 @@ pub(crate) fn adopt(
     make_room(app, vm)?;
     let r = crate::seed::adopt(app.store.root(), vm, owner, disks, granularity)?;
     Ok(json!(r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::state::{Primary, SpanParent};
+    use vmreplica_common::lineage::Lineage;
+
+    /// `remove --replica` on the site a VM failed over to is refused: those images are the
+    /// running VM's disks. A replica (or a former primary waiting for its reverse cycle) goes.
+    #[test]
+    fn a_failed_over_vms_disks_are_not_removed_as_a_replica() {
+        let root = tempfile::tempdir().unwrap();
+        for (vm, primary) in [("vm1", true), ("vm2", false)] {
+            let dir = root.path().join(vm);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("sys.img"), b"the running VM's disk").unwrap();
+            let mut state = VmState::new("primary-1");
+            if primary {
+                let lineage = Lineage::random();
+                state.role = Role::Primary(Primary {
+                    lineage,
+                    parent: SpanParent { lineage, cycle: 3 },
+                    since: 1,
+                    reverse: None,
+                    start: true,
+                    definition: None,
+                });
+            }
+            state.save(&dir.join("state.json")).unwrap();
+        }
+        let e = remove_offline(root.path(), "vm1").unwrap_err().to_string();
+        assert!(e.contains("VM vm1 is the primary on this site"), "{e}");
+        assert!(e.contains("nothing was removed"), "{e}");
+        assert!(root.path().join("vm1/sys.img").exists());
+        remove_offline(root.path(), "vm2").unwrap();
+        assert!(!root.path().join("vm2").exists());
+    }
 }
