@@ -248,41 +248,13 @@ pub(crate) async fn supervise(app: &Arc<App>) {
 }
 
 /// Sends one request to an applier's admin socket and returns its result (or its error as
-/// Err). `Ok(None)`: no applier answers there.
+/// Err). `Ok(None)`: no applier answers there. Long operations (an export, a resync's
+/// wait) answer when done: the timeout is an hour.
 pub fn call(socket: &Path, req: &Request) -> io::Result<Option<Value>> {
-    let mut s = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("applier admin socket {}: {e}", socket.display()),
-            ))
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(3600)))?;
-    let line = serde_json::to_string(req).map_err(io::Error::other)?;
-    writeln!(s, "{line}")?;
-    let mut resp = String::new();
-    BufReader::new(s).take(64 << 20).read_line(&mut resp)?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad admin response: {e}"),
-        )
-    })?;
-    if v["ok"] == json!(true) {
-        Ok(Some(v["result"].clone()))
-    } else {
-        Err(io::Error::other(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
-    }
+    vmreplica_common::jsonline::call_if_running(
+        socket,
+        "applier admin socket",
+        req,
+        Duration::from_secs(3600),
+    )
 }

@@ -108,45 +108,10 @@ fn client(s: UnixStream, tx: &mpsc::UnboundedSender<Command>) -> io::Result<()> 
 /// Sends one request to a shipper's control socket; its result, or its error as Err.
 /// `Ok(None)`: no shipper answers there.
 pub fn call(socket: &Path, req: &Request) -> io::Result<Option<Value>> {
-    let mut s = match UnixStream::connect(socket) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("shipper control socket {}: {e}", socket.display()),
-            ))
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(90)))?;
-    writeln!(
-        s,
-        "{}",
-        serde_json::to_string(req).map_err(io::Error::other)?
-    )?;
-    let mut resp = String::new();
-    BufReader::new(s).take(16 << 20).read_line(&mut resp)?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "shipper control socket {}: bad response: {e}",
-                socket.display()
-            ),
-        )
-    })?;
-    if v["ok"] == json!(true) {
-        Ok(Some(v["result"].clone()))
-    } else {
-        Err(io::Error::other(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
-    }
+    vmreplica_common::jsonline::call_if_running(
+        socket,
+        "shipper control socket",
+        req,
+        Duration::from_secs(90),
+    )
 }

@@ -220,31 +220,10 @@ pub fn serve(tracker: Arc<Tracker>, listener: UnixListener) {
 
 /// Sends one request to a control socket and returns its result (or its error as Err).
 pub fn call(socket: &Path, req: &Request) -> io::Result<Value> {
-    let mut s = UnixStream::connect(socket).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot reach tracker control socket {}: {e}",
-                socket.display()
-            ),
-        )
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    let line = serde_json::to_string(req).map_err(io::Error::other)?;
-    writeln!(s, "{line}")?;
-    let mut resp = String::new();
-    BufReader::new(s).take(64 << 20).read_line(&mut resp)?;
-    let v: Value = serde_json::from_str(&resp).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("bad control response: {e}"),
-        )
-    })?;
-    if v["ok"] == json!(true) {
-        Ok(v["result"].clone())
-    } else {
-        Err(io::Error::other(
-            v["error"].as_str().unwrap_or("unknown error").to_string(),
-        ))
-    }
+    vmreplica_common::jsonline::call(
+        socket,
+        "tracker control socket",
+        req,
+        Duration::from_secs(600),
+    )
 }
