@@ -63,7 +63,10 @@ fn connect(sock: &std::path::Path) -> UnixStream {
     s.write_all(&opt).unwrap();
     let mut info = [0u8; 10];
     s.read_exact(&mut info).unwrap();
-    assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), SIZE as u64);
+    assert_eq!(
+        u64::from_be_bytes(info[..8].try_into().unwrap()),
+        SIZE as u64
+    );
     s
 }
 
@@ -93,7 +96,9 @@ fn run(threaded: bool) {
             read_only: false,
         }],
     );
-    server.listen_unix(UnixListener::bind(&sock).unwrap()).unwrap();
+    server
+        .listen_unix(UnixListener::bind(&sock).unwrap())
+        .unwrap();
     let s = connect(&sock);
     let mut w = s.try_clone().unwrap();
     // 40 reads of 4 MiB (160 MiB: over twice the driver's budget, so the reader waits for
