@@ -184,17 +184,23 @@ impl Disk {
 
     pub fn read(&self, offset: u64, len: u32, done: ReadDone) {
         let mut buf = vec![0u8; len as usize];
-        // Data in the page cache is copied here and now, without blocking: the read then costs
-        // no engine round trip (no completion-thread wakeup). Anything else goes to the engine.
-        if !crate::engine::on_completion_thread() && read_cached(&self.file, &mut buf, offset) {
+        // What the page cache holds is copied here and now, without blocking: a read it holds
+        // whole costs no engine round trip (no completion-thread wakeup). The engine reads the
+        // rest into the same buffer.
+        let cached = if crate::engine::on_completion_thread() {
+            0
+        } else {
+            read_cached(&self.file, &mut buf, offset)
+        };
+        if cached == buf.len() {
             return done(Ok(buf));
         }
         self.submit(
             Op::Read {
                 fd: self.fd(),
-                offset,
+                offset: offset + cached as u64,
                 buf,
-                at: 0,
+                at: cached,
             },
             Box::new(move |c: Completion| done(c.result.map(|_| c.buf))),
         );
@@ -441,12 +447,12 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Fills `buf` from `offset` if the page cache holds all of it, without blocking
-/// (`preadv2(RWF_NOWAIT)`); false if it does not (or on any error: the engine then reads it and
-/// reports the error).
-fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> bool {
+/// Fills the front of `buf` from `offset` with what the page cache holds, without blocking
+/// (`preadv2(RWF_NOWAIT)`), and says how many bytes that was: all of `buf`, a part, or none
+/// (also on any error: the engine then reads the rest and reports the error).
+fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> usize {
     if buf.is_empty() {
-        return true;
+        return 0;
     }
     let iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
@@ -464,7 +470,7 @@ fn read_cached(f: &File, buf: &mut [u8], offset: u64) -> bool {
             libc::RWF_NOWAIT,
         )
     };
-    n >= 0 && n as usize == buf.len()
+    usize::try_from(n).map_or(0, |n| n.min(buf.len()))
 }
 
 /// Writes zeroes over `[offset, offset+len)` with blocking calls, 1 MiB at a time.
