@@ -429,6 +429,7 @@ git_dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | head -n 1)
   echo "- workloads: numjobs=1, ${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s measured each, in table order, fio ioengine=nbd over a unix socket, export disk0"
   echo "- $BENCH_ROUNDS alternating rounds: every server once per round, the order rotated each round; cells are the median over the rounds with the spread (min–max); ratios are the median of the per-round ratios"
   echo "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat, sampled every 50 ms; the window is the last ${BENCH_RUNTIME}s before fio exits (= fio's measured window)"
+  echo "- I/O paths (what is compared): nbdkit's file plugin does buffered pread/pwrite on its worker threads (thread model parallel, 16 per connection); the tracker is buffered too: reads the page cache holds are copied on the connection's reader thread (preadv2 RWF_NOWAIT), others go through io_uring, writes up to 64 KiB are a pwrite on the reader thread (larger ones io_uring), after the dirty bits are set; qemu-nbd io_uring/none uses O_DIRECT (no page cache), so it is not like for like on reads of cached data; qemu-nbd default is buffered on a thread pool"
   echo
   python3 "$script_dir/fio_table.py" "$manifest" --summary-json "$raw_dir/summary.json"
   echo "### Servers"

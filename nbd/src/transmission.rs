@@ -2,9 +2,10 @@
 //! them to the device, the writer thread that sends replies as they complete (out of order),
 //! and a byte budget that bounds the memory of requests in flight.
 
+use std::cell::RefCell;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -23,37 +24,132 @@ const REQUEST_COST: u64 = 4096;
 /// Most block-status descriptors in one reply chunk.
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
+/// Replies held back by the reader before it hands them to the writer in one message.
+const MAX_BATCH: usize = 64;
+
 struct Outgoing {
     head: Vec<u8>,
     data: Vec<u8>,
     cost: u64,
 }
 
+/// What the writer thread is handed: one reply (from a device's completion thread) or a
+/// batch of them (completed on the reader's thread).
+enum Msg {
+    One(Outgoing),
+    Many(Vec<Outgoing>),
+}
+
+/// Replies completed on a connection's reader thread itself (a device that finished a request
+/// inline, such as a read from the page cache), held until the reader would block (on the
+/// socket or the budget) or holds [`MAX_BATCH`] of them, then handed to the writer in one
+/// message: one writer wakeup and one socket write per batch instead of per reply.
+struct Batch {
+    conn: u64,
+    replies: Vec<Outgoing>,
+}
+
+thread_local! {
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
+/// The reader thread's batch while a connection runs; handed over (and the thread's batching
+/// ended) when dropped, whatever way the reader loop ends.
+struct Batching {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Batching {
+    fn start(conn: u64, tx: mpsc::Sender<Msg>) -> Batching {
+        BATCH.with(|b| {
+            *b.borrow_mut() = Some(Batch {
+                conn,
+                replies: Vec::new(),
+            })
+        });
+        Batching { tx }
+    }
+
+    fn len(&self) -> usize {
+        BATCH.with(|b| b.borrow().as_ref().map_or(0, |b| b.replies.len()))
+    }
+
+    /// Hands the held replies to the writer.
+    fn flush(&self) {
+        let replies = BATCH.with(|b| {
+            b.borrow_mut()
+                .as_mut()
+                .map(|b| std::mem::take(&mut b.replies))
+                .unwrap_or_default()
+        });
+        if !replies.is_empty() {
+            let _ = self.tx.send(Msg::Many(replies));
+        }
+    }
+}
+
+impl Drop for Batching {
+    fn drop(&mut self) {
+        self.flush();
+        BATCH.with(|b| *b.borrow_mut() = None);
+    }
+}
+
 /// Counts bytes in flight; the reader waits when over budget.
+///
+/// Releasing is on every reply's path, so it wakes only a thread that waits (a condition
+/// variable's notify is a system call even with nobody waiting).
 #[derive(Default)]
 struct Budget {
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
     cv: Condvar,
 }
 
+#[derive(Default)]
+struct BudgetState {
+    used: u64,
+    /// Threads waiting in `acquire` or `wait_idle`.
+    waiters: u32,
+}
+
 impl Budget {
-    fn acquire(&self, n: u64) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *u > 0 && *u + n > BUDGET {
-            u = self.cv.wait(u).unwrap_or_else(|e| e.into_inner());
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn wait<'a>(
+        &self,
+        mut s: std::sync::MutexGuard<'a, BudgetState>,
+        until: impl Fn(&BudgetState) -> bool,
+    ) -> std::sync::MutexGuard<'a, BudgetState> {
+        while !until(&s) {
+            s.waiters += 1;
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiters -= 1;
         }
-        *u += n;
+        s
+    }
+    /// Whether `n` more bytes could be taken now without waiting.
+    fn fits(&self, n: u64) -> bool {
+        let s = self.lock();
+        s.used == 0 || s.used + n <= BUDGET
+    }
+    fn acquire(&self, n: u64) {
+        let s = self.lock();
+        let mut s = self.wait(s, |s| s.used == 0 || s.used + n <= BUDGET);
+        s.used += n;
     }
     fn release(&self, n: u64) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *u -= n;
-        self.cv.notify_all();
+        let mut s = self.lock();
+        s.used -= n;
+        if s.waiters > 0 {
+            self.cv.notify_all();
+        }
     }
     fn wait_idle(&self) {
-        let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *u > 0 {
-            u = self.cv.wait(u).unwrap_or_else(|e| e.into_inner());
-        }
+        let s = self.lock();
+        drop(self.wait(s, |s| s.used == 0));
     }
 }
 
@@ -73,7 +169,9 @@ pub(crate) fn run(
     flags.read_only |= export.read_only;
     let writer = ReplyWriter::new(&neg);
     let budget = Arc::new(Budget::default());
-    let (tx, rx) = mpsc::channel::<Outgoing>();
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let batching = Batching::start(conn, tx.clone());
     let wsock = s.try_clone()?;
     let wbudget = Arc::clone(&budget);
     let writer_thread = std::thread::Builder::new()
@@ -84,6 +182,10 @@ pub(crate) fn run(
     let hlen = header_len(neg.extended);
     let mut hbuf = vec![0u8; hlen];
     let result = loop {
+        if r.buffer().len() < hlen || batching.len() >= MAX_BATCH {
+            // About to wait for the client (or holding many): send what is done.
+            batching.flush();
+        }
         if let Err(e) = r.read_exact(&mut hbuf) {
             break if e.kind() == io::ErrorKind::UnexpectedEof {
                 Ok(())
@@ -106,6 +208,10 @@ pub(crate) fn run(
             } else {
                 0
             };
+        if !budget.fits(cost) || r.buffer().len() < h.payload as usize {
+            // About to wait for replies to go out, or for the client: send what is done.
+            batching.flush();
+        }
         budget.acquire(cost);
         let mut payload = vec![0u8; h.payload as usize];
         if let Err(e) = r.read_exact(&mut payload) {
@@ -114,6 +220,7 @@ pub(crate) fn run(
         }
         let reply = Replier {
             tx: tx.clone(),
+            conn,
             writer,
             cookie: h.cookie,
             offset: h.offset,
@@ -178,6 +285,7 @@ pub(crate) fn run(
         }
     };
     // Let every request in flight complete and its reply go out before closing.
+    drop(batching);
     budget.wait_idle();
     drop(tx);
     let _ = writer_thread.join();
@@ -186,7 +294,9 @@ pub(crate) fn run(
 }
 
 struct Replier {
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<Msg>,
+    /// The connection (to tell its reader thread's batch).
+    conn: u64,
     writer: ReplyWriter,
     cookie: u64,
     offset: u64,
@@ -195,11 +305,22 @@ struct Replier {
 
 impl Replier {
     fn send(self, head: Vec<u8>, data: Vec<u8>) {
-        let _ = self.tx.send(Outgoing {
+        let out = Outgoing {
             head,
             data,
             cost: self.cost,
+        };
+        // On this connection's reader thread: into its batch. Anywhere else: to the writer.
+        let out = BATCH.with(|b| match &mut *b.borrow_mut() {
+            Some(batch) if batch.conn == self.conn => {
+                batch.replies.push(out);
+                None
+            }
+            _ => Some(out),
         });
+        if let Some(out) = out {
+            let _ = self.tx.send(Msg::One(out));
+        }
     }
     fn raw(self, head: Vec<u8>) {
         self.send(head, Vec::new())
@@ -231,21 +352,27 @@ impl Replier {
     }
 }
 
-fn write_replies(s: Stream, rx: mpsc::Receiver<Outgoing>, budget: &Budget) {
+fn write_replies(s: Stream, rx: mpsc::Receiver<Msg>, budget: &Budget) {
     let mut w = BufWriter::with_capacity(256 * 1024, s);
     let mut broken = false;
+    let write = |m: Outgoing, w: &mut BufWriter<Stream>, broken: &mut bool| {
+        if !*broken {
+            let r = w.write_all(&m.head).and_then(|_| w.write_all(&m.data));
+            if let Err(e) = r {
+                tracing::debug!("client went away while replying: {e}");
+                *broken = true;
+                w.get_ref().shutdown(Shutdown::Both);
+            }
+        }
+        budget.release(m.cost);
+    };
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(m) = next {
-            if !broken {
-                let r = w.write_all(&m.head).and_then(|_| w.write_all(&m.data));
-                if let Err(e) = r {
-                    tracing::debug!("client went away while replying: {e}");
-                    broken = true;
-                    w.get_ref().shutdown(Shutdown::Both);
-                }
+            match m {
+                Msg::One(o) => write(o, &mut w, &mut broken),
+                Msg::Many(v) => v.into_iter().for_each(|o| write(o, &mut w, &mut broken)),
             }
-            budget.release(m.cost);
             next = rx.try_recv().ok();
         }
         if !broken && w.flush().is_err() {
