@@ -203,9 +203,10 @@ replica_img=$store/vm1/disks/sys.img
 shipper_pid=""
 # Where a cycle's time goes: bytes through the disk under $work, CPU seconds of the shipper
 # and the applier, and how busy the whole machine was (all cores; kernel threads included).
-disk_stat=/sys/dev/block/$(stat -c %Hd:%Ld "$work")/stat
-disk_io() { # sectors read, sectors written so far (0 0 when $work is on no block device)
-  if [[ -r $disk_stat ]]; then awk '{ print $3, $7 }' "$disk_stat"; else echo 0 0; fi
+# The disk's own counters would count every other process on a shared machine: the bytes the
+# two processes sent to storage (/proc/PID/io; a tmpfs store sends none) count instead.
+proc_io() { # bytes read, bytes written by process $1 so far
+  awk '/^read_bytes:/ { r = $2 } /^write_bytes:/ { w = $2 } END { print r + 0, w + 0 }' "/proc/$1/io"
 }
 machine_cpu() { # busy and total clock ticks so far, all cores
   awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat
@@ -216,7 +217,7 @@ hz=$(getconf CLK_TCK)
 # its number (pack-3 -> pack) so that threads of one stage add up. Sampled while a cycle runs,
 # as threads that end with the cycle (packers, the receive pipeline) take their ticks with them.
 thread_snap() {
-  for f in /proc/"$1"/task/*/stat; do cat "$f" 2>/dev/null; done |
+  for f in /proc/"$1"/task/*/stat; do cat "$f" 2>/dev/null || true; done |
     sed -E 's/^([0-9]+) \((.*)\) [A-Za-z] (.*)$/\1\t\2\t\3/' |
     awk -F'\t' '{ split($3, v, " "); n = $2; gsub(/[- ]?[0-9]+$/, "", n); gsub(/ /, "_", n); print $1, n, v[11] + v[12] }'
 }
@@ -238,7 +239,7 @@ ship_one_cycle() {
   local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1
   cold
   w0=$(wire)
-  read -r -a d0 < <(disk_io); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
+  read -r -a d0 < <(proc_io "$applier_pid"); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
   echo 5 >"/proc/$applier_pid/clear_refs"   # the applier's peak RSS counts from here
   thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
   local perf_pid=""
@@ -257,6 +258,7 @@ ship_one_cycle() {
   done
   [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
   s1=$(proc_cpu "$shipper_pid")
+  read -r -a sio < <(proc_io "$shipper_pid")
   thread_snap "$applier_pid" >>"$work/app.ts"; thread_snap "$shipper_pid" >>"$work/ship.ts"
   cyc_threads_ship=$(thread_delta /dev/null "$work/ship.ts")
   cyc_threads_app=$(thread_delta "$work/app.t0" "$work/app.ts")
@@ -272,7 +274,7 @@ ship_one_cycle() {
         read -r name pid <<<"$side"
         echo "-- $name (pid $pid), by thread name and function"
         perf report -i "$work/perf.data" --pid "$pid" --no-children --sort comm,sym --stdio 2>/dev/null |
-          grep -v '^#' | grep -v '^$' | head -n 30
+          awk '!/^#/ && NF { if (++n <= 30) print }' || true
       done
     } >>"$perf_out"
     rm -f "$work/perf.data"
@@ -280,8 +282,8 @@ ship_one_cycle() {
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
   cyc_net=$(( $(wire) - w0 ))
   sync   # anything of the cycle's still in the page cache is written back and counted
-  read -r -a d1 < <(disk_io)
-  cyc_read=$(mib $(( (d1[0] - d0[0]) * 512 ))) cyc_written=$(mib $(( (d1[1] - d0[1]) * 512 )))
+  read -r -a d1 < <(proc_io "$applier_pid")
+  cyc_read=$(mib $(( d1[0] - d0[0] + sio[0] ))) cyc_written=$(mib $(( d1[1] - d0[1] + sio[1] )))
   cyc_cpu_ship=$(awk -v s="$s1" -v hz="$hz" 'BEGIN { printf "%.2f", s / hz }')
   cyc_busy=$(awk -v b="$((m1[0] - m0[0]))" -v t="$((m1[1] - m0[1]))" 'BEGIN { printf "%.0f", t ? 100 * b / t : 0 }')
   field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
@@ -300,16 +302,16 @@ if part 3; then
 start qemu-nbd --read-only --persistent -f raw -x sys -b "$host_ip" -p 10810 "$img"
 qnbd_pid=${pids[-1]}
 wait_for 20 nbdinfo --size "nbd://$host_ip:10810/sys"
-copy_with() { # label, command in the namespace (dst $work/copy.img)
-  rm -f "$work/copy.img"
+copy_with() { # label, command in the namespace (dst $store/copy.img: where the replica is)
+  rm -f "$store/copy.img"
   cold
   local w t0 t1
   w=$(wire); t0=$(now)
   inns "$@" >/dev/null
-  sync "$work/copy.img"   # durable, as vmreplica's replica is when its cycle is acknowledged
+  sync "$store/copy.img"   # durable, as vmreplica's replica is when its cycle is acknowledged
   t1=$(now)
   eval "$label_var=\$(secs \$t0 \$t1) ${label_var}_wire=\$(( \$(wire) - w ))"
-  same "$img" "$work/copy.img" "$label_var"
+  same "$img" "$store/copy.img" "$label_var"
 }
 init_rows=()
 for round in $(seq "$BENCH_INIT_ROUNDS"); do
@@ -321,8 +323,8 @@ for round in $(seq "$BENCH_INIT_ROUNDS"); do
   fi
   ship_one_cycle "initial sync, round $round"
   v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
-  label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$work/copy.img"
-  label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$work/copy.img"
+  label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$store/copy.img"
+  label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$store/copy.img"
   init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire")
   log "initial round $round: vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
 done
@@ -344,18 +346,18 @@ blocks=$((size_bytes / 65536))
 nchange=$((blocks * BENCH_CHANGE_PCT / 100))
 log "rewriting $nchange random 64 KiB blocks (${BENCH_CHANGE_PCT}%) through the tracker"
 # The rsync daemon's copy: the replica as of now (== the primary before the change).
-mkdir -p "$work/rsync"
-if [[ -f $work/copy.img ]]; then
-  mv "$work/copy.img" "$work/rsync/vm1-sys.img"
+mkdir -p "$store/rsync"
+if [[ -f $store/copy.img ]]; then
+  mv "$store/copy.img" "$store/rsync/vm1-sys.img"
 else
-  cp --sparse=always "$img" "$work/rsync/vm1-sys.img"
+  cp --sparse=always "$img" "$store/rsync/vm1-sys.img"
 fi
 cat >"$work/rsyncd.conf" <<CONF
 use chroot = no
 uid = root
 gid = root
 [site]
-path = $work/rsync
+path = $store/rsync
 read only = no
 CONF
 start inns rsync --daemon --no-detach --address="$rep_ip" --port=8730 --config="$work/rsyncd.conf"
@@ -369,7 +371,7 @@ w0=$(wire); t0=$(now)
 rsync --inplace --no-whole-file --stats "$img" "rsync://$rep_ip:8730/site/vm1-sys.img" >"$work/rsync.stats"
 t1=$(now)
 rsync_secs=$(secs "$t0" "$t1") rsync_wire=$(( $(wire) - w0 ))
-same "$img" "$work/rsync/vm1-sys.img" "rsync"
+same "$img" "$store/rsync/vm1-sys.img" "rsync"
 fi
 
 # ---- (1) cycle throughput vs local read -------------------------------------------------------
@@ -550,7 +552,7 @@ fi
   io_mib=$(awk -v a="$v_cyc_read" -v b="$v_cyc_written" 'BEGIN { printf "%.0f", a + b }')
   best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" -v s="$same_disk" 'BEGIN { print (s && a > b ? a : b) }')
   io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
-  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s: **the disk alone keeps the ratio at or above $(r "$io_floor" "$denom")** on this machine."
+  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what; bytes the shipper and applier sent to or read from storage, /proc/PID/io), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s: **the disk alone keeps the ratio at or above $(r "$io_floor" "$denom")** on this machine."
   echo
   # The CPU floors: both sites' CPU seconds spread perfectly over this machine's cores; on two
   # hosts, each site's own seconds over its own cores (the busier site sets it).
