@@ -41,6 +41,7 @@
 #   BENCH_CYCLE_ROUNDS=3 BENCH_MAX_SECONDS=1800 BENCH_REPLICA_DIR=<unset: the replica store lives under BENCH_DIR>
 #   BENCH_REPLICA_DIR puts the replica site's store on another filesystem (a second disk, or
 #   /dev/shm standing in for one), so that (1) shows the cycle without both sites sharing one disk.
+#   BENCH_STREAMS (4) and BENCH_CONNECTIONS (1) set the shipper's data streams and QUIC connections.
 #   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
 #   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
@@ -60,6 +61,8 @@ BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-1800}
 BENCH_KEEP=${BENCH_KEEP:-0}
 BENCH_PARTS=${BENCH_PARTS:-1,2,3}
 BENCH_PERF=${BENCH_PERF:-0}
+BENCH_STREAMS=${BENCH_STREAMS:-4}
+BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-1}
 part() { [[ ,$BENCH_PARTS, == *,$1,* ]]; }
 [[ $BENCH_PARTS =~ ^[123](,[123])*$ ]] || die "BENCH_PARTS=$BENCH_PARTS: a comma-separated list of 1, 2, 3"
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
@@ -197,7 +200,8 @@ cert = "$work/ca/primary-1.pem"
 key = "$work/ca/primary-1.key"
 interval = "1h"
 compression = true
-streams = 4
+streams = $BENCH_STREAMS
+connections = $BENCH_CONNECTIONS
 TOML
 replica_img=$store/vm1/disks/sys.img
 shipper_pid=""
@@ -463,7 +467,7 @@ fi
 # ---- report ---------------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 rate() { awk -v m="$1" -v s="$2" 'BEGIN { printf "%.0f", m / s }'; }
-local_mib=$(mib "$local_bytes")
+local_mib=$(mib "${local_bytes:-0}")
 store_fs=$(df --output=fstype "$store" | tail -n 1)
 if [[ $(stat -c %d "$work") == $(stat -c %d "$store") ]]; then
   same_disk=1
@@ -490,7 +494,7 @@ fi
   echo
   echo "| tool | time s | MiB on wire | wire / allocated |"
   echo "|---|---:|---:|---:|"
-  echo "| vmreplica initial cycle (lz4, 4 QUIC streams) | $v_init_secs | $(mib "$v_init_wire") | $(r "$v_init_wire" "$allocated") |"
+  echo "| vmreplica initial cycle (lz4, $BENCH_STREAMS QUIC streams over $BENCH_CONNECTIONS connection(s)) | $v_init_secs | $(mib "$v_init_wire") | $(r "$v_init_wire" "$allocated") |"
   echo "| nbdcopy from qemu-nbd, then sync | $nbdcopy_secs | $(mib "$nbdcopy_secs_wire") | $(r "$nbdcopy_secs_wire" "$allocated") |"
   echo "| qemu-img convert from qemu-nbd, then sync | $qemuimg_secs | $(mib "$qemuimg_secs_wire") | $(r "$qemuimg_secs_wire" "$allocated") |"
   echo
