@@ -30,6 +30,10 @@
 #       directory, the shipper's and applier's CPU seconds, and how
 #       busy all cores were; and the ceilings on the ratio that disk traffic and CPU alone set.
 #
+# BENCH_PARTS (1,2,3) picks the parts to run, e.g. BENCH_PARTS=1 or BENCH_PARTS=1,3; (4) comes with
+# (3). A delta part without (3) first ships one untimed initial cycle to have a replica; (2)
+# without (3) gives rsync a copy of the image as its pre-change copy.
+#
 # Every copy is checked: replica == primary (cmp), nbdcopy/qemu-img/rsync copies == source.
 # Output: markdown on stdout and in benches/results/replication-<stamp>.md.
 # Environment: BENCH_SIZE=8G BENCH_ALLOC=2G BENCH_CHANGE_PCT=1 BENCH_CYCLE_MIB=1024
@@ -37,6 +41,9 @@
 #   BENCH_CYCLE_ROUNDS=3 BENCH_MAX_SECONDS=1800 BENCH_REPLICA_DIR=<unset: the replica store lives under BENCH_DIR>
 #   BENCH_REPLICA_DIR puts the replica site's store on another filesystem (a second disk, or
 #   /dev/shm standing in for one), so that (1) shows the cycle without both sites sharing one disk.
+#   BENCH_STREAMS (4) and BENCH_CONNECTIONS (1) set the shipper's data streams and QUIC connections.
+#   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
+#   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
 set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -52,6 +59,12 @@ BENCH_CYCLE_ROUNDS=${BENCH_CYCLE_ROUNDS:-3}
 BENCH_INIT_ROUNDS=${BENCH_INIT_ROUNDS:-3}
 BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-1800}
 BENCH_KEEP=${BENCH_KEEP:-0}
+BENCH_PARTS=${BENCH_PARTS:-1,2,3}
+BENCH_PERF=${BENCH_PERF:-0}
+BENCH_STREAMS=${BENCH_STREAMS:-4}
+BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-1}
+part() { [[ ,$BENCH_PARTS, == *,$1,* ]]; }
+[[ $BENCH_PARTS =~ ^[123](,[123])*$ ]] || die "BENCH_PARTS=$BENCH_PARTS: a comma-separated list of 1, 2, 3"
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
 [[ -x $VMREPLICA ]] || die "no $VMREPLICA (cargo build --release --bin vmreplica)"
 for t in rsync qemu-nbd qemu-img nbdcopy fio mke2fs ip python3; do
@@ -77,11 +90,13 @@ rep_ip=10.231.7.2
 pids=()
 stamp=$(date +%Y-%m-%d-%H%M%S)
 md_out=$repo_dir/benches/results/replication-$stamp.md
+perf_out=$repo_dir/benches/results/replication-$stamp-perf.txt
 mkdir -p "$repo_dir/benches/results"
 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  [[ -n ${perf_running:-} ]] && kill -INT "$perf_running" 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   [[ -n ${watchdog:-} ]] && { kill "$watchdog" 2>/dev/null; wait "$watchdog" 2>/dev/null; } || true
@@ -185,21 +200,39 @@ cert = "$work/ca/primary-1.pem"
 key = "$work/ca/primary-1.key"
 interval = "1h"
 compression = true
-streams = 4
+streams = $BENCH_STREAMS
+connections = $BENCH_CONNECTIONS
 TOML
 replica_img=$store/vm1/disks/sys.img
 shipper_pid=""
 # Where a cycle's time goes: bytes through the disk under $work, CPU seconds of the shipper
 # and the applier, and how busy the whole machine was (all cores; kernel threads included).
-disk_stat=/sys/dev/block/$(stat -c %Hd:%Ld "$work")/stat
-disk_io() { # sectors read, sectors written so far (0 0 when $work is on no block device)
-  if [[ -r $disk_stat ]]; then awk '{ print $3, $7 }' "$disk_stat"; else echo 0 0; fi
+# The disk's own counters would count every other process on a shared machine: the bytes the
+# two processes sent to storage (/proc/PID/io; a tmpfs store sends none) count instead.
+proc_io() { # bytes read, bytes written by process $1 so far
+  awk '/^read_bytes:/ { r = $2 } /^write_bytes:/ { w = $2 } END { print r + 0, w + 0 }' "/proc/$1/io"
 }
 machine_cpu() { # busy and total clock ticks so far, all cores
   awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat
 }
 proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }  # user + system clock ticks
 hz=$(getconf CLK_TCK)
+# Per thread of a process: "tid name ticks" lines (user + system clock ticks), the name without
+# its number (pack-3 -> pack) so that threads of one stage add up. Sampled while a cycle runs,
+# as threads that end with the cycle (packers, the receive pipeline) take their ticks with them.
+thread_snap() {
+  for f in /proc/"$1"/task/*/stat; do cat "$f" 2>/dev/null || true; done |
+    sed -E 's/^([0-9]+) \((.*)\) [A-Za-z] (.*)$/\1\t\2\t\3/' |
+    awk -F'\t' '{ split($3, v, " "); n = $2; gsub(/[- ]?[0-9]+$/, "", n); gsub(/ /, "_", n); print $1, n, v[11] + v[12] }'
+}
+# CPU per thread name between a snapshot file $1 (may be empty) and samples file $2 (each
+# thread's last sample counts): "name×threads seconds", busiest first, joined by commas.
+thread_delta() {
+  awk -v hz="$hz" 'FILENAME == ARGV[1] { b[$1] = $3; next } { n[$1] = $2; if ($3 > t[$1]) t[$1] = $3 }
+    END { for (i in t) { d[n[i]] += (t[i] - b[i]) / hz; if (t[i] > b[i]) c[n[i]]++ }
+          for (k in d) if (d[k] >= 0.005) printf "%s %.2f %d\n", k, d[k], c[k] }' "$1" "$2" |
+    sort -k2 -g -r | awk '{ printf "%s%s×%d %.2f s", (NR > 1 ? ", " : ""), $1, $3, $2 }'
+}
 
 # From a cold page cache, runs the shipper until it has applied one cycle, checks the replica
 # equals the primary, and sets cyc_secs, cyc_data, cyc_appwire (MiB, from its log line) and
@@ -210,27 +243,51 @@ ship_one_cycle() {
   local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1
   cold
   w0=$(wire)
-  read -r -a d0 < <(disk_io); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
+  read -r -a d0 < <(proc_io "$applier_pid"); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
   echo 5 >"/proc/$applier_pid/clear_refs"   # the applier's peak RSS counts from here
+  thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
+  local perf_pid=""
+  if [[ $BENCH_PERF == 1 ]]; then
+    perf record -q -a -e cpu-clock -F 999 -o "$work/perf.data" 2>/dev/null &
+    perf_pid=$! perf_running=$!
+  fi
   "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
   shipper_pid=$!
-  for _ in $(seq 6000); do
+  for _ in $(seq 3000); do
     line=$(grep 'cycle applied' "$logf" | tail -n 1 || true)
+    thread_snap "$applier_pid" >>"$work/app.ts"; thread_snap "$shipper_pid" >>"$work/ship.ts"
     [[ -n $line ]] && break
     kill -0 "$shipper_pid" 2>/dev/null || die "shipper exited: $(tail -n 3 "$logf")"
-    sleep 0.1
+    sleep 0.2
   done
   [[ -n $line ]] || die "no cycle applied within 600 s: $(tail -n 3 "$logf")"
   s1=$(proc_cpu "$shipper_pid")
+  read -r -a sio < <(proc_io "$shipper_pid")
+  thread_snap "$applier_pid" >>"$work/app.ts"; thread_snap "$shipper_pid" >>"$work/ship.ts"
+  cyc_threads_ship=$(thread_delta /dev/null "$work/ship.ts")
+  cyc_threads_app=$(thread_delta "$work/app.t0" "$work/app.ts")
   peak_mib() { awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status"; }
   cyc_rss_ship=$(peak_mib "$shipper_pid") cyc_rss_app=$(peak_mib "$applier_pid")
   cyc_cpu_app=$(awk -v a="$a0" -v b="$(proc_cpu "$applier_pid")" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz }')
   read -r -a m1 < <(machine_cpu)
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; perf_running=""
+    {
+      echo "== $1: hottest functions per side (share of that side's samples)"
+      for side in "shipper $shipper_pid" "applier $applier_pid"; do
+        read -r name pid <<<"$side"
+        echo "-- $name (pid $pid), by thread name and function"
+        perf report -i "$work/perf.data" --pid "$pid" --no-children --sort comm,sym --stdio 2>/dev/null |
+          awk '!/^#/ && NF { if (++n <= 30) print }' || true
+      done
+    } >>"$perf_out"
+    rm -f "$work/perf.data"
+  fi
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
   cyc_net=$(( $(wire) - w0 ))
   sync   # anything of the cycle's still in the page cache is written back and counted
-  read -r -a d1 < <(disk_io)
-  cyc_read=$(mib $(( (d1[0] - d0[0]) * 512 ))) cyc_written=$(mib $(( (d1[1] - d0[1]) * 512 )))
+  read -r -a d1 < <(proc_io "$applier_pid")
+  cyc_read=$(mib $(( d1[0] - d0[0] + sio[0] ))) cyc_written=$(mib $(( d1[1] - d0[1] + sio[1] )))
   cyc_cpu_ship=$(awk -v s="$s1" -v hz="$hz" 'BEGIN { printf "%.2f", s / hz }')
   cyc_busy=$(awk -v b="$((m1[0] - m0[0]))" -v t="$((m1[1] - m0[1]))" 'BEGIN { printf "%.0f", t ? 100 * b / t : 0 }')
   field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
@@ -245,19 +302,20 @@ ship_one_cycle() {
 same() { cmp "$1" "$2" >/dev/null || die "$3: $1 differs from $2"; }
 
 # ---- (3)+(4) initial sync, alternating rounds ---------------------------------------------------
+if part 3; then
 start qemu-nbd --read-only --persistent -f raw -x sys -b "$host_ip" -p 10810 "$img"
 qnbd_pid=${pids[-1]}
 wait_for 20 nbdinfo --size "nbd://$host_ip:10810/sys"
-copy_with() { # label, command in the namespace (dst $work/copy.img)
-  rm -f "$work/copy.img"
+copy_with() { # label, command in the namespace (dst $store/copy.img: where the replica is)
+  rm -f "$store/copy.img"
   cold
   local w t0 t1
   w=$(wire); t0=$(now)
   inns "$@" >/dev/null
-  sync "$work/copy.img"   # durable, as vmreplica's replica is when its cycle is acknowledged
+  sync "$store/copy.img"   # durable, as vmreplica's replica is when its cycle is acknowledged
   t1=$(now)
   eval "$label_var=\$(secs \$t0 \$t1) ${label_var}_wire=\$(( \$(wire) - w ))"
-  same "$img" "$work/copy.img" "$label_var"
+  same "$img" "$store/copy.img" "$label_var"
 }
 init_rows=()
 for round in $(seq "$BENCH_INIT_ROUNDS"); do
@@ -269,8 +327,8 @@ for round in $(seq "$BENCH_INIT_ROUNDS"); do
   fi
   ship_one_cycle "initial sync, round $round"
   v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
-  label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$work/copy.img"
-  label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$work/copy.img"
+  label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$store/copy.img"
+  label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$store/copy.img"
   init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire")
   log "initial round $round: vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
 done
@@ -280,20 +338,30 @@ med() { # column N of init_rows: the median
 }
 v_init_secs=$(med 1) v_init_wire=$(med 2) nbdcopy_secs=$(med 3) nbdcopy_secs_wire=$(med 4)
 qemuimg_secs=$(med 5) qemuimg_secs_wire=$(med 6) v_init_data=$(med 7) v_init_appwire=$(med 8)
+v_init_threads_ship=$cyc_threads_ship v_init_threads_app=$cyc_threads_app
+v_init_cpu_ship=$cyc_cpu_ship v_init_cpu_app=$cyc_cpu_app v_init_busy=$cyc_busy
+else
+  ship_one_cycle "initial sync (only to have a replica: part 3 not selected)"
+fi
 
 # ---- (2) 1% random change: vmreplica delta vs rsync ------------------------------------------
+if part 2; then
 blocks=$((size_bytes / 65536))
 nchange=$((blocks * BENCH_CHANGE_PCT / 100))
 log "rewriting $nchange random 64 KiB blocks (${BENCH_CHANGE_PCT}%) through the tracker"
 # The rsync daemon's copy: the replica as of now (== the primary before the change).
-mkdir -p "$work/rsync"
-mv "$work/copy.img" "$work/rsync/vm1-sys.img"
+mkdir -p "$store/rsync"
+if [[ -f $store/copy.img ]]; then
+  mv "$store/copy.img" "$store/rsync/vm1-sys.img"
+else
+  cp --sparse=always "$img" "$store/rsync/vm1-sys.img"
+fi
 cat >"$work/rsyncd.conf" <<CONF
 use chroot = no
 uid = root
 gid = root
 [site]
-path = $work/rsync
+path = $store/rsync
 read only = no
 CONF
 start inns rsync --daemon --no-detach --address="$rep_ip" --port=8730 --config="$work/rsyncd.conf"
@@ -307,12 +375,14 @@ w0=$(wire); t0=$(now)
 rsync --inplace --no-whole-file --stats "$img" "rsync://$rep_ip:8730/site/vm1-sys.img" >"$work/rsync.stats"
 t1=$(now)
 rsync_secs=$(secs "$t0" "$t1") rsync_wire=$(( $(wire) - w0 ))
-same "$img" "$work/rsync/vm1-sys.img" "rsync"
+same "$img" "$store/rsync/vm1-sys.img" "rsync"
+fi
 
 # ---- (1) cycle throughput vs local read -------------------------------------------------------
 # BENCH_CYCLE_ROUNDS rounds, each on a fresh dirty set: this disk's timing varies a lot from
 # one minute to the next, so each round times its own local reads next to its own cycle, and
 # the report gives every round and the median one.
+if part 1; then
 nblk=$((BENCH_CYCLE_MIB * 16))
 # Reads the dirty ranges ($work/dirty.ranges: offset length, in offset order) of the image, up
 # to 1 MiB at a time; $1 = direct (O_DIRECT into an aligned buffer) or buffered. Prints bytes
@@ -378,7 +448,7 @@ for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
   ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle, round $round"
   # Every round's figures, as round_1, round_2, ...; the details reported are the median
   # round's (by local read time over cycle time).
-  declare -A "round_$round=( [bare]=$randwrite_secs [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [rss_ship]=$cyc_rss_ship [rss_app]=$cyc_rss_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs )"
+  declare -A "round_$round=( [bare]=$randwrite_secs [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [rss_ship]=$cyc_rss_ship [rss_app]=$cyc_rss_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs [threads_ship]=\"$cyc_threads_ship\" [threads_app]=\"$cyc_threads_app\" )"
 done
 median=$(for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
   declare -n o="round_$i"
@@ -391,11 +461,13 @@ v_cyc_read=${m[read]} v_cyc_written=${m[written]} v_cyc_busy=${m[busy]}
 v_cyc_cpu_ship=${m[ship]} v_cyc_cpu_app=${m[app]}
 v_cyc_rss_ship=${m[rss_ship]} v_cyc_rss_app=${m[rss_app]}
 v_cyc_recv=${m[recv]} v_cyc_apply=${m[apply]}
+v_cyc_threads_ship=${m[threads_ship]} v_cyc_threads_app=${m[threads_app]}
+fi
 
 # ---- report ---------------------------------------------------------------------------------
 r() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 rate() { awk -v m="$1" -v s="$2" 'BEGIN { printf "%.0f", m / s }'; }
-local_mib=$(mib "$local_bytes")
+local_mib=$(mib "${local_bytes:-0}")
 store_fs=$(df --output=fstype "$store" | tail -n 1)
 if [[ $(stat -c %d "$work") == $(stat -c %d "$store") ]]; then
   same_disk=1
@@ -415,12 +487,14 @@ fi
   echo "- sites: host and a network namespace joined by a veth pair; wire = bytes on the veth, both directions, headers included"
   echo "- replica store: $store_where"
   echo "- image: $(mib "$size_bytes") MiB raw, ext4 with real files from /usr, $(mib "$allocated") MiB allocated; page cache dropped before every run; every copy checked equal with cmp"
+  echo "- parts run: $BENCH_PARTS"
   echo
+  if part 3; then
   echo "### (3) initial sync, (4) compression (medians of $BENCH_INIT_ROUNDS alternating rounds)"
   echo
   echo "| tool | time s | MiB on wire | wire / allocated |"
   echo "|---|---:|---:|---:|"
-  echo "| vmreplica initial cycle (lz4, 4 QUIC streams) | $v_init_secs | $(mib "$v_init_wire") | $(r "$v_init_wire" "$allocated") |"
+  echo "| vmreplica initial cycle (lz4, $BENCH_STREAMS QUIC streams over $BENCH_CONNECTIONS connection(s)) | $v_init_secs | $(mib "$v_init_wire") | $(r "$v_init_wire" "$allocated") |"
   echo "| nbdcopy from qemu-nbd, then sync | $nbdcopy_secs | $(mib "$nbdcopy_secs_wire") | $(r "$nbdcopy_secs_wire" "$allocated") |"
   echo "| qemu-img convert from qemu-nbd, then sync | $qemuimg_secs | $(mib "$qemuimg_secs_wire") | $(r "$qemuimg_secs_wire" "$allocated") |"
   echo
@@ -434,6 +508,10 @@ fi
     echo "| $i | $a | $(mib "$b") | $c | $(mib "$d") | $e |"
   done
   echo
+  echo "Last round's CPU by thread (user + system): shipper $v_init_cpu_ship s ($v_init_threads_ship); applier $v_init_cpu_app s ($v_init_threads_app); all $(nproc) cores $v_init_busy% busy. A stage bound to one thread shows as one thread whose seconds come near the sync's time."
+  echo
+  fi
+  if part 2; then
   echo "### (2) ${BENCH_CHANGE_PCT}% of the 64 KiB blocks rewritten ($nchange blocks, $(mib $((nchange * 65536))) MiB, 50% compressible)"
   echo
   echo "| tool | time s | MiB on wire |"
@@ -443,6 +521,8 @@ fi
   echo
   echo "vmreplica is $(r "$rsync_secs" "$v_delta_secs")× faster than rsync and sends $(r "$v_delta_wire" "$rsync_wire")× its bytes (target: ≥ 20× faster, ≤ 1.00× bytes). Cycle: $v_delta_data MiB of data, $v_delta_appwire MiB of chunk frames."
   echo
+  fi
+  if part 1; then
   echo "### (1) cycle throughput: $nblk dirty 64 KiB blocks (${BENCH_CYCLE_MIB} MiB, 50% compressible)"
   echo
   echo "| what | MiB | s | MiB/s |"
@@ -450,8 +530,8 @@ fi
   echo "| local read of the dirty blocks (pread in offset order, cold cache) | $local_mib | $local_secs | $(rate "$local_mib" "$local_secs") |"
   echo "| vmreplica delta cycle (freeze → applied and fsynced on the replica) | $v_cyc_data | $v_cyc_secs | $(rate "$v_cyc_data" "$v_cyc_secs") |"
   echo "| for scale: the same local read with O_DIRECT (no page cache) | $local_mib | $direct_secs | $(rate "$local_mib" "$direct_secs") |"
-  echo "| for scale: the replica store's durable write rate (dd conv=fsync) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
-  echo "| for scale: writing the same blocks at their offsets into a sparse image on the replica store, then fsync | $local_mib | $randwrite_secs | $(rate "$local_mib" "$randwrite_secs") |"
+  echo "| for scale: the replica store's durable write rate (dd conv=fsync; $store_fs) | $BENCH_CYCLE_MIB | $dd_secs | $(rate "$BENCH_CYCLE_MIB" "$dd_secs") |"
+  echo "| bare write: the same blocks at their offsets into a sparse image on the replica store ($store_fs), then fsync | $local_mib | $randwrite_secs | $(rate "$local_mib" "$randwrite_secs") |"
   echo "| on the applier: receive, verify, capture undo and write in place (overlapped) | $v_cyc_data | $v_cyc_recv | $(rate "$v_cyc_data" "$v_cyc_recv") |"
   echo "| on the applier: the commit (last fsyncs, undo log finished, point recorded) | $v_cyc_data | $v_cyc_apply | $(rate "$v_cyc_data" "$v_cyc_apply") |"
   echo
@@ -467,20 +547,27 @@ fi
   echo
   echo "Cycle time / (local read + bare write): $(r "$v_cyc_secs" "$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')") (target ≤ 1.00; local read alone: cycle rate / read rate $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")")); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, reads old contents and writes the undo log, and writes and fsyncs the replica on the same $sharing that the local read has to itself."
   echo
-  # The disk floor: every byte the cycle moves through the disk, at the fastest rate this disk
-  # showed above, and the ratio that floor leaves.
+  # Floors on the target ratio (cycle / (local read + bare write)) that the disk and the CPU
+  # alone set: the least time they leave the cycle, over the same denominator.
+  denom=$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')
+  # The disk floor: every byte the cycle moves through the disk under $work, at the fastest
+  # rate this disk showed above (with the store elsewhere only the primary's reads cross it,
+  # at its read rate).
   io_mib=$(awk -v a="$v_cyc_read" -v b="$v_cyc_written" 'BEGIN { printf "%.0f", a + b }')
-  # (With the store elsewhere only the primary's reads cross this disk: its read rate counts.)
   best=$(awk -v a="$(rate "$BENCH_CYCLE_MIB" "$dd_secs")" -v b="$(rate "$local_mib" "$local_secs")" -v s="$same_disk" 'BEGIN { print (s && a > b ? a : b) }')
   io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
-  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s, so the disk alone caps this ratio at $(r "$local_secs" "$io_floor"). CPU: shipper $v_cyc_cpu_ship s, applier $v_cyc_cpu_app s; all $(nproc) cores were $v_cyc_busy% busy during the cycle."
+  echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what; bytes the shipper and applier sent to or read from storage, /proc/PID/io), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s: **the disk alone keeps the ratio at or above $(r "$io_floor" "$denom")** on this machine."
   echo
-  # The CPU floor: the two sites' CPU seconds spread perfectly over this machine's cores.
-  cpu_floor=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$(nproc)" 'BEGIN { printf "%.2f", (a + b) / n }')
+  # The CPU floors: both sites' CPU seconds spread perfectly over this machine's cores; on two
+  # hosts, each site's own seconds over its own cores (the busier site sets it).
+  ncpu=$(nproc)
+  cpu_floor=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$ncpu" 'BEGIN { printf "%.2f", (a + b) / n }')
+  cpu_floor2=$(awk -v a="$v_cyc_cpu_ship" -v b="$v_cyc_cpu_app" -v n="$ncpu" 'BEGIN { printf "%.2f", (a > b ? a : b) / n }')
+  echo "CPU: shipper $v_cyc_cpu_ship s ($v_cyc_threads_ship), applier $v_cyc_cpu_app s ($v_cyc_threads_app); all $ncpu cores were $v_cyc_busy% busy during the cycle. Spread perfectly over the $ncpu cores both sites share here, that CPU takes at least $cpu_floor s: **the CPU alone keeps the ratio at or above $(r "$cpu_floor" "$denom")** on this machine. On two hosts of $ncpu cores each, the busier site's CPU takes at least $cpu_floor2 s: ratio floor $(r "$cpu_floor2" "$denom") there."
+  echo
   echo "Receiving and applying overlap (each chunk is written in place once its old contents are durable in the undo log): they took $(r "$v_cyc_recv" "$local_secs")× the local read's time; the commit $v_cyc_apply s."
   echo
   echo "Memory: the shipper peaked at $v_cyc_rss_ship MiB resident and the applier at $v_cyc_rss_app MiB during the cycle, for $v_cyc_data MiB of dirty data (neither holds a cycle's data: read-ahead, send and receive windows and the receive pipeline's queue bound it)."
-  echo
-  echo "The CPU both sites used, spread perfectly over the $(nproc) cores they share, takes at least $cpu_floor s: CPU alone caps this ratio at $(r "$local_secs" "$cpu_floor") here (on two hosts each site has its own cores)."
+  fi
 } | tee "$md_out"
 log "wrote $md_out"
