@@ -218,6 +218,16 @@ pub fn run(op: FailoverOp) -> Result<()> {
         }
         FailoverOp::Abandon { vm, site } => {
             let v = call(&site, &Admin::FailoverAbandon(Vm { vm: vm.clone() }))?;
+            if v["cancelled"] == json!(true) {
+                // An uncommitted failover is abandoned by cancelling it.
+                println!(
+                    "VM {vm}: failover abandoned (it was not committed, so it was cancelled: \
+                     the writes made here since the failover are discarded and the replica is \
+                     at point {} again). Start the old primary's shipper again.",
+                    v["point"]
+                );
+                return Ok(());
+            }
             println!(
                 "VM {vm}: failover abandoned; this site waits for the old primary's next cycle \
                  ({} bytes written here since the failover will be overwritten; the state \

@@ -12,11 +12,10 @@ impl VmStore {
         self.state.tests.clone()
     }
 
-    /// Records a test failover (a second one of the same point is refused). Only a replica
-    /// (or an old primary waiting for its reverse cycle) has points to test: on a site the
-    /// VM failed over to, its images are the running VM's disks and change outside any
-    /// point, so a point view of them would not read the point.
-    pub fn add_test(&mut self, pin: TestPin) -> Result<(), StoreError> {
+    /// Only a replica (or an old primary waiting for its reverse cycle) has points to test:
+    /// on a site the VM failed over to, its images are the running VM's disks and change
+    /// outside any point, so a point view of them would not read the point.
+    pub fn check_testable(&self) -> Result<(), StoreError> {
         if !matches!(self.state.role, Role::Replica | Role::ReversePending(_)) {
             return Err(StoreError::Role(format!(
                 "VM {}: this site is its {} (the VM runs here from the replica's images), so \
@@ -34,6 +33,13 @@ impl VmStore {
                 }
             )));
         }
+        Ok(())
+    }
+
+    /// Records a test failover (a second one of the same point is refused; see
+    /// [`Self::check_testable`]).
+    pub fn add_test(&mut self, pin: TestPin) -> Result<(), StoreError> {
+        self.check_testable()?;
         if self.state.tests.iter().any(|t| t.point == pin.point) {
             return Err(StoreError::Refused(format!(
                 "VM {}: point {} is already under test; stop that test failover first \

@@ -1,0 +1,137 @@
+//! Failover as a careless administrator runs it, with the real processes on two sites:
+//! the same command twice at once and twice in a row, commands in the wrong order or on
+//! the wrong site, and a test failover asked of a VM that is failed over.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::site::tail;
+use common::sites::*;
+use common::*;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `vmreplica ARGS --store STORE` on site `s`, started now (not waited for).
+fn spawn(s: &SiteDir, args: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(args)
+        .arg("--store")
+        .arg(&s.store)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    let n = p.applied();
+    Pair::nbd_write(&uri_a, 41, 2 * MIB, MIB);
+    p.wait_cycles(n, 1);
+    // On the wrong site (the primary's own store holds no replica of vm1), and before any
+    // failover: refused, naming the VM, nothing changes.
+    let out = p.a.cli(&["failover", "unplanned", "vm1"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("vm1"),
+        "{}",
+        stderr(&out)
+    );
+    // (A cancel with nothing to cancel succeeds: it is how a cancel crashed after its last
+    // step is finished.)
+    let out = p.b.cli_ok(&["failover", "cancel", "vm1"]);
+    assert!(out.contains("no failover"), "{out}");
+    for cmd in ["commit", "abandon"] {
+        let out = p.b.cli(&["failover", cmd, "vm1"]);
+        assert!(
+            !out.status.success() && stderr(&out).contains("vm1"),
+            "failover {cmd} before any failover: {}",
+            stderr(&out)
+        );
+        assert_eq!(p.b.role(), "replica", "failover {cmd} changed the record");
+    }
+    p.kill_primary();
+    let replica = std::fs::read(p.b.image("sys")).unwrap();
+    // Two unplanned failovers at once: one failover, both report it (the second finds the
+    // first in progress, to the same point), one tracker serves the disks.
+    let (c1, c2) = (
+        spawn(&p.b, &["failover", "unplanned", "vm1"]),
+        spawn(&p.b, &["failover", "unplanned", "vm1"]),
+    );
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    assert!(
+        o1.status.success() && o2.status.success(),
+        "{}\n{}\n{}",
+        stderr(&o1),
+        stderr(&o2),
+        tail(&p.b.log("applier"))
+    );
+    assert_eq!(p.b.role(), "failed-over");
+    let lineage = p.b.record()["role"]["lineage"].clone();
+    assert!(p.nbd_read(&p.b.uri("sys")) == replica);
+    // Twice in a row, and to another point while one is in progress.
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    assert_eq!(
+        p.b.record()["role"]["lineage"],
+        lineage,
+        "a second failover was made"
+    );
+    let out = p.b.cli(&["failover", "unplanned", "vm1", "--point", "1"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("commit or cancel"),
+        "{}",
+        stderr(&out)
+    );
+    // A test failover of a VM failed over here: its images are the running VM's disks.
+    let out = p.b.cli(&["failover", "test", "vm1", "--point", "1"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("failover cancel vm1"),
+        "a test failover of a failed-over VM: {}",
+        stderr(&out)
+    );
+    // Abandon of an uncommitted failover cancels it, and says so; then the failover again.
+    Pair::nbd_write(&p.b.uri("sys"), 43, 0, MIB);
+    let out = p.b.cli_ok(&["failover", "abandon", "vm1"]);
+    assert!(out.contains("it was cancelled"), "{out}");
+    assert_eq!(p.b.role(), "replica");
+    assert!(std::fs::read(p.b.image("sys")).unwrap() == replica);
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    // Commit twice at once, then again: committed once, the rest report it.
+    Pair::nbd_write(&p.b.uri("sys"), 42, 0, MIB);
+    let (c1, c2) = (
+        spawn(&p.b, &["failover", "commit", "vm1"]),
+        spawn(&p.b, &["failover", "commit", "vm1"]),
+    );
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    assert!(
+        o1.status.success() && o2.status.success(),
+        "{}\n{}",
+        stderr(&o1),
+        stderr(&o2)
+    );
+    p.b.cli_ok(&["failover", "commit", "vm1"]);
+    assert_eq!(p.b.role(), "primary");
+    // Cancel after commit: refused, the VM's writes stay.
+    let out = p.b.cli(&["failover", "cancel", "vm1"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("vm1"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        &p.nbd_read(&p.b.uri("sys"))[..MIB as usize],
+        &[42u8; MIB as usize][..]
+    );
+}
