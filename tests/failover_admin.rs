@@ -135,3 +135,49 @@ fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
         &[42u8; MIB as usize][..]
     );
 }
+
+/// The replica site's record backed up before a failover, then restored over the
+/// failover's (the applier restarted on it): the record says replica, while the
+/// failed-over VM's tracker serves the images. (Over a committed failover the record is
+/// refused anyway: the undo logs it names are gone.) The old primary's next cycles must not land
+/// in the running VM's disks; they are refused, naming the tracker and the record.
+#[test]
+fn a_replica_record_restored_over_a_failover_takes_no_cycle_into_the_running_vms_disks() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    let n = p.applied();
+    Pair::nbd_write(&uri_a, 51, 2 * MIB, MIB);
+    p.wait_cycles(n, 1);
+    let state = p.b.store.join("vm1/state.json");
+    let backup = std::fs::read(&state).unwrap();
+    p.kill_primary();
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    Pair::nbd_write(&p.b.uri("sys"), 52, 0, MIB);
+    // The backup goes back, the applier restarts on it.
+    p.kill_applier('b');
+    std::fs::write(&state, &backup).unwrap();
+    p.start_applier('b', &[]);
+    // The old primary comes back and writes.
+    p.start_tracker(&[]);
+    p.write_config("");
+    p.start_shipper();
+    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 53, 0, 2 * MIB);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !p.b.log("applier").contains("serves this site's images") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal; applier log:\n{}",
+            tail(&p.b.log("applier"))
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let served = p.nbd_read(&p.b.uri("sys"));
+    assert_eq!(
+        &served[..MIB as usize],
+        &[52u8; MIB as usize][..],
+        "the old primary's cycle landed in the running VM's disk"
+    );
+}

@@ -745,7 +745,30 @@ impl VmStore {
     /// are held as a tracker holds them (its lock byte and a running VM's), so that the old
     /// primary's tracker, started again by mistake, or a VM, cannot take them while cycles
     /// land; refused (busy) while one has them.
+    ///
+    /// Whatever the record says, no cycle lands while this site's own tracker for the VM
+    /// (`primary/tracker`, started by a failover) runs: its images are then a running VM's
+    /// disks, and a record that calls them a replica is not the one the failover wrote (a
+    /// backup of `state.json` restored over it).
     pub(crate) fn hold_images(&mut self) -> Result<(), StoreError> {
+        let tracker = self.dir().join("primary/tracker");
+        if let Some(pid) = lock_holder(&tracker.join("lock")) {
+            return Err(StoreError::Busy {
+                vm: format!(
+                    "{vm} (a tracker, PID {pid}, state dir {}, serves this site's images of it: \
+                     they are a running VM's disks, yet its record {} says {}, not what a \
+                     failover leaves; was a backup of it restored? No cycle lands in them. \
+                     Put back the record the failover wrote; or, to make this site a replica \
+                     again, stop that VM and tracker and remove {} so that the primary makes \
+                     a new initial copy)",
+                    tracker.display(),
+                    self.dir().join("state.json").display(),
+                    self.state.role.name(),
+                    self.dir().display(),
+                    vm = self.vm(),
+                ),
+            });
+        }
         if !self.held.is_empty() {
             return Ok(());
         }
