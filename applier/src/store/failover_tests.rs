@@ -162,3 +162,73 @@ fn a_test_failover_of_a_failed_over_vm_is_refused() {
     );
     assert!(vs.tests().is_empty());
 }
+
+/// A full disk at each state save of an unplanned failover to an older point, of its cancel
+/// and of a second failover's commit: the step fails, what is in memory stays what is on
+/// disk, and the same step again finishes it; the images end exactly at the point asked.
+#[test]
+fn a_full_disk_at_each_failover_save_loses_nothing_and_a_rerun_finishes() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    let mut primary = seeded(25);
+    let (mut vs, mut history) = initial(&s, &primary);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    for c in 2..=3 {
+        let b = mutate(&mut rng, &mut primary);
+        ship(&mut vs, c, CycleKind::Delta, &primary, &b).unwrap();
+        history.insert(c, primary.clone());
+    }
+    let on_disk = |vs: &VmStore| {
+        let st: VmState = read_vm_state("vm1", &vs.dir().join("state.json"))
+            .unwrap()
+            .unwrap();
+        st
+    };
+    vs.fail_save = true;
+    assert!(vs.begin_failover(Some(1), false, None).is_err());
+    assert_eq!(*vs.role(), Role::Replica);
+    assert_eq!(on_disk(&vs).role, Role::Replica);
+    vs.begin_failover(Some(1), false, None).unwrap();
+    // The save that records the redo log (twice: the redo log is written again).
+    for _ in 0..2 {
+        vs.fail_save = true;
+        assert!(vs.roll_back_to_point().is_err());
+        assert_eq!(on_disk(&vs).role, *vs.role());
+    }
+    vs.roll_back_to_point().unwrap();
+    assert!(read_images(&vs) == history[&1]);
+    vs.fail_save = true;
+    assert!(vs.set_failover_step(FailoverStep::Serving).is_err());
+    vs.set_failover_step(FailoverStep::Serving).unwrap();
+    vs.fail_save = true;
+    assert!(vs.begin_cancel().is_err());
+    vs.begin_cancel().unwrap();
+    vs.fail_save = true;
+    assert!(vs.finish_cancel(None).is_err());
+    assert_eq!(on_disk(&vs).role, *vs.role());
+    vs.finish_cancel(None).unwrap();
+    assert_eq!(*vs.role(), Role::Replica);
+    assert!(
+        read_images(&vs) == history[&3],
+        "the cancel did not return to point 3"
+    );
+    assert_eq!(vs.points().len(), 3, "a point was lost");
+    // A second failover, committed through a full disk.
+    vs.begin_failover(None, false, None).unwrap();
+    vs.roll_back_to_point().unwrap();
+    vs.set_failover_step(FailoverStep::Serving).unwrap();
+    vs.fail_save = true;
+    assert!(vs.commit_failover().is_err());
+    assert!(matches!(vs.role(), Role::FailedOver(_)));
+    assert_eq!(
+        vs.points().len(),
+        3,
+        "points dropped although the commit failed"
+    );
+    assert!(vs.dir().join("undo").read_dir().unwrap().count() > 0);
+    vs.commit_failover().unwrap();
+    drop(vs);
+    let vs = s.open_vm("vm1", "primary-1").unwrap();
+    assert!(matches!(vs.role(), Role::Primary(_)));
+    assert!(read_images(&vs) == history[&3]);
+}
