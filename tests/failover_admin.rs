@@ -181,3 +181,51 @@ fn a_replica_record_restored_over_a_failover_takes_no_cycle_into_the_running_vms
         "the old primary's cycle landed in the running VM's disk"
     );
 }
+
+/// Two planned failovers of one VM at once on the primary (two admins, or a plan run twice):
+/// one fails over, the other finishes with it or is refused clearly; no write is lost and
+/// the replica site ends primary with the shutdown disks; then the same command again.
+#[test]
+fn two_planned_failovers_at_once_fail_over_once_and_lose_nothing() {
+    let mut p = Pair::new(4, None);
+    p.start_shipper();
+    p.wait_cycles(0, 1);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    Pair::nbd_write(&uri_a, 61, 3 * MIB, 2 * MIB);
+    let shutdown = sha(&p.img);
+    let cfg = p.config.to_str().unwrap().to_string();
+    let args = ["failover", "planned", "vm1", "--config", &cfg, "--no-start"];
+    let (c1, c2) = (spawn(&p.a, &args), spawn(&p.a, &args));
+    let (o1, o2) = (
+        c1.wait_with_output().unwrap(),
+        c2.wait_with_output().unwrap(),
+    );
+    let ok = [&o1, &o2].iter().filter(|o| o.status.success()).count();
+    for o in [&o1, &o2] {
+        if !o.status.success() {
+            let e = stderr(o);
+            assert!(e.contains("vm1"), "an unclear refusal: {e}");
+        }
+    }
+    assert!(
+        ok >= 1,
+        "neither planned failover finished:\n{}\n{}\napplier B:\n{}",
+        stderr(&o1),
+        stderr(&o2),
+        tail(&p.b.log("applier"))
+    );
+    assert_eq!(p.b.role(), "primary");
+    let at_start = p.dir.path().join("b-at-start");
+    std::fs::write(&at_start, p.nbd_read(&p.b.uri("sys"))).unwrap();
+    assert_eq!(sha(&at_start), shutdown, "the planned failover lost writes");
+    // Again, once done: refused (this site is not the primary any more) or a no-op.
+    let out = p.a.cli(&args);
+    if !out.status.success() {
+        let e = stderr(&out);
+        assert!(
+            e.contains("VM vm1: this site is its") && e.contains("To fail back"),
+            "{e}"
+        );
+    }
+    assert_eq!(p.b.role(), "primary");
+}
