@@ -218,6 +218,16 @@ pub fn run(op: FailoverOp) -> Result<()> {
         }
         FailoverOp::Abandon { vm, site } => {
             let v = call(&site, &Admin::FailoverAbandon(Vm { vm: vm.clone() }))?;
+            if v["cancelled"] == json!(true) {
+                // An uncommitted failover is abandoned by cancelling it.
+                println!(
+                    "VM {vm}: failover abandoned (it was not committed, so it was cancelled: \
+                     the writes made here since the failover are discarded and the replica is \
+                     at point {} again). Start the old primary's shipper again.",
+                    v["point"]
+                );
+                return Ok(());
+            }
             println!(
                 "VM {vm}: failover abandoned; this site waits for the old primary's next cycle \
                  ({} bytes written here since the failover will be overwritten; the state \
@@ -306,6 +316,43 @@ fn stop_holder(lockfile: &Path, what: &str) -> Result<()> {
         .map_err(anyhow::Error::msg)
 }
 
+/// One planned failover or reverse of a VM at a time on this site: a flock on
+/// `failover.lock` beside the tracker's control socket, held until the command ends. A
+/// second one, started meanwhile, decided from what the first had not yet changed (the
+/// replica not yet promoted) and then shipped a last cycle to a replica the first had
+/// promoted, retrying for ever. None when that directory is gone (the command then fails on
+/// the missing tracker).
+fn command_lock(cfg: &ShipperConfig, vm: &str) -> Result<Option<std::fs::File>> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let path = vmreplica_shipper::lock::dir_of(&cfg.tracker).join("failover.lock");
+    let mut f = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+    };
+    // SAFETY: flock on a descriptor this function owns; released when the file is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = std::fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "VM {vm}: another planned failover or reverse of it runs on this site (PID {}, \
+             lock {}): wait until it ends; run this command again only if that one failed. \
+             Nothing was changed",
+            pid.trim(),
+            path.display()
+        );
+    }
+    f.set_len(0)?;
+    write!(f, "{}", std::process::id())?;
+    Ok(Some(f))
+}
+
 /// Planned failover of the VM of `config` (run on its primary): shut the VM down, seal its
 /// disks, stop its shipper, ship the last cycle, adopt this site's images as the replica
 /// (this site's applier, `admin_socket`), promote the replica site, stop the tracker. Rerun
@@ -331,6 +378,7 @@ pub fn fail_over_planned(
             config.display()
         );
     };
+    let _one_at_a_time = command_lock(&cfg, vm)?;
     if admin::call(admin_socket, &Admin::Status)?.is_none() {
         bail!(
             "no applier answers on {} on this site: start it first (it receives the \
@@ -338,7 +386,35 @@ pub fn fail_over_planned(
             admin_socket.display()
         );
     }
-    let st = tracker(&cfg, &Request::Status)?;
+    let st = match tracker(&cfg, &Request::Status) {
+        Ok(st) => st,
+        Err(e) => {
+            // After a planned failover away from this site its tracker is gone and its
+            // applier holds the VM as the new primary's replica: say so, not only the socket.
+            let here = admin::call(admin_socket, &Admin::Status)?
+                .and_then(|v| {
+                    v["vms"]
+                        .as_array()?
+                        .iter()
+                        .find(|r| r["vm"] == vm)
+                        .map(|r| r["role"]["kind"].as_str().unwrap_or("").to_string())
+                })
+                .filter(|k| k == "replica" || k == "reverse-pending");
+            if let Some(kind) = here {
+                bail!(
+                    "VM {vm}: this site is its {kind} now (its tracker, {}, is gone): the \
+                     planned failover away from this site was done. To fail back, run \
+                     `vmreplica failover planned {vm} --config ...` on the site that is its \
+                     primary now; nothing was changed",
+                    cfg.tracker.display()
+                );
+            }
+            bail!(
+                "VM {vm}: its tracker does not answer ({e}): start it (the planned failover \
+                 seals it and ships its last cycle); nothing was changed"
+            );
+        }
+    };
     let state_dir = PathBuf::from(st["state_dir"].as_str().unwrap_or_default());
     let Some(lineage) = st["lineage"].as_str().map(str::to_string) else {
         bail!("VM {vm}: the tracker has no lineage yet (no initial copy): nothing to fail over");
@@ -463,6 +539,7 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
             a.config.display()
         );
     };
+    let _one_at_a_time = command_lock(&cfg, vm)?;
     if admin::call(&a.site.socket(), &Admin::Status)?.is_none() {
         bail!(
             "no applier answers on {}: start this site's applier first",

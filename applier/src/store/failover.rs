@@ -106,6 +106,44 @@ impl VmStore {
         self.commit_state(next)
     }
 
+    /// A failover is refused while a test failover is recorded (served or not: after an
+    /// applier restart it is served again) or a point is open (an export, a view): the
+    /// images are about to become the running VM's disks, which no point view can read.
+    /// The test failover is not ended here: its scratch holds the test VM's writes and its
+    /// VM may run; ending it is the administrator's call, one command away.
+    fn refuse_while_points_open(&self, what: &str) -> Result<(), StoreError> {
+        let vm = self.vm();
+        let tests: Vec<u64> = self.state.tests.iter().map(|t| t.point).collect();
+        if !tests.is_empty() {
+            let list = tests
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(refused(format!(
+                "VM {vm}: a test failover of point(s) {list} is recorded on this site ({}), so \
+                 the VM is not {what} (nothing changed): end it first with `vmreplica failover \
+                 test-stop {vm} --all` (its test VM is stopped and its scratch writes \
+                 discarded), then run this command again",
+                self.dir().join("state.json").display()
+            )));
+        }
+        let pinned = self.shared.pinned();
+        if !pinned.is_empty() {
+            let list = pinned
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(refused(format!(
+                "VM {vm}: point(s) {list} are open on this site (an export or a point view), so \
+                 the VM is not {what} (nothing changed): wait until they finish, then run this \
+                 command again"
+            )));
+        }
+        Ok(())
+    }
+
     /// First step of an unplanned failover to point `point` (None: the newest): the role is
     /// saved, so no cycle of the old primary lands from now on. Again for a failover in
     /// progress (to the same point), it returns where that one got.
@@ -157,12 +195,7 @@ impl VmStore {
         if !self.state.points.iter().any(|p| p.cycle == point) {
             return Err(StoreError::NoSuchPoint { vm, cycle: point });
         }
-        let pinned = self.shared.pinned();
-        if !pinned.is_empty() {
-            return Err(refused(format!(
-                "VM {vm}: points {pinned:?} are open (test failovers or exports): stop them first"
-            )));
-        }
+        self.refuse_while_points_open("failed over")?;
         // The latest point continues the last cycle (empty cycles after the newest point
         // left the images as they were); an older one continues itself.
         let parent_cycle = if point == newest {
@@ -524,11 +557,7 @@ impl VmStore {
                 vmreplica_common::lineage::show(self.state.lineage)
             )));
         }
-        if self.shared.pinned().iter().next().is_some() {
-            return Err(refused(format!(
-                "VM {vm}: points are open (test failovers or exports): stop them first"
-            )));
-        }
+        self.refuse_while_points_open("promoted")?;
         // A cycle held in part is not the last one (that one is complete): it goes.
         self.roll_back()?;
         self.release_images();
@@ -716,7 +745,30 @@ impl VmStore {
     /// are held as a tracker holds them (its lock byte and a running VM's), so that the old
     /// primary's tracker, started again by mistake, or a VM, cannot take them while cycles
     /// land; refused (busy) while one has them.
+    ///
+    /// Whatever the record says, no cycle lands while this site's own tracker for the VM
+    /// (`primary/tracker`, started by a failover) runs: its images are then a running VM's
+    /// disks, and a record that calls them a replica is not the one the failover wrote (a
+    /// backup of `state.json` restored over it).
     pub(crate) fn hold_images(&mut self) -> Result<(), StoreError> {
+        let tracker = self.dir().join("primary/tracker");
+        if let Some(pid) = lock_holder(&tracker.join("lock")) {
+            return Err(StoreError::Busy {
+                vm: format!(
+                    "{vm} (a tracker, PID {pid}, state dir {}, serves this site's images of it: \
+                     they are a running VM's disks, yet its record {} says {}, not what a \
+                     failover leaves; was a backup of it restored? No cycle lands in them. \
+                     Put back the record the failover wrote; or, to make this site a replica \
+                     again, stop that VM and tracker and remove {} so that the primary makes \
+                     a new initial copy)",
+                    tracker.display(),
+                    self.dir().join("state.json").display(),
+                    self.state.role.name(),
+                    self.dir().display(),
+                    vm = self.vm(),
+                ),
+            });
+        }
         if !self.held.is_empty() {
             return Ok(());
         }

@@ -22,6 +22,8 @@ mod apply;
 pub(crate) mod definition;
 mod export;
 mod failover;
+#[cfg(test)]
+mod failover_tests;
 mod points;
 mod receive;
 pub(crate) mod state;
@@ -152,6 +154,14 @@ pub enum StoreError {
     /// Both sites wrote since their last common point.
     #[error("{0}")]
     SplitBrain(String),
+    /// The operation was made from a state in memory that a save, maybe made, left
+    /// untrusted: the state was re-read and is another one, so nothing was saved.
+    #[error(
+        "VM {vm}: an earlier save of {path} failed after its rename (it may have been made), \
+         so the record was re-read from disk, and it is not the one this operation started \
+         from: nothing was changed; run the command again"
+    )]
+    Reread { vm: String, path: PathBuf },
     #[error(transparent)]
     State(#[from] StateFileError),
 }
@@ -167,7 +177,7 @@ impl StoreError {
             StoreError::Refused(_) => code::LINEAGE,
             StoreError::NoSuchCycle { .. } => code::STALE,
             StoreError::DiskMismatch { .. } => code::PROTOCOL,
-            StoreError::Busy { .. } => code::BUSY,
+            StoreError::Busy { .. } | StoreError::Reread { .. } => code::BUSY,
             StoreError::Role(_) => code::FAILED_OVER,
             StoreError::SplitBrain(_) => code::SPLIT_BRAIN,
             StoreError::Receive(f) => f.code,
@@ -402,6 +412,10 @@ pub struct VmStore {
     /// Test hook: the next state save fails (as on a full disk).
     #[cfg(test)]
     pub(crate) fail_save: bool,
+    /// Test hook: the next state save is made but reports failure after its rename (as a
+    /// failed directory fsync does: maybe made).
+    #[cfg(test)]
+    pub(crate) fail_save_after_rename: bool,
 }
 
 impl VmStore {
@@ -450,6 +464,8 @@ impl VmStore {
             held: Vec::new(),
             #[cfg(test)]
             fail_save: false,
+            #[cfg(test)]
+            fail_save_after_rename: false,
         };
         s.open_images(false)?;
         s.load_chain()?;
@@ -586,7 +602,24 @@ impl VmStore {
     /// made, see [`StateFileError::Unsynced`]) sets `unsynced`: the caller must then not
     /// clean up as if the old state were on disk (check [`VmStore::unsynced`]), and the next
     /// operation settles the store first.
+    ///
+    /// `next` is made from the state in memory. If that state is not trusted (a save before
+    /// was maybe made, and the operation did not settle the store first, as the failover
+    /// operations do not), the store is settled here: `next` is saved only if the state
+    /// re-read from disk is the one it was made from; otherwise nothing is saved and the
+    /// operation is refused ([`StoreError::Reread`]), to be asked again on the state now in
+    /// memory. So no operation writes a state made from one a maybe-made save replaced.
     fn commit_state(&mut self, next: VmState) -> Result<(), StoreError> {
+        if self.unsynced {
+            let made_from = self.state.clone();
+            self.settle()?;
+            if self.state != made_from {
+                return Err(StoreError::Reread {
+                    vm: self.vm().to_string(),
+                    path: self.dir().join("state.json"),
+                });
+            }
+        }
         #[cfg(test)]
         if std::mem::take(&mut self.fail_save) {
             return Err(StoreError::State(StateFileError::Write {
@@ -594,7 +627,17 @@ impl VmStore {
                 source: io::Error::from_raw_os_error(libc::ENOSPC),
             }));
         }
-        if let Err(e) = next.save(&self.dir().join("state.json")) {
+        let path = self.dir().join("state.json");
+        #[allow(unused_mut)]
+        let mut saved = next.save(&path);
+        #[cfg(test)]
+        if saved.is_ok() && std::mem::take(&mut self.fail_save_after_rename) {
+            saved = Err(StateFileError::Unsynced {
+                path,
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        if let Err(e) = saved {
             if e.maybe_made() {
                 tracing::error!(vm = %self.vm(), "{e}; the replica is re-read from disk before it is used again");
                 self.unsynced = true;

@@ -3,7 +3,7 @@
 //! applier restart. Saved before the test failover is reported started, removed before its
 //! scratch files are.
 
-use super::state::TestPin;
+use super::state::{Role, TestPin};
 use super::{StoreError, VmStore};
 
 impl VmStore {
@@ -12,8 +12,34 @@ impl VmStore {
         self.state.tests.clone()
     }
 
-    /// Records a test failover (a second one of the same point is refused).
+    /// Only a replica (or an old primary waiting for its reverse cycle) has points to test:
+    /// on a site the VM failed over to, its images are the running VM's disks and change
+    /// outside any point, so a point view of them would not read the point.
+    pub fn check_testable(&self) -> Result<(), StoreError> {
+        if !matches!(self.state.role, Role::Replica | Role::ReversePending(_)) {
+            return Err(StoreError::Role(format!(
+                "VM {}: this site is its {} (the VM runs here from the replica's images), so \
+                 there is no recovery point to test here: test it on the site that replicates \
+                 it{}",
+                self.vm(),
+                self.state.role.name(),
+                if matches!(self.state.role, Role::FailedOver(_)) {
+                    format!(
+                        ", or cancel the failover first (vmreplica failover cancel {})",
+                        self.vm()
+                    )
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records a test failover (a second one of the same point is refused; see
+    /// [`Self::check_testable`]).
     pub fn add_test(&mut self, pin: TestPin) -> Result<(), StoreError> {
+        self.check_testable()?;
         if self.state.tests.iter().any(|t| t.point == pin.point) {
             return Err(StoreError::Refused(format!(
                 "VM {}: point {} is already under test; stop that test failover first \

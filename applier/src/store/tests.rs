@@ -18,13 +18,13 @@ use crate::pointview::PointView;
 
 pub(crate) const SIZE: u64 = 4 << 20;
 pub(crate) const G: u32 = 65536;
-const L: Lineage = Lineage([0x11; 16]);
+pub(crate) const L: Lineage = Lineage([0x11; 16]);
 /// The tracker's freeze id (the tests freeze each cycle once).
-const FREEZE: u64 = 7;
+pub(crate) const FREEZE: u64 = 7;
 
 pub(crate) type Images = Vec<Vec<u8>>;
 
-fn disks() -> Vec<DiskInfo> {
+pub(crate) fn disks() -> Vec<DiskInfo> {
     ["a", "b"]
         .iter()
         .map(|n| DiskInfo {
@@ -74,7 +74,12 @@ fn submit(
 }
 
 /// Sends `blocks` as chunks of `tag` and waits until each is durably applied or failed.
-fn send(vs: &VmStore, tag: Tag, data: &Images, blocks: &[(u16, u64)]) -> Vec<Result<(), Failure>> {
+pub(crate) fn send(
+    vs: &VmStore,
+    tag: Tag,
+    data: &Images,
+    blocks: &[(u16, u64)],
+) -> Vec<Result<(), Failure>> {
     let (tx, rx) = mpsc::channel();
     for b in blocks {
         submit(vs, tag, data, *b, &tx);
@@ -84,7 +89,7 @@ fn send(vs: &VmStore, tag: Tag, data: &Images, blocks: &[(u16, u64)]) -> Vec<Res
     rx.iter().take(blocks.len()).collect()
 }
 
-fn plan(blocks: &[(u16, u64)]) -> RangeSet {
+pub(crate) fn plan(blocks: &[(u16, u64)]) -> RangeSet {
     blocks
         .iter()
         .map(|&(d, b)| vmreplica_common::ranges::Range {
@@ -139,7 +144,7 @@ fn all_blocks() -> Vec<(u16, u64)> {
 }
 
 /// Rewrites 1..12 random blocks (a fifth of them with zeroes); returns them.
-fn mutate(rng: &mut impl Rng, data: &mut Images) -> Vec<(u16, u64)> {
+pub(crate) fn mutate(rng: &mut impl Rng, data: &mut Images) -> Vec<(u16, u64)> {
     let mut blocks = Vec::new();
     for _ in 0..rng.gen_range(1..12) {
         let d = rng.gen_range(0..2u16);

@@ -115,6 +115,7 @@ pub(crate) fn start(
 ) -> Result<Value, TestError> {
     let entry = rt.block_on(app.vm(&req.vm, None))?;
     let _busy = app.tests.serialize();
+    lock(&entry.store).check_testable()?;
     // What the request asks is checked before the point it names.
     let definition = if req.start {
         Some(checked_definition(app, &entry)?)
