@@ -60,14 +60,32 @@ fn err(vm: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Role(format!("VM {vm}: {what}: {e}"))
 }
 
-fn disks_of(vs: &VmStore) -> Vec<(String, PathBuf)> {
-    vs.disk_names()
+/// The disks the VM's tracker serves on this site (name, image): the replicated ones, then
+/// the excluded ones, made blank and sparse in `primary/excluded/` (kept if there: a rerun,
+/// or the running VM's), and the names of the excluded ones.
+fn disks_of(
+    vs: &VmStore,
+    procs: &Procs,
+) -> Result<(Vec<(String, PathBuf)>, Vec<String>), StoreError> {
+    let mut disks: Vec<(String, PathBuf)> = vs
+        .disk_names()
         .into_iter()
         .map(|n| {
             let p = vs.image_path(&n);
             (n, p)
         })
-        .collect()
+        .collect();
+    let excluded = vs.create_excluded_images(&procs.excluded_dir())?;
+    let names = excluded.iter().map(|(n, _)| n.clone()).collect();
+    disks.extend(excluded);
+    Ok((disks, names))
+}
+
+/// Every disk the VM sees (replicated, then excluded), for its NBD URIs.
+fn all_disk_names(vs: &VmStore) -> Vec<String> {
+    let mut names = vs.disk_names();
+    names.extend(vs.excluded_disks().into_iter().map(|(n, _)| n));
+    names
 }
 
 /// The VM definition to start: `definition` if given, else the one shipped with the disks
@@ -98,7 +116,7 @@ fn start_vm(vs: &VmStore, procs: &Procs, definition: Option<&Path>) -> Result<Va
     let s = inst
         .start_definition(
             &def,
-            procs.uris(&vs.disk_names()),
+            procs.uris(&all_disk_names(vs)),
             Network::Production,
             VM_START,
         )
@@ -109,8 +127,9 @@ fn start_vm(vs: &VmStore, procs: &Procs, definition: Option<&Path>) -> Result<Va
 
 /// The tracker's state as its status reports it (starting it if it is not running).
 fn tracker_status(vs: &VmStore, procs: &Procs) -> Result<Value, StoreError> {
+    let (disks, excluded) = disks_of(vs, procs)?;
     procs
-        .start_tracker(&disks_of(vs))
+        .start_tracker(&disks, &excluded)
         .map_err(|e| err(vs.vm(), "tracker", e))?;
     procs
         .tracker(&Request::Status)
@@ -245,7 +264,7 @@ pub fn unplanned(
         "from": f.from,
         "lineage": f.lineage,
         "parent": f.parent,
-        "disks": procs.uris(&vs.disk_names()),
+        "disks": procs.uris(&all_disk_names(vs)),
         "served_ms": served.as_millis() as u64,
         "qemu": qemu,
     }))
@@ -445,7 +464,7 @@ fn serve_primary(site: &Site, vs: &VmStore, p: &Primary, start: bool) -> Result<
             .start_shipper()
             .map_err(|e| err(vs.vm(), "shipper", e))?;
     }
-    Ok(json!({"disks": procs.uris(&vs.disk_names()), "qemu": qemu}))
+    Ok(json!({"disks": procs.uris(&all_disk_names(vs)), "qemu": qemu}))
 }
 
 /// A planned failover's promote on this (replica) site: see `VmStore::promote`; then the
@@ -573,6 +592,10 @@ pub fn adopt_new(
                 "VM {vm}: its disk {name} still has {n} NBD connection(s) on this site (is the \
                  VM still running?): shut it down first; nothing was changed"
             )));
+        }
+        // An excluded disk (swap) is not replicated back: not part of the replica either.
+        if d["excluded"] == json!(true) {
+            continue;
         }
         disks.push(AdoptedDisk {
             name,
