@@ -148,3 +148,73 @@ fn an_excluded_disk_is_served_blank_on_failover_and_never_shipped_back() {
     assert_swap_blank(&p, &p.a, "planned failback");
     assert_eq!(p.nbd_read(&p.a.uri("sys"))[2 * MIB as usize], 0x31);
 }
+
+/// vm1's entry as the replica site's applier reports it.
+fn replica_entry(s: &SiteDir) -> Value {
+    let all = status(s);
+    all.iter()
+        .find(|v| v["site"] == "replica")
+        .cloned()
+        .unwrap_or_else(|| panic!("no replica entry: {all:?}"))
+}
+
+/// `vmreplica status` on the replica site shows a test failover (state, point, since, NBD
+/// URIs), then a failover and its sub-state; a failed-over VM's health does not turn
+/// Critical because no cycle arrives any more (its RPO is the new primary's).
+#[test]
+fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical() {
+    let mut p = Pair::new(4, None);
+    p.write_config("rpo_limit = \"2s\"\n");
+    p.start_shipper();
+    p.wait_cycles(0, 2);
+    p.b.cli_ok(&["failover", "test", "vm1"]);
+    let v = replica_entry(&p.b);
+    assert_eq!(v["state"], "test-failover", "{v}");
+    let t = &v["test_failovers"][0];
+    assert!(t["point"].as_u64().unwrap() >= 1, "{v}");
+    assert!(t["since"].as_u64().unwrap() > 0, "{v}");
+    let uri = t["disks"][0]["uri"].as_str().unwrap().to_string();
+    assert!(uri.starts_with("nbd+unix:///sys?socket="), "{v}");
+    assert_eq!(
+        p.nbd_read(&uri).len() as u64,
+        32 * MIB,
+        "the URI status gives is served"
+    );
+    let text = p.b.cli_ok(&["status", "vm1"]);
+    assert!(text.contains("test failover of point"), "{text}");
+    assert!(text.contains(&uri), "{text}");
+    p.b.cli_ok(&["failover", "test-stop", "vm1", "--all"]);
+    assert_eq!(replica_entry(&p.b)["test_failovers"], serde_json::json!([]));
+    // The primary is lost; past the RPO limit the replica is Critical (replication stopped).
+    p.kill_primary();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(replica_entry(&p.b)["health"]["level"], "critical");
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    let v = replica_entry(&p.b);
+    assert_eq!(v["state"], "failed-over", "{v}");
+    assert_eq!(v["failover"]["sub_state"], "awaiting-commit", "{v}");
+    assert!(v["failover"]["lineage"].is_string(), "{v}");
+    assert_eq!(
+        v["health"]["level"], "warning",
+        "a failed-over VM is judged by what is left to do, not by the cycles it no longer \
+         gets: {v}"
+    );
+    assert!(
+        v["health"]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("not committed"),
+        "{v}"
+    );
+    assert!(v["rpo_seconds"].is_null(), "{v}");
+    let text = p.b.cli_ok(&["status", "vm1"]);
+    assert!(text.contains("failover: awaiting commit (point"), "{text}");
+    p.b.cli_ok(&["failover", "commit", "vm1"]);
+    let v = replica_entry(&p.b);
+    assert_eq!(
+        (v["state"].as_str(), v["failover"]["sub_state"].as_str()),
+        (Some("failed-over"), Some("committed")),
+        "{v}"
+    );
+    assert_ne!(v["health"]["level"], "critical", "{v}");
+}
