@@ -134,8 +134,30 @@ fn an_excluded_disk_is_served_blank_on_failover_and_never_shipped_back() {
         "{}",
         p.b.primary_log("shipper")
     );
-    // Planned failback: site A is the primary again; its swap is recreated blank.
+    // `vmreplica set` of the interval on the site replicating back writes the shipper's
+    // file, which the applier rewrites at its start: what was set stays.
     let cfg_b = p.b.primary_dir().join("shipper.toml");
+    run(std::process::Command::new(bin())
+        .args(["set", "vm1", "interval=7s", "--config"])
+        .arg(&cfg_b));
+    let ino = std::fs::metadata(&cfg_b).unwrap().ino();
+    p.start_applier('b', &[]);
+    // Rewritten (atomically: a new inode) once the applier has found its processes again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&cfg_b).map(|m| m.ino()).unwrap_or(ino) == ino {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site B's applier never rewrote {}",
+            cfg_b.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&cfg_b).unwrap();
+    assert!(
+        text.contains("interval = \"7s\""),
+        "the applier's rewrite lost the interval set: {text}"
+    );
+    // Planned failback: site A is the primary again; its swap is recreated blank.
     p.b.cli_ok(&[
         "failover",
         "planned",
