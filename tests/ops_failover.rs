@@ -203,6 +203,7 @@ fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical(
         "the URI status gives is served"
     );
     let text = p.b.cli_ok(&["status", "vm1"]);
+    eprintln!("--- status (replica site) during a test failover:\n{text}");
     assert!(text.contains("test failover of point"), "{text}");
     assert!(text.contains(&uri), "{text}");
     p.b.cli_ok(&["failover", "test-stop", "vm1", "--all"]);
@@ -230,6 +231,7 @@ fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical(
     );
     assert!(v["rpo_seconds"].is_null(), "{v}");
     let text = p.b.cli_ok(&["status", "vm1"]);
+    eprintln!("--- status (replica site) failed over, not committed:\n{text}");
     assert!(text.contains("failover: awaiting commit (point"), "{text}");
     p.b.cli_ok(&["failover", "commit", "vm1"]);
     let v = replica_entry(&p.b);
@@ -239,4 +241,12 @@ fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical(
         "{v}"
     );
     assert_ne!(v["health"]["level"], "critical", "{v}");
+    eprintln!(
+        "--- status (replica site) failed over, committed:\n{}",
+        p.b.cli_ok(&["status", "vm1"])
+    );
+    eprintln!(
+        "--- status --json (replica site) failed over, committed:\n{}",
+        p.b.cli_ok(&["status", "vm1", "--json"])
+    );
 }
