@@ -60,13 +60,13 @@ fn err(vm: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Role(format!("VM {vm}: {what}: {e}"))
 }
 
+/// Disks as (name, image).
+type Images = Vec<(String, PathBuf)>;
+
 /// The disks the VM's tracker serves on this site (name, image): the replicated ones, then
 /// the excluded ones, made blank and sparse in `primary/excluded/` (kept if there: a rerun,
 /// or the running VM's), and the names of the excluded ones.
-fn disks_of(
-    vs: &VmStore,
-    procs: &Procs,
-) -> Result<(Vec<(String, PathBuf)>, Vec<String>), StoreError> {
+fn disks_of(vs: &VmStore, procs: &Procs) -> Result<(Images, Vec<String>), StoreError> {
     let mut disks: Vec<(String, PathBuf)> = vs
         .disk_names()
         .into_iter()
