@@ -1,5 +1,7 @@
 //! `vmreplica`: one command line for every role.
 
+#[macro_use]
+mod stdout;
 mod failover_cmd;
 mod ops_cmd;
 mod plan;

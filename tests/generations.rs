@@ -81,6 +81,20 @@ fn frozen_view_is_the_point_in_time_copy_under_concurrent_rewrites_and_restart()
         fio_randwrite(&uri("data"), 4, 2),
     ];
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    // On a loaded machine fio can take longer than that to connect: freeze only once both
+    // disks hold writes (fio's runtime counts from its first I/O, so rewrites still follow).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !tracker
+        .disks()
+        .iter()
+        .all(|d| d.dirty_extents(0, SIZE, 2).iter().any(|e| e.1 != 0))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fio wrote nothing in 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut copies = Vec::new();
     let generation = tracker
         .freeze_with(false, || {

@@ -333,3 +333,26 @@ fn junk_datagrams_neither_flood_the_log_nor_stop_replication() {
     );
     tracker.stop();
 }
+
+/// `vmreplica … | head -1`: a reader that leaves before the output is written ends the
+/// command quietly, with the status of a writer killed by SIGPIPE, never a panic.
+#[test]
+fn output_to_a_reader_that_went_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(bin())
+        .args(["certs", "init-ca", "--dir"])
+        .arg(dir.path().join("ca"))
+        .env("RUST_BACKTRACE", "0")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(141), "{:?} {err}", o.status.signal());
+    // The command's work is done before it speaks: the CA exists.
+    assert!(dir.path().join("ca/ca.pem").exists());
+}

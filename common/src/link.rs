@@ -3,9 +3,10 @@
 //!
 //! Defaults are sized for 100 ms RTT at 1 Gbit/s (a bandwidth-delay product of 12.5 MB):
 //! 16 MiB per-stream and 64 MiB per-connection receive windows, a 64 MiB send window, and
-//! 8 MiB UDP socket buffers. Congestion control is Cubic unless configured otherwise; quinn's
-//! BBR is offered but marked experimental by quinn itself; `vmr` is our own, for long lossy
-//! links ([`crate::congestion`]), and remembers each path for the next connection.
+//! 8 MiB UDP socket buffers. Congestion control is `vmr`, our own controller for long lossy
+//! links ([`crate::congestion`]), which remembers each path for the next connection, unless
+//! configured otherwise: Cubic and NewReno are quinn's loss-based ones; quinn's BBR is
+//! offered but marked experimental by quinn itself.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -72,12 +73,13 @@ impl From<quinn::WriteError> for LinkError {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Congestion {
-    #[default]
     Cubic,
     NewReno,
     /// quinn's BBR implementation is experimental.
     Bbr,
-    /// vmreplica's model-based controller for long, lossy links ([`crate::congestion`]).
+    /// vmreplica's model-based controller for long, lossy links ([`crate::congestion`]):
+    /// the default.
+    #[default]
     Vmr,
 }
 
@@ -100,7 +102,7 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            congestion: Congestion::Cubic,
+            congestion: Congestion::Vmr,
             stream_window: 16 << 20,
             connection_window: 64 << 20,
             send_window: 64 << 20,

@@ -26,7 +26,7 @@
 //! to = "18:00"
 //! limit = "10M"
 //! [tuning]
-//! congestion = "cubic"         # cubic | newreno | bbr (experimental in quinn) | vmr (long lossy links)
+//! congestion = "vmr"           # vmr (default: long lossy links) | cubic | newreno | bbr (experimental in quinn)
 //! [reverse]                    # optional: this site's applier, where the replica site
 //! replica = "192.0.2.5:7443"   # ships after a failover (replication back)
 //! server_name = "site-a"       # the name in this site's applier certificate
@@ -481,9 +481,18 @@ key = "p.key"
         .unwrap();
         assert_eq!(c.qmp, Some(PathBuf::from("/etc/vmr/run/qmp.sock")));
         assert_eq!(c.reverse.unwrap().server_name, "site-a");
-        let c =
-            ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"vmr\"\n"), p).unwrap();
+        // No [tuning]: vmr, the controller made for long lossy links, is the default.
+        let c = ShipperConfig::parse(BASE, p).unwrap();
         assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);
+        let c =
+            ShipperConfig::parse(&format!("{BASE}[tuning]\nudp_buffer = 1048576\n"), p).unwrap();
+        assert_eq!(c.tuning.congestion, vmreplica_common::link::Congestion::Vmr);
+        let c =
+            ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"cubic\"\n"), p).unwrap();
+        assert_eq!(
+            c.tuning.congestion,
+            vmreplica_common::link::Congestion::Cubic
+        );
         let e = ShipperConfig::parse(&format!("{BASE}[tuning]\ncongestion = \"fast\"\n"), p)
             .unwrap_err()
             .to_string();
