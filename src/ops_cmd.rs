@@ -271,6 +271,46 @@ pub fn render(v: &VmStatus) -> String {
     for r in &v.health.reasons {
         o += &format!("  ! {r}\n");
     }
+    if let Some(f) = &v.failover {
+        o += &format!(
+            "  failover: {} (point {}, since {}{})\n",
+            f.sub_state.replace('-', " "),
+            f.point,
+            time(f.since),
+            f.lineage
+                .as_deref()
+                .map(|l| format!(", new lineage {l}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(t) = v.paused_since {
+        o += &format!("  paused since {}\n", time(t));
+    }
+    for t in &v.test_failovers {
+        o += &format!(
+            "  test failover of point {} since {}",
+            t.point,
+            time(t.since)
+        );
+        if let Some(pid) = t.vm_pid {
+            o += &format!(", test VM PID {pid}");
+        }
+        if let Some(e) = &t.error {
+            o += &format!(": {e}");
+        }
+        o += "\n";
+        for d in &t.disks {
+            o += &format!(
+                "    {}: {}{}\n",
+                d.disk,
+                d.uri,
+                d.tcp_uri
+                    .as_deref()
+                    .map(|u| format!(" and {u}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let interval = v.interval_seconds.map_or("continuous".to_string(), ago);
     o += &format!(
         "  role {}, interval {interval}, RPO limit {}{}\n",

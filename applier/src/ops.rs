@@ -10,13 +10,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmreplica_ops::events::{self, Event};
 use vmreplica_ops::status::{
-    health, AppConsistent, DiskStatus, HealthInput, Level, Point, Process, Site, State, VmStatus,
-    DEFAULT_RPO_LIMIT,
+    health, AppConsistent, DiskStatus, FailoverStatus, Health, HealthInput, Level, Point, Process,
+    Site, State, TestDisk, TestFailoverStatus, VmStatus, DEFAULT_RPO_LIMIT,
 };
 
 use crate::server::App;
 use crate::store::state::{Role, VmState};
 use crate::store::{lock_vm, vm_dir, StoreError};
+use crate::testfo::Running;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -38,7 +39,7 @@ fn role_of(s: &VmState) -> String {
     .into()
 }
 
-fn state_of(s: &VmState) -> State {
+fn state_of(s: &VmState, tests: bool) -> State {
     if matches!(s.role, Role::FailedOver(_) | Role::Primary(_)) {
         return State::FailedOver;
     }
@@ -46,7 +47,82 @@ fn state_of(s: &VmState) -> State {
         Some("initial") => State::InitialCopy,
         Some("resync") => State::Resynchronizing,
         _ if s.points.is_empty() => State::InitialCopy,
+        _ if s.ops.history.paused() => State::Paused,
+        _ if tests => State::TestFailover,
         _ => State::Replicating,
+    }
+}
+
+/// The failover this record is part of, from its role (None: a plain replica).
+fn failover_of(s: &VmState) -> Option<FailoverStatus> {
+    use crate::store::state::FailoverStep as Step;
+    let (sub_state, point, since, lineage) = match &s.role {
+        Role::Replica => return None,
+        Role::FailedOver(f) => (
+            match f.step {
+                Step::Begun => "rolling-back",
+                Step::RolledBack | Step::Serving => "awaiting-commit",
+                Step::Cancelling => "cancelling",
+            },
+            f.point,
+            f.since,
+            Some(f.lineage),
+        ),
+        Role::Primary(p) => (
+            if p.reverse.is_some() {
+                "reversing"
+            } else {
+                "committed"
+            },
+            p.parent.cycle,
+            p.since,
+            Some(p.lineage),
+        ),
+        Role::ReversePending(r) => ("awaiting-reverse", r.parent.cycle, r.since, None),
+    };
+    Some(FailoverStatus {
+        sub_state: sub_state.into(),
+        point,
+        since,
+        lineage: lineage.map(|l| l.to_string()),
+    })
+}
+
+/// The health of a record in a failover: its cycles come from no one any more (or not
+/// yet), so neither its RPO nor its missed cycles say anything; what is left to do does.
+fn failover_health(vm: &str, f: &FailoverStatus) -> Health {
+    let reason = match f.sub_state.as_str() {
+        "rolling-back" => Some(format!(
+            "failing over to point {}: the images are being rolled back (rerun `vmreplica \
+             failover unplanned {vm}` if it stopped)",
+            f.point
+        )),
+        "awaiting-commit" => Some(format!(
+            "failed over to point {}, not committed: `vmreplica failover commit {vm}` (or \
+             cancel)",
+            f.point
+        )),
+        "cancelling" => Some(format!(
+            "a failover cancel is under way (rerun `vmreplica failover cancel {vm}` if it \
+             stopped)"
+        )),
+        "committed" => Some(format!(
+            "failed over and committed: the VM is not protected until it replicates back \
+             (`vmreplica reverse {vm}` on the old primary)"
+        )),
+        "awaiting-reverse" => Some(format!(
+            "waiting for the new primary's reverse cycle continuing point {}",
+            f.point
+        )),
+        _ => None,
+    };
+    Health {
+        level: if reason.is_some() {
+            Level::Warning
+        } else {
+            Level::Normal
+        },
+        reasons: reason.into_iter().collect(),
     }
 }
 
@@ -56,30 +132,39 @@ pub(crate) fn replica_status(
     s: &VmState,
     now_ms: u64,
     processes: Vec<Process>,
+    test_failovers: Vec<TestFailoverStatus>,
 ) -> VmStatus {
     let now = now_ms / 1000;
     let interval = s.ops.interval.filter(|i| *i != u64::MAX);
     let rpo_limit = s.ops.rpo_limit.unwrap_or(DEFAULT_RPO_LIMIT);
     let h = &s.ops.history;
-    let last_hour = h.last_hour(now_ms, interval);
+    let failover = failover_of(s);
+    // A failed-over record expects no cycles: none are counted missed.
+    let last_hour = h.last_hour(now_ms, interval.filter(|_| failover.is_none()));
     let rpo = match s.ops.last_frozen_at {
         0 => h.last().map(|c| now.saturating_sub(c.applied_ms / 1000)),
         t => Some(now.saturating_sub(t)),
     }
     .or_else(|| s.points.last().map(|p| now.saturating_sub(p.applied_at)));
-    let state = state_of(s);
-    let hl = health(&HealthInput {
-        stopped: None,
-        tracking_lost: Vec::new(),
-        resync_requested: false,
-        resyncing: state == State::Resynchronizing,
-        paused: false,
-        no_point: s.points.is_empty(),
-        interval,
-        rpo_limit,
-        rpo,
-        last_hour: last_hour.clone(),
-    });
+    let state = state_of(s, !test_failovers.is_empty());
+    let paused_since = h.pauses.last().filter(|p| p.to.is_none()).map(|p| p.from);
+    let hl = match &failover {
+        Some(f) => failover_health(vm, f),
+        None => health(&HealthInput {
+            stopped: None,
+            tracking_lost: Vec::new(),
+            resync_requested: false,
+            resyncing: state == State::Resynchronizing,
+            paused: paused_since.is_some(),
+            no_point: s.points.is_empty(),
+            interval,
+            rpo_limit,
+            rpo,
+            last_hour: last_hour.clone(),
+        }),
+    };
+    // Its RPO is the new primary's now (its shipper's status says it).
+    let rpo = rpo.filter(|_| failover.is_none());
     let app = s.points.iter().rev().find(|p| p.app_consistent);
     let mut disks: Vec<DiskStatus> = s
         .disks
@@ -139,7 +224,46 @@ pub(crate) fn replica_status(
         },
         disks,
         processes,
+        failover,
+        test_failovers,
+        paused_since,
     }
+}
+
+/// The test failovers a record holds, as status shows them: the served ones (`served`),
+/// and those recorded but not served (an applier down, or one that could not serve them).
+fn test_failovers_of(s: &VmState, served: &[Arc<Running>]) -> Vec<TestFailoverStatus> {
+    let mut out: Vec<TestFailoverStatus> = served
+        .iter()
+        .map(|r| TestFailoverStatus {
+            point: r.point,
+            since: r.created_at,
+            disks: r
+                .disks()
+                .iter()
+                .map(|d| TestDisk {
+                    disk: d.clone(),
+                    uri: r.unix_uri(d),
+                    tcp_uri: r.tcp_uri(d),
+                })
+                .collect(),
+            vm_pid: crate::testfo::launch::running(&r.dir.join("vm")).map(|p| p as u32),
+            error: None,
+        })
+        .collect();
+    for t in &s.tests {
+        if !served.iter().any(|r| r.point == t.point) {
+            out.push(TestFailoverStatus {
+                point: t.point,
+                since: t.created_at,
+                disks: Vec::new(),
+                vm_pid: None,
+                error: Some("recorded but not served: see the applier's log".into()),
+            });
+        }
+    }
+    out.sort_by_key(|t| t.point);
+    out
 }
 
 /// Every VM of a store no applier runs on, read from the state files.
@@ -149,7 +273,8 @@ pub fn store_report(store: &crate::Store) -> Vec<VmStatus> {
         .into_iter()
         .filter_map(|name| {
             let s = store.peek_state(&name).ok()?;
-            Some(replica_status(&name, &s, now_ms(), Vec::new()))
+            let tests = test_failovers_of(&s, &[]);
+            Some(replica_status(&name, &s, now_ms(), Vec::new(), tests))
         })
         .collect()
 }
@@ -157,6 +282,7 @@ pub fn store_report(store: &crate::Store) -> Vec<VmStatus> {
 /// Every VM of the running applier's store.
 pub(crate) fn report(app: &Arc<App>, admin: &Path) -> Vec<VmStatus> {
     let open = app.open_vms();
+    let tests = app.tests.all();
     let me = Process {
         role: "applier".into(),
         pid: std::process::id(),
@@ -170,7 +296,16 @@ pub(crate) fn report(app: &Arc<App>, admin: &Path) -> Vec<VmStatus> {
                 Some(e) => Some((*e.shared.state()).clone()),
                 None => app.store.peek_state(&name).ok(),
             }?;
-            Some(replica_status(&name, &state, now_ms(), vec![me.clone()]))
+            let served: Vec<Arc<Running>> =
+                tests.iter().filter(|r| r.vm == name).cloned().collect();
+            let tests = test_failovers_of(&state, &served);
+            Some(replica_status(
+                &name,
+                &state,
+                now_ms(),
+                vec![me.clone()],
+                tests,
+            ))
         })
         .collect()
 }

@@ -191,6 +191,56 @@ pub struct VmStatus {
     pub app_consistent: AppConsistent,
     pub disks: Vec<DiskStatus>,
     pub processes: Vec<Process>,
+    /// The failover this site is part of (replica site; added in version 1).
+    #[serde(default)]
+    pub failover: Option<FailoverStatus>,
+    /// Test failovers served on this site (replica site; added in version 1).
+    #[serde(default)]
+    pub test_failovers: Vec<TestFailoverStatus>,
+    /// Since when replication is paused (added in version 1). The primary site knows; the
+    /// replica site is not told of a pause yet (None there).
+    #[serde(default)]
+    pub paused_since: Option<u64>,
+}
+
+/// A failover of the VM that involves this site (the replica site's view, from its replica
+/// state's role; None while the site is a plain replica).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverStatus {
+    /// `rolling-back` (an unplanned failover to an older point is undoing later cycles),
+    /// `awaiting-commit` (the disks are served; `failover commit` or `cancel`), `cancelling`,
+    /// `committed` (this site is the VM's primary; nothing replicates back yet), `reversing`
+    /// (this site is the primary and replicates back to the old primary), `awaiting-reverse`
+    /// (the old primary's site: its images wait for the new primary's reverse cycle).
+    pub sub_state: String,
+    /// The point failed over to (a cycle of the old lineage), or the one the reverse cycle
+    /// continues.
+    pub point: u64,
+    /// When the failover (or the wait for the reverse cycle) began, seconds since the epoch.
+    pub since: u64,
+    /// The new primary's lineage (None on the old primary's site).
+    pub lineage: Option<String>,
+}
+
+/// A test failover of one point of the VM (replica site), served while replication goes on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestFailoverStatus {
+    pub point: u64,
+    /// When it started, seconds since the epoch.
+    pub since: u64,
+    /// Each disk's NBD URIs: `uri` on the applier's unix socket, `tcp_uri` when also served
+    /// on TCP with TLS. Empty when the test is recorded but not served (see `error`).
+    pub disks: Vec<TestDisk>,
+    /// The PID of the test VM booted from the shipped definition, if one runs.
+    pub vm_pid: Option<u32>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TestDisk {
+    pub disk: String,
+    pub uri: String,
+    pub tcp_uri: Option<String>,
 }
 
 /// What the health rules look at.
@@ -222,6 +272,8 @@ fn dur(s: u64) -> String {
 /// - Warning: more than 20% of the last hour's expected cycles were missed; the latest
 ///   point is older than twice the interval; paused; resynchronizing; the initial copy has
 ///   not finished.
+/// - Paused (Hyper-V's "Replication paused"): Warning at most from the pause; the age and
+///   missed-cycle rules wait for the resume (a stop or lost tracking is still Critical).
 pub fn health(i: &HealthInput) -> Health {
     let mut critical = Vec::new();
     let mut warning = Vec::new();
@@ -235,22 +287,23 @@ pub fn health(i: &HealthInput) -> Health {
         ));
     }
     match i.rpo {
+        // Paused by an operator: the age of the latest point is what a pause means, not a
+        // failure (Hyper-V: "Replication paused", health Warning).
+        Some(_) if i.paused => {}
         Some(rpo) if rpo > i.rpo_limit => critical.push(format!(
             "the latest point is {} old, over the RPO limit of {}",
             dur(rpo),
             dur(i.rpo_limit)
         )),
-        Some(rpo) if i.interval.is_some_and(|iv| rpo > 2 * iv) && !i.paused => {
-            warning.push(format!(
-                "the latest point is {} old, more than twice the interval ({})",
-                dur(rpo),
-                dur(i.interval.unwrap_or(0))
-            ))
-        }
+        Some(rpo) if i.interval.is_some_and(|iv| rpo > 2 * iv) => warning.push(format!(
+            "the latest point is {} old, more than twice the interval ({})",
+            dur(rpo),
+            dur(i.interval.unwrap_or(0))
+        )),
         _ => {}
     }
     let h = &i.last_hour;
-    if let Some(expected) = h.cycles_expected.filter(|e| *e > 0) {
+    if let Some(expected) = h.cycles_expected.filter(|e| *e > 0 && !i.paused) {
         if h.cycles_missed * 5 > expected {
             warning.push(format!(
                 "{} of the {expected} cycles of the last hour were missed",
@@ -333,6 +386,12 @@ mod tests {
             (Level::Warning, 1),
             "paused: the age rule waits for the RPO limit: {h:?}"
         );
+        // Paused past the RPO limit, cycles missed before the pause: still Warning only.
+        i.rpo = Some(7200);
+        i.last_hour.cycles_missed = 5;
+        let h = health(&i);
+        assert_eq!((h.level, h.reasons.len()), (Level::Warning, 1), "{h:?}");
+        assert!(h.reasons[0].contains("paused"), "{h:?}");
         let mut i = base();
         i.tracking_lost = vec!["sys".into()];
         assert_eq!(health(&i).level, Level::Critical);

@@ -88,6 +88,25 @@ fn sample() -> Report {
             pid: 1234,
             socket: Some("/var/lib/vmreplica/vm1/shipper.sock".into()),
         }],
+        // Replica-site fields (null or empty on the primary), set here so the file shows them.
+        failover: Some(FailoverStatus {
+            sub_state: "awaiting-commit".into(),
+            point: 17,
+            since: 1_796_300_010,
+            lineage: Some("0a1b2c3d4e5f60718293a4b5c6d7e8f9".into()),
+        }),
+        test_failovers: vec![TestFailoverStatus {
+            point: 16,
+            since: 1_796_299_950,
+            disks: vec![TestDisk {
+                disk: "sys".into(),
+                uri: "nbd+unix:///sys?socket=/var/lib/vmreplica/vm1/tests/16/nbd.sock".into(),
+                tcp_uri: Some("nbds://192.0.2.20:10809/sys".into()),
+            }],
+            vm_pid: Some(4321),
+            error: None,
+        }],
+        paused_since: Some(1_796_299_990),
     };
     Report::new("primary-1".into(), 1_796_300_040, vec![vm])
 }

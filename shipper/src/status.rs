@@ -212,6 +212,9 @@ pub fn primary(i: Inputs<'_>) -> VmStatus {
         },
         disks,
         processes,
+        failover: None,
+        test_failovers: Vec::new(),
+        paused_since: h.pauses.last().filter(|p| p.to.is_none()).map(|p| p.from),
     }
 }
 

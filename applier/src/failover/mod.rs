@@ -60,14 +60,32 @@ fn err(vm: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Role(format!("VM {vm}: {what}: {e}"))
 }
 
-fn disks_of(vs: &VmStore) -> Vec<(String, PathBuf)> {
-    vs.disk_names()
+/// Disks as (name, image).
+type Images = Vec<(String, PathBuf)>;
+
+/// The disks the VM's tracker serves on this site (name, image): the replicated ones, then
+/// the excluded ones, made blank and sparse in `primary/excluded/` (kept if there: a rerun,
+/// or the running VM's), and the names of the excluded ones.
+fn disks_of(vs: &VmStore, procs: &Procs) -> Result<(Images, Vec<String>), StoreError> {
+    let mut disks: Vec<(String, PathBuf)> = vs
+        .disk_names()
         .into_iter()
         .map(|n| {
             let p = vs.image_path(&n);
             (n, p)
         })
-        .collect()
+        .collect();
+    let excluded = vs.create_excluded_images(&procs.excluded_dir())?;
+    let names = excluded.iter().map(|(n, _)| n.clone()).collect();
+    disks.extend(excluded);
+    Ok((disks, names))
+}
+
+/// Every disk the VM sees (replicated, then excluded), for its NBD URIs.
+fn all_disk_names(vs: &VmStore) -> Vec<String> {
+    let mut names = vs.disk_names();
+    names.extend(vs.excluded_disks().into_iter().map(|(n, _)| n));
+    names
 }
 
 /// The VM definition to start: `definition` if given, else the one shipped with the disks
@@ -98,7 +116,7 @@ fn start_vm(vs: &VmStore, procs: &Procs, definition: Option<&Path>) -> Result<Va
     let s = inst
         .start_definition(
             &def,
-            procs.uris(&vs.disk_names()),
+            procs.uris(&all_disk_names(vs)),
             Network::Production,
             VM_START,
         )
@@ -109,8 +127,9 @@ fn start_vm(vs: &VmStore, procs: &Procs, definition: Option<&Path>) -> Result<Va
 
 /// The tracker's state as its status reports it (starting it if it is not running).
 fn tracker_status(vs: &VmStore, procs: &Procs) -> Result<Value, StoreError> {
+    let (disks, excluded) = disks_of(vs, procs)?;
     procs
-        .start_tracker(&disks_of(vs))
+        .start_tracker(&disks, &excluded)
         .map_err(|e| err(vs.vm(), "tracker", e))?;
     procs
         .tracker(&Request::Status)
@@ -245,7 +264,7 @@ pub fn unplanned(
         "from": f.from,
         "lineage": f.lineage,
         "parent": f.parent,
-        "disks": procs.uris(&vs.disk_names()),
+        "disks": procs.uris(&all_disk_names(vs)),
         "served_ms": served.as_millis() as u64,
         "qemu": qemu,
     }))
@@ -400,10 +419,10 @@ fn write_shipper_config(
         )));
     };
     let q = |p: &Path| toml_string(&p.display().to_string());
-    let text = format!(
+    let mut text = format!(
         "# Written by the applier: replicates VM {vm} back to the old primary.\n\
          vm = {}\ntracker = {}\nreplica = {}\nserver_name = {}\nca = {}\ncert = {}\nkey = {}\n\
-         interval = {}\nqmp = {}\n\n[reverse]\nreplica = {}\nserver_name = {}\n",
+         qmp = {}\n",
         toml_string(vm),
         q(&procs.control()),
         toml_string(&t.back.addr),
@@ -411,14 +430,50 @@ fn write_shipper_config(
         q(&id.ca),
         q(&id.cert),
         q(&id.key),
-        toml_string(&t.interval),
         q(&procs.instance().qmp_socket()),
+    );
+    // What an admin changed in the file (`vmreplica set VM interval=...` on this site writes
+    // it) stays: rewriting it (every applier start, a new reverse target) must not undo it.
+    let previous = std::fs::read_to_string(procs.shipper_config()).unwrap_or_default();
+    text += &admin_settings(&previous, &t.interval);
+    text += &format!(
+        "\n[reverse]\nreplica = {}\nserver_name = {}\n",
         toml_string(&t.here.addr),
         toml_string(&t.here.name),
     );
     std::fs::create_dir_all(&procs.dir).map_err(|e| err(vm, "primary dir", e))?;
     vmreplica_common::statefile::write_atomic(&procs.shipper_config(), text.as_bytes())
         .map_err(|e| err(vm, "writing the shipper configuration", e))
+}
+
+/// The keys of the shipper configuration the applier writes itself (the rest are the
+/// admin's).
+const OWNED_KEYS: [&str; 8] = [
+    "vm",
+    "tracker",
+    "replica",
+    "server_name",
+    "ca",
+    "cert",
+    "key",
+    "qmp",
+];
+
+/// The top-level settings of a shipper configuration the applier wrote before (`previous`)
+/// that are not its own: the interval the failover was given (`interval`) unless the file
+/// says otherwise, then whatever an admin set there (`vmreplica set`, an edit). A file that
+/// does not parse keeps nothing but the interval (the shipper would refuse it anyway).
+fn admin_settings(previous: &str, interval: &str) -> String {
+    let mut keep = toml::Table::new();
+    keep.insert("interval".into(), toml::Value::String(interval.into()));
+    if let Ok(old) = previous.parse::<toml::Table>() {
+        for (k, v) in old {
+            if !OWNED_KEYS.contains(&k.as_str()) && !v.is_table() {
+                keep.insert(k, v);
+            }
+        }
+    }
+    toml::to_string(&keep).unwrap_or_default()
 }
 
 fn toml_string(s: &str) -> String {
@@ -445,7 +500,7 @@ fn serve_primary(site: &Site, vs: &VmStore, p: &Primary, start: bool) -> Result<
             .start_shipper()
             .map_err(|e| err(vs.vm(), "shipper", e))?;
     }
-    Ok(json!({"disks": procs.uris(&vs.disk_names()), "qemu": qemu}))
+    Ok(json!({"disks": procs.uris(&all_disk_names(vs)), "qemu": qemu}))
 }
 
 /// A planned failover's promote on this (replica) site: see `VmStore::promote`; then the
@@ -574,6 +629,10 @@ pub fn adopt_new(
                  VM still running?): shut it down first; nothing was changed"
             )));
         }
+        // An excluded disk (swap) is not replicated back: not part of the replica either.
+        if d["excluded"] == json!(true) {
+            continue;
+        }
         disks.push(AdoptedDisk {
             name,
             image: PathBuf::from(d["image"].as_str().unwrap_or_default()),
@@ -612,5 +671,28 @@ pub fn supervise(site: &Site, vs: &VmStore) {
     };
     if let Err(e) = r {
         tracing::error!(vm = %vs.vm(), "the processes of a VM this site is primary for: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_settings;
+
+    /// `vmreplica set VM interval=...` on the site replicating back writes the shipper's
+    /// file; the applier rewriting the file (at its next start) keeps what was set.
+    #[test]
+    fn the_shipper_file_rewritten_keeps_what_an_admin_set() {
+        let fresh = admin_settings("", "5m");
+        assert_eq!(fresh.trim(), "interval = \"5m\"");
+        let set = "vm = \"vm1\"\nreplica = \"old:1\"\ninterval = \"30s\"\n\
+                   bandwidth_limit = \"20M\"\n\n[reverse]\nreplica = \"x:2\"\n";
+        let kept: toml::Table = admin_settings(set, "5m").parse().unwrap();
+        assert_eq!(kept["interval"].as_str(), Some("30s"));
+        assert_eq!(kept["bandwidth_limit"].as_str(), Some("20M"));
+        assert!(!kept.contains_key("replica") && !kept.contains_key("reverse"));
+        assert_eq!(
+            admin_settings("not toml [", "5m").trim(),
+            "interval = \"5m\""
+        );
     }
 }

@@ -68,6 +68,13 @@ impl Procs {
         Instance::new(self.run_dir())
     }
 
+    /// Where the blank images of the VM's excluded disks are made (issue 19: a failover
+    /// recreates each as a blank sparse disk of its size). Inside this directory, so a cancel
+    /// or an abandon, which removes it, leaves no guest data in them for a later failover.
+    pub fn excluded_dir(&self) -> PathBuf {
+        self.dir.join("excluded")
+    }
+
     /// Each disk's NBD URI on this site's tracker.
     pub fn uris(&self, disks: &[String]) -> BTreeMap<String, String> {
         disks
@@ -94,9 +101,15 @@ impl Procs {
         control::call(&self.control(), req).map_err(|e| e.to_string())
     }
 
-    /// Starts the tracker on `disks` (name, image) unless it runs; returns once its control
-    /// socket answers.
-    pub fn start_tracker(&self, disks: &[(String, PathBuf)]) -> Result<(), String> {
+    /// Starts the tracker on `disks` (name, image) unless it runs, with the disks named in
+    /// `excluded` served but neither tracked nor shipped (`--exclude`: the shipper back to the
+    /// old primary learns it from the tracker's status); returns once its control socket
+    /// answers.
+    pub fn start_tracker(
+        &self,
+        disks: &[(String, PathBuf)],
+        excluded: &[String],
+    ) -> Result<(), String> {
         if self.tracker_pid().is_some() && self.tracker(&Request::Status).is_ok() {
             return Ok(());
         }
@@ -119,6 +132,10 @@ impl Procs {
                 a.push(image);
                 args.push("--disk".into());
                 args.push(a);
+            }
+            for name in excluded {
+                args.push("--exclude".into());
+                args.push(name.into());
             }
             let log = self.dir.join("tracker.log");
             let pid = spawn_detached(&self.vm, "tracker", &args, &log)
