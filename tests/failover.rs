@@ -84,11 +84,13 @@ fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest
     p.start_shipper();
     p.wait_cycles(0, 1);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    // Three more points, each with a write of its own.
+    // Three more points, each with a write of its own. Two cycles after each write: the
+    // first may have been frozen before the write (under load it was, and two writes then
+    // shared one point); the second was frozen after it, so each write has a point alone.
     for (i, byte) in [(0u64, 11u8), (1, 12), (2, 13)] {
         let n = p.applied();
         Pair::nbd_write(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
-        p.wait_cycles(n, 1);
+        p.wait_cycles(n, 2);
     }
     p.kill_primary();
     let points: Vec<u64> = {

@@ -321,7 +321,21 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     // The replica equals the primary; every point, read through the undo logs, equals the
     // primary as frozen at that cycle.
     let store = Store::new(&store_dir, Retention::default()).unwrap();
-    let vs = store.open_existing("vm1").unwrap();
+    // `shutdown` returns before the aborted connection tasks have dropped their hold of the
+    // VM (its store lock): under load the first open can still find it Busy (seen in CI).
+    let vs = {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match store.open_existing("vm1") {
+                Err(vmreplica_applier::store::StoreError::Busy { .. })
+                    if std::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                r => break r.unwrap(),
+            }
+        }
+    };
     for (name, path) in &disks {
         assert!(
             std::fs::read(vs.image_path(name)).unwrap() == std::fs::read(path).unwrap(),
