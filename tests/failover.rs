@@ -239,15 +239,7 @@ fn commit_reverse_then_planned_failback_with_identical_disks() {
     );
     // Planned failback: site B's VM is not running; its disks are sealed, shipped, site A
     // promoted (no VM started: no definition).
-    let cfg_b = p.b.primary_dir().join("shipper.toml");
-    let out = p.b.cli_ok(&[
-        "failover",
-        "planned",
-        "vm1",
-        "--config",
-        cfg_b.to_str().unwrap(),
-        "--no-start",
-    ]);
+    let out = p.b.fail_back_planned();
     assert!(out.contains("planned failover done"), "{out}");
     assert_eq!(p.a.role(), "primary");
     let a_served = p.nbd_read(&p.a.uri("sys"));
@@ -672,15 +664,7 @@ fn planned_failover_and_failback_between_two_network_namespaces() {
     p.a.wait_role("replica", Duration::from_secs(90));
     Pair::nbd_write(&p.b.uri("sys"), 82, 0, MIB);
     let at_shutdown_b = p.nbd_read(&p.b.uri("sys"));
-    let cfg_b = p.b.primary_dir().join("shipper.toml");
-    p.b.cli_ok(&[
-        "failover",
-        "planned",
-        "vm1",
-        "--config",
-        cfg_b.to_str().unwrap(),
-        "--no-start",
-    ]);
+    p.b.fail_back_planned();
     assert!(
         p.nbd_read(&p.a.uri("sys")) == at_shutdown_b,
         "the failback lost writes"

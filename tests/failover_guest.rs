@@ -125,15 +125,7 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
     );
     p.a.wait_role("replica", Duration::from_secs(90));
     // 3. Failback B → A (the checker is off): identical disks, then the writer on site A.
-    let cfg_b = p.b.primary_dir().join("shipper.toml");
-    p.b.cli_ok(&[
-        "failover",
-        "planned",
-        "vm1",
-        "--config",
-        cfg_b.to_str().unwrap(),
-        "--no-start",
-    ]);
+    p.b.fail_back_planned();
     assert_eq!(
         sha(&p.img),
         sha(&p.b.image("sys")),

@@ -155,14 +155,7 @@ fn an_excluded_disk_is_served_blank_on_failover_and_never_shipped_back() {
         "the applier's rewrite lost the interval set: {text}"
     );
     // Planned failback: site A is the primary again; its swap is recreated blank.
-    p.b.cli_ok(&[
-        "failover",
-        "planned",
-        "vm1",
-        "--config",
-        cfg_b.to_str().unwrap(),
-        "--no-start",
-    ]);
+    p.b.fail_back_planned();
     assert_eq!(p.a.role(), "primary");
     assert_swap_blank(&p, &p.a, "planned failback");
     assert_eq!(p.nbd_read(&p.a.uri("sys"))[2 * MIB as usize], 0x31);

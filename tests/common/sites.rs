@@ -48,6 +48,21 @@ impl SiteDir {
         self.store.join("vm1/primary")
     }
 
+    /// `failover planned vm1` run on this site while it is vm1's primary after a failover
+    /// (a failback), with the shipper configuration its applier wrote, starting no VM.
+    /// Must succeed; its stdout.
+    pub fn fail_back_planned(&self) -> String {
+        let cfg = self.primary_dir().join("shipper.toml");
+        self.cli_ok(&[
+            "failover",
+            "planned",
+            "vm1",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--no-start",
+        ])
+    }
+
     /// The NBD URI of a disk this site's applier serves (as vm1's primary).
     pub fn uri(&self, disk: &str) -> String {
         format!(
