@@ -51,7 +51,7 @@
 #   WAN_SIZE_MIB=256        random data in the image (MiB) of rows that do not say
 #   WAN_ROWS="200M/100/0/1024 200M/100/0.005/1024 200M/100/0.01/1024 200M/100/0.02/1024 50M/300/0.01/256"
 #                           link rows: rate (bits/s, K/M/G = 10^3/10^6/10^9) / RTT ms / loss
-#                           (per datagram, each direction) [/ MiB of data]
+#                           (per datagram, each direction) [/ MiB of data]; "" skips them
 #   WAN_CCS="cubic bbr vmr" congestion controllers ([tuning] congestion), side by side per row
 #   WAN_FAIR="vmr+vmr vmr+cubic"   pairs sharing one bottleneck ("" skips them)
 #   WAN_FAIR_LINK=200M/100/0       their link
@@ -76,7 +76,7 @@ die() { echo "wan: error: $*" >&2; exit 2; }
 log() { echo "wan: $*" >&2; }
 
 WAN_SIZE_MIB=${WAN_SIZE_MIB:-256}
-WAN_ROWS=${WAN_ROWS:-"200M/100/0/1024 200M/100/0.005/1024 200M/100/0.01/1024 200M/100/0.02/1024 50M/300/0.01/256"}
+WAN_ROWS=${WAN_ROWS-"200M/100/0/1024 200M/100/0.005/1024 200M/100/0.01/1024 200M/100/0.02/1024 50M/300/0.01/256"}
 WAN_CCS=${WAN_CCS:-"cubic bbr vmr"}
 WAN_FAIR=${WAN_FAIR-"vmr+vmr vmr+cubic"}
 WAN_FAIR_LINK=${WAN_FAIR_LINK:-200M/100/0}
@@ -413,7 +413,9 @@ if [[ -n $WAN_FAIR ]]; then
   done
 fi
 if [[ -n $WAN_LIMIT ]]; then
-  read -r _ delay _ _ < <(parse_row "${WAN_ROWS%% *}")
+  first_row=$(echo $WAN_ROWS)
+  first_row=${first_row%% *}
+  read -r _ delay _ _ < <(parse_row "${first_row:-$WAN_FAIR_LINK}")
   for cc in $WAN_LIMIT_CCS; do
     run_case limit "$cc" 0 "$delay" 0 "$WAN_SIZE_MIB" "$WAN_LIMIT"
   done
