@@ -3,8 +3,11 @@
 //! messages, planning and sending on tasks of their own) and feeds their outcomes back as
 //! events; the session decides everything else. The guest is never held up: only the
 //! tracker's freeze pauses writes, for the time it takes to drain the ones in flight.
+//!
+//! Beside the loop: `tracker` (calls to the tracker), `connect` (connections to the
+//! applier), `operator` (control commands and reloads), `app_consistent` (freezes through
+//! the guest agent) and `verify` (the checksum comparison of both sites).
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,7 +20,6 @@ use vmreplica_tracker::Generation;
 
 use vmreplica_ops::status::VmStatus;
 
-use crate::appfreeze::Outcome;
 use crate::config::ShipperConfig;
 use crate::control::Command;
 use crate::ops::Ops;
@@ -25,18 +27,20 @@ use crate::progress::{Progress, Snapshot};
 use crate::session::{self, Action, Event, ShipperSession, TrackerOp, TrackerView};
 use crate::ship::{open_readers, plan_with_progress, send_data, SendStats, ShipError, ShipOptions};
 
+mod app_consistent;
 mod connect;
 mod operator;
 mod tracker;
 mod verify;
 
-pub(crate) use connect::{hello, open};
-pub use connect::{endpoint, greet, resolve};
+use app_consistent::{app_freeze, note_app};
 use connect::connect;
+pub use connect::{endpoint, greet, resolve};
+pub(crate) use connect::{hello, open};
 use operator::{control_command, reload_config, status_job};
 pub use tracker::tracker_error;
-pub use verify::verify;
 use tracker::{mark_resync, still_frozen, tracker, tracker_op};
+pub use verify::verify;
 
 /// A connected attempt: its connections, and where control messages go.
 struct Link {
@@ -500,80 +504,6 @@ pub async fn run_with(
         };
         s.handle(ev, Instant::now());
     }
-}
-
-/// An application-consistent freeze, then the tracker's status; a guest that could not be
-/// frozen makes a crash-consistent freeze instead.
-async fn app_freeze(
-    agent: &Path,
-    socket: &Path,
-    full: bool,
-    tx: &mpsc::UnboundedSender<Report>,
-) -> Result<(TrackerView, Option<Generation>, Excluded), String> {
-    let (a, t) = (agent.to_path_buf(), socket.to_path_buf());
-    let outcome = tokio::task::spawn_blocking(move || crate::appfreeze::freeze(&a, &t, full))
-        .await
-        .map_err(|e| e.to_string())?;
-    match outcome {
-        Outcome::Frozen {
-            tracker: Ok(g),
-            frozen_ms,
-            ..
-        } => {
-            let id = g["id"].as_u64().unwrap_or(0);
-            let generation = g["generation"].as_u64().unwrap_or(0);
-            let _ = tx.send(Report::App(Ok((id, generation, frozen_ms))));
-        }
-        Outcome::Frozen {
-            tracker: Err(e), ..
-        } => return Err(tracker_error(socket, &e).to_string()),
-        Outcome::ThawFailed(e) => {
-            let _ = tx.send(Report::App(Err(e)));
-        }
-        Outcome::NotFrozen(e) => {
-            let _ = tx.send(Report::App(Err(e)));
-            return tracker_op(socket, TrackerOp::Freeze { full }).await;
-        }
-    }
-    tracker_op(socket, TrackerOp::Status).await
-}
-
-/// Records the outcome of an application-consistent freeze.
-fn note_app(ops: &mut Ops, r: Result<(u64, u64, u64), String>) {
-    let now = crate::ops::now_ms() / 1000;
-    match r {
-        Ok((id, generation, frozen_ms)) => {
-            tracing::info!(
-                vm = ops.vm,
-                generation,
-                frozen_ms,
-                "application-consistent freeze: the guest was frozen for {frozen_ms} ms"
-            );
-            ops.state.app.record(id, generation, now, frozen_ms);
-            ops.state.app.last_error = None;
-            vmreplica_ops::events::emit(
-                ops.event(vmreplica_ops::events::APP_CONSISTENT_FREEZE)
-                    .field("generation", generation)
-                    .field("frozen_ms", frozen_ms),
-            );
-        }
-        Err(e) => {
-            vmreplica_common::warn_limited!(
-                Duration::from_secs(600),
-                vm = ops.vm,
-                "application-consistent freeze failed, the point is crash-consistent: {e}"
-            );
-            // Tried: the next try waits a whole period.
-            ops.state.app.last_at = Some(now);
-            ops.state.app.last_error = Some(e.clone());
-            ops.state.app.last_error_at = Some(now);
-            vmreplica_ops::events::emit(
-                ops.event(vmreplica_ops::events::APP_CONSISTENT_FREEZE)
-                    .field("error", e),
-            );
-        }
-    }
-    let _ = ops.save();
 }
 
 /// Plans generation `g`: for a resync, checksums are asked over the control stream and come

@@ -15,7 +15,11 @@ use crate::ops::{Ops, Settings};
 use crate::session::{Event, ShipperSession};
 
 /// Reads the configuration file again and applies what may change at run time.
-pub(super) fn reload_config(s: &mut ShipperSession, ops: &mut Ops, by: &str) -> Result<Value, String> {
+pub(super) fn reload_config(
+    s: &mut ShipperSession,
+    ops: &mut Ops,
+    by: &str,
+) -> Result<Value, String> {
     let new = ShipperConfig::load(&ops.config_path).map_err(|e| {
         tracing::error!("reload: {e}; the settings in force stay");
         e.to_string()
