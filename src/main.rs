@@ -642,7 +642,10 @@ fn run_certs(op: CertsOp) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// Errors are said as their message and its causes on one line (`error: what: why`), never
+/// with a backtrace, also when `RUST_BACKTRACE` is set: an error here is for a user to act
+/// on (backtraces stay for panics).
+fn main() -> std::process::ExitCode {
     let bar = progress::Bar::default();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -657,6 +660,17 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    match run(cli, bar) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the command line's command.
+fn run(cli: Cli, bar: progress::Bar) -> Result<()> {
     match cli.cmd {
         Cmd::Tracker(a) => tracker_cmd::run(a),
         Cmd::Ctl { socket, op } => run_ctl(&socket, op),
