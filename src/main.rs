@@ -8,6 +8,7 @@ mod plan;
 mod plan_cmd;
 mod progress;
 mod seed_cmd;
+mod site;
 mod testfo_cmd;
 mod tracker_cmd;
 mod vm_cmd;
