@@ -63,6 +63,38 @@ fn shipper_toml(
     p
 }
 
+/// The applier these tests start: replica-1's identity from `ca`, the names `allow`ed,
+/// the store at `store`, everything else as by default.
+fn applier_config(store: &Path, ca: &Path, allow: &[&str]) -> ApplierConfig {
+    ApplierConfig {
+        store: store.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: Identity::load(
+            &ca.join("replica-1.pem"),
+            &ca.join("replica-1.key"),
+            &ca.join("ca.pem"),
+        )
+        .unwrap(),
+        allow: AllowList::new(&allow.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+        retention: Retention::default(),
+        tuning: Default::default(),
+        admin_socket: None,
+        open_delay: None,
+        identity_files: None,
+    }
+}
+
+/// A shipper configuration of VM `vm` for primary-1, replicating to the applier at `addr`.
+fn vm_config(dir: &Path, ca: &Path, addr: &str, vm: &str) -> ShipperConfig {
+    let p = shipper_toml(dir, ca, "primary-1", addr, &dir.join("t.sock"), "");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
+    let q = dir.join(format!("{vm}.toml"));
+    std::fs::write(&q, text).unwrap();
+    ShipperConfig::load(&q).unwrap()
+}
+
 fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Guard {
     Command::new("fio")
         .args([
@@ -256,21 +288,9 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     );
     let store_dir = dir.path().join("store");
     let applier = Applier::start(ApplierConfig {
-        store: store_dir.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into()]),
         // Every cycle stays a point, however many the machine's speed fits into fio's run.
         retention: Retention::keep_all(),
-        tuning: Default::default(),
-        admin_socket: None,
-        open_delay: None,
-        identity_files: None,
+        ..applier_config(&store_dir, &ca, &["primary-1"])
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -361,23 +381,7 @@ async fn the_store_opens_as_soon_as_the_applier_has_shut_down() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certs(dir.path());
     let store_dir = dir.path().join("store");
-    let mut applier = Applier::start(ApplierConfig {
-        store: store_dir.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into()]),
-        retention: Retention::default(),
-        tuning: Default::default(),
-        admin_socket: None,
-        open_delay: None,
-        identity_files: None,
-    })
-    .unwrap();
+    let mut applier = Applier::start(applier_config(&store_dir, &ca, &["primary-1"])).unwrap();
     applier
         .serve_metrics("127.0.0.1:0".parse().unwrap())
         .await
@@ -385,22 +389,7 @@ async fn the_store_opens_as_soon_as_the_applier_has_shut_down() {
     let addr = applier.local_addr().unwrap();
     // Two primaries' VMs: one said hello and went, one stays connected through the
     // shutdown.
-    let config = |vm: &str| {
-        let p = shipper_toml(
-            dir.path(),
-            &ca,
-            "primary-1",
-            &addr.to_string(),
-            &dir.path().join("t.sock"),
-            "",
-        );
-        let text = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
-        let q = dir.path().join(format!("{vm}.toml"));
-        std::fs::write(&q, text).unwrap();
-        ShipperConfig::load(&q).unwrap()
-    };
+    let config = |vm: &str| vm_config(dir.path(), &ca, &addr.to_string(), vm);
     assert_eq!(run::greet(&config("vm1")).await.unwrap().1, 0);
     let ep = run::endpoint(&config("vm2")).unwrap();
     let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
@@ -468,22 +457,11 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
     let expired = dir.path().join("expired");
     issue_expired(&ca, "primary-1", &expired);
     let store_dir = dir.path().join("store");
-    let applier = Applier::start(ApplierConfig {
-        store: store_dir.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into(), "*.dc1.example".into()]),
-        retention: Retention::default(),
-        tuning: Default::default(),
-        admin_socket: None,
-        open_delay: None,
-        identity_files: None,
-    })
+    let applier = Applier::start(applier_config(
+        &store_dir,
+        &ca,
+        &["primary-1", "*.dc1.example"],
+    ))
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
     let tracker_sock = dir.path().join("t.sock");
@@ -552,39 +530,12 @@ async fn a_slow_vm_does_not_hold_up_another_vms_hello() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certs(dir.path());
     let applier = Applier::start(ApplierConfig {
-        store: dir.path().join("store"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into()]),
-        retention: Retention::default(),
-        tuning: Default::default(),
-        admin_socket: None,
         open_delay: Some(("slow".into(), std::time::Duration::from_secs(8))),
-        identity_files: None,
+        ..applier_config(&dir.path().join("store"), &ca, &["primary-1"])
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
-    let config = |vm: &str| {
-        let p = shipper_toml(
-            dir.path(),
-            &ca,
-            "primary-1",
-            &addr,
-            &dir.path().join("t.sock"),
-            "",
-        );
-        let text = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
-        let q = dir.path().join(format!("{vm}.toml"));
-        std::fs::write(&q, text).unwrap();
-        ShipperConfig::load(&q).unwrap()
-    };
+    let config = |vm: &str| vm_config(dir.path(), &ca, &addr, vm);
     let (slow, fast) = (config("slow"), config("fast"));
     let slow_hello = tokio::spawn(async move { run::greet(&slow).await.map(|r| r.1) });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
