@@ -448,7 +448,9 @@ mod tests {
             cycle: 3,
             epoch: 1,
         };
-        let text: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_be_bytes()).collect();
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_be_bytes())
+            .collect();
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let noise: Vec<u8> = (0..70_000)
             .map(|_| {

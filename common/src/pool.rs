@@ -61,7 +61,8 @@ mod tests {
         let b = pool.take();
         assert_eq!(b.as_ptr(), ptrs[1], "last in, first out");
         assert_eq!(b, vec![1; 4096], "contents are left as they were");
-        assert_eq!(pool.take().as_ptr(), ptrs[0]);
+        let b = pool.take();
+        assert_eq!(b.as_ptr(), ptrs[0]);
         assert_eq!(pool.take().capacity(), 0);
     }
 }
