@@ -46,7 +46,7 @@
 #   A (VMREPLICA) and B (BENCH_AB), BENCH_INIT_ROUNDS of each, shipper and applier of the round's
 #   build (the tracker stays A's); a table gives each build's medians and B / A. B may be the
 #   same binary as A with another shipper configuration: BENCH_CONNECTIONS_B, and
-#   BENCH_TUNING_B (lines of the shipper's [tuning] table, e.g. 'ack_every = 10'; A's are
+#   BENCH_TUNING_B (lines of the shipper's [tuning] table, e.g. 'stream_window = 33554432'; A's are
 #   BENCH_TUNING).
 #   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
 #   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
