@@ -557,11 +557,11 @@ pub fn fail_over_planned(
                 // The promote may have been made on the replica site, its answer lost: the
                 // VM must not run on both sites.
                 bail!(
-                    "VM {vm}: the planned failover did not complete: {why}. The last cycle was \
-                     shipped and the promote asked, so the replica site ({}) may be the VM's \
-                     primary already: do not unseal or start the VM here. Run the command \
-                     again once the replica site answers: it finishes the failover (or says \
-                     that the replica site was not promoted)",
+                    "VM {vm}: the planned failover did not complete: {why}. This site's images \
+                     were handed over and the promote may have been asked, so the replica site \
+                     ({}) may be the VM's primary already: do not unseal or start the VM here \
+                     until you know. Run the command again once the replica site answers (it \
+                     says whether that site was promoted, and finishes if it can)",
                     cfg.replica
                 );
             }
