@@ -432,8 +432,8 @@ pub async fn run_with(
             humantime::format_duration(Duration::from_secs((at - now).as_secs()))
         );
     }
-    let paused = ops.state.paused();
-    if paused {
+    let paused = ops.state.history.paused_since();
+    if paused.is_some() {
         tracing::info!(
             vm = cfg.vm,
             "replication is paused (`vmreplica resume {}` goes on)",
@@ -447,6 +447,7 @@ pub async fn run_with(
             initial_sync_at,
             planned: planned.as_ref().map(|p| p.planned.clone()),
             paused,
+            resumed_at: resumed_at(&ops),
         },
         now,
     );
@@ -667,6 +668,26 @@ pub async fn run_with(
                         let _ = tx.send(Report::Session(Event::Adopted(r)));
                     });
                 }
+                Action::PauseTold { since } => match since {
+                    Some(since) => {
+                        tracing::info!(vm = cfg.vm, since, "the replica site records the pause")
+                    }
+                    None => tracing::info!(
+                        vm = cfg.vm,
+                        "the replica site holds nothing a pause concerns (an empty replica, or \
+                         the VM failed over to it): not told"
+                    ),
+                },
+                Action::PauseUntold { error, after } => {
+                    vmreplica_common::warn_limited!(
+                        Duration::from_secs(300),
+                        key = &error,
+                        vm = cfg.vm,
+                        "the replica site is not told of the pause yet (its status counts \
+                         missed cycles meanwhile): {error}; trying again in {}s",
+                        after.as_secs()
+                    );
+                }
                 Action::Finished { parent, lineage } => {
                     tracing::info!(vm = cfg.vm, %parent, new_lineage = %lineage, "the replica is the VM's primary now");
                     ep.endpoint.close(0u32.into(), b"planned failover done");
@@ -727,6 +748,15 @@ pub async fn run_with(
                 view
             })),
             Report::Connected(attempt, l) => {
+                if link.as_ref().is_some_and(|cur| cur.attempt > attempt) {
+                    // An earlier attempt's connection, made after the session moved on (a
+                    // pause while connecting starts a new attempt at once): it must not
+                    // replace the current one.
+                    for c in &l.conns {
+                        c.close(0u32.into(), b"attempt over");
+                    }
+                    continue;
+                }
                 tracing::info!(
                     vm = cfg.vm,
                     replica = cfg.replica,
@@ -832,11 +862,21 @@ fn control_command(
             return;
         }
         C::Pause => ops.set_paused(true).map(|changed| {
-            s.handle(Event::Pause, Instant::now());
+            let since = ops
+                .state
+                .history
+                .paused_since()
+                .unwrap_or_else(|| crate::ops::now_ms() / 1000);
+            s.handle(Event::Pause { since }, Instant::now());
             json!({ "changed": changed })
         }),
         C::Resume => ops.set_paused(false).map(|changed| {
-            s.handle(Event::Resume, Instant::now());
+            s.handle(
+                Event::Resume {
+                    at: resumed_at(ops),
+                },
+                Instant::now(),
+            );
             json!({ "changed": changed })
         }),
         C::Resync => {
@@ -861,6 +901,16 @@ fn control_command(
         C::Reload => reload_config(s, ops, "reload"),
     };
     let _ = reply.send(r);
+}
+
+/// When replication was last resumed (seconds since the epoch; 0: unknown).
+fn resumed_at(ops: &Ops) -> u64 {
+    ops.state
+        .history
+        .pauses
+        .last()
+        .and_then(|p| p.to)
+        .unwrap_or(0)
 }
 
 /// Marks every tracked disk of the tracker for a checksum resync.

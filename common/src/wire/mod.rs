@@ -14,9 +14,11 @@
 //! and the manifest proves a cycle complete by the digest of its ranges. Version 3 (this one)
 //! adds failover (see [`failover`]): the replica's role in `Welcome`, `Reverse` cycles with
 //! the point they continue, the divergent ranges a replica waiting for one sends, `Promote`
-//! (planned failover) and `Reverse` requests. An older peer is refused at hello with a message
-//! that says which side to upgrade: `Hello` and `Welcome` decode in every version's layout
-//! for that.
+//! (planned failover) and `Reverse` requests. Version 4 (this one) adds the operator's pause
+//! (see [`pause`]): the pause the replica records in `Welcome`, and `Paused`, `Resumed`,
+//! `PauseNoted`. Version 3 was the one before it. A peer of another version is refused at
+//! hello with a message that names both versions and the site to upgrade
+//! ([`version_refused`]): `Hello` and `Welcome` decode in every version's layout for that.
 //!
 //! The VM's definition travels with its disks ([`definition`]): `Welcome` ends with the
 //! replica's [`DefinitionHash`] when it holds one (a welcome without it decodes as holding
@@ -26,6 +28,7 @@
 
 pub mod definition;
 mod failover;
+mod pause;
 
 pub use definition::{DefinitionHash, ReverseTarget, MAX_DEFINITION};
 pub use failover::{divergent_pages, failed_over_message, Endpoint, LineagePoint, Role};
@@ -36,7 +39,30 @@ use crate::ranges::{Range, RangeSet};
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The refusal of a peer that speaks replication protocol `theirs` (not
+/// [`PROTOCOL_VERSION`]): names both versions and the site whose vmreplica is older.
+/// `peer` and `me` name the two programs (`"the applier"`, `"this shipper"`), `peer_site`
+/// and `my_site` their sites (`"replica"`, `"primary"`).
+pub fn version_refused(
+    peer: &str,
+    theirs: u16,
+    me: &str,
+    peer_site: &str,
+    my_site: &str,
+) -> String {
+    let older = if theirs < PROTOCOL_VERSION {
+        format!("the {peer_site} site")
+    } else {
+        format!("this ({my_site}) site")
+    };
+    format!(
+        "{peer} speaks replication protocol version {theirs}, {me} version {PROTOCOL_VERSION}: \
+         both sites must run the same vmreplica; upgrade vmreplica on {older}"
+    )
+}
+
 /// Most uncompressed bytes in one chunk.
 pub const MAX_CHUNK: u32 = 1 << 20;
 /// Largest frame (a chunk that did not compress, plus headers, fits easily).
@@ -220,6 +246,9 @@ pub enum Message {
         definition: Option<DefinitionHash>,
         /// What the site is for this VM (a replica, or failed over: see [`Role`]).
         role: Role,
+        /// The primary's pause the replica records: since when (seconds since the epoch, the
+        /// primary's clock), or None. Version 4.
+        paused: Option<u64>,
     },
     /// Shipper → applier: a cycle starts (or resumes): the tracker's generation `cycle` of
     /// `lineage`, frozen as freeze `freeze`. A `Reverse` cycle names the point it continues.
@@ -328,6 +357,14 @@ pub enum Message {
         parent: LineagePoint,
         since: u64,
     },
+    /// Shipper → applier: an operator paused replication at `since` (seconds since the
+    /// epoch): record it (see [`pause`]).
+    Paused { since: u64 },
+    /// Shipper → applier: replication was resumed at `at` (0: unknown): end the pause.
+    Resumed { at: u64 },
+    /// Applier → shipper, the answer to `Paused` and `Resumed`: the pause the replica records
+    /// now (saved), or None.
+    PauseNoted { paused: Option<u64> },
 }
 
 impl Message {
@@ -352,6 +389,9 @@ impl Message {
             Message::Promoted { .. } => "Promoted",
             Message::Reverse { .. } => "Reverse",
             Message::ReverseOk { .. } => "ReverseOk",
+            Message::Paused { .. } => "Paused",
+            Message::Resumed { .. } => "Resumed",
+            Message::PauseNoted { .. } => "PauseNoted",
         }
     }
 }
@@ -394,6 +434,9 @@ const T_PROMOTE: u8 = 13;
 const T_PROMOTED: u8 = 14;
 const T_REVERSE: u8 = 15;
 const T_REVERSE_OK: u8 = 16;
+const T_PAUSED: u8 = 19;
+const T_RESUMED: u8 = 20;
+const T_PAUSE_NOTED: u8 = 21;
 
 struct W<'a>(&'a mut Vec<u8>);
 
@@ -561,6 +604,7 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             receiving,
             definition,
             role,
+            paused,
         } => {
             w.u8(T_WELCOME);
             w.u16(*version);
@@ -581,8 +625,15 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
             if *version >= 3 {
                 w.role(role);
             }
-            // Absent, not a 0 flag, when there is none: a welcome of before still decodes.
-            if let Some(h) = definition {
+            if *version >= 4 {
+                // Always a flag from version 4 on, so that the pause can follow.
+                w.u8(u8::from(definition.is_some()));
+                if let Some(h) = definition {
+                    w.0.extend_from_slice(&h.0);
+                }
+                w.opt_time(paused);
+            } else if let Some(h) = definition {
+                // Version 3: absent, not a 0 flag, when there is none.
                 w.u8(1);
                 w.0.extend_from_slice(&h.0);
             }
@@ -730,6 +781,9 @@ pub fn encode(m: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
         | Message::Promoted { .. }
         | Message::Reverse { .. }
         | Message::ReverseOk { .. }) => failover::encode(w, m),
+        m @ (Message::Paused { .. } | Message::Resumed { .. } | Message::PauseNoted { .. }) => {
+            pause::encode(w, m)
+        }
     })
 }
 
@@ -935,8 +989,13 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             } else {
                 Role::Replica
             };
-            // The definition's hash, if the replica holds one (absent before it existed).
-            let definition = if r.0.is_empty() {
+            // The definition's hash, if the replica holds one (version 3: absent when none).
+            let definition = if version >= 4 {
+                match r.flag()? {
+                    true => Some(r.hash()?),
+                    false => None,
+                }
+            } else if r.0.is_empty() {
                 None
             } else {
                 match r.u8()? {
@@ -944,6 +1003,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                     b => return Err(WireError::BadFlag(b)),
                 }
             };
+            let paused = if version >= 4 { r.opt_time()? } else { None };
             Message::Welcome {
                 version,
                 lineage,
@@ -952,6 +1012,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 receiving,
                 definition,
                 role,
+                paused,
             }
         }
         T_BEGIN => {
@@ -1084,6 +1145,7 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             ranges: r.ranges()?,
         },
         t @ (T_PROMOTE | T_PROMOTED | T_REVERSE | T_REVERSE_OK) => failover::decode(t, &mut r)?,
+        t @ (T_PAUSED | T_RESUMED | T_PAUSE_NOTED) => pause::decode(t, &mut r)?,
         t => return Err(WireError::UnknownType(t)),
     };
     if !r.0.is_empty() {
