@@ -1,5 +1,6 @@
 //! The wire codec's tests: round trips, old versions, hostile frames, paging, chunks.
 use super::*;
+use crate::direct;
 
 fn tag(cycle: u64) -> Tag {
     Tag {
