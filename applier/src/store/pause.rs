@@ -25,3 +25,41 @@ impl VmStore {
         Ok(changed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{initial, seeded, store, tmp};
+    use super::*;
+    use crate::store::Retention;
+
+    /// A pause is saved before it is acknowledged: a failed save changes nothing (in memory
+    /// or on disk), a save maybe made is settled from disk before the pause is asked again,
+    /// and a reopened replica (an applier restarted) still records it; the resume ends it.
+    #[test]
+    fn a_pause_is_saved_before_it_counts_and_survives_a_reopen() {
+        let dir = tmp();
+        let s = store(dir.path(), Retention::keep_all());
+        let (mut vs, _) = initial(&s, &seeded(1));
+        vs.fail_save = true;
+        assert!(vs.record_pause(PauseChange::Paused(1000)).is_err());
+        assert_eq!(vs.replica().paused, None);
+        drop(vs);
+        let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(vs.replica().paused, None, "nothing was saved");
+        // Made, but reported failed (a directory fsync that failed): asked again, the
+        // store settles from disk and finds it recorded.
+        vs.fail_save_after_rename = true;
+        assert!(vs.record_pause(PauseChange::Paused(1000)).is_err());
+        assert_eq!(vs.record_pause(PauseChange::Paused(1000)).unwrap(), false);
+        assert_eq!(vs.replica().paused, Some(1000));
+        drop(vs);
+        let mut vs = s.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(vs.replica().paused, Some(1000), "recorded across a reopen");
+        assert!(vs.record_pause(PauseChange::Resumed(0)).unwrap());
+        assert_eq!(vs.replica().paused, None);
+        assert!(!vs.record_pause(PauseChange::Resumed(0)).unwrap());
+        drop(vs);
+        let vs = s.open_vm("vm1", "primary-1").unwrap();
+        assert_eq!(vs.replica().paused, None);
+    }
+}
