@@ -50,7 +50,10 @@ mod tests {
         // store settles from disk and finds it recorded.
         vs.fail_save_after_rename = true;
         assert!(vs.record_pause(PauseChange::Paused(1000)).is_err());
-        assert_eq!(vs.record_pause(PauseChange::Paused(1000)).unwrap(), false);
+        assert!(
+            !vs.record_pause(PauseChange::Paused(1000)).unwrap(),
+            "recorded already"
+        );
         assert_eq!(vs.replica().paused, Some(1000));
         drop(vs);
         let mut vs = s.open_vm("vm1", "primary-1").unwrap();
