@@ -1221,20 +1221,7 @@ impl Sim {
             return;
         };
         self.faults.hit("a gap refused");
-        let id = self.next_conn;
-        self.next_conn += 1;
-        self.conns.insert(
-            id,
-            Conn {
-                shipper: usize::MAX,
-                attempt: 0,
-                alive: true,
-                to_applier: VecDeque::new(),
-                to_applier_data: Vec::new(),
-                to_shipper: VecDeque::new(),
-                connected: true,
-            },
-        );
+        let id = self.peer_conn();
         let before = (
             self.store.image.clone(),
             self.store.last_cycle,
@@ -1278,8 +1265,8 @@ impl Sim {
         assert!(before == after, "a refused cycle changed the replica");
     }
 
-    /// The pause the applier's welcome shows (a hello on a connection of its own).
-    fn welcome_paused(&mut self) -> Option<u64> {
+    /// A connection of a peer that is none of the shippers (connected already).
+    fn peer_conn(&mut self) -> u64 {
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(
@@ -1294,6 +1281,12 @@ impl Sim {
                 connected: true,
             },
         );
+        id
+    }
+
+    /// The pause the applier's welcome shows (a hello on a connection of its own).
+    fn welcome_paused(&mut self) -> Option<u64> {
+        let id = self.peer_conn();
         self.applier_event(aps::Event::Hello {
             conn: id,
             version: vmreplica_common::wire::PROTOCOL_VERSION,
