@@ -25,7 +25,7 @@ const REQUEST_COST: u64 = 4096;
 const MAX_DESCRIPTORS: usize = 1 << 16;
 
 /// Replies held back by the reader before it hands them to the writer in one message.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 8;
 
 struct Outgoing {
     head: Vec<u8>,
