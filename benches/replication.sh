@@ -42,6 +42,12 @@
 #   BENCH_REPLICA_DIR puts the replica site's store on another filesystem (a second disk, or
 #   /dev/shm standing in for one), so that (1) shows the cycle without both sites sharing one disk.
 #   BENCH_STREAMS (4) and BENCH_CONNECTIONS (1) set the shipper's data streams and QUIC connections.
+#   BENCH_AB=<another vmreplica binary> makes (3) an A/B comparison of two builds: rounds alternate
+#   A (VMREPLICA) and B (BENCH_AB), BENCH_INIT_ROUNDS of each, shipper and applier of the round's
+#   build (the tracker stays A's); a table gives each build's medians and B / A. B may be the
+#   same binary as A with another shipper configuration: BENCH_CONNECTIONS_B, and
+#   BENCH_TUNING_B (lines of the shipper's [tuning] table, e.g. 'stream_window = 33554432'; A's are
+#   BENCH_TUNING).
 #   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
 #   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
@@ -67,6 +73,12 @@ part() { [[ ,$BENCH_PARTS, == *,$1,* ]]; }
 [[ $BENCH_PARTS =~ ^[123](,[123])*$ ]] || die "BENCH_PARTS=$BENCH_PARTS: a comma-separated list of 1, 2, 3"
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
 [[ -x $VMREPLICA ]] || die "no $VMREPLICA (cargo build --release --bin vmreplica)"
+BENCH_AB=${BENCH_AB:-}
+[[ -z $BENCH_AB || -x $BENCH_AB ]] || die "BENCH_AB=$BENCH_AB is not an executable"
+BENCH_TUNING=${BENCH_TUNING:-}
+BENCH_TUNING_B=${BENCH_TUNING_B:-$BENCH_TUNING}
+BENCH_CONNECTIONS_B=${BENCH_CONNECTIONS_B:-$BENCH_CONNECTIONS}
+bin_a=$VMREPLICA
 for t in rsync qemu-nbd qemu-img nbdcopy fio mke2fs ip python3; do
   command -v $t >/dev/null || die "$t not found (scripts/install-deps.sh)"
 done
@@ -124,6 +136,9 @@ ip -n "$ns" link set lo up
 inns() { ip netns exec "$ns" "$@"; }
 wire() { # bytes both ways on the veth so far
   echo $(( $(cat /sys/class/net/$hveth/statistics/tx_bytes) + $(cat /sys/class/net/$hveth/statistics/rx_bytes) ))
+}
+packets() { # packets on the veth so far: to the replica site, and back
+  echo "$(cat /sys/class/net/$hveth/statistics/tx_packets) $(cat /sys/class/net/$hveth/statistics/rx_packets)"
 }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
@@ -190,7 +205,8 @@ start_applier
 start "$VMREPLICA" tracker --state-dir "$work/primary" --disk "sys=$img" 2>"$work/tracker.log"
 wait_for 20 test -S "$work/primary/control.sock"
 uri="nbd+unix:///sys?socket=$work/primary/nbd.sock"
-cat >"$work/shipper.toml" <<TOML
+shipper_toml() { # connections, [tuning] lines
+  cat <<TOML
 vm = "vm1"
 tracker = "$work/primary/control.sock"
 replica = "$rep_ip:7443"
@@ -201,8 +217,16 @@ key = "$work/ca/primary-1.key"
 interval = "1h"
 compression = true
 streams = $BENCH_STREAMS
-connections = $BENCH_CONNECTIONS
+connections = $1
+[tuning]
+$2
 TOML
+}
+shipper_toml "$BENCH_CONNECTIONS" "$BENCH_TUNING" >"$work/shipper.toml"
+shipper_cfg=$work/shipper.toml
+if [[ -n $BENCH_AB ]]; then
+  shipper_toml "$BENCH_CONNECTIONS_B" "$BENCH_TUNING_B" >"$work/shipper-b.toml"
+fi
 replica_img=$store/vm1/disks/sys.img
 shipper_pid=""
 # Where a cycle's time goes: bytes through the disk under $work, CPU seconds of the shipper
@@ -238,11 +262,13 @@ thread_delta() {
 # equals the primary, and sets cyc_secs, cyc_data, cyc_appwire (MiB, from its log line) and
 # cyc_net (bytes on the veth); cyc_read/cyc_written (MiB through the disk, written back),
 # cyc_cpu_ship/cyc_cpu_app (CPU seconds), cyc_busy (% of all cores) and cyc_rss_ship/cyc_rss_app
-# (peak resident memory during the cycle, MiB). $1 names the cycle.
+# (peak resident memory during the cycle, MiB), cyc_pkts_out/cyc_pkts_in (packets on the veth
+# to the replica site and back: every QUIC packet, acknowledgements included). $1 names the cycle.
 ship_one_cycle() {
-  local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1
+  local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1 p0 p1
   cold
   w0=$(wire)
+  read -r -a p0 < <(packets)
   read -r -a d0 < <(proc_io "$applier_pid"); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
   echo 5 >"/proc/$applier_pid/clear_refs"   # the applier's peak RSS counts from here
   thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
@@ -251,7 +277,7 @@ ship_one_cycle() {
     perf record -q -a -e cpu-clock -F 999 -o "$work/perf.data" 2>/dev/null &
     perf_pid=$! perf_running=$!
   fi
-  "$VMREPLICA" shipper --config "$work/shipper.toml" 2>"$logf" &
+  "$VMREPLICA" shipper --config "$shipper_cfg" 2>"$logf" &
   shipper_pid=$!
   for _ in $(seq 3000); do
     line=$(grep 'cycle applied' "$logf" | tail -n 1 || true)
@@ -285,6 +311,8 @@ ship_one_cycle() {
   fi
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
   cyc_net=$(( $(wire) - w0 ))
+  read -r -a p1 < <(packets)
+  cyc_pkts_out=$(( p1[0] - p0[0] )) cyc_pkts_in=$(( p1[1] - p0[1] ))
   sync   # anything of the cycle's still in the page cache is written back and counted
   read -r -a d1 < <(proc_io "$applier_pid")
   cyc_read=$(mib $(( d1[0] - d0[0] + sio[0] ))) cyc_written=$(mib $(( d1[1] - d0[1] + sio[1] )))
@@ -318,7 +346,17 @@ copy_with() { # label, command in the namespace (dst $store/copy.img: where the 
   same "$img" "$store/copy.img" "$label_var"
 }
 init_rows=()
-for round in $(seq "$BENCH_INIT_ROUNDS"); do
+init_total=$BENCH_INIT_ROUNDS variant=A
+[[ -n $BENCH_AB ]] && init_total=$((2 * BENCH_INIT_ROUNDS))
+for round in $(seq "$init_total"); do
+  if [[ -n $BENCH_AB ]]; then
+    # A/B: odd rounds run A's shipper and applier, even rounds B's.
+    if ((round % 2)); then
+      variant=A VMREPLICA=$bin_a shipper_cfg=$work/shipper.toml
+    else
+      variant=B VMREPLICA=$BENCH_AB shipper_cfg=$work/shipper-b.toml
+    fi
+  fi
   if [[ $round -gt 1 ]]; then
     # An empty replica again: the next cycle is an initial copy (in the tracker's lineage).
     kill -TERM "$applier_pid"; wait "$applier_pid" 2>/dev/null || true
@@ -329,15 +367,27 @@ for round in $(seq "$BENCH_INIT_ROUNDS"); do
   v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
   label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$store/copy.img"
   label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$store/copy.img"
-  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire")
-  log "initial round $round: vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
+  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire $cyc_cpu_ship $cyc_cpu_app $cyc_pkts_out $cyc_pkts_in $variant")
+  log "initial round $round ($variant): vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
 done
 kill -TERM "$qnbd_pid"; wait "$qnbd_pid" 2>/dev/null || true
-med() { # column N of init_rows: the median
-  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" '{ print $c }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+if [[ -n $BENCH_AB && $VMREPLICA != "$bin_a" ]]; then
+  # The parts after this one run A's build: its applier, on the replica just made.
+  kill -TERM "$applier_pid"; wait "$applier_pid" 2>/dev/null || true
+  VMREPLICA=$bin_a shipper_cfg=$work/shipper.toml
+  start_applier
+fi
+med() { # column N of init_rows (of variant $2, A unless given): the median
+  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$13 == w { print $c }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 v_init_secs=$(med 1) v_init_wire=$(med 2) nbdcopy_secs=$(med 3) nbdcopy_secs_wire=$(med 4)
 qemuimg_secs=$(med 5) qemuimg_secs_wire=$(med 6) v_init_data=$(med 7) v_init_appwire=$(med 8)
+# CPU seconds per GiB of data shipped, each side, median and spread (min-max) over the rounds.
+per_gib() { # column N of init_rows over column 7 (data MiB), of variant $2 (A): "median (min-max)"
+  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$13 == w { printf "%.3f\n", $c * 1024 / $7 }' | sort -g |
+    awk '{ v[NR] = $1 } END { printf "%.2f (%.2f-%.2f)", v[int((NR + 1) / 2)], v[1], v[NR] }'
+}
+v_init_gib_ship=$(per_gib 9) v_init_gib_app=$(per_gib 10)
 v_init_threads_ship=$cyc_threads_ship v_init_threads_app=$cyc_threads_app
 v_init_cpu_ship=$cyc_cpu_ship v_init_cpu_app=$cyc_cpu_app v_init_busy=$cyc_busy
 else
@@ -500,14 +550,28 @@ fi
   echo
   echo "vmreplica: $v_init_data MiB of data shipped as $v_init_appwire MiB of chunk frames (compression $(r "$v_init_data" "$v_init_appwire")×); time vs nbdcopy $(r "$nbdcopy_secs" "$v_init_secs")× (target ≥ 1.00), vs qemu-img $(r "$qemuimg_secs" "$v_init_secs")× (higher = vmreplica faster); bytes vs nbdcopy $(r "$v_init_wire" "$nbdcopy_secs_wire")× (target ≤ 0.50)."
   echo
-  echo "| round | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s |"
-  echo "|---:|---:|---:|---:|---:|---:|"
+  echo "| round | build | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s | shipper CPU s | applier CPU s | packets to replica / back |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   i=0
   for row in "${init_rows[@]}"; do
-    i=$((i + 1)); read -r a b c d e _ <<<"$row"
-    echo "| $i | $a | $(mib "$b") | $c | $(mib "$d") | $e |"
+    i=$((i + 1)); read -r a b c d e _ _ _ cs ca po pi v <<<"$row"
+    echo "| $i | $v | $a | $(mib "$b") | $c | $(mib "$d") | $e | $cs | $ca | $po / $pi |"
   done
   echo
+  echo "CPU per GiB of data shipped (median of the rounds, min-max): shipper $v_init_gib_ship s, applier $v_init_gib_app s."
+  echo
+  if [[ -n $BENCH_AB ]]; then
+  echo "A/B, $BENCH_INIT_ROUNDS alternating rounds each: A = $bin_a (connections $BENCH_CONNECTIONS, tuning '${BENCH_TUNING//$'\n'/; }'), B = $BENCH_AB (connections $BENCH_CONNECTIONS_B, tuning '${BENCH_TUNING_B//$'\n'/; }') (medians; CPU per GiB of data with min-max)"
+  echo
+  echo "| build | vmreplica s | nbdcopy s (same rounds) | MiB on wire | shipper CPU s / GiB | applier CPU s / GiB |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for v in A B; do
+    echo "| $v | $(med 1 $v) | $(med 3 $v) | $(mib "$(med 2 $v)") | $(per_gib 9 $v) | $(per_gib 10 $v) |"
+  done
+  echo
+  echo "B / A: time $(r "$(med 1 B)" "$(med 1 A)"), shipper CPU $(r "$(med 9 B)" "$(med 9 A)"), applier CPU $(r "$(med 10 B)" "$(med 10 A)") (medians of seconds; below 1 = B cheaper)."
+  echo
+  fi
   echo "Last round's CPU by thread (user + system): shipper $v_init_cpu_ship s ($v_init_threads_ship); applier $v_init_cpu_app s ($v_init_threads_app); all $(nproc) cores $v_init_busy% busy. A stage bound to one thread shows as one thread whose seconds come near the sync's time."
   echo
   fi

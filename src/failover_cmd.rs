@@ -18,26 +18,7 @@ use vmreplica_shipper::session::Planned;
 use vmreplica_shipper::ShipperConfig;
 use vmreplica_tracker::control::{self, Request};
 
-/// The store of the applier the systemd unit runs.
-pub const DEFAULT_STORE: &str = "/var/lib/vmreplica-replicas";
-
-#[derive(clap::Args, Clone)]
-pub struct Site {
-    /// This site's applier store.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    store: PathBuf,
-    /// The applier's admin socket (default: STORE/applier.sock).
-    #[arg(long)]
-    admin_socket: Option<PathBuf>,
-}
-
-impl Site {
-    fn socket(&self) -> PathBuf {
-        self.admin_socket
-            .clone()
-            .unwrap_or_else(|| self.store.join("applier.sock"))
-    }
-}
+use crate::site::Site;
 
 #[derive(clap::Subcommand)]
 pub enum FailoverOp {
@@ -125,18 +106,6 @@ pub struct ReverseArgs {
     site: Site,
 }
 
-fn call(site: &Site, req: &Admin) -> Result<Value> {
-    match admin::call(&site.socket(), req)? {
-        Some(v) => Ok(v),
-        None => bail!(
-            "no applier answers on {}: failover runs through this site's applier; start it \
-             (`vmreplica applier --store {} ...`)",
-            site.socket().display(),
-            site.store.display()
-        ),
-    }
-}
-
 /// Unplanned failover of `vm` on this (replica) site: `point` None is the newest. Returns
 /// the applier's answer: `lineage`, `point`, `disks` (name → NBD URI), `served_ms`, `qemu`.
 pub fn fail_over_unplanned(
@@ -197,7 +166,7 @@ pub fn run(op: FailoverOp) -> Result<()> {
             Ok(())
         }
         FailoverOp::Commit { vm, site } => {
-            let v = call(&site, &Admin::FailoverCommit(Vm { vm: vm.clone() }))?;
+            let v = site.call(&Admin::FailoverCommit(Vm { vm: vm.clone() }), "a failover")?;
             println!(
                 "VM {vm}: failover committed; this site is its primary (lineage {})",
                 v["lineage"].as_str().unwrap_or("?")
@@ -205,7 +174,7 @@ pub fn run(op: FailoverOp) -> Result<()> {
             Ok(())
         }
         FailoverOp::Cancel { vm, site } => {
-            let v = call(&site, &Admin::FailoverCancel(Vm { vm: vm.clone() }))?;
+            let v = site.call(&Admin::FailoverCancel(Vm { vm: vm.clone() }), "a failover")?;
             if v["cancelled"] == json!(true) {
                 println!(
                     "VM {vm}: failover cancelled; the replica is at point {} again",
@@ -217,7 +186,7 @@ pub fn run(op: FailoverOp) -> Result<()> {
             Ok(())
         }
         FailoverOp::Abandon { vm, site } => {
-            let v = call(&site, &Admin::FailoverAbandon(Vm { vm: vm.clone() }))?;
+            let v = site.call(&Admin::FailoverAbandon(Vm { vm: vm.clone() }), "a failover")?;
             if v["cancelled"] == json!(true) {
                 // An uncommitted failover is abandoned by cancelling it.
                 println!(
@@ -586,8 +555,7 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
              down first; nothing was changed"
         );
     }
-    let v = call(
-        &a.site,
+    let v = a.site.call(
         &Admin::AdoptPrimary(Adopt {
             vm: vm.to_string(),
             owner: cfg.server_name.clone(),
@@ -595,6 +563,7 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
             lineage: ok.parent.lineage,
             cycle: ok.parent.cycle,
         }),
+        "reverse replication",
     )?;
     stop_holder(&state_dir.join("lock"), "tracker")?;
     rt.block_on(vmreplica_shipper::failover::reverse(&cfg, &ask(true)))

@@ -8,6 +8,7 @@ mod plan;
 mod plan_cmd;
 mod progress;
 mod seed_cmd;
+mod site;
 mod testfo_cmd;
 mod tracker_cmd;
 mod vm_cmd;
@@ -642,7 +643,10 @@ fn run_certs(op: CertsOp) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+/// Errors are said as their message and its causes on one line (`error: what: why`), never
+/// with a backtrace, also when `RUST_BACKTRACE` is set: an error here is for a user to act
+/// on (backtraces stay for panics).
+fn main() -> std::process::ExitCode {
     let bar = progress::Bar::default();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -657,6 +661,34 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    match run(cli, bar) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", message_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes, joined with ": ", leaving out a cause the text before already
+/// says (our errors often name their source in their own message as well).
+fn message_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Runs the command line's command.
+fn run(cli: Cli, bar: progress::Bar) -> Result<()> {
     match cli.cmd {
         Cmd::Tracker(a) => tracker_cmd::run(a),
         Cmd::Ctl { socket, op } => run_ctl(&socket, op),
@@ -690,6 +722,35 @@ fn main() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// Each cause once: one that its outer message already quotes is not said again.
+    #[test]
+    fn an_error_is_said_with_each_cause_once() {
+        /// Like our thiserror errors: says its source, and gives it as its source.
+        #[derive(Debug)]
+        struct Quoting(std::io::Error);
+        impl std::fmt::Display for Quoting {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "image a.img: {}", self.0)
+            }
+        }
+        impl std::error::Error for Quoting {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let quoted = anyhow::Error::new(Quoting(io())).context("cannot start the tracker");
+        assert_eq!(
+            super::message_chain(&quoted),
+            "cannot start the tracker: image a.img: No such file or directory (os error 2)"
+        );
+        let chained = anyhow::Error::new(io()).context("reading a.img");
+        assert_eq!(
+            super::message_chain(&chained),
+            "reading a.img: No such file or directory (os error 2)"
+        );
+    }
+
     #[test]
     fn byte_counts_read_with_units() {
         assert_eq!(super::human_bytes(0), "0 B");

@@ -251,13 +251,22 @@ fn state_name(s: State) -> String {
         .unwrap_or_default()
 }
 
+/// What this site is to the VM, for the heading: the replica site's record says it (a VM
+/// failed over to this site runs here: that site is no replica any more).
+fn site_label(v: &VmStatus) -> &'static str {
+    match (v.site, v.role.as_str()) {
+        (Site::Primary, _) => "primary site",
+        (Site::Replica, "failed-over") => "failover site",
+        (Site::Replica, "primary") => "new primary site",
+        (Site::Replica, "reverse-pending") => "old primary site",
+        (Site::Replica, _) => "replica site",
+    }
+}
+
 /// One VM as text.
 pub fn render(v: &VmStatus) -> String {
     let mut o = String::new();
-    let site = match v.site {
-        Site::Primary => "primary site",
-        Site::Replica => "replica site",
-    };
+    let site = site_label(v);
     let level = match v.health.level {
         Level::Normal => "Normal",
         Level::Warning => "Warning",

@@ -8,7 +8,8 @@ use vmreplica_applier::testfo::admin::StartRequest;
 
 use crate::plan::runner::{self, FailoverVm, LineOperator};
 use crate::plan::{Plan, VmPlan};
-use crate::testfo_cmd::{self, Site};
+use crate::site::Site;
+use crate::testfo_cmd;
 
 #[derive(Subcommand)]
 pub enum PlanOp {
@@ -206,7 +207,7 @@ pub fn run(op: PlanOp) -> Result<()> {
                         all: true,
                     },
                 );
-                match site.call(&req) {
+                match site.call(&req, "a test failover") {
                     Ok(v) => {
                         let n = v["stopped"].as_array().map_or(0, |a| a.len());
                         println!("{vm}: {n} test failovers stopped");

@@ -1,51 +1,15 @@
 //! `vmreplica failover test|test-stop|tests`: test failovers, through the running applier's
 //! admin socket (the applier serves them, and goes on replicating meanwhile).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Result};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde_json::Value;
 use vmreplica_applier::admin::{self, Request};
 use vmreplica_applier::testfo::admin::{ListRequest, StartRequest, StopRequest};
 
-/// The store of the applier's service (`dist/systemd/vmreplica-applier.service`).
-pub const DEFAULT_STORE: &str = "/var/lib/vmreplica-replicas";
-
-/// Which applier: the one serving `--store` (its admin socket there, or `--admin-socket`).
-#[derive(Args, Clone)]
-pub struct Site {
-    /// The replica store the applier serves.
-    #[arg(long, default_value = DEFAULT_STORE)]
-    pub store: PathBuf,
-    /// The applier's admin socket (default: STORE/applier.sock).
-    #[arg(long)]
-    pub admin_socket: Option<PathBuf>,
-}
-
-impl Site {
-    pub fn socket(&self) -> PathBuf {
-        self.admin_socket
-            .clone()
-            .unwrap_or_else(|| self.store.join("applier.sock"))
-    }
-
-    /// Sends `req` to the applier; a clear error when none answers.
-    pub fn call(&self, req: &Request) -> Result<Value> {
-        let socket = self.socket();
-        match admin::call(&socket, req)? {
-            Some(v) => Ok(v),
-            None => bail!(
-                "no applier answers on {} (store {}): test failovers are served by the running \
-                 applier; start it (systemctl start vmreplica-applier, or vmreplica applier \
-                 --store {} ...), or give --store/--admin-socket",
-                socket.display(),
-                self.store.display(),
-                self.store.display()
-            ),
-        }
-    }
-}
+use crate::site::{Site, DEFAULT_STORE};
 
 /// A point: a cycle number, or the newest (`latest`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +116,7 @@ fn show(v: &Value, json: bool) -> Result<()> {
 /// Starts a test failover (what `vmreplica failover test` and recovery plans run); returns
 /// the applier's description of it.
 pub fn start(site: &Site, req: StartRequest) -> Result<Value> {
-    site.call(&Request::TestStart(req))
+    site.call(&Request::TestStart(req), "a test failover")
 }
 
 pub fn run(op: TestOp) -> Result<()> {
@@ -237,7 +201,7 @@ pub fn run(op: TestOp) -> Result<()> {
             Ok(())
         }
         TestOp::Tests { vm, site, json } => {
-            let v = site.call(&Request::Tests(ListRequest { vm }))?;
+            let v = site.call(&Request::Tests(ListRequest { vm }), "a test failover")?;
             if json {
                 return show(&v, true);
             }

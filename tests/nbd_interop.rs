@@ -177,3 +177,138 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// qemu-io driven line by line, its output (stdout and stderr) collected as it comes.
+struct QemuIo {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl QemuIo {
+    fn open(image_opts: &str) -> QemuIo {
+        use std::process::Stdio;
+        let mut child = Command::new("qemu-io")
+            .arg("--image-opts")
+            .arg(image_opts)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running qemu-io");
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipes: [Box<dyn Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        for mut pipe in pipes {
+            let out = std::sync::Arc::clone(&out);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                    out.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        QemuIo { child, stdin, out }
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits until the output says `what` (at most `limit`: a bound, not a measure).
+    fn wait_for(&self, what: &str, limit: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let out = self.output();
+            if out.contains(what) {
+                return out;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io never said {what:?}:\n{out}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `file.reconnect-delay` on a VM's drive (as `dist/vm1.toml` and the README have it): a
+/// write the guest makes while the tracker is down (killed, as before `Restart=on-failure`
+/// brings it back) waits, and completes once a tracker serves the disk again; it is in the
+/// image and tracked. Without the option the same write fails: the option is what holds it.
+#[test]
+fn a_drives_reconnect_delay_holds_writes_while_the_tracker_restarts() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d0.img", 64 * MIB);
+    let t = TrackerProc::start(dir.path(), &[("disk0", &img)], &[]);
+    let opts = |extra: &str| {
+        format!(
+            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
+             file.export=disk0{extra}",
+            t.socket.display()
+        )
+    };
+    let wrote = |offset: u64| format!("wrote 65536/65536 bytes at offset {offset}");
+    // Without a reconnect delay: the write fails once its tracker is gone.
+    let mut plain = QemuIo::open(&opts(""));
+    plain.send("write -P 0x11 0 64k");
+    plain.wait_for(&wrote(0), Duration::from_secs(30));
+    let mut held = QemuIo::open(&opts(",file.reconnect-delay=30"));
+    held.send("write -P 0x22 64k 64k");
+    held.wait_for(&wrote(65536), Duration::from_secs(30));
+    let (state, socket) = (t.state.clone(), t.socket.clone());
+    t.kill9();
+    plain.send("write -P 0x33 2M 64k");
+    let out = plain.wait_for("write failed", Duration::from_secs(30));
+    assert!(!out.contains(&wrote(2 * MIB)), "{out}");
+    // With it: the write waits for a tracker, which comes back on the same state and socket.
+    held.send("write -P 0x5a 1M 64k");
+    let t = TrackerProc::start(dir.path(), &[("disk0", &img)], &[]);
+    assert_eq!((&t.state, &t.socket), (&state, &socket));
+    held.wait_for(&wrote(MIB), Duration::from_secs(60));
+    // (One command at a time: qemu-io reads a line only when its input becomes readable.)
+    held.send("read -P 0x5a 1M 64k");
+    let out = held.wait_for(
+        "read 65536/65536 bytes at offset 1048576",
+        Duration::from_secs(30),
+    );
+    assert!(!out.contains("failed"), "{out}");
+    held.send("quit");
+    assert!(wait_timeout(&mut held.child, Duration::from_secs(30)).success());
+    // Tracked: the restarted tracker has the block dirty, for the shipper's next cycle.
+    let map = parse_map(&stdout(
+        Command::new("nbdinfo")
+            .arg("--map=qemu:dirty-bitmap:vmreplica")
+            .arg(t.uri("disk0")),
+    ));
+    assert!(
+        ranges_with(&map, 1)
+            .iter()
+            .any(|(o, l)| *o <= MIB && o + l >= MIB + 65536),
+        "{map:?}"
+    );
+    t.stop();
+    let mut f = std::fs::File::open(&img).unwrap();
+    let mut buf = vec![0u8; 65536];
+    f.seek(SeekFrom::Start(MIB)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 0x5a));
+}

@@ -356,3 +356,33 @@ fn output_to_a_reader_that_went_away_ends_quietly() {
     // The command's work is done before it speaks: the CA exists.
     assert!(dir.path().join("ca/ca.pem").exists());
 }
+
+/// An ordinary error (an image that does not exist) is said as its message and causes on
+/// one line, also with `RUST_BACKTRACE` set: never a backtrace, which is for panics.
+#[test]
+fn a_users_error_is_its_message_never_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.img");
+    let o = Command::new(bin())
+        .arg("tracker")
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--disk")
+        .arg(format!("a={}", missing.display()))
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .env("VMREPLICA_LOG", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: cannot start the tracker: disk a: image {}: No such file or directory (os \
+             error 2)",
+            missing.display()
+        ),
+        "{err}"
+    );
+}

@@ -220,9 +220,20 @@ fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical(
         "{v}"
     );
     assert!(v["rpo_seconds"].is_null(), "{v}");
+    // The point is the recovery point failed over to (the newest), before the commit and
+    // after it, also when cycles after it were empty (they left the images as they were).
+    let point = v["failover"]["point"].as_u64().unwrap();
+    assert_eq!(Some(point), v["latest_point"]["cycle"].as_u64(), "{v}");
     let text = p.b.cli_ok(&["status", "vm1"]);
     eprintln!("--- status (replica site) failed over, not committed:\n{text}");
-    assert!(text.contains("failover: awaiting commit (point"), "{text}");
+    assert!(
+        text.contains(&format!("failover: awaiting commit (point {point},")),
+        "{text}"
+    );
+    assert!(
+        text.contains("vm1 (failover site): failed over") && !text.contains("(replica site)"),
+        "the VM runs on this site: it is no replica site any more: {text}"
+    );
     p.b.cli_ok(&["failover", "commit", "vm1"]);
     let v = replica_entry(&p.b);
     assert_eq!(
@@ -230,10 +241,16 @@ fn status_shows_test_failover_and_failover_and_a_failed_over_vm_is_not_critical(
         (Some("failed-over"), Some("committed")),
         "{v}"
     );
+    assert_eq!(v["failover"]["point"], point, "{v}");
     assert_ne!(v["health"]["level"], "critical", "{v}");
-    eprintln!(
-        "--- status (replica site) failed over, committed:\n{}",
-        p.b.cli_ok(&["status", "vm1"])
+    let text = p.b.cli_ok(&["status", "vm1"]);
+    eprintln!("--- status (replica site) failed over, committed:\n{text}");
+    assert!(
+        text.contains(&format!("failover: committed (point {point},"))
+            && text.contains("vm1 (new primary site): failed over")
+            && text.contains("role primary")
+            && !text.contains("(replica site)"),
+        "{text}"
     );
     eprintln!(
         "--- status --json (replica site) failed over, committed:\n{}",

@@ -63,6 +63,38 @@ fn shipper_toml(
     p
 }
 
+/// The applier these tests start: replica-1's identity from `ca`, the names `allow`ed,
+/// the store at `store`, everything else as by default.
+fn applier_config(store: &Path, ca: &Path, allow: &[&str]) -> ApplierConfig {
+    ApplierConfig {
+        store: store.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: Identity::load(
+            &ca.join("replica-1.pem"),
+            &ca.join("replica-1.key"),
+            &ca.join("ca.pem"),
+        )
+        .unwrap(),
+        allow: AllowList::new(&allow.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+        retention: Retention::default(),
+        tuning: Default::default(),
+        admin_socket: None,
+        open_delay: None,
+        identity_files: None,
+    }
+}
+
+/// A shipper configuration of VM `vm` for primary-1, replicating to the applier at `addr`.
+fn vm_config(dir: &Path, ca: &Path, addr: &str, vm: &str) -> ShipperConfig {
+    let p = shipper_toml(dir, ca, "primary-1", addr, &dir.join("t.sock"), "");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
+    let q = dir.join(format!("{vm}.toml"));
+    std::fs::write(&q, text).unwrap();
+    ShipperConfig::load(&q).unwrap()
+}
+
 fn fio(uri: &str, seconds: u32, size: u64, seed: u32) -> Guard {
     Command::new("fio")
         .args([
@@ -256,21 +288,9 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     );
     let store_dir = dir.path().join("store");
     let applier = Applier::start(ApplierConfig {
-        store: store_dir.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into()]),
         // Every cycle stays a point, however many the machine's speed fits into fio's run.
         retention: Retention::keep_all(),
-        tuning: Default::default(),
-        admin_socket: None,
-        open_delay: None,
-        identity_files: None,
+        ..applier_config(&store_dir, &ca, &["primary-1"])
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
@@ -321,21 +341,8 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     // The replica equals the primary; every point, read through the undo logs, equals the
     // primary as frozen at that cycle.
     let store = Store::new(&store_dir, Retention::default()).unwrap();
-    // `shutdown` returns before the aborted connection tasks have dropped their hold of the
-    // VM (its store lock): under load the first open can still find it Busy (seen in CI).
-    let vs = {
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            match store.open_existing("vm1") {
-                Err(vmreplica_applier::store::StoreError::Busy { .. })
-                    if std::time::Instant::now() < until =>
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
-                }
-                r => break r.unwrap(),
-            }
-        }
-    };
+    // `shutdown` returned: the replica is closed (see the test after this one).
+    let vs = store.open_existing("vm1").unwrap();
     for (name, path) in &disks {
         assert!(
             std::fs::read(vs.image_path(name)).unwrap() == std::fs::read(path).unwrap(),
@@ -363,6 +370,79 @@ async fn recovery_points_equal_the_primary_as_frozen_at_each_cycle() {
     tracker.close().unwrap();
 }
 
+/// Once `shutdown` has returned, every replica the applier had open is closed: the store
+/// opens at once (before, it was Busy while anything still held the applier's table of
+/// VMs: a connection's tasks not yet run after the close, an aborted task not yet dropped,
+/// the metrics endpoint, an admin client still connected; seen in CI). After the shutdown
+/// the admin client's requests are refused, and open no replica again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_opens_as_soon_as_the_applier_has_shut_down() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = certs(dir.path());
+    let store_dir = dir.path().join("store");
+    let mut applier = Applier::start(applier_config(&store_dir, &ca, &["primary-1"])).unwrap();
+    applier
+        .serve_metrics("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = applier.local_addr().unwrap();
+    // Two primaries' VMs: one said hello and went, one stays connected through the
+    // shutdown.
+    let config = |vm: &str| vm_config(dir.path(), &ca, &addr.to_string(), vm);
+    assert_eq!(run::greet(&config("vm1")).await.unwrap().1, 0);
+    let ep = run::endpoint(&config("vm2")).unwrap();
+    let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    vmreplica_common::link::send(
+        &mut send,
+        &vmreplica_common::wire::Message::Hello {
+            version: vmreplica_common::wire::PROTOCOL_VERSION,
+            vm: "vm2".into(),
+            lineage: None,
+        },
+    )
+    .await
+    .unwrap();
+    let welcome = vmreplica_common::link::expect(&mut recv).await.unwrap();
+    assert_eq!(welcome.name(), "Welcome");
+    // The applier has both replicas open: another opener finds them Busy.
+    let store = Store::new(&store_dir, Retention::default()).unwrap();
+    for vm in ["vm1", "vm2"] {
+        assert!(
+            matches!(
+                store.open_vm(vm, "primary-1"),
+                Err(vmreplica_applier::store::StoreError::Busy { .. })
+            ),
+            "{vm} is not held open by the applier"
+        );
+    }
+    // An admin client that stays connected.
+    let admin = std::os::unix::net::UnixStream::connect(store_dir.join("applier.sock")).unwrap();
+    let mut lines = BufReader::new(admin.try_clone().unwrap()).lines();
+    let mut ask = |req: &str| {
+        writeln!(&admin, "{req}").unwrap();
+        serde_json::from_str::<serde_json::Value>(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(ask(r#"{"op":"status"}"#)["ok"], true);
+    applier.shutdown().await;
+    // What the next applier does first: open the replicas.
+    for vm in ["vm1", "vm2"] {
+        let vs = store
+            .open_vm(vm, "primary-1")
+            .unwrap_or_else(|e| panic!("{vm} right after shutdown: {e}"));
+        drop(vs);
+    }
+    // The applier that shut down opens no replica again for the client still connected.
+    let r = ask(r#"{"op":"export","vm":"vm1","point":1,"dir":"/nonexistent"}"#);
+    assert!(
+        r["error"].as_str().unwrap().contains("shutting down"),
+        "{r}"
+    );
+    let _held = store.open_vm("vm1", "primary-1").unwrap();
+    drop(conn);
+}
+
 /// Certificates: another CA, a name not on the allow-list, an expired certificate, and a
 /// primary touching another primary's replica are all refused, and nothing is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,22 +457,11 @@ async fn wrong_unknown_or_expired_certificates_are_refused_with_clear_errors() {
     let expired = dir.path().join("expired");
     issue_expired(&ca, "primary-1", &expired);
     let store_dir = dir.path().join("store");
-    let applier = Applier::start(ApplierConfig {
-        store: store_dir.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into(), "*.dc1.example".into()]),
-        retention: Retention::default(),
-        tuning: Default::default(),
-        admin_socket: None,
-        open_delay: None,
-        identity_files: None,
-    })
+    let applier = Applier::start(applier_config(
+        &store_dir,
+        &ca,
+        &["primary-1", "*.dc1.example"],
+    ))
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
     let tracker_sock = dir.path().join("t.sock");
@@ -461,39 +530,12 @@ async fn a_slow_vm_does_not_hold_up_another_vms_hello() {
     let dir = tempfile::tempdir().unwrap();
     let ca = certs(dir.path());
     let applier = Applier::start(ApplierConfig {
-        store: dir.path().join("store"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        identity: Identity::load(
-            &ca.join("replica-1.pem"),
-            &ca.join("replica-1.key"),
-            &ca.join("ca.pem"),
-        )
-        .unwrap(),
-        allow: AllowList::new(&["primary-1".into()]),
-        retention: Retention::default(),
-        tuning: Default::default(),
-        admin_socket: None,
         open_delay: Some(("slow".into(), std::time::Duration::from_secs(8))),
-        identity_files: None,
+        ..applier_config(&dir.path().join("store"), &ca, &["primary-1"])
     })
     .unwrap();
     let addr = applier.local_addr().unwrap().to_string();
-    let config = |vm: &str| {
-        let p = shipper_toml(
-            dir.path(),
-            &ca,
-            "primary-1",
-            &addr,
-            &dir.path().join("t.sock"),
-            "",
-        );
-        let text = std::fs::read_to_string(&p)
-            .unwrap()
-            .replace("vm = \"vm1\"", &format!("vm = \"{vm}\""));
-        let q = dir.path().join(format!("{vm}.toml"));
-        std::fs::write(&q, text).unwrap();
-        ShipperConfig::load(&q).unwrap()
-    };
+    let config = |vm: &str| vm_config(dir.path(), &ca, &addr, vm);
     let (slow, fast) = (config("slow"), config("fast"));
     let slow_hello = tokio::spawn(async move { run::greet(&slow).await.map(|r| r.1) });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -172,74 +172,84 @@ fn serve_client(app: &Arc<App>, rt: &tokio::runtime::Handle, s: UnixStream) -> i
     }
 }
 
-/// Each request to the module that handles it.
+/// Each request to the module that handles it (one match over every request: none is left
+/// to a second dispatcher that could be handed the wrong one).
 fn dispatch(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<Value, String> {
+    use crate::failover::admin as failover;
     use crate::testfo::admin as testfo;
-    let text = |e: crate::testfo::TestError| e.to_string();
+    let tested = |r: Result<Value, crate::testfo::TestError>| r.map_err(|e| e.to_string());
+    let stored = |r: Result<Value, StoreError>| r.map_err(|e| e.to_string());
     match req {
-        Request::TestStart(r) => testfo::start(app, rt, r).map_err(text),
-        Request::TestStop(r) => testfo::stop(app, rt, r).map_err(text),
-        Request::Tests(r) => testfo::list(app, r).map_err(text),
-        other => handle(app, rt, other).map_err(|e| e.to_string()),
-    }
-}
-
-fn handle(app: &Arc<App>, rt: &tokio::runtime::Handle, req: Request) -> Result<Value, StoreError> {
-    match req {
-        Request::Status => {
-            let open = app.open_vms();
-            let states = app.store.vms().into_iter().filter_map(|name| {
-                let state = match open.iter().find(|e| e.name == name) {
-                    Some(e) => Some((*e.shared.state()).clone()),
-                    None => app.store.peek_state(&name).ok(),
-                };
-                state.map(|s| (name.clone(), s, open.iter().any(|e| e.name == name)))
-            });
-            Ok(crate::store::status_json(app.store.root(), states))
-        }
-        Request::Points { vm } => {
-            let points = match app.open_vms().into_iter().find(|e| e.name == vm) {
-                Some(e) => e.shared.state().points.clone(),
-                None => app.store.points(&vm)?,
-            };
-            Ok(json!(points))
-        }
-        Request::Export { vm, point, dir } => {
-            let entry = rt.block_on(app.vm(&vm, None))?;
-            let names: Vec<String> = entry
-                .shared
-                .state()
-                .disks
-                .iter()
-                .map(|d| d.name.clone())
-                .collect();
-            check_export_dir(app.store.root(), &dir, &names)?;
-            let view = PointView::open(&entry.shared, point)?;
-            tracing::info!(vm, point, dir = %dir.display(), "exporting a recovery point");
-            let files = export(&view, &dir)?;
-            Ok(json!({ "files": files }))
-        }
-        Request::TestStart(_) | Request::TestStop(_) | Request::Tests(_) => {
-            unreachable!("dispatched to testfo")
-        }
+        Request::TestStart(r) => tested(testfo::start(app, rt, r)),
+        Request::TestStop(r) => tested(testfo::stop(app, rt, r)),
+        Request::Tests(r) => tested(testfo::list(app, r)),
+        Request::Status => Ok(status(app)),
+        Request::Points { vm } => stored(points(app, &vm)),
+        Request::Export { vm, point, dir } => stored(export_point(app, rt, &vm, point, &dir)),
         Request::Report => Ok(json!(crate::ops::report(app, &app.admin_path))),
-        Request::Remove { vm } => crate::ops::remove(app, &vm),
+        Request::Remove { vm } => stored(crate::ops::remove(app, &vm)),
         Request::SeedImport { vm, dir, owner } => {
-            crate::ops::seed_import(app, &vm, &dir, owner.as_deref())
+            stored(crate::ops::seed_import(app, &vm, &dir, owner.as_deref()))
         }
         Request::Adopt {
             vm,
             owner,
             disks,
             granularity,
-        } => crate::ops::adopt(app, &vm, &owner, &disks, granularity),
-        Request::FailoverUnplanned(r) => crate::failover::admin::unplanned(app, rt, r),
-        Request::FailoverCommit(r) => crate::failover::admin::commit(app, rt, r),
-        Request::FailoverCancel(r) => crate::failover::admin::cancel(app, rt, r),
-        Request::FailoverAbandon(r) => crate::failover::admin::abandon(app, rt, r),
-        Request::AdoptPrimary(r) => crate::failover::admin::adopt(app, rt, r),
-        Request::AdoptPrimaryUndo(r) => crate::failover::admin::adopt_undo(app, rt, r),
+        } => stored(crate::ops::adopt(app, &vm, &owner, &disks, granularity)),
+        Request::FailoverUnplanned(r) => stored(failover::unplanned(app, rt, r)),
+        Request::FailoverCommit(r) => stored(failover::commit(app, rt, r)),
+        Request::FailoverCancel(r) => stored(failover::cancel(app, rt, r)),
+        Request::FailoverAbandon(r) => stored(failover::abandon(app, rt, r)),
+        Request::AdoptPrimary(r) => stored(failover::adopt(app, rt, r)),
+        Request::AdoptPrimaryUndo(r) => stored(failover::adopt_undo(app, rt, r)),
     }
+}
+
+/// Every replica in the store, as this applier sees it (open ones from memory).
+fn status(app: &Arc<App>) -> Value {
+    let open = app.open_vms();
+    let states = app.store.vms().into_iter().filter_map(|name| {
+        let state = match open.iter().find(|e| e.name == name) {
+            Some(e) => Some((*e.shared.state()).clone()),
+            None => app.store.peek_state(&name).ok(),
+        };
+        state.map(|s| (name.clone(), s, open.iter().any(|e| e.name == name)))
+    });
+    crate::store::status_json(app.store.root(), states)
+}
+
+/// VM `vm`'s recovery points.
+fn points(app: &Arc<App>, vm: &str) -> Result<Value, StoreError> {
+    let points = match app.open_vms().into_iter().find(|e| e.name == vm) {
+        Some(e) => e.shared.state().points.clone(),
+        None => app.store.points(vm)?,
+    };
+    Ok(json!(points))
+}
+
+/// Writes point `point` of VM `vm` out to `dir` through a point view (the point pinned
+/// meanwhile; later cycles go on landing).
+fn export_point(
+    app: &Arc<App>,
+    rt: &tokio::runtime::Handle,
+    vm: &str,
+    point: u64,
+    dir: &Path,
+) -> Result<Value, StoreError> {
+    let entry = rt.block_on(app.vm(vm, None))?;
+    let names: Vec<String> = entry
+        .shared
+        .state()
+        .disks
+        .iter()
+        .map(|d| d.name.clone())
+        .collect();
+    check_export_dir(app.store.root(), dir, &names)?;
+    let view = PointView::open(&entry.shared, point)?;
+    tracing::info!(vm, point, dir = %dir.display(), "exporting a recovery point");
+    let files = export(&view, dir)?;
+    Ok(json!({ "files": files }))
 }
 
 /// See `crate::failover::admin::supervise`.

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use vmreplica_common::direct;
 use vmreplica_common::engine::{self, Engine, Op};
@@ -53,29 +53,8 @@ pub(crate) fn shared_engine() -> Arc<dyn Engine> {
 }
 
 /// Buffers that chunks are unpacked into, reused: a verified chunk's buffer goes to the
-/// image write, and back here once written.
-#[derive(Default)]
-pub(crate) struct Buffers(Mutex<Vec<Vec<u8>>>);
-
-/// Buffers kept for reuse, at most (1 MiB each at most).
-const BUFFERS_KEPT: usize = 96;
-
-impl Buffers {
-    pub fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
-    }
-
-    pub fn put(&self, b: Vec<u8>) {
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if v.len() < BUFFERS_KEPT {
-            v.push(b);
-        }
-    }
-}
+/// image write, and back here once written. 96 kept at most (1 MiB each at most).
+pub(crate) type Buffers = vmreplica_common::pool::BufferPool<96>;
 
 /// A write into image `disk` failed.
 #[derive(Debug)]
@@ -337,11 +316,7 @@ mod tests {
             (0..200).collect::<Vec<u64>>(),
             "every write is reported once"
         );
-        assert_eq!(
-            buffers.0.lock().unwrap().len(),
-            sent.min(BUFFERS_KEPT),
-            "every buffer is handed back"
-        );
+        assert_eq!(buffers.spare(), sent.min(96), "every buffer is handed back");
         for (img, want) in images.iter().zip(&model) {
             let mut got = vec![0u8; SIZE as usize];
             img.file.read_exact_at(&mut got, 0).unwrap();
@@ -381,6 +356,6 @@ mod tests {
             }
         }
         assert_eq!(w.in_flight(), 0);
-        assert_eq!(buffers.0.lock().unwrap().len(), 64, "all buffers are back");
+        assert_eq!(buffers.spare(), 64, "all buffers are back");
     }
 }

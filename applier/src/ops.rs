@@ -78,7 +78,8 @@ fn failover_of(s: &VmState) -> Option<FailoverStatus> {
             } else {
                 "committed"
             },
-            p.parent.cycle,
+            // The point failed over to, as before the commit.
+            p.point.unwrap_or(p.parent.cycle),
             p.since,
             Some(p.lineage),
         ),
@@ -534,6 +535,7 @@ mod tests {
                 state.role = Role::Primary(Primary {
                     lineage,
                     parent: SpanParent { lineage, cycle: 3 },
+                    point: None,
                     since: 1,
                     reverse: None,
                     start: true,

@@ -248,35 +248,6 @@ fn r1_a_view_of_a_point_being_committed_reads_that_point() {
     );
 }
 
-/// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread (tests run as root), so
-/// that directory permissions apply to it.
-fn drop_dac_override() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut h = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut d = [Data::default(); 2];
-    // SAFETY: capget/capset with a version-3 header and the two data words it expects.
-    unsafe {
-        assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
-        let drop = !((1u32 << 1) | (1u32 << 2));
-        d[0].effective &= drop;
-        assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
-    }
-}
-
 /// Ships cycle 1 into a new replica, then starts cycle 2 with the VM's directory writable
 /// but not readable: the state save's rename works, the directory's fsync cannot be done.
 fn start_with_unsynced_save(dir: &Path) -> (VmStore, Images) {
@@ -286,7 +257,7 @@ fn start_with_unsynced_save(dir: &Path) -> (VmStore, Images) {
     data[0][..G as usize].fill(1);
     let mut vs = s.open_vm("vm1", "primary-1").unwrap();
     ship(&mut vs, 1, CycleKind::Initial, 1, &data, &[0]);
-    drop_dac_override();
+    vmreplica_test_support::drop_dac_override();
     // The VM's directory can be written (a rename works) but not opened (nor fsynced).
     let vmdir = dir.join("vm1");
     fs::set_permissions(&vmdir, fs::Permissions::from_mode(0o300)).unwrap();

@@ -12,6 +12,7 @@ pub mod jsonline;
 pub mod lineage;
 pub mod link;
 pub mod name;
+pub mod pool;
 pub mod ranges;
 pub mod ratelog;
 pub mod resetkey;

@@ -306,6 +306,18 @@ async fn read_exact(s: &mut RecvStream, buf: &mut [u8]) -> Result<(), LinkError>
 /// Reads one frame; `Ok(None)` when the stream finished cleanly between frames. A chunk's
 /// payload is read straight into the chunk.
 pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
+    recv_reusing(s, Vec::new()).await
+}
+
+/// [`recv`], reading a chunk's payload into `spare`'s allocation: a receiver that hands its
+/// payloads back (a [`BufferPool`](crate::pool::BufferPool)) neither allocates nor zeroes a
+/// buffer per chunk. `spare` is sized to the payload (zeroed only where it grows) and then
+/// filled from the stream whole, so nothing it held before survives in a chunk; a frame that
+/// is not a chunk drops it.
+pub async fn recv_reusing(
+    s: &mut RecvStream,
+    spare: Vec<u8>,
+) -> Result<Option<Message>, LinkError> {
     let mut h = [0u8; 4];
     match s.read_exact(&mut h).await {
         Ok(()) => {}
@@ -326,7 +338,8 @@ pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
             }
             std::cmp::Ordering::Greater => return Err(WireError::Truncated("chunk payload").into()),
         }
-        c.payload = vec![0u8; plen];
+        c.payload = spare;
+        c.payload.resize(plen, 0);
         read_exact(s, &mut c.payload).await?;
         return Ok(Some(Message::Chunk(c)));
     }
@@ -420,6 +433,84 @@ mod tests {
         assert!(matches!(
             recv(&mut r).await,
             Err(LinkError::Wire(WireError::Trailing(1)))
+        ));
+    }
+
+    /// Payloads read into reused buffers (longer than the payload and full of other bytes,
+    /// shorter, empty) come out exactly as sent; a damaged payload read into one is
+    /// still caught by the chunk's checksum; a stream that ends inside a payload is an error.
+    #[tokio::test]
+    async fn chunks_received_into_spare_buffers_hold_only_what_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, mut r, _conn) = pair(dir.path()).await;
+        let tag = crate::wire::Tag {
+            lineage: crate::lineage::Lineage([5; 16]),
+            cycle: 3,
+            epoch: 1,
+        };
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_be_bytes())
+            .collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..70_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let lz4 = Chunk::pack(tag, 0, 0, &text, true);
+        let raw = Chunk::pack(tag, 0, 1 << 20, &noise, true);
+        let zero = Chunk::pack(tag, 0, 2 << 20, &[0u8; 8192], true);
+        assert_eq!(lz4.encoding, crate::wire::Encoding::Lz4);
+        assert_eq!(raw.encoding, crate::wire::Encoding::Raw);
+        let mut damaged = lz4.clone();
+        let mid = damaged.payload.len() / 2;
+        damaged.payload[mid] ^= 0x40;
+        for c in [&lz4, &raw, &zero, &damaged] {
+            send_chunk(&mut s, c.clone()).await.unwrap();
+        }
+        // Half a chunk, then the end of the stream.
+        let mut cut = wire::chunk_frame_head(&lz4);
+        cut.extend_from_slice(&lz4.payload[..lz4.payload.len() / 2]);
+        s.write_all(&cut).await.unwrap();
+        s.finish().unwrap();
+        assert_eq!(recv(&mut r).await.unwrap(), Some(HELLO.clone()));
+
+        // Longer than the payload, full of other bytes.
+        let long = vec![0xee; 3 << 20];
+        // Shorter.
+        let short = vec![0x11; 1000];
+        for (want, spare) in [(&lz4, long), (&raw, short), (&zero, vec![7; 64])] {
+            let got = match recv_reusing(&mut r, spare).await.unwrap() {
+                Some(Message::Chunk(c)) => c,
+                other => panic!("expected a chunk, got {other:?}"),
+            };
+            assert_eq!(&got, want);
+            let mut buf = Vec::new();
+            let at = got.unpack_aligned(&mut buf).unwrap();
+            if got.encoding == crate::wire::Encoding::Zero {
+                assert_eq!(at, None);
+            } else {
+                let at = at.unwrap();
+                let plain: &[u8] = if got.offset == 0 { &text } else { &noise };
+                assert_eq!(&buf[at..], plain);
+            }
+        }
+        let got = match recv_reusing(&mut r, vec![0xaa; 2 << 20]).await.unwrap() {
+            Some(Message::Chunk(c)) => c,
+            other => panic!("expected a chunk, got {other:?}"),
+        };
+        assert_eq!(got, damaged);
+        let err = got.unpack_aligned(&mut vec![0xaa; 4096]).unwrap_err();
+        assert!(
+            matches!(err, WireError::BadChunk { ref reason, .. } if reason.contains("checksum") || reason.contains("lz4") || reason.contains("length")),
+            "{err}"
+        );
+        assert!(matches!(
+            recv_reusing(&mut r, vec![0x55; 1 << 20]).await,
+            Err(LinkError::Truncated)
         ));
     }
 }

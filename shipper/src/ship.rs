@@ -242,27 +242,7 @@ struct Packed {
 }
 
 /// Read buffers, reused: fresh ones would be zeroed and faulted in for every chunk.
-#[derive(Default)]
-struct Buffers(Mutex<Vec<Vec<u8>>>);
-
-const BUFFERS_KEPT: usize = 64;
-
-impl Buffers {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
-    }
-
-    fn put(&self, b: Vec<u8>) {
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < BUFFERS_KEPT {
-            free.push(b);
-        }
-    }
-}
+type Buffers = vmreplica_common::pool::BufferPool<64>;
 
 type PackJob = Box<dyn FnOnce() + Send>;
 

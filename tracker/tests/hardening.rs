@@ -356,34 +356,6 @@ fn a_release_needs_the_freeze_id_and_generations_stay_in_range() {
     t.freeze().unwrap();
 }
 
-/// Drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from this thread (tests run as root), so
-/// that directory permissions apply to it.
-fn drop_dac_override() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut h = Header {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut d = [Data::default(); 2];
-    // SAFETY: capget/capset with a version-3 header and the two data words it expects.
-    unsafe {
-        assert_eq!(libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()), 0);
-        d[0].effective &= !((1u32 << 1) | (1u32 << 2));
-        assert_eq!(libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()), 0);
-    }
-}
-
 /// R1 finding 5, the tracker's side: a freeze whose state save fails after its rename (the
 /// state directory cannot be opened to sync it) fails, and the state in memory (not frozen)
 /// is saved again before the next operation, so the file no longer says "frozen" while
@@ -395,7 +367,7 @@ fn a_freeze_whose_save_is_maybe_made_is_saved_again_as_not_made() {
     let a = image(dir.path(), "a.img", 64 * MIB);
     let t = Tracker::open(config(dir.path(), &[("a", &a)])).unwrap();
     write(&*t.disks()[0], MIB, vec![7; 65536]);
-    drop_dac_override();
+    vmreplica_test_support::drop_dac_override();
     let state = dir.path().join("state");
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o300)).unwrap();
     let r = t.freeze();

@@ -1,16 +1,19 @@
 //! Data streams: chunks of the cycle being received. A reader task receives chunks while the
 //! ones before them are checked and verified; the chunks that arrived meanwhile are verified
 //! together in one hop to a blocking thread (decompressed into reused aligned buffers and
-//! checksummed, so streams verify in parallel) and handed to the VM's receive pipeline. As
-//! the pipeline makes them durable, the stream answers `Acked` with the bytes of its chunks
-//! durably applied so far; once the shipper finishes the stream, a last `Acked` follows when
-//! all of them are, and the stream ends.
+//! checksummed, so streams verify in parallel) and handed to the VM's receive pipeline. A
+//! chunk's payload is read into a buffer of the connection's pool and goes back to it once
+//! verified, so receiving allocates nothing per chunk. As the pipeline makes them durable,
+//! the stream answers `Acked` with the bytes of its chunks durably applied so far; once the
+//! shipper finishes the stream, a last `Acked` follows when all of them are, and the stream
+//! ends.
 
 use std::sync::Arc;
 
 use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use vmreplica_common::link::{self, LinkError};
+use vmreplica_common::pool::BufferPool;
 use vmreplica_common::wire::{code, Chunk, Message};
 
 use super::{reply_error, VmEntry};
@@ -23,13 +26,14 @@ const QUEUED_BYTES: usize = 32 << 20;
 /// Chunks of one data stream verified together in one hop to a blocking thread, at most.
 const BATCH: usize = 8;
 
-/// A connection's budget of received, not yet verified chunk bytes.
+/// A connection's budget of received, not yet verified chunk bytes, and its spare payload
+/// buffers (a stream's reader and its verifier pass them back and forth, so a few suffice).
 #[derive(Clone)]
-pub(crate) struct Queue(Arc<Semaphore>);
+pub(crate) struct Queue(Arc<Semaphore>, Arc<BufferPool<16>>);
 
 impl Queue {
     pub fn new() -> Queue {
-        Queue(Arc::new(Semaphore::new(QUEUED_BYTES)))
+        Queue(Arc::new(Semaphore::new(QUEUED_BYTES)), Arc::default())
     }
 }
 
@@ -48,6 +52,7 @@ pub(crate) async fn data_stream(
 ) -> Result<(), LinkError> {
     let (cycle, epoch) = (first.tag.cycle, first.tag.epoch);
     let (tx, mut rx) = mpsc::channel::<(Chunk, OwnedSemaphorePermit)>(BATCH);
+    let payloads = Arc::clone(&queued.1);
     let reader = tokio::spawn(async move {
         let mut next = Some(first);
         while let Some(c) = next {
@@ -58,7 +63,11 @@ pub(crate) async fn data_stream(
             if tx.send((c, permit)).await.is_err() {
                 return Ok(()); // the stream stopped taking chunks
             }
-            next = match link::recv(&mut recv).await.map_err(ReaderEnd::Link)? {
+            let spare = queued.1.take();
+            next = match link::recv_reusing(&mut recv, spare)
+                .await
+                .map_err(ReaderEnd::Link)?
+            {
                 Some(Message::Chunk(c)) => Some(c),
                 None => None,
                 Some(other) => {
@@ -94,8 +103,9 @@ pub(crate) async fn data_stream(
                     continue;
                 }
                 let chunks = std::mem::take(&mut batch);
-                let (vm2, acks) = (Arc::clone(&vm), ack_tx.clone());
-                let r = tokio::task::spawn_blocking(move || hand_over(&vm2, chunks, &acks)).await;
+                let (vm2, acks, pool) = (Arc::clone(&vm), ack_tx.clone(), Arc::clone(&payloads));
+                let r = tokio::task::spawn_blocking(move || hand_over(&vm2, chunks, &acks, &pool))
+                    .await;
                 match r {
                     Ok(Ok((s, n))) => {
                         sender = Some(s);
@@ -151,16 +161,18 @@ pub(crate) async fn data_stream(
 }
 
 /// Checks, verifies and hands `chunks` to the VM's pipeline (on a blocking thread); each
-/// one's outcome comes on `acks`. Returns the pipeline's handle and how many were handed.
+/// one's outcome comes on `acks`, its payload buffer goes back to `payloads`. Returns the
+/// pipeline's handle and how many were handed.
 fn hand_over(
     vm: &VmEntry,
     chunks: Vec<(Chunk, OwnedSemaphorePermit)>,
     acks: &mpsc::UnboundedSender<Result<u64, Failure>>,
+    payloads: &BufferPool<16>,
 ) -> Result<(crate::store::JobSender, u64), (u16, String)> {
     let mut sender = None;
     let mut n = 0;
     let disks = vm.shared.state().disks.clone();
-    for (c, _permit) in chunks {
+    for (mut c, _permit) in chunks {
         let s = vm.admit(&c.tag)?;
         let bad = |reason: String| {
             (
@@ -181,7 +193,9 @@ fn hand_over(
             )));
         }
         let mut buf = vm.buffers.take();
-        let data = match c.unpack_aligned(&mut buf) {
+        let unpacked = c.unpack_aligned(&mut buf);
+        payloads.put(std::mem::take(&mut c.payload));
+        let data = match unpacked {
             Ok(Some(at)) => Some((buf, at)),
             Ok(None) => {
                 vm.buffers.put(buf);

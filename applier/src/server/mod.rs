@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, OnceCell};
@@ -78,7 +78,42 @@ pub(crate) struct App {
     open_delay: Option<(String, Duration)>,
     /// Most VMs open at once ([`MAX_VMS`]; tests lower it).
     max_vms: usize,
+    /// Every replica this applier opened, until [`Applier::shutdown`] closes them.
+    held: Mutex<Held>,
 }
+
+/// The replicas an applier holds open (each holds its VM's store lock until its last user
+/// lets go): what [`Applier::shutdown`] waits for.
+#[derive(Default)]
+struct Held {
+    /// Shutting down: no replica opens any more.
+    closed: bool,
+    /// Opens running on blocking threads (a replica each, soon).
+    opening: usize,
+    /// The replicas opened (dead ones are swept as new ones come).
+    entries: Vec<(String, Weak<VmEntry>)>,
+}
+
+impl Held {
+    /// The VMs whose replica is still open, and how many are being opened ("N being
+    /// opened").
+    fn still_open(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, w)| w.strong_count() > 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if self.opening > 0 {
+            v.push(format!("{} being opened", self.opening));
+        }
+        v
+    }
+}
+
+/// How long [`Applier::shutdown`] waits for the operations still using a replica (a store
+/// operation on a blocking thread, an export) to end, at most.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
 /// Most replicas one applier keeps open: a peer naming ever new VMs is refused past it.
 pub const MAX_VMS: usize = 4096;
@@ -161,8 +196,12 @@ impl App {
         Ok(slot.and_then(|s| s.get().cloned()))
     }
 
-    /// Puts an entry taken with [`App::take_vm`] back.
+    /// Puts an entry taken with [`App::take_vm`] back (unless the applier is shutting down:
+    /// then it closes with its last user).
     pub fn put_back(&self, name: &str, entry: Arc<VmEntry>) {
+        if lock(&self.held).closed {
+            return;
+        }
         let cell = OnceCell::new();
         let _ = cell.set(entry);
         lock(&self.vms).insert(name.to_string(), Arc::new(cell));
@@ -176,7 +215,48 @@ impl App {
             .collect()
     }
 
+    /// Opens VM `name`'s replica (its lock) and registers it for [`Applier::shutdown`]; once
+    /// the applier shuts down, refused.
     fn open(&self, name: &str, peer: Option<&str>) -> Result<Arc<VmEntry>, StoreError> {
+        let shutting_down = || {
+            StoreError::Receive(crate::store::Failure {
+                code: code::BUSY,
+                message: format!("VM {name}: the applier is shutting down; try again once it runs"),
+            })
+        };
+        {
+            let mut held = lock(&self.held);
+            if held.closed {
+                return Err(shutting_down());
+            }
+            held.opening += 1;
+        }
+        // Counted down however the open ends (also a panic): shutdown waits for it.
+        struct Opening<'a>(&'a Mutex<Held>);
+        impl Drop for Opening<'_> {
+            fn drop(&mut self) {
+                lock(self.0).opening -= 1;
+            }
+        }
+        let opening = Opening(&self.held);
+        let entry = self.open_entry(name, peer)?;
+        let mut held = lock(&self.held);
+        if held.closed {
+            // Closed before `opening` counts down: shutdown sees either this open or no lock.
+            drop(entry);
+            drop(held);
+            drop(opening);
+            return Err(shutting_down());
+        }
+        held.entries.retain(|(_, w)| w.strong_count() > 0);
+        held.entries
+            .push((name.to_string(), Arc::downgrade(&entry)));
+        drop(held);
+        drop(opening);
+        Ok(entry)
+    }
+
+    fn open_entry(&self, name: &str, peer: Option<&str>) -> Result<Arc<VmEntry>, StoreError> {
         if let Some((slow, d)) = &self.open_delay {
             if slow == name {
                 std::thread::sleep(*d);
@@ -502,6 +582,7 @@ impl Applier {
             next_conn: AtomicU64::new(1),
             open_delay: cfg.open_delay,
             max_vms: MAX_VMS,
+            held: Default::default(),
         });
         let admin = crate::admin::AdminServer::start(Arc::clone(&app), &admin_path)?;
         // Test failovers the store records are served again (their points stay pinned
@@ -567,13 +648,19 @@ impl Applier {
         self.endpoint.local_addr()
     }
 
-    /// Stops accepting, closes connections, waits for them.
+    /// Stops accepting, closes connections, and returns once every replica it had open is
+    /// closed (its store lock released: a store opened next is not Busy), or after
+    /// [`SHUTDOWN_WAIT`] if an operation still uses one (said in the log).
     pub async fn shutdown(mut self) {
         self.endpoint
             .close(VarInt::from_u32(0), b"applier shutting down");
         self.endpoint.wait_idle().await;
         self.task.abort();
         self.health.abort();
+        // An aborted task is dropped (with its hold of the App) when the runtime next runs
+        // it: wait for that.
+        let _ = (&mut self.task).await;
+        let _ = (&mut self.health).await;
         if let Some(a) = self.admin.take() {
             a.stop();
         }
@@ -581,6 +668,34 @@ impl Applier {
         // applier serves them again.
         let app = Arc::clone(&self.app);
         let _ = tokio::task::spawn_blocking(move || app.tests.shutdown_all()).await;
+        // No replica opens any more, and the table lets go of those open: whatever still
+        // holds the App (an admin client, the metrics endpoint) holds no replica. Dropping
+        // a replica may wait for its receive pipeline: on a blocking thread.
+        let app = Arc::clone(&self.app);
+        let _ = tokio::task::spawn_blocking(move || {
+            lock(&app.held).closed = true;
+            let table = std::mem::take(&mut *lock(&app.vms));
+            drop(table);
+        })
+        .await;
+        // The connections' tasks and the operations they started end on their own (their
+        // connections are closed): each lets go of its replica as it ends.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        loop {
+            let still = lock(&self.app.held).still_open();
+            if still.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    ?still,
+                    "shutting down: replicas still in use after {SHUTDOWN_WAIT:?} (an operation \
+                     still runs); each closes when it ends"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -805,6 +920,7 @@ mod tests {
             next_conn: AtomicU64::new(1),
             open_delay: None,
             max_vms: 2,
+            held: Default::default(),
             site: Arc::new(crate::failover::Site {
                 root: dir.path().to_path_buf(),
                 identity: None,

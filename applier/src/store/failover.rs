@@ -421,6 +421,7 @@ impl VmStore {
         let p = Primary {
             lineage: f.lineage,
             parent: f.parent,
+            point: Some(f.point),
             since: f.since,
             reverse: None,
             start: f.start,
@@ -564,6 +565,7 @@ impl VmStore {
         let p = Primary {
             lineage: Lineage::random(),
             parent: asked,
+            point: None,
             since: now(),
             reverse: Some(reverse),
             start,

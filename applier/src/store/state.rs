@@ -129,6 +129,12 @@ pub struct ReverseTarget {
 pub struct Primary {
     pub lineage: Lineage,
     pub parent: SpanParent,
+    /// The recovery point an unplanned failover went to (what status calls its point before
+    /// and after the commit: `parent` may be a later, empty cycle with the same contents).
+    /// None after a planned failover (its point is `parent`), and in records saved before
+    /// this field (added within version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<u64>,
     pub since: u64,
     /// Set once reverse replication is asked for (a planned failover, or `reverse`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
