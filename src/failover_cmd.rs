@@ -89,7 +89,15 @@ pub struct PlannedOptions {
     /// The VM definition the replica site starts it from (default: the shipped one).
     #[arg(long)]
     pub definition: Option<PathBuf>,
+    /// How long shipping the last cycle and the promote may take in all (default 30m);
+    /// then the command stops and says where the failover stands.
+    #[arg(long)]
+    pub timeout: Option<humantime::Duration>,
 }
+
+/// [`PlannedOptions::timeout`]'s default: the last cycle holds only the writes since the
+/// cycle before, so this is long even over a slow link.
+const PLANNED_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(clap::Args)]
 pub struct ReverseArgs {
@@ -279,10 +287,28 @@ fn shut_down(vm: &str, cfg: &ShipperConfig, qmp: Option<&Path>, within: Duration
     Ok(())
 }
 
+/// How long the replica site may take to answer the first hello (QUIC's idle timeout
+/// ends a connection to a site that is down well before).
+const WELCOME: Duration = Duration::from_secs(60);
+
 /// The PID holding `lockfile` (it wrote it there), stopped (SIGTERM, then SIGKILL).
 fn stop_holder(lockfile: &Path, what: &str) -> Result<()> {
     vmreplica_applier::failover::procs::stop_holder(lockfile, what, Duration::from_secs(30))
         .map_err(anyhow::Error::msg)
+}
+
+/// The VM's role on this site when it is a replica here (`replica`, `reverse-pending`): a
+/// planned failover away from this site, or a reverse, was done.
+fn replica_here(admin_socket: &Path, vm: &str) -> Result<Option<String>> {
+    Ok(admin::call(admin_socket, &Admin::Status)?
+        .and_then(|v| {
+            v["vms"]
+                .as_array()?
+                .iter()
+                .find(|r| r["vm"] == vm)
+                .map(|r| r["role"]["kind"].as_str().unwrap_or("").to_string())
+        })
+        .filter(|k| k == "replica" || k == "reverse-pending"))
 }
 
 /// One planned failover or reverse of a VM at a time on this site: a flock on
@@ -360,16 +386,7 @@ pub fn fail_over_planned(
         Err(e) => {
             // After a planned failover away from this site its tracker is gone and its
             // applier holds the VM as the new primary's replica: say so, not only the socket.
-            let here = admin::call(admin_socket, &Admin::Status)?
-                .and_then(|v| {
-                    v["vms"]
-                        .as_array()?
-                        .iter()
-                        .find(|r| r["vm"] == vm)
-                        .map(|r| r["role"]["kind"].as_str().unwrap_or("").to_string())
-                })
-                .filter(|k| k == "replica" || k == "reverse-pending");
-            if let Some(kind) = here {
+            if let Some(kind) = replica_here(admin_socket, vm)? {
                 bail!(
                     "VM {vm}: this site is its {kind} now (its tracker, {}, is gone): the \
                      planned failover away from this site was done. To fail back, run \
@@ -389,7 +406,23 @@ pub fn fail_over_planned(
         bail!("VM {vm}: the tracker has no lineage yet (no initial copy): nothing to fail over");
     };
     let rt = runtime()?;
-    let w: Welcome = rt.block_on(vmreplica_shipper::failover::welcome(&cfg))?;
+    let w: Welcome = rt
+        .block_on(async {
+            match tokio::time::timeout(WELCOME, vmreplica_shipper::failover::welcome(&cfg)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {WELCOME:?}")),
+            }
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "VM {vm}: the replica site ({}, {}) does not answer: {e}. A planned failover \
+                 ships the last cycle there and promotes it, so it needs that site's applier \
+                 running. Nothing was changed: the VM, its tracker and its shipper run here as \
+                 before; start the replica site's applier, then run the command again",
+                cfg.replica,
+                cfg.server_name
+            )
+        })?;
     let promoted =
         matches!(w.role, Role::Primary { parent, .. } if parent.lineage.to_string() == lineage);
     match w.role {
@@ -459,18 +492,29 @@ pub fn fail_over_planned(
     };
     let progress: std::sync::Arc<dyn vmreplica_shipper::progress::Progress> =
         std::sync::Arc::new(vmreplica_shipper::progress::LogProgress::default());
-    let r = rt.block_on(vmreplica_shipper::run::run_with(
-        cfg.clone(),
-        progress,
-        std::future::pending(),
-        None,
-        Some(PlannedRun { planned, adopt }),
-    ));
+    let limit = opts.timeout.map_or(PLANNED_TIMEOUT, Into::into);
+    let r = rt.block_on(async {
+        // The session retries a lost replica for ever, as a shipper does; a command ends.
+        let run = vmreplica_shipper::run::run_with(
+            cfg.clone(),
+            progress,
+            std::future::pending(),
+            None,
+            Some(PlannedRun { planned, adopt }),
+        );
+        match tokio::time::timeout(limit, run).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "it did not finish within {} (--timeout)",
+                humantime::format_duration(limit)
+            )),
+        }
+    });
     let finished = match r {
         Ok(Some(f)) => f,
         other => {
             let why = match other {
-                Err(e) => e.to_string(),
+                Err(e) => e,
                 _ => "the session ended without promoting the replica".to_string(),
             };
             // Back to where it was: this site is the primary, sealed until the user says.
@@ -478,6 +522,16 @@ pub fn fail_over_planned(
                 let _ = admin::call(
                     admin_socket,
                     &Admin::AdoptPrimaryUndo(Vm { vm: vm.to_string() }),
+                );
+                // The promote may have been made on the replica site, its answer lost: the
+                // VM must not run on both sites.
+                bail!(
+                    "VM {vm}: the planned failover did not complete: {why}. This site's images \
+                     were handed over and the promote may have been asked, so the replica site \
+                     ({}) may be the VM's primary already: do not unseal or start the VM here \
+                     until you know. Run the command again once the replica site answers (it \
+                     says whether that site was promoted, and finishes if it can)",
+                    cfg.replica
                 );
             }
             bail!(
@@ -515,12 +569,45 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
             a.site.socket().display()
         );
     }
-    let st = tracker(&cfg, &Request::Status).with_context(|| {
-        "the old primary's tracker must run (it knows which blocks this site wrote that the \
-         new primary lacks): start it, without the VM"
-    })?;
+    let st = match tracker(&cfg, &Request::Status) {
+        Ok(st) => st,
+        Err(e) => {
+            if let Some(kind) = replica_here(&a.site.socket(), vm)? {
+                bail!(
+                    "VM {vm}: this site is its {kind} already (its tracker, {}, is gone): the \
+                     reverse was done; nothing was changed",
+                    cfg.tracker.display()
+                );
+            }
+            bail!(
+                "VM {vm}: the old primary's tracker does not answer ({e}): it must run (it \
+                 knows which blocks this site wrote that the new primary lacks): start it, \
+                 without the VM; nothing was changed"
+            );
+        }
+    };
     let lineage = st["lineage"].as_str().unwrap_or_default().to_string();
     let state_dir = PathBuf::from(st["state_dir"].as_str().unwrap_or_default());
+    let untrusted: Vec<&str> = st["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["resync_required"] == json!(true) && d["excluded"] != json!(true))
+        .filter_map(|d| d["name"].as_str())
+        .collect();
+    if !untrusted.is_empty() && !a.discard_local_changes {
+        // Its last write's time may be as old as the state: a split brain could not be told.
+        bail!(
+            "VM {vm}: this site's tracker ({}) cannot say what it wrote on disk(s) {}: they \
+             are marked for a checksum resync (its state was restored from an older copy, \
+             lost, or its tracking failed), so neither whether the VM wrote here after the \
+             failover. Run `vmreplica reverse {vm} --discard-local-changes --config ...` to \
+             have each such disk overwritten whole by the new primary's (this site's state \
+             before stays a recovery point here); nothing was changed",
+            state_dir.display(),
+            untrusted.join(", ")
+        );
+    }
     let conns = connections(&cfg)?;
     let lock = cfg
         .tracker
@@ -568,6 +655,14 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
     stop_holder(&state_dir.join("lock"), "tracker")?;
     rt.block_on(vmreplica_shipper::failover::reverse(&cfg, &ask(true)))
         .map_err(|e| anyhow::anyhow!("the new primary refused: {e}"))?;
+    if !untrusted.is_empty() {
+        eprintln!(
+            "VM {vm}: this site's tracker cannot say what it wrote on disk(s) {} (its state was \
+             restored from an older copy, lost, or its tracking failed): each is overwritten \
+             whole by the new primary's reverse cycle",
+            untrusted.join(", ")
+        );
+    }
     println!(
         "VM {vm}: the new primary (lineage {}) replicates back to this site from {}; {} bytes \
          written here that it lacks are overwritten (this site's state before stays a recovery \

@@ -19,6 +19,7 @@
 //! failover through `vmreplica_shipper::failover::planned` (see the README).
 
 pub mod admin;
+pub mod lost;
 pub mod procs;
 
 use std::path::{Path, PathBuf};
@@ -127,13 +128,25 @@ fn start_vm(vs: &VmStore, procs: &Procs, definition: Option<&Path>) -> Result<Va
 
 /// The tracker's state as its status reports it (starting it if it is not running).
 fn tracker_status(vs: &VmStore, procs: &Procs) -> Result<Value, StoreError> {
+    tracker_status_of(vs, procs, false)
+}
+
+/// [`tracker_status`]; `fresh`: the record was made by this very request (a promote), so
+/// its tracker has no state yet. A tracker state lost under a record that had one ends in
+/// a checksum resync of every disk (see [`lost`]).
+fn tracker_status_of(vs: &VmStore, procs: &Procs, fresh: bool) -> Result<Value, StoreError> {
+    let lost = lost::check_before_start(vs, procs, fresh)?;
     let (disks, excluded) = disks_of(vs, procs)?;
     procs
         .start_tracker(&disks, &excluded)
         .map_err(|e| err(vs.vm(), "tracker", e))?;
-    procs
+    let st = procs
         .tracker(&Request::Status)
-        .map_err(|e| err(vs.vm(), "tracker", e))
+        .map_err(|e| err(vs.vm(), "tracker", e))?;
+    if lost {
+        return lost::mark_resync(vs, procs, &st);
+    }
+    Ok(st)
 }
 
 /// Puts the tracker in lineage `lineage` continuing `parent` (a fresh state dir has none).
@@ -313,7 +326,7 @@ pub fn cancel(vs: &mut VmStore) -> Result<Value, StoreError> {
     };
     if f.step == FailoverStep::Serving {
         // Before stopping anything: can the failed-over VM's writes be undone?
-        let (baseline, wrote) = match procs.tracker_pid() {
+        let (baseline, wrote, lost) = match procs.tracker_pid() {
             Some(_) => {
                 let st = procs
                     .tracker(&Request::Status)
@@ -321,15 +334,32 @@ pub fn cancel(vs: &mut VmStore) -> Result<Value, StoreError> {
                 (
                     st["frozen"]["baseline"] == json!(true),
                     st["last_write_at"].as_u64().unwrap_or(1) > 0,
+                    lost::untrusted(&st),
                 )
             }
-            None => (
-                vmreplica_tracker::failover::frozen_offline(&procs.tracker_dir())
-                    .map_err(|e| err(&vm, "tracker state", e))?
-                    .is_some_and(|g| g.baseline),
-                vmreplica_tracker::failover::read_stamp(&procs.tracker_dir()) > 0,
-            ),
+            None => {
+                let st = vmreplica_tracker::failover::state_offline(&procs.tracker_dir())
+                    .map_err(|e| err(&vm, "tracker state", e))?;
+                (
+                    vmreplica_tracker::failover::frozen_offline(&procs.tracker_dir())
+                        .map_err(|e| err(&vm, "tracker state", e))?
+                        .is_some_and(|g| g.baseline),
+                    vmreplica_tracker::failover::read_stamp(&procs.tracker_dir()) > 0,
+                    st.is_none_or(|s| s.disks.iter().any(|d| d.resync_required)),
+                )
+            }
         };
+        let lost = lost || lost::marker(&procs).exists();
+        if lost {
+            return Err(StoreError::Role(format!(
+                "VM {vm}: the failover's tracker state ({}) was lost or its tracking failed: \
+                 where the failed-over VM wrote is unknown, so its writes cannot be undone and \
+                 cancel is no longer possible. Commit the failover (`vmreplica failover commit \
+                 {vm}`): replicating back to the old primary then resynchronises it by \
+                 checksums. Nothing was changed",
+                procs.tracker_dir().display()
+            )));
+        }
         if !baseline && wrote {
             return Err(StoreError::Role(format!(
                 "VM {vm}: the failover's baseline was dropped (its copy-on-write passed the \
@@ -374,14 +404,21 @@ pub fn abandon(vs: &mut VmStore) -> Result<Value, StoreError> {
         }
         Role::Primary(_) => {
             let procs = Procs::new(vs.vm_dir(), &vm);
-            tracker_status(vs, &procs)?;
+            let st = tracker_status(vs, &procs)?;
             procs
                 .kill_vm()
                 .map_err(|e| err(&vm, "stopping the VM", e))?;
             procs
                 .stop_shipper()
                 .map_err(|e| err(&vm, "stopping the shipper", e))?;
-            let set = dirty_ranges(vs, &procs)?;
+            let mut set = dirty_ranges(vs, &procs)?;
+            if lost::untrusted(&st) {
+                // Where this site wrote is unknown (its tracking was lost): all of each disk
+                // is overwritten by the old primary's next cycle.
+                for (i, d) in vs.disks().iter().enumerate() {
+                    set.insert(i as u16, 0, d.size);
+                }
+            }
             procs
                 .stop_tracker()
                 .map_err(|e| err(&vm, "stopping the tracker", e))?;
@@ -482,9 +519,16 @@ fn toml_string(s: &str) -> String {
 
 /// Serves a VM this site is the primary of: its tracker (in the primary's lineage), the VM
 /// if asked, and the shipper back to the old primary once that is set up.
-fn serve_primary(site: &Site, vs: &VmStore, p: &Primary, start: bool) -> Result<Value, StoreError> {
+/// `fresh`: the record was just promoted (its tracker never ran).
+fn serve_primary(
+    site: &Site,
+    vs: &VmStore,
+    p: &Primary,
+    start: bool,
+    fresh: bool,
+) -> Result<Value, StoreError> {
     let procs = Procs::new(vs.vm_dir(), vs.vm());
-    let st = tracker_status(vs, &procs)?;
+    let st = tracker_status_of(vs, &procs, fresh)?;
     set_lineage(vs, &procs, &st, p.lineage, p.parent)?;
     if st["frozen"]["baseline"] == json!(true) {
         release_baseline(vs, &procs)?;
@@ -521,9 +565,10 @@ pub fn promote(site: &Site, vs: &mut VmStore, req: &PromoteRequest) -> Result<Pr
         here: req.here.clone(),
         interval: req.interval.clone(),
     };
+    let fresh = *vs.role() == Role::Replica;
     let p = vs.promote(req.lineage, req.cycle, target, req.start, None)?;
     vmreplica_tracker::crashpoint::crash_point("promote.saved");
-    serve_primary(site, vs, &p, req.start)?;
+    serve_primary(site, vs, &p, req.start, fresh)?;
     Ok(p)
 }
 
@@ -556,7 +601,8 @@ pub fn reverse(
     };
     let procs = Procs::new(vs.vm_dir(), &vm);
     let st = tracker_status(vs, &procs)?;
-    let here_wrote = st["last_write_at"].as_u64().unwrap_or(0) > 0;
+    // Tracking lost or failed here: where this site wrote is unknown, so it may have.
+    let here_wrote = st["last_write_at"].as_u64().unwrap_or(0) > 0 || lost::untrusted(&st);
     let there_wrote = req.last_write_at > p.since;
     if here_wrote && there_wrote && !req.discard_local {
         let m = split_brain_message(&vm, &p, req.last_write_at);
@@ -570,7 +616,7 @@ pub fn reverse(
             interval: req.interval.clone(),
         };
         let p = vs.set_reverse(t)?;
-        serve_primary(site, vs, &p, false)?;
+        serve_primary(site, vs, &p, false, false)?;
         tracing::info!(vm, back = %req.back.addr, "replicating back to the old primary");
     }
     Ok((p.lineage, p.parent.point(), p.since))
@@ -641,7 +687,19 @@ pub fn adopt_new(
         });
     }
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-    let divergent = ranges_by_index(&names, &call(&Request::DirtyRanges)?)?;
+    let mut divergent = ranges_by_index(&names, &call(&Request::DirtyRanges)?)?;
+    // A disk whose tracking cannot be trusted (its state restored from an older copy, or
+    // lost, or its tracking failed: the tracker marked it for a checksum resync) may hold
+    // writes its bitmap does not know: the whole disk is divergent, so the reverse cycle
+    // overwrites all of it rather than leave those writes in a replica that claims to equal
+    // the new primary.
+    let untrusted = untrusted_disks(&st);
+    for (i, d) in disks.iter().enumerate() {
+        if untrusted.contains(&d.name) {
+            tracing::error!(vm, disk = %d.name, "this site's tracking of the disk cannot be trusted (marked for a checksum resync): the whole disk is overwritten by the reverse cycle");
+            divergent.insert(i as u16, 0, d.size);
+        }
+    }
     let state_dir = st["state_dir"].as_str().map(PathBuf::from);
     store.create_adopted(vm, owner, &disks, parent, &divergent, state_dir)?;
     Ok(json!({
@@ -649,7 +707,19 @@ pub fn adopt_new(
         "owner": owner,
         "parent": parent,
         "divergent_bytes": divergent.bytes(),
+        "untrusted": untrusted,
     }))
+}
+
+/// The disks a tracker's status says need a checksum resync.
+fn untrusted_disks(st: &Value) -> Vec<String> {
+    st["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["resync_required"] == json!(true))
+        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .collect()
 }
 
 /// Adoption of this site's own primary record (it gives way at `parent`).
@@ -666,7 +736,7 @@ pub fn supervise(site: &Site, vs: &VmStore) {
         Role::FailedOver(f) if f.step == FailoverStep::Serving => {
             tracker_status(vs, &Procs::new(vs.vm_dir(), vs.vm())).map(|_| ())
         }
-        Role::Primary(p) => serve_primary(site, vs, &p, false).map(|_| ()),
+        Role::Primary(p) => serve_primary(site, vs, &p, false, false).map(|_| ()),
         _ => Ok(()),
     };
     if let Err(e) = r {

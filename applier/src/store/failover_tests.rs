@@ -232,3 +232,85 @@ fn a_full_disk_at_each_failover_save_loses_nothing_and_a_rerun_finishes() {
     assert!(matches!(vs.role(), Role::Primary(_)));
     assert!(read_images(&vs) == history[&3]);
 }
+
+/// A failover to an older point with a cycle held in part, each save inside
+/// `roll_back_to_point` failing in turn: on a full disk (not made), then after its rename
+/// (maybe made). Each failure leaves the record consistent (on disk as in memory, or
+/// re-read), the same step again finishes, the images end exactly at the point asked, and
+/// a cancel returns them exactly to the newest complete point with every point kept.
+#[test]
+fn each_failing_save_inside_roll_back_to_point_is_finished_by_a_rerun() {
+    for after_rename in [false, true] {
+        for skip in 0.. {
+            let dir = tmp();
+            let s = store(dir.path(), Retention::keep_all());
+            let mut primary = seeded(26);
+            let (mut vs, mut history) = initial(&s, &primary);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(26);
+            for c in 2..=3 {
+                let b = mutate(&mut rng, &mut primary);
+                ship(&mut vs, c, CycleKind::Delta, &primary, &b).unwrap();
+                history.insert(c, primary.clone());
+            }
+            // Cycle 4, received in part when the primary is lost.
+            let b = mutate(&mut rng, &mut primary);
+            let st = vs
+                .start_cycle(L, 4, CycleKind::Delta, FREEZE, &disks(), None)
+                .unwrap();
+            let tag = Tag {
+                lineage: L,
+                cycle: 4,
+                epoch: st.epoch,
+            };
+            for r in send(&vs, tag, &primary, &b) {
+                r.unwrap();
+            }
+            vs.begin_failover(Some(1), false, None).unwrap();
+            vs.fail_save_skip = skip;
+            if after_rename {
+                vs.fail_save_after_rename = true;
+            } else {
+                vs.fail_save = true;
+            }
+            let first = vs.roll_back_to_point();
+            let fired = !(vs.fail_save || vs.fail_save_after_rename);
+            (vs.fail_save, vs.fail_save_after_rename, vs.fail_save_skip) = (false, false, 0);
+            if !fired {
+                // Every save of the step went through: all of them were failed in turn.
+                first.unwrap();
+                assert!(skip >= 2, "roll_back_to_point saved only {skip} time(s)");
+                break;
+            }
+            let e = first.expect_err("the failed save is reported");
+            let on_disk: VmState = read_vm_state("vm1", &vs.dir().join("state.json"))
+                .unwrap()
+                .unwrap();
+            if !after_rename {
+                assert_eq!(on_disk.role, *vs.role(), "save {skip} failed: {e}");
+            }
+            // The same step again (after a maybe-made save, the first rerun may only re-read).
+            let f = match vs.roll_back_to_point() {
+                Err(StoreError::Reread { .. }) => vs.roll_back_to_point(),
+                r => r,
+            }
+            .unwrap_or_else(|e| {
+                panic!("save {skip} failed (after rename: {after_rename}), rerun: {e}")
+            });
+            assert_eq!(f.step, FailoverStep::RolledBack);
+            assert!(
+                read_images(&vs) == history[&1],
+                "save {skip} failed (after rename: {after_rename}): the images are not point 1"
+            );
+            vs.set_failover_step(FailoverStep::Serving).unwrap();
+            vs.begin_cancel().unwrap();
+            vs.finish_cancel(None).unwrap();
+            assert_eq!(*vs.role(), Role::Replica);
+            assert!(
+                read_images(&vs) == history[&3],
+                "save {skip} failed (after rename: {after_rename}): the cancel did not return \
+                 to point 3"
+            );
+            assert_eq!(vs.points().len(), 3, "a point was lost");
+        }
+    }
+}

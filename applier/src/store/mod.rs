@@ -417,6 +417,10 @@ pub struct VmStore {
     /// failed directory fsync does: maybe made).
     #[cfg(test)]
     pub(crate) fail_save_after_rename: bool,
+    /// Test hook: how many saves go through before one of the two hooks above fires (to fail
+    /// the N-th save of an operation).
+    #[cfg(test)]
+    pub(crate) fail_save_skip: u32,
 }
 
 impl VmStore {
@@ -467,6 +471,8 @@ impl VmStore {
             fail_save: false,
             #[cfg(test)]
             fail_save_after_rename: false,
+            #[cfg(test)]
+            fail_save_skip: 0,
         };
         s.open_images(false)?;
         s.load_chain()?;
@@ -622,7 +628,15 @@ impl VmStore {
             }
         }
         #[cfg(test)]
-        if std::mem::take(&mut self.fail_save) {
+        let armed = match self.fail_save_skip {
+            0 => true,
+            n => {
+                self.fail_save_skip = n - 1;
+                false
+            }
+        };
+        #[cfg(test)]
+        if armed && std::mem::take(&mut self.fail_save) {
             return Err(StoreError::State(StateFileError::Write {
                 path: self.dir().join("state.json"),
                 source: io::Error::from_raw_os_error(libc::ENOSPC),
@@ -632,7 +646,7 @@ impl VmStore {
         #[allow(unused_mut)]
         let mut saved = next.save(&path);
         #[cfg(test)]
-        if saved.is_ok() && std::mem::take(&mut self.fail_save_after_rename) {
+        if saved.is_ok() && armed && std::mem::take(&mut self.fail_save_after_rename) {
             saved = Err(StateFileError::Unsynced {
                 path,
                 source: io::Error::from_raw_os_error(libc::EIO),
@@ -741,6 +755,9 @@ impl VmStore {
         refs.sort_by_key(|u| u.from);
         for u in refs {
             let p = self.undo_path(&u.file);
+            if !p.exists() {
+                return Err(self.missing_undo_log(&p, u.from, u.to));
+            }
             let l = crate::undo::Loaded::open(&p).map_err(self.io(&p))?;
             let idx = LogIndex::open(u.from, u.to, &p, l.entries).map_err(self.io(&p))?;
             logs.push(Arc::new(idx));
@@ -778,6 +795,44 @@ impl VmStore {
         chain.logs = logs;
         chain.receiving = receiving;
         Ok(())
+    }
+
+    /// An undo log the record names is missing: the record is older than the replica's
+    /// files (restored from a backup), most often over a failover committed since, whose
+    /// commit removed every point and its undo log. Says which, and what to do.
+    fn missing_undo_log(&self, path: &Path, from: u64, to: u64) -> StoreError {
+        let vm = self.vm();
+        let record = self.dir().join("state.json");
+        let tracker = self.dir().join("primary").join("tracker");
+        let show = vmreplica_common::lineage::show;
+        let what = match vmreplica_tracker::failover::state_offline(&tracker) {
+            Ok(Some(t)) if t.lineage.is_some() && t.lineage != self.state.lineage => format!(
+                "This site failed over VM {vm} since that record was saved: the tracker state \
+                 at {} is in lineage {}, and the failover's commit removed the points the \
+                 record names (it says {} in lineage {}). Put back the copy of {} saved after \
+                 the failover's commit (role primary). Do not remove {}: its images are the \
+                 failed-over VM's disks",
+                tracker.display(),
+                show(t.lineage),
+                self.state.role.name(),
+                show(self.state.lineage),
+                record.display(),
+                self.dir().display()
+            ),
+            _ => format!(
+                "Put back the newest copy of {}; if there is none, stop the applier, remove {} \
+                 and let the primary make a new initial copy",
+                record.display(),
+                self.dir().display()
+            ),
+        };
+        StoreError::Role(format!(
+            "VM {vm}: its record {} names the undo log of points {from}..{to}, {}, which is \
+             missing: the record is older than the replica's files (restored from a backup?), \
+             so it cannot describe them and is refused (nothing was changed). {what}",
+            record.display(),
+            path.display()
+        ))
     }
 
     /// Removes undo files no state references (left by a crash between creating or merging
