@@ -484,8 +484,9 @@ pub fn pause(vm: &str, resume: bool) -> Result<()> {
         println!("VM {vm}: replication resumed: one cycle ships what changed meanwhile");
     } else {
         println!(
-            "VM {vm}: replication paused (the tracker keeps tracking; the pause survives a \
-             restart of the shipper; `vmreplica resume {vm}` goes on)"
+            "VM {vm}: replication paused (the tracker keeps tracking; the replica site is \
+             told; the pause survives a restart of the shipper; `vmreplica resume {vm}` goes \
+             on)"
         );
     }
     Ok(())

@@ -37,8 +37,11 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 /// The definition state the replica's state file records.
 fn recorded(store: &Path) -> serde_json::Value {
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("vm1/state.json")).unwrap()).unwrap();
+    let path = store.join("vm1/state.json");
+    // `definition.toml` is written before the state that names it (the first state a new
+    // replica saves): under load a test saw the one without the other.
+    wait_until("the replica's state", || path.exists());
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     v["state"]["definition"].clone()
 }
 

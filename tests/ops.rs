@@ -1,7 +1,7 @@
 //! Operations with the real processes: `vmreplica status` on both sites through the runtime
 //! registry (initial copy, replicating, paused, after missed cycles), pause and resume
-//! (across a shipper restart), `set` and SIGHUP, `resync --wait`, events, `remove`, and
-//! errors that name the side at fault.
+//! (across a shipper restart), the replica site told of a pause, `set` and SIGHUP,
+//! `resync --wait`, events, `remove`, and errors that name the side at fault.
 
 mod common;
 
@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use common::site::*;
 use common::*;
 use serde_json::Value;
+use vmreplica_common::link::{self, Tuning};
+use vmreplica_common::tls::Identity;
+use vmreplica_common::wire::{Message, PROTOCOL_VERSION};
 
 /// Every test here has its own run directory (registry and events).
 fn run_dir(dir: &Path) -> std::path::PathBuf {
@@ -50,10 +53,15 @@ fn side<'a>(report: &'a Value, site: &str) -> Option<&'a Value> {
 
 /// Waits until `cond` holds on the primary's status; returns that status.
 fn wait_status(what: &str, limit: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+    wait_side("primary", what, limit, cond)
+}
+
+/// Waits until `cond` holds on `site`'s status of vm1; returns the whole status.
+fn wait_side(site: &str, what: &str, limit: Duration, cond: impl Fn(&Value) -> bool) -> Value {
     let t0 = Instant::now();
     loop {
         let r = status("vm1");
-        if let Some(p) = side(&r, "primary") {
+        if let Some(p) = side(&r, site) {
             if cond(p) {
                 return r;
             }
@@ -275,6 +283,143 @@ fn status_through_initial_copy_replication_pause_and_missed_cycles() {
     );
     drop(shipper);
     tracker.stop();
+}
+
+/// A pause reaches the replica site: its status shows the VM paused since the primary's
+/// pause, Warning at most however long the pause lasts (past the RPO limit, every interval
+/// missed), also after its applier restarts; resumed, it replicates again and the paused
+/// time was not counted as missed cycles. (The replica site used to count the pause as
+/// missed cycles and age the latest point into Critical.)
+#[test]
+fn the_replica_site_shows_a_pause_and_counts_no_missed_cycles_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_dir(dir.path());
+    let site = Site::new(dir.path(), dir.path().join("store"));
+    let img = image(dir.path(), "sys.img", 16 * MIB);
+    fill_random(&img, 4);
+    let tracker = TrackerProc::start(dir.path(), &[("sys", &img)], &[]);
+    let config = site.config_via(
+        &tracker,
+        &format!("127.0.0.1:{}", site.port),
+        "rpo_limit = \"5s\"\n",
+    );
+    let mut applier = site.applier();
+    let _shipper = site.shipper(&config, &[]);
+    site.wait_cycles(0, 3, Duration::from_secs(60));
+    wait_side("replica", "replicating", Duration::from_secs(20), |r| {
+        r["state"] == "replicating" && r["health"]["level"] == "normal"
+    });
+    let expected = |r: &Value| side(r, "replica").unwrap()["last_hour"]["cycles_expected"].as_u64();
+    let (t0, expected0) = (Instant::now(), expected(&status("vm1")).unwrap());
+
+    vmr(&["pause", "vm1"]);
+    let r = wait_side("replica", "the pause told", Duration::from_secs(20), |r| {
+        r["state"] == "paused"
+    });
+    let since = side(&r, "replica").unwrap()["paused_since"].clone();
+    assert!(since.is_u64(), "{r}");
+    assert_eq!(side(&r, "primary").unwrap()["paused_since"], since, "{r}");
+    let applied = site.applied();
+    // Past the RPO limit, and past 20% of the hour's cycles: neither counts while paused.
+    std::thread::sleep(Duration::from_secs(8));
+    let check_paused = |r: &Value| {
+        let rep = side(r, "replica").expect("the replica site's view");
+        assert_eq!(rep["state"], "paused", "{rep}");
+        assert_eq!(rep["paused_since"], since, "{rep}");
+        assert_eq!(rep["health"]["level"], "warning", "{rep}");
+        let reasons = rep["health"]["reasons"].to_string();
+        assert!(
+            reasons.contains("paused") && !reasons.contains("missed") && !reasons.contains("RPO"),
+            "{rep}"
+        );
+    };
+    check_paused(&status("vm1"));
+    eprintln!("--- replica site while paused:\n{}", status_text("vm1"));
+    // The applier restarts: the pause was saved with the replica.
+    applier.kill();
+    let _applier = site.applier();
+    let r = wait_side(
+        "replica",
+        "the replica after a restart",
+        Duration::from_secs(20),
+        |r| r["state"] == "paused",
+    );
+    check_paused(&r);
+    assert_eq!(site.applied(), applied, "a paused VM shipped a cycle");
+    // Over real QUIC: the welcome carries the pause; a shipper of protocol 3 is refused,
+    // the message naming both versions and the site to upgrade.
+    match hello_as(&site, PROTOCOL_VERSION) {
+        Message::Welcome { paused, .. } => assert_eq!(paused, since.as_u64()),
+        other => panic!("{other:?}"),
+    }
+    match hello_as(&site, 3) {
+        Message::Error { message, .. } => assert!(
+            message.contains("version 3")
+                && message.contains(&format!("version {PROTOCOL_VERSION}"))
+                && message.contains("upgrade vmreplica on the primary site"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let told: Vec<Value> = events(&run)
+        .into_iter()
+        .filter(|e| e["event"] == "paused" && e["source"] == "applier")
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(told[0]["since"], since);
+
+    vmr(&["resume", "vm1"]);
+    site.wait_cycles(applied, 2, Duration::from_secs(60));
+    let r = wait_side(
+        "replica",
+        "replicating again",
+        Duration::from_secs(20),
+        |r| r["state"] == "replicating" && r["health"]["level"] == "normal",
+    );
+    let rep = side(&r, "replica").unwrap();
+    assert_eq!(rep["paused_since"], Value::Null, "{rep}");
+    // The cycles expected grew by the time replication was on, not by the 8 s paused.
+    let on = t0.elapsed().as_secs().saturating_sub(8);
+    assert!(
+        expected(&r).unwrap() <= expected0 + on + 2,
+        "the pause counted as expected (missed) cycles: {expected0} before, {on} s on: {rep}"
+    );
+    assert_eq!(
+        count(&run, "resumed"),
+        2,
+        "the shipper's and the applier's: {:?}",
+        events(&run)
+    );
+    eprintln!("--- replica site resumed:\n{}", status_text("vm1"));
+    tracker.stop();
+}
+
+/// Says hello for vm1 in replication protocol `version`, as the primary's shipper (its
+/// certificate); the applier's answer.
+fn hello_as(site: &Site, version: u16) -> Message {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let id = Identity::load(
+            &site.ca.join("primary-1.pem"),
+            &site.ca.join("primary-1.key"),
+            &site.ca.join("ca.pem"),
+        )
+        .unwrap();
+        let ep = link::client("0.0.0.0:0".parse().unwrap(), &id, &Tuning::default()).unwrap();
+        let addr = format!("127.0.0.1:{}", site.port).parse().unwrap();
+        let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let hello = Message::Hello {
+            version,
+            vm: "vm1".into(),
+            lineage: None,
+        };
+        link::send(&mut send, &hello).await.unwrap();
+        let answer = link::recv(&mut recv).await.unwrap().expect("an answer");
+        conn.close(0u32.into(), b"done");
+        ep.endpoint.wait_idle().await;
+        answer
+    })
 }
 
 /// Writes through the tracker's NBD socket (as the guest would).

@@ -22,6 +22,11 @@
 //! replica is promoted only holding exactly the sealed disk, once, after the adoption, and
 //! the shipper finishes with that very point and lineage.
 //!
+//! An operator pauses and resumes replication now and then (in its own test): while paused
+//! nothing is frozen or shipped; the replica site is told of the pause through cut links
+//! and crashes (it records exactly the operator's pause whenever the shipper says it was
+//! told), keeps showing it after its applier restarts, and the resume ends it.
+//!
 //! `SIM_SEEDS=N` runs more seeds (CI runs a bounded number), `SIM_SEED=S` one.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -120,6 +125,8 @@ struct Store {
     /// The VM definition it holds.
     definition: Option<DefinitionHash>,
     role: Role,
+    /// The primary's pause it records (since).
+    paused: Option<u64>,
 }
 
 impl Store {
@@ -131,6 +138,7 @@ impl Store {
             has_points: !self.points.is_empty(),
             receiving: self.receiving.as_ref().map(|r| r.0),
             role: self.role,
+            paused: self.paused,
         }
     }
 
@@ -320,6 +328,11 @@ struct Sim {
     /// The primary's VM definition (its version), and the versions the replica refuses.
     definition: u64,
     bad_definitions: BTreeSet<u64>,
+    /// The operator pauses and resumes now and then (a fault of its own); the pause in
+    /// force (since, as the shipper's state file keeps it), and every pause made.
+    pausing: bool,
+    op_paused: Option<u64>,
+    pauses_made: BTreeSet<u64>,
 }
 
 /// Version `v` of the simulated VM's definition.
@@ -383,6 +396,9 @@ impl Sim {
             promotions: 0,
             definition: 1,
             bad_definitions: BTreeSet::new(),
+            pausing: false,
+            op_paused: None,
+            pauses_made: BTreeSet::new(),
         }
     }
 
@@ -434,7 +450,8 @@ impl Sim {
                 start: true,
                 definition: None,
             }),
-            paused: false,
+            paused: self.op_paused,
+            resumed_at: 0,
         };
         let mut s = ShipperSession::new(cfg, self.at());
         s.set_definition(Some(definition(self.definition)));
@@ -567,7 +584,13 @@ impl Sim {
                 eprintln!("{:>6?} shipper {sh}: {a:?}", self.now);
             }
             match a {
-                sps::Action::Tracker(op) => self.tracker_op(sh, op),
+                sps::Action::Tracker(op) => {
+                    assert!(
+                        !(self.op_paused.is_some() && matches!(op, TrackerOp::Freeze { .. })),
+                        "froze a generation while paused"
+                    );
+                    self.tracker_op(sh, op)
+                }
                 sps::Action::Connect { attempt } => {
                     let id = self.next_conn;
                     self.next_conn += 1;
@@ -596,6 +619,12 @@ impl Sim {
                     }
                 }
                 sps::Action::Send { attempt, msg } => {
+                    assert!(
+                        self.op_paused.is_none()
+                            || matches!(msg, Message::Hello { .. } | Message::Paused { .. }),
+                        "sent {} while paused",
+                        msg.name()
+                    );
                     if let Some(c) = self.conn_of(sh, attempt) {
                         c.to_applier.push_back(Wire::Ctl(msg));
                     }
@@ -673,6 +702,20 @@ impl Sim {
                 }
                 sps::Action::Done { .. } => self.applied_cycles += 1,
                 sps::Action::Retry { .. } => {}
+                sps::Action::PauseTold { since } => {
+                    assert_eq!(since.is_some(), since == self.op_paused, "told {since:?}");
+                    // Told: the replica records exactly this pause, or holds nothing a
+                    // pause concerns (empty).
+                    match since {
+                        Some(_) => assert_eq!(self.store.paused, since, "told, not recorded"),
+                        None => assert!(
+                            self.store.lineage.is_none() && self.store.last_cycle == 0,
+                            "a replica that holds the VM was not told"
+                        ),
+                    }
+                    self.faults.hit("pause told");
+                }
+                sps::Action::PauseUntold { .. } => self.faults.hit("pause not told yet"),
                 sps::Action::Definition { hash, result } => {
                     let refused = self
                         .bad_definitions
@@ -855,6 +898,24 @@ impl Sim {
                     self.applier.handle(aps::Event::Promoted {
                         conn,
                         result: r,
+                        replica: rep,
+                    });
+                }
+                aps::Action::RecordPause { conn, change } => {
+                    if let Some(p) = self.store.paused {
+                        assert!(self.pauses_made.contains(&p), "a pause never made");
+                    }
+                    self.store.paused = match change {
+                        aps::PauseChange::Paused(since) => {
+                            assert!(self.pauses_made.contains(&since), "told a pause never made");
+                            Some(since)
+                        }
+                        aps::PauseChange::Resumed(_) => None,
+                    };
+                    let rep = self.store.replica();
+                    self.applier.handle(aps::Event::PauseRecorded {
+                        conn,
+                        result: Ok(()),
                         replica: rep,
                     });
                 }
@@ -1148,6 +1209,7 @@ impl Sim {
                 self.faults.hit("definition edited");
                 self.edit_definition(bad);
             }
+            58..=61 if self.pausing => self.toggle_pause(),
             _ => {}
         }
     }
@@ -1159,20 +1221,7 @@ impl Sim {
             return;
         };
         self.faults.hit("a gap refused");
-        let id = self.next_conn;
-        self.next_conn += 1;
-        self.conns.insert(
-            id,
-            Conn {
-                shipper: usize::MAX,
-                attempt: 0,
-                alive: true,
-                to_applier: VecDeque::new(),
-                to_applier_data: Vec::new(),
-                to_shipper: VecDeque::new(),
-                connected: true,
-            },
-        );
+        let id = self.peer_conn();
         let before = (
             self.store.image.clone(),
             self.store.last_cycle,
@@ -1214,6 +1263,79 @@ impl Sim {
             self.store.receiving.clone().map(|r| (r.0, r.2)),
         );
         assert!(before == after, "a refused cycle changed the replica");
+    }
+
+    /// A connection of a peer that is none of the shippers (connected already).
+    fn peer_conn(&mut self) -> u64 {
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                shipper: usize::MAX,
+                attempt: 0,
+                alive: true,
+                to_applier: VecDeque::new(),
+                to_applier_data: Vec::new(),
+                to_shipper: VecDeque::new(),
+                connected: true,
+            },
+        );
+        id
+    }
+
+    /// The pause the applier's welcome shows (a hello on a connection of its own).
+    fn welcome_paused(&mut self) -> Option<u64> {
+        let id = self.peer_conn();
+        self.applier_event(aps::Event::Hello {
+            conn: id,
+            version: vmreplica_common::wire::PROTOCOL_VERSION,
+            lineage: None,
+        });
+        let c = self.conns.remove(&id).unwrap();
+        match c.to_shipper.into_iter().next() {
+            Some(Wire::Ctl(Message::Welcome { paused, .. })) => paused,
+            other => panic!("no welcome: {other:?}"),
+        }
+    }
+
+    /// The operator pauses (a new pause, since now) or resumes the VM: saved first (as the
+    /// shipper's state file), then told to the running shipper.
+    fn toggle_pause(&mut self) {
+        let at = 1_000_000 + self.now.as_millis() as u64;
+        let pause = match self.op_paused.take() {
+            Some(_) => {
+                self.faults.hit("resumed");
+                None
+            }
+            None => {
+                self.faults.hit("paused");
+                self.op_paused = Some(at);
+                self.pauses_made.insert(at);
+                Some(at)
+            }
+        };
+        for sh in 0..self.shippers.len() {
+            let ev = match pause {
+                Some(since) => sps::Event::Pause { since },
+                None => sps::Event::Resume { at },
+            };
+            self.shipper_event(sh, ev);
+        }
+    }
+
+    /// Faults stop: every shipper but one stops (as the lock would have them).
+    fn keep_one_shipper(&mut self) {
+        let mut keep = true;
+        for sh in (0..self.shippers.len()).rev() {
+            if self.shippers[sh].alive && !std::mem::replace(&mut keep, false) {
+                self.shippers[sh].alive = false;
+                self.kill_conns(|c| c.shipper == sh);
+            }
+        }
+        if !self.shippers.iter().any(|s| s.alive) {
+            self.start_shipper(false);
+        }
     }
 
     fn pick_history(&mut self) -> Option<(Tracker, Store)> {
@@ -1275,16 +1397,23 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
     // Faults stop: the guest stops writing, every shipper but one is gone; replication must
     // converge within a bounded number of steps.
     let ctx = format!("SIM_SEED={seed}");
-    // One shipper goes on (the others are stopped, as the lock would have them).
-    let mut keep = true;
-    for sh in (0..sim.shippers.len()).rev() {
-        if sim.shippers[sh].alive && !std::mem::replace(&mut keep, false) {
-            sim.shippers[sh].alive = false;
-            sim.kill_conns(|c| c.shipper == sh);
-        }
-    }
-    if !sim.shippers.iter().any(|s| s.alive) {
-        sim.start_shipper(false);
+    sim.keep_one_shipper();
+    converge(&mut sim, &ctx);
+    sim.faults
+        .0
+        .insert("cycles acknowledged", sim.applied_cycles as u32);
+    sim.faults
+        .0
+        .insert("cycles committed", sim.committed.len() as u32);
+    sim.faults
+}
+
+/// With faults stopped and one shipper (resumed, if paused), replication must converge
+/// within a bounded number of steps: the replica equals the primary, in its lineage, with
+/// its last good definition and no pause recorded.
+fn converge(sim: &mut Sim, ctx: &str) {
+    if sim.op_paused.is_some() {
+        sim.toggle_pause();
     }
     // The last edit is one the replica keeps.
     sim.edit_definition(false);
@@ -1298,7 +1427,8 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
             && sim.store.lineage.is_some()
             && sim.store.lineage == sim.tracker.lineage
             && sim.tracker.frozen.is_none()
-            && sim.store.definition == want_definition;
+            && sim.store.definition == want_definition
+            && sim.store.paused.is_none();
         if done {
             converged = true;
             break;
@@ -1308,11 +1438,12 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
     }
     assert!(
         converged,
-        "{ctx}: replication did not converge: replica {:?} primary {:?}, replica lineage {:?} at {}, tracker {:?} next {} frozen {:?}",
+        "{ctx}: replication did not converge: replica {:?} primary {:?}, replica lineage {:?} at {} paused {:?}, tracker {:?} next {} frozen {:?}",
         sim.store.image,
         target,
         sim.store.lineage,
         sim.store.last_cycle,
+        sim.store.paused,
         sim.tracker.lineage,
         sim.tracker.next_generation,
         sim.tracker.frozen.as_ref().map(|f| (f.0, f.1))
@@ -1322,13 +1453,6 @@ fn run(seed: u64, steps: usize, locked: bool) -> Faults {
         !sim.committed.is_empty(),
         "{ctx}: no cycle was ever committed"
     );
-    sim.faults
-        .0
-        .insert("cycles acknowledged", sim.applied_cycles as u32);
-    sim.faults
-        .0
-        .insert("cycles committed", sim.committed.len() as u32);
-    sim.faults
 }
 
 fn seeds(default: u64) -> Vec<u64> {
@@ -1485,6 +1609,87 @@ fn a_planned_failover_promotes_exactly_the_sealed_disk_once_through_faults() {
     }
     eprintln!("{seen:#?}");
     for f in ["adopted", "link cut", "shipper crash", "applier crash"] {
+        assert!(
+            seen.get(f).copied().unwrap_or(0) > 0,
+            "never exercised: {f}"
+        );
+    }
+}
+
+/// An operator pauses and resumes through every fault: nothing is frozen or shipped while
+/// paused, and whenever the shipper says the replica site was told, the replica records
+/// exactly that pause (checked in the drivers). Then, faults stopped and paused: the pause
+/// reaches the replica (also when the link was down when it was made), survives an
+/// applier restart, and the resume ends it before replication converges.
+#[test]
+fn pauses_reach_the_replica_through_faults_and_survive_its_restart() {
+    let mut seen: BTreeMap<&'static str, u32> = BTreeMap::new();
+    for seed in seeds(40) {
+        let seed = seed + 3_000_000;
+        eprintln!("SIM_SEED={seed}");
+        let ctx = format!("SIM_SEED={seed}");
+        let mut sim = Sim::new(seed);
+        sim.pausing = true;
+        sim.start_shipper(true);
+        for _ in 0..3000 {
+            sim.step(true);
+            sim.check_points();
+        }
+        sim.keep_one_shipper();
+        // Paused (anew), the connection that would tell it cut: told once one gets through.
+        if sim.op_paused.is_some() {
+            sim.toggle_pause();
+        }
+        sim.kill_conns(|_| true);
+        sim.toggle_pause();
+        sim.kill_conns(|_| true);
+        let since = sim.op_paused.expect("paused");
+        let sh = sim
+            .shippers
+            .iter()
+            .position(|s| s.alive)
+            .expect("a shipper");
+        let mut told = false;
+        for _ in 0..20_000 {
+            sim.step(false);
+            let s = &sim.shippers[sh].s;
+            if s.is_paused() && s.is_idle() && s.poll_timeout().is_none() {
+                told = true;
+                break;
+            }
+            sim.now += Duration::from_millis(50);
+        }
+        assert!(told, "{ctx}: the pause was never told");
+        let empty = sim.store.lineage.is_none()
+            && sim.store.last_cycle == 0
+            && sim.store.receiving.is_none();
+        assert_eq!(
+            sim.store.paused,
+            (!empty).then_some(since),
+            "{ctx}: the replica does not record the pause"
+        );
+        // The applier restarts: its welcome shows the pause it read from the store.
+        sim.kill_conns(|_| true);
+        sim.stale.clear();
+        sim.new_applier();
+        assert_eq!(sim.welcome_paused(), sim.store.paused, "{ctx}");
+        sim.faults.hit("pause settled");
+        converge(&mut sim, &ctx);
+        for (k, v) in sim.faults.0 {
+            *seen.entry(k).or_default() += v;
+        }
+    }
+    eprintln!("{seen:#?}");
+    for f in [
+        "paused",
+        "resumed",
+        "pause told",
+        "pause not told yet",
+        "link cut",
+        "applier crash",
+        "shipper crash",
+        "replica store restored",
+    ] {
         assert!(
             seen.get(f).copied().unwrap_or(0) > 0,
             "never exercised: {f}"

@@ -43,11 +43,15 @@ fn state_of(s: &VmState, tests: bool) -> State {
     if matches!(s.role, Role::FailedOver(_) | Role::Primary(_)) {
         return State::FailedOver;
     }
+    // Paused by the primary's operator (it told this site): as the primary shows it, also
+    // in the middle of an initial copy or a resync.
+    if s.ops.history.paused() {
+        return State::Paused;
+    }
     match s.receiving.as_ref().map(|r| r.kind.as_str()) {
         Some("initial") => State::InitialCopy,
         Some("resync") => State::Resynchronizing,
         _ if s.points.is_empty() => State::InitialCopy,
-        _ if s.ops.history.paused() => State::Paused,
         _ if tests => State::TestFailover,
         _ => State::Replicating,
     }
@@ -148,7 +152,8 @@ pub(crate) fn replica_status(
     }
     .or_else(|| s.points.last().map(|p| now.saturating_sub(p.applied_at)));
     let state = state_of(s, !test_failovers.is_empty());
-    let paused_since = h.pauses.last().filter(|p| p.to.is_none()).map(|p| p.from);
+    // The primary's pause, as it told this site (see `session::pause`).
+    let paused_since = h.paused_since();
     let hl = match &failover {
         Some(f) => failover_health(vm, f),
         None => health(&HealthInput {

@@ -29,6 +29,9 @@ pub struct Replica {
     pub receiving: Option<Receiving>,
     /// What the site is for the VM.
     pub role: Role,
+    /// The primary's pause the replica records (since, the primary's clock), for the
+    /// welcome: not a lineage matter.
+    pub paused: Option<u64>,
 }
 
 pub use vmreplica_common::wire::failed_over_message;
@@ -161,6 +164,7 @@ mod tests {
             has_points: last > 0,
             receiving: None,
             role: Role::Replica,
+            paused: None,
         }
     }
 
@@ -219,6 +223,7 @@ mod tests {
             has_points: true,
             receiving: None,
             role: Role::Replica,
+            paused: None,
         };
         assert!(decide("vm1", &old, A, 4, Delta, 1, None).is_err());
         assert_eq!(

@@ -19,6 +19,8 @@
 //! a reverse cycle follows it with its divergent ranges (loaded by the driver); `Promote`
 //! (planned failover) and `Reverse` (replicate back after an unplanned one) are carried out
 //! by the driver and answered here.
+//! Pause: the welcome says which pause of the primary's the replica records; `Paused` and
+//! `Resumed` are recorded by the store (saved) and answered `PauseNoted` (see [`pause`]).
 
 use std::collections::VecDeque;
 
@@ -30,6 +32,12 @@ use vmreplica_common::wire::{
 };
 
 use crate::rules::{self, Replica};
+
+mod pause;
+#[cfg(test)]
+mod pause_tests;
+
+pub use pause::PauseChange;
 
 /// A connection (its control stream), as the driver numbers them.
 pub type ConnId = u64;
@@ -79,6 +87,12 @@ pub enum Event {
     Reversed {
         conn: ConnId,
         result: Result<(Lineage, LineagePoint, u64), (u16, String)>,
+        replica: Replica,
+    },
+    /// The store recorded (and saved) a pause or resume of the primary, or failed to.
+    PauseRecorded {
+        conn: ConnId,
+        result: Result<(), (u16, String)>,
         replica: Replica,
     },
 }
@@ -164,6 +178,12 @@ pub enum Action {
         conn: ConnId,
         request: ReverseRequest,
     },
+    /// Record the primary's pause or resume in the VM's history and save it, then report
+    /// [`Event::PauseRecorded`].
+    RecordPause {
+        conn: ConnId,
+        change: PauseChange,
+    },
 }
 
 /// A store operation in flight, and who asked.
@@ -181,7 +201,7 @@ enum Pending {
     },
     Hashes,
     Definition,
-    /// A divergent list, a promote or a reverse request.
+    /// A divergent list, a promote, a reverse request or a pause.
     Other,
 }
 
@@ -272,6 +292,7 @@ impl ApplierSession {
                 | Event::Divergent { .. }
                 | Event::Promoted { .. }
                 | Event::Reversed { .. }
+                | Event::PauseRecorded { .. }
         );
         if self.pending.is_some() && !is_result {
             if self.waiting.len() >= MAX_WAITING {
@@ -306,9 +327,12 @@ impl ApplierSession {
                 lineage,
             } => {
                 if version != PROTOCOL_VERSION {
-                    let m = format!(
-                        "the primary's shipper speaks replication protocol version {version}, this \
-                         applier version {PROTOCOL_VERSION}: upgrade the older side"
+                    let m = vmreplica_common::wire::version_refused(
+                        "the primary's shipper",
+                        version,
+                        "this applier",
+                        "primary",
+                        "replica",
                     );
                     return self.send(conn, error(code::PROTOCOL, m));
                 }
@@ -329,6 +353,7 @@ impl ApplierSession {
                         receiving: self.replica.receiving,
                         definition: self.definition,
                         role: self.replica.role,
+                        paused: self.replica.paused,
                     },
                 );
                 if matches!(self.replica.role, Role::ReversePending { .. }) {
@@ -461,6 +486,11 @@ impl ApplierSession {
                     Err((c, m)) => self.send(conn, error(c, m)),
                 }
             }
+            Event::PauseRecorded {
+                conn,
+                result,
+                replica,
+            } => self.pause_recorded(conn, result, replica),
         }
     }
 
@@ -654,6 +684,8 @@ impl ApplierSession {
                     },
                 });
             }
+            Message::Paused { since } => self.pause_change(conn, PauseChange::Paused(since)),
+            Message::Resumed { at } => self.pause_change(conn, PauseChange::Resumed(at)),
             other => {
                 let m = format!("unexpected {} on the control stream", other.name());
                 self.send(conn, error(code::PROTOCOL, m));
@@ -676,6 +708,7 @@ mod tests {
             has_points: true,
             receiving: None,
             role: Role::Replica,
+            paused: None,
         }
     }
 

@@ -135,6 +135,44 @@ impl History {
         }
     }
 
+    /// Since when replication is paused (None: it is not).
+    pub fn paused_since(&self) -> Option<u64> {
+        self.pauses
+            .last()
+            .filter(|p| p.to.is_none())
+            .map(|p| p.from)
+    }
+
+    /// Records a pause that began at `since` as another site tells it (the replica site,
+    /// told by the primary, maybe late; `now` is this site's clock): kept with the primary's
+    /// `since`, so the same pause told again changes nothing. An open pause that began at
+    /// another time (a resume that was never told) ends where this one begins. Whether
+    /// anything changed.
+    pub fn pause_since(&mut self, since: u64, now: u64) -> bool {
+        match self.paused_since() {
+            Some(from) if from == since => return false,
+            Some(from) => self.resume(since.max(from)),
+            None => {}
+        }
+        self.pauses.push(Pause {
+            from: since,
+            to: None,
+        });
+        self.prune(now);
+        true
+    }
+
+    /// Ends an open pause at `at` as another site tells it (0: unknown, `now`), kept between
+    /// the pause's start and `now`. Whether anything changed.
+    pub fn resume_at(&mut self, at: u64, now: u64) -> bool {
+        let Some(from) = self.paused_since() else {
+            return false;
+        };
+        let at = if at == 0 { now } else { at.min(now) };
+        self.resume(at.max(from));
+        true
+    }
+
     fn prune(&mut self, now: u64) {
         let keep_from = now.saturating_sub(KEEP_SECS);
         self.cycles.retain(|c| c.applied_ms / 1000 >= keep_from);
@@ -280,5 +318,40 @@ mod tests {
         assert_eq!(h.cycles.len(), 1, "the day-old record is gone");
         assert!(h.pauses.is_empty());
         assert_eq!(h.totals.cycles, 2);
+    }
+
+    /// A pause told by the primary: kept with the primary's start, told again changes
+    /// nothing, a new one ends an open one that began earlier; a resume ends it at the
+    /// primary's time, never before its start nor after this site's now.
+    #[test]
+    fn pauses_told_by_another_site_are_idempotent() {
+        let mut h = History::default();
+        assert!(h.pause_since(1000, 1005));
+        assert!(!h.pause_since(1000, 1010), "told again");
+        assert_eq!(h.paused_since(), Some(1000));
+        // A resume never told, then another pause: the first ends where the second begins.
+        assert!(h.pause_since(1100, 1110));
+        assert_eq!(
+            h.pauses,
+            vec![
+                Pause {
+                    from: 1000,
+                    to: Some(1100)
+                },
+                Pause {
+                    from: 1100,
+                    to: None
+                }
+            ]
+        );
+        assert!(h.resume_at(1200, 1150), "at is kept at or before now");
+        assert_eq!(h.pauses[1].to, Some(1150));
+        assert!(!h.resume_at(1300, 1300), "nothing open");
+        assert!(h.pause_since(1400, 1400));
+        assert!(h.resume_at(0, 1450), "unknown: now");
+        assert_eq!(h.pauses[2].to, Some(1450));
+        assert!(h.pause_since(1500, 1500));
+        assert!(h.resume_at(1, 1600), "never before the start");
+        assert_eq!(h.pauses[3].to, Some(1500));
     }
 }

@@ -197,8 +197,8 @@ pub struct VmStatus {
     /// Test failovers served on this site (replica site; added in version 1).
     #[serde(default)]
     pub test_failovers: Vec<TestFailoverStatus>,
-    /// Since when replication is paused (added in version 1). The primary site knows; the
-    /// replica site is not told of a pause yet (None there).
+    /// Since when replication is paused (added in version 1): the primary's pause, on the
+    /// replica site as the primary told it (the primary's clock).
     #[serde(default)]
     pub paused_since: Option<u64>,
 }

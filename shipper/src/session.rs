@@ -45,9 +45,22 @@
 //! next cycle begins (and again before any cycle once the driver hands a changed one). The
 //! replica answers `DefinitionStored`, stored or refused; either way replication goes on, and
 //! a refused definition is not sent again until it changes.
+//!
+//! An operator's pause is told to the replica site, so that its status shows the VM paused
+//! rather than missing cycles (see [`operator`]): once paused, the session connects (at
+//! once, or at the next chance if the applier cannot be reached), says `Paused` unless the
+//! replica's welcome shows it recorded that very pause, waits a bounded time for its
+//! acknowledgement, and closes; a paused session holds no connection otherwise. Resumed, the
+//! welcome of the next attempt shows whether the replica still records a pause, and
+//! `Resumed` ends it before any cycle begins.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+mod failover;
+mod operator;
+
+use operator::version_refused;
 
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
@@ -167,13 +180,15 @@ pub enum Event {
     Tick,
     /// The driver adopted this site's images as the replica (planned failover), or failed.
     Adopted(Result<(), String>),
-    /// An operator paused replication: the attempt under way ends (a frozen generation stays
-    /// frozen, and resumes where it stopped), and nothing more is frozen or shipped until
-    /// [`Event::Resume`]. The tracker keeps tracking meanwhile.
-    Pause,
-    /// Replication goes on: at once, one cycle of everything that changed meanwhile. From a
-    /// stop (an error that needed an operator), it tries again.
-    Resume,
+    /// An operator paused replication at `since` (seconds since the epoch): the attempt
+    /// under way ends (a frozen generation stays frozen, and resumes where it stopped),
+    /// nothing more is frozen or shipped until [`Event::Resume`], and the replica site is
+    /// told. The tracker keeps tracking meanwhile.
+    Pause { since: u64 },
+    /// Replication goes on (resumed at `at`, seconds since the epoch): at once, one cycle of
+    /// everything that changed meanwhile. From a stop (an error that needed an operator), it
+    /// tries again.
+    Resume { at: u64 },
     /// An operator asked for a checksum resync: the next freeze is a full one (at once, if
     /// the session is waiting for the interval).
     ResyncRequested,
@@ -251,6 +266,16 @@ pub enum Action {
         parent: LineagePoint,
         lineage: Lineage,
     },
+    /// The replica site recorded the pause since `since` (or, None, holds nothing a pause
+    /// concerns: an empty replica, a site the VM failed over to).
+    PauseTold {
+        since: Option<u64>,
+    },
+    /// The replica site could not be told of the pause; tried again after `after`.
+    PauseUntold {
+        error: String,
+        after: Duration,
+    },
 }
 
 /// What a planned failover asks the replica (see `Message::Promote`).
@@ -271,8 +296,12 @@ pub struct Config {
     pub initial_sync_at: Option<Instant>,
     /// A planned failover: ship the last generation, then promote the replica.
     pub planned: Option<Planned>,
-    /// Start paused (a pause survives a restart).
-    pub paused: bool,
+    /// Start paused since then (seconds since the epoch): a pause survives a restart, and
+    /// the replica site is told of it again if its welcome shows it does not record it.
+    pub paused: Option<u64>,
+    /// When replication was last resumed (seconds since the epoch; 0: unknown), for a
+    /// replica site that still records a pause.
+    pub resumed_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -314,8 +343,30 @@ enum Phase {
         parent: LineagePoint,
     },
     Stopped,
-    /// Paused by an operator: nothing is frozen or shipped.
+    /// Paused by an operator: nothing is frozen or shipped; the replica site was told (or
+    /// holds nothing a pause concerns).
     Paused,
+    /// Paused, the replica site not told yet: at `at`, connect to tell it.
+    PauseWait {
+        at: Instant,
+    },
+    /// Paused, telling the replica site: this step, given up at `until`.
+    Telling {
+        step: Tell,
+        until: Instant,
+    },
+    /// Resumed: the replica's welcome showed a pause it still records; `Resumed` was sent,
+    /// its acknowledgement awaited before anything else.
+    Resuming,
+}
+
+/// The steps of telling the replica site of a pause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tell {
+    Connecting,
+    Hello,
+    /// `Paused` sent, waiting for `PauseNoted`.
+    Noting,
 }
 
 /// What a tracker operation was for.
@@ -387,16 +438,22 @@ pub struct ShipperSession {
     /// replica's new lineage once it was promoted.
     final_from: Option<u64>,
     promoted: Option<Lineage>,
+    /// The operator's pause in force (since), the last resume's time, and the pause the
+    /// replica records (as its welcome or its last `PauseNoted` said).
+    paused_since: Option<u64>,
+    resumed_at: u64,
+    replica_paused: Option<u64>,
     actions: VecDeque<Action>,
 }
 
 impl ShipperSession {
     pub fn new(cfg: Config, now: Instant) -> ShipperSession {
-        let phase = if cfg.paused {
-            Phase::Paused
+        let phase = if cfg.paused.is_some() {
+            Phase::PauseWait { at: now }
         } else {
             Phase::Idle { at: now }
         };
+        let (paused_since, resumed_at) = (cfg.paused, cfg.resumed_at);
         ShipperSession {
             cfg,
             phase,
@@ -420,6 +477,9 @@ impl ShipperSession {
             reverse_marked: false,
             final_from: None,
             promoted: None,
+            paused_since,
+            resumed_at,
+            replica_paused: None,
             actions: VecDeque::new(),
         }
     }
@@ -467,8 +527,8 @@ impl ShipperSession {
     /// When the session wants a [`Event::Tick`] (None: only when something happens).
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Idle { at } => Some(*at),
-            Phase::Waiting { until, .. } => Some(*until),
+            Phase::Idle { at } | Phase::PauseWait { at } => Some(*at),
+            Phase::Waiting { until, .. } | Phase::Telling { until, .. } => Some(*until),
             _ => None,
         }
     }
@@ -477,8 +537,12 @@ impl ShipperSession {
         self.phase == Phase::Stopped
     }
 
+    /// Paused by an operator (whether or not the replica site was told yet).
     pub fn is_paused(&self) -> bool {
-        self.phase == Phase::Paused
+        matches!(
+            self.phase,
+            Phase::Paused | Phase::PauseWait { .. } | Phase::Telling { .. }
+        )
     }
 
     /// Between cycles: waiting for the interval (or paused, or stopped), no attempt or
@@ -486,64 +550,13 @@ impl ShipperSession {
     pub fn is_idle(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Waiting { .. } | Phase::Paused | Phase::Stopped
+            Phase::Waiting { .. } | Phase::Paused | Phase::PauseWait { .. } | Phase::Stopped
         )
     }
 
     /// The interval in force (None: continuous).
     pub fn interval(&self) -> Option<Duration> {
         self.cfg.interval
-    }
-
-    /// Operator events: pause, resume, resync, a new interval.
-    fn operator(&mut self, ev: Event) {
-        match ev {
-            Event::Pause => {
-                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
-                    return;
-                }
-                if !matches!(self.phase, Phase::Idle { .. }) {
-                    // The attempt ends, and with it the connection (also between cycles: a
-                    // paused VM holds none, so its replica can be removed or reseeded); a
-                    // tracker operation in flight finishes on its own and its answer is
-                    // ignored (resume reads the tracker's state afresh).
-                    self.act(Action::Close {
-                        attempt: self.attempt,
-                    });
-                }
-                self.cycle = None;
-                self.phase = Phase::Paused;
-            }
-            Event::Resume => {
-                if matches!(self.phase, Phase::Paused | Phase::Stopped) {
-                    self.backoff = MIN_BACKOFF;
-                    self.phase = Phase::Idle { at: self.now };
-                    self.handle(Event::Tick, self.now);
-                }
-            }
-            Event::ResyncRequested => {
-                self.must_resync = true;
-                if let Phase::Waiting { .. } = self.phase {
-                    self.phase = Phase::Waiting {
-                        until: self.now,
-                        full: true,
-                    };
-                    self.handle(Event::Tick, self.now);
-                }
-            }
-            Event::SetInterval(i) => {
-                self.cfg.interval = i;
-                if let Phase::Waiting { full: false, .. } = self.phase {
-                    let until = match (i, self.last_freeze) {
-                        (Some(i), Some(last)) => last + i,
-                        _ => self.now,
-                    };
-                    self.phase = Phase::Waiting { until, full: false };
-                    self.handle(Event::Tick, self.now);
-                }
-            }
-            _ => {}
-        }
     }
 
     /// The cycle being shipped: generation, kind.
@@ -558,6 +571,20 @@ impl ShipperSession {
     fn tracker_op(&mut self, op: TrackerOp, then: After) {
         self.phase = Phase::Tracker(then);
         self.act(Action::Tracker(op));
+    }
+
+    /// The first message of a connected attempt.
+    fn say_hello(&mut self, attempt: u64) {
+        self.definition_sent = None;
+        let lineage = self.tracker.as_ref().and_then(|t| t.lineage);
+        self.act(Action::Send {
+            attempt,
+            msg: Message::Hello {
+                version: PROTOCOL_VERSION,
+                vm: self.cfg.vm.clone(),
+                lineage,
+            },
+        });
     }
 
     /// Gives up the attempt: closes the connection and retries after a backoff.
@@ -592,11 +619,17 @@ impl ShipperSession {
         self.now = now;
         if matches!(
             ev,
-            Event::Pause | Event::Resume | Event::ResyncRequested | Event::SetInterval(_)
+            Event::Pause { .. }
+                | Event::Resume { .. }
+                | Event::ResyncRequested
+                | Event::SetInterval(_)
         ) {
             return self.operator(ev);
         }
-        if matches!(self.phase, Phase::Stopped | Phase::Paused) {
+        if self.is_paused() {
+            return self.paused_event(ev);
+        }
+        if self.phase == Phase::Stopped {
             return;
         }
         match ev {
@@ -631,16 +664,7 @@ impl ShipperSession {
                 if attempt == self.attempt && self.phase == Phase::Connecting =>
             {
                 self.phase = Phase::Hello;
-                self.definition_sent = None;
-                let lineage = self.tracker.as_ref().and_then(|t| t.lineage);
-                self.act(Action::Send {
-                    attempt,
-                    msg: Message::Hello {
-                        version: PROTOCOL_VERSION,
-                        vm: self.cfg.vm.clone(),
-                        lineage,
-                    },
-                });
+                self.say_hello(attempt);
             }
             Event::Disconnected { attempt, reason }
                 if attempt == self.attempt
@@ -812,13 +836,11 @@ impl ShipperSession {
                     receiving,
                     definition,
                     role,
+                    paused,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
-                    return self.retry(format!(
-                        "the applier speaks replication protocol version {version}, this \
-                         shipper {PROTOCOL_VERSION}: upgrade the older side"
-                    ));
+                    return self.retry(version_refused(version));
                 }
                 self.replica = Some(ReplicaView {
                     lineage,
@@ -829,6 +851,9 @@ impl ShipperSession {
                 });
                 self.replica_definition = definition;
                 self.divergent = None;
+                if self.resume_replica(paused) {
+                    return;
+                }
                 if matches!(role, Role::ReversePending { .. }) {
                     self.phase = Phase::Divergent {
                         ranges: RangeSet::new(),
@@ -854,6 +879,7 @@ impl ShipperSession {
             (Phase::Promoting { parent }, Message::Promoted { lineage }) => {
                 self.finish(parent, lineage);
             }
+            (Phase::Resuming, Message::PauseNoted { paused }) => self.resumed_replica(paused),
             (
                 Phase::Resume { mut applied },
                 Message::Resume {
@@ -1120,117 +1146,6 @@ impl ShipperSession {
         }
     }
 
-    /// A replica waiting for a reverse cycle continuing `parent`: mark its divergent ranges
-    /// dirty, freeze after that, ship the generation as the `Reverse` cycle.
-    fn decide_reverse(&mut self, t: &TrackerView, r: &ReplicaView, parent: LineagePoint) {
-        let vm = self.cfg.vm.clone();
-        let Some(tl) = t
-            .lineage
-            .filter(|l| *l == parent.lineage || t.parent == Some(parent))
-        else {
-            return self.stop(format!(
-                "VM {vm}: the replica waits for a reverse cycle continuing {parent}, but this \
-                 tracker's lineage {} (continuing {}) does not continue it: nothing is shipped",
-                vmreplica_common::lineage::show(t.lineage),
-                t.parent.map_or("nothing".to_string(), |p| p.to_string())
-            ));
-        };
-        if t.next_generation <= parent.cycle {
-            return self.tracker_op(
-                TrackerOp::SetLineage {
-                    lineage: Some(tl),
-                    next_generation: parent.cycle + 1,
-                },
-                After::Decide,
-            );
-        }
-        match t.frozen {
-            Some(f)
-                if r.receiving
-                    == Some(Receiving {
-                        lineage: tl,
-                        cycle: f.generation,
-                        kind: CycleKind::Reverse,
-                        freeze: f.id,
-                    })
-                    || (self.reverse_marked && f.generation > parent.cycle) =>
-            {
-                self.ship_reverse(tl, f, t, parent)
-            }
-            Some(f) => self.tracker_op(
-                TrackerOp::Merge {
-                    generation: f.generation,
-                },
-                After::Decide,
-            ),
-            None if !self.reverse_marked => {
-                let ranges = self.divergent.clone().unwrap_or_default();
-                self.tracker_op(TrackerOp::MarkDirty { ranges }, After::Marked)
-            }
-            None => {
-                self.last_freeze = Some(self.now);
-                let full = t.resync_required;
-                self.tracker_op(
-                    TrackerOp::Freeze { full },
-                    After::Froze { for_resync: full },
-                )
-            }
-        }
-    }
-
-    fn ship_reverse(&mut self, lineage: Lineage, f: Frozen, t: &TrackerView, parent: LineagePoint) {
-        self.ship_from(lineage, f, CycleKind::Reverse, t, Some(parent));
-    }
-
-    /// A planned failover whose promote already happened (the replica says it is primary
-    /// continuing this tracker's last generation): adopt and finish.
-    fn already_promoted(&mut self, t: &TrackerView, r: &ReplicaView) -> Option<()> {
-        self.cfg.planned.as_ref()?;
-        let Role::Primary { lineage, parent } = r.role else {
-            return None;
-        };
-        let last = t
-            .frozen
-            .map_or(t.next_generation.saturating_sub(1), |f| f.generation);
-        if t.lineage != Some(parent.lineage) || parent.cycle != last {
-            return None;
-        }
-        self.phase = Phase::Adopting { parent };
-        self.promoted = Some(lineage);
-        self.act(Action::Adopt { parent });
-        Some(())
-    }
-
-    fn promote(&mut self, parent: LineagePoint) {
-        if let Some(lineage) = self.promoted {
-            return self.finish(parent, lineage);
-        }
-        let Some(p) = self.cfg.planned.clone() else {
-            return;
-        };
-        self.phase = Phase::Promoting { parent };
-        self.act(Action::Send {
-            attempt: self.attempt,
-            msg: Message::Promote {
-                lineage: parent.lineage,
-                cycle: parent.cycle,
-                back: p.back,
-                here: p.here,
-                interval: p.interval,
-                start: p.start,
-                definition: p.definition,
-            },
-        });
-    }
-
-    fn finish(&mut self, parent: LineagePoint, lineage: Lineage) {
-        self.act(Action::Close {
-            attempt: self.attempt,
-        });
-        self.act(Action::Finished { parent, lineage });
-        self.phase = Phase::Stopped;
-    }
-
     fn ship(&mut self, lineage: Lineage, f: Frozen, kind: CycleKind, t: &TrackerView) {
         self.ship_from(lineage, f, kind, t, None)
     }
@@ -1272,5 +1187,7 @@ impl ShipperSession {
     }
 }
 
+#[cfg(test)]
+mod pause_tests;
 #[cfg(test)]
 mod tests;

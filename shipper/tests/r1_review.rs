@@ -93,7 +93,8 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
             interval: Some(Duration::from_secs(1)),
             initial_sync_at: None,
             planned: None,
-            paused: false,
+            paused: None,
+            resumed_at: 0,
         },
         now,
     );
@@ -144,6 +145,7 @@ fn drive_until_freeze(t: &Tracker, r: &Replica) -> Vec<TrackerOp> {
                 Event::Message {
                     attempt,
                     msg: Message::Welcome {
+                        paused: None,
                         version: PROTOCOL_VERSION,
                         lineage: Some(r.lineage),
                         last_cycle: r.last_cycle,

@@ -429,6 +429,19 @@ impl VmEntry {
                         replica: vs.replica(),
                     }
                 }
+                Action::RecordPause { conn, change } => {
+                    let r = vs.record_pause(change);
+                    match &r {
+                        Ok(true) => emit_pause(&me.name, change),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(vm = %me.name, ?change, "the primary's pause not recorded: {e}"),
+                    }
+                    Event::PauseRecorded {
+                        conn,
+                        result: r.map(|_| ()).map_err(fail),
+                        replica: vs.replica(),
+                    }
+                }
                 Action::Send { .. } => unreachable!("sends are carried out under the session lock"),
             }
         })
@@ -462,8 +475,26 @@ impl VmEntry {
     }
 }
 
+/// The primary's pause or resume, recorded here: logged and in the event stream (as the
+/// shipper emits its own), with the site, so a script tells the two apart.
+fn emit_pause(vm: &str, change: crate::session::PauseChange) {
+    use crate::session::PauseChange;
+    use vmreplica_ops::events::{self, Event as Ev};
+    let e = match change {
+        PauseChange::Paused(since) => {
+            tracing::info!(vm, since, "the primary paused replication: recorded");
+            Ev::new(events::PAUSED).field("since", since)
+        }
+        PauseChange::Resumed(at) => {
+            tracing::info!(vm, at, "the primary resumed replication: recorded");
+            Ev::new(events::RESUMED).field("at", at)
+        }
+    };
+    events::emit(e.vm(vm).field("site", "replica"));
+}
+
 /// What a store operation that panicked reports to the session: the result of the kind it
-/// waits for (a start, a commit or checksums), so it never waits for ever.
+/// waits for (a start, a commit, checksums or a pause), so it never waits for ever.
 #[derive(Debug)]
 enum Failed {
     Start,
@@ -472,6 +503,9 @@ enum Failed {
         conn: crate::session::ConnId,
         disk: String,
         offset: u64,
+    },
+    Pause {
+        conn: crate::session::ConnId,
     },
 }
 
@@ -486,6 +520,7 @@ impl Failed {
                 disk: disk.clone(),
                 offset: *offset,
             },
+            Action::RecordPause { conn, .. } => Failed::Pause { conn: *conn },
             _ => Failed::Start,
         }
     }
@@ -500,6 +535,11 @@ impl Failed {
                 disk,
                 offset,
                 result: Err(e),
+            },
+            Failed::Pause { conn } => Event::PauseRecorded {
+                conn,
+                result: Err(e),
+                replica,
             },
         }
     }
@@ -821,6 +861,7 @@ mod tests {
             has_points: false,
             receiving: None,
             role: vmreplica_common::wire::Role::Replica,
+            paused: None,
         };
         let commit = Action::Commit {
             lineage: Lineage([1; 16]),

@@ -24,6 +24,7 @@ mod export;
 mod failover;
 #[cfg(test)]
 mod failover_tests;
+mod pause;
 mod points;
 mod receive;
 pub(crate) mod state;

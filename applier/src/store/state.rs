@@ -349,6 +349,7 @@ impl VmState {
             has_points: !self.points.is_empty(),
             receiving: self.receiving_info(),
             role: self.role.wire(),
+            paused: self.ops.history.paused_since(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The wire codec's tests: round trips, old versions, hostile frames, paging, chunks.
 use super::*;
+use crate::direct;
 
 fn tag(cycle: u64) -> Tag {
     Tag {
@@ -36,6 +37,7 @@ fn all() -> Vec<Message> {
             lineage: None,
         },
         Message::Welcome {
+            paused: None,
             version: 3,
             lineage: Some(l),
             last_cycle: 7,
@@ -50,6 +52,7 @@ fn all() -> Vec<Message> {
             role: Role::Replica,
         },
         Message::Welcome {
+            paused: None,
             version: 3,
             lineage: None,
             last_cycle: 0,
@@ -62,6 +65,7 @@ fn all() -> Vec<Message> {
             },
         },
         Message::Welcome {
+            paused: None,
             version: 3,
             lineage: Some(l),
             last_cycle: 9,
@@ -74,6 +78,7 @@ fn all() -> Vec<Message> {
             },
         },
         Message::Welcome {
+            paused: None,
             version: 3,
             lineage: Some(l),
             last_cycle: 9,
@@ -82,6 +87,34 @@ fn all() -> Vec<Message> {
             definition: None,
             role: Role::ReversePending { parent: point(9) },
         },
+        Message::Welcome {
+            version: 4,
+            lineage: Some(l),
+            last_cycle: 9,
+            last_freeze: 0,
+            receiving: None,
+            definition: None,
+            role: Role::Replica,
+            paused: Some(1_796_000_000),
+        },
+        Message::Welcome {
+            version: 4,
+            lineage: Some(l),
+            last_cycle: 9,
+            last_freeze: 3,
+            receiving: None,
+            definition: Some(DefinitionHash([6; 16])),
+            role: Role::Replica,
+            paused: None,
+        },
+        Message::Paused {
+            since: 1_796_000_000,
+        },
+        Message::Resumed { at: 0 },
+        Message::PauseNoted {
+            paused: Some(1_796_000_000),
+        },
+        Message::PauseNoted { paused: None },
         Message::BeginCycle {
             lineage: l,
             cycle: 8,
@@ -269,6 +302,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
     assert_eq!(
         decode(&f).unwrap().unwrap().0,
         Message::Welcome {
+            paused: None,
             version: 1,
             lineage: None,
             last_cycle: 5,
@@ -280,6 +314,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
     );
     // Version 2's welcome ends before the role.
     let v2 = Message::Welcome {
+        paused: None,
         version: 2,
         lineage: Some(Lineage([3; 16])),
         last_cycle: 5,
@@ -291,6 +326,7 @@ fn version_1_hello_and_welcome_decode_so_they_can_be_refused() {
     let f = frame(&v2);
     assert_eq!(decode(&f).unwrap().unwrap().0, v2);
     let mut v3 = frame(&Message::Welcome {
+        paused: None,
         version: 3,
         lineage: Some(Lineage([3; 16])),
         last_cycle: 5,
@@ -563,6 +599,7 @@ fn zero_blocks_amid_data_travel_as_zero_markers() {
 #[test]
 fn welcomes_without_a_definition_decode_and_oversized_definitions_are_refused() {
     let w = Message::Welcome {
+        paused: None,
         version: 2,
         lineage: None,
         last_cycle: 3,
@@ -611,6 +648,7 @@ fn failover_messages_are_bounded_and_divergent_ranges_are_paged() {
     assert_eq!(decode(&framed), Err(WireError::BadString));
     // An unknown role is refused.
     let mut w = frame(&Message::Welcome {
+        paused: None,
         version: 3,
         lineage: None,
         last_cycle: 0,
@@ -672,4 +710,68 @@ fn cycle_metadata_is_an_optional_tail_of_begin_cycle() {
     let n = (bad.len() - 4) as u32;
     bad[..4].copy_from_slice(&n.to_be_bytes());
     assert_eq!(decode(&bad), Err(WireError::BadFlag(9)));
+}
+
+/// Version 4's welcome always flags its definition and carries the replica's pause; a
+/// version 3 welcome (no pause, the definition absent when none) still decodes, so that a
+/// version 3 applier is refused by its version and not by a decoding error; a truncated
+/// pause or a bad flag is refused; the refusal names both versions and the older site.
+#[test]
+fn version_4_welcomes_carry_the_pause_and_version_3_ones_still_decode() {
+    let v4 = |definition, paused| Message::Welcome {
+        version: 4,
+        lineage: Some(Lineage([3; 16])),
+        last_cycle: 5,
+        last_freeze: 6,
+        receiving: None,
+        role: Role::Replica,
+        definition,
+        paused,
+    };
+    let v3 = Message::Welcome {
+        version: 3,
+        lineage: Some(Lineage([3; 16])),
+        last_cycle: 5,
+        last_freeze: 6,
+        receiving: None,
+        role: Role::Replica,
+        definition: None,
+        paused: None,
+    };
+    let old = frame(&v3);
+    assert_eq!(decode(&old).unwrap().unwrap().0, v3);
+    // Version 4: a definition flag (0) and a pause flag (0) more.
+    let none = frame(&v4(None, None));
+    assert_eq!(none.len(), old.len() + 2);
+    assert_eq!(decode(&none).unwrap().unwrap().0, v4(None, None));
+    let paused = frame(&v4(Some(DefinitionHash([1; 16])), Some(42)));
+    assert_eq!(paused.len(), old.len() + 1 + 16 + 1 + 8);
+    assert_eq!(
+        decode(&paused).unwrap().unwrap().0,
+        v4(Some(DefinitionHash([1; 16])), Some(42))
+    );
+    // A version 4 welcome must carry both flags; a cut pause or a flag of 2 is refused.
+    let mut cut = none.clone();
+    cut.pop();
+    cut[3] -= 1;
+    assert!(decode(&cut).is_err());
+    let mut bad = none.clone();
+    *bad.last_mut().unwrap() = 2;
+    assert_eq!(decode(&bad), Err(WireError::BadFlag(2)));
+    let mut short = frame(&Message::PauseNoted { paused: Some(7) });
+    short.pop();
+    short[3] -= 1;
+    assert!(decode(&short).is_err());
+    // The refusal names both versions and which site runs the older vmreplica.
+    let m = version_refused("the applier", 3, "this shipper", "replica", "primary");
+    assert!(
+        m.contains("version 3") && m.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{m}"
+    );
+    assert!(m.contains("upgrade vmreplica on the replica site"), "{m}");
+    let m = version_refused("the applier", 9, "this shipper", "replica", "primary");
+    assert!(
+        m.contains("upgrade vmreplica on this (primary) site"),
+        "{m}"
+    );
 }

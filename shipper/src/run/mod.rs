@@ -170,8 +170,8 @@ pub async fn run_with(
             humantime::format_duration(Duration::from_secs((at - now).as_secs()))
         );
     }
-    let paused = ops.state.paused();
-    if paused {
+    let paused = ops.state.history.paused_since();
+    if paused.is_some() {
         tracing::info!(
             vm = cfg.vm,
             "replication is paused (`vmreplica resume {}` goes on)",
@@ -185,6 +185,7 @@ pub async fn run_with(
             initial_sync_at,
             planned: planned.as_ref().map(|p| p.planned.clone()),
             paused,
+            resumed_at: operator::resumed_at(&ops),
         },
         now,
     );
@@ -405,6 +406,26 @@ pub async fn run_with(
                         let _ = tx.send(Report::Session(Event::Adopted(r)));
                     });
                 }
+                Action::PauseTold { since } => match since {
+                    Some(since) => {
+                        tracing::info!(vm = cfg.vm, since, "the replica site records the pause")
+                    }
+                    None => tracing::info!(
+                        vm = cfg.vm,
+                        "the replica site holds nothing a pause concerns (an empty replica, or \
+                         the VM failed over to it): not told"
+                    ),
+                },
+                Action::PauseUntold { error, after } => {
+                    vmreplica_common::warn_limited!(
+                        Duration::from_secs(300),
+                        key = &error,
+                        vm = cfg.vm,
+                        "the replica site is not told of the pause yet (its status counts \
+                         missed cycles meanwhile): {error}; trying again in {}s",
+                        after.as_secs()
+                    );
+                }
                 Action::Finished { parent, lineage } => {
                     tracing::info!(vm = cfg.vm, %parent, new_lineage = %lineage, "the replica is the VM's primary now");
                     ep.endpoint.close(0u32.into(), b"planned failover done");
@@ -465,6 +486,15 @@ pub async fn run_with(
                 view
             })),
             Report::Connected(attempt, l) => {
+                if link.as_ref().is_some_and(|cur| cur.attempt > attempt) {
+                    // An earlier attempt's connection, made after the session moved on (a
+                    // pause while connecting starts a new attempt at once): it must not
+                    // replace the current one.
+                    for c in &l.conns {
+                        c.close(0u32.into(), b"attempt over");
+                    }
+                    continue;
+                }
                 tracing::info!(
                     vm = cfg.vm,
                     replica = cfg.replica,

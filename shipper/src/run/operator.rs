@@ -82,11 +82,21 @@ pub(super) fn control_command(
             return;
         }
         C::Pause => ops.set_paused(true).map(|changed| {
-            s.handle(Event::Pause, Instant::now());
+            let since = ops
+                .state
+                .history
+                .paused_since()
+                .unwrap_or_else(|| crate::ops::now_ms() / 1000);
+            s.handle(Event::Pause { since }, Instant::now());
             json!({ "changed": changed })
         }),
         C::Resume => ops.set_paused(false).map(|changed| {
-            s.handle(Event::Resume, Instant::now());
+            s.handle(
+                Event::Resume {
+                    at: resumed_at(ops),
+                },
+                Instant::now(),
+            );
             json!({ "changed": changed })
         }),
         C::Resync => {
@@ -115,6 +125,16 @@ pub(super) fn control_command(
 
 /// A job that makes the primary's status of the VM (it asks the tracker: run it on a
 /// blocking thread).
+/// When replication was last resumed (seconds since the epoch; 0: unknown).
+pub(super) fn resumed_at(ops: &Ops) -> u64 {
+    ops.state
+        .history
+        .pauses
+        .last()
+        .and_then(|p| p.to)
+        .unwrap_or(0)
+}
+
 pub(super) fn status_job(ops: &Ops) -> impl FnOnce() -> VmStatus + Send + 'static {
     let (vm, state, live, socket) = (
         ops.vm.clone(),

@@ -2,13 +2,13 @@
 use super::*;
 use vmreplica_common::wire::resume_pages;
 
-const L: Lineage = Lineage([4; 16]);
+pub(super) const L: Lineage = Lineage([4; 16]);
 
-fn drain(s: &mut ShipperSession) -> Vec<Action> {
+pub(super) fn drain(s: &mut ShipperSession) -> Vec<Action> {
     std::iter::from_fn(|| s.poll_action()).collect()
 }
 
-fn view(frozen: Option<Frozen>, next: u64) -> TrackerView {
+pub(super) fn view(frozen: Option<Frozen>, next: u64) -> TrackerView {
     TrackerView {
         lineage: Some(L),
         next_generation: next,
@@ -43,7 +43,8 @@ fn connected_with(
             interval: Some(Duration::from_secs(60)),
             initial_sync_at: None,
             planned: None,
-            paused: false,
+            paused: None,
+            resumed_at: 0,
         },
         now,
     );
@@ -64,6 +65,7 @@ fn connected_with(
         Event::Message {
             attempt: 1,
             msg: Message::Welcome {
+                paused: None,
                 version: PROTOCOL_VERSION,
                 lineage: Some(L),
                 last_cycle: 9,
@@ -209,7 +211,8 @@ fn greeted(view_: TrackerView, role: Role, last: u64) -> ShipperSession {
             interval: Some(Duration::from_secs(60)),
             initial_sync_at: None,
             planned: None,
-            paused: false,
+            paused: None,
+            resumed_at: 0,
         },
         now,
     );
@@ -221,6 +224,7 @@ fn greeted(view_: TrackerView, role: Role, last: u64) -> ShipperSession {
         Event::Message {
             attempt: 1,
             msg: Message::Welcome {
+                paused: None,
                 version: PROTOCOL_VERSION,
                 lineage: Some(L),
                 last_cycle: last,
@@ -380,8 +384,9 @@ fn a_reverse_cycle_marks_the_divergent_ranges_then_ships_a_generation_frozen_aft
 }
 
 /// A session whose tracker (next generation 10, nothing frozen) and replica (at 9) are
-/// in step, driven until it asks for its first freeze.
-fn in_step(paused: bool) -> (ShipperSession, Instant) {
+/// in step, driven until it asks for its first freeze (restarted paused since 1000 and
+/// resumed at once, with `paused`).
+pub(super) fn in_step(paused: bool) -> (ShipperSession, Instant) {
     let now = Instant::now();
     let mut s = ShipperSession::new(
         Config {
@@ -389,15 +394,19 @@ fn in_step(paused: bool) -> (ShipperSession, Instant) {
             interval: Some(Duration::from_secs(60)),
             initial_sync_at: None,
             planned: None,
-            paused,
+            paused: paused.then_some(1000),
+            resumed_at: 0,
         },
         now,
     );
     if paused {
         assert!(s.is_paused(), "a pause survives a restart");
-        s.handle(Event::Tick, now);
-        assert!(drain(&mut s).is_empty());
-        s.handle(Event::Resume, now);
+        assert_eq!(
+            s.poll_timeout(),
+            Some(now),
+            "the replica site is told at once"
+        );
+        s.handle(Event::Resume { at: 1100 }, now);
     } else {
         s.handle(Event::Tick, now);
     }
@@ -407,15 +416,7 @@ fn in_step(paused: bool) -> (ShipperSession, Instant) {
     s.handle(
         Event::Message {
             attempt: 1,
-            msg: Message::Welcome {
-                version: PROTOCOL_VERSION,
-                lineage: Some(L),
-                last_cycle: 9,
-                last_freeze: 5,
-                receiving: None,
-                role: Role::Replica,
-                definition: None,
-            },
+            msg: welcome(None),
         },
         now,
     );
@@ -426,28 +427,23 @@ fn in_step(paused: bool) -> (ShipperSession, Instant) {
     (s, now)
 }
 
-/// Paused, the interval passes without a freeze and late answers are ignored; resumed,
-/// the tracker is read afresh at once (one cycle of everything changed meanwhile).
-#[test]
-fn pause_holds_freezes_and_resume_goes_on_at_once() {
-    let (mut s, now) = in_step(false);
-    s.handle(Event::Pause, now);
-    assert!(s.is_paused() && s.is_idle());
-    assert_eq!(drain(&mut s), vec![Action::Close { attempt: 1 }]);
-    s.handle(Event::Tracker(Ok(view(None, 11))), now);
-    s.handle(Event::Tick, now + Duration::from_secs(600));
-    assert!(drain(&mut s).is_empty());
-    assert_eq!(s.poll_timeout(), None);
-    let later = now + Duration::from_secs(900);
-    s.handle(Event::Resume, later);
-    assert_eq!(drain(&mut s), vec![Action::Tracker(TrackerOp::Status)]);
-    assert!(!s.is_paused());
+/// The welcome of a replica at cycle 9 of L that records the pause `paused`.
+pub(super) fn welcome(paused: Option<u64>) -> Message {
+    Message::Welcome {
+        paused,
+        version: PROTOCOL_VERSION,
+        lineage: Some(L),
+        last_cycle: 9,
+        last_freeze: 5,
+        receiving: None,
+        role: Role::Replica,
+        definition: None,
+    }
 }
 
-/// Waiting for the interval after a delta, a requested resync freezes every block at
-/// once; a shorter interval brings the next freeze forward.
-#[test]
-fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
+/// [`in_step`] (restarted paused and resumed), its cycle 10 shipped, applied and released:
+/// connected, waiting 60 s for the next freeze.
+pub(super) fn waiting() -> (ShipperSession, Instant) {
     let (mut s, now) = in_step(true);
     // The freeze made generation 10; shipped and applied; released: waiting 60 s.
     let f = Frozen {
@@ -489,6 +485,14 @@ fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
     drain(&mut s);
     assert!(s.is_idle());
     assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(60)));
+    (s, now)
+}
+
+/// Waiting for the interval after a delta, a requested resync freezes every block at
+/// once; a shorter interval brings the next freeze forward.
+#[test]
+fn a_requested_resync_or_a_new_interval_applies_while_waiting() {
+    let (mut s, now) = waiting();
     s.handle(Event::SetInterval(Some(Duration::from_secs(5))), now);
     assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(5)));
     s.handle(Event::ResyncRequested, now + Duration::from_secs(1));
