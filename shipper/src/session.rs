@@ -739,7 +739,7 @@ impl ShipperSession {
                 if matches!(phase, Phase::Status | Phase::Tracker(_)) {
                     // Whether a mark in flight was saved is unknown: it is made again.
                     self.resync_marked = false;
-                    self.retry(format!("tracker: {e}"));
+                    self.retry(e);
                 }
                 return;
             }
