@@ -106,6 +106,49 @@ pub struct ReplicaView {
     pub role: Role,
 }
 
+/// What a replica's welcome says: its position, the pause it records (since when, in the
+/// primary's clock) and the definition it holds.
+struct Welcomed {
+    view: ReplicaView,
+    paused: Option<u64>,
+    definition: Option<DefinitionHash>,
+}
+
+impl Welcomed {
+    /// Reads a welcome; the refusal to give instead if the replica speaks another protocol
+    /// version (or the message is not a welcome).
+    fn of(msg: Message) -> Result<Welcomed, String> {
+        match msg {
+            Message::Welcome {
+                version,
+                lineage,
+                last_cycle,
+                last_freeze,
+                receiving,
+                definition,
+                role,
+                paused,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(version_refused(version));
+                }
+                Ok(Welcomed {
+                    view: ReplicaView {
+                        lineage,
+                        last_cycle,
+                        last_freeze,
+                        receiving,
+                        role,
+                    },
+                    paused,
+                    definition,
+                })
+            }
+            other => Err(format!("unexpected {} instead of a welcome", other.name())),
+        }
+    }
+}
+
 /// The VM's definition as the shipper sends it: `VmDefinition::to_toml()` and the primary
 /// site's reverse target, and their hash.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -826,29 +869,13 @@ impl ShipperSession {
             return;
         }
         match (self.phase.clone(), msg) {
-            (
-                Phase::Hello,
-                Message::Welcome {
-                    version,
-                    lineage,
-                    last_cycle,
-                    last_freeze,
-                    receiving,
-                    definition,
-                    role,
-                    paused,
-                },
-            ) => {
-                if version != PROTOCOL_VERSION {
-                    return self.retry(version_refused(version));
-                }
-                self.replica = Some(ReplicaView {
-                    lineage,
-                    last_cycle,
-                    last_freeze,
-                    receiving,
-                    role,
-                });
+            (Phase::Hello, welcome @ Message::Welcome { .. }) => {
+                let w = match Welcomed::of(welcome) {
+                    Ok(w) => w,
+                    Err(refused) => return self.retry(refused),
+                };
+                let (role, paused, definition) = (w.view.role, w.paused, w.definition);
+                self.replica = Some(w.view);
                 self.replica_definition = definition;
                 self.divergent = None;
                 if self.resume_replica(paused) {

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use vmreplica_common::wire::{Message, Role, PROTOCOL_VERSION};
+use vmreplica_common::wire::{Message, Role};
 
 use super::{Action, Event, Phase, ShipperSession, Tell, MAX_BACKOFF, MIN_BACKOFF};
 
@@ -205,30 +205,13 @@ impl ShipperSession {
             (_, Message::Error { code, message }) => {
                 self.untold(format!("the applier: {message} (code {code})"))
             }
-            (
-                Tell::Hello,
-                Message::Welcome {
-                    version,
-                    lineage,
-                    last_cycle,
-                    last_freeze,
-                    receiving,
-                    role,
-                    paused,
-                    ..
-                },
-            ) => {
-                if version != PROTOCOL_VERSION {
-                    return self.untold(version_refused(version));
-                }
-                self.replica = Some(super::ReplicaView {
-                    lineage,
-                    last_cycle,
-                    last_freeze,
-                    receiving,
-                    role,
-                });
-                self.replica_paused = paused;
+            (Tell::Hello, welcome @ Message::Welcome { .. }) => {
+                let w = match super::Welcomed::of(welcome) {
+                    Ok(w) => w,
+                    Err(refused) => return self.untold(refused),
+                };
+                self.replica = Some(w.view);
+                self.replica_paused = w.paused;
                 self.tell();
             }
             (Tell::Noting, Message::PauseNoted { paused }) => {
