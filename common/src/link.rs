@@ -451,15 +451,7 @@ mod tests {
         let text: Vec<u8> = (0..200_000u32)
             .flat_map(|i| (i % 251).to_be_bytes())
             .collect();
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..70_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = crate::wire::incompressible(70_000);
         let lz4 = Chunk::pack(tag, 0, 0, &text, true);
         let raw = Chunk::pack(tag, 0, 1 << 20, &noise, true);
         let zero = Chunk::pack(tag, 0, 2 << 20, &[0u8; 8192], true);

@@ -325,3 +325,18 @@ impl Chunk {
         Ok(())
     }
 }
+
+/// Bytes lz4 cannot shrink (xorshift64), the same for every call: for tests of chunks that
+/// must go out raw.
+#[cfg(test)]
+pub(crate) fn incompressible(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

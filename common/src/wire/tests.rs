@@ -487,15 +487,7 @@ fn chunks_pick_their_encoding_and_verify_checksums() {
     assert_eq!(c.encoding, Encoding::Lz4);
     assert!(c.payload.len() < 2000);
     assert_eq!(c.unpack().unwrap().unwrap(), text);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..65536)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = incompressible(65536);
     let r = Chunk::pack(t, 0, 0, &noise, true);
     assert_eq!(r.encoding, Encoding::Raw);
     let mut bad = c.clone();
