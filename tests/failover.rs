@@ -15,9 +15,7 @@ use common::*;
 /// writes there are undone by a cancel, after which the old primary's cycles land again.
 #[test]
 fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     Pair::nbd_write(&uri_a, 7, 20 * MIB, MIB);
     let n = p.applied();
@@ -80,9 +78,7 @@ fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating(
 /// the newest point.
 #[test]
 fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     // Three more points, each with a write of its own. Two cycles after each write: the
     // first may have been frozen before the write (under load it was, and two writes then
@@ -148,9 +144,7 @@ fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest
 /// identical disks, and replication goes on in the original direction.
 #[test]
 fn commit_reverse_then_planned_failback_with_identical_disks() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let n = p.applied();
     Pair::nbd_write(&uri_a, 21, 12 * MIB, MIB);
@@ -363,9 +357,7 @@ fn split_brain_resolved_by_abandoning_the_failover() {
 /// Site B failed over (committed) and wrote; site A's shipper died first and its VM went on
 /// writing after the failover.
 fn split_brain() -> Pair {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let n = p.applied();
     Pair::nbd_write(&uri_a, 5, 4 * MIB, MIB);
@@ -386,9 +378,7 @@ fn split_brain() -> Pair {
 /// the shutdown are site B's at the start); site A's tracker stops and site B replicates back.
 #[test]
 fn planned_failover_loses_no_write_and_replicates_back() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     // A "VM" holds the disk open.
     let mut vm = common::Guard(
@@ -481,9 +471,7 @@ fn crash_b(p: &mut Pair, point: &str, args: &[&str]) {
 /// each failover serves exactly its point).
 #[test]
 fn a_crash_at_each_step_of_failover_cancel_and_commit_is_finished_by_the_same_command() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     for (i, byte) in [(0u64, 51u8), (1, 52)] {
         let n = p.applied();
@@ -560,9 +548,7 @@ fn a_crash_at_each_step_of_failover_cancel_and_commit_is_finished_by_the_same_co
 /// and finishes.
 #[test]
 fn a_planned_failover_finishes_through_a_crash_of_the_promoting_applier() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 19, 0, MIB);
     let shutdown = sha(&p.img);
     p.start_applier('b', &[("VMREPLICA_CRASH_AT", "promote.saved")]);
@@ -598,9 +584,7 @@ fn a_planned_failover_finishes_through_a_crash_of_the_promoting_applier() {
 /// that died while it was down (the baseline, durable, still allows a cancel).
 #[test]
 fn a_failed_over_vms_tracker_outlives_the_applier_and_is_found_again() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     p.kill_primary();
     let replica = std::fs::read(p.b.image("sys")).unwrap();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
@@ -646,9 +630,7 @@ fn a_failed_over_vms_tracker_outlives_the_applier_and_is_found_again() {
 #[test]
 fn planned_failover_and_failback_between_two_network_namespaces() {
     let ns = TwoNamespaces::new();
-    let mut p = Pair::new(6, ns.placement());
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let p = Pair::replicating(6, ns.placement());
     Pair::nbd_write(
         &p.tracker.as_ref().unwrap().uri("sys"),
         81,

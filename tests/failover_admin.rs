@@ -28,9 +28,7 @@ fn spawn(s: &SiteDir, args: &[&str]) -> std::process::Child {
 
 #[test]
 fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let n = p.applied();
     Pair::nbd_write(&uri_a, 41, 2 * MIB, MIB);
@@ -143,9 +141,7 @@ fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
 /// in the running VM's disks; they are refused, naming the tracker and the record.
 #[test]
 fn a_replica_record_restored_over_a_failover_takes_no_cycle_into_the_running_vms_disks() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let n = p.applied();
     Pair::nbd_write(&uri_a, 51, 2 * MIB, MIB);
@@ -187,9 +183,7 @@ fn a_replica_record_restored_over_a_failover_takes_no_cycle_into_the_running_vms
 /// the replica site ends primary with the shutdown disks; then the same command again.
 #[test]
 fn two_planned_failovers_at_once_fail_over_once_and_lose_nothing() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     Pair::nbd_write(&uri_a, 61, 3 * MIB, 2 * MIB);
     let shutdown = sha(&p.img);

@@ -95,9 +95,7 @@ fn reverse_and_wait_equal(p: &mut Pair, extra: &[&str]) {
 /// resync, and the reverse cycle is one.
 #[test]
 fn a_lost_tracker_state_on_the_new_primary_ends_in_a_checksum_resync_back() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     p.kill_primary();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
     Pair::nbd_write(&p.b.uri("sys"), 31, 2 * MIB, MIB);
@@ -125,9 +123,7 @@ fn a_lost_tracker_state_on_the_new_primary_ends_in_a_checksum_resync_back() {
 /// refused, saying why and that commit is the way on; the commit works.
 #[test]
 fn cancel_is_refused_once_the_failovers_tracker_state_is_lost() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     p.kill_primary();
     let replica = std::fs::read(p.b.image("sys")).unwrap();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
@@ -165,9 +161,7 @@ fn cancel_is_refused_once_the_failovers_tracker_state_is_lost() {
 /// and then adoption takes such a disk as divergent whole.
 #[test]
 fn an_old_primary_tracker_state_restored_from_a_backup_is_not_trusted_by_reverse() {
-    let mut p = Pair::new(8, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(8, None);
     let state = p.a.dir.join("state");
     let backup = p.a.dir.join("state-backup");
     run(Command::new("cp").arg("-a").arg(&state).arg(&backup));
@@ -228,9 +222,7 @@ fn an_old_primary_tracker_state_restored_from_a_backup_is_not_trusted_by_reverse
 /// to site B.
 #[test]
 fn two_reverses_at_once_replicate_back_once() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     p.kill_primary();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
     Pair::nbd_write(&p.b.uri("sys"), 34, MIB, MIB);
@@ -281,9 +273,7 @@ fn two_reverses_at_once_replicate_back_once() {
 /// sealed, the shipper still runs and replicates once the replica site is back.
 #[test]
 fn a_planned_failover_while_the_replica_site_is_down_changes_nothing() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     p.kill_applier('b');
     let t0 = Instant::now();
     let cfg = p.config.to_str().unwrap().to_string();
@@ -326,9 +316,7 @@ fn a_planned_failover_while_the_replica_site_is_down_changes_nothing() {
 /// site may be the primary already and not to start the VM here; the disks stay sealed.
 #[test]
 fn a_planned_failover_whose_replica_site_never_answers_again_ends_at_its_timeout() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 36, 0, MIB);
     let shutdown = sha(&p.img);
     p.start_applier('b', &[("VMREPLICA_CRASH_AT", "promote.saved")]);
@@ -378,9 +366,7 @@ fn a_planned_failover_whose_replica_site_never_answers_again_ends_at_its_timeout
 /// and what to do, not only "undo log …: No such file".
 #[test]
 fn a_replica_record_restored_over_a_committed_failover_says_what_happened() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 37, 0, MIB);
     // Two cycles from after the write: the first may have been frozen before it. The record
     // must name an undo log (a second point), or there is nothing missing to detect.
@@ -417,9 +403,7 @@ fn a_replica_record_restored_over_a_committed_failover_says_what_happened() {
 /// failback then moves site B's disk exactly.
 #[test]
 fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
-    let mut p = Pair::new(4, None);
-    p.start_shipper();
-    p.wait_cycles(0, 1);
+    let mut p = Pair::replicating(4, None);
     p.kill_primary();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
     Pair::nbd_write(&p.b.uri("sys"), 38, MIB, MIB);

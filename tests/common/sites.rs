@@ -158,6 +158,15 @@ impl Pair {
     }
 
     /// [`Pair::new`] with a `size_mib` MiB image.
+    /// A pair replicating: [`Pair::new`], its shipper started and its first cycle (the
+    /// initial copy) applied.
+    pub fn replicating(data_mib: u64, ns: Namespaces) -> Pair {
+        let mut p = Pair::new(data_mib, ns);
+        p.start_shipper();
+        p.wait_cycles(0, 1);
+        p
+    }
+
     pub fn sized(size_mib: u64, data_mib: u64, ns: Namespaces) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
