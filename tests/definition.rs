@@ -11,8 +11,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::site::*;
-use vmreplica_common::link::{self, Tuning};
-use vmreplica_common::tls::Identity;
 use vmreplica_common::wire::{DefinitionHash, Message, ReverseTarget, PROTOCOL_VERSION};
 use vmreplica_vm::VmDefinition;
 
@@ -52,45 +50,24 @@ fn send_definition(
     hash: DefinitionHash,
     def: &str,
 ) -> (Option<DefinitionHash>, Option<String>) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let id = Identity::load(
-            &site.ca.join("primary-1.pem"),
-            &site.ca.join("primary-1.key"),
-            &site.ca.join("ca.pem"),
-        )
-        .unwrap();
-        let ep = link::client("0.0.0.0:0".parse().unwrap(), &id, &Tuning::default()).unwrap();
-        let addr = format!("127.0.0.1:{}", site.port).parse().unwrap();
-        let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let hello = Message::Hello {
-            version: PROTOCOL_VERSION,
-            vm: "vm1".into(),
-            lineage: None,
-        };
-        link::send(&mut send, &hello).await.unwrap();
-        let held = match link::expect(&mut recv).await.unwrap() {
-            Message::Welcome { definition, .. } => definition,
-            other => panic!("{other:?}"),
-        };
-        let msg = Message::Definition {
-            hash,
-            definition: def.to_string(),
-            reverse: None,
-        };
-        link::send(&mut send, &msg).await.unwrap();
-        let answer = match link::expect(&mut recv).await.unwrap() {
-            Message::DefinitionStored { hash: h, error } => {
-                assert_eq!(h, hash);
-                error
-            }
-            other => panic!("{other:?}"),
-        };
-        conn.close(0u32.into(), b"done");
-        ep.endpoint.wait_idle().await;
-        (held, answer)
-    })
+    let definition = Message::Definition {
+        hash,
+        definition: def.to_string(),
+        reverse: None,
+    };
+    let answers = site.talk_as_primary(PROTOCOL_VERSION, &[definition]);
+    let held = match &answers[0] {
+        Message::Welcome { definition, .. } => *definition,
+        other => panic!("{other:?}"),
+    };
+    let answer = match &answers[1] {
+        Message::DefinitionStored { hash: h, error } => {
+            assert_eq!(*h, hash);
+            error.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    (held, answer)
 }
 
 #[test]

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use common::site::*;
 use common::*;
 use serde_json::Value;
-use vmreplica_common::link::{self, Tuning};
-use vmreplica_common::tls::Identity;
 use vmreplica_common::wire::{Message, PROTOCOL_VERSION};
 
 /// Every test here has its own run directory (registry and events).
@@ -348,11 +346,11 @@ fn the_replica_site_shows_a_pause_and_counts_no_missed_cycles_for_it() {
     assert_eq!(site.applied(), applied, "a paused VM shipped a cycle");
     // Over real QUIC: the welcome carries the pause; a shipper of protocol 3 is refused,
     // the message naming both versions and the site to upgrade.
-    match hello_as(&site, PROTOCOL_VERSION) {
+    match site.talk_as_primary(PROTOCOL_VERSION, &[]).remove(0) {
         Message::Welcome { paused, .. } => assert_eq!(paused, since.as_u64()),
         other => panic!("{other:?}"),
     }
-    match hello_as(&site, 3) {
+    match site.talk_as_primary(3, &[]).remove(0) {
         Message::Error { message, .. } => assert!(
             message.contains("version 3")
                 && message.contains(&format!("version {PROTOCOL_VERSION}"))
@@ -392,34 +390,6 @@ fn the_replica_site_shows_a_pause_and_counts_no_missed_cycles_for_it() {
     );
     eprintln!("--- replica site resumed:\n{}", status_text("vm1"));
     tracker.stop();
-}
-
-/// Says hello for vm1 in replication protocol `version`, as the primary's shipper (its
-/// certificate); the applier's answer.
-fn hello_as(site: &Site, version: u16) -> Message {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let id = Identity::load(
-            &site.ca.join("primary-1.pem"),
-            &site.ca.join("primary-1.key"),
-            &site.ca.join("ca.pem"),
-        )
-        .unwrap();
-        let ep = link::client("0.0.0.0:0".parse().unwrap(), &id, &Tuning::default()).unwrap();
-        let addr = format!("127.0.0.1:{}", site.port).parse().unwrap();
-        let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let hello = Message::Hello {
-            version,
-            vm: "vm1".into(),
-            lineage: None,
-        };
-        link::send(&mut send, &hello).await.unwrap();
-        let answer = link::recv(&mut recv).await.unwrap().expect("an answer");
-        conn.close(0u32.into(), b"done");
-        ep.endpoint.wait_idle().await;
-        answer
-    })
 }
 
 /// Writes through the tracker's NBD socket (as the guest would).

@@ -37,6 +37,45 @@ pub fn in_ns(ns: &Option<String>, program: &str) -> Command {
 }
 
 impl Site {
+    /// Talks to this site's applier as the primary's shipper (its certificate) on one
+    /// stream: says hello for vm1 in replication protocol `version`, then sends each of
+    /// `then`; returns the applier's answer to each, the welcome (or refusal) first.
+    pub fn talk_as_primary(
+        &self,
+        version: u16,
+        then: &[vmreplica_common::wire::Message],
+    ) -> Vec<vmreplica_common::wire::Message> {
+        use vmreplica_common::link::{self, Tuning};
+        use vmreplica_common::tls::Identity;
+        use vmreplica_common::wire::Message;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let id = Identity::load(
+                &self.ca.join("primary-1.pem"),
+                &self.ca.join("primary-1.key"),
+                &self.ca.join("ca.pem"),
+            )
+            .unwrap();
+            let ep = link::client("0.0.0.0:0".parse().unwrap(), &id, &Tuning::default()).unwrap();
+            let addr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+            let conn = ep.connect(addr, "replica-1").unwrap().await.unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            let hello = Message::Hello {
+                version,
+                vm: "vm1".into(),
+                lineage: None,
+            };
+            let mut answers = Vec::new();
+            for msg in std::iter::once(&hello).chain(then) {
+                link::send(&mut send, msg).await.unwrap();
+                answers.push(link::recv(&mut recv).await.unwrap().expect("an answer"));
+            }
+            conn.close(0u32.into(), b"done");
+            ep.endpoint.wait_idle().await;
+            answers
+        })
+    }
+
     pub fn new(dir: &Path, store: PathBuf) -> Site {
         let ca = dir.join("ca");
         tls::init_ca(&ca, "test CA", 30).unwrap();
