@@ -234,12 +234,12 @@ shipper_pid=""
 # The disk's own counters would count every other process on a shared machine: the bytes the
 # two processes sent to storage (/proc/PID/io; a tmpfs store sends none) count instead.
 proc_io() { # bytes read, bytes written by process $1 so far
-  awk '/^read_bytes:/ { r = $2 } /^write_bytes:/ { w = $2 } END { print r + 0, w + 0 }' "/proc/$1/io"
+  awk '/^read_bytes:/ { r = $2 } /^write_bytes:/ { w = $2 } END { printf "%.0f %.0f\n", r, w }' "/proc/$1/io"
 }
 machine_cpu() { # busy and total clock ticks so far, all cores
-  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat
+  awk '/^cpu / { printf "%.0f %.0f\n", $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat
 }
-proc_cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }  # user + system clock ticks
+proc_cpu() { awk '{ printf "%.0f\n", $14 + $15 }' "/proc/$1/stat"; }  # user + system clock ticks
 hz=$(getconf CLK_TCK)
 # Per thread of a process: "tid name ticks" lines (user + system clock ticks), the name without
 # its number (pack-3 -> pack) so that threads of one stage add up. Sampled while a cycle runs,

@@ -179,7 +179,7 @@ s=[socket.socket(socket.AF_INET,socket.SOCK_DGRAM) for _ in range(int(sys.argv[1
 [x.bind(('127.0.0.1',0)) for x in s]; print(*[x.getsockname()[1] for x in s])" "$1"
 }
 allocated() { # allocated bytes of the files matching a glob (0 if none)
-  find "$1" -path "$2" -type f -printf '%b\n' 2>/dev/null | awk '{s+=$1*512} END {print s+0}'
+  find "$1" -path "$2" -type f -printf '%b\n' 2>/dev/null | awk '{s+=$1*512} END { printf "%.0f\n", s }'
 }
 over_budget() { # over_budget SECONDS_NEEDED: would the script exceed WAN_MAX_SECONDS?
   ((SECONDS - script_start + $1 > WAN_MAX_SECONDS))
