@@ -517,7 +517,9 @@ pub fn fail_over_planned(
                 Err(e) => e,
                 _ => "the session ended without promoting the replica".to_string(),
             };
-            // Back to where it was: this site is the primary, sealed until the user says.
+            // Back to where it was: this site is the primary, sealed until the user says. The
+            // adoption is withdrawn (its record kept, taking no cycle), not removed: the
+            // command run again adopts the images anew.
             if adopted.load(std::sync::atomic::Ordering::SeqCst) {
                 let _ = admin::call(
                     admin_socket,
@@ -527,7 +529,8 @@ pub fn fail_over_planned(
                 // VM must not run on both sites.
                 bail!(
                     "VM {vm}: the planned failover did not complete: {why}. This site's images \
-                     were handed over and the promote may have been asked, so the replica site \
+                     were handed over (that adoption is now withdrawn: kept, taking no \
+                     cycle) and the promote may have been asked, so the replica site \
                      ({}) may be the VM's primary already: do not unseal or start the VM here \
                      until you know. Run the command again once the replica site answers (it \
                      says whether that site was promoted, and finishes if it can)",
