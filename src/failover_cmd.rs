@@ -612,12 +612,6 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
         );
     }
     let conns = connections(&cfg)?;
-    let lock = cfg
-        .tracker
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("shipper.lock");
-    stop_holder(&lock, "shipper")?;
     let ask = |start| ReverseAsk {
         start,
         discard_local: a.discard_local_changes,
@@ -645,6 +639,14 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
              down first; nothing was changed"
         );
     }
+    // Only now that every check passed: a refused reverse leaves the old shipper running
+    // (it retries its replica as before), so "nothing was changed" holds.
+    let lock = cfg
+        .tracker
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("shipper.lock");
+    stop_holder(&lock, "shipper")?;
     let v = a.site.call(
         &Admin::AdoptPrimary(Adopt {
             vm: vm.to_string(),

@@ -434,6 +434,9 @@ fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
     // Site A returns and its VM is started again by mistake (it holds the disk open).
     p.start_tracker(&[]);
     p.write_config("");
+    // Its shipper too (refused by the new primary, it retries): a refused reverse must
+    // leave it running.
+    p.start_shipper();
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let mut vm = Guard(
         Command::new("qemu-io")
@@ -459,6 +462,10 @@ fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
         p.a.role(),
         "none",
         "site A adopted its images under a running VM"
+    );
+    assert!(
+        p.shipper.as_mut().unwrap().0.try_wait().unwrap().is_none(),
+        "a refused reverse stopped the old shipper"
     );
     assert_eq!(p.b.role(), "primary");
     vm.kill();
