@@ -365,8 +365,14 @@ impl Tracking {
             self.bitmap.flush()?;
             let sums = self.sums(slots.active, &cold);
             al.set(cold.clone(), sums)?;
-            for (e, hot) in self.hot.iter().enumerate() {
-                hot.store(cold.contains(&(e as u64)), Ordering::Release);
+            // (Under the write lock nobody reads `hot`: clear all, then set the new ones,
+            // rather than a search of `cold` per extent of the disk, which a whole-disk
+            // marking, half a log per checkpoint, made quadratic in the disk's size.)
+            for hot in &self.hot {
+                hot.store(false, Ordering::Release);
+            }
+            for e in &cold {
+                self.hot[*e as usize].store(true, Ordering::Release);
             }
             return Ok(());
         }
