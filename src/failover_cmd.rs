@@ -517,7 +517,9 @@ pub fn fail_over_planned(
                 Err(e) => e,
                 _ => "the session ended without promoting the replica".to_string(),
             };
-            // Back to where it was: this site is the primary, sealed until the user says.
+            // Back to where it was: this site is the primary, sealed until the user says. The
+            // adoption is withdrawn (its record kept, taking no cycle), not removed: the
+            // command run again adopts the images anew.
             if adopted.load(std::sync::atomic::Ordering::SeqCst) {
                 let _ = admin::call(
                     admin_socket,
@@ -527,7 +529,8 @@ pub fn fail_over_planned(
                 // VM must not run on both sites.
                 bail!(
                     "VM {vm}: the planned failover did not complete: {why}. This site's images \
-                     were handed over and the promote may have been asked, so the replica site \
+                     were handed over (that adoption is now withdrawn: kept, taking no \
+                     cycle) and the promote may have been asked, so the replica site \
                      ({}) may be the VM's primary already: do not unseal or start the VM here \
                      until you know. Run the command again once the replica site answers (it \
                      says whether that site was promoted, and finishes if it can)",
@@ -609,12 +612,6 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
         );
     }
     let conns = connections(&cfg)?;
-    let lock = cfg
-        .tracker
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("shipper.lock");
-    stop_holder(&lock, "shipper")?;
     let ask = |start| ReverseAsk {
         start,
         discard_local: a.discard_local_changes,
@@ -642,6 +639,14 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
              down first; nothing was changed"
         );
     }
+    // Only now that every check passed: a refused reverse leaves the old shipper running
+    // (it retries its replica as before), so "nothing was changed" holds.
+    let lock = cfg
+        .tracker
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("shipper.lock");
+    stop_holder(&lock, "shipper")?;
     let v = a.site.call(
         &Admin::AdoptPrimary(Adopt {
             vm: vm.to_string(),

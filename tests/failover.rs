@@ -354,6 +354,30 @@ fn split_brain_resolved_by_abandoning_the_failover() {
     );
 }
 
+/// `failover abandon` crashed (kill -9 of the applier) between saving the abandon and
+/// removing site B's tracker state: run again, it removes the leftover state and succeeds,
+/// and site A's next cycle lands.
+#[test]
+fn an_abandon_run_again_after_a_crash_removes_the_leftover_tracker_state() {
+    let mut p = split_brain();
+    crash_b(&mut p, "abandon.saved", &["failover", "abandon", "vm1"]);
+    assert_eq!(p.b.role(), "reverse-pending");
+    assert!(
+        p.b.primary_dir().exists(),
+        "the crash point is not between the save and the removal"
+    );
+    let out = p.b.cli_ok(&["failover", "abandon", "vm1"]);
+    assert!(out.contains("abandoned"), "{out}");
+    assert!(
+        !p.b.primary_dir().exists(),
+        "the rerun left the tracker state behind"
+    );
+    p.start_shipper();
+    p.b.wait_role("replica", Duration::from_secs(90));
+    let a_disk = p.nbd_read(&p.tracker.as_ref().unwrap().uri("sys"));
+    assert!(std::fs::read(p.b.image("sys")).unwrap() == a_disk);
+}
+
 /// Site B failed over (committed) and wrote; site A's shipper died first and its VM went on
 /// writing after the failover.
 fn split_brain() -> Pair {

@@ -350,15 +350,38 @@ fn a_planned_failover_whose_replica_site_never_answers_again_ends_at_its_timeout
     // Site A's disks stay sealed.
     let st = p.tracker.as_ref().unwrap().ctl(&["status"]);
     assert_eq!(st["sealed"], true, "{st}");
+    // The adoption the command made is withdrawn, not removed: the record stays (it takes
+    // no cycle), so the promoted site's shipper finds it and cannot make a new replica in
+    // its place, and the command run again adopts the images anew.
+    let rec = p.a.record();
+    assert_eq!(rec["role"]["kind"], "reverse-pending", "{rec}");
+    assert!(
+        rec["role"]["withdrawn"].is_u64(),
+        "not marked withdrawn: {rec}"
+    );
     // The replica site, back, is the primary with the disks as they were at the shutdown.
-    // (A rerun of the command here races with the shipper the promoted site starts back
-    // towards this one: see the report; not asserted.)
     p.start_applier('b', &[]);
     assert_eq!(p.b.role(), "primary");
     wait_served(&p.b);
     let served = p.dir.path().join("served");
     std::fs::write(&served, p.nbd_read(&p.b.uri("sys"))).unwrap();
     assert_eq!(sha(&served), shutdown);
+    // The command run again finds the replica site promoted and finishes: site A becomes
+    // its replica and takes its writes.
+    p.a.cli_ok(&["failover", "planned", "vm1", "--config", &cfg, "--no-start"]);
+    let t = p.tracker.take().unwrap();
+    assert!(t.wait_exit().success());
+    p.a.wait_role("replica", Duration::from_secs(90));
+    Pair::nbd_write(&p.b.uri("sys"), 39, 0, MIB);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while std::fs::read(&p.img).unwrap()[0] != 39 {
+        assert!(
+            Instant::now() < deadline,
+            "site B's writes never reached site A; applier log:\n{}",
+            tail(&p.a.log("applier"))
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Case 7: the replica site's record backed up before a failover, restored over the
@@ -411,6 +434,9 @@ fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
     // Site A returns and its VM is started again by mistake (it holds the disk open).
     p.start_tracker(&[]);
     p.write_config("");
+    // Its shipper too (refused by the new primary, it retries): a refused reverse must
+    // leave it running.
+    p.start_shipper();
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     let mut vm = Guard(
         Command::new("qemu-io")
@@ -436,6 +462,10 @@ fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
         p.a.role(),
         "none",
         "site A adopted its images under a running VM"
+    );
+    assert!(
+        p.shipper.as_mut().unwrap().0.try_wait().unwrap().is_none(),
+        "a refused reverse stopped the old shipper"
     );
     assert_eq!(p.b.role(), "primary");
     vm.kill();

@@ -83,7 +83,10 @@ fn failover_of(s: &VmState) -> Option<FailoverStatus> {
             p.since,
             Some(p.lineage),
         ),
-        Role::ReversePending(r) => ("awaiting-reverse", r.parent.cycle, r.since, None),
+        Role::ReversePending(r) => match r.withdrawn {
+            Some(at) => ("adoption-withdrawn", r.parent.cycle, at, None),
+            None => ("awaiting-reverse", r.parent.cycle, r.since, None),
+        },
     };
     Some(FailoverStatus {
         sub_state: sub_state.into(),

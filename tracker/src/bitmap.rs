@@ -339,6 +339,31 @@ impl Bitmap {
         }
     }
 
+    /// ORs the bits of blocks `range` of slot `src` into slot `dst`, and no others.
+    pub fn merge_range(&self, dst: usize, src: usize, range: std::ops::Range<u64>) {
+        let mut b = range.start;
+        while b < range.end {
+            let i = b / 64;
+            let lo = b % 64;
+            let hi = (range.end - i * 64).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let v = self.word(src, i as usize).load(Ordering::Acquire) & mask;
+            if v != 0 {
+                self.word(dst, i as usize).fetch_or(v, Ordering::AcqRel);
+            }
+            b = i * 64 + hi;
+        }
+    }
+
+    /// Word `i` of `slot`, as it is now.
+    pub fn word_value(&self, slot: usize, i: usize) -> u64 {
+        self.word(slot, i).load(Ordering::Acquire)
+    }
+
     pub fn count(&self, slot: usize) -> u64 {
         self.words(slot)
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))

@@ -157,9 +157,11 @@ pub(crate) fn adopt_undo(
             });
         }
     }
+    // Withdrawn, not removed: the record (its history, its divergent ranges) stays, takes
+    // no cycle, and the command run again adopts the images anew.
     app.forget(&req.vm);
-    let undone = app.store.remove_adopted(&req.vm)?;
-    Ok(json!({"vm": req.vm, "undone": undone}))
+    let undone = app.store.withdraw_adopted(&req.vm)?;
+    Ok(json!({"vm": req.vm, "undone": undone, "withdrawn": undone}))
 }
 
 /// At the applier's start: every VM this site is primary for gets its tracker and shipper

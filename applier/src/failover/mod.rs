@@ -423,6 +423,7 @@ pub fn abandon(vs: &mut VmStore) -> Result<Value, StoreError> {
                 .stop_tracker()
                 .map_err(|e| err(&vm, "stopping the tracker", e))?;
             let parent = vs.abandon(&set)?;
+            vmreplica_tracker::crashpoint::crash_point("abandon.saved");
             procs
                 .stop_all_and_remove()
                 .map_err(|e| err(&vm, "removing the tracker state", e))?;
@@ -433,7 +434,18 @@ pub fn abandon(vs: &mut VmStore) -> Result<Value, StoreError> {
                 "divergent_bytes": set.bytes(),
             }))
         }
-        Role::ReversePending(r) => Ok(json!({"vm": vm, "abandoned": true, "parent": r.parent})),
+        Role::ReversePending(r) => {
+            // Run again after a crash between saving the abandon and removing this site's
+            // tracker state: finish the removal. (An abandon's record names no tracker and
+            // no previous primary; an adoption's, or a primary's that gave way, keeps its
+            // tracker state.)
+            if r.tracker.is_none() && r.previous.is_none() {
+                Procs::new(vs.vm_dir(), &vm)
+                    .stop_all_and_remove()
+                    .map_err(|e| err(&vm, "removing the tracker state", e))?;
+            }
+            Ok(json!({"vm": vm, "abandoned": true, "parent": r.parent}))
+        }
         Role::Replica => Err(StoreError::Role(format!(
             "VM {vm}: this site is a replica: there is no failover to abandon"
         ))),

@@ -111,6 +111,19 @@ impl VmStore {
         meta: &CycleMeta,
     ) -> Result<Started, StoreError> {
         self.settle()?;
+        if let super::state::Role::ReversePending(r) = &self.state.role {
+            if let Some(at) = r.withdrawn {
+                return Err(StoreError::Refused(format!(
+                    "VM {}: this site's adoption of its own images as the replica was \
+                     withdrawn (at {at}, seconds since the epoch) when the planned failover \
+                     that made it did not complete: no cycle lands in them. Run `vmreplica \
+                     failover planned {}` on this site again (it adopts them anew and \
+                     finishes); nothing on the replica was changed",
+                    self.vm(),
+                    self.vm()
+                )));
+            }
+        }
         let decision = rules::decide(
             self.vm(),
             &self.state.replica(),

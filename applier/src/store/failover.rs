@@ -717,6 +717,7 @@ impl VmStore {
             tracker,
             since: now(),
             previous: None,
+            withdrawn: None,
         });
     }
 
@@ -923,36 +924,51 @@ impl super::Store {
             tracker,
             since: now(),
             previous: None,
+            withdrawn: None,
         });
         st.save(&state_path)?;
         tracing::info!(vm, owner, parent = %parent.point(), divergent_bytes = divergent.bytes(), "adopted this site's images as the replica waiting for the reverse cycle");
         Ok(())
     }
 
-    /// Removes a pending adoption (a planned failover whose promote failed): the record goes,
-    /// the images (the primary's own) are untouched.
-    pub fn remove_adopted(&self, vm: &str) -> Result<bool, StoreError> {
+    /// Withdraws a pending adoption (a planned failover that did not complete): the record
+    /// is kept, marked withdrawn (no cycle lands in it; see [`ReversePending::withdrawn`]),
+    /// and the images (the primary's own) are untouched. The command run again adopts them
+    /// anew ([`super::Store::create_adopted`] replaces a pending adoption of the same
+    /// images). Again for a withdrawn one: nothing changes.
+    pub fn withdraw_adopted(&self, vm: &str) -> Result<bool, StoreError> {
         let dir = super::vm_dir(&self.root, vm)?;
         let _lock = super::lock_vm(&self.root, vm)?;
-        let Some(st) = super::read_vm_state(vm, &dir.join("state.json"))? else {
+        let path = dir.join("state.json");
+        let Some(mut st) = super::read_vm_state(vm, &path)? else {
             return Ok(false);
         };
         let external = st.disks.iter().all(|d| d.image.is_some());
-        if !matches!(st.role, Role::ReversePending(_))
-            || st.receiving.is_some()
-            || !external
-            || st.last_cycle != st.newest_point()
-        {
-            return Err(refused(format!(
-                "VM {vm}: its record here is not a pending adoption (it is a {} at cycle {}): \
-                 it is kept",
-                st.role.name(),
-                st.last_cycle
-            )));
+        let (receiving, last, newest) = (st.receiving.is_some(), st.last_cycle, st.newest_point());
+        let Role::ReversePending(r) = &mut st.role else {
+            return Err(not_pending(vm, &st));
+        };
+        if receiving || !external || last != newest || r.previous.is_some() {
+            return Err(not_pending(vm, &st));
         }
-        std::fs::remove_dir_all(&dir).map_err(|e| super::io_err(vm, &dir, e))?;
-        crate::undo::log::sync_dir(&dir).map_err(|e| super::io_err(vm, &dir, e))?;
-        tracing::info!(vm, "pending adoption removed; the images are untouched");
+        if r.withdrawn.is_some() {
+            return Ok(true);
+        }
+        r.withdrawn = Some(now());
+        st.save(&path)?;
+        tracing::info!(
+            vm,
+            "pending adoption withdrawn (kept, takes no cycle); the images are untouched"
+        );
         Ok(true)
     }
+}
+
+fn not_pending(vm: &str, st: &VmState) -> StoreError {
+    refused(format!(
+        "VM {vm}: its record here is not a pending adoption (it is a {} at cycle {}): it is \
+         kept as it is",
+        st.role.name(),
+        st.last_cycle
+    ))
 }

@@ -314,3 +314,74 @@ fn each_failing_save_inside_roll_back_to_point_is_finished_by_a_rerun() {
         }
     }
 }
+
+/// A planned failover's adoption undone at `--timeout` is withdrawn, not removed: the record
+/// stays (history, divergent ranges), takes no cycle, and a new adoption of the same images
+/// (the command run again) replaces it.
+#[test]
+fn a_withdrawn_adoption_is_kept_takes_no_cycle_and_is_adopted_again() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    let images = tmp();
+    let adopted: Vec<AdoptedDisk> = disks()
+        .iter()
+        .map(|d| {
+            let image = images.path().join(format!("{}.img", d.name));
+            fs::File::create(&image).unwrap().set_len(d.size).unwrap();
+            AdoptedDisk {
+                name: d.name.clone(),
+                image,
+                size: d.size,
+                granularity: d.granularity,
+            }
+        })
+        .collect();
+    let parent = SpanParent {
+        lineage: L,
+        cycle: 4,
+    };
+    let adopt = || {
+        s.create_adopted(
+            "vm1",
+            "primary-2",
+            &adopted,
+            parent,
+            &vmreplica_common::ranges::RangeSet::new(),
+            None,
+        )
+    };
+    adopt().unwrap();
+    assert!(s.withdraw_adopted("vm1").unwrap());
+    assert!(s.withdraw_adopted("vm1").unwrap(), "again: nothing changes");
+    let st = s.peek_state("vm1").unwrap();
+    let Role::ReversePending(r) = &st.role else {
+        panic!("{:?}", st.role)
+    };
+    assert!(r.withdrawn.is_some() && r.divergent.is_some(), "{r:?}");
+    assert_eq!(st.points.len(), 1);
+    let mut vs = s.open_vm("vm1", "primary-2").unwrap();
+    let e = vs
+        .start_cycle(
+            L,
+            5,
+            CycleKind::Reverse,
+            FREEZE,
+            &disks(),
+            Some(parent.point()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("withdrawn") && e.contains("failover planned vm1"),
+        "{e}"
+    );
+    drop(vs);
+    adopt().unwrap();
+    let st = s.peek_state("vm1").unwrap();
+    assert!(
+        matches!(&st.role, Role::ReversePending(r) if r.withdrawn.is_none()),
+        "{:?}",
+        st.role
+    );
+}

@@ -474,6 +474,9 @@ impl VmStore {
             #[cfg(test)]
             fail_save_skip: 0,
         };
+        // First of all: a record older than the files (restored from a backup) is refused
+        // before anything else is opened, whichever of its undo logs is gone.
+        s.check_undo_logs()?;
         s.open_images(false)?;
         s.load_chain()?;
         s.remove_unreferenced()?;
@@ -697,6 +700,7 @@ impl VmStore {
             read_vm_state(self.vm(), &path)?.unwrap_or_else(|| VmState::new(&self.state.owner));
         self.state = state;
         self.shared.publish(&self.state);
+        self.check_undo_logs()?;
         self.open_images(false)?;
         self.load_chain()?;
         self.remove_unreferenced()?;
@@ -748,6 +752,32 @@ impl VmStore {
         Ok(())
     }
 
+    /// Every undo log the record names (the points' and the one of the cycle held in part)
+    /// is there: otherwise the record is older than the replica's files and is refused, saying
+    /// so ([`VmStore::missing_undo_log`]), at every open, before the images are touched.
+    fn check_undo_logs(&self) -> Result<(), StoreError> {
+        for u in &self.state.undo {
+            let p = self.undo_path(&u.file);
+            if !p.exists() {
+                return Err(self.missing_undo_log(
+                    &p,
+                    &format!("the undo log of points {}..{}", u.from, u.to),
+                ));
+            }
+        }
+        if let Some(r) = &self.state.receiving {
+            // Created before the record named it: never legitimately missing.
+            let p = self.undo_path(&r.log);
+            if !p.exists() {
+                return Err(self.missing_undo_log(
+                    &p,
+                    &format!("the undo log of cycle {}, received in part", r.cycle),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the undo logs of the points, and of the cycle held in part, for views.
     fn load_chain(&mut self) -> Result<(), StoreError> {
         let mut logs = Vec::new();
@@ -756,7 +786,10 @@ impl VmStore {
         for u in refs {
             let p = self.undo_path(&u.file);
             if !p.exists() {
-                return Err(self.missing_undo_log(&p, u.from, u.to));
+                return Err(self.missing_undo_log(
+                    &p,
+                    &format!("the undo log of points {}..{}", u.from, u.to),
+                ));
             }
             let l = crate::undo::Loaded::open(&p).map_err(self.io(&p))?;
             let idx = LogIndex::open(u.from, u.to, &p, l.entries).map_err(self.io(&p))?;
@@ -800,7 +833,7 @@ impl VmStore {
     /// An undo log the record names is missing: the record is older than the replica's
     /// files (restored from a backup), most often over a failover committed since, whose
     /// commit removed every point and its undo log. Says which, and what to do.
-    fn missing_undo_log(&self, path: &Path, from: u64, to: u64) -> StoreError {
+    fn missing_undo_log(&self, path: &Path, log: &str) -> StoreError {
         let vm = self.vm();
         let record = self.dir().join("state.json");
         let tracker = self.dir().join("primary").join("tracker");
@@ -827,7 +860,7 @@ impl VmStore {
             ),
         };
         StoreError::Role(format!(
-            "VM {vm}: its record {} names the undo log of points {from}..{to}, {}, which is \
+            "VM {vm}: its record {} names {log}, {}, which is \
              missing: the record is older than the replica's files (restored from a backup?), \
              so it cannot describe them and is refused (nothing was changed). {what}",
             record.display(),

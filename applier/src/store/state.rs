@@ -161,6 +161,11 @@ pub struct ReversePending {
     /// restored if the promote on the other site fails.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<Box<Primary>>,
+    /// When (seconds since the epoch) the planned failover that made this adoption gave
+    /// up (`--timeout`) and withdrew it: the record is kept (its history, its divergent
+    /// ranges) but takes no cycle, until the command, run again, adopts the images anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub withdrawn: Option<u64>,
 }
 
 /// Where a span of cycles came from: the point it continues from in another lineage (a

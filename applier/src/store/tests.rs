@@ -744,6 +744,62 @@ fn an_image_of_the_wrong_size_and_an_old_store_are_refused_at_open() {
     assert!(s.points("vm2").is_err());
 }
 
+/// A record older than the replica's files (a `state.json` restored from a backup) is
+/// refused at every open, saying so, whichever undo log it names is gone: the one of the
+/// cycle it holds in part too, and before a missing image could hide it behind a bare
+/// "No such file".
+#[test]
+fn a_record_whose_undo_logs_are_gone_is_refused_at_every_open() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut primary = seeded(5);
+    let (mut vs, _) = initial(&s, &primary);
+    let blocks = mutate(&mut rng, &mut primary);
+    ship(&mut vs, 2, CycleKind::Delta, &primary, &blocks).unwrap();
+    let blocks = mutate(&mut rng, &mut primary);
+    let st = vs
+        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks(), None)
+        .unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle: 3,
+        epoch: st.epoch,
+    };
+    for r in send(&vs, tag, &primary, &blocks) {
+        r.unwrap();
+    }
+    let receiving = vs.undo_path(&vs.state.receiving.as_ref().unwrap().log);
+    let point_log = vs.undo_path(&vs.state.undo[0].file);
+    let image = vs.image_path("b");
+    drop(vs);
+    let refused = |what: &str| {
+        for e in [
+            s.open_vm("vm1", "primary-1").err().unwrap(),
+            s.open_existing("vm1").err().unwrap(),
+        ] {
+            let m = e.to_string();
+            assert!(
+                m.contains("restored from a backup") && m.contains(what) && m.contains("VM vm1"),
+                "{m}"
+            );
+        }
+    };
+    // The cycle held in part: its undo log is gone.
+    let kept = fs::read(&receiving).unwrap();
+    fs::remove_file(&receiving).unwrap();
+    refused("cycle 3");
+    fs::write(&receiving, kept).unwrap();
+    // A point's undo log and an image are gone: the record is named, not the image.
+    fs::remove_file(&point_log).unwrap();
+    fs::remove_file(&image).unwrap();
+    refused("points 2..1");
+    assert!(
+        !image.exists() && receiving.exists(),
+        "the refusal changed files"
+    );
+}
+
 #[test]
 fn exports_refuse_the_store_and_existing_images() {
     let dir = tmp();
