@@ -25,7 +25,9 @@
 #
 # Notes: under valgrind the threads run one at a time and everything is ~50x slower, so
 # requests batch differently than natively; the default queue depth is 1 so that batching,
-# and with it the syscall counts, is the same in every run (TC_IODEPTH to change it).
+# and with it the syscall counts, is the same in every run (TC_IODEPTH to change it); futex
+# calls still depend on timing (was a thread already asleep when another woke it?), so the
+# tables count syscalls with and without them. Each tracker starts on a cold page cache.
 # Instructions run by the kernel (copies into and out of the page cache, io_uring) are not in
 # callgrind's counts: they cost the same on and off, so the on/off ratio of user-space
 # instructions is an upper bound of the ratio of total CPU.
@@ -177,6 +179,9 @@ dd if=/dev/zero of="$img" bs=1M count=$((size_bytes >> 20)) oflag=direct conv=fs
 start_tracker() {
   local mode=$1 logf=$2 state=$work_dir/state-$1 deadline
   rm -rf "$state" "$sock"; mkdir -p "$state"
+  # Every tracker starts on a cold page cache, not on what the one before it left behind.
+  sync "$img" 2>/dev/null || sync
+  dd if="$img" iflag=nocache count=0 status=none 2>/dev/null || true
   local -a cmd=("$VMREPLICA" tracker --state-dir "$state" --disk "disk0=$img" --socket "$sock")
   [[ $mode == off ]] && cmd+=(--no-tracking)
   log "starting: ${wrap[*]+${wrap[*]} }${cmd[*]}"
@@ -354,19 +359,27 @@ if cg:
         share = "–" if mk is None or not i_on else f"{100 * mk / i_on:.1f}%"
         print(f"| {label} | {fmt(n)} | {fmt(i_on)} | {fmt(i_off)} | {ratio(i_on, i_off)} | {fmt(mk)} | {share} |")
     print("\n_Instructions the tracker process ran in user space (all threads) during the workload, "
-          "divided by fio's total_ios; the kernel's work (copies, io_uring, the socket) is not counted._\n")
+          "divided by fio's total_ios; the kernel's work (copies, io_uring, the socket) is not counted. "
+          "Reads run no tracking code (Tracking::mark: 0), so the read rows' on/off ratio shows how much "
+          "the totals move from run to run by themselves (threads spinning or sleeping in their locks "
+          "and queues as the scheduling falls); Tracking::mark's inclusive count is the direct cost of "
+          "tracking, and that does not move._\n")
 if st:
     print("### Syscalls and minor page faults per I/O (native tracker)\n")
-    print("| Workload | I/Os | syscalls on | syscalls off | on / off | page faults on | page faults off |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| Workload | I/Os | syscalls on | syscalls off | on / off | other than futex, on | other than futex, off | page faults on | page faults off |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for k, label, _ in work:
         on, off = st.get(("on", k)), st.get(("off", k))
         s_on = per(sum(on[1].values()), on[0]) if on else None
         s_off = per(sum(off[1].values()), off[0]) if off else None
         n = on[0] if on else (off[0] if off else None)
+        nf = lambda x: per(sum(c for name, c in x[1].items() if name != "futex"), x[0]) if x else None
         print(f"| {label} | {fmt(n)} | {fmt(s_on, 2)} | {fmt(s_off, 2)} | {ratio(s_on, s_off)} | "
+              f"{fmt(nf(on), 3)} | {fmt(nf(off), 3)} | "
               f"{fmt(per(on[2], on[0]) if on else None, 2)} | {fmt(per(off[2], off[0]) if off else None, 2)} |")
-    print("\n#### Syscalls by name, calls per I/O (on / off; those above 0.005 per I/O in either)\n")
+    print("\n_futex calls depend on whether a thread was already waiting when another woke it, that is on timing, "
+          "so they differ between runs and between on and off at random; the other syscalls follow the requests._\n")
+    print("#### Syscalls by name, calls per I/O (on / off; those at 0.001 per I/O or more in either)\n")
     print("| Workload | syscall | on | off |")
     print("|---|---|---:|---:|")
     for k, label, _ in work:
@@ -376,8 +389,8 @@ if st:
         names = sorted(set(on[1]) | set(off[1]), key=lambda s: -max(on[1].get(s, 0), off[1].get(s, 0)))
         for s in names:
             a, b = per(on[1].get(s, 0), on[0]), per(off[1].get(s, 0), off[0])
-            if max(a, b) >= 0.005:
-                print(f"| {label} | {s} | {a:.3f} | {b:.3f} |")
+            if max(a, b) >= 0.001:
+                print(f"| {label} | {s} | {a:.4f} | {b:.4f} |")
     print()
 EOF
   echo "Raw callgrind dumps, strace tables and fio JSON: \`benches/results/raw/$stamp/\` (not committed). Total time: $((SECONDS - started_at))s."
