@@ -30,7 +30,10 @@
 # tables count syscalls with and without them. Each tracker starts on a cold page cache.
 # Instructions run by the kernel (copies into and out of the page cache, io_uring) are not in
 # callgrind's counts: they cost the same on and off, so the on/off ratio of user-space
-# instructions is an upper bound of the ratio of total CPU.
+# instructions is an upper bound of the ratio of total CPU. Callgrind counts every iteration of
+# a `rep movs`/`rep stos` (glibc's memcpy and memset of a few KiB and more) as an instruction:
+# a 1 MiB copy or fill counts about a million, so buffer copies and fills weigh far more in
+# these counts than in CPU time.
 #
 # Environment:
 #   VMREPLICA=<repo>/target/release/vmreplica   the tracker binary (built with debug info:
@@ -359,7 +362,8 @@ if cg:
         share = "–" if mk is None or not i_on else f"{100 * mk / i_on:.1f}%"
         print(f"| {label} | {fmt(n)} | {fmt(i_on)} | {fmt(i_off)} | {ratio(i_on, i_off)} | {fmt(mk)} | {share} |")
     print("\n_Instructions the tracker process ran in user space (all threads) during the workload, "
-          "divided by fio's total_ios; the kernel's work (copies, io_uring, the socket) is not counted. "
+          "divided by fio's total_ios; the kernel's work (copies, io_uring, the socket) is not counted, "
+          "and each iteration of a rep movs/stos (memcpy, memset of a few KiB and more) counts as one. "
           "Reads run no tracking code (Tracking::mark: 0), so the read rows' on/off ratio shows how much "
           "the totals move from run to run by themselves (threads spinning or sleeping in their locks "
           "and queues as the scheduling falls); Tracking::mark's inclusive count is the direct cost of "
