@@ -309,8 +309,10 @@ def cg_total(path):
             return int(line.split()[1])
     return None
 def cg_mark(path):
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--auto=no", "--threshold=100", path],
                          capture_output=True, text=True).stdout
+    # One line per source file the function's inlined code came from, and one (the largest)
+    # for its calls from its callers, which is the sum of the others: take the largest.
     total = 0
     for line in out.splitlines():
         if re.search(r"Tracking::mark(\s|$|\[)", line) or line.rstrip().endswith("Tracking::mark"):
