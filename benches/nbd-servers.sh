@@ -3,9 +3,19 @@
 #
 # The same server's IOPS moves by up to 2x between back-to-back runs on the dev machines, so
 # one pass per server cannot show a 5% difference: the servers run in BENCH_ROUNDS alternating
-# rounds (every server once per round, the order rotated each round), and the report gives
-# each cell's median over the rounds with its spread, and the ratios between servers as the
-# median of the per-round ratios (runs of one round are minutes apart, not hours).
+# rounds (every server once per round), and the report gives each cell's median over the rounds
+# with its spread, and the ratios between servers as the median of the per-round ratios (runs of
+# one round are minutes apart, not hours).
+#
+# Order within a round: odd rounds run the servers in BENCH_SERVERS order rotated by one more
+# place every two rounds; each even round runs the round before it REVERSED. So rounds 1 and 2
+# (3 and 4, ...) are mirror images and every pair of servers meets in both orders: whatever the
+# one that runs first leaves behind (page cache, dirty pages still being written back, a warm or
+# throttled CPU, a neighbour's load that fades), it is charged to each side of a ratio once.
+# With rotation alone, adjacent servers kept their order (tracker-on always just before
+# tracker-off), and an order effect showed up as a tracking cost of 7-8%. Use an even
+# BENCH_ROUNDS (4) when a ratio between two servers matters: with an odd count the last round's
+# order is not mirrored.
 #
 # For each server under test it serves the SAME raw image over a unix socket, runs four fio
 # workloads through fio's nbd ioengine (libnbd client: --ioengine=nbd --uri=nbd+unix:///...),
@@ -39,7 +49,8 @@
 # within one run of this script, not absolute figures for any of them.
 #
 # Environment:
-#   BENCH_ROUNDS=3          alternating rounds (3 or more for a median that means something)
+#   BENCH_ROUNDS=3          alternating rounds (3 or more for a median that means something;
+#                           even, e.g. 4, so that every round's order is also run mirrored)
 #   BENCH_RUNTIME=10        measured seconds per workload
 #   BENCH_RAMP=2            ramp seconds per workload (not measured)
 #   BENCH_SIZE=1G           image size (IEC suffixes: 512M, 1G, 2G; multiple of 1 MiB)
@@ -321,10 +332,22 @@ for key in "${servers[@]}"; do
   runnable+=("$key")
 done
 
-for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+# Server order of round $1 (see the header): rotated by (round-1)/2 places, reversed in even rounds.
+round_order() {
+  local round=$1 n=${#runnable[@]} rot i
   order=()
-  n=${#runnable[@]}
-  for ((i = 0; i < n; i++)); do order+=("${runnable[(i + round - 1) % n]}"); done
+  (( n > 0 )) || return 0
+  rot=$(( (round - 1) / 2 ))
+  for ((i = 0; i < n; i++)); do order+=("${runnable[(i + rot) % n]}"); done
+  if (( round % 2 == 0 )); then
+    local -a rev=()
+    for ((i = n - 1; i >= 0; i--)); do rev+=("${order[i]}"); done
+    order=("${rev[@]}")
+  fi
+}
+
+for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+  round_order "$round"
   log "round $round of $BENCH_ROUNDS: ${order[*]}"
   for key in "${order[@]}"; do
     label=$(server_label "$key")
@@ -414,6 +437,14 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
 done
 
 # ---- report -----------------------------------------------------------------------------------
+orders_note=""
+for ((r = 1; r <= BENCH_ROUNDS; r++)); do
+  round_order "$r"
+  (( r == 1 )) || orders_note+=" / "
+  orders_note+="${order[*]}"
+done
+unmirrored=""
+if (( BENCH_ROUNDS % 2 == 1 )); then unmirrored=" (the last round's order is not mirrored: BENCH_ROUNDS is odd)"; fi
 ver() { "$@" 2>/dev/null | head -n 1 || true; }
 git_rev=$(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo "no commit")
 git_dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | head -n 1)
@@ -427,7 +458,7 @@ git_dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | head -n 1)
   echo "- $(ver fio --version); $(ver qemu-nbd --version); $(ver nbdkit --version); $(ver nbdinfo --version)"
   echo "- image: $((size_bytes / 1048576)) MiB raw, fully written once (dd, O_DIRECT), on $img_fs; reused for every server, page cache dropped before each server"
   echo "- workloads: numjobs=1, ${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s measured each, in table order, fio ioengine=nbd over a unix socket, export disk0"
-  echo "- $BENCH_ROUNDS alternating rounds: every server once per round, the order rotated each round; cells are the median over the rounds with the spread (min–max); ratios are the median of the per-round ratios"
+  echo "- $BENCH_ROUNDS alternating rounds: every server once per round; even rounds run the round before them in reverse order (odd rounds rotate the list by one more place every two rounds), so every pair of servers meets in both orders$unmirrored (orders: $orders_note); cells are the median over the rounds with the spread (min–max); ratios are the median of the per-round ratios"
   echo "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat, sampled every 50 ms; the window is the last ${BENCH_RUNTIME}s before fio exits (= fio's measured window)"
   echo "- I/O paths (what is compared): nbdkit's file plugin does buffered pread/pwrite on its worker threads (thread model parallel, 16 per connection); the tracker is buffered too: reads the page cache holds are copied on the connection's reader thread (preadv2 RWF_NOWAIT), others go through io_uring, writes up to 64 KiB are a pwrite on the reader thread (larger ones io_uring), after the dirty bits are set; qemu-nbd io_uring/none uses O_DIRECT (no page cache), so it is not like for like on reads of cached data; qemu-nbd default is buffered on a thread pool"
   echo
