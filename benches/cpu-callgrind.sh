@@ -7,7 +7,8 @@
 # Setup as scripts/demo.sh: tracker, applier and shipper of VMREPLICA on loopback (127.0.0.1,
 # QUIC with TLS, compression on). The image: a sparse CG_SIZE (1 GiB) ext4 image filled with
 # about CG_ALLOC (256 MiB) of files hard-linked from /usr (benches/stage_usr_files.py, as
-# benches/replication.sh stages them). An initial cycle skips the holes and ships the rest.
+# benches/replication.sh stages them), and CG_ZERO (64 MiB) of zeroes written at its end. An
+# initial cycle skips the holes and ships the rest (zero blocks as zero markers).
 #
 # Reports, per side: instructions (Ir) of the whole process (start-up and handshake included)
 # per MiB of data the cycle shipped, bytes on the wire (the cycle's wire_mib), and the top
@@ -15,7 +16,7 @@
 # against the image (cmp).
 # Output: markdown on stdout and in benches/results/cpu-callgrind-<stamp>.md; the raw callgrind
 # files are kept with CG_KEEP=1 (under CG_DIR).
-# Environment: VMREPLICA=target/release/vmreplica CG_SIZE=1G CG_ALLOC=256M CG_TOP=25
+# Environment: VMREPLICA=target/release/vmreplica CG_SIZE=1G CG_ALLOC=256M CG_ZERO=64M CG_TOP=25
 #   CG_DIR=<mktemp under /var/tmp> CG_KEEP=0 CG_SIDES="shipper applier" CG_LABEL=<free text
 #   for the report's title, e.g. the build>.
 # Runs in about 5-10 minutes on 2 cores. Needs valgrind, callgrind_annotate, mke2fs, python3.
@@ -28,6 +29,7 @@ die() { log "error: $*"; exit 2; }
 CG_SIZE=${CG_SIZE:-1G}
 CG_ALLOC=${CG_ALLOC:-256M}
 CG_TOP=${CG_TOP:-25}
+CG_ZERO=${CG_ZERO:-64M}
 CG_KEEP=${CG_KEEP:-0}
 CG_SIDES=${CG_SIDES:-shipper applier}
 CG_LABEL=${CG_LABEL:-}
@@ -71,6 +73,13 @@ img=$work/vm1-sys.img
 mke2fs -q -t ext4 -d "$work/stage" -E lazy_itable_init=0,lazy_journal_init=0 "$img" \
   "$((size_bytes / 1024))k" >/dev/null
 rm -rf "$work/stage"
+# Zeroes written at the end of the image (past ext4's used blocks), as a guest that zero-filled
+# its free space leaves them: allocated, so shipped, as zero markers.
+zero_bytes=$(numfmt --from=iec "${CG_ZERO%iB}")
+if ((zero_bytes > 0)); then
+  dd if=/dev/zero of="$img" bs=1M seek=$(((size_bytes - zero_bytes) >> 20)) count=$((zero_bytes >> 20)) \
+    conv=notrunc status=none
+fi
 allocated=$(( $(stat -c %b "$img") * 512 ))
 
 # ---- sites on loopback ---------------------------------------------------------------------------
@@ -79,8 +88,6 @@ cd "$work"
 "$VMREPLICA" certs issue --ca ca --name primary-1 --ip 127.0.0.1 >/dev/null
 "$VMREPLICA" certs issue --ca ca --name replica-1 --ip 127.0.0.1 >/dev/null
 port=$(python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-start "$VMREPLICA" tracker --state-dir primary --disk "sys=$img" 2>tracker.log
-wait_for 20 test -S primary/control.sock
 cat >shipper.toml <<TOML
 vm = "vm1"
 tracker = "primary/control.sock"
@@ -101,7 +108,12 @@ cg() { # side, command...: the command under callgrind (exec: in place of the ba
 # One initial cycle with `side` under callgrind; sets data_mib, wire_mib.
 run_cycle() {
   local side=$1 app=() ship=() line
-  rm -rf replica
+  # A new tracker and replica for each side, so that both ship the same initial cycle.
+  rm -rf replica primary
+  "$VMREPLICA" tracker --state-dir primary --disk "sys=$img" 2>"tracker.$side.log" &
+  local tracker_pid=$!
+  pids+=("$tracker_pid")
+  wait_for 20 test -S primary/control.sock
   [[ $side == applier ]] && app=(cg applier)
   [[ $side == shipper ]] && ship=(cg shipper)
   "${app[@]}" "$VMREPLICA" applier --store replica --listen "127.0.0.1:$port" --cert ca/replica-1.pem \
@@ -121,6 +133,7 @@ run_cycle() {
   [[ -n $line ]] || die "no cycle applied within 30 min ($side under callgrind)"
   kill -TERM "$ship_pid"; wait "$ship_pid" 2>/dev/null || true
   kill -TERM "$app_pid"; wait "$app_pid" 2>/dev/null || true
+  kill -TERM "$tracker_pid"; wait "$tracker_pid" 2>/dev/null || true
   [[ -s $work/cg.$side ]] || die "no callgrind output for the $side: $(tail -n 3 "valgrind.$side.log")"
   cmp "$img" replica/vm1/disks/sys.img >/dev/null || die "replica differs from the image ($side under callgrind)"
   field() { sed -n "s/.*$1=\"\{0,1\}\([^\" ]*\).*/\1/p" <<<"$line"; }
@@ -139,7 +152,7 @@ top_fns() { # side: the top CG_TOP functions by own instructions (the lines call
       sub(/^ +/, "", fn); sub(/ \[[^]]*\]$/, "", fn); sub(/^[^:]*:/, "", fn); sum[fn] += ir }
     /file:function/ { f = 1 }
     END { for (fn in sum) printf "%d\t%s\n", sum[fn], fn }' "$work/cg.$1.txt" |
-    sort -t$'\t' -k1,1nr | head -n "$CG_TOP" |
+    sort -t$'\t' -k1,1nr | awk -v n="$CG_TOP" 'NR <= n' |
     awk -F'\t' -v t="$(ir_total "$1")" '{ fn = $2; gsub(/\|/, "\\|", fn)
       if (length(fn) > 110) fn = substr(fn, 1, 107) "..."
       printf "| %.2f | %.1f | `%s` |\n", $1 / 1e6, 100 * $1 / t, fn }'
@@ -149,7 +162,7 @@ top_fns() { # side: the top CG_TOP functions by own instructions (the lines call
   echo "# CPU of one initial cycle under callgrind${CG_LABEL:+: $CG_LABEL} ($stamp)"
   echo
   echo "Image: $CG_SIZE ext4, $(awk -v b="$allocated" 'BEGIN { printf "%.1f", b / 1048576 }') MiB allocated" \
-    "($(awk -v b="$staged" 'BEGIN { printf "%.1f", b / 1048576 }') MiB of files from /usr)." \
+    "($(awk -v b="$staged" 'BEGIN { printf "%.1f", b / 1048576 }') MiB of files from /usr, $CG_ZERO of zeroes written at its end)." \
     "Binary: \`$VMREPLICA\` ($(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo '?'))."
   echo "Loopback, QUIC + TLS, lz4 compression on; one side under callgrind at a time."
   echo
