@@ -116,6 +116,33 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// MAX_CHUNK zero bytes, for checksums of zero runs without allocating them.
 static ZEROES: [u8; MAX_CHUNK as usize] = [0; MAX_CHUNK as usize];
 
+/// Distinct lengths of zero runs whose checksum a thread keeps (a cycle's zero runs come in a
+/// few lengths: whole chunks, whole blocks, the tail of a disk).
+const ZERO_SUMS_KEPT: usize = 64;
+
+thread_local! {
+    /// Checksums of zero runs by length, as computed once by this thread: hashing a MiB of
+    /// zeroes for every zero chunk packed or received cost as much as the zero test itself.
+    static ZERO_SUMS: std::cell::RefCell<Vec<(u32, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The checksum of `len` zero bytes (`len` at most [`MAX_CHUNK`]), computed once per length
+/// per thread.
+pub fn zero_checksum(len: u32) -> u64 {
+    assert!(len <= MAX_CHUNK);
+    ZERO_SUMS.with_borrow_mut(|sums| {
+        if let Some(&(_, sum)) = sums.iter().find(|&&(l, _)| l == len) {
+            return sum;
+        }
+        let sum = checksum(&ZEROES[..len as usize]);
+        if sums.len() >= ZERO_SUMS_KEPT {
+            sums.remove(0);
+        }
+        sums.push((len, sum));
+        sum
+    })
+}
+
 thread_local! {
     /// lz4's worst-case output for one chunk, reused by every chunk this thread packs.
     static LZ4_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -131,7 +158,7 @@ impl Chunk {
             offset,
             len,
             encoding: Encoding::Zero,
-            checksum: checksum(&ZEROES[..len as usize]),
+            checksum: zero_checksum(len),
             payload: Vec::new(),
         }
     }
@@ -139,8 +166,13 @@ impl Chunk {
     /// Packs `data`: a zero marker if all zero, else lz4 if `compress` and it shrinks, else raw.
     pub fn pack(tag: Tag, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
         assert!(data.len() <= MAX_CHUNK as usize);
-        let checksum = checksum(data);
-        let (encoding, payload) = if is_zero(data) {
+        let zero = is_zero(data);
+        let checksum = if zero {
+            zero_checksum(data.len() as u32)
+        } else {
+            checksum(data)
+        };
+        let (encoding, payload) = if zero {
             (Encoding::Zero, Vec::new())
         } else if compress {
             // Compressed into this thread's worst-case buffer, then copied out at its size: no
@@ -298,7 +330,7 @@ impl Chunk {
         if !self.payload.is_empty() {
             return Err(self.bad("zero chunk with a payload"));
         }
-        if self.checksum != checksum(&ZEROES[..self.len as usize]) {
+        if self.checksum != zero_checksum(self.len) {
             return Err(self.bad("checksum mismatch"));
         }
         Ok(true)

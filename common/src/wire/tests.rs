@@ -585,6 +585,34 @@ fn zero_blocks_amid_data_travel_as_zero_markers() {
     assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
 }
 
+/// The cached checksum of a zero run is the checksum of that many zeroes, for more lengths
+/// than the cache keeps (evicted lengths are computed again), and zero chunks made by `pack`,
+/// `zeroes` and received as markers agree with it; a marker with a wrong one is refused.
+#[test]
+fn zero_runs_carry_the_checksum_of_their_zeroes() {
+    for round in 0..2 {
+        for len in (1..200u32)
+            .map(|i| i * 4099 % MAX_CHUNK + round)
+            .chain([MAX_CHUNK])
+        {
+            assert_eq!(
+                zero_checksum(len),
+                checksum(&vec![0; len as usize]),
+                "{len}"
+            );
+        }
+    }
+    let t = tag(1);
+    let packed = Chunk::pack(t, 0, 0, &[0; 12288], true);
+    assert_eq!(packed.encoding, Encoding::Zero);
+    assert_eq!(packed.checksum, checksum(&[0; 12288]));
+    assert_eq!(Chunk::zeroes(t, 0, 0, 12288), packed);
+    assert_eq!(packed.unpack().unwrap(), None);
+    let mut wrong = packed.clone();
+    wrong.len = 8192;
+    assert!(wrong.unpack().is_err());
+}
+
 /// A welcome of version 2 from before definitions travelled (it ends after `receiving`)
 /// decodes as holding none; a flag other than 1 where the hash would start is refused; a
 /// definition past its limit is refused before it is read.
