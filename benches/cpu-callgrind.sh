@@ -108,8 +108,11 @@ cg() { # side, command...: the command under callgrind (exec: in place of the ba
 # One initial cycle with `side` under callgrind; sets data_mib, wire_mib.
 run_cycle() {
   local side=$1 app=() ship=() line
-  # A new tracker and replica for each side, so that both ship the same initial cycle.
+  # A new tracker and replica for each side, and the image out of the page cache, so that both
+  # ship the same initial cycle: ext4's SEEK_DATA counts the unwritten (zeroed) extents that
+  # mke2fs leaves as data once their pages are cached, as the previous side's cmp left them.
   rm -rf replica primary
+  python3 -c 'import os, sys; f = os.open(sys.argv[1], os.O_RDONLY); os.posix_fadvise(f, 0, 0, os.POSIX_FADV_DONTNEED)' "$img"
   "$VMREPLICA" tracker --state-dir primary --disk "sys=$img" 2>"tracker.$side.log" &
   local tracker_pid=$!
   pids+=("$tracker_pid")
@@ -163,7 +166,7 @@ top_fns() { # side: the top CG_TOP functions by own instructions (the lines call
   echo
   echo "Image: $CG_SIZE ext4, $(awk -v b="$allocated" 'BEGIN { printf "%.1f", b / 1048576 }') MiB allocated" \
     "($(awk -v b="$staged" 'BEGIN { printf "%.1f", b / 1048576 }') MiB of files from /usr, $CG_ZERO of zeroes written at its end)." \
-    "Binary: \`$VMREPLICA\` ($(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo '?'))."
+    "Binary: \`$VMREPLICA\` (script run from $(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo '?'))."
   echo "Loopback, QUIC + TLS, lz4 compression on; one side under callgrind at a time."
   echo
 } >"$work/report.md"
