@@ -124,6 +124,7 @@ run_cycle() {
   local app_pid=$!
   pids+=("$app_pid")
   wait_for 300 bash -c "ss -Hunl 'sport = :$port' | grep -q ."
+  : >"shipper.$side.log"   # there before the loop below looks into it
   "${ship[@]}" "$VMREPLICA" shipper --config shipper.toml 2>"shipper.$side.log" &
   local ship_pid=$!
   pids+=("$ship_pid")
