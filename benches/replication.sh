@@ -156,32 +156,7 @@ log "building a ${BENCH_SIZE} image with ~${BENCH_ALLOC} of files from /usr"
 stage=$work/stage
 mkdir -p "$stage"
 budget=$((alloc_bytes * 93 / 100))   # leave room for ext4's metadata
-python3 - "$stage" "$budget" >/dev/null <<'PY'
-import os, sys
-stage, budget = sys.argv[1], int(sys.argv[2])
-used = 0
-for root in ("/usr/share", "/usr/bin", "/usr/lib", "/usr/libexec", "/usr/sbin"):
-    for dirpath, dirs, files in os.walk(root):
-        dirs.sort(); files.sort()
-        for f in files:
-            src = os.path.join(dirpath, f)
-            try:
-                st = os.lstat(src)
-            except OSError:
-                continue
-            if not os.path.isfile(src) or os.path.islink(src):
-                continue
-            if used + st.st_size > budget:
-                continue
-            dst = os.path.join(stage, src.lstrip("/"))
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                continue
-            used += st.st_size
-print(used)
-PY
+python3 "$script_dir/stage_usr_files.py" "$stage" "$budget" >/dev/null
 
 img=$work/vm1-sys.img
 rm -f "$img"

@@ -116,6 +116,33 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// MAX_CHUNK zero bytes, for checksums of zero runs without allocating them.
 static ZEROES: [u8; MAX_CHUNK as usize] = [0; MAX_CHUNK as usize];
 
+/// Distinct lengths of zero runs whose checksum a thread keeps (a cycle's zero runs come in a
+/// few lengths: whole chunks, whole blocks, the tail of a disk).
+const ZERO_SUMS_KEPT: usize = 64;
+
+thread_local! {
+    /// Checksums of zero runs by length, as computed once by this thread: hashing a MiB of
+    /// zeroes for every zero chunk packed or received cost as much as the zero test itself.
+    static ZERO_SUMS: std::cell::RefCell<Vec<(u32, u64)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The checksum of `len` zero bytes (`len` at most [`MAX_CHUNK`]), computed once per length
+/// per thread.
+pub fn zero_checksum(len: u32) -> u64 {
+    assert!(len <= MAX_CHUNK);
+    ZERO_SUMS.with_borrow_mut(|sums| {
+        if let Some(&(_, sum)) = sums.iter().find(|&&(l, _)| l == len) {
+            return sum;
+        }
+        let sum = checksum(&ZEROES[..len as usize]);
+        if sums.len() >= ZERO_SUMS_KEPT {
+            sums.remove(0);
+        }
+        sums.push((len, sum));
+        sum
+    })
+}
+
 thread_local! {
     /// lz4's worst-case output for one chunk, reused by every chunk this thread packs.
     static LZ4_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -131,7 +158,7 @@ impl Chunk {
             offset,
             len,
             encoding: Encoding::Zero,
-            checksum: checksum(&ZEROES[..len as usize]),
+            checksum: zero_checksum(len),
             payload: Vec::new(),
         }
     }
@@ -139,15 +166,22 @@ impl Chunk {
     /// Packs `data`: a zero marker if all zero, else lz4 if `compress` and it shrinks, else raw.
     pub fn pack(tag: Tag, disk: u16, offset: u64, data: &[u8], compress: bool) -> Chunk {
         assert!(data.len() <= MAX_CHUNK as usize);
-        let checksum = checksum(data);
-        let (encoding, payload) = if is_zero(data) {
+        let zero = is_zero(data);
+        let checksum = if zero {
+            zero_checksum(data.len() as u32)
+        } else {
+            checksum(data)
+        };
+        let (encoding, payload) = if zero {
             (Encoding::Zero, Vec::new())
         } else if compress {
             // Compressed into this thread's worst-case buffer, then copied out at its size: no
             // chunk zeroes a worst-case buffer of its own or keeps its spare capacity in flight.
+            // liblz4's default (acceleration 1) compressor: the same ratio as lz4_flex's on
+            // disk data for fewer instructions per MiB (benches/cpu-callgrind.sh).
             let c = LZ4_OUT.with_borrow_mut(|out| {
-                out.resize(lz4_flex::block::get_maximum_output_size(data.len()), 0);
-                lz4_flex::block::compress_into(data, out)
+                out.resize(lz4::block::compress_bound(data.len()).ok()?, 0);
+                lz4::block::compress_to_buffer(data, None, false, out)
                     .ok()
                     .filter(|&n| n < data.len())
                     .map(|n| out[..n].to_vec())
@@ -298,15 +332,23 @@ impl Chunk {
         if !self.payload.is_empty() {
             return Err(self.bad("zero chunk with a payload"));
         }
-        if self.checksum != checksum(&ZEROES[..self.len as usize]) {
+        if self.checksum != zero_checksum(self.len) {
             return Err(self.bad("checksum mismatch"));
         }
         Ok(true)
     }
 
-    /// Decompresses the lz4 payload into all of `dst` (the chunk's length).
+    /// Decompresses the lz4 payload into all of `dst` (the chunk's length). The payload comes
+    /// from a peer: liblz4's `LZ4_decompress_safe` is the reference decoder made for hostile
+    /// input (it never reads past the payload nor writes past `dst`, and says when the input
+    /// is malformed), and takes fewer instructions than lz4_flex's safe decoder
+    /// (benches/cpu-callgrind.sh).
     fn decompress_to(&self, dst: &mut [u8]) -> Result<(), WireError> {
-        let n = lz4_flex::block::decompress_into(&self.payload, dst)
+        // Both lengths fit the i32s that liblz4 takes.
+        if dst.len() > MAX_CHUNK as usize || self.payload.len() > MAX_FRAME as usize {
+            return Err(self.bad("lz4: payload or chunk too large"));
+        }
+        let n = lz4::block::decompress_to_buffer(&self.payload, Some(dst.len() as i32), dst)
             .map_err(|e| self.bad(format!("lz4: {e}")))?;
         if n != dst.len() {
             return Err(self.bad("decompressed length differs"));

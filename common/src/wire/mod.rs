@@ -33,7 +33,9 @@ mod pause;
 
 #[cfg(test)]
 pub(crate) use chunk::incompressible;
-pub use chunk::{checksum, chunk_frame_head, decode_chunk_head, is_chunk, is_zero, CHUNK_HEAD};
+pub use chunk::{
+    checksum, chunk_frame_head, decode_chunk_head, is_chunk, is_zero, zero_checksum, CHUNK_HEAD,
+};
 pub use definition::{DefinitionHash, ReverseTarget, MAX_DEFINITION};
 pub use failover::{divergent_pages, failed_over_message, Endpoint, LineagePoint, Role};
 

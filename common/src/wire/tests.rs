@@ -585,6 +585,106 @@ fn zero_blocks_amid_data_travel_as_zero_markers() {
     assert!(Chunk::pack_blocks(t, 0, 0, &[], B as u32, true).is_empty());
 }
 
+/// Malformed lz4 payloads, as a hostile peer may send them, are refused with an error that
+/// names the chunk, through every way of unpacking, and never read or write out of bounds
+/// (the decoder runs on buffers of exactly the chunk's length; run under Miri or ASan to see
+/// that too): garbage, a cut payload, a match reaching before the output's start, a literal
+/// run longer than the payload, a valid block of fewer or more bytes than the chunk says.
+#[test]
+fn malformed_lz4_payloads_are_refused() {
+    let t = tag(1);
+    let text: Vec<u8> = (0..65536u32).map(|i| (i % 97) as u8).collect();
+    let good = Chunk::pack(t, 4, 8192, &text, true);
+    assert_eq!(good.encoding, Encoding::Lz4);
+    let mut hostile: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xff; 64],
+        incompressible(5000),
+        good.payload[..good.payload.len() / 2].to_vec(),
+        good.payload[..good.payload.len() - 1].to_vec(),
+        // 4 literals, then a match at offset 0xffff: before the start of the output.
+        vec![0x40, 1, 2, 3, 4, 0xff, 0xff],
+        // 15 + 255 + 255 literals announced, 3 there.
+        vec![0xf0, 0xff, 0xff, 0x00, 1, 2, 3],
+        // A match of length 4 + 15 + 255 + ... from offset 1, longer than the chunk.
+        [vec![0x1f, 9, 1, 0], vec![0xff; 300], vec![0x00, 0x00]].concat(),
+    ];
+    let shorter = lz4_flex::block::compress(&text[..60000]);
+    let longer = lz4_flex::block::compress(&[text.clone(), text.clone()].concat());
+    hostile.extend([shorter, longer, [good.payload.clone(), vec![0; 8]].concat()]);
+    for (i, payload) in hostile.into_iter().enumerate() {
+        let mut c = good.clone();
+        c.payload = payload;
+        let mut scratch = vec![0xee; 1000];
+        let mut buf = vec![0xee; 1000];
+        for err in [
+            c.unpack().map(|_| ()),
+            c.unpack_into(&mut scratch).map(|_| ()),
+            c.unpack_aligned(&mut buf).map(|_| ()),
+        ] {
+            match err {
+                Err(WireError::BadChunk {
+                    disk: 4,
+                    offset: 8192,
+                    ref reason,
+                }) if reason.starts_with("lz4") || reason.contains("length") => {}
+                other => panic!("payload {i}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Chunks stay plain lz4 blocks (no size prefix, no frame): what this build packs, lz4_flex (as
+/// older shippers and appliers used) unpacks, and the other way round.
+#[test]
+fn lz4_blocks_cross_between_liblz4_and_lz4_flex() {
+    let t = tag(1);
+    let mut data: Vec<u8> = (0..300_000u32)
+        .flat_map(|i| (i % 1009).to_le_bytes())
+        .collect();
+    data.extend(b"a shared library, some text, ".repeat(10_000));
+    data.truncate(MAX_CHUNK as usize);
+    for len in [1usize, 13, 4096, 65536 + 7, data.len()] {
+        let d = &data[..len];
+        let ours = Chunk::pack(t, 0, 0, d, true);
+        if ours.encoding == Encoding::Lz4 {
+            assert_eq!(lz4_flex::block::decompress(&ours.payload, len).unwrap(), d);
+        }
+        let mut theirs = ours.clone();
+        theirs.encoding = Encoding::Lz4;
+        theirs.payload = lz4_flex::block::compress(d);
+        assert_eq!(theirs.unpack().unwrap().unwrap(), d, "{len}");
+    }
+}
+
+/// The cached checksum of a zero run is the checksum of that many zeroes, for more lengths
+/// than the cache keeps (evicted lengths are computed again), and zero chunks made by `pack`,
+/// `zeroes` and received as markers agree with it; a marker with a wrong one is refused.
+#[test]
+fn zero_runs_carry_the_checksum_of_their_zeroes() {
+    for round in 0..2 {
+        for len in (1..200u32)
+            .map(|i| i * 4099 % MAX_CHUNK + round)
+            .chain([MAX_CHUNK])
+        {
+            assert_eq!(
+                zero_checksum(len),
+                checksum(&vec![0; len as usize]),
+                "{len}"
+            );
+        }
+    }
+    let t = tag(1);
+    let packed = Chunk::pack(t, 0, 0, &[0; 12288], true);
+    assert_eq!(packed.encoding, Encoding::Zero);
+    assert_eq!(packed.checksum, checksum(&[0; 12288]));
+    assert_eq!(Chunk::zeroes(t, 0, 0, 12288), packed);
+    assert_eq!(packed.unpack().unwrap(), None);
+    let mut wrong = packed.clone();
+    wrong.len = 8192;
+    assert!(wrong.unpack().is_err());
+}
+
 /// A welcome of version 2 from before definitions travelled (it ends after `receiving`)
 /// decodes as holding none; a flag other than 1 where the hash would start is refused; a
 /// definition past its limit is refused before it is read.
