@@ -424,7 +424,7 @@ impl Instance {
     fn wait_gone(&self, pid: i32, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
-            if self.pid().ok().flatten() != Some(pid) {
+            if self.pid().ok().flatten() != Some(pid) && exited(pid) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -440,7 +440,7 @@ impl Instance {
         let deadline = Instant::now() + within;
         let mut qmp_ok = true;
         loop {
-            if self.pid().ok().flatten() != Some(pid) {
+            if self.pid().ok().flatten() != Some(pid) && exited(pid) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -571,4 +571,37 @@ pub fn tail(path: &Path, lines: usize) -> String {
     let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped). QEMU gives up its
+/// pidfile in an exit handler, while the process still runs: a stop waits for the exit too,
+/// so that whoever stopped it (and then starts it again, or seals its disks) finds it gone.
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..))
+            .is_none_or(|state| state.starts_with('Z') || state.starts_with('X')),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exited;
+
+    #[test]
+    fn a_running_process_has_not_exited_a_zombie_or_reaped_one_has() {
+        assert!(!exited(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not reaped yet: once it has exited it is a zombie.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !exited(pid) {
+            assert!(std::time::Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(exited(pid));
+    }
 }
