@@ -439,12 +439,7 @@ pub fn fail_over_planned(
         shut_down(vm, &cfg, qmp.as_deref(), opts.shutdown_timeout.into())?;
         tracker(&cfg, &Request::Seal)?;
         eprintln!("VM {vm}: shut down; its disks are sealed");
-        let lock = cfg
-            .tracker
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("shipper.lock");
-        stop_holder(&lock, "shipper")?;
+        stop_holder(&vmreplica_shipper::lock::path_of(&cfg.tracker), "shipper")?;
     }
     let definition = match &opts.definition {
         Some(p) => Some(
@@ -641,12 +636,7 @@ pub fn reverse(a: ReverseArgs) -> Result<()> {
     }
     // Only now that every check passed: a refused reverse leaves the old shipper running
     // (it retries its replica as before), so "nothing was changed" holds.
-    let lock = cfg
-        .tracker
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("shipper.lock");
-    stop_holder(&lock, "shipper")?;
+    stop_holder(&vmreplica_shipper::lock::path_of(&cfg.tracker), "shipper")?;
     let v = a.site.call(
         &Admin::AdoptPrimary(Adopt {
             vm: vm.to_string(),

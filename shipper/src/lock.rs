@@ -25,9 +25,14 @@ pub fn dir_of(control_socket: &Path) -> PathBuf {
         .to_path_buf()
 }
 
+/// The shipper's lock file of the tracker whose control socket is `control_socket`.
+pub fn path_of(control_socket: &Path) -> PathBuf {
+    dir_of(control_socket).join("shipper.lock")
+}
+
 /// Takes the lock beside `control_socket`, or says which process holds it.
 pub fn lock(control_socket: &Path) -> io::Result<ShipperLock> {
-    let path = dir_of(control_socket).join("shipper.lock");
+    let path = path_of(control_socket);
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
