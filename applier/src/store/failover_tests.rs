@@ -1,10 +1,11 @@
 //! The store's failover operations against failed saves and recorded test failovers.
 
 use rand::SeedableRng;
-use vmreplica_common::wire::{CycleKind, Tag};
+use vmreplica_common::wire::CycleKind;
 
 use super::tests::{
-    disks, initial, mutate, plan, read_images, seeded, send, ship, store, tmp, Images, FREEZE, L,
+    disks, initial, mutate, plan, read_images, seeded, send, ship, start, store, tmp, Images,
+    FREEZE, L,
 };
 use super::*;
 
@@ -35,14 +36,7 @@ fn a_failover_after_a_maybe_made_save_rolls_back_to_the_exact_point() {
         history.insert(c, primary.clone());
     }
     let b = write_block(&mut primary, 40, 0xC4);
-    let st = vs
-        .start_cycle(L, 4, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 4,
-        epoch: st.epoch,
-    };
+    let (st, tag) = start(&mut vs, 4, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &b) {
         r.unwrap();
     }
@@ -254,14 +248,7 @@ fn each_failing_save_inside_roll_back_to_point_is_finished_by_a_rerun() {
             }
             // Cycle 4, received in part when the primary is lost.
             let b = mutate(&mut rng, &mut primary);
-            let st = vs
-                .start_cycle(L, 4, CycleKind::Delta, FREEZE, &disks(), None)
-                .unwrap();
-            let tag = Tag {
-                lineage: L,
-                cycle: 4,
-                epoch: st.epoch,
-            };
+            let (_, tag) = start(&mut vs, 4, CycleKind::Delta);
             for r in send(&vs, tag, &primary, &b) {
                 r.unwrap();
             }

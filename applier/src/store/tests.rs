@@ -100,6 +100,30 @@ pub(crate) fn plan(blocks: &[(u16, u64)]) -> RangeSet {
         .collect()
 }
 
+/// Starts cycle `cycle` of lineage `L` (freeze `FREEZE`); its chunks' tag.
+pub(crate) fn start(vs: &mut VmStore, cycle: u64, kind: CycleKind) -> (Started, Tag) {
+    let st = vs
+        .start_cycle(L, cycle, kind, FREEZE, &disks(), None)
+        .unwrap();
+    let tag = Tag {
+        lineage: L,
+        cycle,
+        epoch: st.epoch,
+    };
+    (st, tag)
+}
+
+/// Commits cycle `cycle` of attempt `epoch` as the plan of `blocks`.
+pub(crate) fn commit_blocks(
+    vs: &mut VmStore,
+    cycle: u64,
+    epoch: u64,
+    blocks: &[(u16, u64)],
+) -> Result<Committed, StoreError> {
+    let set = plan(blocks);
+    vs.commit(L, cycle, epoch, set.len() as u64, set.bytes(), set.digest())
+}
+
 /// Ships `blocks` of `data` as cycle `cycle` (skipping what the replica already holds) and
 /// commits it.
 pub(crate) fn ship(
@@ -126,15 +150,7 @@ pub(crate) fn ship(
     for r in send(vs, tag, data, &todo) {
         r.map_err(StoreError::Receive)?;
     }
-    let set = plan(blocks);
-    vs.commit(
-        L,
-        cycle,
-        st.epoch,
-        set.len() as u64,
-        set.bytes(),
-        set.digest(),
-    )
+    commit_blocks(vs, cycle, st.epoch, blocks)
 }
 
 fn all_blocks() -> Vec<(u16, u64)> {
@@ -282,14 +298,7 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     blocks.extend(mutate(&mut rng, &mut primary));
     blocks.sort();
     blocks.dedup();
-    let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: st.epoch,
-    };
+    let (st, tag) = start(&mut vs, 2, CycleKind::Delta);
     let half = blocks.len() / 2;
     for r in send(&vs, tag, &primary, &blocks[..half]) {
         r.unwrap();
@@ -318,9 +327,7 @@ fn a_crash_mid_cycle_keeps_the_last_point_readable_and_the_cycle_resumes() {
     for r in send(&vs, tag2, &primary, &blocks[half..]) {
         r.unwrap();
     }
-    let set = plan(&blocks);
-    vs.commit(L, 2, st2.epoch, set.len() as u64, set.bytes(), set.digest())
-        .unwrap();
+    commit_blocks(&mut vs, 2, st2.epoch, &blocks).unwrap();
     assert!(read_images(&vs) == primary);
     assert!(read_point(&vs, 1) == history[&1]);
     assert_eq!(vs.last_cycle(), 2);
@@ -334,14 +341,7 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     let mut primary = seeded(3);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: st.epoch,
-    };
+    let (_, tag) = start(&mut vs, 2, CycleKind::Delta);
     // Sent, sent again in the same attempt (a duplicate stream)...
     for r in send(&vs, tag, &primary, &blocks)
         .into_iter()
@@ -373,9 +373,7 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
     for r in send(&vs, tag, &primary, &blocks) {
         r.unwrap();
     }
-    let set = plan(&blocks);
-    vs.commit(L, 2, st.epoch, set.len() as u64, set.bytes(), set.digest())
-        .unwrap();
+    commit_blocks(&mut vs, 2, st.epoch, &blocks).unwrap();
     assert!(read_images(&vs) == primary);
     assert!(
         read_point(&vs, 1) == history[&1],
@@ -391,14 +389,7 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     let mut primary = seeded(4);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let old = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let old_tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: old.epoch,
-    };
+    let (_, old_tag) = start(&mut vs, 2, CycleKind::Delta);
     // A new attempt of the same cycle starts (the shipper reconnected); the first one's
     // stream is still alive and sends other bytes where cycle 2 writes (say, a block it
     // read before a tracker restart): refused.
@@ -443,16 +434,7 @@ fn a_stale_attempt_can_neither_capture_nor_write() {
     for r in send(&vs, tag3, &primary, &blocks) {
         r.unwrap();
     }
-    let set = plan(&blocks);
-    vs.commit(
-        L,
-        3,
-        third.epoch,
-        set.len() as u64,
-        set.bytes(),
-        set.digest(),
-    )
-    .unwrap();
+    commit_blocks(&mut vs, 3, third.epoch, &blocks).unwrap();
     assert!(read_images(&vs) == primary);
     assert!(read_point(&vs, 1) == history[&1]);
 }
@@ -465,14 +447,7 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let mut primary = seeded(5);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: st.epoch,
-    };
+    let (_, tag) = start(&mut vs, 2, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &blocks) {
         r.unwrap();
     }
@@ -501,14 +476,7 @@ fn rollback_restores_the_last_point_and_survives_a_failed_save() {
     let dir2 = tmp();
     let s2 = store(dir2.path(), Retention::keep_all());
     let mut vs2 = s2.open_vm("vm1", "p").unwrap();
-    let st = vs2
-        .start_cycle(L, 1, CycleKind::Initial, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 1,
-        epoch: st.epoch,
-    };
+    let (_, tag) = start(&mut vs2, 1, CycleKind::Initial);
     for r in send(&vs2, tag, &primary, &all_blocks()[..20]) {
         r.unwrap();
     }
@@ -530,14 +498,7 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
         .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
         .is_err());
     assert!(vs.receiving().is_none() && vs.sender().is_none());
-    let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: st.epoch,
-    };
+    let (st, tag) = start(&mut vs, 2, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &blocks) {
         r.unwrap();
     }
@@ -562,14 +523,7 @@ fn a_failed_state_save_acknowledges_nothing_and_a_restart_is_consistent() {
     assert_eq!(vs.last_cycle(), 2);
     // ... and a failed save after a restart leaves the restart's view consistent too.
     let more = mutate(&mut rng, &mut primary);
-    let st = vs
-        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 3,
-        epoch: st.epoch,
-    };
+    let (st, tag) = start(&mut vs, 3, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &more) {
         r.unwrap();
     }
@@ -649,14 +603,7 @@ fn refused_cycles_change_nothing_and_the_cycle_held_in_part_goes_on() {
     let mut primary = seeded(8);
     let (mut vs, history) = initial(&s, &primary);
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs
-        .start_cycle(L, 2, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 2,
-        epoch: st.epoch,
-    };
+    let (_, tag) = start(&mut vs, 2, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &blocks) {
         r.unwrap();
     }
@@ -758,14 +705,7 @@ fn a_record_whose_undo_logs_are_gone_is_refused_at_every_open() {
     let blocks = mutate(&mut rng, &mut primary);
     ship(&mut vs, 2, CycleKind::Delta, &primary, &blocks).unwrap();
     let blocks = mutate(&mut rng, &mut primary);
-    let st = vs
-        .start_cycle(L, 3, CycleKind::Delta, FREEZE, &disks(), None)
-        .unwrap();
-    let tag = Tag {
-        lineage: L,
-        cycle: 3,
-        epoch: st.epoch,
-    };
+    let (_, tag) = start(&mut vs, 3, CycleKind::Delta);
     for r in send(&vs, tag, &primary, &blocks) {
         r.unwrap();
     }
