@@ -157,40 +157,15 @@ server_pid=""
 fio_pid=""
 watchdog_pid=""
 
-# Is $1 a live (non-zombie) process?
-# (Reads /proc with the `read` builtin: no fork, so it is cheap enough to poll.)
-alive() {
-  local st
-  [[ -n $1 ]] || return 1
-  { read -r st <"/proc/$1/stat"; } 2>/dev/null || return 1
-  st=${st##*) }
-  [[ ${st:0:1} != Z && ${st:0:1} != X ]]
-}
-
-# SIGTERM, bounded wait, then SIGKILL; always reaps.
-stop_pid() {
-  local pid=$1 what=$2 i
-  [[ -n $pid ]] || return 0
-  if alive "$pid"; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < BENCH_STOP_TIMEOUT * 10; i++)); do
-      alive "$pid" || break
-      sleep 0.1
-    done
-    if alive "$pid"; then
-      log "$what (pid $pid) ignored SIGTERM for ${BENCH_STOP_TIMEOUT}s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+# shellcheck source=benches/procs.sh
+source "$script_dir/procs.sh"
 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  stop_pid "$fio_pid" fio
-  stop_pid "$server_pid" server
-  if [[ -n $watchdog_pid ]]; then kill -TERM "$watchdog_pid" 2>/dev/null || true; wait "$watchdog_pid" 2>/dev/null || true; fi
+  stop_pid "$fio_pid" fio TERM "$BENCH_STOP_TIMEOUT"
+  stop_pid "$server_pid" server TERM "$BENCH_STOP_TIMEOUT"
+  stop_watchdog
   if [[ $BENCH_KEEP != 1 ]]; then
     rm -f "$sock" "$img"
     rm -rf "$work_dir"/state-* 2>/dev/null || true
@@ -204,16 +179,7 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated (time limit ${BENCH_MAX_SECONDS}s or signal)"; exit 124' TERM
 
-# Watchdog: SIGTERM this script after BENCH_MAX_SECONDS. The script waits on its children with
-# `wait`, which a trapped signal interrupts, so the EXIT trap runs promptly and stops the server.
-(
-  trap 'kill -TERM "$sleeper" 2>/dev/null; wait "$sleeper" 2>/dev/null; exit 0' TERM
-  sleep "$BENCH_MAX_SECONDS" & sleeper=$!
-  wait "$sleeper"
-  echo "nbd-servers: total time limit of ${BENCH_MAX_SECONDS}s reached; aborting" >&2
-  kill -TERM $$ 2>/dev/null
-) &
-watchdog_pid=$!
+start_watchdog nbd-servers "$BENCH_MAX_SECONDS"
 
 # ---- image ------------------------------------------------------------------------------------
 log "work dir $work_dir; preparing ${size_bytes}-byte image (fully written)"
@@ -356,7 +322,7 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
     start_error=""
     if ! start_server "$key" "$raw_dir/$key.r$round.server.log"; then
       log "ERROR: $key failed to start in round $round: $start_error"
-      stop_pid "$server_pid" "$key"; server_pid=""
+      stop_pid "$server_pid" "$key" TERM "$BENCH_STOP_TIMEOUT"; server_pid=""
       notes+=("- **$label**: FAILED TO START in round $round — $start_error")
       for w in "${workloads[@]}"; do
         IFS='|' read -r wkey _ <<<"$w"
@@ -402,7 +368,7 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
       printf '%s\t%s\n' "$now" "$ticks" >>"$samples"
       if alive "$fio_pid"; then
         log "ERROR: fio overran $((BENCH_RAMP + BENCH_RUNTIME))+30s on $key/$wkey; stopping it"
-        stop_pid "$fio_pid" fio; fio_pid=""
+        stop_pid "$fio_pid" fio TERM "$BENCH_STOP_TIMEOUT"; fio_pid=""
         printf 'R\t%s\t%s\tfio timeout\t%s\t-\t-\t%s\n' "$key" "$wkey" "$out" "$round" >>"$manifest"
         failed=1
         continue
@@ -431,7 +397,7 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
       printf 'R\t%s\t%s\tok\t%s\t%s\t%s\t%s\n' "$key" "$wkey" "$out" "$cpu_s" "$wall_s" "$round" >>"$manifest"
     done
 
-    stop_pid "$server_pid" "$key"; server_pid=""
+    stop_pid "$server_pid" "$key" TERM "$BENCH_STOP_TIMEOUT"; server_pid=""
     rm -f "$sock"
   done
 done

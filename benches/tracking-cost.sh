@@ -124,35 +124,15 @@ server_pid=""
 strace_pid=""
 watchdog_pid=""
 
-alive() {
-  local st
-  [[ -n $1 ]] || return 1
-  { read -r st <"/proc/$1/stat"; } 2>/dev/null || return 1
-  st=${st##*) }
-  [[ ${st:0:1} != Z && ${st:0:1} != X ]]
-}
-
-# SIGTERM (or $3), wait up to 60 s (valgrind writes its last dump at exit), then SIGKILL.
-stop_pid() {
-  local pid=$1 what=$2 sig=${3:-TERM} i
-  [[ -n $pid ]] || return 0
-  if alive "$pid"; then
-    kill -"$sig" "$pid" 2>/dev/null || true
-    for ((i = 0; i < 600; i++)); do alive "$pid" || break; sleep 0.1; done
-    if alive "$pid"; then
-      log "$what (pid $pid) ignored SIG$sig for 60s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  fi
-  wait "$pid" 2>/dev/null || true
-}
+# shellcheck source=benches/procs.sh
+source "$script_dir/procs.sh"
 
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  stop_pid "$strace_pid" strace INT
-  stop_pid "$server_pid" tracker
-  if [[ -n $watchdog_pid ]]; then kill -TERM "$watchdog_pid" 2>/dev/null || true; wait "$watchdog_pid" 2>/dev/null || true; fi
+  stop_pid "$strace_pid" strace INT 60
+  stop_pid "$server_pid" tracker TERM 60
+  stop_watchdog
   if [[ $TC_KEEP != 1 ]]; then
     rm -rf "$img" "$sock" "$work_dir"/state-*
     if [[ $own_work_dir == 1 ]]; then rmdir "$work_dir" 2>/dev/null || true; fi
@@ -164,14 +144,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated (time limit ${TC_MAX_SECONDS}s or signal)"; exit 124' TERM
-(
-  trap 'kill -TERM "$sleeper" 2>/dev/null; wait "$sleeper" 2>/dev/null; exit 0' TERM
-  sleep "$TC_MAX_SECONDS" & sleeper=$!
-  wait "$sleeper"
-  echo "tracking-cost: total time limit of ${TC_MAX_SECONDS}s reached; aborting" >&2
-  kill -TERM $$ 2>/dev/null
-) &
-watchdog_pid=$!
+start_watchdog tracking-cost "$TC_MAX_SECONDS"
 
 log "work dir $work_dir; writing a ${size_bytes}-byte image"
 dd if=/dev/zero of="$img" bs=1M count=$((size_bytes >> 20)) oflag=direct conv=fsync status=none \
@@ -238,7 +211,7 @@ for mode in on off; do
     else
       failed=1
     fi
-    stop_pid "$server_pid" tracker; server_pid=""
+    stop_pid "$server_pid" tracker TERM 60; server_pid=""
   fi
 
   if (( do_st )); then
@@ -259,13 +232,13 @@ for mode in on off; do
         f0=$(minflt "$server_pid")
         run_fio "$w" "$raw_dir/st.$mode.$wkey.json" || { log "fio failed on $mode/$wkey"; failed=1; }
         f1=$(minflt "$server_pid")
-        stop_pid "$strace_pid" strace INT; strace_pid=""
+        stop_pid "$strace_pid" strace INT 60; strace_pid=""
         printf 'ST\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "$wkey" "$st_out" "$raw_dir/st.$mode.$wkey.json" "$f0" "$f1" >>"$manifest"
       done
     else
       failed=1
     fi
-    stop_pid "$server_pid" tracker; server_pid=""
+    stop_pid "$server_pid" tracker TERM 60; server_pid=""
   fi
 done
 
