@@ -13,9 +13,8 @@
 # one that runs first leaves behind (page cache, dirty pages still being written back, a warm or
 # throttled CPU, a neighbour's load that fades), it is charged to each side of a ratio once.
 # With rotation alone, adjacent servers kept their order (tracker-on always just before
-# tracker-off), and an order effect showed up as a tracking cost of 7-8%. Use an even
-# BENCH_ROUNDS (4) when a ratio between two servers matters: with an odd count the last round's
-# order is not mirrored.
+# tracker-off), and an order effect showed up as a tracking cost of 7-8%. BENCH_ROUNDS is
+# even by default (4): with an odd count the last round's order is not mirrored (a warning says so).
 #
 # For each server under test it serves the SAME raw image over a unix socket, runs four fio
 # workloads through fio's nbd ioengine (libnbd client: --ioengine=nbd --uri=nbd+unix:///...),
@@ -49,8 +48,8 @@
 # within one run of this script, not absolute figures for any of them.
 #
 # Environment:
-#   BENCH_ROUNDS=3          alternating rounds (3 or more for a median that means something;
-#                           even, e.g. 4, so that every round's order is also run mirrored)
+#   BENCH_ROUNDS=4          alternating rounds (3 or more for a median that means something;
+#                           even, so that every round's order is also run mirrored)
 #   BENCH_RUNTIME=10        measured seconds per workload
 #   BENCH_RAMP=2            ramp seconds per workload (not measured)
 #   BENCH_SIZE=1G           image size (IEC suffixes: 512M, 1G, 2G; multiple of 1 MiB)
@@ -76,7 +75,7 @@ repo_dir=$(cd "$script_dir/.." && pwd)
 die() { echo "nbd-servers: error: $*" >&2; exit 2; }
 log() { echo "nbd-servers: $*" >&2; }
 
-BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_ROUNDS=${BENCH_ROUNDS:-4}
 BENCH_RUNTIME=${BENCH_RUNTIME:-10}
 BENCH_RAMP=${BENCH_RAMP:-2}
 BENCH_SIZE=${BENCH_SIZE:-1G}
@@ -93,6 +92,7 @@ done
 [[ $BENCH_RUNTIME -ge 1 ]] || die "BENCH_RUNTIME must be >= 1"
 [[ $BENCH_ROUNDS -ge 1 ]] || die "BENCH_ROUNDS must be >= 1"
 [[ $BENCH_ROUNDS -ge 3 ]] || log "warning: BENCH_ROUNDS=$BENCH_ROUNDS: medians of fewer than 3 rounds say little"
+(( BENCH_ROUNDS % 2 == 0 )) || log "warning: BENCH_ROUNDS=$BENCH_ROUNDS is odd: round $BENCH_ROUNDS's order is not run mirrored"
 
 size_spec=${BENCH_SIZE%iB}; size_spec=${size_spec%B}
 size_bytes=$(numfmt --from=iec "$size_spec" 2>/dev/null) || die "cannot parse BENCH_SIZE='$BENCH_SIZE'"
