@@ -17,9 +17,7 @@ use common::*;
 fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating() {
     let mut p = Pair::replicating(8, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    Pair::nbd_write(&uri_a, 7, 20 * MIB, MIB);
-    let n = p.applied();
-    p.wait_cycles(n, 2);
+    p.write_replicated(&uri_a, 7, 20 * MIB, MIB);
     // The primary site is gone.
     p.kill_primary();
     let replica = std::fs::read(p.b.image("sys")).unwrap();
@@ -63,9 +61,7 @@ fn unplanned_failover_serves_the_latest_point_and_cancel_returns_to_replicating(
     p.start_tracker(&[]);
     p.write_config("");
     p.start_shipper();
-    let n = p.applied();
-    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 3, MIB, MIB);
-    p.wait_cycles(n, 2);
+    p.write_replicated(&p.tracker.as_ref().unwrap().uri("sys"), 3, MIB, MIB);
     let out = run(std::process::Command::new(bin())
         .args(["verify", "vm1", "--config"])
         .arg(&p.config));
@@ -84,9 +80,7 @@ fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest
     // first may have been frozen before the write (under load it was, and two writes then
     // shared one point); the second was frozen after it, so each write has a point alone.
     for (i, byte) in [(0u64, 11u8), (1, 12), (2, 13)] {
-        let n = p.applied();
-        Pair::nbd_write(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
-        p.wait_cycles(n, 2);
+        p.write_replicated(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
     }
     p.kill_primary();
     let points: Vec<u64> = {
@@ -146,12 +140,8 @@ fn failover_to_an_older_point_serves_it_exactly_and_cancel_returns_to_the_newest
 fn commit_reverse_then_planned_failback_with_identical_disks() {
     let mut p = Pair::replicating(8, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 21, 12 * MIB, MIB);
-    p.wait_cycles(n, 1);
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 22, 14 * MIB, MIB);
-    p.wait_cycles(n, 1);
+    p.write_replicated(&uri_a, 21, 12 * MIB, MIB);
+    p.write_replicated(&uri_a, 22, 14 * MIB, MIB);
     // The shipper dies first: a last write stays unreplicated on site A.
     p.shipper.take().unwrap().kill();
     Pair::nbd_write(&uri_a, 23, 16 * MIB, MIB);
@@ -345,9 +335,7 @@ fn split_brain_resolved_by_abandoning_the_failover() {
     );
     let pts = p.b.cli_ok(&["applier", "points", "vm1"]);
     assert!(pts.contains("local"), "{pts}");
-    let n = p.applied();
-    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 77, 6 * MIB, MIB);
-    p.wait_cycles(n, 2);
+    p.write_replicated(&p.tracker.as_ref().unwrap().uri("sys"), 77, 6 * MIB, MIB);
     assert_eq!(
         std::fs::read(p.b.image("sys")).unwrap()[6 * MIB as usize],
         77
@@ -383,9 +371,7 @@ fn an_abandon_run_again_after_a_crash_removes_the_leftover_tracker_state() {
 fn split_brain() -> Pair {
     let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 5, 4 * MIB, MIB);
-    p.wait_cycles(n, 1);
+    p.write_replicated(&uri_a, 5, 4 * MIB, MIB);
     p.shipper.take().unwrap().kill();
     p.b.cli_ok(&["failover", "unplanned", "vm1"]);
     Pair::nbd_write(&p.b.uri("sys"), 8, 10 * MIB, 2 * MIB);
@@ -498,9 +484,7 @@ fn a_crash_at_each_step_of_failover_cancel_and_commit_is_finished_by_the_same_co
     let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
     for (i, byte) in [(0u64, 51u8), (1, 52)] {
-        let n = p.applied();
-        Pair::nbd_write(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
-        p.wait_cycles(n, 1);
+        p.write_replicated(&uri_a, byte, (8 + 4 * i) * MIB, 2 * MIB);
     }
     p.kill_primary();
     let pts = points(&p.b);

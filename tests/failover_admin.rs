@@ -30,9 +30,7 @@ fn spawn(s: &SiteDir, args: &[&str]) -> std::process::Child {
 fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
     let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 41, 2 * MIB, MIB);
-    p.wait_cycles(n, 1);
+    p.write_replicated(&uri_a, 41, 2 * MIB, MIB);
     // On the wrong site (the primary's own store holds no replica of vm1), and before any
     // failover: refused, naming the VM, nothing changes.
     let out = p.a.cli(&["failover", "unplanned", "vm1"]);
@@ -143,9 +141,7 @@ fn failover_commands_twice_at_once_in_the_wrong_order_and_on_the_wrong_site() {
 fn a_replica_record_restored_over_a_failover_takes_no_cycle_into_the_running_vms_disks() {
     let mut p = Pair::replicating(4, None);
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 51, 2 * MIB, MIB);
-    p.wait_cycles(n, 1);
+    p.write_replicated(&uri_a, 51, 2 * MIB, MIB);
     let state = p.b.store.join("vm1/state.json");
     let backup = std::fs::read(&state).unwrap();
     p.kill_primary();

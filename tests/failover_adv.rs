@@ -166,9 +166,7 @@ fn an_old_primary_tracker_state_restored_from_a_backup_is_not_trusted_by_reverse
     let backup = p.a.dir.join("state-backup");
     run(Command::new("cp").arg("-a").arg(&state).arg(&backup));
     let uri_a = p.tracker.as_ref().unwrap().uri("sys");
-    let n = p.applied();
-    Pair::nbd_write(&uri_a, 21, 12 * MIB, MIB);
-    p.wait_cycles(n, 2);
+    p.write_replicated(&uri_a, 21, 12 * MIB, MIB);
     // The shipper dies; a last write stays on site A only; then site A is gone.
     p.shipper.take().unwrap().kill();
     Pair::nbd_write(&uri_a, 23, 16 * MIB, MIB);
@@ -390,11 +388,9 @@ fn a_planned_failover_whose_replica_site_never_answers_again_ends_at_its_timeout
 #[test]
 fn a_replica_record_restored_over_a_committed_failover_says_what_happened() {
     let mut p = Pair::replicating(4, None);
-    Pair::nbd_write(&p.tracker.as_ref().unwrap().uri("sys"), 37, 0, MIB);
-    // Two cycles from after the write: the first may have been frozen before it. The record
-    // must name an undo log (a second point), or there is nothing missing to detect.
-    let n = p.applied();
-    p.wait_cycles(n, 2);
+    // The record must name an undo log (a second point), or there is nothing missing to
+    // detect.
+    p.write_replicated(&p.tracker.as_ref().unwrap().uri("sys"), 37, 0, MIB);
     let state = p.b.store.join("vm1/state.json");
     let backup = std::fs::read(&state).unwrap();
     p.kill_primary();

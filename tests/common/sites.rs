@@ -352,6 +352,15 @@ impl Pair {
         }
     }
 
+    /// A guest's write through NBD `uri` (see [`Pair::nbd_write`]), then waits until a cycle
+    /// frozen after it was applied: two more cycles, since the first one applied after the
+    /// write may have been frozen before it.
+    pub fn write_replicated(&self, uri: &str, byte: u8, offset: u64, len: u64) {
+        Pair::nbd_write(uri, byte, offset, len);
+        let n = self.applied();
+        self.wait_cycles(n, 2);
+    }
+
     /// Writes `len` bytes of `byte` at `offset` through NBD `uri` (a guest's write).
     pub fn nbd_write(uri: &str, byte: u8, offset: u64, len: u64) {
         run(Command::new("qemu-io")
