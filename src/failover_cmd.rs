@@ -429,9 +429,8 @@ pub fn fail_over_planned(
         Role::Replica if w.lineage.map(|l| l.to_string()) == Some(lineage.clone()) => {}
         _ if promoted => {}
         other => bail!(
-            "VM {vm}: the replica site is {other:?} in lineage {}, and this tracker in {lineage}: \
-             a planned failover needs the replica of this tracker's lineage; nothing was changed",
-            vmreplica_common::lineage::show(w.lineage)
+            "{}",
+            not_this_trackers_replica(vm, &cfg, other, w.lineage, &lineage)
         ),
     }
     if !promoted {
@@ -547,6 +546,43 @@ pub fn fail_over_planned(
 
 /// `vmreplica reverse`: after an unplanned failover, this (old primary) site asks the new
 /// primary to replicate back; its images become the replica.
+/// Why the replica site cannot take a planned failover from this tracker (lineage `ours`):
+/// what it is now, and what the admin can do about it.
+fn not_this_trackers_replica(
+    vm: &str,
+    cfg: &ShipperConfig,
+    role: Role,
+    theirs: Option<vmreplica_common::lineage::Lineage>,
+    ours: &str,
+) -> String {
+    let site = format!("the replica site ({}, {})", cfg.replica, cfg.server_name);
+    let what = match role {
+        Role::FailedOver { parent, .. } => format!(
+            "{site} failed over already: VM {vm} runs there from {parent}, not committed yet. \
+             To go on replicating from here, cancel that failover on the replica site \
+             (`vmreplica failover cancel {vm}`: the writes made there since are undone), then run \
+             this command again; to keep it, commit it there (`vmreplica failover commit {vm}`) \
+             and replicate back with `vmreplica reverse {vm} --config ...` here"
+        ),
+        Role::Primary { lineage, parent } => format!(
+            "{site} is VM {vm}'s primary (lineage {lineage}, since its failover at {parent}): to \
+             replicate back to this site run `vmreplica reverse {vm} --config ...` here; a \
+             planned failover back is run on that site"
+        ),
+        Role::ReversePending { parent } => format!(
+            "{site} waits to replicate VM {vm} back from {parent} (a failover was committed \
+             there): it takes no planned failover until that reverse cycle has landed"
+        ),
+        Role::Replica => format!(
+            "{site} holds VM {vm} in lineage {}, this tracker in {ours}: it is not this \
+             tracker's replica (another primary's, or a replica whose history was reset); check \
+             `vmreplica status` on both sites",
+            vmreplica_common::lineage::show(theirs)
+        ),
+    };
+    format!("VM {vm}: {what}. A planned failover needs a replica that receives this tracker's cycles; nothing was changed")
+}
+
 pub fn reverse(a: ReverseArgs) -> Result<()> {
     let cfg = ShipperConfig::load(&a.config)?;
     let vm = a.vm.as_str();

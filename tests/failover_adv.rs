@@ -492,3 +492,54 @@ fn the_old_vm_running_again_on_the_old_primary_is_refused_and_never_merged() {
         "the failback lost or changed data"
     );
 }
+
+/// A planned failover run on the old primary after the replica site already failed over
+/// (unplanned, not committed, its VM writing): refused, naming the failover on site B;
+/// site A's disks are not left sealed, and site B's point and writes are untouched.
+#[test]
+fn a_planned_failover_against_a_replica_that_already_failed_over_is_refused() {
+    let p = Pair::replicating(4, None);
+    let uri_a = p.tracker.as_ref().unwrap().uri("sys");
+    p.write_replicated(&uri_a, 61, 0, MIB);
+    p.b.cli_ok(&["failover", "unplanned", "vm1"]);
+    Pair::nbd_write(&p.b.uri("sys"), 62, 2 * MIB, MIB);
+    let b_before = p.nbd_read(&p.b.uri("sys"));
+    let cfg = p.config.to_str().unwrap().to_string();
+    let out = p.a.cli(&[
+        "failover",
+        "planned",
+        "vm1",
+        "--config",
+        &cfg,
+        "--no-start",
+        "--timeout",
+        "30s",
+    ]);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(
+        e.contains("VM vm1")
+            && e.contains("failed over already")
+            && e.contains("not committed")
+            && e.contains("vmreplica failover cancel vm1")
+            && e.contains("nothing was changed")
+            && !e.contains("FailedOver {"),
+        "{e}"
+    );
+    let st = p.tracker.as_ref().unwrap().ctl(&["status"]);
+    assert_eq!(st["sealed"], false, "site A's disks were left sealed: {st}");
+    assert_eq!(p.b.role(), "failed-over");
+    assert_eq!(
+        p.nbd_read(&p.b.uri("sys")),
+        b_before,
+        "site B's disk changed"
+    );
+    // Cancelled there, the same command then fails over as planned, with site A's disks.
+    p.b.cli_ok(&["failover", "cancel", "vm1"]);
+    p.a.cli_ok(&["failover", "planned", "vm1", "--config", &cfg, "--no-start"]);
+    assert_eq!(p.b.role(), "primary");
+    assert!(
+        p.nbd_read(&p.b.uri("sys")) == std::fs::read(&p.img).unwrap(),
+        "site B does not start from site A's disks"
+    );
+}
