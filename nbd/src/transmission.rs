@@ -11,6 +11,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crate::buffers::{self, PoolGuard};
 use crate::consts::{errno_to_nbd, CMD_READ, ESHUTDOWN};
 use crate::device::{BlockDevice, Zero};
 use crate::handshake::Negotiated;
@@ -19,13 +20,13 @@ use crate::request::{decode_header, header_len, validate, Command};
 use crate::server::Export;
 use crate::stream::Stream;
 
-/// Reads exactly `n` bytes of a request's payload into a new buffer without zero-filling it
-/// first: `read_to_end` appends into the reserved capacity (the standard library keeps count
-/// of what it has initialised), where `vec![0; n]` and `read_exact` write every byte twice. A
-/// freed buffer reused from the heap is not known to be zero, so that fill was a real memset
-/// of up to 32 MiB per write request.
+/// Reads exactly `n` bytes of a request's payload into a buffer from the connection's pool
+/// ([`buffers::take`]) without zero-filling it first: `read_to_end` appends into the reserved
+/// capacity (the standard library keeps count of what it has initialised), where `vec![0; n]`
+/// and `read_exact` write every byte twice. A freed buffer reused from the heap is not known
+/// to be zero, so that fill was a real memset of up to 32 MiB per write request.
 fn read_payload<R: Read + ?Sized>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(n);
+    let mut buf = buffers::take(n);
     // At the limit `Take` answers 0 without reading `r`: no wait for bytes of the next request.
     r.take(n as u64).read_to_end(&mut buf)?;
     if buf.len() < n {
@@ -405,6 +406,7 @@ pub(crate) fn run(
         .name("nbd-writer".into())
         .spawn(move || write_replies(&wsink, wsock))?;
     let batching = Batching::start(conn, Arc::clone(&sink));
+    let _pool = PoolGuard::start();
     let mut r = BufReader::with_capacity(256 * 1024, io::Cursor::new(leftover).chain(rsock));
     let hlen = header_len(neg.extended);
     let mut hbuf = vec![0u8; hlen];

@@ -228,18 +228,18 @@ impl Disk {
             if let Err((why, cow)) = r {
                 disk.tracking_failed(&why, cow);
             }
-            if inline {
-                if let Op::Write {
+            let op = match op {
+                Op::Write {
                     buf, offset, at, ..
-                } = &op
-                {
-                    if buf.len() - at <= INLINE_WRITE_MAX {
-                        let r = disk.file.write_all_at(&buf[*at..], *offset);
-                        disk.gate.exit();
-                        return disk.finish(r, fua, done);
-                    }
+                } if inline && buf.len() - at <= INLINE_WRITE_MAX => {
+                    let r = disk.file.write_all_at(&buf[at..], offset);
+                    // On the connection's reader thread: its next write reuses the buffer.
+                    vmreplica_nbd::buffers::recycle(buf);
+                    disk.gate.exit();
+                    return disk.finish(r, fua, done);
                 }
-            }
+                op => op,
+            };
             let d2 = Arc::clone(&disk);
             disk.submit(
                 op,
