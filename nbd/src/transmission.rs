@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use crate::buffers::{self, PoolGuard};
 use crate::consts::{errno_to_nbd, CMD_READ, ESHUTDOWN};
 use crate::device::{BlockDevice, Zero};
 use crate::handshake::Negotiated;
-use crate::reply::ReplyWriter;
+use crate::reply::{ReplyBuf, ReplyWriter, MAX_FIXED_HEADER};
 use crate::request::{decode_header, header_len, validate, Command};
 use crate::server::Export;
 use crate::stream::Stream;
@@ -59,23 +60,73 @@ const DIRECT_MAX: usize = 64 << 10;
 /// Most pieces (header or data) in one `sendmsg`.
 const MAX_IOV: usize = 64;
 
+/// A reply's header: the fixed-size ones (a write's or a read's) kept inline, so a reply
+/// costs no allocation; errors and block status, whose length varies, on the heap.
+enum Head {
+    Fixed {
+        len: u8,
+        bytes: [u8; MAX_FIXED_HEADER],
+    },
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    fn fixed() -> Head {
+        Head::Fixed {
+            len: 0,
+            bytes: [0; MAX_FIXED_HEADER],
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Head::Fixed { len, bytes } => &bytes[..usize::from(*len)],
+            Head::Heap(v) => v,
+        }
+    }
+}
+
+impl ReplyBuf for Head {
+    fn put(&mut self, b: &[u8]) {
+        match self {
+            Head::Fixed { len, bytes } => {
+                let at = usize::from(*len);
+                match bytes.get_mut(at..at + b.len()) {
+                    Some(dst) => {
+                        dst.copy_from_slice(b);
+                        *len += b.len() as u8;
+                    }
+                    None => {
+                        // Never with the encoders used on it; kept correct all the same.
+                        let mut v = bytes[..at].to_vec();
+                        v.extend_from_slice(b);
+                        *self = Head::Heap(v);
+                    }
+                }
+            }
+            Head::Heap(v) => v.extend_from_slice(b),
+        }
+    }
+}
+
 struct Outgoing {
-    head: Vec<u8>,
+    head: Head,
     data: Vec<u8>,
     cost: u64,
 }
 
 impl Outgoing {
     fn len(&self) -> usize {
-        self.head.len() + self.data.len()
+        self.head.as_slice().len() + self.data.len()
     }
 
     /// The reply's bytes from byte `skip` on, as (part of) its header and its data.
     fn parts(&self, skip: usize) -> [&[u8]; 2] {
-        if skip < self.head.len() {
-            [&self.head[skip..], &self.data]
+        let head = self.head.as_slice();
+        if skip < head.len() {
+            [&head[skip..], &self.data]
         } else {
-            [&[], &self.data[skip - self.head.len()..]]
+            [&[], &self.data[skip - head.len()..]]
         }
     }
 }
@@ -262,10 +313,8 @@ fn send_now(
 ) -> (usize, usize, Option<io::Error>) {
     let mut whole = 0;
     while whole < queue.len() {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOV];
+        // Not zero-filled (a kilobyte per call): only the first `n` are written and sent.
+        let mut iov = [const { MaybeUninit::<libc::iovec>::uninit() }; MAX_IOV];
         let mut n = 0;
         let mut total = 0;
         'fill: for (i, o) in queue.iter().enumerate().skip(whole) {
@@ -276,10 +325,10 @@ fn send_now(
                 if n == MAX_IOV {
                     break 'fill;
                 }
-                iov[n] = libc::iovec {
+                iov[n].write(libc::iovec {
                     iov_base: p.as_ptr() as *mut libc::c_void,
                     iov_len: p.len(),
-                };
+                });
                 n += 1;
                 total += p.len();
             }
@@ -290,11 +339,13 @@ fn send_now(
         // SAFETY: an all-zero msghdr is valid (no address, no control data); it points at
         // `iov`, which lives to the end of this block.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iov = iov.as_mut_ptr().cast::<libc::iovec>();
         msg.msg_iovlen = n as _;
         // SAFETY: `fd` is the connection's socket, kept open by the `Sink` that owns it for
-        // as long as `submit` runs; each iovec points at the bytes of a reply the queue owns
-        // and that nothing changes while the lock is held; the kernel only reads them.
+        // as long as `submit` runs; the kernel reads the first `n` iovecs only, all written
+        // above (MaybeUninit<iovec> has iovec's layout); each points at the bytes of a reply
+        // the queue owns and that nothing changes while the lock is held; the kernel only
+        // reads them.
         let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -535,7 +586,7 @@ struct Replier {
 }
 
 impl Replier {
-    fn send(self, head: Vec<u8>, data: Vec<u8>) {
+    fn send(self, head: Head, data: Vec<u8>) {
         let out = Outgoing {
             head,
             data,
@@ -554,10 +605,10 @@ impl Replier {
         }
     }
     fn raw(self, head: Vec<u8>) {
-        self.send(head, Vec::new())
+        self.send(Head::Heap(head), Vec::new())
     }
     fn data(self, buf: Vec<u8>) {
-        let mut head = Vec::with_capacity(40);
+        let mut head = Head::fixed();
         self.writer
             .read_header(&mut head, self.cookie, self.offset, buf.len() as u32);
         self.send(head, buf)
@@ -566,7 +617,7 @@ impl Replier {
         let mut head = Vec::with_capacity(64);
         self.writer
             .error(&mut head, self.cookie, self.offset, errno, msg);
-        self.send(head, Vec::new())
+        self.send(Head::Heap(head), Vec::new())
     }
     fn io_error(self, e: &io::Error) {
         self.error(errno_to_nbd(e), &e.to_string())
@@ -574,7 +625,7 @@ impl Replier {
     fn done(self, r: io::Result<()>) {
         match r {
             Ok(()) => {
-                let mut head = Vec::with_capacity(32);
+                let mut head = Head::fixed();
                 self.writer.ok(&mut head, self.cookie, self.offset);
                 self.send(head, Vec::new())
             }
@@ -682,6 +733,34 @@ mod tests {
         assert!(read_payload(&mut io::Cursor::new(&data[..0]), 0)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn fixed_reply_headers_fit_inline_in_every_style() {
+        use crate::reply::ReplyMode;
+        for mode in [
+            ReplyMode::Simple,
+            ReplyMode::Structured,
+            ReplyMode::Extended,
+        ] {
+            let w = ReplyWriter { mode };
+            let (mut a, mut b) = (Head::fixed(), Vec::new());
+            w.read_header(&mut a, 7, u64::MAX, u32::MAX);
+            w.read_header(&mut b, 7, u64::MAX, u32::MAX);
+            assert!(matches!(a, Head::Fixed { .. }), "{mode:?}");
+            assert_eq!(a.as_slice(), &b[..]);
+            let (mut a, mut b) = (Head::fixed(), Vec::new());
+            w.ok(&mut a, 7, 4096);
+            w.ok(&mut b, 7, 4096);
+            assert!(matches!(a, Head::Fixed { .. }), "{mode:?}");
+            assert_eq!(a.as_slice(), &b[..]);
+        }
+        // Anything longer moves to the heap, whole.
+        let mut h = Head::fixed();
+        h.put(&[1; 30]);
+        h.put(&[2; 30]);
+        assert!(matches!(h, Head::Heap(_)));
+        assert_eq!(h.as_slice(), [[1u8; 30], [2; 30]].concat());
     }
 
     #[test]
