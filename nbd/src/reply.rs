@@ -62,29 +62,36 @@ impl ReplyWriter {
         offset: u64,
         len: u64,
     ) {
+        // Each header is assembled here and handed over in one piece.
         match self.mode {
             ReplyMode::Extended => {
-                out.put(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-                out.put(&flags.to_be_bytes());
-                out.put(&typ.to_be_bytes());
-                out.put(&cookie.to_be_bytes());
-                out.put(&offset.to_be_bytes());
-                out.put(&len.to_be_bytes());
+                let mut b = [0u8; 32];
+                b[..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+                b[4..6].copy_from_slice(&flags.to_be_bytes());
+                b[6..8].copy_from_slice(&typ.to_be_bytes());
+                b[8..16].copy_from_slice(&cookie.to_be_bytes());
+                b[16..24].copy_from_slice(&offset.to_be_bytes());
+                b[24..].copy_from_slice(&len.to_be_bytes());
+                out.put(&b);
             }
             _ => {
-                out.put(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                out.put(&flags.to_be_bytes());
-                out.put(&typ.to_be_bytes());
-                out.put(&cookie.to_be_bytes());
-                out.put(&(len as u32).to_be_bytes());
+                let mut b = [0u8; 20];
+                b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                b[4..6].copy_from_slice(&flags.to_be_bytes());
+                b[6..8].copy_from_slice(&typ.to_be_bytes());
+                b[8..16].copy_from_slice(&cookie.to_be_bytes());
+                b[16..].copy_from_slice(&(len as u32).to_be_bytes());
+                out.put(&b);
             }
         }
     }
 
     fn simple<B: ReplyBuf + ?Sized>(out: &mut B, errno: u32, cookie: u64) {
-        out.put(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        out.put(&errno.to_be_bytes());
-        out.put(&cookie.to_be_bytes());
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&errno.to_be_bytes());
+        b[8..].copy_from_slice(&cookie.to_be_bytes());
+        out.put(&b);
     }
 
     /// Success without data (at most [`MAX_FIXED_HEADER`] bytes).

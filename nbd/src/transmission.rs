@@ -163,6 +163,7 @@ impl Head {
 }
 
 impl ReplyBuf for Head {
+    #[inline]
     fn put(&mut self, b: &[u8]) {
         match self {
             Head::Fixed { len, bytes } => {
