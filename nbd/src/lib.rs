@@ -6,14 +6,17 @@
 //!   NBD protocol document (doc/proto.md of the NBD project, including the extended-headers
 //!   extension) and QEMU's docs/interop/nbd.rst for the `qemu:` namespace.
 //! - [`server`]: the thin socket driver (unix and TCP listeners, one reader and one writer
-//!   thread per connection, out-of-order replies, a byte budget per connection, a bounded
-//!   number of connections per export); [`tls`]: NBD_OPT_STARTTLS with rustls, client
-//!   certificates checked against the CA and an allow-list.
+//!   thread per connection, out-of-order replies sent by whichever thread has them when the
+//!   socket takes them at once, a byte budget per connection, a bounded number of connections
+//!   per export); [`buffers`]: each connection's small pool of write payload buffers;
+//!   [`tls`]: NBD_OPT_STARTTLS with rustls, client certificates checked against the CA and an
+//!   allow-list.
 //! - [`device`]: the [`BlockDevice`] trait a served export implements: size, flags, read,
 //!   write, flush, trim, write-zeroes, and block status per metadata context. It knows nothing
 //!   of tracking or replication: the tracker's tracked image is one implementation, a
 //!   replica's recovery point another.
 
+pub mod buffers;
 pub mod consts;
 pub mod device;
 pub mod handshake;

@@ -10,6 +10,23 @@ pub enum ReplyMode {
     Extended,
 }
 
+/// Where a reply's bytes are encoded: a `Vec`, or a fixed buffer for the headers whose size
+/// is known (see [`ReplyWriter::ok`] and [`ReplyWriter::read_header`]), which need no
+/// allocation.
+pub trait ReplyBuf {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl ReplyBuf for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes)
+    }
+}
+
+/// The most bytes [`ReplyWriter::ok`] or [`ReplyWriter::read_header`] encode (an extended
+/// header and a read chunk's offset).
+pub const MAX_FIXED_HEADER: usize = 40;
+
 /// Encodes replies in the style the connection negotiated.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplyWriter {
@@ -36,34 +53,49 @@ impl ReplyWriter {
         }
     }
 
-    fn chunk(&self, out: &mut Vec<u8>, flags: u16, typ: u16, cookie: u64, offset: u64, len: u64) {
+    fn chunk<B: ReplyBuf + ?Sized>(
+        &self,
+        out: &mut B,
+        flags: u16,
+        typ: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+    ) {
+        // Each header is assembled here and handed over in one piece.
         match self.mode {
             ReplyMode::Extended => {
-                out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
-                out.extend_from_slice(&typ.to_be_bytes());
-                out.extend_from_slice(&cookie.to_be_bytes());
-                out.extend_from_slice(&offset.to_be_bytes());
-                out.extend_from_slice(&len.to_be_bytes());
+                let mut b = [0u8; 32];
+                b[..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+                b[4..6].copy_from_slice(&flags.to_be_bytes());
+                b[6..8].copy_from_slice(&typ.to_be_bytes());
+                b[8..16].copy_from_slice(&cookie.to_be_bytes());
+                b[16..24].copy_from_slice(&offset.to_be_bytes());
+                b[24..].copy_from_slice(&len.to_be_bytes());
+                out.put(&b);
             }
             _ => {
-                out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-                out.extend_from_slice(&flags.to_be_bytes());
-                out.extend_from_slice(&typ.to_be_bytes());
-                out.extend_from_slice(&cookie.to_be_bytes());
-                out.extend_from_slice(&(len as u32).to_be_bytes());
+                let mut b = [0u8; 20];
+                b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+                b[4..6].copy_from_slice(&flags.to_be_bytes());
+                b[6..8].copy_from_slice(&typ.to_be_bytes());
+                b[8..16].copy_from_slice(&cookie.to_be_bytes());
+                b[16..].copy_from_slice(&(len as u32).to_be_bytes());
+                out.put(&b);
             }
         }
     }
 
-    fn simple(out: &mut Vec<u8>, errno: u32, cookie: u64) {
-        out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        out.extend_from_slice(&errno.to_be_bytes());
-        out.extend_from_slice(&cookie.to_be_bytes());
+    fn simple<B: ReplyBuf + ?Sized>(out: &mut B, errno: u32, cookie: u64) {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&errno.to_be_bytes());
+        b[8..].copy_from_slice(&cookie.to_be_bytes());
+        out.put(&b);
     }
 
-    /// Success without data.
-    pub fn ok(&self, out: &mut Vec<u8>, cookie: u64, offset: u64) {
+    /// Success without data (at most [`MAX_FIXED_HEADER`] bytes).
+    pub fn ok<B: ReplyBuf + ?Sized>(&self, out: &mut B, cookie: u64, offset: u64) {
         match self.mode {
             ReplyMode::Simple => Self::simple(out, 0, cookie),
             _ => self.chunk(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, offset, 0),
@@ -96,8 +128,15 @@ impl ReplyWriter {
         }
     }
 
-    /// The header of a successful read; exactly `len` data bytes must follow it.
-    pub fn read_header(&self, out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
+    /// The header of a successful read (at most [`MAX_FIXED_HEADER`] bytes); exactly `len`
+    /// data bytes must follow it.
+    pub fn read_header<B: ReplyBuf + ?Sized>(
+        &self,
+        out: &mut B,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    ) {
         match self.mode {
             ReplyMode::Simple => Self::simple(out, 0, cookie),
             _ => {
@@ -109,7 +148,7 @@ impl ReplyWriter {
                     offset,
                     8 + u64::from(len),
                 );
-                out.extend_from_slice(&offset.to_be_bytes());
+                out.put(&offset.to_be_bytes());
             }
         }
     }

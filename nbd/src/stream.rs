@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -31,6 +32,16 @@ impl Stream {
                 Ok(())
             }
         };
+    }
+
+    /// The socket's descriptor, for system calls the standard library does not offer; None
+    /// for TLS (its bytes must go through the TLS session).
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        match self {
+            Stream::Unix(s) => Some(s.as_raw_fd()),
+            Stream::Tcp(s) => Some(s.as_raw_fd()),
+            Stream::Tls(_) => None,
+        }
     }
 
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {

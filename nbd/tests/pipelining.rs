@@ -163,3 +163,91 @@ fn inline_completions_are_batched_and_all_answered() {
 fn completions_from_another_thread_are_all_answered() {
     run(true)
 }
+
+fn serve(threaded: bool) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStream) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let mem = Arc::new(Mem {
+        data: Mutex::new(vec![0u8; SIZE]),
+        threaded,
+    });
+    let server = Server::new(
+        ServerConfig::default(),
+        vec![Export {
+            name: "disk".into(),
+            description: String::new(),
+            device: Arc::clone(&mem) as Arc<dyn BlockDevice>,
+            read_only: false,
+        }],
+    );
+    server
+        .listen_unix(UnixListener::bind(&sock).unwrap())
+        .unwrap();
+    let s = connect(&sock);
+    (dir, server, mem, s)
+}
+
+/// Replies the client does not read yet (far more than the socket buffers) never hold up the
+/// requests behind them: within the byte budget the server keeps reading and executing, and
+/// every reply still arrives, in one piece, once the client reads.
+#[test]
+fn a_client_that_does_not_read_yet_does_not_stall_requests() {
+    for threaded in [false, true] {
+        let (_dir, server, mem, mut s) = serve(threaded);
+        // 16 MiB of read replies, unread, then a write.
+        for i in 0..16u64 {
+            s.write_all(&request(0, i, 0, 1 << 20)).unwrap();
+        }
+        let mut w = request(1, 16, 4096, 4096);
+        w.extend([7u8; 4096]);
+        s.write_all(&w).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while mem.data.lock().unwrap()[4096] != 7 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the write behind unread replies was not executed (threaded: {threaded})"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..17 {
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head).unwrap();
+            assert_eq!(&head[..8], &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0]);
+            let cookie = u64::from_be_bytes(head[8..].try_into().unwrap());
+            assert!(seen.insert(cookie));
+            if cookie < 16 {
+                let mut buf = vec![1u8; 1 << 20];
+                s.read_exact(&mut buf).unwrap();
+                // Each read saw the disk before or after the write: zeroes but for that block.
+                assert!(buf[..4096].iter().all(|b| *b == 0));
+                assert!(buf[8192..].iter().all(|b| *b == 0));
+            }
+        }
+        s.write_all(&request(2, 17, 0, 0)).unwrap();
+        server.shutdown();
+    }
+}
+
+/// A client that disconnects with replies unsent: the connection ends (its budget released,
+/// nothing waits for a socket nobody reads) and the server shuts down.
+#[test]
+fn a_client_that_goes_away_with_replies_pending_ends_its_connection() {
+    for threaded in [false, true] {
+        let (_dir, server, _mem, mut s) = serve(threaded);
+        for i in 0..40u64 {
+            s.write_all(&request(0, i, 0, 1 << 20)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        drop(s);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while server.connections("disk") > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the connection outlived its client (threaded: {threaded})"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server.shutdown();
+    }
+}

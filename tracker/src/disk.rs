@@ -220,7 +220,10 @@ impl Disk {
             self.gate.exit();
             return done(Err(io::Error::from_raw_os_error(libc::EPERM)));
         }
-        self.last_write.fetch_max(now_secs(), Ordering::Relaxed);
+        let now = coarse_now_secs();
+        if self.last_write.load(Ordering::Relaxed) < now {
+            self.last_write.fetch_max(now, Ordering::Relaxed);
+        }
         let disk = self.arc();
         // `inline`: called on this (the caller's) thread, where a small write may be done
         // with a plain pwrite (see [`INLINE_WRITE_MAX`]); not from the copy-on-write syncer.
@@ -228,18 +231,18 @@ impl Disk {
             if let Err((why, cow)) = r {
                 disk.tracking_failed(&why, cow);
             }
-            if inline {
-                if let Op::Write {
+            let op = match op {
+                Op::Write {
                     buf, offset, at, ..
-                } = &op
-                {
-                    if buf.len() - at <= INLINE_WRITE_MAX {
-                        let r = disk.file.write_all_at(&buf[*at..], *offset);
-                        disk.gate.exit();
-                        return disk.finish(r, fua, done);
-                    }
+                } if inline && buf.len() - at <= INLINE_WRITE_MAX => {
+                    let r = disk.file.write_all_at(&buf[at..], offset);
+                    // On the connection's reader thread: its next write reuses the buffer.
+                    vmreplica_nbd::buffers::recycle(buf);
+                    disk.gate.exit();
+                    return disk.finish(r, fua, done);
                 }
-            }
+                op => op,
+            };
             let d2 = Arc::clone(&disk);
             disk.submit(
                 op,
@@ -436,6 +439,23 @@ impl BlockDevice for Disk {
             1 if self.tracking.is_some() => Ok(self.dirty_extents(offset, len, max)),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
+    }
+}
+
+/// Seconds since the Unix epoch from the kernel's coarse clock (advanced every tick, read
+/// without a system call, and a fraction of `SystemTime::now` with its `duration_since`):
+/// it is on every write's path, where a second's precision is all that is needed.
+fn coarse_now_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    if r == 0 {
+        u64::try_from(ts.tv_sec).unwrap_or(0)
+    } else {
+        now_secs()
     }
 }
 
