@@ -34,6 +34,7 @@ use vmreplica_common::engine::{Engine, Op};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::sparse::is_hole;
+use vmreplica_common::stages::Stages;
 use vmreplica_common::wire::{code, CycleKind, Tag};
 
 use crate::image::{shared_engine, Buffers, Image, ImageWriter};
@@ -176,6 +177,33 @@ const BATCH_BYTES: u64 = 32 << 20;
 const MARK_BYTES: u64 = 64 << 20;
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
+/// The pipeline's stages, timed at debug level (see [`Stages`]): waiting for chunks, a whole
+/// batch, and within it the hole checks, old-content reads, undo appends and syncs, image
+/// write submissions (they wait while the writer's queue is full), and the marks' image
+/// syncs and log records; draining writes in flight.
+const STAGES: &[&str] = &[
+    "idle",
+    "batch",
+    "holes",
+    "old_read",
+    "undo_write",
+    "undo_sync",
+    "img_write",
+    "img_sync",
+    "mark_log",
+    "drain",
+];
+const IDLE: usize = 0;
+const BATCH: usize = 1;
+const HOLES: usize = 2;
+const OLD_READ: usize = 3;
+const UNDO_WRITE: usize = 4;
+const UNDO_SYNC: usize = 5;
+const IMG_WRITE: usize = 6;
+const IMG_SYNC: usize = 7;
+const MARK_LOG: usize = 8;
+const DRAIN: usize = 9;
+
 impl Running {
     pub fn start(
         vm: &str,
@@ -206,6 +234,7 @@ impl Running {
             last_mark: Instant::now(),
             failed: None,
             pending: None,
+            stages: Stages::new(STAGES, tracing::enabled!(tracing::Level::DEBUG)),
         };
         let thread = std::thread::Builder::new()
             .name(format!("receive-{vm}"))
@@ -290,6 +319,7 @@ struct Pipeline {
     failed: Option<Failure>,
     /// A message taken while gathering a batch, handled next.
     pending: Option<Msg>,
+    stages: Stages,
 }
 
 impl Pipeline {
@@ -303,7 +333,12 @@ impl Pipeline {
         loop {
             let msg = match self.pending.take() {
                 Some(m) => m,
-                None => match rx.recv_timeout(MARK_EVERY) {
+                None => match {
+                    let t = self.stages.begin();
+                    let r = rx.recv_timeout(MARK_EVERY);
+                    self.stages.add(IDLE, t);
+                    r
+                } {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
                         let _ = self.flush();
@@ -332,7 +367,10 @@ impl Pipeline {
                             Err(_) => break,
                         }
                     }
+                    let t = self.stages.begin();
+                    self.stages.depth(BATCH, batch.len() as u64);
                     self.batch(batch);
+                    self.stages.add(BATCH, t);
                 }
                 Msg::Sync(reply) => {
                     let r = self.flush().map(|()| self.p().applied.clone());
@@ -350,6 +388,9 @@ impl Pipeline {
                 }
                 Msg::Stop(reply) => {
                     let r = self.flush();
+                    if self.stages.on() {
+                        tracing::debug!(vm = %self.vm, ms = self.stages.elapsed_ms(), stages = %self.stages.summary(), "receive pipeline stopped");
+                    }
                     let p = self.p.take().expect("stopped once");
                     let _ = reply.send(r.map(|()| p));
                     // Anything still queued was handed over after the stop.
@@ -426,12 +467,14 @@ impl Pipeline {
                 return;
             }
         }
+        let t = self.stages.begin();
         for j in accepted {
             let token = self.next_token;
             self.next_token += 1;
             self.in_flight.insert(token, (j.range(), j.done));
             self.writer.write(token, j.disk, j.offset, j.len, j.data);
         }
+        self.stages.add(IMG_WRITE, t);
         let done = self.writer.take_done();
         self.finished(done);
         if self.unmarked >= MARK_BYTES || self.last_mark.elapsed() >= MARK_EVERY {
@@ -446,6 +489,7 @@ impl Pipeline {
         let mut planned = RangeSet::new();
         let mut holes = Vec::new();
         let mut reads = Vec::new();
+        let t = self.stages.begin();
         for j in jobs {
             let r = j.range();
             for (s, e) in self.p().log.coverage().uncovered(r.disk, r.offset, r.end()) {
@@ -463,10 +507,14 @@ impl Pipeline {
                 }
             }
         }
+        self.stages.add(HOLES, t);
         if holes.is_empty() && reads.is_empty() {
             return Ok(());
         }
+        let t = self.stages.begin();
         let old = self.read_many(&reads)?;
+        self.stages.add(OLD_READ, t);
+        let t = self.stages.begin();
         let mut entries: Vec<Entry> = Vec::with_capacity(holes.len() + reads.len());
         let p = self.p.as_mut().expect("running");
         let log_err = |x: io::Error| Failure::io(&vm, "writing the undo log", &x);
@@ -480,7 +528,10 @@ impl Pipeline {
                     .map_err(log_err)?,
             );
         }
+        self.stages.add(UNDO_WRITE, t);
+        let t = self.stages.begin();
         p.log.sync().map_err(log_err)?;
+        self.stages.add(UNDO_SYNC, t);
         p.index.insert(&entries);
         Ok(())
     }
@@ -594,6 +645,7 @@ impl Pipeline {
             return Ok(());
         }
         let vm = self.vm.clone();
+        let t = self.stages.begin();
         for img in self.images.iter() {
             if let Err(e) = img.file.sync_data() {
                 let f = Failure::io(&vm, "syncing the replica images", &e);
@@ -601,14 +653,20 @@ impl Pipeline {
                 return self.mark();
             }
         }
+        self.stages.add(IMG_SYNC, t);
+        let t = self.stages.begin();
         let written = std::mem::take(&mut self.written);
         let p = self.p.as_mut().expect("running");
         let r = p.log.mark_applied(&written).and_then(|()| p.log.sync());
+        self.stages.add(MARK_LOG, t);
         if let Err(e) = r {
             self.fail(Failure::io(&vm, "writing the undo log", &e));
             return self.mark();
         }
         p.applied.union(&written);
+        if self.stages.on() {
+            tracing::debug!(vm = %self.vm, at_ms = self.stages.elapsed_ms(), bytes = self.unmarked, stages = %self.stages.summary(), "receive pipeline: marked applied");
+        }
         self.unmarked = 0;
         for cb in self.written_jobs.drain(..) {
             cb(Ok(()));
@@ -618,7 +676,9 @@ impl Pipeline {
 
     /// Waits for every write in flight, then makes them durable.
     fn flush(&mut self) -> Result<(), Failure> {
+        let t = self.stages.begin();
         let done = self.writer.drain();
+        self.stages.add(DRAIN, t);
         self.finished(done);
         self.mark()
     }
