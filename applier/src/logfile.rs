@@ -178,6 +178,20 @@ impl LogWriter {
         self.file.set_len(self.len())
     }
 
+    /// A second descriptor of the log file, for making what [`LogWriter::flush`] wrote durable
+    /// on another thread (`sync_data` on it), while this writer goes on appending.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// A sync made on a [`LogWriter::sync_handle`] failed: what reached the disk is unknown,
+    /// so the writer refuses everything after, as after a failed [`LogWriter::sync`].
+    pub fn poison(&mut self, e: &io::Error) {
+        if self.failed.is_none() {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+    }
+
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
         self.flush()?;

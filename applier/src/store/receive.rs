@@ -21,10 +21,11 @@
 //! log writes and a full queue of image writes.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -234,6 +235,8 @@ impl Running {
             last_mark: Instant::now(),
             failed: None,
             pending: None,
+            syncer: None,
+            syncing: None,
             stages: Stages::new(STAGES, tracing::enabled!(tracing::Level::DEBUG)),
         };
         let thread = std::thread::Builder::new()
@@ -319,7 +322,29 @@ struct Pipeline {
     failed: Option<Failure>,
     /// A message taken while gathering a batch, handled next.
     pending: Option<Msg>,
+    /// Where undo log syncs are sent to the syncer thread (None: synced on this thread).
+    syncer: Option<mpsc::Sender<mpsc::Sender<io::Result<()>>>>,
+    /// The batch whose undo entries are being made durable by the syncer: its image writes
+    /// are issued once they are, while the next batch is captured.
+    syncing: Option<Syncing>,
     stages: Stages,
+}
+
+/// A batch waiting for its undo log sync.
+struct Syncing {
+    done: mpsc::Receiver<io::Result<()>>,
+    jobs: Vec<Job>,
+    entries: Vec<Entry>,
+}
+
+/// Makes the undo log durable for the pipeline, one `sync_data` per request, in order: the
+/// pipeline captures (reads old contents, appends and writes entries) the next batch while
+/// the last one's entries are synced and its image writes are in flight, instead of waiting
+/// for each sync in turn.
+fn syncer(log: File, rx: Rx<mpsc::Sender<io::Result<()>>>) {
+    while let Ok(reply) = rx.recv() {
+        let _ = reply.send(log.sync_data());
+    }
 }
 
 impl Pipeline {
@@ -330,8 +355,52 @@ impl Pipeline {
     }
 
     fn run(&mut self, rx: Rx<Msg>) {
+        let mut thread = None;
+        if self.p().capture {
+            match self.p().log.sync_handle() {
+                Ok(f) => {
+                    let (tx, srx) = mpsc::channel();
+                    match std::thread::Builder::new()
+                        .name(format!("undo-sync-{}", self.vm))
+                        .spawn(move || syncer(f, srx))
+                    {
+                        Ok(t) => {
+                            self.syncer = Some(tx);
+                            thread = Some(t);
+                        }
+                        Err(e) => {
+                            tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
+                }
+            }
+        }
+        self.run_loop(rx);
+        self.syncer = None;
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    fn run_loop(&mut self, rx: Rx<Msg>) {
         loop {
-            let msg = match self.pending.take() {
+            // A batch waiting for its sync is written before waiting for more work.
+            let next = match (self.pending.take(), self.syncing.is_some()) {
+                (Some(m), _) => Some(m),
+                (None, true) => match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => {
+                        self.write_synced();
+                        None
+                    }
+                    Err(TryRecvError::Disconnected) => None,
+                },
+                (None, false) => None,
+            };
+            let msg = match next {
                 Some(m) => m,
                 None => match {
                     let t = self.stages.begin();
@@ -458,23 +527,36 @@ impl Pipeline {
         if accepted.is_empty() {
             return;
         }
-        if self.p().capture {
-            if let Err(f) = self.capture(&accepted) {
-                self.fail(f.clone());
-                for j in accepted {
-                    (j.done)(Err(f.clone()));
+        let captured = if self.p().capture {
+            match self.capture(&accepted) {
+                Ok(c) => c,
+                Err(f) => {
+                    self.fail(f.clone());
+                    for j in accepted {
+                        (j.done)(Err(f.clone()));
+                    }
+                    return;
                 }
-                return;
+            }
+        } else {
+            None
+        };
+        match captured {
+            // Entries written, their sync started: the batch before is written now (its
+            // sync started earlier), this one once its own sync is done.
+            Some((done, entries)) => {
+                self.write_synced();
+                self.syncing = Some(Syncing {
+                    done,
+                    jobs: accepted,
+                    entries,
+                });
+            }
+            None => {
+                self.write_synced();
+                self.write_jobs(accepted);
             }
         }
-        let t = self.stages.begin();
-        for j in accepted {
-            let token = self.next_token;
-            self.next_token += 1;
-            self.in_flight.insert(token, (j.range(), j.done));
-            self.writer.write(token, j.disk, j.offset, j.len, j.data);
-        }
-        self.stages.add(IMG_WRITE, t);
         let done = self.writer.take_done();
         self.finished(done);
         if self.unmarked >= MARK_BYTES || self.last_mark.elapsed() >= MARK_EVERY {
@@ -482,9 +564,60 @@ impl Pipeline {
         }
     }
 
-    /// Captures the old contents of the parts of `jobs`' ranges not captured yet, durably,
-    /// and indexes them for point views.
-    fn capture(&mut self, jobs: &[Job]) -> Result<(), Failure> {
+    /// Issues the image writes of `jobs` (their undo entries are durable).
+    fn write_jobs(&mut self, jobs: Vec<Job>) {
+        let t = self.stages.begin();
+        for j in jobs {
+            if let Some(f) = &self.failed {
+                (j.done)(Err(f.clone()));
+                continue;
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            self.in_flight.insert(token, (j.range(), j.done));
+            self.writer.write(token, j.disk, j.offset, j.len, j.data);
+        }
+        self.stages.add(IMG_WRITE, t);
+    }
+
+    /// Waits for the undo sync of the batch waiting for one, if any; then indexes its
+    /// entries for point views and issues its image writes (or fails it, if the sync failed).
+    fn write_synced(&mut self) {
+        let Some(s) = self.syncing.take() else {
+            return;
+        };
+        let t = self.stages.begin();
+        let r = s
+            .done
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the undo sync thread stopped")));
+        self.stages.add(UNDO_SYNC, t);
+        if let Err(e) = r {
+            let vm = self.vm.clone();
+            let p = self.p();
+            p.log.poison(&e);
+            let path = p.log.path().display().to_string();
+            let f = Failure::io(&vm, &format!("syncing the undo log {path}"), &e);
+            self.fail(f.clone());
+            for j in s.jobs {
+                (j.done)(Err(f.clone()));
+            }
+            return;
+        }
+        self.p().index.insert(&s.entries);
+        self.write_jobs(s.jobs);
+    }
+
+    /// Captures the old contents of the parts of `jobs`' ranges not captured yet: appends
+    /// them to the undo log and writes them to its file. If there were any, returns their
+    /// entries and where the sync that makes them durable will answer (on the syncer
+    /// thread; without one it is made here): the jobs' image writes wait for that answer,
+    /// and the entries are indexed for point views once it comes.
+    #[allow(clippy::type_complexity)]
+    fn capture(
+        &mut self,
+        jobs: &[Job],
+    ) -> Result<Option<(mpsc::Receiver<io::Result<()>>, Vec<Entry>)>, Failure> {
         let vm = self.vm.clone();
         let mut planned = RangeSet::new();
         let mut holes = Vec::new();
@@ -509,7 +642,7 @@ impl Pipeline {
         }
         self.stages.add(HOLES, t);
         if holes.is_empty() && reads.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let t = self.stages.begin();
         let old = self.read_many(&reads)?;
@@ -528,12 +661,19 @@ impl Pipeline {
                     .map_err(log_err)?,
             );
         }
+        p.log.flush().map_err(log_err)?;
         self.stages.add(UNDO_WRITE, t);
+        let (tx, rx) = mpsc::channel();
+        if let Some(s) = &self.syncer {
+            if s.send(tx.clone()).is_ok() {
+                return Ok(Some((rx, entries)));
+            }
+        }
         let t = self.stages.begin();
-        p.log.sync().map_err(log_err)?;
+        let p = self.p.as_mut().expect("running");
+        let _ = tx.send(p.log.sync());
         self.stages.add(UNDO_SYNC, t);
-        p.index.insert(&entries);
-        Ok(())
+        Ok(Some((rx, entries)))
     }
 
     /// Reads the ranges `(disk, start, end)` of the images, all in flight at once (direct
@@ -676,6 +816,7 @@ impl Pipeline {
 
     /// Waits for every write in flight, then makes them durable.
     fn flush(&mut self) -> Result<(), Failure> {
+        self.write_synced();
         let t = self.stages.begin();
         let done = self.writer.drain();
         self.stages.add(DRAIN, t);
