@@ -330,6 +330,10 @@ struct Pipeline {
     stages: Stages,
 }
 
+/// Reads of old contents in flight: each answers with its index, outcome, buffer and where
+/// in it the bytes start (the channel ends when all have answered).
+type ReadsInFlight = mpsc::Receiver<(usize, io::Result<()>, Vec<u8>, usize)>;
+
 /// A batch waiting for its undo log sync.
 struct Syncing {
     done: mpsc::Receiver<io::Result<()>>,
@@ -528,7 +532,9 @@ impl Pipeline {
             return;
         }
         let captured = if self.p().capture {
-            match self.capture(&accepted) {
+            // The batch before is written while this one's old contents are read: it
+            // writes only ranges captured already, which this capture does not read.
+            match self.capture(&accepted, Self::write_synced) {
                 Ok(c) => c,
                 Err(f) => {
                     self.fail(f.clone());
@@ -542,8 +548,8 @@ impl Pipeline {
             None
         };
         match captured {
-            // Entries written, their sync started: the batch before is written now (its
-            // sync started earlier), this one once its own sync is done.
+            // Entries written, their sync started: this batch is written once that sync
+            // answered (the batch before was written while the old contents were read).
             Some((done, entries)) => {
                 self.write_synced();
                 self.syncing = Some(Syncing {
@@ -613,10 +619,12 @@ impl Pipeline {
     /// entries and where the sync that makes them durable will answer (on the syncer
     /// thread; without one it is made here): the jobs' image writes wait for that answer,
     /// and the entries are indexed for point views once it comes.
+    /// `meanwhile` runs once the reads are in flight (or when nothing is read).
     #[allow(clippy::type_complexity)]
     fn capture(
         &mut self,
         jobs: &[Job],
+        meanwhile: impl FnOnce(&mut Self),
     ) -> Result<Option<(mpsc::Receiver<io::Result<()>>, Vec<Entry>)>, Failure> {
         let vm = self.vm.clone();
         let mut planned = RangeSet::new();
@@ -642,10 +650,13 @@ impl Pipeline {
         }
         self.stages.add(HOLES, t);
         if holes.is_empty() && reads.is_empty() {
+            meanwhile(self);
             return Ok(None);
         }
+        let in_flight = self.submit_reads(&reads);
+        meanwhile(self);
         let t = self.stages.begin();
-        let old = self.read_many(&reads)?;
+        let old = self.collect_reads(&reads, in_flight)?;
         self.stages.add(OLD_READ, t);
         let t = self.stages.begin();
         let mut entries: Vec<Entry> = Vec::with_capacity(holes.len() + reads.len());
@@ -676,9 +687,9 @@ impl Pipeline {
         Ok(Some((rx, entries)))
     }
 
-    /// Reads the ranges `(disk, start, end)` of the images, all in flight at once (direct
-    /// where aligned); each comes back as a buffer and where in it the bytes start.
-    fn read_many(&self, ranges: &[(u16, u64, u64)]) -> Result<Vec<(Vec<u8>, usize)>, Failure> {
+    /// Starts reading the ranges `(disk, start, end)` of the images, all in flight at once
+    /// (direct where aligned); [`Pipeline::collect_reads`] waits for them.
+    fn submit_reads(&self, ranges: &[(u16, u64, u64)]) -> ReadsInFlight {
         let (tx, rx) = mpsc::channel();
         for (i, &(d, s, e)) in ranges.iter().enumerate() {
             let img = &self.images[d as usize];
@@ -704,7 +715,16 @@ impl Pipeline {
                 }),
             );
         }
-        drop(tx);
+        rx
+    }
+
+    /// Waits for the reads [`Pipeline::submit_reads`] started; each range comes back as a
+    /// buffer and where in it the bytes start.
+    fn collect_reads(
+        &self,
+        ranges: &[(u16, u64, u64)],
+        rx: ReadsInFlight,
+    ) -> Result<Vec<(Vec<u8>, usize)>, Failure> {
         let mut out: Vec<Option<(Vec<u8>, usize)>> = vec![None; ranges.len()];
         let mut first_err = None;
         for (i, r, buf, at) in rx {
