@@ -179,7 +179,8 @@ const MARK_BYTES: u64 = 64 << 20;
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The pipeline's stages, timed at debug level (see [`Stages`]): waiting for chunks, a whole
-/// batch, and within it the hole checks, old-content reads, undo appends and syncs, image
+/// batch, and within it the hole checks, old-content reads, undo appends (lz4, and the log's
+/// full blocks written), flushes (its last block) and syncs, image
 /// write submissions (they wait while the writer's queue is full), and the marks' image
 /// syncs and log records; draining writes in flight.
 const STAGES: &[&str] = &[
@@ -193,6 +194,7 @@ const STAGES: &[&str] = &[
     "img_sync",
     "mark_log",
     "drain",
+    "undo_flush",
 ];
 const IDLE: usize = 0;
 const BATCH: usize = 1;
@@ -204,6 +206,7 @@ const IMG_WRITE: usize = 6;
 const IMG_SYNC: usize = 7;
 const MARK_LOG: usize = 8;
 const DRAIN: usize = 9;
+const UNDO_FLUSH: usize = 10;
 
 impl Running {
     pub fn start(
@@ -672,8 +675,10 @@ impl Pipeline {
                     .map_err(log_err)?,
             );
         }
-        p.log.flush().map_err(log_err)?;
         self.stages.add(UNDO_WRITE, t);
+        let t = self.stages.begin();
+        p.log.flush().map_err(log_err)?;
+        self.stages.add(UNDO_FLUSH, t);
         let (tx, rx) = mpsc::channel();
         if let Some(s) = &self.syncer {
             if s.send(tx.clone()).is_ok() {
