@@ -209,6 +209,7 @@ impl LogWriter {
 
     /// Bytes written to the file so far: what was appended, plus the padding of partial
     /// blocks and the block holding the end of what was flushed, rewritten.
+    #[cfg(test)]
     pub fn written(&self) -> u64 {
         self.written
     }

@@ -392,6 +392,14 @@ impl Pipeline {
         }
     }
 
+    /// The next message, waiting for it at most [`MARK_EVERY`] (timed as idle).
+    fn wait(&self, rx: &Rx<Msg>) -> Result<Msg, RecvTimeoutError> {
+        let t = self.stages.begin();
+        let r = rx.recv_timeout(MARK_EVERY);
+        self.stages.add(IDLE, t);
+        r
+    }
+
     fn run_loop(&mut self, rx: Rx<Msg>) {
         loop {
             // A batch waiting for its sync is written before waiting for more work.
@@ -409,12 +417,7 @@ impl Pipeline {
             };
             let msg = match next {
                 Some(m) => m,
-                None => match {
-                    let t = self.stages.begin();
-                    let r = rx.recv_timeout(MARK_EVERY);
-                    self.stages.add(IDLE, t);
-                    r
-                } {
+                None => match self.wait(&rx) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
                         let _ = self.flush();
