@@ -42,6 +42,8 @@ pub(crate) struct LogWriter {
     /// A write failed: the log's end is unknown, so the writer refuses everything after
     /// (callers reopen the log, whose scan finds what reached the file).
     failed: Option<(io::ErrorKind, String)>,
+    /// Bytes written to the file so far (padding and rewritten blocks included).
+    written: u64,
 }
 
 fn round_up(n: usize) -> usize {
@@ -62,6 +64,7 @@ impl LogWriter {
             fill: 0,
             flushed: 0,
             failed: None,
+            written: 0,
         };
         if w.direct.is_some() {
             w.at = direct::aligned(&mut w.buf, BLOCK + ALIGN);
@@ -112,6 +115,7 @@ impl LogWriter {
             if self.direct.is_none() {
                 self.file.write_all_at(p, self.base)?;
                 self.base += p.len() as u64;
+                self.written += p.len() as u64;
                 return Ok(());
             }
             let n = p.len().min(BLOCK - self.fill);
@@ -136,17 +140,28 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Writes the first `n` (aligned) bytes of the buffer direct at `base`; true if they went
-    /// direct. If the filesystem refuses, what the buffer holds is written through the page
-    /// cache instead, and so is the rest of the log (false).
+    /// Writes the first `n` (aligned) bytes of the buffer direct at `base`, from the aligned
+    /// block holding the first byte not flushed yet (those before it are in the file
+    /// already: rewriting them at every flush cost up to a whole buffer per undo sync);
+    /// true if they went direct. If the filesystem refuses, what the buffer holds is written
+    /// through the page cache instead, and so is the rest of the log (false).
     fn write_buf(&mut self, n: usize) -> io::Result<bool> {
         let f = self.direct.as_ref().expect("direct mode");
-        match f.write_all_at(&self.buf[self.at..self.at + n], self.base) {
+        let from = (self.flushed - self.flushed % ALIGN).min(n);
+        let r = f.write_all_at(
+            &self.buf[self.at + from..self.at + n],
+            self.base + from as u64,
+        );
+        if r.is_ok() {
+            self.written += (n - from) as u64;
+        }
+        match r {
             Err(e) if direct::is_refusal(&e) => {
                 tracing::debug!("direct writes refused ({e}); log written buffered");
                 self.direct = None;
                 let data = &self.buf[self.at..self.at + self.fill];
                 self.file.write_all_at(data, self.base)?;
+                self.written += data.len() as u64;
                 self.base += self.fill as u64;
                 self.fill = 0;
                 self.flushed = 0;
@@ -176,6 +191,27 @@ impl LogWriter {
         }
         // The padding is not part of the log: the file ends where the log does.
         self.file.set_len(self.len())
+    }
+
+    /// A second descriptor of the log file, for making what [`LogWriter::flush`] wrote durable
+    /// on another thread (`sync_data` on it), while this writer goes on appending.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// A sync made on a [`LogWriter::sync_handle`] failed: what reached the disk is unknown,
+    /// so the writer refuses everything after, as after a failed [`LogWriter::sync`].
+    pub fn poison(&mut self, e: &io::Error) {
+        if self.failed.is_none() {
+            self.failed = Some((e.kind(), e.to_string()));
+        }
+    }
+
+    /// Bytes written to the file so far: what was appended, plus the padding of partial
+    /// blocks and the block holding the end of what was flushed, rewritten.
+    #[cfg(test)]
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Makes everything appended so far durable.
@@ -250,6 +286,47 @@ mod tests {
             assert_eq!(w.len(), expect.len() as u64);
             assert!(std::fs::read(&p).unwrap() == expect, "{root}");
         }
+    }
+
+    /// A flush writes what was appended since the last one (from the aligned block holding
+    /// its start), not the whole buffer again: a cycle's undo log is flushed once per batch,
+    /// and batches of hole entries append a few hundred bytes each.
+    #[test]
+    fn a_flush_writes_only_what_is_new() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = dir.path().join("log");
+        let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
+        if w.direct.is_none() {
+            direct::unavailable("the page-cache path writes each append once anyway");
+            return;
+        }
+        let big = vec![7u8; 3 << 20];
+        w.append(&[&big]).unwrap();
+        w.flush().unwrap();
+        let after_big = w.written();
+        assert!(after_big >= big.len() as u64);
+        let mut expect = big.clone();
+        for i in 0..100u32 {
+            let small = [i.to_le_bytes(), [9; 4]].concat();
+            w.append(&[&small]).unwrap();
+            expect.extend_from_slice(&small);
+            w.flush().unwrap();
+        }
+        // Each flush rewrites at most the block (or two) holding the new bytes.
+        let more = w.written() - after_big;
+        assert!(
+            more <= 100 * 2 * ALIGN as u64,
+            "100 flushes of 8 bytes wrote {more} bytes"
+        );
+        w.sync().unwrap();
+        assert!(std::fs::read(&p).unwrap() == expect);
+        // And across a full block: the log is still the pieces back to back.
+        let tail = vec![3u8; 2 << 20];
+        w.append(&[&tail]).unwrap();
+        expect.extend_from_slice(&tail);
+        w.sync().unwrap();
+        assert!(std::fs::read(&p).unwrap() == expect);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), w.len());
     }
 
     /// A crash (the writer vanishes without flushing) keeps everything synced before it and

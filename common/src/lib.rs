@@ -18,6 +18,7 @@ pub mod ratelog;
 pub mod resetkey;
 pub mod seed;
 pub mod sparse;
+pub mod stages;
 pub mod statefile;
 pub mod tls;
 pub mod unixsock;

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use vmreplica_common::engine::Engine;
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::ranges::{Range, RangeSet};
+use vmreplica_common::stages::Stages;
 use vmreplica_common::wire::{self, Chunk, CycleKind, DiskInfo, Message, Tag, MAX_CHUNK};
 use vmreplica_tracker::frozen::FrozenReader;
 use vmreplica_tracker::Generation;
@@ -55,6 +56,33 @@ pub struct SendStats {
 
 /// Chunks read and packed ahead of each stream's sender.
 const READ_AHEAD_PER_STREAM: usize = 4;
+
+/// A cycle's data path stages, timed at debug level (see [`Stages`]): the reader waiting for a
+/// read-ahead slot (the senders are behind), reads (submission to completion), a read run
+/// waiting for a packing thread, packing (lz4, checksums), senders waiting for packed chunks
+/// (reading or packing is behind), the bandwidth limit, opening streams, chunk writes into
+/// QUIC streams (they wait for flow-control credit), and each stream's last `Acked` after
+/// its finish (the applier's last durable writes).
+const STAGES: &[&str] = &[
+    "slot",
+    "read",
+    "pack_wait",
+    "pack",
+    "starved",
+    "limit",
+    "open",
+    "send",
+    "last_ack",
+];
+const SLOT: usize = 0;
+const READ: usize = 1;
+const PACK_WAIT: usize = 2;
+const PACK: usize = 3;
+const STARVED: usize = 4;
+const LIMIT: usize = 5;
+const OPEN: usize = 6;
+const SEND: usize = 7;
+const LAST_ACK: usize = 8;
 
 /// How often a cycle's progress is reported.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -346,6 +374,10 @@ pub async fn send_data(
     // Read and pack ahead of the senders, a bounded number of runs at a time, so disk reads,
     // compression and the link overlap; memory stays within `depth` runs.
     let depth = opts.streams.max(1) * READ_AHEAD_PER_STREAM;
+    let stages = Arc::new(Stages::new(
+        STAGES,
+        tracing::enabled!(tracing::Level::DEBUG),
+    ));
     let (tx, rx) = mpsc::unbounded_channel::<Result<Packed, ShipError>>();
     let pool = PackPool::new(opts.packers);
     let producer = {
@@ -353,22 +385,30 @@ pub async fn send_data(
         let compress = opts.compression;
         let buffers = Arc::new(Buffers::default());
         let mut work = work;
+        let st = Arc::clone(&stages);
         tokio::spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(depth));
             while let Some(w) = work.pop_front() {
+                let t = st.begin();
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     return;
                 };
+                st.add(SLOT, t);
                 if tx.is_closed() {
                     return;
                 }
                 let r = Arc::clone(&readers[w.disk as usize]);
                 let (buffers, tx, pack) = (Arc::clone(&buffers), tx.clone(), pack.clone());
                 let (op, at) = r.read_op(w.offset, w.len as usize, buffers.take());
+                let (st, t) = (Arc::clone(&st), st.begin());
                 engine.submit(
                     op,
                     Box::new(move |c| {
+                        st.add(READ, t);
+                        let t = st.begin();
                         let job: PackJob = Box::new(move || {
+                            st.add(PACK_WAIT, t);
+                            let t = st.begin();
                             let mut data = c.buf;
                             let block = r.geometry().granularity;
                             let packed = c
@@ -390,6 +430,7 @@ pub async fn send_data(
                                     source,
                                 });
                             buffers.put(data);
+                            st.add(PACK, t);
                             let _ = tx.send(packed);
                         });
                         let _ = pack.send(job);
@@ -402,14 +443,14 @@ pub async fn send_data(
     let mut tasks = Vec::new();
     for i in 0..opts.streams.max(conns.len()).max(1) {
         let conn = conns[i % conns.len()].clone();
-        let (rx, limit) = (Arc::clone(&rx), opts.limit.clone());
+        let (rx, limit, st) = (Arc::clone(&rx), opts.limit.clone(), Arc::clone(&stages));
         let (acked, wire_bytes, chunks) = (
             Arc::clone(&acked),
             Arc::clone(&wire_bytes),
             Arc::clone(&chunks),
         );
         tasks.push(tokio::spawn(async move {
-            stream_task(conn, rx, limit, cycle, acked, wire_bytes, chunks).await
+            stream_task(conn, rx, limit, cycle, acked, wire_bytes, chunks, &st).await
         }));
     }
     drop(rx);
@@ -428,6 +469,9 @@ pub async fn send_data(
     let _ = ticker.await;
     stop_producer.abort();
     drop(pool);
+    if stages.on() {
+        tracing::debug!(cycle, ms = stages.elapsed_ms(), stages = %stages.summary(), "cycle data path");
+    }
     result?;
     opts.progress.sent(&snapshot());
     Ok(SendStats {
@@ -440,6 +484,7 @@ pub async fn send_data(
 /// One data stream: sends packed chunks as they come, while a reader takes the applier's
 /// `Acked` answers; when there is nothing left, finishes the stream and waits for the last
 /// answer, which must cover every byte sent on it.
+#[allow(clippy::too_many_arguments)]
 async fn stream_task(
     conn: Connection,
     rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<Packed, ShipError>>>>,
@@ -448,11 +493,14 @@ async fn stream_task(
     acked: Arc<AtomicU64>,
     wire_bytes: Arc<AtomicU64>,
     chunks: Arc<AtomicU64>,
+    st: &Stages,
 ) -> Result<(), ShipError> {
     let mut stream: Option<(SendStream, tokio::task::JoinHandle<Result<u64, ShipError>>)> = None;
     let mut sent = 0u64;
     loop {
+        let t = st.begin();
         let next = rx.lock().await.recv().await;
+        st.add(STARVED, t);
         let Some(packed) = next else { break };
         for mut chunk in packed?.chunks {
             let budget = corrupt_budget();
@@ -465,16 +513,23 @@ async fn stream_task(
             }
             let frame = (chunk.payload.len() + wire::CHUNK_HEAD + 4) as u64;
             if let Some(l) = &limit {
+                let t = st.begin();
                 l.acquire(frame).await;
+                st.add(LIMIT, t);
             }
             if stream.is_none() {
+                let t = st.begin();
                 let (s, r) = conn.open_bi().await.map_err(LinkError::from)?;
+                st.add(OPEN, t);
                 let acked = Arc::clone(&acked);
                 stream = Some((s, tokio::spawn(read_acks(r, cycle, acked))));
             }
             let (s, _) = stream.as_mut().expect("opened above");
             let len = u64::from(chunk.len);
-            if let Err(e) = link::send_chunk(s, chunk).await {
+            let t = st.begin();
+            let r = link::send_chunk(s, chunk).await;
+            st.add(SEND, t);
+            if let Err(e) = r {
                 // The applier stops a stream it refuses; its answer says why.
                 let (_, reader) = stream.take().expect("opened above");
                 return match tokio::time::timeout(Duration::from_secs(5), reader).await {
@@ -491,9 +546,11 @@ async fn stream_task(
         return Ok(());
     };
     s.finish().map_err(LinkError::from)?;
+    let t = st.begin();
     let got = reader
         .await
         .map_err(|e| ShipError::Protocol(e.to_string()))??;
+    st.add(LAST_ACK, t);
     if got != sent {
         return Err(ShipError::Protocol(format!(
             "the applier acknowledged {got} of the {sent} bytes sent on a stream"

@@ -14,6 +14,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::pool::BufferPool;
+use vmreplica_common::stages::Stages;
 use vmreplica_common::wire::{code, Chunk, Message};
 
 use super::{reply_error, VmEntry};
@@ -25,6 +26,20 @@ const QUEUED_BYTES: usize = 32 << 20;
 
 /// Chunks of one data stream verified together in one hop to a blocking thread, at most.
 const BATCH: usize = 8;
+
+/// A data stream's stages, timed at debug level (see [`Stages`]): its reader waiting for the
+/// next chunk from the link, for room in the connection's budget of unverified bytes (the
+/// pipeline behind is slower), and for room in the stream's queue to its verifier; the
+/// verifier's hops (whole), unpacking and checksums, and hand-overs to the VM's pipeline
+/// (they wait while its queue is full); sending `Acked`.
+const STAGES: &[&str] = &["recv", "budget", "queue", "hop", "verify", "submit", "ack"];
+const RECV: usize = 0;
+const BUDGET: usize = 1;
+const QUEUE: usize = 2;
+const HOP: usize = 3;
+const VERIFY: usize = 4;
+const SUBMIT: usize = 5;
+const ACK: usize = 6;
 
 /// A connection's budget of received, not yet verified chunk bytes, and its spare payload
 /// buffers (a stream's reader and its verifier pass them back and forth, so a few suffice).
@@ -53,21 +68,30 @@ pub(crate) async fn data_stream(
     let (cycle, epoch) = (first.tag.cycle, first.tag.epoch);
     let (tx, mut rx) = mpsc::channel::<(Chunk, OwnedSemaphorePermit)>(BATCH);
     let payloads = Arc::clone(&queued.1);
+    let stages = Arc::new(Stages::new(
+        STAGES,
+        tracing::enabled!(tracing::Level::DEBUG),
+    ));
+    let st = Arc::clone(&stages);
     let reader = tokio::spawn(async move {
         let mut next = Some(first);
         while let Some(c) = next {
             let cost = c.payload.len().clamp(1, QUEUED_BYTES) as u32;
+            let t = st.begin();
             let Ok(permit) = Arc::clone(&queued.0).acquire_many_owned(cost).await else {
                 return Ok(());
             };
+            st.add(BUDGET, t);
+            let t = st.begin();
             if tx.send((c, permit)).await.is_err() {
                 return Ok(()); // the stream stopped taking chunks
             }
+            st.add(QUEUE, t);
             let spare = queued.1.take();
-            next = match link::recv_reusing(&mut recv, spare)
-                .await
-                .map_err(ReaderEnd::Link)?
-            {
+            let t = st.begin();
+            let got = link::recv_reusing(&mut recv, spare).await;
+            st.add(RECV, t);
+            next = match got.map_err(ReaderEnd::Link)? {
                 Some(Message::Chunk(c)) => Some(c),
                 None => None,
                 Some(other) => {
@@ -104,8 +128,11 @@ pub(crate) async fn data_stream(
                 }
                 let chunks = std::mem::take(&mut batch);
                 let (vm2, acks, pool) = (Arc::clone(&vm), ack_tx.clone(), Arc::clone(&payloads));
-                let r = tokio::task::spawn_blocking(move || hand_over(&vm2, chunks, &acks, &pool))
+                let st = Arc::clone(&stages);
+                let t = stages.begin();
+                let r = tokio::task::spawn_blocking(move || hand_over(&vm2, chunks, &acks, &pool, &st))
                     .await;
+                stages.add(HOP, t);
                 match r {
                     Ok(Ok((s, n))) => {
                         sender = Some(s);
@@ -132,7 +159,9 @@ pub(crate) async fn data_stream(
                 if let Some(f) = failed {
                     break Some(f);
                 }
+                let t = stages.begin();
                 link::send(&mut send, &Message::Acked { cycle, epoch, bytes: acked }).await?;
+                stages.add(ACK, t);
             }
         }
     };
@@ -157,6 +186,9 @@ pub(crate) async fn data_stream(
     )
     .await?;
     send.finish()?;
+    if stages.on() {
+        tracing::debug!(vm = %vm.name, cycle, ms = stages.elapsed_ms(), bytes = acked, stages = %stages.summary(), "data stream ended");
+    }
     Ok(())
 }
 
@@ -168,6 +200,7 @@ fn hand_over(
     chunks: Vec<(Chunk, OwnedSemaphorePermit)>,
     acks: &mpsc::UnboundedSender<Result<u64, Failure>>,
     payloads: &BufferPool<16>,
+    stages: &Stages,
 ) -> Result<(crate::store::JobSender, u64), (u16, String)> {
     let mut sender = None;
     let mut n = 0;
@@ -192,8 +225,10 @@ fn hand_over(
                 c.offset, c.len, d.name, d.size
             )));
         }
+        let t = stages.begin();
         let mut buf = vm.buffers.take();
         let unpacked = c.unpack_aligned(&mut buf);
+        stages.add(VERIFY, t);
         payloads.put(std::mem::take(&mut c.payload));
         let data = match unpacked {
             Ok(Some(at)) => Some((buf, at)),
@@ -207,6 +242,7 @@ fn hand_over(
             }
         };
         let (acks, len) = (acks.clone(), c.len);
+        let t = stages.begin();
         s.submit(Job {
             tag: c.tag,
             disk: c.disk,
@@ -217,6 +253,7 @@ fn hand_over(
                 let _ = acks.send(r.map(|()| u64::from(len)));
             }),
         });
+        stages.add(SUBMIT, t);
         n += 1;
         sender = Some(s);
     }

@@ -21,10 +21,11 @@
 //! log writes and a full queue of image writes.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use vmreplica_common::engine::{Engine, Op};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::sparse::is_hole;
+use vmreplica_common::stages::Stages;
 use vmreplica_common::wire::{code, CycleKind, Tag};
 
 use crate::image::{shared_engine, Buffers, Image, ImageWriter};
@@ -176,6 +178,36 @@ const BATCH_BYTES: u64 = 32 << 20;
 const MARK_BYTES: u64 = 64 << 20;
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
+/// The pipeline's stages, timed at debug level (see [`Stages`]): waiting for chunks, a whole
+/// batch, and within it the hole checks, old-content reads, undo appends (lz4, and the log's
+/// full blocks written), flushes (its last block) and syncs, image
+/// write submissions (they wait while the writer's queue is full), and the marks' image
+/// syncs and log records; draining writes in flight.
+const STAGES: &[&str] = &[
+    "idle",
+    "batch",
+    "holes",
+    "old_read",
+    "undo_write",
+    "undo_sync",
+    "img_write",
+    "img_sync",
+    "mark_log",
+    "drain",
+    "undo_flush",
+];
+const IDLE: usize = 0;
+const BATCH: usize = 1;
+const HOLES: usize = 2;
+const OLD_READ: usize = 3;
+const UNDO_WRITE: usize = 4;
+const UNDO_SYNC: usize = 5;
+const IMG_WRITE: usize = 6;
+const IMG_SYNC: usize = 7;
+const MARK_LOG: usize = 8;
+const DRAIN: usize = 9;
+const UNDO_FLUSH: usize = 10;
+
 impl Running {
     pub fn start(
         vm: &str,
@@ -206,6 +238,9 @@ impl Running {
             last_mark: Instant::now(),
             failed: None,
             pending: None,
+            syncer: None,
+            syncing: None,
+            stages: Stages::new(STAGES, tracing::enabled!(tracing::Level::DEBUG)),
         };
         let thread = std::thread::Builder::new()
             .name(format!("receive-{vm}"))
@@ -290,6 +325,33 @@ struct Pipeline {
     failed: Option<Failure>,
     /// A message taken while gathering a batch, handled next.
     pending: Option<Msg>,
+    /// Where undo log syncs are sent to the syncer thread (None: synced on this thread).
+    syncer: Option<mpsc::Sender<mpsc::Sender<io::Result<()>>>>,
+    /// The batch whose undo entries are being made durable by the syncer: its image writes
+    /// are issued once they are, while the next batch is captured.
+    syncing: Option<Syncing>,
+    stages: Stages,
+}
+
+/// Reads of old contents in flight: each answers with its index, outcome, buffer and where
+/// in it the bytes start (the channel ends when all have answered).
+type ReadsInFlight = mpsc::Receiver<(usize, io::Result<()>, Vec<u8>, usize)>;
+
+/// A batch waiting for its undo log sync.
+struct Syncing {
+    done: mpsc::Receiver<io::Result<()>>,
+    jobs: Vec<Job>,
+    entries: Vec<Entry>,
+}
+
+/// Makes the undo log durable for the pipeline, one `sync_data` per request, in order: the
+/// pipeline captures (reads old contents, appends and writes entries) the next batch while
+/// the last one's entries are synced and its image writes are in flight, instead of waiting
+/// for each sync in turn.
+fn syncer(log: File, rx: Rx<mpsc::Sender<io::Result<()>>>) {
+    while let Ok(reply) = rx.recv() {
+        let _ = reply.send(log.sync_data());
+    }
 }
 
 impl Pipeline {
@@ -300,10 +362,62 @@ impl Pipeline {
     }
 
     fn run(&mut self, rx: Rx<Msg>) {
+        let mut thread = None;
+        if self.p().capture {
+            match self.p().log.sync_handle() {
+                Ok(f) => {
+                    let (tx, srx) = mpsc::channel();
+                    match std::thread::Builder::new()
+                        .name(format!("undo-sync-{}", self.vm))
+                        .spawn(move || syncer(f, srx))
+                    {
+                        Ok(t) => {
+                            self.syncer = Some(tx);
+                            thread = Some(t);
+                        }
+                        Err(e) => {
+                            tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
+                }
+            }
+        }
+        self.run_loop(rx);
+        self.syncer = None;
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    /// The next message, waiting for it at most [`MARK_EVERY`] (timed as idle).
+    fn wait(&self, rx: &Rx<Msg>) -> Result<Msg, RecvTimeoutError> {
+        let t = self.stages.begin();
+        let r = rx.recv_timeout(MARK_EVERY);
+        self.stages.add(IDLE, t);
+        r
+    }
+
+    fn run_loop(&mut self, rx: Rx<Msg>) {
         loop {
-            let msg = match self.pending.take() {
+            // A batch waiting for its sync is written before waiting for more work.
+            let next = match (self.pending.take(), self.syncing.is_some()) {
+                (Some(m), _) => Some(m),
+                (None, true) => match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => {
+                        self.write_synced();
+                        None
+                    }
+                    Err(TryRecvError::Disconnected) => None,
+                },
+                (None, false) => None,
+            };
+            let msg = match next {
                 Some(m) => m,
-                None => match rx.recv_timeout(MARK_EVERY) {
+                None => match self.wait(&rx) {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
                         let _ = self.flush();
@@ -332,7 +446,10 @@ impl Pipeline {
                             Err(_) => break,
                         }
                     }
+                    let t = self.stages.begin();
+                    self.stages.depth(BATCH, batch.len() as u64);
                     self.batch(batch);
+                    self.stages.add(BATCH, t);
                 }
                 Msg::Sync(reply) => {
                     let r = self.flush().map(|()| self.p().applied.clone());
@@ -350,6 +467,9 @@ impl Pipeline {
                 }
                 Msg::Stop(reply) => {
                     let r = self.flush();
+                    if self.stages.on() {
+                        tracing::debug!(vm = %self.vm, ms = self.stages.elapsed_ms(), stages = %self.stages.summary(), "receive pipeline stopped");
+                    }
                     let p = self.p.take().expect("stopped once");
                     let _ = reply.send(r.map(|()| p));
                     // Anything still queued was handed over after the stop.
@@ -417,20 +537,37 @@ impl Pipeline {
         if accepted.is_empty() {
             return;
         }
-        if self.p().capture {
-            if let Err(f) = self.capture(&accepted) {
-                self.fail(f.clone());
-                for j in accepted {
-                    (j.done)(Err(f.clone()));
+        let captured = if self.p().capture {
+            // The batch before is written while this one's old contents are read: it
+            // writes only ranges captured already, which this capture does not read.
+            match self.capture(&accepted, Self::write_synced) {
+                Ok(c) => c,
+                Err(f) => {
+                    self.fail(f.clone());
+                    for j in accepted {
+                        (j.done)(Err(f.clone()));
+                    }
+                    return;
                 }
-                return;
             }
-        }
-        for j in accepted {
-            let token = self.next_token;
-            self.next_token += 1;
-            self.in_flight.insert(token, (j.range(), j.done));
-            self.writer.write(token, j.disk, j.offset, j.len, j.data);
+        } else {
+            None
+        };
+        match captured {
+            // Entries written, their sync started: this batch is written once that sync
+            // answered (the batch before was written while the old contents were read).
+            Some((done, entries)) => {
+                self.write_synced();
+                self.syncing = Some(Syncing {
+                    done,
+                    jobs: accepted,
+                    entries,
+                });
+            }
+            None => {
+                self.write_synced();
+                self.write_jobs(accepted);
+            }
         }
         let done = self.writer.take_done();
         self.finished(done);
@@ -439,13 +576,67 @@ impl Pipeline {
         }
     }
 
-    /// Captures the old contents of the parts of `jobs`' ranges not captured yet, durably,
-    /// and indexes them for point views.
-    fn capture(&mut self, jobs: &[Job]) -> Result<(), Failure> {
+    /// Issues the image writes of `jobs` (their undo entries are durable).
+    fn write_jobs(&mut self, jobs: Vec<Job>) {
+        let t = self.stages.begin();
+        for j in jobs {
+            if let Some(f) = &self.failed {
+                (j.done)(Err(f.clone()));
+                continue;
+            }
+            let token = self.next_token;
+            self.next_token += 1;
+            self.in_flight.insert(token, (j.range(), j.done));
+            self.writer.write(token, j.disk, j.offset, j.len, j.data);
+        }
+        self.stages.add(IMG_WRITE, t);
+    }
+
+    /// Waits for the undo sync of the batch waiting for one, if any; then indexes its
+    /// entries for point views and issues its image writes (or fails it, if the sync failed).
+    fn write_synced(&mut self) {
+        let Some(s) = self.syncing.take() else {
+            return;
+        };
+        let t = self.stages.begin();
+        let r = s
+            .done
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the undo sync thread stopped")));
+        self.stages.add(UNDO_SYNC, t);
+        if let Err(e) = r {
+            let vm = self.vm.clone();
+            let p = self.p();
+            p.log.poison(&e);
+            let path = p.log.path().display().to_string();
+            let f = Failure::io(&vm, &format!("syncing the undo log {path}"), &e);
+            self.fail(f.clone());
+            for j in s.jobs {
+                (j.done)(Err(f.clone()));
+            }
+            return;
+        }
+        self.p().index.insert(&s.entries);
+        self.write_jobs(s.jobs);
+    }
+
+    /// Captures the old contents of the parts of `jobs`' ranges not captured yet: appends
+    /// them to the undo log and writes them to its file. If there were any, returns their
+    /// entries and where the sync that makes them durable will answer (on the syncer
+    /// thread; without one it is made here): the jobs' image writes wait for that answer,
+    /// and the entries are indexed for point views once it comes.
+    /// `meanwhile` runs once the reads are in flight (or when nothing is read).
+    #[allow(clippy::type_complexity)]
+    fn capture(
+        &mut self,
+        jobs: &[Job],
+        meanwhile: impl FnOnce(&mut Self),
+    ) -> Result<Option<(mpsc::Receiver<io::Result<()>>, Vec<Entry>)>, Failure> {
         let vm = self.vm.clone();
         let mut planned = RangeSet::new();
         let mut holes = Vec::new();
         let mut reads = Vec::new();
+        let t = self.stages.begin();
         for j in jobs {
             let r = j.range();
             for (s, e) in self.p().log.coverage().uncovered(r.disk, r.offset, r.end()) {
@@ -463,10 +654,17 @@ impl Pipeline {
                 }
             }
         }
+        self.stages.add(HOLES, t);
         if holes.is_empty() && reads.is_empty() {
-            return Ok(());
+            meanwhile(self);
+            return Ok(None);
         }
-        let old = self.read_many(&reads)?;
+        let in_flight = self.submit_reads(&reads);
+        meanwhile(self);
+        let t = self.stages.begin();
+        let old = self.collect_reads(&reads, in_flight)?;
+        self.stages.add(OLD_READ, t);
+        let t = self.stages.begin();
         let mut entries: Vec<Entry> = Vec::with_capacity(holes.len() + reads.len());
         let p = self.p.as_mut().expect("running");
         let log_err = |x: io::Error| Failure::io(&vm, "writing the undo log", &x);
@@ -480,14 +678,26 @@ impl Pipeline {
                     .map_err(log_err)?,
             );
         }
-        p.log.sync().map_err(log_err)?;
-        p.index.insert(&entries);
-        Ok(())
+        self.stages.add(UNDO_WRITE, t);
+        let t = self.stages.begin();
+        p.log.flush().map_err(log_err)?;
+        self.stages.add(UNDO_FLUSH, t);
+        let (tx, rx) = mpsc::channel();
+        if let Some(s) = &self.syncer {
+            if s.send(tx.clone()).is_ok() {
+                return Ok(Some((rx, entries)));
+            }
+        }
+        let t = self.stages.begin();
+        let p = self.p.as_mut().expect("running");
+        let _ = tx.send(p.log.sync());
+        self.stages.add(UNDO_SYNC, t);
+        Ok(Some((rx, entries)))
     }
 
-    /// Reads the ranges `(disk, start, end)` of the images, all in flight at once (direct
-    /// where aligned); each comes back as a buffer and where in it the bytes start.
-    fn read_many(&self, ranges: &[(u16, u64, u64)]) -> Result<Vec<(Vec<u8>, usize)>, Failure> {
+    /// Starts reading the ranges `(disk, start, end)` of the images, all in flight at once
+    /// (direct where aligned); [`Pipeline::collect_reads`] waits for them.
+    fn submit_reads(&self, ranges: &[(u16, u64, u64)]) -> ReadsInFlight {
         let (tx, rx) = mpsc::channel();
         for (i, &(d, s, e)) in ranges.iter().enumerate() {
             let img = &self.images[d as usize];
@@ -513,7 +723,16 @@ impl Pipeline {
                 }),
             );
         }
-        drop(tx);
+        rx
+    }
+
+    /// Waits for the reads [`Pipeline::submit_reads`] started; each range comes back as a
+    /// buffer and where in it the bytes start.
+    fn collect_reads(
+        &self,
+        ranges: &[(u16, u64, u64)],
+        rx: ReadsInFlight,
+    ) -> Result<Vec<(Vec<u8>, usize)>, Failure> {
         let mut out: Vec<Option<(Vec<u8>, usize)>> = vec![None; ranges.len()];
         let mut first_err = None;
         for (i, r, buf, at) in rx {
@@ -594,6 +813,7 @@ impl Pipeline {
             return Ok(());
         }
         let vm = self.vm.clone();
+        let t = self.stages.begin();
         for img in self.images.iter() {
             if let Err(e) = img.file.sync_data() {
                 let f = Failure::io(&vm, "syncing the replica images", &e);
@@ -601,14 +821,20 @@ impl Pipeline {
                 return self.mark();
             }
         }
+        self.stages.add(IMG_SYNC, t);
+        let t = self.stages.begin();
         let written = std::mem::take(&mut self.written);
         let p = self.p.as_mut().expect("running");
         let r = p.log.mark_applied(&written).and_then(|()| p.log.sync());
+        self.stages.add(MARK_LOG, t);
         if let Err(e) = r {
             self.fail(Failure::io(&vm, "writing the undo log", &e));
             return self.mark();
         }
         p.applied.union(&written);
+        if self.stages.on() {
+            tracing::debug!(vm = %self.vm, at_ms = self.stages.elapsed_ms(), bytes = self.unmarked, stages = %self.stages.summary(), "receive pipeline: marked applied");
+        }
         self.unmarked = 0;
         for cb in self.written_jobs.drain(..) {
             cb(Ok(()));
@@ -618,7 +844,10 @@ impl Pipeline {
 
     /// Waits for every write in flight, then makes them durable.
     fn flush(&mut self) -> Result<(), Failure> {
+        self.write_synced();
+        let t = self.stages.begin();
         let done = self.writer.drain();
+        self.stages.add(DRAIN, t);
         self.finished(done);
         self.mark()
     }

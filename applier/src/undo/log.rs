@@ -305,6 +305,24 @@ impl UndoLog {
         Ok(at)
     }
 
+    /// Writes everything appended to the file, not yet durable: a `sync_data` on a
+    /// [`UndoLog::sync_handle`] started after this returns makes it durable.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.log.flush().map_err(|e| err(&self.path, e))
+    }
+
+    /// A descriptor of the log's file for syncing it on another thread (see
+    /// [`UndoLog::flush`]).
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.log.sync_handle().map_err(|e| err(&self.path, e))
+    }
+
+    /// A sync on a [`UndoLog::sync_handle`] failed: the log refuses every append and sync
+    /// after (it is reopened from what reached the file).
+    pub fn poison(&mut self, e: &io::Error) {
+        self.log.poison(e);
+    }
+
     /// Makes everything appended durable (one fdatasync).
     pub fn sync(&mut self) -> io::Result<()> {
         self.log.sync().map_err(|e| err(&self.path, e))
