@@ -344,6 +344,8 @@ impl UndoLog {
                 self.append_record(Kind::Index, sorted.len() as u32, &encode_index(&sorted))?;
             self.append_record(Kind::Footer, 0, &at.to_be_bytes())?;
         }
+        // The file ends at the footer, where loading looks for it.
+        self.log.trim().map_err(|e| err(&self.path, e))?;
         self.sync()?;
         Ok(self.log.len())
     }
@@ -735,6 +737,40 @@ mod tests {
                 Loaded::open(&p).is_err(),
                 "an unfinished log is not a point"
             );
+        }
+    }
+
+    /// A flushed log keeps the zero padding of its last block until it is finished; a crash
+    /// there (no trim) loses no entry: the reopen cuts the padding, the log goes on, and the
+    /// finished log ends at its footer again.
+    #[test]
+    fn a_crash_with_the_last_blocks_padding_in_the_file_loses_no_entry() {
+        for root in ["/var/tmp", "/tmp"] {
+            let dir = tempfile::tempdir_in(root).unwrap();
+            let p = dir.path().join("6.undo");
+            let mut log = UndoLog::create(&p, header(6, 5)).unwrap();
+            let rnd = noise(4, 65536);
+            log.append(0, 0, 65536, Some(&rnd)).unwrap();
+            log.append(0, 65536, 100, Some(&rnd[..100])).unwrap();
+            log.sync().unwrap();
+            let len = log.size();
+            let file = fs::metadata(&p).unwrap().len();
+            assert!(file >= len, "{root}");
+            // The crash: the writer vanishes without its drop (which trims).
+            std::mem::forget(log);
+            let (mut log, rec) = UndoLog::open(&p).unwrap();
+            assert_eq!(rec.cut, file - len, "{root}: only the padding is cut");
+            assert_eq!(fs::metadata(&p).unwrap().len(), len);
+            assert_eq!(log.entries().len(), 2);
+            log.append(1, 0, 4096, Some(&[5u8; 4096])).unwrap();
+            let size = log.finish().unwrap();
+            assert_eq!(fs::metadata(&p).unwrap().len(), size, "{root}: not trimmed");
+            let l = Loaded::open(&p).unwrap();
+            assert_eq!(l.entries.len(), 3);
+            let mut img = vec![vec![9u8; 1 << 20]; 2];
+            undo_onto(&l, &mut img);
+            assert!(img[0][..65536] == rnd[..] && img[0][65536..65636] == rnd[..100]);
+            assert!(img[1][..4096].iter().all(|b| *b == 5));
         }
     }
 
