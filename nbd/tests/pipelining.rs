@@ -165,6 +165,13 @@ fn completions_from_another_thread_are_all_answered() {
 }
 
 fn serve(threaded: bool) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStream) {
+    serve_with(threaded, ServerConfig::default())
+}
+
+fn serve_with(
+    threaded: bool,
+    config: ServerConfig,
+) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStream) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let mem = Arc::new(Mem {
@@ -172,7 +179,7 @@ fn serve(threaded: bool) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStrea
         threaded,
     });
     let server = Server::new(
-        ServerConfig::default(),
+        config,
         vec![Export {
             name: "disk".into(),
             description: String::new(),
@@ -249,5 +256,36 @@ fn a_client_that_goes_away_with_replies_pending_ends_its_connection() {
             std::thread::sleep(Duration::from_millis(5));
         }
         server.shutdown();
+    }
+}
+
+/// A client that keeps its connection open but never reads its replies (more than the
+/// socket and the byte budget hold, so the writer blocks and the reader waits for budget)
+/// cannot hold up a shutdown: past the drain timeout it is disconnected.
+#[test]
+fn a_client_that_never_reads_cannot_hold_up_a_shutdown() {
+    for threaded in [false, true] {
+        let config = ServerConfig {
+            drain_timeout: Duration::from_millis(500),
+            ..ServerConfig::default()
+        };
+        let (_dir, server, _mem, mut s) = serve_with(threaded, config);
+        // 100 MiB of read replies, unread; the client stays connected.
+        for i in 0..100u64 {
+            s.write_all(&request(0, i, 0, 1 << 20)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let srv = Arc::clone(&server);
+        std::thread::spawn(move || {
+            srv.shutdown();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "shutdown waits forever for a client that does not read (threaded: {threaded})"
+        );
+        assert_eq!(server.connections("disk"), 0);
+        drop(s);
     }
 }
