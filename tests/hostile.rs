@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
@@ -150,4 +151,148 @@ fn unknown_export_with_go_gets_an_error_and_the_handshake_continues() {
     );
     run(Command::new("nbdinfo").arg(t.uri("d")));
     t.stop();
+}
+
+/// Descriptors and threads of process `pid`.
+fn fds_and_threads(pid: i32) -> (usize, usize) {
+    let n = |d: String| std::fs::read_dir(d).unwrap().count();
+    (n(format!("/proc/{pid}/fd")), n(format!("/proc/{pid}/task")))
+}
+
+/// Sends `bytes` in pieces of 1 byte (the first `ones` bytes), then of varying sizes up to
+/// 70,000 bytes (a small deterministic generator), as a client on a slow link would.
+fn send_fragmented(s: &mut UnixStream, bytes: &[u8], ones: usize) {
+    let mut x = 12345u64;
+    let mut i = 0;
+    while i < bytes.len() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let k = if i < ones {
+            1
+        } else {
+            1 + (x >> 33) as usize % 70_000
+        };
+        let end = (i + k).min(bytes.len());
+        s.write_all(&bytes[i..end]).unwrap();
+        i = end;
+    }
+}
+
+/// Requests split at every byte boundary, payloads that straddle the server's connection
+/// buffer or are larger than it (up to the 32 MiB maximum), thousands of small requests
+/// packed into one write, and clients that vanish in the middle of a payload: every byte
+/// lands where it should, and nothing is left behind (descriptors, threads).
+#[test]
+fn fragmented_packed_and_abandoned_requests_are_served_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 64 * MIB);
+    let t = TrackerProc::start(dir.path(), &[("d", &img)], &[]);
+    let mut s = connect(&t, "d");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let sizes = [1u32, 512, 4096, 9000, 65536, 65537, 300_000, 32 << 20];
+    let data: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (0..*n)
+                .map(|j| (j as usize * 7 + i * 13) as u8 | 1)
+                .collect()
+        })
+        .collect();
+    let at = |i: usize| if i == 7 { 32 * MIB } else { i as u64 * MIB };
+    let mut w = Vec::new();
+    for (i, d) in data.iter().enumerate() {
+        w.extend(request(1, i as u64, at(i), d.len() as u32));
+        w.extend(d);
+    }
+    let mut r = Vec::new();
+    for (i, d) in data.iter().enumerate() {
+        r.extend(request(0, 100 + i as u64, at(i), d.len() as u32));
+    }
+    let mut ws = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || send_fragmented(&mut ws, &w, 200_000));
+    for _ in 0..sizes.len() {
+        assert_eq!(simple_reply(&mut s).0, 0, "a write failed");
+    }
+    sender.join().unwrap();
+    // The reads only once every write is acknowledged (NBD orders nothing in flight).
+    send_fragmented(&mut s, &r, r.len());
+    for _ in 0..sizes.len() {
+        let (err, cookie) = simple_reply(&mut s);
+        assert_eq!(err, 0);
+        let want = &data[(cookie - 100) as usize];
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == *want, "read {cookie} returned other bytes");
+    }
+
+    // 3,000 writes of 512 bytes in one piece (1.6 MB: several times the connection buffer).
+    let mut packed = Vec::new();
+    for i in 0..3000u64 {
+        packed.extend(request(1, i, 40 * MIB + i * 512, 512));
+        packed.extend([(i % 251) as u8 + 1; 512]);
+    }
+    let mut ws = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || ws.write_all(&packed).unwrap());
+    for _ in 0..3000 {
+        assert_eq!(simple_reply(&mut s).0, 0);
+    }
+    sender.join().unwrap();
+    let mut back = vec![0u8; 3000 * 512];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut back, 40 * MIB)
+        .unwrap();
+    for (i, block) in back.chunks(512).enumerate() {
+        assert!(block.iter().all(|b| *b == (i % 251) as u8 + 1), "block {i}");
+    }
+
+    // Clients that announce a 32 MiB write and vanish after 100 KB of it.
+    let before = fds_and_threads(t.pid());
+    for _ in 0..50 {
+        let mut c = connect(&t, "d");
+        c.write_all(&request(1, 1, 0, 32 << 20)).unwrap();
+        c.write_all(&[0xee; 100_000]).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fds_and_threads(t.pid()) != before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {:?} descriptors and threads, {before:?} before",
+            fds_and_threads(t.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nothing of theirs was written, and the first connection is still served.
+    s.write_all(&request(0, 7, 0, 1)).unwrap();
+    assert_eq!(simple_reply(&mut s), (0, 7));
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(b[0], data[0][0]);
+    t.stop();
+}
+
+/// A client that stays connected but never reads its replies cannot keep the tracker from
+/// stopping: after the drain timeout it is disconnected and the tracker exits cleanly.
+#[test]
+fn a_client_that_never_reads_cannot_keep_the_tracker_from_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "d.img", 16 * MIB);
+    let t = TrackerProc::start(dir.path(), &[("d", &img)], &[]);
+    let mut s = connect(&t, "d");
+    // 200 MiB of read replies (far more than the socket and the byte budget hold), unread.
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    for i in 0..200u64 {
+        if s.write_all(&request(0, i, (i % 15) * MIB, MIB as u32))
+            .is_err()
+        {
+            break; // the server stopped reading: its budget is full
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    t.stop();
+    assert!(started.elapsed() < Duration::from_secs(25));
+    drop(s);
 }

@@ -33,3 +33,4 @@ pub use reply::{ReplyMode, ReplyWriter};
 pub use request::{Command, Request, RequestError, RequestHeader};
 pub use server::{Export, Server, ServerConfig};
 pub use tls::TlsConfig;
+pub use transmission::send_held_replies;

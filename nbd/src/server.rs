@@ -44,6 +44,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most connections still negotiating (before they name an export).
     pub max_handshakes: usize,
+    /// On [`Server::shutdown`], how long connections may take to send the replies of their
+    /// requests in flight; a client that does not read them by then is disconnected (its
+    /// requests still complete on the device), so it cannot hold the shutdown up forever.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +56,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 16,
             max_handshakes: 64,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -389,6 +394,30 @@ impl Server {
             .values()
         {
             c.shutdown(Shutdown::Read);
+        }
+        // Connections end once their replies are out; one whose client does not read them
+        // (its writer blocked on a full socket, its reader waiting for the byte budget) would
+        // never end: past the drain timeout the rest are cut off.
+        let deadline = std::time::Instant::now() + self.config.drain_timeout;
+        loop {
+            let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            if conns.is_empty() {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    connections = conns.len(),
+                    "NBD clients did not read their replies within {:?} of the shutdown; \
+                     disconnecting them (their requests in flight still complete)",
+                    self.config.drain_timeout
+                );
+                for c in conns.values() {
+                    c.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+            drop(conns);
+            std::thread::sleep(Duration::from_millis(10));
         }
         let threads: Vec<_> = self
             .threads

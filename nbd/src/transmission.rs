@@ -214,6 +214,7 @@ impl Outgoing {
 /// `sendmsg`: one system call per batch instead of per reply.
 struct Batch {
     conn: u64,
+    sink: Arc<Sink>,
     replies: Vec<Outgoing>,
 }
 
@@ -225,19 +226,18 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
 /// The reader thread's batch while a connection runs; sent (and the thread's batching ended)
 /// when dropped, whatever way the reader loop ends.
-struct Batching {
-    sink: Arc<Sink>,
-}
+struct Batching {}
 
 impl Batching {
     fn start(conn: u64, sink: Arc<Sink>) -> Batching {
         BATCH.with(|b| {
             *b.borrow_mut() = Some(Batch {
                 conn,
+                sink,
                 replies: Vec::with_capacity(MAX_BATCH),
             })
         });
-        Batching { sink }
+        Batching {}
     }
 
     fn len(&self) -> usize {
@@ -246,15 +246,29 @@ impl Batching {
 
     /// Sends the held replies (or queues them for the writer thread).
     fn flush(&self) {
-        BATCH.with(|b| {
-            if let Some(b) = b.borrow_mut().as_mut() {
-                if !b.replies.is_empty() {
-                    // Drains the batch in place: its capacity stays for the next one.
-                    self.sink.submit(&mut b.replies, true);
-                }
-            }
-        });
+        send_held_replies();
     }
+}
+
+/// Sends the replies this thread holds back (a connection's reader thread holds those of the
+/// requests it completed itself, see [`Batch`]); nothing on any other thread.
+///
+/// For a device that is about to block on a connection's reader thread for a while (the
+/// tracker's write gate, closed while a freeze drains writes): the requests that thread
+/// already completed are answered first, rather than waiting for the block to end.
+pub fn send_held_replies() {
+    BATCH.with(|b| {
+        // A reentrant call (from inside a send) finds the batch borrowed: nothing to do.
+        let Ok(mut b) = b.try_borrow_mut() else {
+            return;
+        };
+        if let Some(b) = b.as_mut() {
+            if !b.replies.is_empty() {
+                // Drains the batch in place: its capacity stays for the next one.
+                b.sink.submit(&mut b.replies, true);
+            }
+        }
+    });
 }
 
 impl Drop for Batching {

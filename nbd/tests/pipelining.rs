@@ -165,6 +165,13 @@ fn completions_from_another_thread_are_all_answered() {
 }
 
 fn serve(threaded: bool) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStream) {
+    serve_with(threaded, ServerConfig::default())
+}
+
+fn serve_with(
+    threaded: bool,
+    config: ServerConfig,
+) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStream) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let mem = Arc::new(Mem {
@@ -172,7 +179,7 @@ fn serve(threaded: bool) -> (tempfile::TempDir, Arc<Server>, Arc<Mem>, UnixStrea
         threaded,
     });
     let server = Server::new(
-        ServerConfig::default(),
+        config,
         vec![Export {
             name: "disk".into(),
             description: String::new(),
@@ -250,4 +257,110 @@ fn a_client_that_goes_away_with_replies_pending_ends_its_connection() {
         }
         server.shutdown();
     }
+}
+
+/// A client that keeps its connection open but never reads its replies (more than the
+/// socket and the byte budget hold, so the writer blocks and the reader waits for budget)
+/// cannot hold up a shutdown: past the drain timeout it is disconnected.
+#[test]
+fn a_client_that_never_reads_cannot_hold_up_a_shutdown() {
+    for threaded in [false, true] {
+        let config = ServerConfig {
+            drain_timeout: Duration::from_millis(500),
+            ..ServerConfig::default()
+        };
+        let (_dir, server, _mem, mut s) = serve_with(threaded, config);
+        // 100 MiB of read replies, unread; the client stays connected.
+        for i in 0..100u64 {
+            s.write_all(&request(0, i, 0, 1 << 20)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let srv = Arc::clone(&server);
+        std::thread::spawn(move || {
+            srv.shutdown();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "shutdown waits forever for a client that does not read (threaded: {threaded})"
+        );
+        assert_eq!(server.connections("disk"), 0);
+        drop(s);
+    }
+}
+
+/// A device whose writes wait (as the tracker's do at its gate while a freeze drains them)
+/// on the connection's reader thread, after asking for the replies it holds to be sent.
+struct Gated {
+    open: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl BlockDevice for Gated {
+    fn size(&self) -> u64 {
+        SIZE as u64
+    }
+    fn read(&self, _offset: u64, len: u32, done: ReadDone) {
+        done(Ok(vec![3u8; len as usize]))
+    }
+    fn write(&self, _offset: u64, _data: Vec<u8>, _fua: bool, done: Done) {
+        let mut open = self.open.lock().unwrap();
+        if !*open {
+            vmreplica_nbd::send_held_replies();
+        }
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+        done(Ok(()))
+    }
+    fn block_status(&self, _: usize, _: u64, len: u64, _: usize) -> io::Result<Vec<Extent>> {
+        Ok(vec![(len, 0)])
+    }
+}
+
+/// A read completed on the reader thread, then a write that waits in the device: the read's
+/// reply (held back for a batch) goes out while the write waits, not after it.
+#[test]
+fn replies_held_back_go_out_before_the_reader_waits_in_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let dev = Arc::new(Gated {
+        open: Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+    });
+    let server = Server::new(
+        ServerConfig::default(),
+        vec![Export {
+            name: "disk".into(),
+            description: String::new(),
+            device: Arc::clone(&dev) as Arc<dyn BlockDevice>,
+            read_only: false,
+        }],
+    );
+    server
+        .listen_unix(UnixListener::bind(&sock).unwrap())
+        .unwrap();
+    let mut s = connect(&sock);
+    // Both in one piece: the reader has the write's bytes at hand, so nothing but the
+    // device's request makes it send the read's reply before the write.
+    let mut both = request(0, 1, 0, 4096);
+    both.extend(request(1, 2, 0, 4096));
+    both.extend([9u8; 4096]);
+    s.write_all(&both).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)
+        .expect("the read's reply waited for the write held in the device");
+    assert_eq!(u64::from_be_bytes(head[8..].try_into().unwrap()), 1);
+    let mut buf = vec![0u8; 4096];
+    s.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|b| *b == 3));
+    *dev.open.lock().unwrap() = true;
+    dev.cv.notify_all();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(u64::from_be_bytes(head[8..].try_into().unwrap()), 2);
+    s.write_all(&request(2, 3, 0, 0)).unwrap();
+    server.shutdown();
 }

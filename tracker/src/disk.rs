@@ -215,7 +215,9 @@ impl Disk {
             !crate::engine::on_completion_thread(),
             "a write may wait at the gate: never on a completion thread"
         );
-        self.gate.enter();
+        // On a connection's reader thread, at a closed gate (a freeze draining writes): the
+        // replies of the requests it already completed go out before it waits.
+        self.gate.enter_with(vmreplica_nbd::send_held_replies);
         if self.is_sealed() {
             self.gate.exit();
             return done(Err(io::Error::from_raw_os_error(libc::EPERM)));

@@ -49,8 +49,21 @@ impl Gate {
     }
 
     /// Waits while the gate is closed, then counts one more write in flight.
+    #[cfg(test)]
     pub fn enter(&self) {
+        self.enter_with(|| {})
+    }
+
+    /// Like [`Gate::enter`], with `before_waiting` run first (outside the gate's lock) if the
+    /// gate is closed: a connection's reader thread sends the replies it holds back before it
+    /// waits, so requests already done are not held up by a freeze.
+    pub fn enter_with(&self, before_waiting: impl FnOnce()) {
         let mut s = self.lock();
+        if s.closed {
+            drop(s);
+            before_waiting();
+            s = self.lock();
+        }
         while s.closed {
             s = self.wait(s);
         }
@@ -117,6 +130,27 @@ mod tests {
         g.open();
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_writer_about_to_wait_at_a_closed_gate_runs_its_hook_first() {
+        let g = Arc::new(Gate::default());
+        let mut ran = false;
+        g.enter_with(|| ran = true);
+        g.exit();
+        assert!(!ran, "the hook ran at an open gate");
+        g.close();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g2 = Arc::clone(&g);
+        let t = std::thread::spawn(move || {
+            g2.enter_with(|| tx.send(()).unwrap());
+            g2.exit();
+        });
+        // The hook runs while the gate is still closed, not once it opens.
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the hook did not run before waiting");
+        g.open();
+        t.join().unwrap();
     }
 
     #[test]
