@@ -344,11 +344,40 @@ pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
     recv_reusing(s, Vec::new()).await
 }
 
+/// Reads exactly `n` bytes from the stream into `buf`, replacing what it held. The bytes go
+/// straight into `buf`'s spare capacity: neither zeroed first nor, when `buf` is too small,
+/// copied by a reallocation (it is replaced by a new one of `n` bytes, as nothing in it is
+/// kept).
+async fn read_payload(s: &mut RecvStream, buf: &mut Vec<u8>, n: usize) -> Result<(), LinkError> {
+    buf.clear();
+    if buf.capacity() < n {
+        *buf = Vec::with_capacity(n);
+    }
+    while buf.len() < n {
+        let got = std::future::poll_fn(|cx| {
+            let want = n - buf.len();
+            let mut rb = tokio::io::ReadBuf::uninit(&mut buf.spare_capacity_mut()[..want]);
+            std::task::ready!(s.poll_read_buf(cx, &mut rb))?;
+            std::task::Poll::Ready(Ok::<usize, quinn::ReadError>(rb.filled().len()))
+        })
+        .await?;
+        if got == 0 {
+            return Err(LinkError::Truncated);
+        }
+        // SAFETY: `got` is the length of what `poll_read_buf` filled at the start of the
+        // ReadBuf, which is the spare capacity right after `buf.len()`: those bytes are
+        // initialised (ReadBuf only counts as filled what was written through it), and
+        // `buf.len() + got <= n <= buf.capacity()` since the ReadBuf held `n - buf.len()`.
+        unsafe { buf.set_len(buf.len() + got) };
+    }
+    Ok(())
+}
+
 /// [`recv`], reading a chunk's payload into `spare`'s allocation: a receiver that hands its
 /// payloads back (a [`BufferPool`](crate::pool::BufferPool)) neither allocates nor zeroes a
-/// buffer per chunk. `spare` is sized to the payload (zeroed only where it grows) and then
-/// filled from the stream whole, so nothing it held before survives in a chunk; a frame that
-/// is not a chunk drops it.
+/// buffer per chunk. `spare` is emptied and filled from the stream with the payload alone
+/// (see `read_payload`), so nothing it held before survives in a chunk; a frame that is not a
+/// chunk drops it.
 pub async fn recv_reusing(
     s: &mut RecvStream,
     spare: Vec<u8>,
@@ -374,8 +403,7 @@ pub async fn recv_reusing(
             std::cmp::Ordering::Greater => return Err(WireError::Truncated("chunk payload").into()),
         }
         c.payload = spare;
-        c.payload.resize(plen, 0);
-        read_exact(s, &mut c.payload).await?;
+        read_payload(s, &mut c.payload, plen).await?;
         return Ok(Some(Message::Chunk(c)));
     }
     let mut body = vec![0u8; n];
