@@ -18,7 +18,9 @@
 # files are kept with CG_KEEP=1 (under CG_DIR).
 # Environment: VMREPLICA=target/release/vmreplica CG_SIZE=1G CG_ALLOC=256M CG_ZERO=64M CG_TOP=25
 #   CG_DIR=<mktemp under /var/tmp> CG_KEEP=0 CG_SIDES="shipper applier" CG_LABEL=<free text
-#   for the report's title, e.g. the build>.
+#   for the report's title, e.g. the build>. CG_TUNING=<lines of the shipper's [tuning] table,
+#   e.g. 'max_udp_payload = 1452' for the packet size of a 1500-byte path (loopback carries
+#   64 KiB datagrams, so MTU discovery otherwise reaches max_udp_payload's default)>.
 # Runs in about 5-10 minutes on 2 cores. Needs valgrind, callgrind_annotate, mke2fs, python3.
 set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,6 +35,7 @@ CG_ZERO=${CG_ZERO:-64M}
 CG_KEEP=${CG_KEEP:-0}
 CG_SIDES=${CG_SIDES:-shipper applier}
 CG_LABEL=${CG_LABEL:-}
+CG_TUNING=${CG_TUNING:-}
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
 [[ -x $VMREPLICA ]] || die "no $VMREPLICA (cargo build --release --bin vmreplica)"
 VMREPLICA=$(cd "$(dirname "$VMREPLICA")" && pwd)/$(basename "$VMREPLICA")
@@ -99,6 +102,7 @@ key = "ca/primary-1.key"
 interval = "1h"
 compression = true
 TOML
+if [[ -n $CG_TUNING ]]; then printf '[tuning]\n%s\n' "$CG_TUNING" >>shipper.toml; fi
 cg() { # side, command...: the command under callgrind (exec: in place of the background subshell), its output in cg.<side>
   local side=$1; shift
   exec valgrind --tool=callgrind --callgrind-out-file="$work/cg.$side" --dump-instr=no \
@@ -168,7 +172,7 @@ top_fns() { # side: the top CG_TOP functions by own instructions (the lines call
   echo "Image: $CG_SIZE ext4, $(awk -v b="$allocated" 'BEGIN { printf "%.1f", b / 1048576 }') MiB allocated" \
     "($(awk -v b="$staged" 'BEGIN { printf "%.1f", b / 1048576 }') MiB of files from /usr, $CG_ZERO of zeroes written at its end)." \
     "Binary: \`$VMREPLICA\` (script run from $(git -C "$repo_dir" rev-parse --short HEAD 2>/dev/null || echo '?'))."
-  echo "Loopback, QUIC + TLS, lz4 compression on; one side under callgrind at a time."
+  echo "Loopback, QUIC + TLS, lz4 compression on; one side under callgrind at a time.${CG_TUNING:+ Shipper tuning: \`$CG_TUNING\`.}"
   echo
 } >"$work/report.md"
 declare -A ir_mib

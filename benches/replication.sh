@@ -48,6 +48,9 @@
 #   same binary as A with another shipper configuration: BENCH_CONNECTIONS_B, and
 #   BENCH_TUNING_B (lines of the shipper's [tuning] table, e.g. 'stream_window = 33554432'; A's are
 #   BENCH_TUNING).
+#   BENCH_MTU (1500) sets the veth's MTU (both ends), e.g. 9000 for a jumbo-frame DR link:
+#   vmreplica's QUIC packets follow it (MTU discovery, up to max_udp_payload, 6500 bytes by
+#   default), and so do the TCP tools'.
 #   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
 #   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
@@ -69,6 +72,7 @@ BENCH_PARTS=${BENCH_PARTS:-1,2,3}
 BENCH_PERF=${BENCH_PERF:-0}
 BENCH_STREAMS=${BENCH_STREAMS:-4}
 BENCH_CONNECTIONS=${BENCH_CONNECTIONS:-1}
+BENCH_MTU=${BENCH_MTU:-1500}
 part() { [[ ,$BENCH_PARTS, == *,$1,* ]]; }
 [[ $BENCH_PARTS =~ ^[123](,[123])*$ ]] || die "BENCH_PARTS=$BENCH_PARTS: a comma-separated list of 1, 2, 3"
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
@@ -128,6 +132,8 @@ watchdog=$!
 ip netns add "$ns"
 ip link add "$hveth" type veth peer name "$rveth"
 ip link set "$rveth" netns "$ns"
+ip link set "$hveth" mtu "$BENCH_MTU"
+ip -n "$ns" link set "$rveth" mtu "$BENCH_MTU"
 ip addr add "$host_ip/30" dev "$hveth"
 ip link set "$hveth" up
 ip -n "$ns" addr add "$rep_ip/30" dev "$rveth"
@@ -509,7 +515,7 @@ fi
   echo "# Replication benchmark — $stamp"
   echo
   echo "- repo $(git -C "$repo_dir" rev-parse --short HEAD)$(git -C "$repo_dir" diff --quiet || echo ' (uncommitted changes)'); $(nproc) cores; $(uname -r); $(rsync --version | head -n 1); $(qemu-img --version | head -n 1); $(nbdcopy --version | head -n 1)"
-  echo "- sites: host and a network namespace joined by a veth pair; wire = bytes on the veth, both directions, headers included"
+  echo "- sites: host and a network namespace joined by a veth pair (MTU $BENCH_MTU); wire = bytes on the veth, both directions, headers included"
   echo "- replica store: $store_where"
   echo "- image: $(mib "$size_bytes") MiB raw, ext4 with real files from /usr, $(mib "$allocated") MiB allocated; page cache dropped before every run; every copy checked equal with cmp"
   echo "- parts run: $BENCH_PARTS"

@@ -24,6 +24,11 @@ Each direction is its own pipe with the same parameters (a symmetric link):
   --queue B      bottleneck queue in bytes (suffixes K, M = 1024, 1048576), drop-tail;
                  default one bandwidth-delay product (rate * 2 * delay), at least 64 KiB.
                  Only meaningful with --rate.
+  --mtu M        the largest datagram payload the link carries (default 1472: a 1500-byte
+                 Ethernet path, IPv4 + UDP); bigger ones are dropped, as a router drops a
+                 packet it may not fragment (QUIC's MTU discovery then settles at or below
+                 M; loopback alone would carry 64 KiB datagrams, which no WAN does). 0: no
+                 limit.
 
 Control:
   SIGUSR1        toggle the link down/up: while down every datagram, both ways, is dropped
@@ -126,7 +131,7 @@ class Pipe:
         "last_deliver", "inflight", "fwd_pkts", "fwd_bytes", "drop_loss", "drop_queue",
         "drop_down", "drop_send", "max_backlog", "q_area", "q_t", "q_t0", "departures",
         "max_qpkts", "adm_pkts", "adm_bytes", "busy_area0", "busy_t0", "busy_area1",
-        "busy_t1",
+        "busy_t1", "mtu", "drop_mtu",
     )
 
     def __init__(self, a):
@@ -136,6 +141,8 @@ class Pipe:
         self.delay = a.delay_ms / 1000.0
         self.jitter = a.jitter_ms / 1000.0
         self.loss = a.loss
+        self.mtu = a.mtu
+        self.drop_mtu = 0
         self.busy_until = 0.0
         self.last_deliver = 0.0
         self.inflight = collections.deque()  # (deliver_at, datagram), deliver_at ascending
@@ -197,6 +204,7 @@ class Pipe:
             "dropped_queue": self.drop_queue,
             "dropped_down": self.drop_down,
             "dropped_send_error": self.drop_send,
+            "dropped_mtu": self.drop_mtu,
             "max_queue_bytes": int(self.max_backlog),
             "in_flight": len(self.inflight),
         })
@@ -230,6 +238,8 @@ def main():
     ap.add_argument("--loss", type=loss_prob, default=0.0, help="drop probability per datagram, 0..1")
     ap.add_argument("--rate", type=parse_rate, default=0.0, help="bottleneck rate in bits/s, e.g. 100M")
     ap.add_argument("--queue", type=parse_bytes, default=None, help="bottleneck queue bytes (default 1 BDP)")
+    ap.add_argument("--mtu", type=int, default=1472,
+                    help="largest datagram payload carried, bigger ones dropped (0: no limit)")
     ap.add_argument("--overhead", type=int, default=28, help="bytes added per datagram for the rate (IPv4+UDP)")
     ap.add_argument("--sock-buffer", type=parse_bytes, default=32 << 20,
                     help="UDP socket buffer bytes (default 32M; see below)")
@@ -346,7 +356,8 @@ def main():
             lines.append(
                 f"  {d}: forwarded {p['forwarded_packets']} pkts {p['forwarded_bytes']} B; "
                 f"dropped loss {p['dropped_loss']} queue {p['dropped_queue']} "
-                f"down {p['dropped_down']} send-error {p['dropped_send_error']}; "
+                f"down {p['dropped_down']} send-error {p['dropped_send_error']} "
+                f"over-mtu {p['dropped_mtu']}; "
                 f"queue mean {p['mean_queue_bytes']:.0f} B (busy period "
                 f"{p['mean_queue_bytes_busy'] if p['mean_queue_bytes_busy'] is not None else '-'} B), "
                 f"max {p['max_queue_bytes']} B / {p['max_queue_packets']} datagrams"
@@ -402,6 +413,9 @@ def main():
         """Loss, then bottleneck, then propagation; queues the datagram or drops it."""
         if down[0]:
             p.drop_down += 1
+            return
+        if p.mtu and len(data) > p.mtu:
+            p.drop_mtu += 1
             return
         if p.loss and rand() < p.loss:
             p.drop_loss += 1

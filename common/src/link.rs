@@ -97,7 +97,24 @@ pub struct Tuning {
     /// A connection silent this long (link cut, peer gone) is given up and re-established;
     /// the cycle then resumes. The shorter of the two sides' values applies.
     pub idle_timeout_s: u64,
+    /// The largest UDP payload this side accepts and MTU discovery looks for (bytes,
+    /// 1200..=[`MAX_UDP_PAYLOAD`]); the smaller of the two sides' values bounds a path.
+    pub max_udp_payload: u16,
 }
+
+/// The largest `max_udp_payload`: quinn hands the kernel up to 10 datagrams in one GSO send,
+/// which must stay within one 64 KiB UDP send (a bigger one fails with EMSGSIZE, which
+/// quinn-udp takes for a lost MTU probe and drops without a word).
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// Packets start at 1200 bytes; MTU discovery (quinn's binary search, right after the
+/// handshake and every 10 minutes) raises them to what the path carries up to this bound,
+/// and black-hole detection drops back to 1200 if a path stops carrying them. quinn's
+/// default, 1452, stays within Ethernet's 1500; a bigger bound costs nothing on such paths (a
+/// few lost probes) and lets paths that carry more (jumbo-frame DR links, loopback) use
+/// fewer, bigger packets: every packet costs a header, an AEAD seal and open, an ACK range
+/// and the congestion controller's and loss detection's bookkeeping on both sides.
+pub const DEFAULT_UDP_PAYLOAD: u16 = MAX_UDP_PAYLOAD;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -109,6 +126,7 @@ impl Default for Tuning {
             udp_buffer: 8 << 20,
             initial_rtt_ms: 100,
             idle_timeout_s: 30,
+            max_udp_payload: DEFAULT_UDP_PAYLOAD,
         }
     }
 }
@@ -125,6 +143,9 @@ impl Tuning {
         let mut t = TransportConfig::default();
         let var = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
         let idle = Duration::from_secs(self.idle_timeout_s.clamp(1, 3600));
+        let mut mtud = quinn::MtuDiscoveryConfig::default();
+        mtud.upper_bound(self.udp_payload());
+        t.mtu_discovery_config(Some(mtud));
         t.stream_receive_window(var(self.stream_window))
             .receive_window(var(self.connection_window))
             .send_window(self.send_window)
@@ -151,6 +172,19 @@ impl Tuning {
             })),
         };
         t
+    }
+
+    /// `max_udp_payload` within 1200..=[`MAX_UDP_PAYLOAD`].
+    pub fn udp_payload(&self) -> u16 {
+        self.max_udp_payload.clamp(1200, MAX_UDP_PAYLOAD)
+    }
+
+    /// An endpoint that takes datagrams up to [`Tuning::udp_payload`] and tells its peers so
+    /// (the transport parameter that bounds their MTU discovery).
+    fn endpoint_config(&self, mut c: EndpointConfig) -> EndpointConfig {
+        c.max_udp_payload_size(self.udp_payload())
+            .expect("udp_payload is within quinn's 1200..=65527");
+        c
     }
 }
 
@@ -212,6 +246,7 @@ pub fn server(
         }
         None => EndpointConfig::default(),
     };
+    let ep_cfg = tuning.endpoint_config(ep_cfg);
     Endpoint::new(ep_cfg, Some(cfg), sock, Arc::new(quinn::TokioRuntime))
         .map_err(|source| LinkError::Socket { addr, source })
 }
@@ -252,7 +287,7 @@ pub fn client(bind: SocketAddr, id: &Identity, tuning: &Tuning) -> Result<Client
     cfg.transport_config(Arc::new(tuning.transport()));
     let sock = udp_socket(bind, tuning.udp_buffer)?;
     let mut ep = Endpoint::new(
-        EndpointConfig::default(),
+        tuning.endpoint_config(EndpointConfig::default()),
         None,
         sock,
         Arc::new(quinn::TokioRuntime),
@@ -309,11 +344,40 @@ pub async fn recv(s: &mut RecvStream) -> Result<Option<Message>, LinkError> {
     recv_reusing(s, Vec::new()).await
 }
 
+/// Reads exactly `n` bytes from the stream into `buf`, replacing what it held. The bytes go
+/// straight into `buf`'s spare capacity: neither zeroed first nor, when `buf` is too small,
+/// copied by a reallocation (it is replaced by a new one of `n` bytes, as nothing in it is
+/// kept).
+async fn read_payload(s: &mut RecvStream, buf: &mut Vec<u8>, n: usize) -> Result<(), LinkError> {
+    buf.clear();
+    if buf.capacity() < n {
+        *buf = Vec::with_capacity(n);
+    }
+    while buf.len() < n {
+        let got = std::future::poll_fn(|cx| {
+            let want = n - buf.len();
+            let mut rb = tokio::io::ReadBuf::uninit(&mut buf.spare_capacity_mut()[..want]);
+            std::task::ready!(s.poll_read_buf(cx, &mut rb))?;
+            std::task::Poll::Ready(Ok::<usize, quinn::ReadError>(rb.filled().len()))
+        })
+        .await?;
+        if got == 0 {
+            return Err(LinkError::Truncated);
+        }
+        // SAFETY: `got` is the length of what `poll_read_buf` filled at the start of the
+        // ReadBuf, which is the spare capacity right after `buf.len()`: those bytes are
+        // initialised (ReadBuf only counts as filled what was written through it), and
+        // `buf.len() + got <= n <= buf.capacity()` since the ReadBuf held `n - buf.len()`.
+        unsafe { buf.set_len(buf.len() + got) };
+    }
+    Ok(())
+}
+
 /// [`recv`], reading a chunk's payload into `spare`'s allocation: a receiver that hands its
 /// payloads back (a [`BufferPool`](crate::pool::BufferPool)) neither allocates nor zeroes a
-/// buffer per chunk. `spare` is sized to the payload (zeroed only where it grows) and then
-/// filled from the stream whole, so nothing it held before survives in a chunk; a frame that
-/// is not a chunk drops it.
+/// buffer per chunk. `spare` is emptied and filled from the stream with the payload alone
+/// (see `read_payload`), so nothing it held before survives in a chunk; a frame that is not a
+/// chunk drops it.
 pub async fn recv_reusing(
     s: &mut RecvStream,
     spare: Vec<u8>,
@@ -339,8 +403,7 @@ pub async fn recv_reusing(
             std::cmp::Ordering::Greater => return Err(WireError::Truncated("chunk payload").into()),
         }
         c.payload = spare;
-        c.payload.resize(plen, 0);
-        read_exact(s, &mut c.payload).await?;
+        read_payload(s, &mut c.payload, plen).await?;
         return Ok(Some(Message::Chunk(c)));
     }
     let mut body = vec![0u8; n];
@@ -402,6 +465,70 @@ mod tests {
         send(&mut s, &HELLO).await.unwrap();
         let (r, server_conn) = accept.await.unwrap();
         (s, r, (srv, cli, conn, server_conn))
+    }
+
+    /// The path MTU the client's connection to a server reaches within 2 seconds of
+    /// traffic on loopback (which carries 64 KiB datagrams), with the tunings given.
+    async fn discovered_mtu(dir: &std::path::Path, cli_t: &Tuning, srv_t: &Tuning) -> u16 {
+        let ca = dir.join("ca");
+        init_ca(&ca, "link test CA", 1).unwrap();
+        let id = |name: &str| {
+            let ips = ["127.0.0.1".parse().unwrap()];
+            let (c, k) = issue(&ca, name, &ips, Validity::days(1), dir).unwrap();
+            Identity::load(&c, &k, &ca.join("ca.pem")).unwrap()
+        };
+        let srv = server(
+            "127.0.0.1:0".parse().unwrap(),
+            &id("replica-1"),
+            srv_t,
+            None,
+        )
+        .unwrap();
+        let cli = client("127.0.0.1:0".parse().unwrap(), &id("primary-1"), cli_t).unwrap();
+        let addr = srv.local_addr().unwrap();
+        let sink = tokio::spawn(async move {
+            let conn = srv.accept().await.unwrap().await.unwrap();
+            let (_, mut r) = conn.accept_bi().await.unwrap();
+            while r.read_chunk(1 << 20, true).await.unwrap().is_some() {}
+            conn
+        });
+        let conn = cli.connect(addr, "replica-1").unwrap().await.unwrap();
+        let (mut s, _) = conn.open_bi().await.unwrap();
+        let block = vec![0x5a; 256 << 10];
+        // Discovery on loopback takes a few round trips of microseconds; 2 s of traffic also
+        // leaves time to overshoot a bound that does not hold.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline && conn.stats().path.current_mtu <= 6000 {
+            s.write_all(&block).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mtu = conn.stats().path.current_mtu;
+        s.finish().unwrap();
+        drop(sink);
+        mtu
+    }
+
+    /// Paths that carry big datagrams (here loopback) get packets up to `max_udp_payload`
+    /// (6500 by default), not quinn's 1452; a side that sets it lower, or a peer of an older
+    /// version (which accepts at most 1472), bounds them.
+    #[tokio::test]
+    async fn mtu_discovery_reaches_the_configured_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tuning::default();
+        let mtu = discovered_mtu(&dir.path().join("a"), &t, &t).await;
+        assert!(mtu > 6000 && mtu <= MAX_UDP_PAYLOAD, "{mtu}");
+        let small = Tuning {
+            max_udp_payload: 1452,
+            ..Tuning::default()
+        };
+        let mtu = discovered_mtu(&dir.path().join("b"), &t, &small).await;
+        assert!(mtu <= 1452, "{mtu}");
+        let old = Tuning {
+            max_udp_payload: 1472,
+            ..Tuning::default()
+        };
+        let mtu = discovered_mtu(&dir.path().join("c"), &old, &t).await;
+        assert!(mtu <= 1472, "{mtu}");
     }
 
     #[tokio::test]

@@ -143,9 +143,36 @@ pub fn zero_checksum(len: u32) -> u64 {
     })
 }
 
-thread_local! {
-    /// lz4's worst-case output for one chunk, reused by every chunk this thread packs.
-    static LZ4_OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// `data` lz4-compressed (liblz4's default compressor, acceleration 1: the same ratio as
+/// lz4_flex's on disk data for fewer instructions per MiB, benches/cpu-callgrind.sh), if that
+/// shrinks it. Compressed straight into the payload's own allocation, of lz4's worst-case size
+/// and neither zeroed nor copied: it is then shrunk to the output in place (glibc's realloc
+/// splits a heap chunk or mremaps a mapped one), so no chunk keeps spare capacity in flight.
+fn lz4_compress(data: &[u8]) -> Option<Vec<u8>> {
+    use lz4::liblz4::{LZ4_compressBound, LZ4_compress_default};
+    let src_len = i32::try_from(data.len()).ok()?;
+    // SAFETY: a pure function of its argument.
+    let bound = unsafe { LZ4_compressBound(src_len) };
+    let mut out: Vec<u8> = Vec::with_capacity(usize::try_from(bound).ok().filter(|&b| b > 0)?);
+    // SAFETY: `data` is readable for `src_len` bytes and `out`'s spare capacity is writable
+    // for `bound` bytes (uninitialised is fine: the compressor only writes to `dest`, and
+    // never more than `maxDestSize` bytes). It returns how many it wrote, 0 on failure.
+    let n = unsafe {
+        LZ4_compress_default(
+            data.as_ptr().cast(),
+            out.as_mut_ptr().cast(),
+            src_len,
+            bound,
+        )
+    };
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0 && n < data.len())?;
+    // SAFETY: the compressor wrote (initialised) the first `n` bytes, `n <= bound <=
+    // capacity`.
+    unsafe { out.set_len(n) };
+    out.shrink_to_fit();
+    Some(out)
 }
 
 impl Chunk {
@@ -175,18 +202,7 @@ impl Chunk {
         let (encoding, payload) = if zero {
             (Encoding::Zero, Vec::new())
         } else if compress {
-            // Compressed into this thread's worst-case buffer, then copied out at its size: no
-            // chunk zeroes a worst-case buffer of its own or keeps its spare capacity in flight.
-            // liblz4's default (acceleration 1) compressor: the same ratio as lz4_flex's on
-            // disk data for fewer instructions per MiB (benches/cpu-callgrind.sh).
-            let c = LZ4_OUT.with_borrow_mut(|out| {
-                out.resize(lz4::block::compress_bound(data.len()).ok()?, 0);
-                lz4::block::compress_to_buffer(data, None, false, out)
-                    .ok()
-                    .filter(|&n| n < data.len())
-                    .map(|n| out[..n].to_vec())
-            });
-            match c {
+            match lz4_compress(data) {
                 Some(c) => (Encoding::Lz4, c),
                 None => (Encoding::Raw, data.to_vec()),
             }

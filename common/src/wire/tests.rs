@@ -524,8 +524,15 @@ fn chunks_pick_their_encoding_and_verify_checksums() {
     let mut short_raw = r.clone();
     short_raw.payload.pop();
     assert!(short_raw.unpack_aligned(&mut buf).is_err());
-    // A packed payload keeps no worst-case spare capacity while it is in flight.
+    // A packed payload keeps no worst-case spare capacity while it is in flight, whatever
+    // the chunk's size (up to MAX_CHUNK, compressed in one allocation shrunk in place).
     assert_eq!(c.payload.capacity(), c.payload.len());
+    let mut big = text.repeat(MAX_CHUNK as usize / text.len());
+    big[1000..1000 + 4096].copy_from_slice(&noise[..4096]);
+    let b = Chunk::pack(t, 0, 0, &big, true);
+    assert_eq!(b.encoding, Encoding::Lz4);
+    assert_eq!(b.payload.capacity(), b.payload.len());
+    assert_eq!(b.unpack().unwrap().unwrap(), big);
 }
 
 #[test]
