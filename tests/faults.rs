@@ -178,7 +178,10 @@ fn the_initial_copy_draws_a_progress_bar_on_a_terminal() {
         "bandwidth_limit = \"12M\"\n",
     );
     let typescript = dir.path().join("typescript");
-    let mut shipper = Command::new("script")
+    // `script` runs the shipper in a session of its own, on its terminal; the shipper takes
+    // the hangup that killing `script` sends it as "read the configuration again" (SIGHUP),
+    // so the terminal's session is killed too, or the shipper outlives the test.
+    let shipper = Command::new("script")
         .args(["-qfe", "-c"])
         .arg(format!(
             "'{}' shipper --config '{}'",
@@ -189,7 +192,7 @@ fn the_initial_copy_draws_a_progress_bar_on_a_terminal() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .map(Guard)
+        .map(|c| Terminal(Guard(c)))
         .unwrap();
     let screen = || std::fs::read_to_string(&typescript).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -197,7 +200,16 @@ fn the_initial_copy_draws_a_progress_bar_on_a_terminal() {
         assert!(Instant::now() < deadline, "no finished bar:\n{}", screen());
         std::thread::sleep(Duration::from_millis(100));
     }
-    kill9(&mut shipper);
+    let session = shipper.session();
+    drop(shipper);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(pid) = live_in_session(session) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} of the shipper's terminal session outlived the test's kill"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = screen();
     // Each redraw starts at a carriage return; the percentages drawn must rise to 100.
     let percents: Vec<u32> = out
@@ -215,6 +227,54 @@ fn the_initial_copy_draws_a_progress_bar_on_a_terminal() {
     site.assert_equal(&config, &img);
     kill9(&mut applier);
     tracker.stop();
+}
+
+/// `script` and the session it runs its command in, killed together when dropped.
+struct Terminal(Guard);
+
+impl Terminal {
+    /// The session of the command on the terminal: `script`'s child leads it.
+    fn session(&self) -> i32 {
+        let pid = self.0 .0.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("`script` (pid {pid}) runs no command"))
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let pid = self.0 .0.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill(2) of the process group `script`'s child leads (it starts a session
+            // of its own): that child is not reaped while `script`, its parent, is alive and
+            // unreaped, so its pid, and the group's id, name no other process yet.
+            unsafe { libc::kill(-child, libc::SIGKILL) };
+        }
+        self.0.kill();
+    }
+}
+
+/// A process of `session` that is still alive (not a zombie), if any.
+fn live_in_session(session: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // After the command name: state, ppid, pgrp, session.
+        let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+        let state = f.next()?;
+        let sid: i32 = f.nth(2)?.parse().ok()?;
+        (sid == session && state != "Z").then_some(pid)
+    })
 }
 
 struct Tmpfs(PathBuf);
