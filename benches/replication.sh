@@ -146,6 +146,10 @@ wire() { # bytes both ways on the veth so far
 packets() { # packets on the veth so far: to the replica site, and back
   echo "$(cat /sys/class/net/$hveth/statistics/tx_packets) $(cat /sys/class/net/$hveth/statistics/rx_packets)"
 }
+udp_drops() { # UDP datagrams dropped so far for a full receive buffer: at the replica site, and here
+  local f='$1 == "Udp:" && $2 ~ /^[0-9]/ { print $6 }'
+  echo "$(inns awk "$f" /proc/net/snmp) $(awk "$f" /proc/net/snmp)"
+}
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
@@ -244,12 +248,15 @@ thread_delta() {
 # cyc_net (bytes on the veth); cyc_read/cyc_written (MiB through the disk, written back),
 # cyc_cpu_ship/cyc_cpu_app (CPU seconds), cyc_busy (% of all cores) and cyc_rss_ship/cyc_rss_app
 # (peak resident memory during the cycle, MiB), cyc_pkts_out/cyc_pkts_in (packets on the veth
-# to the replica site and back: every QUIC packet, acknowledgements included). $1 names the cycle.
+# to the replica site and back: every QUIC packet, acknowledgements included), cyc_drops_rep/
+# cyc_drops_pri (UDP datagrams dropped for a full receive buffer at the replica site and at the
+# primary's: losses that QUIC's congestion control answers by slowing down). $1 names the cycle.
 ship_one_cycle() {
-  local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1 p0 p1
+  local logf=$work/shipper.log line w0 d0 d1 m0 m1 a0 s1 p0 p1 u0 u1
   cold
   w0=$(wire)
   read -r -a p0 < <(packets)
+  read -r -a u0 < <(udp_drops)
   read -r -a d0 < <(proc_io "$applier_pid"); read -r -a m0 < <(machine_cpu); a0=$(proc_cpu "$applier_pid")
   echo 5 >"/proc/$applier_pid/clear_refs"   # the applier's peak RSS counts from here
   thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
@@ -294,6 +301,8 @@ ship_one_cycle() {
   cyc_net=$(( $(wire) - w0 ))
   read -r -a p1 < <(packets)
   cyc_pkts_out=$(( p1[0] - p0[0] )) cyc_pkts_in=$(( p1[1] - p0[1] ))
+  read -r -a u1 < <(udp_drops)
+  cyc_drops_rep=$(( u1[0] - u0[0] )) cyc_drops_pri=$(( u1[1] - u0[1] ))
   sync   # anything of the cycle's still in the page cache is written back and counted
   read -r -a d1 < <(proc_io "$applier_pid")
   cyc_read=$(mib $(( d1[0] - d0[0] + sio[0] ))) cyc_written=$(mib $(( d1[1] - d0[1] + sio[1] )))
@@ -348,7 +357,7 @@ for round in $(seq "$init_total"); do
   v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
   label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$store/copy.img"
   label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$store/copy.img"
-  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire $cyc_cpu_ship $cyc_cpu_app $cyc_pkts_out $cyc_pkts_in $variant")
+  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire $cyc_cpu_ship $cyc_cpu_app $cyc_pkts_out $cyc_pkts_in $cyc_drops_rep $cyc_drops_pri $variant")
   log "initial round $round ($variant): vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
 done
 kill -TERM "$qnbd_pid"; wait "$qnbd_pid" 2>/dev/null || true
@@ -359,13 +368,13 @@ if [[ -n $BENCH_AB && $VMREPLICA != "$bin_a" ]]; then
   start_applier
 fi
 med() { # column N of init_rows (of variant $2, A unless given): the median
-  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$13 == w { print $c }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$15 == w { print $c }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 v_init_secs=$(med 1) v_init_wire=$(med 2) nbdcopy_secs=$(med 3) nbdcopy_secs_wire=$(med 4)
 qemuimg_secs=$(med 5) qemuimg_secs_wire=$(med 6) v_init_data=$(med 7) v_init_appwire=$(med 8)
 # CPU seconds per GiB of data shipped, each side, median and spread (min-max) over the rounds.
 per_gib() { # column N of init_rows over column 7 (data MiB), of variant $2 (A): "median (min-max)"
-  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$13 == w { printf "%.3f\n", $c * 1024 / $7 }' | sort -g |
+  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$15 == w { printf "%.3f\n", $c * 1024 / $7 }' | sort -g |
     awk '{ v[NR] = $1 } END { printf "%.2f (%.2f-%.2f)", v[int((NR + 1) / 2)], v[1], v[NR] }'
 }
 v_init_gib_ship=$(per_gib 9) v_init_gib_app=$(per_gib 10)
@@ -479,7 +488,7 @@ for round in $(seq "$BENCH_CYCLE_ROUNDS"); do
   ship_one_cycle "${BENCH_CYCLE_MIB} MiB cycle, round $round"
   # Every round's figures, as round_1, round_2, ...; the details reported are the median
   # round's (by local read time over cycle time).
-  declare -A "round_$round=( [bare]=$randwrite_secs [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [rss_ship]=$cyc_rss_ship [rss_app]=$cyc_rss_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs [threads_ship]=\"$cyc_threads_ship\" [threads_app]=\"$cyc_threads_app\" )"
+  declare -A "round_$round=( [bare]=$randwrite_secs [local]=$local_secs [direct]=$direct_secs [secs]=$cyc_secs [data]=$cyc_data [wire]=$cyc_net [read]=$cyc_read [written]=$cyc_written [busy]=$cyc_busy [ship]=$cyc_cpu_ship [app]=$cyc_cpu_app [rss_ship]=$cyc_rss_ship [rss_app]=$cyc_rss_app [recv]=$cyc_recv_secs [apply]=$cyc_apply_secs [threads_ship]=\"$cyc_threads_ship\" [threads_app]=\"$cyc_threads_app\" [drops]=\"$cyc_drops_rep / $cyc_drops_pri\" )"
 done
 median=$(for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
   declare -n o="round_$i"
@@ -531,12 +540,12 @@ fi
   echo
   echo "vmreplica: $v_init_data MiB of data shipped as $v_init_appwire MiB of chunk frames (compression $(r "$v_init_data" "$v_init_appwire")×); time vs nbdcopy $(r "$nbdcopy_secs" "$v_init_secs")× (target ≥ 1.00), vs qemu-img $(r "$qemuimg_secs" "$v_init_secs")× (higher = vmreplica faster); bytes vs nbdcopy $(r "$v_init_wire" "$nbdcopy_secs_wire")× (target ≤ 0.50)."
   echo
-  echo "| round | build | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s | shipper CPU s | applier CPU s | packets to replica / back |"
-  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| round | build | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s | shipper CPU s | applier CPU s | packets to replica / back | UDP drops at replica / primary |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   i=0
   for row in "${init_rows[@]}"; do
-    i=$((i + 1)); read -r a b c d e _ _ _ cs ca po pi v <<<"$row"
-    echo "| $i | $v | $a | $(mib "$b") | $c | $(mib "$d") | $e | $cs | $ca | $po / $pi |"
+    i=$((i + 1)); read -r a b c d e _ _ _ cs ca po pi dr dp v <<<"$row"
+    echo "| $i | $v | $a | $(mib "$b") | $c | $(mib "$d") | $e | $cs | $ca | $po / $pi | $dr / $dp |"
   done
   echo
   echo "CPU per GiB of data shipped (median of the rounds, min-max): shipper $v_init_gib_ship s, applier $v_init_gib_app s."
@@ -582,12 +591,12 @@ fi
   echo
   echo "Rounds, each on its own dirty set (the table above and the analysis below are round $median's, the median):"
   echo
-  echo "| round | local read s | bare write s | cycle s | receive+write s | commit s | cycle / (read + write) |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| round | local read s | bare write s | cycle s | receive+write s | commit s | cycle / (read + write) | UDP drops at replica / primary |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
   for i in $(seq "$BENCH_CYCLE_ROUNDS"); do
     declare -n o="round_$i"
     sum=$(awk -v a="${o[local]}" -v b="${o[bare]}" 'BEGIN { print a + b }')
-    echo "| $i | ${o[local]} | ${o[bare]} | ${o[secs]} | ${o[recv]} | ${o[apply]} | $(r "${o[secs]}" "$sum") |"
+    echo "| $i | ${o[local]} | ${o[bare]} | ${o[secs]} | ${o[recv]} | ${o[apply]} | $(r "${o[secs]}" "$sum") | ${o[drops]} |"
   done
   echo
   echo "Cycle time / (local read + bare write): $(r "$v_cyc_secs" "$(awk -v a="$local_secs" -v b="$randwrite_secs" 'BEGIN { print a + b }')") (target ≤ 1.00; local read alone: cycle rate / read rate $(r "$(rate "$v_cyc_data" "$v_cyc_secs")" "$(rate "$local_mib" "$local_secs")")); $(mib "$v_cyc_wire") MiB on the wire. Both sites share this machine's $sharing: the cycle reads, compresses, encrypts, decrypts, verifies, reads old contents and writes the undo log, and writes and fsyncs the replica on the same $sharing that the local read has to itself."
