@@ -255,9 +255,10 @@ impl Drop for Terminal {
             .split_whitespace()
             .filter_map(|p| p.parse::<i32>().ok())
         {
-            // SAFETY: kill(2) of the process group `script`'s child leads (it starts a session
-            // of its own): that child is not reaped while `script`, its parent, is alive and
-            // unreaped, so its pid, and the group's id, name no other process yet.
+            // SAFETY: kill(2) touches no memory of ours. What it signals: the process group
+            // that `script`'s child, listed a moment ago, leads (`script` starts its command
+            // in a session of its own). Had `script` reaped that child since, the id could
+            // name another group only after the kernel reused the pid within that moment.
             unsafe { libc::kill(-child, libc::SIGKILL) };
         }
         self.0.kill();
