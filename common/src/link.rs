@@ -437,16 +437,22 @@ mod tests {
         bytes: 1,
     };
 
-    /// A client and a server endpoint on loopback that trust each other, and one stream
-    /// whose first frame (`HELLO`) is already sent.
-    async fn pair(dir: &std::path::Path) -> (SendStream, RecvStream, Keep) {
+    /// A CA in `dir/ca`, and a function that issues and loads an identity it signs for
+    /// 127.0.0.1 under a name.
+    fn test_ca(dir: &std::path::Path) -> impl Fn(&str) -> Identity + '_ {
         let ca = dir.join("ca");
         init_ca(&ca, "link test CA", 1).unwrap();
-        let id = |name: &str| {
+        move |name: &str| {
             let ips = ["127.0.0.1".parse().unwrap()];
             let (c, k) = issue(&ca, name, &ips, Validity::days(1), dir).unwrap();
             Identity::load(&c, &k, &ca.join("ca.pem")).unwrap()
-        };
+        }
+    }
+
+    /// A client and a server endpoint on loopback that trust each other, and one stream
+    /// whose first frame (`HELLO`) is already sent.
+    async fn pair(dir: &std::path::Path) -> (SendStream, RecvStream, Keep) {
+        let id = test_ca(dir);
         let t = Tuning::default();
         let srv = server("127.0.0.1:0".parse().unwrap(), &id("replica-1"), &t, None).unwrap();
         let cli = client("127.0.0.1:0".parse().unwrap(), &id("primary-1"), &t).unwrap();
@@ -470,13 +476,7 @@ mod tests {
     /// The path MTU the client's connection to a server reaches within 2 seconds of
     /// traffic on loopback (which carries 64 KiB datagrams), with the tunings given.
     async fn discovered_mtu(dir: &std::path::Path, cli_t: &Tuning, srv_t: &Tuning) -> u16 {
-        let ca = dir.join("ca");
-        init_ca(&ca, "link test CA", 1).unwrap();
-        let id = |name: &str| {
-            let ips = ["127.0.0.1".parse().unwrap()];
-            let (c, k) = issue(&ca, name, &ips, Validity::days(1), dir).unwrap();
-            Identity::load(&c, &k, &ca.join("ca.pem")).unwrap()
-        };
+        let id = test_ca(dir);
         let srv = server(
             "127.0.0.1:0".parse().unwrap(),
             &id("replica-1"),
