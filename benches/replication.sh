@@ -53,6 +53,9 @@
 #   default), and so do the TCP tools'.
 #   BENCH_PERF=1 samples every cycle with `perf record -a -e cpu-clock` and writes each side's
 #   hottest functions to benches/results/replication-<stamp>-perf.txt (needs perf).
+#   BENCH_PERF_EVENTS=<perf event list> (with BENCH_PERF=1) records those events instead, e.g.
+#   'io_uring:io_uring_submit_req,io_uring:io_uring_complete,block:block_rq_complete', and keeps
+#   each cycle's recording as <BENCH_DIR>/perf-<cycle>.data (BENCH_KEEP=1) for `perf script`.
 # Needs root (network namespace), rsync, qemu-nbd, qemu-img, nbdcopy, fio, mke2fs.
 set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -262,7 +265,11 @@ ship_one_cycle() {
   thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
   local perf_pid=""
   if [[ $BENCH_PERF == 1 ]]; then
-    perf record -q -a -e cpu-clock -F 999 -o "$work/perf.data" 2>/dev/null &
+    if [[ -n ${BENCH_PERF_EVENTS:-} ]]; then
+      perf record -q -a -e "$BENCH_PERF_EVENTS" -o "$work/perf.data" 2>/dev/null &
+    else
+      perf record -q -a -e cpu-clock -F 999 -o "$work/perf.data" 2>/dev/null &
+    fi
     perf_pid=$! perf_running=$!
   fi
   "$VMREPLICA" shipper --config "$shipper_cfg" 2>"$logf" &
@@ -286,6 +293,10 @@ ship_one_cycle() {
   read -r -a m1 < <(machine_cpu)
   if [[ -n $perf_pid ]]; then
     kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; perf_running=""
+    if [[ -n ${BENCH_PERF_EVENTS:-} ]]; then
+      mv "$work/perf.data" "$work/perf-${1// /-}.data"
+      log "$1: events recorded in $work/perf-${1// /-}.data (shipper pid $shipper_pid, applier pid $applier_pid)"
+    else
     {
       echo "== $1: hottest functions per side (share of that side's samples)"
       for side in "shipper $shipper_pid" "applier $applier_pid"; do
@@ -296,6 +307,7 @@ ship_one_cycle() {
       done
     } >>"$perf_out"
     rm -f "$work/perf.data"
+    fi
   fi
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
   cyc_net=$(( $(wire) - w0 ))
