@@ -562,6 +562,18 @@ fi
   echo
   echo "CPU per GiB of data shipped (median of the rounds, min-max): shipper $v_init_gib_ship s, applier $v_init_gib_app s."
   echo
+  # The CPU ceilings of the time target: per round, nbdcopy's time over the least time the two
+  # sites' CPU seconds could take spread perfectly over this machine's cores (both sites here),
+  # and over the busier site's seconds on cores of its own (two hosts); medians over the rounds.
+  ceiling() { # $1 = 1: both sites on this machine's cores; 2: the busier site on its own
+    printf '%s\n' "${init_rows[@]}" | awk -v k="$1" -v n="$(nproc)" '$15 == "A" && $9 + $10 > 0 {
+        print $3 * n / (k == 1 ? $9 + $10 : ($9 > $10 ? $9 : $10)) }' | sort -g |
+      awk '{ v[NR] = $1 } END { if (NR) printf "%.2f", v[int((NR + 1) / 2)] }'
+  }
+  if [[ -n $(ceiling 1) ]]; then
+    echo "CPU ceilings of the time target: the shipper's and applier's CPU seconds, spread perfectly over the $(nproc) cores both sites share here, let vmreplica reach at most **$(ceiling 1)× nbdcopy's speed** on this machine (median of the rounds); on two hosts of $(nproc) cores each, the busier site's seconds allow $(ceiling 2)×."
+    echo
+  fi
   if [[ -n $BENCH_AB ]]; then
   echo "A/B, $BENCH_INIT_ROUNDS alternating rounds each: A = $bin_a (connections $BENCH_CONNECTIONS, tuning '${BENCH_TUNING//$'\n'/; }'), B = $BENCH_AB (connections $BENCH_CONNECTIONS_B, tuning '${BENCH_TUNING_B//$'\n'/; }') (medians; CPU per GiB of data with min-max)"
   echo
