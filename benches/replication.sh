@@ -265,11 +265,9 @@ ship_one_cycle() {
   thread_snap "$applier_pid" >"$work/app.t0"; : >"$work/app.ts"; : >"$work/ship.ts"
   local perf_pid=""
   if [[ $BENCH_PERF == 1 ]]; then
-    if [[ -n ${BENCH_PERF_EVENTS:-} ]]; then
-      perf record -q -a -e "$BENCH_PERF_EVENTS" -o "$work/perf.data" 2>/dev/null &
-    else
-      perf record -q -a -e cpu-clock -F 999 -o "$work/perf.data" 2>/dev/null &
-    fi
+    local events=(-e cpu-clock -F 999)
+    [[ -n ${BENCH_PERF_EVENTS:-} ]] && events=(-e "$BENCH_PERF_EVENTS")
+    perf record -q -a "${events[@]}" -o "$work/perf.data" 2>/dev/null &
     perf_pid=$! perf_running=$!
   fi
   "$VMREPLICA" shipper --config "$shipper_cfg" 2>"$logf" &
@@ -297,16 +295,16 @@ ship_one_cycle() {
       mv "$work/perf.data" "$work/perf-${1// /-}.data"
       log "$1: events recorded in $work/perf-${1// /-}.data (shipper pid $shipper_pid, applier pid $applier_pid)"
     else
-    {
-      echo "== $1: hottest functions per side (share of that side's samples)"
-      for side in "shipper $shipper_pid" "applier $applier_pid"; do
-        read -r name pid <<<"$side"
-        echo "-- $name (pid $pid), by thread name and function"
-        perf report -i "$work/perf.data" --pid "$pid" --no-children --sort comm,sym --stdio 2>/dev/null |
-          awk '!/^#/ && NF { if (++n <= 30) print }' || true
-      done
-    } >>"$perf_out"
-    rm -f "$work/perf.data"
+      {
+        echo "== $1: hottest functions per side (share of that side's samples)"
+        for side in "shipper $shipper_pid" "applier $applier_pid"; do
+          read -r name pid <<<"$side"
+          echo "-- $name (pid $pid), by thread name and function"
+          perf report -i "$work/perf.data" --pid "$pid" --no-children --sort comm,sym --stdio 2>/dev/null |
+            awk '!/^#/ && NF { if (++n <= 30) print }' || true
+        done
+      } >>"$perf_out"
+      rm -f "$work/perf.data"
     fi
   fi
   kill -TERM "$shipper_pid"; wait "$shipper_pid" 2>/dev/null || true; shipper_pid=""
@@ -379,8 +377,11 @@ if [[ -n $BENCH_AB && $VMREPLICA != "$bin_a" ]]; then
   VMREPLICA=$bin_a shipper_cfg=$work/shipper.toml
   start_applier
 fi
+median_of() { # the median of the numbers on stdin, one per line (nothing for none)
+  sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}
 med() { # column N of init_rows (of variant $2, A unless given): the median
-  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$15 == w { print $c }' | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+  printf '%s\n' "${init_rows[@]}" | awk -v c="$1" -v w="${2:-A}" '$15 == w { print $c }' | median_of
 }
 v_init_secs=$(med 1) v_init_wire=$(med 2) nbdcopy_secs=$(med 3) nbdcopy_secs_wire=$(med 4)
 qemuimg_secs=$(med 5) qemuimg_secs_wire=$(med 6) v_init_data=$(med 7) v_init_appwire=$(med 8)
@@ -567,11 +568,11 @@ fi
   # and over the busier site's seconds on cores of its own (two hosts); medians over the rounds.
   ceiling() { # $1 = 1: both sites on this machine's cores; 2: the busier site on its own
     printf '%s\n' "${init_rows[@]}" | awk -v k="$1" -v n="$(nproc)" '$15 == "A" && $9 + $10 > 0 {
-        print $3 * n / (k == 1 ? $9 + $10 : ($9 > $10 ? $9 : $10)) }' | sort -g |
-      awk '{ v[NR] = $1 } END { if (NR) printf "%.2f", v[int((NR + 1) / 2)] }'
+        printf "%.2f\n", $3 * n / (k == 1 ? $9 + $10 : ($9 > $10 ? $9 : $10)) }' | median_of
   }
-  if [[ -n $(ceiling 1) ]]; then
-    echo "CPU ceilings of the time target: the shipper's and applier's CPU seconds, spread perfectly over the $(nproc) cores both sites share here, let vmreplica reach at most **$(ceiling 1)× nbdcopy's speed** on this machine (median of the rounds); on two hosts of $(nproc) cores each, the busier site's seconds allow $(ceiling 2)×."
+  ceil_shared=$(ceiling 1) ceil_own=$(ceiling 2)
+  if [[ -n $ceil_shared ]]; then
+    echo "CPU ceilings of the time target: the shipper's and applier's CPU seconds, spread perfectly over the $(nproc) cores both sites share here, let vmreplica reach at most **${ceil_shared}× nbdcopy's speed** on this machine (median of the rounds); on two hosts of $(nproc) cores each, the busier site's seconds allow ${ceil_own}×."
     echo
   fi
   if [[ -n $BENCH_AB ]]; then
