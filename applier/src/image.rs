@@ -134,7 +134,7 @@ impl ImageWriter {
                     Op::Write {
                         fd: d.as_raw_fd(),
                         offset,
-                        buf,
+                        buf: buf.into(),
                         at,
                     },
                     Box::new(move |c| {
@@ -143,7 +143,7 @@ impl ImageWriter {
                             disk,
                             offset,
                             at,
-                            buf: c.buf,
+                            buf: c.buf.into_vec(),
                             result: c.result,
                         });
                     }),

@@ -715,11 +715,11 @@ impl Pipeline {
                 Op::Read {
                     fd,
                     offset: s,
-                    buf,
+                    buf: buf.into(),
                     at,
                 },
                 Box::new(move |c| {
-                    let _ = tx.send((i, c.result, c.buf, at));
+                    let _ = tx.send((i, c.result, c.buf.into_vec(), at));
                 }),
             );
         }
