@@ -20,6 +20,11 @@ use memmap2::{Advice, MmapMut, MmapOptions};
 /// The size (and alignment) of a transparent huge page on x86-64 and arm64 (4 KiB base).
 pub const HUGE: usize = 2 << 20;
 
+/// The smallest transfer [`IoBuf::for_direct`] maps a [`DirectBuf`] for. Smaller ones (a
+/// delta's 64 KiB blocks) take at most 128 ring entries in scattered pages, so two fit the
+/// ring at once, and a huge page for each would cost 4 to 32 times their size in memory.
+pub const DIRECT_BUF_MIN: usize = 512 << 10;
+
 /// A zero-initialised buffer in memory of its own, starting on a [`HUGE`] boundary, its
 /// capacity a whole number of huge pages advised `MADV_HUGEPAGE`. Its length can change
 /// within the capacity; bytes keep what they last held (never uninitialised memory). The
@@ -159,10 +164,10 @@ impl IoBuf {
     }
 
     /// Sizes the buffer for a direct transfer of `len` bytes and returns where in it the
-    /// transfer starts (aligned for `O_DIRECT`): a [`DirectBuf`] (this one reused if large
-    /// enough, else a new one), or, if the kernel refuses a new mapping, a heap buffer with an
-    /// aligned start inside it ([`crate::direct::aligned`]). Contents are whatever the buffer
-    /// held.
+    /// transfer starts (aligned for `O_DIRECT`): this [`DirectBuf`] if it is one large
+    /// enough; a new one if `len` is at least [`DIRECT_BUF_MIN`]; otherwise (or if the kernel
+    /// refuses a new mapping) a heap buffer with an aligned start inside it
+    /// ([`crate::direct::aligned`]). Contents are whatever the buffer held.
     pub fn for_direct(&mut self, len: usize) -> usize {
         if let IoBuf::Direct(d) = self {
             if d.capacity() >= len {
@@ -170,26 +175,26 @@ impl IoBuf {
                 return 0;
             }
         }
-        match DirectBuf::with_capacity(len) {
-            Ok(mut d) => {
-                d.set_len(len);
-                *self = IoBuf::Direct(d);
-                0
-            }
-            Err(e) => {
-                crate::warn_limited!(
+        if len >= DIRECT_BUF_MIN {
+            match DirectBuf::with_capacity(len) {
+                Ok(mut d) => {
+                    d.set_len(len);
+                    *self = IoBuf::Direct(d);
+                    return 0;
+                }
+                Err(e) => crate::warn_limited!(
                     std::time::Duration::from_secs(60),
                     "cannot map a {len}-byte transfer buffer ({e}); using ordinary memory"
-                );
-                let mut v = match std::mem::take(self) {
-                    IoBuf::Heap(v) => v,
-                    IoBuf::Direct(_) => Vec::new(),
-                };
-                let at = crate::direct::aligned(&mut v, len);
-                *self = IoBuf::Heap(v);
-                at
+                ),
             }
         }
+        let mut v = match std::mem::take(self) {
+            IoBuf::Heap(v) => v,
+            IoBuf::Direct(_) => Vec::new(),
+        };
+        let at = crate::direct::aligned(&mut v, len);
+        *self = IoBuf::Heap(v);
+        at
     }
 
     /// Sizes the buffer to `len` bytes from its start, for a buffered transfer (a direct
@@ -242,12 +247,25 @@ mod tests {
     #[cfg_attr(miri, ignore = "Miri does not emulate mmap")]
     fn sizing_reuses_what_fits_and_maps_what_does_not() {
         let mut b = IoBuf::from(vec![1u8; 10]);
-        assert_eq!(b.for_direct(4096), 0);
+        let at = b.for_direct(65536);
+        assert!(
+            matches!(b, IoBuf::Heap(_)),
+            "a small transfer stays on the heap"
+        );
+        assert_eq!((b.as_ptr() as usize + at) % crate::direct::ALIGN, 0);
+        assert_eq!(b.len() - at, 65536);
+        assert_eq!(b.for_direct(DIRECT_BUF_MIN), 0);
         let IoBuf::Direct(d) = &b else {
             panic!("a heap buffer is replaced by a direct one")
         };
         let at = d.as_ptr();
-        assert_eq!(b.len(), 4096);
+        assert_eq!(b.len(), DIRECT_BUF_MIN);
+        assert_eq!(
+            b.for_direct(4096),
+            0,
+            "a direct buffer serves small transfers too"
+        );
+        assert_eq!((b.as_ptr(), b.len()), (at, 4096));
         b.for_direct(HUGE);
         assert_eq!(
             (b.as_ptr(), b.len()),
@@ -267,10 +285,10 @@ mod tests {
         b[0] = 9;
         assert_eq!(b.into_vec()[0], 9);
         let mut d = IoBuf::default();
-        d.for_direct(8);
-        d[..].copy_from_slice(b"12345678");
+        d.for_direct(HUGE);
+        d[..8].copy_from_slice(b"12345678");
         assert_eq!(
-            d.into_vec(),
+            &d.into_vec()[..8],
             b"12345678",
             "a direct buffer's bytes are copied out"
         );
