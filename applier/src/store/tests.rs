@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
 use rand::{Rng, SeedableRng};
-use vmreplica_common::direct;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{code, is_zero, CycleKind, DiskInfo, Tag};
@@ -55,8 +54,8 @@ fn submit(
     let off = b * u64::from(G);
     let bytes = &data[d as usize][off as usize..(off + u64::from(G)) as usize];
     let payload = (!is_zero(bytes)).then(|| {
-        let mut buf = Vec::new();
-        let at = direct::aligned(&mut buf, bytes.len());
+        let mut buf = vmreplica_common::engine::IoBuf::default();
+        let at = buf.for_direct(bytes.len());
         buf[at..].copy_from_slice(bytes);
         (buf, at)
     });
