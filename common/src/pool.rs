@@ -64,6 +64,12 @@ impl<const KEPT: usize, B: Reusable> BufferPool<KEPT, B> {
         }
     }
 
+    /// Frees every spare buffer (at the end of a transfer: an idle process holds none).
+    pub fn clear(&self) {
+        let spare = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(spare);
+    }
+
     /// Buffers waiting for reuse.
     pub fn spare(&self) -> usize {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -92,5 +98,8 @@ mod tests {
         let b = pool.take();
         assert_eq!(b.as_ptr(), ptrs[0]);
         assert_eq!(pool.take().capacity(), 0);
+        pool.put(vec![1; 10]);
+        pool.clear();
+        assert_eq!(pool.spare(), 0, "cleared");
     }
 }

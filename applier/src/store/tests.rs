@@ -231,6 +231,7 @@ fn cycles_land_in_place_and_every_point_reads_back_exactly() {
             read_images(&vs) == primary,
             "replica differs after cycle {cycle}"
         );
+        assert_eq!(vs.buffers().spare(), 0, "an idle VM holds no chunk buffers");
     }
     let points: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
     assert_eq!(points, vec![4, 5, 6, 7]);
