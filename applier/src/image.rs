@@ -42,7 +42,7 @@ impl Image {
 }
 
 /// Direct writes kept in flight: enough to keep a disk's queue full (at most this many chunk
-/// buffers, 1 MiB each at most, are held by writes).
+/// buffers, a 2 MiB huge page each at most, are held by writes).
 const IN_FLIGHT: usize = 32;
 
 /// The engine every write and undo read in this process goes through (one ring and

@@ -67,6 +67,7 @@ impl<const KEPT: usize, B: Reusable> BufferPool<KEPT, B> {
     /// Frees every spare buffer (at the end of a transfer: an idle process holds none).
     pub fn clear(&self) {
         let spare = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        // Freed (unmapped) after the lock is released.
         drop(spare);
     }
 
