@@ -367,7 +367,7 @@ for round in $(seq "$init_total"); do
   v_init_secs=$cyc_secs v_init_data=$cyc_data v_init_appwire=$cyc_appwire v_init_wire=$cyc_net
   label_var=nbdcopy_secs copy_with nbdcopy "nbd://$host_ip:10810/sys" "$store/copy.img"
   label_var=qemuimg_secs copy_with qemu-img convert -f raw -O raw "nbd://$host_ip:10810/sys" "$store/copy.img"
-  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire $cyc_cpu_ship $cyc_cpu_app $cyc_pkts_out $cyc_pkts_in $cyc_drops_rep $cyc_drops_pri $variant")
+  init_rows+=("$v_init_secs $v_init_wire $nbdcopy_secs $nbdcopy_secs_wire $qemuimg_secs $qemuimg_secs_wire $v_init_data $v_init_appwire $cyc_cpu_ship $cyc_cpu_app $cyc_pkts_out $cyc_pkts_in $cyc_drops_rep $cyc_drops_pri $variant $cyc_rss_ship $cyc_rss_app")
   log "initial round $round ($variant): vmreplica ${v_init_secs}s, nbdcopy ${nbdcopy_secs}s, qemu-img ${qemuimg_secs}s"
 done
 kill -TERM "$qnbd_pid"; wait "$qnbd_pid" 2>/dev/null || true
@@ -553,12 +553,12 @@ fi
   echo
   echo "vmreplica: $v_init_data MiB of data shipped as $v_init_appwire MiB of chunk frames (compression $(r "$v_init_data" "$v_init_appwire")×); time vs nbdcopy $(r "$nbdcopy_secs" "$v_init_secs")× (target ≥ 1.00), vs qemu-img $(r "$qemuimg_secs" "$v_init_secs")× (higher = vmreplica faster); bytes vs nbdcopy $(r "$v_init_wire" "$nbdcopy_secs_wire")× (target ≤ 0.50)."
   echo
-  echo "| round | build | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s | shipper CPU s | applier CPU s | packets to replica / back | UDP drops at replica / primary |"
-  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| round | build | vmreplica s | MiB on wire | nbdcopy s | MiB on wire | qemu-img s | shipper CPU s | applier CPU s | peak RSS MiB shipper / applier | packets to replica / back | UDP drops at replica / primary |"
+  echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   i=0
   for row in "${init_rows[@]}"; do
-    i=$((i + 1)); read -r a b c d e _ _ _ cs ca po pi dr dp v <<<"$row"
-    echo "| $i | $v | $a | $(mib "$b") | $c | $(mib "$d") | $e | $cs | $ca | $po / $pi | $dr / $dp |"
+    i=$((i + 1)); read -r a b c d e _ _ _ cs ca po pi dr dp v rs ra <<<"$row"
+    echo "| $i | $v | $a | $(mib "$b") | $c | $(mib "$d") | $e | $cs | $ca | $rs / $ra | $po / $pi | $dr / $dp |"
   done
   echo
   echo "CPU per GiB of data shipped (median of the rounds, min-max): shipper $v_init_gib_ship s, applier $v_init_gib_app s."
@@ -578,10 +578,10 @@ fi
   if [[ -n $BENCH_AB ]]; then
   echo "A/B, $BENCH_INIT_ROUNDS alternating rounds each: A = $bin_a (connections $BENCH_CONNECTIONS, tuning '${BENCH_TUNING//$'\n'/; }'), B = $BENCH_AB (connections $BENCH_CONNECTIONS_B, tuning '${BENCH_TUNING_B//$'\n'/; }') (medians; CPU per GiB of data with min-max)"
   echo
-  echo "| build | vmreplica s | nbdcopy s (same rounds) | MiB on wire | shipper CPU s / GiB | applier CPU s / GiB |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| build | vmreplica s | nbdcopy s (same rounds) | MiB on wire | shipper CPU s / GiB | applier CPU s / GiB | peak RSS MiB shipper / applier |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
   for v in A B; do
-    echo "| $v | $(med 1 $v) | $(med 3 $v) | $(mib "$(med 2 $v)") | $(per_gib 9 $v) | $(per_gib 10 $v) |"
+    echo "| $v | $(med 1 $v) | $(med 3 $v) | $(mib "$(med 2 $v)") | $(per_gib 9 $v) | $(per_gib 10 $v) | $(med 16 $v) / $(med 17 $v) |"
   done
   echo
   echo "B / A: time $(r "$(med 1 B)" "$(med 1 A)"), shipper CPU $(r "$(med 9 B)" "$(med 9 A)"), applier CPU $(r "$(med 10 B)" "$(med 10 A)") (medians of seconds; below 1 = B cheaper)."

@@ -18,7 +18,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, OnceLock};
 
 use vmreplica_common::direct;
-use vmreplica_common::engine::{self, Engine, Op};
+use vmreplica_common::engine::{self, Engine, IoBuf, Op};
 use vmreplica_common::sparse::punch_hole;
 
 /// A replica image: its descriptor, and the same file opened for direct I/O where its
@@ -42,7 +42,7 @@ impl Image {
 }
 
 /// Direct writes kept in flight: enough to keep a disk's queue full (at most this many chunk
-/// buffers, 1 MiB each at most, are held by writes).
+/// buffers, a 2 MiB huge page each at most, are held by writes).
 const IN_FLIGHT: usize = 32;
 
 /// The engine every write and undo read in this process goes through (one ring and
@@ -53,8 +53,9 @@ pub(crate) fn shared_engine() -> Arc<dyn Engine> {
 }
 
 /// Buffers that chunks are unpacked into, reused: a verified chunk's buffer goes to the
-/// image write, and back here once written. 96 kept at most (1 MiB each at most).
-pub(crate) type Buffers = vmreplica_common::pool::BufferPool<96>;
+/// image write, and back here once written. 96 kept at most (a 2 MiB huge page each at most:
+/// [`IoBuf::for_direct`]).
+pub(crate) type Buffers = vmreplica_common::pool::BufferPool<96, IoBuf>;
 
 /// A write into image `disk` failed.
 #[derive(Debug)]
@@ -69,7 +70,7 @@ struct Done {
     disk: u16,
     offset: u64,
     at: usize,
-    buf: Vec<u8>,
+    buf: IoBuf,
     result: io::Result<()>,
 }
 
@@ -112,7 +113,7 @@ impl ImageWriter {
         disk: u16,
         offset: u64,
         len: u32,
-        data: Option<(Vec<u8>, usize)>,
+        data: Option<(IoBuf, usize)>,
     ) {
         while self.in_flight >= IN_FLIGHT {
             self.reap();
@@ -240,13 +241,14 @@ mod tests {
         Image { file, direct }
     }
 
-    /// `len` bytes of `seed`-derived data at an aligned start of a fresh buffer.
-    fn data(seed: u8, len: usize) -> (Vec<u8>, usize, Vec<u8>) {
+    /// `len` bytes of `seed`-derived data at an aligned start of a fresh buffer (huge-page
+    /// memory from [`vmreplica_common::iobuf::DIRECT_BUF_MIN`] on, as the receiver unpacks).
+    fn data(seed: u8, len: usize) -> (IoBuf, usize, Vec<u8>) {
         let want: Vec<u8> = (0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
             .collect();
-        let mut buf = Vec::new();
-        let at = direct::aligned(&mut buf, len);
+        let mut buf = IoBuf::default();
+        let at = buf.for_direct(len);
         buf[at..].copy_from_slice(&want);
         (buf, at, want)
     }
@@ -292,8 +294,9 @@ mod tests {
                 if n == 10 {
                     // A buffer whose start is not aligned: the kernel refuses it direct, and
                     // the writer falls back to the page cache.
-                    buf.insert(0, 0);
-                    at += 1;
+                    let mut v = buf.into_vec();
+                    v.insert(0, 0);
+                    (buf, at) = (v.into(), at + 1);
                 }
                 region.copy_from_slice(&want);
                 w.write(n, disk, offset, len as u32, Some((buf, at)));
@@ -324,6 +327,34 @@ mod tests {
         }
         let hole = (4 * 37 % 120) * 65536;
         assert!(vmreplica_common::sparse::is_hole(&images[0].file, hole, 8192).unwrap());
+    }
+
+    #[test]
+    fn whole_mib_chunks_go_from_huge_page_buffers_and_the_buffers_come_back() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let images = Arc::new(vec![image(&dir.path().join("a"), true)]);
+        if images[0].direct.is_none() {
+            direct::unavailable("direct writes from huge-page buffers are not exercised");
+            return;
+        }
+        let buffers = Arc::new(Buffers::default());
+        let mut w = ImageWriter::new(Arc::clone(&images), Arc::clone(&buffers));
+        let mut want = vec![0u8; SIZE as usize];
+        for n in 0..8u64 {
+            let (buf, at, bytes) = data(n as u8 + 1, 1 << 20);
+            assert!(matches!(buf, IoBuf::Direct(_)));
+            want[(n << 20) as usize..((n + 1) << 20) as usize].copy_from_slice(&bytes);
+            w.write(n, 0, n << 20, 1 << 20, Some((buf, at)));
+        }
+        assert!(w.drain().into_iter().all(|(_, r)| r.is_ok()));
+        let mut got = vec![0u8; SIZE as usize];
+        images[0].file.read_exact_at(&mut got, 0).unwrap();
+        assert!(got == want, "image differs from the chunks written");
+        assert_eq!(buffers.spare(), 8);
+        assert!(
+            matches!(buffers.take(), IoBuf::Direct(_)),
+            "kept for reuse as they were"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use vmreplica_applier::store::{Committed, Failure, Job, Retention, Store, VmStore};
 use vmreplica_applier::undo::format::{scan, Kind};
 use vmreplica_applier::PointView;
-use vmreplica_common::direct;
+use vmreplica_common::engine::IoBuf;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::{checksum, is_zero, CycleKind, DiskInfo, Tag};
@@ -40,8 +40,8 @@ fn send(vs: &VmStore, tag: Tag, data: &Images, bs: &[u64]) -> Vec<Result<(), Fai
         let off = b * u64::from(G);
         let bytes = &data[0][off as usize..(off + u64::from(G)) as usize];
         let payload = (!is_zero(bytes)).then(|| {
-            let mut buf = Vec::new();
-            let at = direct::aligned(&mut buf, bytes.len());
+            let mut buf = IoBuf::default();
+            let at = buf.for_direct(bytes.len());
             buf[at..].copy_from_slice(bytes);
             (buf, at)
         });
@@ -415,8 +415,8 @@ fn r1_a_zero_length_chunk_is_refused_at_once() {
     for with_data in [false, true] {
         let (tx, rx) = mpsc::channel();
         let payload = with_data.then(|| {
-            let mut buf = Vec::new();
-            let at = direct::aligned(&mut buf, 4096);
+            let mut buf = IoBuf::default();
+            let at = buf.for_direct(4096);
             (buf, at)
         });
         vs.sender().unwrap().submit(Job {

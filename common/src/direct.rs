@@ -7,10 +7,12 @@
 //! nobody reads again. Direct I/O moves the bytes between the disk and the process's own
 //! buffers, which are reused across chunks.
 //!
-//! Direct transfers need an aligned file offset, length and memory address. Buffers here are
-//! plain `Vec<u8>`s with slack: [`aligned`] picks the aligned start inside one, so no custom
-//! allocation (and no unsafe code) is needed. Filesystems that refuse `O_DIRECT` (tmpfs, some
-//! FUSE filesystems) get `None` from [`open`], and callers use their buffered descriptor.
+//! Direct transfers need an aligned file offset, length and memory address. [`aligned`] picks
+//! the aligned start inside a plain `Vec<u8>` with slack; the shipper's reads use
+//! [`crate::iobuf::DirectBuf`] instead, whose transfers lie in huge pages (one contiguous
+//! piece for the disk rather than 256 scattered ones per MiB). Filesystems that refuse
+//! `O_DIRECT` (tmpfs, some FUSE filesystems) get `None` from [`open`], and callers use their
+//! buffered descriptor.
 
 use std::fs::{File, OpenOptions};
 use std::io;

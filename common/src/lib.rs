@@ -8,6 +8,7 @@
 pub mod congestion;
 pub mod direct;
 pub mod engine;
+pub mod iobuf;
 pub mod jsonline;
 pub mod lineage;
 pub mod link;

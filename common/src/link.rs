@@ -607,7 +607,7 @@ mod tests {
                 other => panic!("expected a chunk, got {other:?}"),
             };
             assert_eq!(&got, want);
-            let mut buf = Vec::new();
+            let mut buf = crate::iobuf::IoBuf::default();
             let at = got.unpack_aligned(&mut buf).unwrap();
             if got.encoding == crate::wire::Encoding::Zero {
                 assert_eq!(at, None);
@@ -622,7 +622,9 @@ mod tests {
             other => panic!("expected a chunk, got {other:?}"),
         };
         assert_eq!(got, damaged);
-        let err = got.unpack_aligned(&mut vec![0xaa; 4096]).unwrap_err();
+        let err = got
+            .unpack_aligned(&mut vec![0xaa; 4096].into())
+            .unwrap_err();
         assert!(
             matches!(err, WireError::BadChunk { ref reason, .. } if reason.contains("checksum") || reason.contains("lz4") || reason.contains("length")),
             "{err}"

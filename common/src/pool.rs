@@ -6,17 +6,45 @@
 
 use std::sync::Mutex;
 
+use crate::iobuf::IoBuf;
+
+/// A buffer a [`BufferPool`] can keep.
+pub trait Reusable: Default {
+    /// Bytes it holds without a new allocation (0: not worth keeping).
+    fn capacity(&self) -> usize;
+}
+
+impl Reusable for Vec<u8> {
+    fn capacity(&self) -> usize {
+        Vec::capacity(self)
+    }
+}
+
+impl Reusable for IoBuf {
+    fn capacity(&self) -> usize {
+        IoBuf::capacity(self)
+    }
+}
+
 /// A bounded stack of spare buffers shared between threads: at most `KEPT` wait for reuse,
 /// more are freed. A taken buffer's length and contents are whatever it last held: users
 /// size it (`resize` zeroes only what it grows by) and overwrite what they use.
-#[derive(Debug, Default)]
-pub struct BufferPool<const KEPT: usize> {
-    free: Mutex<Vec<Vec<u8>>>,
+#[derive(Debug)]
+pub struct BufferPool<const KEPT: usize, B = Vec<u8>> {
+    free: Mutex<Vec<B>>,
 }
 
-impl<const KEPT: usize> BufferPool<KEPT> {
+impl<const KEPT: usize, B> Default for BufferPool<KEPT, B> {
+    fn default() -> Self {
+        BufferPool {
+            free: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<const KEPT: usize, B: Reusable> BufferPool<KEPT, B> {
     /// A spare buffer, or an empty one when none waits.
-    pub fn take(&self) -> Vec<u8> {
+    pub fn take(&self) -> B {
         self.free
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -26,7 +54,7 @@ impl<const KEPT: usize> BufferPool<KEPT> {
 
     /// Keeps `b` for a later [`take`](Self::take), unless `KEPT` already wait (or it holds
     /// no allocation): then it is dropped.
-    pub fn put(&self, b: Vec<u8>) {
+    pub fn put(&self, b: B) {
         if b.capacity() == 0 {
             return;
         }
@@ -34,6 +62,13 @@ impl<const KEPT: usize> BufferPool<KEPT> {
         if free.len() < KEPT {
             free.push(b);
         }
+    }
+
+    /// Frees every spare buffer (at the end of a transfer: an idle process holds none).
+    pub fn clear(&self) {
+        let spare = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        // Freed (unmapped) after the lock is released.
+        drop(spare);
     }
 
     /// Buffers waiting for reuse.
@@ -64,5 +99,8 @@ mod tests {
         let b = pool.take();
         assert_eq!(b.as_ptr(), ptrs[0]);
         assert_eq!(pool.take().capacity(), 0);
+        pool.put(vec![1; 10]);
+        pool.clear();
+        assert_eq!(pool.spare(), 0, "cleared");
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream};
 use thiserror::Error;
 use tokio::sync::mpsc;
-use vmreplica_common::engine::Engine;
+use vmreplica_common::engine::{Engine, IoBuf};
 use vmreplica_common::link::{self, LinkError};
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::stages::Stages;
@@ -144,9 +144,9 @@ async fn read_frozen(
     r: &Arc<FrozenReader>,
     offset: u64,
     len: u64,
-) -> io::Result<(Vec<u8>, usize)> {
+) -> io::Result<(IoBuf, usize)> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let (op, at) = r.read_op(offset, len as usize, Vec::new());
+    let (op, at) = r.read_op(offset, len as usize, IoBuf::default());
     engine.submit(
         op,
         Box::new(move |c| {
@@ -270,7 +270,7 @@ struct Packed {
 }
 
 /// Read buffers, reused: fresh ones would be zeroed and faulted in for every chunk.
-type Buffers = vmreplica_common::pool::BufferPool<64>;
+type Buffers = vmreplica_common::pool::BufferPool<64, IoBuf>;
 
 type PackJob = Box<dyn FnOnce() + Send>;
 

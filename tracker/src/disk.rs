@@ -199,10 +199,10 @@ impl Disk {
             Op::Read {
                 fd: self.fd(),
                 offset: offset + cached as u64,
-                buf,
+                buf: buf.into(),
                 at: cached,
             },
-            Box::new(move |c: Completion| done(c.result.map(|_| c.buf))),
+            Box::new(move |c: Completion| done(c.result.map(|_| c.buf.into_vec()))),
         );
     }
 
@@ -239,7 +239,7 @@ impl Disk {
                 } if inline && buf.len() - at <= INLINE_WRITE_MAX => {
                     let r = disk.file.write_all_at(&buf[at..], offset);
                     // On the connection's reader thread: its next write reuses the buffer.
-                    vmreplica_nbd::buffers::recycle(buf);
+                    vmreplica_nbd::buffers::recycle(buf.into_vec());
                     disk.gate.exit();
                     return disk.finish(r, fua, done);
                 }
@@ -296,7 +296,7 @@ impl Disk {
         let op = Op::Write {
             fd: self.fd(),
             offset,
-            buf,
+            buf: buf.into(),
             at: 0,
         };
         self.modify(offset, len, op, fua, false, done);

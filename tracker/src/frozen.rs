@@ -22,7 +22,7 @@ use vmreplica_common::direct;
 use vmreplica_common::sparse::data_regions;
 
 use crate::bitmap::{parse_header, Geometry, ABANDONED_AT, COW_SLOT};
-use crate::engine::Op;
+use crate::engine::{IoBuf, Op};
 use crate::tracker::FrozenDisk;
 use crate::tracking::ABANDONED;
 
@@ -153,13 +153,14 @@ impl FrozenReader {
 
     /// The engine operation that reads `len` bytes of the image at `offset` into `buf`
     /// (reused: its contents do not matter), and where in `buf` they will start. Aligned reads
-    /// go direct when the image allows it: no page-cache page is allocated for bytes that are
-    /// shipped once. Callers pass the bytes read through [`FrozenReader::fix_up`].
-    pub fn read_op(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> (Op, usize) {
+    /// go direct when the image allows it, into huge-page memory ([`IoBuf::for_direct`]): no
+    /// page-cache page is allocated for bytes that are shipped once. Callers pass the bytes
+    /// read through [`FrozenReader::fix_up`].
+    pub fn read_op(&self, offset: u64, len: usize, mut buf: IoBuf) -> (Op, usize) {
         let (fd, at) = match &self.direct {
-            Some(f) if direct::fits(offset, len) => (f.as_raw_fd(), direct::aligned(&mut buf, len)),
+            Some(f) if direct::fits(offset, len) => (f.as_raw_fd(), buf.for_direct(len)),
             _ => {
-                buf.resize(len, 0);
+                buf.for_buffered(len);
                 (self.image.as_raw_fd(), 0)
             }
         };

@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmreplica_common::direct;
-use vmreplica_common::engine::{Engine, Op};
+use vmreplica_common::engine::{Engine, IoBuf, Op};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::sparse::is_hole;
@@ -109,7 +109,7 @@ pub struct Job {
     pub offset: u64,
     pub len: u32,
     /// The bytes at `buf[at..]` (an aligned start), or None for zeroes (a hole).
-    pub data: Option<(Vec<u8>, usize)>,
+    pub data: Option<(IoBuf, usize)>,
     /// Called once: when the chunk is durably applied, or failed.
     pub done: Box<dyn FnOnce(Result<(), Failure>) + Send>,
 }
@@ -715,11 +715,11 @@ impl Pipeline {
                 Op::Read {
                     fd,
                     offset: s,
-                    buf,
+                    buf: buf.into(),
                     at,
                 },
                 Box::new(move |c| {
-                    let _ = tx.send((i, c.result, c.buf, at));
+                    let _ = tx.send((i, c.result, c.buf.into_vec(), at));
                 }),
             );
         }

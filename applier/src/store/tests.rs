@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 
 use rand::{Rng, SeedableRng};
-use vmreplica_common::direct;
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::RangeSet;
 use vmreplica_common::wire::{code, is_zero, CycleKind, DiskInfo, Tag};
@@ -55,8 +54,8 @@ fn submit(
     let off = b * u64::from(G);
     let bytes = &data[d as usize][off as usize..(off + u64::from(G)) as usize];
     let payload = (!is_zero(bytes)).then(|| {
-        let mut buf = Vec::new();
-        let at = direct::aligned(&mut buf, bytes.len());
+        let mut buf = vmreplica_common::engine::IoBuf::default();
+        let at = buf.for_direct(bytes.len());
         buf[at..].copy_from_slice(bytes);
         (buf, at)
     });
@@ -232,6 +231,7 @@ fn cycles_land_in_place_and_every_point_reads_back_exactly() {
             read_images(&vs) == primary,
             "replica differs after cycle {cycle}"
         );
+        assert_eq!(vs.buffers().spare(), 0, "an idle VM holds no chunk buffers");
     }
     let points: Vec<u64> = vs.points().iter().map(|p| p.cycle).collect();
     assert_eq!(points, vec![4, 5, 6, 7]);

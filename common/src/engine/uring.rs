@@ -324,7 +324,8 @@ impl Engine for UringEngine {
         // SAFETY: the submission queue is only touched while `sq_lock` is held.
         let mut sq = unsafe { inner.ring.submission_shared() };
         // SAFETY: the entry's buffer belongs to the Pending stored in `slots`, which lives
-        // (unmoved heap allocation) until the completion thread takes it after the CQE, or
+        // (its bytes unmoved: a Vec's heap allocation or a DirectBuf's mapping, neither of
+        // which moves with the IoBuf) until the completion thread takes it after the CQE, or
         // until `reject` takes it back, which only happens if the entry never entered the
         // queue.
         if unsafe { sq.push(&entry) }.is_err() {

@@ -6,7 +6,7 @@
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Chunk, Encoding, Tag, WireError, MAX_CHUNK, MAX_FRAME, R, T_CHUNK, W};
-use crate::direct;
+use crate::iobuf::IoBuf;
 use crate::ranges::Range;
 
 /// Bytes of a chunk frame's body before its payload.
@@ -318,15 +318,16 @@ impl Chunk {
     }
 
     /// Like [`Chunk::unpack`], into `buf[at..at + len]`, where `at` (returned; None for a zero
-    /// chunk) is the first [`direct::ALIGN`]ed place in `buf`: the bytes are ready for a direct
-    /// write. `buf` is reused across calls (not allocated or zeroed again once large enough);
-    /// a raw payload is copied into it.
-    pub fn unpack_aligned(&self, buf: &mut Vec<u8>) -> Result<Option<usize>, WireError> {
+    /// chunk) is a [`crate::direct::ALIGN`]ed place in `buf` (huge-page memory for large chunks:
+    /// [`IoBuf::for_direct`]): the bytes are ready for a direct write. `buf` is reused across
+    /// calls (not allocated or zeroed again once large enough); a raw payload is copied into
+    /// it.
+    pub fn unpack_aligned(&self, buf: &mut IoBuf) -> Result<Option<usize>, WireError> {
         if self.check_zero()? {
             return Ok(None);
         }
         let len = self.len as usize;
-        let at = direct::aligned(buf, len);
+        let at = buf.for_direct(len);
         let dst = &mut buf[at..];
         match self.encoding {
             Encoding::Lz4 => self.decompress_to(dst)?,

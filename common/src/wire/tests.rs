@@ -1,6 +1,7 @@
 //! The wire codec's tests: round trips, old versions, hostile frames, paging, chunks.
 use super::*;
 use crate::direct;
+use crate::iobuf::IoBuf;
 
 fn tag(cycle: u64) -> Tag {
     Tag {
@@ -512,7 +513,7 @@ fn chunks_pick_their_encoding_and_verify_checksums() {
     assert!(bad.unpack_into(&mut scratch).is_err());
     // Aligned: the bytes land at an aligned start of the (dirty, reused) buffer, exactly
     // `len` of them up to its end, whether they were compressed or raw.
-    let mut buf = vec![0xee; 3 * 65536];
+    let mut buf = IoBuf::from(vec![0xee; 3 * 65536]);
     for (chunk, want) in [(&short, &text[..4096]), (&c, &text[..]), (&r, &noise[..])] {
         let at = chunk.unpack_aligned(&mut buf).unwrap().unwrap();
         assert_eq!((buf.as_ptr() as usize + at) % direct::ALIGN, 0);
@@ -533,6 +534,12 @@ fn chunks_pick_their_encoding_and_verify_checksums() {
     assert_eq!(b.encoding, Encoding::Lz4);
     assert_eq!(b.payload.capacity(), b.payload.len());
     assert_eq!(b.unpack().unwrap().unwrap(), big);
+    // A chunk as large as MAX_CHUNK lands in huge-page memory, ready for a direct write.
+    if !cfg!(miri) {
+        let mut buf = IoBuf::from(vec![0xee; 3 * 65536]);
+        assert_eq!(b.unpack_aligned(&mut buf).unwrap(), Some(0));
+        assert!(matches!(buf, IoBuf::Direct(_)) && buf[..] == big[..]);
+    }
 }
 
 #[test]
@@ -623,7 +630,7 @@ fn malformed_lz4_payloads_are_refused() {
         let mut c = good.clone();
         c.payload = payload;
         let mut scratch = vec![0xee; 1000];
-        let mut buf = vec![0xee; 1000];
+        let mut buf = IoBuf::from(vec![0xee; 1000]);
         for err in [
             c.unpack().map(|_| ()),
             c.unpack_into(&mut scratch).map(|_| ()),
