@@ -53,9 +53,10 @@ pub(crate) fn shared_engine() -> Arc<dyn Engine> {
 }
 
 /// Buffers that chunks are unpacked into, reused: a verified chunk's buffer goes to the
-/// image write, and back here once written. 96 kept at most (a 2 MiB huge page each at most:
-/// [`IoBuf::for_direct`]).
-pub(crate) type Buffers = vmreplica_common::pool::BufferPool<96, IoBuf>;
+/// image write, and back here once written. At most 96 kept (a delta's 64 KiB chunks: 6 MiB),
+/// holding at most 64 MiB (32 of the 2 MiB huge pages whole-MiB chunks take:
+/// [`IoBuf::for_direct`]); the pool is emptied when a cycle commits.
+pub(crate) type Buffers = vmreplica_common::pool::BufferPool<96, IoBuf, { 64 << 20 }>;
 
 /// A write into image `disk` failed.
 #[derive(Debug)]

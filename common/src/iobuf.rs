@@ -164,18 +164,20 @@ impl IoBuf {
     }
 
     /// Sizes the buffer for a direct transfer of `len` bytes and returns where in it the
-    /// transfer starts (aligned for `O_DIRECT`): this [`DirectBuf`] if it is one large
-    /// enough; a new one if `len` is at least [`DIRECT_BUF_MIN`]; otherwise (or if the kernel
-    /// refuses a new mapping) a heap buffer with an aligned start inside it
-    /// ([`crate::direct::aligned`]). Contents are whatever the buffer held.
+    /// transfer starts (aligned for `O_DIRECT`). A transfer of at least [`DIRECT_BUF_MIN`]
+    /// gets this [`DirectBuf`] if it is one large enough, else a new one. A smaller one (or
+    /// one the kernel refuses a mapping for) gets a heap buffer with an aligned start inside
+    /// it ([`crate::direct::aligned`]): a direct buffer is dropped rather than held by a
+    /// small transfer, so that the pooled buffers of a cycle whose chunks are mostly small
+    /// do not each hold a huge page. Contents are whatever the buffer held.
     pub fn for_direct(&mut self, len: usize) -> usize {
-        if let IoBuf::Direct(d) = self {
-            if d.capacity() >= len {
-                d.set_len(len);
-                return 0;
-            }
-        }
         if len >= DIRECT_BUF_MIN {
+            if let IoBuf::Direct(d) = self {
+                if d.capacity() >= len {
+                    d.set_len(len);
+                    return 0;
+                }
+            }
             match DirectBuf::with_capacity(len) {
                 Ok(mut d) => {
                     d.set_len(len);
@@ -260,12 +262,6 @@ mod tests {
         };
         let at = d.as_ptr();
         assert_eq!(b.len(), DIRECT_BUF_MIN);
-        assert_eq!(
-            b.for_direct(4096),
-            0,
-            "a direct buffer serves small transfers too"
-        );
-        assert_eq!((b.as_ptr(), b.len()), (at, 4096));
         b.for_direct(HUGE);
         assert_eq!(
             (b.as_ptr(), b.len()),
@@ -280,6 +276,13 @@ mod tests {
         );
         b.for_buffered(100);
         assert!(matches!(b, IoBuf::Direct(_)) && b.len() == 100);
+        let at = b.for_direct(65536);
+        assert!(
+            matches!(b, IoBuf::Heap(_)),
+            "a small direct transfer does not hold a huge page"
+        );
+        assert_eq!(b.len() - at, 65536);
+        b.for_direct(HUGE);
         b.for_buffered(3 * HUGE);
         assert!(matches!(b, IoBuf::Heap(_)) && b.len() == 3 * HUGE);
         b[0] = 9;

@@ -27,53 +27,79 @@ impl Reusable for IoBuf {
 }
 
 /// A bounded stack of spare buffers shared between threads: at most `KEPT` wait for reuse,
-/// more are freed. A taken buffer's length and contents are whatever it last held: users
-/// size it (`resize` zeroes only what it grows by) and overwrite what they use.
+/// holding at most `KEPT_BYTES` of capacity together; more are freed. A taken buffer's length
+/// and contents are whatever it last held: users size it (`resize` zeroes only what it grows
+/// by) and overwrite what they use.
 #[derive(Debug)]
-pub struct BufferPool<const KEPT: usize, B = Vec<u8>> {
-    free: Mutex<Vec<B>>,
+pub struct BufferPool<const KEPT: usize, B = Vec<u8>, const KEPT_BYTES: usize = { usize::MAX }> {
+    free: Mutex<Spare<B>>,
 }
 
-impl<const KEPT: usize, B> Default for BufferPool<KEPT, B> {
+#[derive(Debug)]
+struct Spare<B> {
+    bufs: Vec<B>,
+    /// Capacity of `bufs` together.
+    bytes: usize,
+}
+
+impl<const KEPT: usize, B, const KEPT_BYTES: usize> Default for BufferPool<KEPT, B, KEPT_BYTES> {
     fn default() -> Self {
         BufferPool {
-            free: Mutex::new(Vec::new()),
+            free: Mutex::new(Spare {
+                bufs: Vec::new(),
+                bytes: 0,
+            }),
         }
     }
 }
 
-impl<const KEPT: usize, B: Reusable> BufferPool<KEPT, B> {
-    /// A spare buffer, or an empty one when none waits.
-    pub fn take(&self) -> B {
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
+impl<const KEPT: usize, B: Reusable, const KEPT_BYTES: usize> BufferPool<KEPT, B, KEPT_BYTES> {
+    fn spare_list(&self) -> std::sync::MutexGuard<'_, Spare<B>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `b` for a later [`take`](Self::take), unless `KEPT` already wait (or it holds
-    /// no allocation): then it is dropped.
+    /// A spare buffer, or an empty one when none waits.
+    pub fn take(&self) -> B {
+        let mut s = self.spare_list();
+        let b = s.bufs.pop().unwrap_or_default();
+        s.bytes -= b.capacity();
+        b
+    }
+
+    /// Keeps `b` for a later [`take`](Self::take), unless `KEPT` already wait, their
+    /// capacity and `b`'s would pass `KEPT_BYTES`, or `b` holds no allocation: then it is
+    /// dropped.
     pub fn put(&self, b: B) {
-        if b.capacity() == 0 {
+        let cap = b.capacity();
+        if cap == 0 {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < KEPT {
-            free.push(b);
+        let mut s = self.spare_list();
+        if s.bufs.len() < KEPT && s.bytes.saturating_add(cap) <= KEPT_BYTES {
+            s.bytes += cap;
+            s.bufs.push(b);
         }
     }
 
     /// Frees every spare buffer (at the end of a transfer: an idle process holds none).
     pub fn clear(&self) {
-        let spare = std::mem::take(&mut *self.free.lock().unwrap_or_else(|e| e.into_inner()));
+        let spare = {
+            let mut s = self.spare_list();
+            s.bytes = 0;
+            std::mem::take(&mut s.bufs)
+        };
         // Freed (unmapped) after the lock is released.
         drop(spare);
     }
 
     /// Buffers waiting for reuse.
     pub fn spare(&self) -> usize {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.spare_list().bufs.len()
+    }
+
+    /// Their capacity together.
+    pub fn spare_bytes(&self) -> usize {
+        self.spare_list().bytes
     }
 }
 
@@ -101,6 +127,28 @@ mod tests {
         assert_eq!(pool.take().capacity(), 0);
         pool.put(vec![1; 10]);
         pool.clear();
-        assert_eq!(pool.spare(), 0, "cleared");
+        assert_eq!((pool.spare(), pool.spare_bytes()), (0, 0), "cleared");
+    }
+
+    #[test]
+    fn keeps_at_most_its_bytes() {
+        let pool = BufferPool::<8, Vec<u8>, 10_000>::default();
+        for _ in 0..4 {
+            pool.put(Vec::with_capacity(4096));
+        }
+        assert_eq!(
+            pool.spare(),
+            2,
+            "a third 4 KiB buffer would pass 10,000 bytes"
+        );
+        assert_eq!(pool.spare_bytes(), 8192);
+        pool.put(Vec::with_capacity(1000));
+        assert_eq!(
+            (pool.spare(), pool.spare_bytes()),
+            (3, 9192),
+            "a small one still fits"
+        );
+        let b = pool.take();
+        assert_eq!(pool.spare_bytes(), 9192 - b.capacity());
     }
 }
