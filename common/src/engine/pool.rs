@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::{
-    into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
+    complete, into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
 };
 
 pub struct PoolEngine {
@@ -30,7 +30,7 @@ impl PoolEngine {
                         };
                         let Ok((mut op, done)) = job else { return };
                         let result = run_blocking(&mut op, 0);
-                        done(into_completion(op, result));
+                        complete(done, into_completion(op, result));
                     })
                     .expect("spawning an I/O thread")
             })

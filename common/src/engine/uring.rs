@@ -16,7 +16,7 @@ use std::time::Duration;
 use io_uring::{opcode, types, IoUring};
 
 use super::{
-    into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
+    complete, into_completion, mark_completion_thread, run_blocking, Callback, Engine, Op, Rejected,
 };
 
 struct Pending {
@@ -241,8 +241,16 @@ fn completion_loop(inner: &Inner) {
                     counter.len(),
                 )
             };
-            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                return;
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    // Never end this thread while operations are in flight: reap by polling.
+                    crate::error_limited!(
+                        Duration::from_secs(10),
+                        "io_uring completion thread: reading its eventfd failed ({e}); polling every 10 ms"
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
         wait = true;
@@ -256,7 +264,11 @@ fn completion_loop(inner: &Inner) {
             }
         }
         for (idx, res) in ready {
-            let p = inner.slots.lock().ok().and_then(|mut s| s.take(idx));
+            let p = inner
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(idx);
             let Some(Pending { mut op, done }) = p else {
                 continue;
             };
@@ -274,7 +286,7 @@ fn completion_loop(inner: &Inner) {
                     _ => Ok(()),
                 }
             };
-            done(into_completion(op, result));
+            complete(done, into_completion(op, result));
         }
         // More completions than the CQ holds wait in the kernel's overflow list; only an enter
         // with GETEVENTS (which submit() adds when the overflow flag is up) moves them into the
