@@ -8,9 +8,10 @@
 //! buffers, which are reused across chunks.
 //!
 //! Direct transfers need an aligned file offset, length and memory address. [`aligned`] picks
-//! the aligned start inside a plain `Vec<u8>` with slack; the shipper's reads use
-//! [`crate::iobuf::DirectBuf`] instead, whose transfers lie in huge pages (one contiguous
-//! piece for the disk rather than 256 scattered ones per MiB). Filesystems that refuse
+//! the aligned start inside a plain `Vec<u8>` with slack; transfers of 512 KiB or more (the
+//! shipper's reads, the applier's chunk writes) use [`crate::iobuf::DirectBuf`] instead,
+//! whose transfers lie in huge pages (one contiguous piece for the disk rather than 256
+//! scattered ones per MiB). Filesystems that refuse
 //! `O_DIRECT` (tmpfs, some FUSE filesystems) get `None` from [`open`], and callers use their
 //! buffered descriptor.
 
