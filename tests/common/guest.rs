@@ -63,10 +63,16 @@ pub fn guest_definition(dir: &Path, name: &str, mode: &str, kernel_args: &str) -
     p
 }
 
-/// The console's lines, carriage returns dropped (empty if the log is not there yet).
+/// The console's complete lines, carriage returns dropped (empty if the log is not there yet).
+/// A last line without its newline is one QEMU is still writing (the serial port hands the
+/// log a few bytes at a time) and is left for the next read.
 pub fn console_lines(log: &Path) -> Vec<String> {
     let bytes = std::fs::read(log).unwrap_or_default();
-    String::from_utf8_lossy(&bytes)
+    let complete = match bytes.iter().rposition(|&b| b == b'\n') {
+        Some(end) => &bytes[..=end],
+        None => &[],
+    };
+    String::from_utf8_lossy(complete)
         .lines()
         .map(|l| l.trim_end_matches('\r').to_string())
         .collect()
@@ -81,18 +87,28 @@ pub fn tagged(lines: &[String], tag: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The writer's `VMR-FILE <seq> <name> <sha256>` lines: name → sha256.
+/// A SHA-256 as the guest's `sha256sum` prints it.
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The writer's `VMR-FILE <seq> <name> <sha256>` lines: name → sha256. A line a kernel
+/// message broke into is not a report and is skipped (the checker's side then has nothing
+/// to match it against, so nothing is claimed for that file).
 pub fn files_written(lines: &[String]) -> BTreeMap<String, String> {
     tagged(lines, "VMR-FILE")
         .into_iter()
+        .filter(|f| f.len() == 3 && is_sha256(&f[2]))
         .map(|f| (f[1].clone(), f[2].clone()))
         .collect()
 }
 
-/// The checker's `VMR-HAVE <name> <sha256>` lines: name → sha256.
+/// The checker's `VMR-HAVE <name> <sha256>` lines: name → sha256. A broken line is skipped,
+/// which can only make a file look missing, never present.
 pub fn files_present(lines: &[String]) -> BTreeMap<String, String> {
     tagged(lines, "VMR-HAVE")
         .into_iter()
+        .filter(|f| f.len() == 2 && is_sha256(&f[1]))
         .map(|f| (f[0].clone(), f[1].clone()))
         .collect()
 }
