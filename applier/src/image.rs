@@ -41,9 +41,13 @@ impl Image {
     }
 }
 
-/// Direct writes kept in flight: enough to keep a disk's queue full (at most this many chunk
-/// buffers, a 2 MiB huge page each at most, are held by writes).
-const IN_FLIGHT: usize = 32;
+/// Direct writes kept in flight, at most this many and at most [`IN_FLIGHT_BYTES`] of them:
+/// a delta's small chunks need many in flight to keep a disk's queue full (with 32, the
+/// receive pipeline spent a quarter of a 1 GiB cycle of 64 KiB chunks waiting to issue
+/// writes), while whole-MiB chunks (an initial copy) fill it with few, each holding a 2 MiB
+/// huge page.
+const IN_FLIGHT: usize = 128;
+const IN_FLIGHT_BYTES: u64 = 32 << 20;
 
 /// The engine every write and undo read in this process goes through (one ring and
 /// completion thread).
@@ -71,6 +75,7 @@ struct Done {
     disk: u16,
     offset: u64,
     at: usize,
+    len: u32,
     buf: IoBuf,
     result: io::Result<()>,
 }
@@ -83,6 +88,7 @@ pub(crate) struct ImageWriter {
     images: Arc<Vec<Image>>,
     engine: Arc<dyn Engine>,
     in_flight: usize,
+    in_flight_bytes: u64,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
     /// Finished writes not yet taken.
@@ -98,6 +104,7 @@ impl ImageWriter {
             images,
             engine: shared_engine(),
             in_flight: 0,
+            in_flight_bytes: 0,
             done_tx,
             done_rx,
             finished: Vec::new(),
@@ -107,7 +114,8 @@ impl ImageWriter {
 
     /// Writes `len` bytes at `offset` of image `disk`: `buf[at..]` (`at` aligned, as
     /// [`direct::aligned`] gives), or a hole if `data` is None. Returns at once unless
-    /// [`IN_FLIGHT`] writes are in flight; the outcome comes from [`ImageWriter::take_done`].
+    /// [`IN_FLIGHT`] writes or [`IN_FLIGHT_BYTES`] are in flight; the outcome comes from
+    /// [`ImageWriter::take_done`].
     pub fn write(
         &mut self,
         token: u64,
@@ -116,7 +124,9 @@ impl ImageWriter {
         len: u32,
         data: Option<(IoBuf, usize)>,
     ) {
-        while self.in_flight >= IN_FLIGHT {
+        while self.in_flight >= IN_FLIGHT
+            || (self.in_flight > 0 && self.in_flight_bytes + u64::from(len) > IN_FLIGHT_BYTES)
+        {
             self.reap();
         }
         let img = &self.images[disk as usize];
@@ -145,12 +155,14 @@ impl ImageWriter {
                             disk,
                             offset,
                             at,
+                            len,
                             buf: c.buf,
                             result: c.result,
                         });
                     }),
                 );
                 self.in_flight += 1;
+                self.in_flight_bytes += u64::from(len);
             }
             _ => {
                 let r = img.write_range(offset, len, Some(&buf[at..])).map_err(err);
@@ -166,6 +178,7 @@ impl ImageWriter {
         // Cannot fail while this writer holds a sender of its own; handled, not unwrapped.
         let Ok(d) = self.done_rx.recv() else {
             self.in_flight = 0;
+            self.in_flight_bytes = 0;
             return;
         };
         self.finish_one(d);
@@ -173,6 +186,7 @@ impl ImageWriter {
 
     fn finish_one(&mut self, d: Done) {
         self.in_flight -= 1;
+        self.in_flight_bytes -= u64::from(d.len);
         let r = match d.result {
             Err(e) if direct::is_refusal(&e) => {
                 let data = &d.buf[d.at..];
@@ -356,6 +370,38 @@ mod tests {
             matches!(buffers.take(), IoBuf::Direct(_)),
             "kept for reuse as they were"
         );
+    }
+
+    #[test]
+    fn writes_in_flight_are_bounded_by_count_and_by_bytes() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let images = Arc::new(vec![image(&dir.path().join("a"), true)]);
+        if images[0].direct.is_none() {
+            direct::unavailable("no direct writes to keep in flight");
+            return;
+        }
+        let buffers = Arc::new(Buffers::default());
+        let mut w = ImageWriter::new(Arc::clone(&images), Arc::clone(&buffers));
+        // Whole-MiB chunks (2 MiB huge pages each): the bytes bound them, not the count.
+        for n in 0..48u64 {
+            let (buf, at, _) = data(n as u8, 1 << 20);
+            w.write(n, 0, (n % 8) << 20, 1 << 20, Some((buf, at)));
+            assert!(
+                w.in_flight_bytes <= IN_FLIGHT_BYTES,
+                "{} bytes",
+                w.in_flight_bytes
+            );
+            assert_eq!(w.in_flight_bytes, w.in_flight as u64 * (1 << 20));
+        }
+        assert!(w.drain().into_iter().all(|(_, r)| r.is_ok()));
+        assert_eq!((w.in_flight, w.in_flight_bytes), (0, 0));
+        for n in 0..400u64 {
+            let (buf, at, _) = data(n as u8, 65536);
+            w.write(100 + n, 0, (n % 128) * 65536, 65536, Some((buf, at)));
+            assert!(w.in_flight <= IN_FLIGHT, "{} writes", w.in_flight);
+        }
+        assert_eq!(w.drain().len(), 400);
+        assert_eq!((w.in_flight, w.in_flight_bytes), (0, 0));
     }
 
     #[test]
