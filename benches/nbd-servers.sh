@@ -57,6 +57,9 @@
 #   VMREPLICA=<repo>/target/release/vmreplica   tracker binary; both tracker servers are skipped
 #                           automatically if it is not an executable file
 #   BENCH_TRACKER_EXTRA_ARGS=""   extra args for both tracker runs (word-split)
+#   BENCH_STATE_DIR=<BENCH_DIR>   where the trackers' state dirs are made (a fresh directory
+#                           under it, removed at exit unless BENCH_KEEP=1); /dev/shm takes the
+#                           bitmap's and the activity log's writeback off the image's disk
 #   BENCH_DIR=<mktemp -d under /var/tmp>   where the image, sockets and state dirs live (removed
 #                           at exit unless BENCH_KEEP=1); must not be tmpfs (O_DIRECT)
 #   BENCH_START_TIMEOUT=10  seconds to wait for a server to accept NBD connections
@@ -82,6 +85,7 @@ BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_SERVERS=${BENCH_SERVERS:-"qemu-uring qemu-default nbdkit tracker-on tracker-off"}
 VMREPLICA=${VMREPLICA:-$repo_dir/target/release/vmreplica}
 BENCH_TRACKER_EXTRA_ARGS=${BENCH_TRACKER_EXTRA_ARGS:-}
+BENCH_STATE_DIR=${BENCH_STATE_DIR:-}
 BENCH_START_TIMEOUT=${BENCH_START_TIMEOUT:-10}
 BENCH_STOP_TIMEOUT=${BENCH_STOP_TIMEOUT:-10}
 BENCH_KEEP=${BENCH_KEEP:-0}
@@ -149,6 +153,11 @@ if [[ -n ${BENCH_DIR:-} ]]; then
 else
   work_dir=$(mktemp -d /var/tmp/nbd-bench.XXXXXX); own_work_dir=1
 fi
+state_base=$work_dir
+if [[ -n $BENCH_STATE_DIR ]]; then
+  mkdir -p "$BENCH_STATE_DIR" && state_base=$(mktemp -d "$BENCH_STATE_DIR/nbd-bench-state.XXXXXX") \
+    || die "cannot make a state directory under BENCH_STATE_DIR=$BENCH_STATE_DIR"
+fi
 img=$work_dir/disk0.raw
 sock=$work_dir/nbd.sock
 (( ${#sock} < 100 )) || die "socket path too long for AF_UNIX: $sock (set BENCH_DIR shorter)"
@@ -169,6 +178,7 @@ cleanup() {
   if [[ $BENCH_KEEP != 1 ]]; then
     rm -f "$sock" "$img"
     rm -rf "$work_dir"/state-* 2>/dev/null || true
+    if [[ -n ${state_base:-} && $state_base != "$work_dir" ]]; then rm -rf "$state_base"; fi
     if [[ $own_work_dir == 1 ]]; then rmdir "$work_dir" 2>/dev/null || true; fi
   else
     log "kept work dir $work_dir"
@@ -215,7 +225,7 @@ build_server_cmd() {
       server_cmd=(nbdkit --foreground -U "$sock" file "$img") ;;
     tracker-on|tracker-off)
       [[ -f $VMREPLICA && -x $VMREPLICA ]] || { skip_reason="no tracker binary at $VMREPLICA (build with cargo build --release, or set VMREPLICA)"; return 1; }
-      state=$work_dir/state-$key
+      state=$state_base/state-$key
       rm -rf "$state"; mkdir -p "$state"
       local -a extra=()
       read -r -a extra <<<"$BENCH_TRACKER_EXTRA_ARGS"
@@ -423,6 +433,9 @@ git_dirty=$(git -C "$repo_dir" status --porcelain 2>/dev/null | head -n 1)
   echo "- repo: $git_rev${git_dirty:+ (uncommitted changes)}; host: $(uname -r), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
   echo "- $(ver fio --version); $(ver qemu-nbd --version); $(ver nbdkit --version); $(ver nbdinfo --version)"
   echo "- image: $((size_bytes / 1048576)) MiB raw, fully written once (dd, O_DIRECT), on $img_fs; reused for every server, page cache dropped before each server"
+  if [[ $state_base != "$work_dir" ]]; then
+    echo "- tracker state dirs: under $BENCH_STATE_DIR ($(stat -f -c %T "$state_base")), not beside the image"
+  fi
   echo "- workloads: numjobs=1, ${BENCH_RAMP}s ramp + ${BENCH_RUNTIME}s measured each, in table order, fio ioengine=nbd over a unix socket, export disk0"
   echo "- $BENCH_ROUNDS alternating rounds: every server once per round; even rounds run the round before them in reverse order (odd rounds rotate the list by one more place every two rounds), so every pair of servers meets in both orders$unmirrored (orders: $orders_note); cells are the median over the rounds with the spread (min–max); ratios are the median of the per-round ratios"
   echo "- server CPU: utime+stime of the server process (all threads) from /proc/PID/stat, sampled every 50 ms; the window is the last ${BENCH_RUNTIME}s before fio exits (= fio's measured window)"
