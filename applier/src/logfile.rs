@@ -21,16 +21,127 @@
 //!
 //! Where direct I/O is refused (tmpfs, some FUSE filesystems) records are written as they are
 //! appended, through the page cache.
+//!
+//! In write-behind mode ([`LogWriter::write_behind`], a receiving cycle's undo log) the blocks'
+//! writes and the syncs run on a thread of their own, in the order they were asked for, so the
+//! appender goes on (reading and compressing the next batch's old contents) while the disk
+//! takes the last batch's log: [`LogWriter::sync_later`] answers once everything appended
+//! before it is durable. Syncs that queue up while one runs are answered by one fdatasync
+//! (group commit). Each write owns a copy of its bytes; the copies' buffers come back to be
+//! reused, and the queue is bounded, so at most [`BEHIND_QUEUE`] blocks wait.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 use vmreplica_common::direct::{self, ALIGN};
 
 /// Bytes gathered before a direct write: large writes keep the disk streaming.
 const BLOCK: usize = 4 << 20;
+/// Writes (each at most a [`BLOCK`]) and syncs queued for the write-behind thread, at most:
+/// the appender waits beyond.
+const BEHIND_QUEUE: usize = 8;
+/// Queued items one fdatasync answers for at most, so that a steady stream of writes cannot
+/// hold a sync back for ever.
+const GROUP: usize = 64;
+
+/// What the write-behind thread is asked to do, in order.
+enum Work {
+    /// Write `buf[at..]` at `offset`.
+    Write {
+        buf: Vec<u8>,
+        at: usize,
+        offset: u64,
+    },
+    /// Answer once everything written before is durable.
+    Sync(mpsc::Sender<io::Result<()>>),
+}
+
+/// A write-behind thread and its queue.
+struct Behind {
+    tx: Option<SyncSender<Work>>,
+    /// Buffers the thread has written, for reuse.
+    spare: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Behind {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes `data` at `offset`, direct while the filesystem takes it, else through the page
+/// cache (from then on).
+fn write_either(
+    file: &File,
+    direct: &mut Option<File>,
+    data: &[u8],
+    offset: u64,
+) -> io::Result<()> {
+    if let Some(d) = direct {
+        match d.write_all_at(data, offset) {
+            Err(e) if direct::is_refusal(&e) => {
+                tracing::debug!("direct writes refused ({e}); log written buffered");
+                *direct = None;
+            }
+            r => return r,
+        }
+    }
+    file.write_all_at(data, offset)
+}
+
+/// The write-behind thread: writes and syncs in the order asked; after a failed write or sync
+/// (the log's end unknown) it writes nothing more and answers every sync with the failure.
+fn behind(file: File, mut direct: Option<File>, rx: Receiver<Work>, spare: SyncSender<Vec<u8>>) {
+    let mut failed: Option<(io::ErrorKind, String)> = None;
+    let failure = |f: &(io::ErrorKind, String)| {
+        io::Error::new(f.0, format!("an earlier write failed: {}", f.1))
+    };
+    while let Ok(first) = rx.recv() {
+        let mut replies = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(w) = next.take() {
+            taken += 1;
+            match w {
+                Work::Write { buf, at, offset } => {
+                    if failed.is_none() {
+                        if let Err(e) = write_either(&file, &mut direct, &buf[at..], offset) {
+                            failed = Some((e.kind(), e.to_string()));
+                        }
+                    }
+                    let _ = spare.try_send(buf);
+                }
+                Work::Sync(reply) => replies.push(reply),
+            }
+            // Once a sync is asked for, what is queued behind it already joins it.
+            if !replies.is_empty() && taken < GROUP {
+                next = rx.try_recv().ok();
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        if failed.is_none() {
+            if let Err(e) = file.sync_data() {
+                failed = Some((e.kind(), e.to_string()));
+            }
+        }
+        for r in replies {
+            let _ = r.send(match &failed {
+                Some(f) => Err(failure(f)),
+                None => Ok(()),
+            });
+        }
+    }
+}
 
 pub(crate) struct LogWriter {
     file: File,
@@ -48,6 +159,8 @@ pub(crate) struct LogWriter {
     failed: Option<(io::ErrorKind, String)>,
     /// Bytes written to the file so far (padding and rewritten blocks included).
     written: u64,
+    /// Write-behind mode: the thread that writes and syncs.
+    behind: Option<Behind>,
 }
 
 fn round_up(n: usize) -> usize {
@@ -69,6 +182,7 @@ impl LogWriter {
             flushed: 0,
             failed: None,
             written: 0,
+            behind: None,
         };
         if w.direct.is_some() {
             w.at = direct::aligned(&mut w.buf, BLOCK + ALIGN);
@@ -152,6 +266,20 @@ impl LogWriter {
     fn write_buf(&mut self, n: usize) -> io::Result<bool> {
         let f = self.direct.as_ref().expect("direct mode");
         let from = (self.flushed - self.flushed % ALIGN).min(n);
+        if let Some(b) = &self.behind {
+            let data = &self.buf[self.at + from..self.at + n];
+            let mut copy = b.spare.try_recv().unwrap_or_default();
+            let at = direct::aligned(&mut copy, data.len());
+            copy[at..].copy_from_slice(data);
+            let work = Work::Write {
+                buf: copy,
+                at,
+                offset: self.base + from as u64,
+            };
+            self.send(work)?;
+            self.written += (n - from) as u64;
+            return Ok(true);
+        }
         let r = f.write_all_at(
             &self.buf[self.at + from..self.at + n],
             self.base + from as u64,
@@ -199,19 +327,17 @@ impl LogWriter {
     /// Writes everything appended and cuts the file back to the log's length (the padding of
     /// the last block is not part of the log): for a log that is finished.
     pub fn trim(&mut self) -> io::Result<()> {
+        if self.behind.is_some() {
+            // The writes queued must land first, or one would grow the file again.
+            self.sync()?;
+        }
         self.flush()?;
         let r = self.file.set_len(self.len());
         self.poison_on(r)
     }
 
-    /// A second descriptor of the log file, for making what [`LogWriter::flush`] wrote durable
-    /// on another thread (`sync_data` on it), while this writer goes on appending.
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.file.try_clone()
-    }
-
-    /// A sync made on a [`LogWriter::sync_handle`] failed: what reached the disk is unknown,
-    /// so the writer refuses everything after, as after a failed [`LogWriter::sync`].
+    /// A sync asked for with [`LogWriter::sync_later`] failed: what reached the disk is
+    /// unknown, so the writer refuses everything after, as after a failed [`LogWriter::sync`].
     pub fn poison(&mut self, e: &io::Error) {
         if self.failed.is_none() {
             self.failed = Some((e.kind(), e.to_string()));
@@ -227,10 +353,63 @@ impl LogWriter {
 
     /// Makes everything appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.flush()?;
-        let r = self.file.sync_data();
+        let r = match self.sync_later() {
+            Ok(rx) => rx.recv().unwrap_or_else(|_| Err(stopped())),
+            Err(e) => Err(e),
+        };
         self.poison_on(r)
     }
+
+    /// Switches to write-behind mode (see the module doc); nothing if it is on already.
+    pub fn write_behind(&mut self) -> io::Result<()> {
+        if self.behind.is_some() {
+            return Ok(());
+        }
+        self.check()?;
+        let file = self.file.try_clone()?;
+        let direct = match &self.direct {
+            Some(d) => Some(d.try_clone()?),
+            None => None,
+        };
+        let (tx, rx) = mpsc::sync_channel(BEHIND_QUEUE);
+        let (spare_tx, spare) = mpsc::sync_channel(BEHIND_QUEUE + 1);
+        let thread = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || behind(file, direct, rx, spare_tx))?;
+        self.behind = Some(Behind {
+            tx: Some(tx),
+            spare,
+            thread: Some(thread),
+        });
+        Ok(())
+    }
+
+    fn send(&self, w: Work) -> io::Result<()> {
+        let tx = self.behind.as_ref().and_then(|b| b.tx.as_ref());
+        tx.ok_or_else(stopped)?.send(w).map_err(|_| stopped())
+    }
+
+    /// Makes everything appended so far durable: in write-behind mode on its thread, and the
+    /// answer comes on the returned channel (the caller [`LogWriter::poison`]s the writer if
+    /// it is a failure); otherwise here, the answer already in the channel.
+    pub fn sync_later(&mut self) -> io::Result<Receiver<io::Result<()>>> {
+        self.flush()?;
+        let (tx, rx) = mpsc::channel();
+        if self.behind.is_some() {
+            // Buffered appends were written already: the sync covers them too.
+            let r = self.send(Work::Sync(tx));
+            self.poison_on(r)?;
+        } else {
+            let r = self.file.sync_data();
+            let r = self.poison_on(r);
+            let _ = tx.send(r);
+        }
+        Ok(rx)
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the log's writer thread stopped")
 }
 
 impl Drop for LogWriter {
@@ -289,20 +468,33 @@ mod tests {
         );
     }
 
-    /// On /var/tmp (a disk filesystem: direct I/O) and on the tmpfs-or-not /tmp alike, the
-    /// log is the pieces back to back, whatever was flushed when.
+    /// On /var/tmp (a disk filesystem: direct I/O) and on the tmpfs-or-not /tmp alike, written
+    /// here or behind, the log is the pieces back to back, whatever was flushed when.
     #[test]
     fn appended_pieces_read_back_and_the_file_ends_at_the_log() {
-        for root in ["/var/tmp", "/tmp"] {
+        for (root, behind) in [
+            ("/var/tmp", false),
+            ("/tmp", false),
+            ("/var/tmp", true),
+            ("/tmp", true),
+        ] {
             let dir = tempfile::tempdir_in(root).unwrap();
             let p = dir.path().join("log");
             let mut expect = Vec::new();
             let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
+            if behind {
+                w.write_behind().unwrap();
+            }
             for (i, piece) in pieces(300).iter().enumerate() {
                 expect.extend_from_slice(piece);
                 w.append(&[&piece[..10], &piece[10..]]).unwrap();
                 if i % 37 == 0 {
-                    w.flush().unwrap();
+                    // Behind, what a sync answered for is in the file.
+                    if behind {
+                        w.sync_later().unwrap().recv().unwrap().unwrap();
+                    } else {
+                        w.flush().unwrap();
+                    }
                     assert_log_then_padding(&p, &expect);
                 }
                 if i == 150 {
@@ -311,6 +503,9 @@ mod tests {
                     let len = w.len();
                     drop(w);
                     w = LogWriter::open(rw(&p), &p, len).unwrap();
+                    if behind {
+                        w.write_behind().unwrap();
+                    }
                 }
             }
             w.sync().unwrap();
@@ -403,5 +598,76 @@ mod tests {
         assert!(e.to_string().contains("earlier write failed"), "{e}");
         assert_eq!(w.flush().unwrap_err().kind(), io::ErrorKind::StorageFull);
         assert!(w.sync().is_err());
+    }
+
+    /// Behind, syncs asked for one after another are each answered once everything appended
+    /// before them is in the file, in order, however many the thread answers with one
+    /// fdatasync; dropping the writer waits for what is queued.
+    #[test]
+    fn syncs_behind_answer_for_everything_appended_before_them() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = dir.path().join("log");
+        let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
+        w.write_behind().unwrap();
+        let mut expect = Vec::new();
+        let mut asked = Vec::new();
+        for piece in pieces(120) {
+            w.append(&[&piece]).unwrap();
+            expect.extend_from_slice(&piece);
+            asked.push((w.sync_later().unwrap(), expect.len()));
+        }
+        for (rx, len) in asked {
+            rx.recv().unwrap().unwrap();
+            let got = std::fs::read(&p).unwrap();
+            assert!(got.len() >= len && got[..len] == expect[..len]);
+        }
+        let tail = vec![5u8; BLOCK + 3];
+        w.append(&[&tail]).unwrap();
+        expect.extend_from_slice(&tail);
+        drop(w);
+        assert!(std::fs::read(&p).unwrap() == expect);
+    }
+
+    /// Behind, a write that fails on the writer's thread (a full tmpfs of 2 MiB, which takes
+    /// direct I/O: the failure comes from the thread, not from the append) is answered to the
+    /// sync that covers it, and the writer poisoned with it refuses every later append,
+    /// flush and sync. Needs root (mount), as the suite's FUSE tests do.
+    #[test]
+    fn a_write_that_fails_behind_fails_its_sync_and_everything_after() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let mnt = dir.path().join("small");
+        std::fs::create_dir(&mnt).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "logfile-test"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a small tmpfs (needs root)");
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let _u = Unmount(&mnt);
+        let p = mnt.join("log");
+        let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
+        assert!(w.direct.is_some(), "tmpfs takes direct I/O on this kernel");
+        w.write_behind().unwrap();
+        let big = vec![7u8; BLOCK + 100];
+        w.append(&[&big]).unwrap();
+        let rx = w.sync_later().unwrap();
+        let e = rx.recv().unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        w.poison(&e);
+        let e = w.append(&[b"more"]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        assert!(w.flush().is_err());
+        assert!(w.sync().is_err());
+        assert!(w.sync_later().is_err());
+        drop(w);
     }
 }

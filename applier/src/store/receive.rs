@@ -6,10 +6,12 @@
 //! are read (many reads in flight; a hole is recorded as a hole without reading) and
 //! appended to the undo log; one fdatasync makes the batch's entries durable, and they are
 //! indexed for point views; only then are the new data written into the images (`O_DIRECT`,
-//! many writes in flight; zero runs punched). What is written is recorded as applied once the
-//! images are fdatasynced (every 64 MiB, every second, when a stream ends, when a resume or
-//! the manifest asks), in the undo log too, so a resume is answered with what is durably
-//! applied.
+//! many writes in flight; zero runs punched). The log's writes and syncs run on its own
+//! thread (write-behind, with group commit), so the next batches are captured while a batch
+//! waits for its sync; at most [`SYNCING`] batches wait. What is written is recorded as
+//! applied once the images are fdatasynced (every 64 MiB, every second, when a stream ends,
+//! when a resume or the manifest asks), in the undo log too, so a resume is answered with
+//! what is durably applied.
 //!
 //! A byte is captured at most once per cycle: a resent chunk, a chunk resent after a restart
 //! (the log's coverage is rebuilt from the log) or after a reconnect finds its range covered
@@ -20,8 +22,7 @@
 //! channel, so data streams never hold the VM's lock and the disk sees one stream of batched
 //! log writes and a full queue of image writes.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -174,13 +175,18 @@ const QUEUE: usize = 64;
 /// A batch: at most this many chunks, or bytes.
 const BATCH_JOBS: usize = 64;
 const BATCH_BYTES: u64 = 32 << 20;
+/// Batches waiting for their undo syncs, at most; and more than one only while they hold at
+/// most this many bytes (so large chunks keep the memory of one batch waiting).
+const SYNCING: usize = 2;
+const SYNCING_BYTES: u64 = BATCH_BYTES;
 /// What is written becomes durably applied at least this often.
 const MARK_BYTES: u64 = 64 << 20;
 const MARK_EVERY: Duration = Duration::from_secs(1);
 
 /// The pipeline's stages, timed at debug level (see [`Stages`]): waiting for chunks, a whole
 /// batch, and within it the hole checks, old-content reads, undo appends (lz4, and the log's
-/// full blocks written), flushes (its last block) and syncs, image
+/// full blocks copied for its writer), flushes (its last block copied, the sync asked for)
+/// and the waits for syncs, image
 /// write submissions (they wait while the writer's queue is full), and the marks' image
 /// syncs and log records; draining writes in flight.
 const STAGES: &[&str] = &[
@@ -238,8 +244,8 @@ impl Running {
             last_mark: Instant::now(),
             failed: None,
             pending: None,
-            syncer: None,
-            syncing: None,
+            syncing: VecDeque::new(),
+            syncing_bytes: 0,
             stages: Stages::new(STAGES, tracing::enabled!(tracing::Level::DEBUG)),
         };
         let thread = std::thread::Builder::new()
@@ -325,11 +331,12 @@ struct Pipeline {
     failed: Option<Failure>,
     /// A message taken while gathering a batch, handled next.
     pending: Option<Msg>,
-    /// Where undo log syncs are sent to the syncer thread (None: synced on this thread).
-    syncer: Option<mpsc::Sender<mpsc::Sender<io::Result<()>>>>,
-    /// The batch whose undo entries are being made durable by the syncer: its image writes
-    /// are issued once they are, while the next batch is captured.
-    syncing: Option<Syncing>,
+    /// Batches whose undo entries are being made durable (oldest first, as the log's
+    /// write-behind thread answers): each one's image writes are issued once they are, while
+    /// the next batches are captured.
+    syncing: VecDeque<Syncing>,
+    /// The chunk bytes those batches hold.
+    syncing_bytes: u64,
     stages: Stages,
 }
 
@@ -342,16 +349,7 @@ struct Syncing {
     done: mpsc::Receiver<io::Result<()>>,
     jobs: Vec<Job>,
     entries: Vec<Entry>,
-}
-
-/// Makes the undo log durable for the pipeline, one `sync_data` per request, in order: the
-/// pipeline captures (reads old contents, appends and writes entries) the next batch while
-/// the last one's entries are synced and its image writes are in flight, instead of waiting
-/// for each sync in turn.
-fn syncer(log: File, rx: Rx<mpsc::Sender<io::Result<()>>>) {
-    while let Ok(reply) = rx.recv() {
-        let _ = reply.send(log.sync_data());
-    }
+    bytes: u64,
 }
 
 impl Pipeline {
@@ -362,34 +360,13 @@ impl Pipeline {
     }
 
     fn run(&mut self, rx: Rx<Msg>) {
-        let mut thread = None;
         if self.p().capture {
-            match self.p().log.sync_handle() {
-                Ok(f) => {
-                    let (tx, srx) = mpsc::channel();
-                    match std::thread::Builder::new()
-                        .name(format!("undo-sync-{}", self.vm))
-                        .spawn(move || syncer(f, srx))
-                    {
-                        Ok(t) => {
-                            self.syncer = Some(tx);
-                            thread = Some(t);
-                        }
-                        Err(e) => {
-                            tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(vm = %self.vm, "no undo sync thread ({e}): synced inline")
-                }
+            // The log's blocks are written and synced behind the capture of the next batches.
+            if let Err(e) = self.p().log.write_behind() {
+                tracing::debug!(vm = %self.vm, "undo log written inline ({e})");
             }
         }
         self.run_loop(rx);
-        self.syncer = None;
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
     }
 
     /// The next message, waiting for it at most [`MARK_EVERY`] (timed as idle).
@@ -402,18 +379,18 @@ impl Pipeline {
 
     fn run_loop(&mut self, rx: Rx<Msg>) {
         loop {
-            // A batch waiting for its sync is written before waiting for more work.
-            let next = match (self.pending.take(), self.syncing.is_some()) {
+            // Batches waiting for their syncs are written before waiting for more work.
+            let next = match (self.pending.take(), self.syncing.is_empty()) {
                 (Some(m), _) => Some(m),
-                (None, true) => match rx.try_recv() {
+                (None, false) => match rx.try_recv() {
                     Ok(m) => Some(m),
                     Err(TryRecvError::Empty) => {
-                        self.write_synced();
-                        None
+                        self.write_oldest();
+                        continue;
                     }
                     Err(TryRecvError::Disconnected) => None,
                 },
-                (None, false) => None,
+                (None, true) => None,
             };
             let msg = match next {
                 Some(m) => m,
@@ -538,9 +515,10 @@ impl Pipeline {
             return;
         }
         let captured = if self.p().capture {
-            // The batch before is written while this one's old contents are read: it
-            // writes only ranges captured already, which this capture does not read.
-            match self.capture(&accepted, Self::write_synced) {
+            // Batches before are written while this one's old contents are read, as their
+            // syncs answer: they write only ranges captured already, which this capture does
+            // not read.
+            match self.capture(&accepted, Self::write_ready) {
                 Ok(c) => c,
                 Err(f) => {
                     self.fail(f.clone());
@@ -554,18 +532,27 @@ impl Pipeline {
             None
         };
         match captured {
-            // Entries written, their sync started: this batch is written once that sync
-            // answered (the batch before was written while the old contents were read).
+            // Entries queued for writing, their sync asked for: this batch is written once
+            // that sync answered. At most SYNCING batches (and one past SYNCING_BYTES) wait.
             Some((done, entries)) => {
-                self.write_synced();
-                self.syncing = Some(Syncing {
+                let bytes = accepted.iter().map(|j| u64::from(j.len)).sum();
+                self.syncing.push_back(Syncing {
                     done,
                     jobs: accepted,
                     entries,
+                    bytes,
                 });
+                self.syncing_bytes += bytes;
+                while self.syncing.len() > SYNCING
+                    || (self.syncing.len() > 1 && self.syncing_bytes > SYNCING_BYTES)
+                {
+                    self.write_oldest();
+                }
+                self.write_ready();
             }
+            // Nothing to capture: the ranges are covered, maybe by entries not durable yet.
             None => {
-                self.write_synced();
+                self.write_all_synced();
                 self.write_jobs(accepted);
             }
         }
@@ -592,18 +579,47 @@ impl Pipeline {
         self.stages.add(IMG_WRITE, t);
     }
 
-    /// Waits for the undo sync of the batch waiting for one, if any; then indexes its
-    /// entries for point views and issues its image writes (or fails it, if the sync failed).
-    fn write_synced(&mut self) {
-        let Some(s) = self.syncing.take() else {
+    /// Waits for the undo sync of the oldest batch waiting for one, if any; then writes it
+    /// (see [`Pipeline::write_batch`]).
+    fn write_oldest(&mut self) {
+        let Some(s) = self.syncing.pop_front() else {
             return;
         };
         let t = self.stages.begin();
         let r = s
             .done
             .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("the undo sync thread stopped")));
+            .unwrap_or_else(|_| Err(io::Error::other("the undo log's writer stopped")));
         self.stages.add(UNDO_SYNC, t);
+        self.write_batch(s, r);
+    }
+
+    /// Writes every batch whose undo sync has answered already (oldest first), without
+    /// waiting.
+    fn write_ready(&mut self) {
+        while let Some(r) = self.syncing.front().and_then(|s| match s.done.try_recv() {
+            Ok(r) => Some(r),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => {
+                Some(Err(io::Error::other("the undo log's writer stopped")))
+            }
+        }) {
+            let s = self.syncing.pop_front().expect("front");
+            self.write_batch(s, r);
+        }
+    }
+
+    /// Waits for every batch's undo sync and writes them.
+    fn write_all_synced(&mut self) {
+        while !self.syncing.is_empty() {
+            self.write_oldest();
+        }
+    }
+
+    /// A batch's undo sync answered `r`: indexes its entries for point views and issues its
+    /// image writes (or fails it, if the sync failed).
+    fn write_batch(&mut self, s: Syncing, r: io::Result<()>) {
+        self.syncing_bytes -= s.bytes;
         if let Err(e) = r {
             let vm = self.vm.clone();
             let p = self.p();
@@ -621,9 +637,9 @@ impl Pipeline {
     }
 
     /// Captures the old contents of the parts of `jobs`' ranges not captured yet: appends
-    /// them to the undo log and writes them to its file. If there were any, returns their
-    /// entries and where the sync that makes them durable will answer (on the syncer
-    /// thread; without one it is made here): the jobs' image writes wait for that answer,
+    /// them to the undo log, whose writer writes and syncs them behind. If there were any,
+    /// returns their entries and where the sync that makes them durable will answer (made
+    /// here if the log has no writer thread): the jobs' image writes wait for that answer,
     /// and the entries are indexed for point views once it comes.
     /// `meanwhile` runs once the reads are in flight (or when nothing is read).
     #[allow(clippy::type_complexity)]
@@ -679,20 +695,11 @@ impl Pipeline {
             );
         }
         self.stages.add(UNDO_WRITE, t);
+        // Queued for the log's writer (or written here, if it has none), then synced behind.
         let t = self.stages.begin();
-        p.log.flush().map_err(log_err)?;
+        let done = p.log.sync_later().map_err(log_err)?;
         self.stages.add(UNDO_FLUSH, t);
-        let (tx, rx) = mpsc::channel();
-        if let Some(s) = &self.syncer {
-            if s.send(tx.clone()).is_ok() {
-                return Ok(Some((rx, entries)));
-            }
-        }
-        let t = self.stages.begin();
-        let p = self.p.as_mut().expect("running");
-        let _ = tx.send(p.log.sync());
-        self.stages.add(UNDO_SYNC, t);
-        Ok(Some((rx, entries)))
+        Ok(Some((done, entries)))
     }
 
     /// Starts reading the ranges `(disk, start, end)` of the images, all in flight at once
@@ -844,7 +851,7 @@ impl Pipeline {
 
     /// Waits for every write in flight, then makes them durable.
     fn flush(&mut self) -> Result<(), Failure> {
-        self.write_synced();
+        self.write_all_synced();
         let t = self.stages.begin();
         let done = self.writer.drain();
         self.stages.add(DRAIN, t);

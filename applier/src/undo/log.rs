@@ -13,6 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use vmreplica_common::ranges::{Range, RangeSet};
 use vmreplica_common::wire::is_zero;
@@ -305,20 +306,27 @@ impl UndoLog {
         Ok(at)
     }
 
-    /// Writes everything appended to the file, not yet durable: a `sync_data` on a
-    /// [`UndoLog::sync_handle`] started after this returns makes it durable.
+    /// Writes everything appended to the file (in write-behind mode: queues it), not yet
+    /// durable.
     pub fn flush(&mut self) -> io::Result<()> {
         self.log.flush().map_err(|e| err(&self.path, e))
     }
 
-    /// A descriptor of the log's file for syncing it on another thread (see
-    /// [`UndoLog::flush`]).
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.log.sync_handle().map_err(|e| err(&self.path, e))
+    /// From now on the log's blocks are written and synced on a thread of its own, so that
+    /// appending goes on meanwhile (see [`UndoLog::sync_later`]).
+    pub fn write_behind(&mut self) -> io::Result<()> {
+        self.log.write_behind().map_err(|e| err(&self.path, e))
     }
 
-    /// A sync on a [`UndoLog::sync_handle`] failed: the log refuses every append and sync
-    /// after (it is reopened from what reached the file).
+    /// Makes everything appended durable, answering on the returned channel (at once unless
+    /// in write-behind mode). If the answer is a failure, the caller [`UndoLog::poison`]s the
+    /// log.
+    pub fn sync_later(&mut self) -> io::Result<mpsc::Receiver<io::Result<()>>> {
+        self.log.sync_later().map_err(|e| err(&self.path, e))
+    }
+
+    /// A sync asked for with [`UndoLog::sync_later`] failed: the log refuses every append and
+    /// sync after (it is reopened from what reached the file).
     pub fn poison(&mut self, e: &io::Error) {
         self.log.poison(e);
     }
