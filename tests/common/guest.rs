@@ -103,6 +103,17 @@ pub fn files_written(lines: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The highest sequence number of the writer's `VMR-FILE <seq> ...` lines (0 if none): a
+/// line a kernel message broke into may be skipped by [`files_written`], so counting its
+/// files undercounts what the writer numbered.
+pub fn highest_seq(lines: &[String]) -> u64 {
+    tagged(lines, "VMR-FILE")
+        .iter()
+        .filter_map(|f| f.first()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 /// The checker's `VMR-HAVE <name> <sha256>` lines: name → sha256. A broken line is skipped,
 /// which can only make a file look missing, never present.
 pub fn files_present(lines: &[String]) -> BTreeMap<String, String> {
