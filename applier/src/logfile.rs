@@ -16,8 +16,9 @@
 //!
 //! A failed write (a full disk) leaves the log's end unknown (a record may be half in the
 //! file), so the writer refuses everything after it: callers reopen the log, whose scan keeps
-//! what reached the file. (Writing full blocks on a thread of their own, so that appends made
-//! under a VM's lock never wait for the disk, measured no faster on a 1 GiB cycle.)
+//! what reached the file. (Writing only the full blocks on a thread of their own measured no
+//! faster on a 1 GiB cycle; the write-behind mode below moves the blocks, the last block's
+//! flushes and the syncs together: `benches/results/cycle-writebehind-2026-12-05.md`.)
 //!
 //! Where direct I/O is refused (tmpfs, some FUSE filesystems) records are written as they are
 //! appended, through the page cache.
