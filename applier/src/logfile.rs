@@ -28,9 +28,10 @@
 //! appender goes on (reading and compressing the next batch's old contents) while the disk
 //! takes the last batch's log: [`LogWriter::sync_later`] answers once everything appended
 //! before it is durable. Syncs that queue up while one runs are answered by one fdatasync
-//! (group commit). Each write owns a copy of its bytes; the copies' buffers come back to be
-//! reused, and the queue is bounded, so at most [`BEHIND_QUEUE`] blocks wait.
+//! (group commit). Each write owns a copy of its bytes; up to [`SPARE`] of the copies' buffers
+//! come back to be reused, and the queue is bounded, so at most [`BEHIND_QUEUE`] blocks wait.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -45,9 +46,10 @@ const BLOCK: usize = 4 << 20;
 /// Writes (each at most a [`BLOCK`]) and syncs queued for the write-behind thread, at most:
 /// the appender waits beyond.
 const BEHIND_QUEUE: usize = 8;
-/// Queued items one fdatasync answers for at most, so that a steady stream of writes cannot
-/// hold a sync back for ever.
+/// Queued items the write-behind thread takes in one round, at most.
 const GROUP: usize = 64;
+/// Written buffers kept for reuse, at most (each up to a [`BLOCK`]).
+const SPARE: usize = 3;
 
 /// What the write-behind thread is asked to do, in order.
 enum Work {
@@ -98,47 +100,66 @@ fn write_either(
     file.write_all_at(data, offset)
 }
 
-/// The write-behind thread: writes and syncs in the order asked; after a failed write or sync
-/// (the log's end unknown) it writes nothing more and answers every sync with the failure.
+/// The write-behind thread: writes and syncs in the order asked. Each round takes everything
+/// queued (up to [`GROUP`] items): the writes ahead of the last sync among them, then one
+/// fdatasync answers every sync of the round; writes behind that sync wait for the next
+/// round, so they never delay its answer. After a failed write or sync (the log's end
+/// unknown) it writes nothing more; a sync asked for before the failure is still answered by
+/// its own fdatasync, every later one with the failure.
 fn behind(file: File, mut direct: Option<File>, rx: Receiver<Work>, spare: SyncSender<Vec<u8>>) {
     let mut failed: Option<(io::ErrorKind, String)> = None;
-    let failure = |f: &(io::ErrorKind, String)| {
-        io::Error::new(f.0, format!("an earlier write failed: {}", f.1))
-    };
-    while let Ok(first) = rx.recv() {
+    let mut queued = VecDeque::new();
+    loop {
+        if queued.is_empty() {
+            match rx.recv() {
+                Ok(w) => queued.push_back(w),
+                Err(_) => return,
+            }
+        }
+        while queued.len() < GROUP {
+            match rx.try_recv() {
+                Ok(w) => queued.push_back(w),
+                Err(_) => break,
+            }
+        }
+        let round = queued
+            .iter()
+            .rposition(|w| matches!(w, Work::Sync(_)))
+            .map_or(queued.len(), |last| last + 1);
+        // Each sync's answer, and the failure that came before it (if any).
         let mut replies = Vec::new();
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(w) = next.take() {
-            taken += 1;
+        for w in queued.drain(..round) {
             match w {
                 Work::Write { buf, at, offset } => {
                     if failed.is_none() {
                         if let Err(e) = write_either(&file, &mut direct, &buf[at..], offset) {
-                            failed = Some((e.kind(), e.to_string()));
+                            failed = Some((e.kind(), format!("writing at {offset}: {e}")));
                         }
                     }
                     let _ = spare.try_send(buf);
                 }
-                Work::Sync(reply) => replies.push(reply),
-            }
-            // Once a sync is asked for, what is queued behind it already joins it.
-            if !replies.is_empty() && taken < GROUP {
-                next = rx.try_recv().ok();
+                Work::Sync(reply) => replies.push((reply, failed.clone())),
             }
         }
         if replies.is_empty() {
             continue;
         }
-        if failed.is_none() {
-            if let Err(e) = file.sync_data() {
-                failed = Some((e.kind(), e.to_string()));
-            }
+        let synced = if replies.iter().any(|(_, before)| before.is_none()) {
+            file.sync_data()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &synced {
+            failed = failed.or(Some((e.kind(), format!("fdatasync: {e}"))));
         }
-        for r in replies {
-            let _ = r.send(match &failed {
-                Some(f) => Err(failure(f)),
-                None => Ok(()),
+        for (reply, before) in replies {
+            let _ = reply.send(match (before, &synced) {
+                (Some((kind, msg)), _) => Err(io::Error::new(
+                    kind,
+                    format!("an earlier write or sync failed: {msg}"),
+                )),
+                (None, Err(e)) => Err(io::Error::new(e.kind(), format!("fdatasync: {e}"))),
+                (None, Ok(())) => Ok(()),
             });
         }
     }
@@ -373,7 +394,7 @@ impl LogWriter {
             None => None,
         };
         let (tx, rx) = mpsc::sync_channel(BEHIND_QUEUE);
-        let (spare_tx, spare) = mpsc::sync_channel(BEHIND_QUEUE + 1);
+        let (spare_tx, spare) = mpsc::sync_channel(SPARE);
         let thread = std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || behind(file, direct, rx, spare_tx))?;
@@ -601,9 +622,9 @@ mod tests {
         assert!(w.sync().is_err());
     }
 
-    /// Behind, syncs asked for one after another are each answered once everything appended
-    /// before them is in the file, in order, however many the thread answers with one
-    /// fdatasync; dropping the writer waits for what is queued.
+    /// Behind, each sync is answered only once everything appended before it is in the file,
+    /// whether it is waited for at once or among many asked for in a row; dropping the
+    /// writer waits for what is queued.
     #[test]
     fn syncs_behind_answer_for_everything_appended_before_them() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -611,6 +632,16 @@ mod tests {
         let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
         w.write_behind().unwrap();
         let mut expect = Vec::new();
+        let check = |expect: &[u8]| {
+            let got = std::fs::read(&p).unwrap();
+            assert!(got.len() >= expect.len() && got[..expect.len()] == *expect);
+        };
+        for piece in pieces(40) {
+            w.append(&[&piece]).unwrap();
+            expect.extend_from_slice(&piece);
+            w.sync_later().unwrap().recv().unwrap().unwrap();
+            check(&expect);
+        }
         let mut asked = Vec::new();
         for piece in pieces(120) {
             w.append(&[&piece]).unwrap();
@@ -619,8 +650,7 @@ mod tests {
         }
         for (rx, len) in asked {
             rx.recv().unwrap().unwrap();
-            let got = std::fs::read(&p).unwrap();
-            assert!(got.len() >= len && got[..len] == expect[..len]);
+            check(&expect[..len]);
         }
         let tail = vec![5u8; BLOCK + 3];
         w.append(&[&tail]).unwrap();
@@ -629,32 +659,67 @@ mod tests {
         assert!(std::fs::read(&p).unwrap() == expect);
     }
 
-    /// Behind, a write that fails on the writer's thread (a full tmpfs of 2 MiB, which takes
-    /// direct I/O: the failure comes from the thread, not from the append) is answered to the
-    /// sync that covers it, and the writer poisoned with it refuses every later append,
-    /// flush and sync. Needs root (mount), as the suite's FUSE tests do.
+    /// Behind too, a writer that vanishes (a crash) leaves a prefix of the log in the file.
+    #[test]
+    fn a_crash_behind_keeps_a_prefix_of_the_log() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = dir.path().join("log");
+        let all = pieces(200);
+        let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
+        w.write_behind().unwrap();
+        let mut expect = Vec::new();
+        for piece in &all[..50] {
+            w.append(&[piece]).unwrap();
+            expect.extend_from_slice(piece);
+        }
+        w.sync().unwrap();
+        let synced = expect.len();
+        for piece in &all[50..] {
+            w.append(&[piece]).unwrap();
+            expect.extend_from_slice(piece);
+        }
+        std::mem::forget(w);
+        let got = std::fs::read(&p).unwrap();
+        assert!(got.len() >= synced && got.len() < expect.len());
+        assert!(got[..] == expect[..got.len()]);
+    }
+
+    /// A tmpfs of `size` at a new directory under `dir`, unmounted when dropped (needs root,
+    /// as the suite's FUSE tests do). Its files take direct I/O on this kernel, and it fills
+    /// up for real.
+    struct SmallFs(std::path::PathBuf);
+
+    impl SmallFs {
+        fn mount(dir: &Path, size: &str) -> SmallFs {
+            let mnt = dir.join("small");
+            std::fs::create_dir(&mnt).unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "logfile-test"])
+                .arg(&mnt)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mounting a small tmpfs (needs root)");
+            SmallFs(mnt)
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Behind, a write that fails on the writer's thread (a full tmpfs of 2 MiB: the failure
+    /// comes from the thread, not from the append) is answered to the sync that covers it,
+    /// and the writer poisoned with it refuses every later append, flush and sync.
     #[test]
     fn a_write_that_fails_behind_fails_its_sync_and_everything_after() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let mnt = dir.path().join("small");
-        std::fs::create_dir(&mnt).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "logfile-test"])
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mounting a small tmpfs (needs root)");
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(self.0)
-                    .status();
-            }
-        }
-        let _u = Unmount(&mnt);
-        let p = mnt.join("log");
+        let fs = SmallFs::mount(dir.path(), "2m");
+        let p = fs.0.join("log");
         let mut w = LogWriter::open(rw(&p), &p, 0).unwrap();
         assert!(w.direct.is_some(), "tmpfs takes direct I/O on this kernel");
         w.write_behind().unwrap();
@@ -670,5 +735,46 @@ mod tests {
         assert!(w.sync().is_err());
         assert!(w.sync_later().is_err());
         drop(w);
+    }
+
+    /// One round of the write-behind thread: a sync is answered for what was queued before
+    /// it, not failed by a write queued behind it, even when both are taken in one round;
+    /// a sync behind the failed write gets the failure.
+    #[test]
+    fn a_sync_answers_for_the_writes_before_it_only() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let fs = SmallFs::mount(dir.path(), "2m");
+        let p = fs.0.join("log");
+        let file = rw(&p);
+        let direct = direct::open(&p, true).unwrap();
+        let block = |len: usize, byte: u8| {
+            let mut buf = Vec::new();
+            let at = direct::aligned(&mut buf, len);
+            buf[at..].fill(byte);
+            (buf, at)
+        };
+        let (tx, rx) = mpsc::sync_channel(8);
+        let (spare_tx, _spare) = mpsc::sync_channel(8);
+        let (s1, a1) = mpsc::channel();
+        let (s2, a2) = mpsc::channel();
+        let (buf, at) = block(1 << 20, 1);
+        tx.send(Work::Write { buf, at, offset: 0 }).unwrap();
+        tx.send(Work::Sync(s1)).unwrap();
+        let (buf, at) = block(BLOCK, 2);
+        tx.send(Work::Write {
+            buf,
+            at,
+            offset: 1 << 20,
+        })
+        .unwrap();
+        tx.send(Work::Sync(s2)).unwrap();
+        drop(tx);
+        // Everything is queued before the thread starts: it takes all four in one round.
+        behind(file, direct, rx, spare_tx);
+        a1.recv().unwrap().unwrap();
+        let e = a2.recv().unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        let got = std::fs::read(&p).unwrap();
+        assert!(got.len() >= 1 << 20 && got[..1 << 20].iter().all(|&b| b == 1));
     }
 }
