@@ -147,7 +147,7 @@ fn planned_failover_failback_and_unplanned_failover_of_a_writing_guest() {
     let first: u64 = tagged(&boot3, "VMR-FILE")[0][0].parse().unwrap();
     assert_eq!(
         first,
-        written.len() as u64 + 1,
+        highest_seq(&boot1) + 1,
         "boot 3 did not go on numbering"
     );
     // The files reported so far are in the replica once two more cycles landed (the second
