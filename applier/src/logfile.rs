@@ -284,28 +284,24 @@ impl LogWriter {
     /// block holding the first byte not flushed yet (those before it are in the file
     /// already: rewriting them at every flush cost up to a whole buffer per undo sync);
     /// true if they went direct. If the filesystem refuses, what the buffer holds is written
-    /// through the page cache instead, and so is the rest of the log (false).
+    /// through the page cache instead, and so is the rest of the log (false). In write-behind
+    /// mode a copy is queued for the writer thread instead (which falls back alike).
     fn write_buf(&mut self, n: usize) -> io::Result<bool> {
-        let f = self.direct.as_ref().expect("direct mode");
         let from = (self.flushed - self.flushed % ALIGN).min(n);
-        if let Some(b) = &self.behind {
-            let data = &self.buf[self.at + from..self.at + n];
-            let mut copy = b.spare.try_recv().unwrap_or_default();
-            let at = direct::aligned(&mut copy, data.len());
-            copy[at..].copy_from_slice(data);
-            let work = Work::Write {
-                buf: copy,
-                at,
-                offset: self.base + from as u64,
-            };
-            self.send(work)?;
-            self.written += (n - from) as u64;
-            return Ok(true);
-        }
-        let r = f.write_all_at(
-            &self.buf[self.at + from..self.at + n],
-            self.base + from as u64,
-        );
+        let data = &self.buf[self.at + from..self.at + n];
+        let offset = self.base + from as u64;
+        let r = match &self.behind {
+            Some(b) => {
+                let mut buf = b.spare.try_recv().unwrap_or_default();
+                let at = direct::aligned(&mut buf, data.len());
+                buf[at..].copy_from_slice(data);
+                self.send(Work::Write { buf, at, offset })
+            }
+            None => {
+                let f = self.direct.as_ref().expect("direct mode");
+                f.write_all_at(data, offset)
+            }
+        };
         if r.is_ok() {
             self.written += (n - from) as u64;
         }

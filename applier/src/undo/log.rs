@@ -306,12 +306,6 @@ impl UndoLog {
         Ok(at)
     }
 
-    /// Writes everything appended to the file (in write-behind mode: queues it), not yet
-    /// durable.
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.log.flush().map_err(|e| err(&self.path, e))
-    }
-
     /// From now on the log's blocks are written and synced on a thread of its own, so that
     /// appending goes on meanwhile (see [`UndoLog::sync_later`]).
     pub fn write_behind(&mut self) -> io::Result<()> {
