@@ -42,6 +42,18 @@ fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// `lseek(f, pos, SEEK_DATA)`: where the first data at or after `pos` starts, or None if
+/// there is none (ENXIO: a hole to the end of the file, or `pos` at or past it).
+pub fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(f, pos, libc::SEEK_DATA)
+}
+
+/// `lseek(f, pos, SEEK_HOLE)`: where the first hole at or after `pos` starts (the end of
+/// the file counts as one), or None if `pos` is at or past the end (ENXIO).
+pub fn seek_hole(f: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(f, pos, libc::SEEK_HOLE)
+}
+
 /// Whether `[offset, offset+len)` of `f` is all hole (reads back as zeroes without touching
 /// the disk).
 pub fn is_hole(f: &File, offset: u64, len: u64) -> io::Result<bool> {

@@ -15,8 +15,9 @@
 //! point through a [`PointView`](crate::pointview::PointView) (image, plus the undo overlay of
 //! the cycle in progress and of later cycles), never a torn image.
 //!
-//! Modules: [`state`] (the state file), `receive` (the pipeline), `apply` (commit and
-//! rollback), `points` (retention), `export`, `verify` (checksums).
+//! Modules: [`state`] (the state file), `receive` (the pipeline; `holes`, what it learns of
+//! the images' holes), `apply` (commit and rollback), `points` (retention), `export`, `verify`
+//! (checksums).
 
 mod apply;
 pub(crate) mod definition;
@@ -24,6 +25,7 @@ mod export;
 mod failover;
 #[cfg(test)]
 mod failover_tests;
+mod holes;
 mod pause;
 mod points;
 mod receive;

@@ -3,7 +3,8 @@
 //!
 //! Per batch of verified chunks (gathered across streams): the parts of their ranges that
 //! this cycle has not captured yet are looked up in the log's coverage; their old contents
-//! are read (many reads in flight; a hole is recorded as a hole without reading) and
+//! are read (many reads in flight; a hole is recorded as a hole without reading, known from
+//! what the pipeline learns of the images' holes once per extent: see `holes`) and
 //! appended to the undo log; one fdatasync makes the batch's entries durable, and they are
 //! indexed for point views; only then are the new data written into the images (`O_DIRECT`,
 //! many writes in flight; zero runs punched). The log's writes and syncs run on its own
@@ -35,10 +36,10 @@ use vmreplica_common::direct;
 use vmreplica_common::engine::{Engine, IoBuf, Op};
 use vmreplica_common::lineage::Lineage;
 use vmreplica_common::ranges::{Range, RangeSet};
-use vmreplica_common::sparse::is_hole;
 use vmreplica_common::stages::Stages;
 use vmreplica_common::wire::{code, CycleKind, Tag};
 
+use super::holes::Holes;
 use crate::image::{shared_engine, Buffers, Image, ImageWriter};
 use crate::undo::{Entry, LogIndex, UndoLog};
 
@@ -224,11 +225,12 @@ impl Running {
     ) -> Running {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let writer = ImageWriter::new(Arc::clone(&images), buffers);
-        let sizes = images
+        let sizes: Vec<u64> = images
             .iter()
             .map(|i| i.file.metadata().map(|m| m.len()).unwrap_or(0))
             .collect();
         let mut pl = Pipeline {
+            holes: sizes.iter().map(|&size| Holes::new(size)).collect(),
             sizes,
             vm: vm.to_string(),
             dir,
@@ -313,6 +315,10 @@ type Done = Box<dyn FnOnce(Result<(), Failure>) + Send>;
 struct Pipeline {
     /// Each image's size: chunks must fall inside.
     sizes: Vec<u64>,
+    /// What is known of each image's holes, for the capture: learnt as this pipeline asks,
+    /// and true for what it asks while it runs (see `holes`). A new pipeline (a restart, a
+    /// new cycle, an attempt after a failure or a rollback) knows nothing.
+    holes: Vec<Holes>,
     vm: String,
     dir: PathBuf,
     /// Always Some until stopped.
@@ -445,7 +451,8 @@ impl Pipeline {
                 Msg::Stop(reply) => {
                     let r = self.flush();
                     if self.stages.on() {
-                        tracing::debug!(vm = %self.vm, ms = self.stages.elapsed_ms(), stages = %self.stages.summary(), "receive pipeline stopped");
+                        let hole_seeks: u64 = self.holes.iter().map(Holes::seeks).sum();
+                        tracing::debug!(vm = %self.vm, ms = self.stages.elapsed_ms(), hole_seeks, stages = %self.stages.summary(), "receive pipeline stopped");
                     }
                     let p = self.p.take().expect("stopped once");
                     let _ = reply.send(r.map(|()| p));
@@ -658,10 +665,14 @@ impl Pipeline {
             for (s, e) in self.p().log.coverage().uncovered(r.disk, r.offset, r.end()) {
                 for (s, e) in planned.uncovered(r.disk, s, e) {
                     planned.insert(r.disk, s, e);
+                    // Uncovered, so not written since the cycle started: what the image's
+                    // layout said of it then still holds (see `holes`).
                     let img = &self.images[r.disk as usize];
-                    let hole = is_hole(&img.file, s, e - s).map_err(|x| {
-                        Failure::io(&vm, "checking for holes in the replica image", &x)
-                    })?;
+                    let hole = self.holes[r.disk as usize]
+                        .is_hole(&img.file, s, e)
+                        .map_err(|x| {
+                            Failure::io(&vm, "checking for holes in the replica image", &x)
+                        })?;
                     if hole {
                         holes.push((r.disk, s, e));
                     } else {

@@ -1008,3 +1008,66 @@ fn a_view_of_a_point_whose_log_is_still_the_receiving_one_reads_that_point() {
     assert!(read_point(&vs, 2) == next, "point 2 reads point 1's data");
     assert!(read_point(&vs, 1) == data);
 }
+
+/// Within one pipeline (across batches and a resumed attempt) what it learnt of the images'
+/// holes stays right while the cycle writes and punches beside it: holes are recorded as
+/// holes and data as data, so a rollback gives back the very layout (the filled hole is a
+/// hole again, the punched data is data again) and contents.
+#[test]
+fn holes_learnt_in_a_cycle_stay_right_while_it_writes_beside_them() {
+    let dir = tmp();
+    let s = store(dir.path(), Retention::keep_all());
+    // Each disk: data in its first half, a hole in its second.
+    let mut primary = seeded(8);
+    let (mut vs, history) = initial(&s, &primary);
+    let g = u64::from(G);
+    let half = SIZE / g / 2;
+    let layout = |vs: &VmStore| {
+        let f = fs::File::open(vs.image_path("a")).unwrap();
+        vmreplica_common::sparse::data_regions(&f, SIZE).unwrap()
+    };
+    let before = layout(&vs);
+    assert_eq!(before, vec![(0, SIZE / 2)]);
+    let set = |primary: &mut Images, b: u64, fill: u8| {
+        let at = (b * g) as usize;
+        primary[0][at..at + G as usize].fill(fill);
+        (0u16, b)
+    };
+    // One batch each: fill the hole's second block, then ask about its neighbours; punch a
+    // data block (zeroes), then ask about the one after it.
+    let (_, tag) = start(&mut vs, 2, CycleKind::Delta);
+    let batches = [
+        set(&mut primary, half + 1, 9),
+        set(&mut primary, half + 2, 8),
+        set(&mut primary, half, 7),
+        set(&mut primary, 1, 0),
+        set(&mut primary, 2, 6),
+    ];
+    for b in batches {
+        for r in send(&vs, tag, &primary, &[b]) {
+            r.unwrap();
+        }
+    }
+    // A resumed attempt keeps the pipeline (and what it learnt).
+    let (st, tag) = start(&mut vs, 2, CycleKind::Delta);
+    assert!(st.continued);
+    let batches = [
+        set(&mut primary, half + 3, 5),
+        set(&mut primary, 3, 0),
+        set(&mut primary, half - 1, 4),
+    ];
+    for b in batches {
+        for r in send(&vs, tag, &primary, &[b]) {
+            r.unwrap();
+        }
+    }
+    assert!(read_images(&vs) == primary);
+    assert!(layout(&vs) != before);
+    assert!(vs.roll_back().unwrap());
+    assert!(read_images(&vs) == history[&1]);
+    assert_eq!(
+        layout(&vs),
+        before,
+        "holes were recorded as holes, data as data"
+    );
+}
