@@ -87,6 +87,10 @@ METRICS = [
     ("cpu_pct", "Server CPU, % of one core (utime+stime over the measured window)", False,
      lambda v: f"{v:.0f}%"),
     ("cpu_us_per_io", "Server CPU per I/O, µs (CPU% / IOPS)", False, lambda v: f"{v:,.1f}"),
+    # The client's own CPU (fio's usr_cpu + sys_cpu: its one job thread, libnbd included): near
+    # 100% it is the client that sets the pace, and a faster server cannot show.
+    ("fio_cpu_pct", "Client (fio) CPU, % of one core (fio's usr+sys over its measured window)",
+     None, lambda v: f"{v:.0f}%"),
 ]
 
 
@@ -193,9 +197,10 @@ def main():
     for metric, title, higher_better, fmt in METRICS:
         out.append(f"### {title}")
         out.append("")
+        ratios = higher_better is not None
         better = "higher" if higher_better else "lower"
-        header = ["Workload"] + [s["label"] for s in servers] + [
-            "tracker(on) / best of qemu-nbd, nbdkit", "tracker(on) / tracker(off)"]
+        header = ["Workload"] + [s["label"] for s in servers] + ([
+            "tracker(on) / best of qemu-nbd, nbdkit", "tracker(on) / tracker(off)"] if ratios else [])
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" + "---:|" * (len(header) - 1))
         for w in workloads:
@@ -208,19 +213,24 @@ def main():
                 else:
                     first = cells.get((s["key"], w["key"], rounds[0]))
                     row.append(str(first) if not isinstance(first, dict) else "n/a")
-            row.append(ratio_cell(per_round(
-                w["key"], metric,
-                lambda r: value(TRACKER_ON, w["key"], r, metric),
-                lambda r: best_peer(w["key"], r, metric, higher_better))))
-            row.append(ratio_cell(per_round(
-                w["key"], metric,
-                lambda r: value(TRACKER_ON, w["key"], r, metric),
-                lambda r: value(TRACKER_OFF, w["key"], r, metric))))
+            if ratios:
+                row.append(ratio_cell(per_round(
+                    w["key"], metric,
+                    lambda r: value(TRACKER_ON, w["key"], r, metric),
+                    lambda r: best_peer(w["key"], r, metric, higher_better))))
+                row.append(ratio_cell(per_round(
+                    w["key"], metric,
+                    lambda r: value(TRACKER_ON, w["key"], r, metric),
+                    lambda r: value(TRACKER_OFF, w["key"], r, metric))))
             out.append("| " + " | ".join(row) + " |")
         out.append("")
-        out.append(f"_{better} is better; each cell is the median over {len(rounds)} round(s) "
-                   f"(min–max); \"best of\" = the {better} of qemu-nbd (both) and nbdkit in the "
-                   f"same round; a ratio is the median of the per-round ratios (min–max)._")
+        if ratios:
+            out.append(f"_{better} is better; each cell is the median over {len(rounds)} round(s) "
+                       f"(min–max); \"best of\" = the {better} of qemu-nbd (both) and nbdkit in "
+                       f"the same round; a ratio is the median of the per-round ratios (min–max)._")
+        else:
+            out.append(f"_each cell is the median over {len(rounds)} round(s) (min–max); a "
+                       f"client near 100% of its core is what limits that server's IOPS._")
         out.append("")
 
     # The targets: tracking on at least as fast as the best peer (>= 1.00), tracking costing

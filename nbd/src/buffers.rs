@@ -64,6 +64,13 @@ pub(crate) fn take(n: usize) -> Vec<u8> {
     Vec::with_capacity(n)
 }
 
+/// A payload buffer (pooled on a connection's reader thread) holding a copy of `data`.
+pub fn copy_of(data: &[u8]) -> Vec<u8> {
+    let mut b = take(data.len());
+    b.extend_from_slice(data);
+    b
+}
+
 /// Hands a write's payload back once the device is done with it. On a connection's reader
 /// thread it is kept for the next write (if small enough and the pool has room; when full, it
 /// replaces a smaller buffer, so the pool follows the sizes in use); anywhere else it is freed.

@@ -91,6 +91,14 @@ pub trait BlockDevice: Send + Sync {
         done(Err(read_only_refusal()))
     }
 
+    /// Writes `data`, which the caller keeps: a small write's payload, still in the
+    /// connection's read buffer. A device that is done with `data` before this returns (a
+    /// `pwrite` here and now) saves copying it into a buffer of its own; the default copies it
+    /// into a payload buffer and calls [`BlockDevice::write`].
+    fn write_from(&self, offset: u64, data: &[u8], fua: bool, done: Done) {
+        self.write(offset, crate::buffers::copy_of(data), fua, done)
+    }
+
     /// Makes every completed write durable.
     fn flush(&self, done: Done) {
         done(Ok(()))

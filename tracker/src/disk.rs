@@ -74,6 +74,13 @@ pub struct Disk {
 /// it waits for the gate or the budget; completions never do: they do not write inline.
 pub const INLINE_WRITE_MAX: usize = 64 << 10;
 
+/// What a modifying operation writes: an operation of its own, or a small write's data
+/// borrowed from the caller for the time of the call.
+enum Payload<'a> {
+    Op(Op),
+    Borrowed(&'a [u8]),
+}
+
 /// Modes for fallocate.
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
@@ -206,11 +213,19 @@ impl Disk {
         );
     }
 
-    /// Runs `op` inside the gate, after marking its blocks dirty and copying aside the
-    /// frozen blocks it overwrites (which may wait for the copies' group commit), then an
-    /// fdatasync if `fua`. With `zeroes`, an `op` the file system does not support
-    /// (EOPNOTSUPP) is replaced by writing zeroes, on the worker thread.
-    fn modify(&self, offset: u64, len: u64, op: Op, fua: bool, zeroes: bool, done: Done) {
+    /// Runs `payload`'s operation inside the gate, after marking its blocks dirty and copying
+    /// aside the frozen blocks it overwrites (which may wait for the copies' group commit),
+    /// then an fdatasync if `fua`. With `zeroes`, an operation the file system does not
+    /// support (EOPNOTSUPP) is replaced by writing zeroes, on the worker thread.
+    fn modify(
+        &self,
+        offset: u64,
+        len: u64,
+        payload: Payload<'_>,
+        fua: bool,
+        zeroes: bool,
+        done: Done,
+    ) {
         debug_assert!(
             !crate::engine::on_completion_thread(),
             "a write may wait at the gate: never on a completion thread"
@@ -226,61 +241,102 @@ impl Disk {
         if self.last_write.load(Ordering::Relaxed) < now {
             self.last_write.fetch_max(now, Ordering::Relaxed);
         }
-        let disk = self.arc();
-        // `inline`: called on this (the caller's) thread, where a small write may be done
-        // with a plain pwrite (see [`INLINE_WRITE_MAX`]); not from the copy-on-write syncer.
-        let issue = move |r: Result<(), (String, bool)>, inline: bool| {
-            if let Err((why, cow)) = r {
-                disk.tracking_failed(&why, cow);
-            }
-            let op = match op {
-                Op::Write {
-                    buf, offset, at, ..
-                } if inline && buf.len() - at <= INLINE_WRITE_MAX => {
-                    let r = disk.file.write_all_at(&buf[at..], offset);
-                    // On the connection's reader thread: its next write reuses the buffer.
-                    vmreplica_nbd::buffers::recycle(buf.into_vec());
-                    disk.gate.exit();
-                    return disk.finish(r, fua, done);
+        let marked = match &self.tracking {
+            None => Ok(None),
+            Some(t) => t.mark(offset, len).map_err(|e| e.to_string()),
+        };
+        let frozen = match marked {
+            Ok(Some(frozen)) => frozen,
+            r => {
+                // Nothing frozen to copy first: issued here and now (inline: on the caller's
+                // thread, where a small write is a plain pwrite).
+                if let Err(why) = r {
+                    self.tracking_failed(&why, false);
                 }
-                op => op,
-            };
-            let d2 = Arc::clone(&disk);
-            disk.submit(
-                op,
-                Box::new(move |c: Completion| {
-                    if zeroes
-                        && c.result.as_ref().err().and_then(|e| e.raw_os_error())
-                            == Some(libc::EOPNOTSUPP)
-                    {
-                        let d3 = Arc::clone(&d2);
-                        return d2.on_worker(Box::new(move || {
-                            let r = write_zeroes_blocking(&d3.file, offset, len);
-                            d3.gate.exit();
-                            d3.finish(r, fua, done);
-                        }));
-                    }
-                    d2.gate.exit();
-                    d2.finish(c.result, fua, done);
-                }),
-            );
+                let inline = !crate::engine::on_completion_thread();
+                return match payload {
+                    Payload::Borrowed(data) => self.write_inline(offset, data, fua, done),
+                    Payload::Op(op) => self.issue(op, inline, offset, len, fua, zeroes, done),
+                };
+            }
         };
-        let inline = !crate::engine::on_completion_thread();
-        let Some(t) = &self.tracking else {
-            return issue(Ok(()), inline);
-        };
-        match t.mark(offset, len) {
-            Err(e) => issue(Err((e.to_string(), false)), inline),
-            Ok(None) => issue(Ok(()), inline),
-            Ok(Some(frozen)) => t.copy_on_write(
-                frozen,
-                &self.file,
-                &self.path,
+        // The write waits for the copy's group commit: it must own its data.
+        let op = match payload {
+            Payload::Op(op) => op,
+            Payload::Borrowed(data) => Op::Write {
+                fd: self.fd(),
                 offset,
-                len,
-                Box::new(move |r: Result<(), String>| issue(r.map_err(|w| (w, true)), false)),
-            ),
-        }
+                buf: vmreplica_nbd::buffers::copy_of(data).into(),
+                at: 0,
+            },
+        };
+        let disk = self.arc();
+        let t = self.tracking.as_ref().expect("marked by tracking");
+        t.copy_on_write(
+            frozen,
+            &self.file,
+            &self.path,
+            offset,
+            len,
+            Box::new(move |r: Result<(), String>| {
+                if let Err(why) = r {
+                    disk.tracking_failed(&why, true);
+                }
+                // From the copy-on-write syncer: never inline.
+                disk.issue(op, false, offset, len, fua, zeroes, done);
+            }),
+        );
+    }
+
+    /// A small write's `pwrite`, on the caller's thread, inside the gate (left here).
+    fn write_inline(&self, offset: u64, data: &[u8], fua: bool, done: Done) {
+        let r = self.file.write_all_at(data, offset);
+        self.gate.exit();
+        self.finish(r, fua, done)
+    }
+
+    /// Issues `op` (inside the gate, which its completion leaves): a small write `inline`
+    /// with a pwrite on this thread, anything else through the engine.
+    #[allow(clippy::too_many_arguments)]
+    fn issue(
+        &self,
+        op: Op,
+        inline: bool,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        zeroes: bool,
+        done: Done,
+    ) {
+        let op = match op {
+            Op::Write { buf, at, .. } if inline && buf.len() - at <= INLINE_WRITE_MAX => {
+                // On the connection's reader thread: its next write reuses the buffer.
+                let data = buf.into_vec();
+                self.write_inline(offset, &data[at..], fua, done);
+                vmreplica_nbd::buffers::recycle(data);
+                return;
+            }
+            op => op,
+        };
+        let d2 = self.arc();
+        self.submit(
+            op,
+            Box::new(move |c: Completion| {
+                if zeroes
+                    && c.result.as_ref().err().and_then(|e| e.raw_os_error())
+                        == Some(libc::EOPNOTSUPP)
+                {
+                    let d3 = Arc::clone(&d2);
+                    return d2.on_worker(Box::new(move || {
+                        let r = write_zeroes_blocking(&d3.file, offset, len);
+                        d3.gate.exit();
+                        d3.finish(r, fua, done);
+                    }));
+                }
+                d2.gate.exit();
+                d2.finish(c.result, fua, done);
+            }),
+        );
     }
 
     /// Completes a modifying operation: an fdatasync first if it asked for FUA.
@@ -299,7 +355,25 @@ impl Disk {
             buf: buf.into(),
             at: 0,
         };
-        self.modify(offset, len, op, fua, false, done);
+        self.modify(offset, len, Payload::Op(op), fua, false, done);
+    }
+
+    /// Writes `data`, borrowed from the caller (a connection's read buffer): written here with
+    /// a `pwrite` where a small write would be (see [`INLINE_WRITE_MAX`]), without a copy into
+    /// a buffer of its own; copied into one only when the write must outlive this call (it
+    /// waits for a copy-on-write, or goes through the engine).
+    pub fn write_from(&self, offset: u64, data: &[u8], fua: bool, done: Done) {
+        if data.len() > INLINE_WRITE_MAX || crate::engine::on_completion_thread() {
+            return self.write(offset, vmreplica_nbd::buffers::copy_of(data), fua, done);
+        }
+        self.modify(
+            offset,
+            data.len() as u64,
+            Payload::Borrowed(data),
+            fua,
+            false,
+            done,
+        );
     }
 
     /// Deallocates a range (reads back as zeroes), keeping the image sparse.
@@ -320,7 +394,7 @@ impl Disk {
             len,
             mode,
         };
-        self.modify(offset, len, op, fua, !fast, done);
+        self.modify(offset, len, Payload::Op(op), fua, !fast, done);
     }
 
     /// Makes every completed write durable (image, bitmap and copy-on-write store).
@@ -403,6 +477,10 @@ impl BlockDevice for Disk {
 
     fn write(&self, offset: u64, data: Vec<u8>, fua: bool, done: Done) {
         Disk::write(self, offset, data, fua, done)
+    }
+
+    fn write_from(&self, offset: u64, data: &[u8], fua: bool, done: Done) {
+        Disk::write_from(self, offset, data, fua, done)
     }
 
     fn flush(&self, done: Done) {
