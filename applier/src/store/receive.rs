@@ -229,6 +229,8 @@ impl Running {
             .iter()
             .map(|i| i.file.metadata().map(|m| m.len()).unwrap_or(0))
             .collect();
+        #[cfg(test)]
+        let durable = p.log.coverage().clone();
         let mut pl = Pipeline {
             holes: sizes.iter().map(|&size| Holes::new(size)).collect(),
             sizes,
@@ -248,6 +250,8 @@ impl Running {
             pending: None,
             syncing: VecDeque::new(),
             syncing_bytes: 0,
+            #[cfg(test)]
+            durable,
             stages: Stages::new(STAGES, tracing::enabled!(tracing::Level::DEBUG)),
         };
         let thread = std::thread::Builder::new()
@@ -343,6 +347,10 @@ struct Pipeline {
     syncing: VecDeque<Syncing>,
     /// The chunk bytes those batches hold.
     syncing_bytes: u64,
+    /// Test builds: the ranges whose undo entries are durable, which an image write must
+    /// fall in (the write-ahead order).
+    #[cfg(test)]
+    durable: RangeSet,
     stages: Stages,
 }
 
@@ -578,6 +586,13 @@ impl Pipeline {
                 (j.done)(Err(f.clone()));
                 continue;
             }
+            #[cfg(test)]
+            assert!(
+                !self.p.as_ref().is_some_and(|p| p.capture)
+                    || self.durable.contains(j.disk, j.offset, j.range().end()),
+                "an image write of {:?} before its undo entries are durable",
+                j.range()
+            );
             let token = self.next_token;
             self.next_token += 1;
             self.in_flight.insert(token, (j.range(), j.done));
@@ -640,6 +655,10 @@ impl Pipeline {
             return;
         }
         self.p().index.insert(&s.entries);
+        #[cfg(test)]
+        for e in &s.entries {
+            self.durable.insert(e.disk, e.offset, e.end());
+        }
         self.write_jobs(s.jobs);
     }
 
@@ -695,6 +714,18 @@ impl Pipeline {
         let mut entries: Vec<Entry> = Vec::with_capacity(holes.len() + reads.len());
         let p = self.p.as_mut().expect("running");
         let log_err = |x: io::Error| Failure::io(&vm, "writing the undo log", &x);
+        #[cfg(test)]
+        {
+            let mut batch = RangeSet::new();
+            for &(d, s, e) in holes.iter().chain(&reads) {
+                assert!(
+                    p.log.coverage().overlapping(d, s, e).is_empty()
+                        && batch.overlapping(d, s, e).is_empty(),
+                    "{d}:{s}..{e} captured twice in one cycle"
+                );
+                batch.insert(d, s, e);
+            }
+        }
         for (d, s, e) in holes {
             entries.push(p.log.append(d, s, (e - s) as u32, None).map_err(log_err)?);
         }
