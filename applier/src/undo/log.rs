@@ -192,8 +192,12 @@ impl UndoLog {
         let keep = stop_at.unwrap_or(end);
         if keep != total {
             file.set_len(keep).map_err(|e| err(path, e))?;
-            file.sync_all().map_err(|e| err(path, e))?;
         }
+        // What a process that died wrote may not be durable yet (it was written, not synced),
+        // and the coverage read back here lets the images be written where it says old
+        // contents are kept: it must be durable first, or a power cut could keep those image
+        // writes and lose the entries that undo them.
+        file.sync_all().map_err(|e| err(path, e))?;
         let log = LogWriter::open(file, path, keep).map_err(|e| err(path, e))?;
         let me = UndoLog {
             path: path.to_path_buf(),
