@@ -10,6 +10,9 @@ bash scripts/install-deps.sh
 export VMREPLICA_REQUIRE_URING=1 VMREPLICA_REQUIRE_DIRECT=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The docs, private items included (the modules' docs are how the code explains itself):
+# a broken or ambiguous link fails the run.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --document-private-items
 cargo build --release --bin vmreplica
 cargo nextest run --workspace --no-fail-fast "$@"
 # The bitmap's word access and the engine's blocking I/O loops under Miri (the tests Miri can

@@ -5,6 +5,9 @@
 //! or a thread pool) through which the tracker and the applier write images and the shipper
 //! reads them.
 
+// The docs are built with private items (scripts/test.sh), where links to them resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod congestion;
 pub mod direct;
 pub mod engine;

@@ -1,5 +1,5 @@
 //! The QUIC link between sites: endpoints tuned for long fat networks, and framed
-//! [`wire`](crate::wire) messages on QUIC streams.
+//! [`wire`] messages on QUIC streams.
 //!
 //! Defaults are sized for 100 ms RTT at 1 Gbit/s (a bandwidth-delay product of 12.5 MB):
 //! 16 MiB per-stream and 64 MiB per-connection receive windows, a 64 MiB send window, and

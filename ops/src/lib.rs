@@ -6,6 +6,9 @@
 //! - [`events`]: the event stream (`vmreplica events`);
 //! - [`metrics`]: Prometheus metrics from status, and their HTTP listener.
 
+// The docs are built with private items (scripts/test.sh), where links to them resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod events;
 pub mod history;
 pub mod metrics;

@@ -16,6 +16,9 @@
 //!   reload), [`state`] (history and pause, across restarts), [`status`] (the primary's view
 //!   of the VM), [`appfreeze`] (application-consistent freezes through the guest agent).
 
+// The docs are built with private items (scripts/test.sh), where links to them resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod appfreeze;
 pub mod config;
 pub mod control;

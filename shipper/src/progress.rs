@@ -1,4 +1,4 @@
-//! A cycle's progress while it is shipped. [`ship_cycle`](crate::ship::ship_cycle) reports to
+//! A cycle's progress while it is shipped. [`send_data`](crate::ship::send_data) reports to
 //! a [`Progress`] a few times a second (also while the link is stalled); the command line
 //! draws a bar on a terminal, and [`LogProgress`] (for a service) logs a line every few
 //! seconds.

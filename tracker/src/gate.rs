@@ -54,9 +54,10 @@ impl Gate {
         self.enter_with(|| {})
     }
 
-    /// Like [`Gate::enter`], with `before_waiting` run first (outside the gate's lock) if the
-    /// gate is closed: a connection's reader thread sends the replies it holds back before it
-    /// waits, so requests already done are not held up by a freeze.
+    /// Waits while the gate is closed, then counts one more write in flight; with
+    /// `before_waiting` run first (outside the gate's lock) if the gate is closed: a
+    /// connection's reader thread sends the replies it holds back before it waits, so
+    /// requests already done are not held up by a freeze.
     pub fn enter_with(&self, before_waiting: impl FnOnce()) {
         let mut s = self.lock();
         if s.closed {

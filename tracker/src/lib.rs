@@ -13,6 +13,9 @@
 //! - [`engine`]: io_uring and thread-pool image I/O (shared with the other roles, from
 //!   `vmreplica_common`).
 
+// The docs are built with private items (scripts/test.sh), where links to them resolve.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod activity_log;
 pub mod bitmap;
 pub mod control;

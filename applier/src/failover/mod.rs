@@ -10,8 +10,8 @@
 //! - [`commit`], [`cancel`], [`abandon`];
 //! - [`promote`] (planned failover) and [`reverse`] (replicate back after an unplanned one),
 //!   which start the shipper towards the old primary with this applier's own certificate;
-//! - [`adopt`] and [`unadopt`]: the old primary's images become the replica that waits for
-//!   the reverse cycle;
+//! - [`adopt_new`] and [`adopt_own`] (undone by `admin::adopt_undo`): the old primary's
+//!   images become the replica that waits for the reverse cycle;
 //! - [`supervise`]: after a restart of the applier, the processes of every VM it is primary
 //!   for are found again (and started if they are gone).
 //!

@@ -298,7 +298,7 @@ pub(crate) struct VmState {
 
 /// The disks a failover must recreate blank and sparse (name, size): served by the primary's
 /// tracker but not replicated. F2 creates them where a failover opens the VM's disks (see
-/// [`crate::store::create_excluded_images`]).
+/// [`crate::store::VmStore::create_excluded_images`]).
 pub fn excluded_disks(state: &VmState) -> Vec<(String, u64)> {
     state
         .excluded

@@ -2,7 +2,7 @@
 //! the cycle can be rolled back and every older recovery point read (the replica image always
 //! holds the newest).
 //!
-//! - [`format`]: the on-disk format as a pure codec (fuzzed);
+//! - [`format`](mod@format): the on-disk format as a pure codec (fuzzed);
 //! - [`log`]: writing a cycle's log, reopening it after a crash, loading finished logs,
 //!   merging two;
 //! - [`index`]: the in-memory index of a log that point views read through.
