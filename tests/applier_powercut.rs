@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::powercut::{powercut_fs_bin, PowercutFs};
+use common::powercut::{self, powercut_fs_bin, PowercutFs};
 use common::*;
 use rand::{Rng, SeedableRng};
 use vmreplica_common::tls::{self, Validity};
@@ -229,10 +229,7 @@ fn power_cuts_on_the_replica_site_never_tear_or_lose_a_point() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let fs_bin = powercut_fs_bin();
     let dir = tempfile::tempdir().unwrap();
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    std::fs::create_dir(&backing).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    let fs_log = dir.path().join("powercut-fs.log");
+    let (backing, mnt, fs_log) = powercut::dirs(dir.path());
     let ca = dir.path().join("ca");
     tls::init_ca(&ca, "test CA", 30).unwrap();
     tls::issue(&ca, "primary-1", &[], Validity::days(30), &ca).unwrap();

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::powercut::{powercut_fs_bin, PowercutFs};
+use common::powercut::{self, powercut_fs_bin, PowercutFs};
 use vmreplica_applier::undo::{Header, UndoLog};
 use vmreplica_common::lineage::Lineage;
 
@@ -18,10 +18,7 @@ const ENTRIES: u64 = 16;
 fn the_entries_a_reopened_undo_log_counts_survive_a_power_cut() {
     let fs_bin = powercut_fs_bin();
     let dir = tempfile::tempdir().unwrap();
-    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
-    std::fs::create_dir(&backing).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    let fs_log = dir.path().join("powercut-fs.log");
+    let (backing, mnt, fs_log) = powercut::dirs(dir.path());
     let mut fs = PowercutFs::mount(&fs_bin, &backing, &mnt, &fs_log, 0.0, 1);
     let path = mnt.join("2.undo");
     let header = Header {

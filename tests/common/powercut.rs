@@ -66,6 +66,15 @@ fn is_mounted(mnt: &Path) -> bool {
         .any(|l| l.split_whitespace().nth(4) == Some(want.as_str()))
 }
 
+/// Where a test mounts `powercut-fs` under `dir`: the backing directory and the mount point
+/// (both created), and the file system's log.
+pub fn dirs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (backing, mnt) = (dir.join("backing"), dir.join("mnt"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    (backing, mnt, dir.join("powercut-fs.log"))
+}
+
 /// A mounted `powercut-fs`.
 pub struct PowercutFs {
     child: Option<Child>,
