@@ -637,6 +637,18 @@ fi
   io_floor=$(awk -v m="$io_mib" -v r="$best" 'BEGIN { printf "%.2f", m / r }')
   echo "Where the cycle's time went: $v_cyc_read MiB read and $v_cyc_written MiB written on the disk ($io_what; bytes the shipper and applier sent to or read from storage, /proc/PID/io), $io_mib MiB in all. At the disk's best rate above ($best MiB/s) that takes at least $io_floor s: **the disk alone keeps the ratio at or above $(r "$io_floor" "$denom")** on this machine."
   echo
+  if [[ $same_disk == 1 ]]; then
+    # The best rate is often the local read's, where the host's cache answers. The cycle's
+    # writes must be durable, with a sync between each undo entry and its image write, and
+    # with syncs in the mix this disk does not read and write at full rate at once (fio beside
+    # an appending, syncing writer: 500-600 MiB/s in all; cycle-readahead-2026-12-05.md). Reads
+    # at the local read's rate, then writes at the durable rate (dd conv=fsync):
+    read_rate=$(rate "$local_mib" "$local_secs")
+    dd_rate=$(rate "$BENCH_CYCLE_MIB" "$dd_secs")
+    ser_floor=$(awk -v r="$v_cyc_read" -v w="$v_cyc_written" -v a="$read_rate" -v b="$dd_rate" 'BEGIN { printf "%.2f", r / a + w / b }')
+    echo "Read at the local read's rate ($read_rate MiB/s) and written at the store's durable rate ($dd_rate MiB/s), one after the other, the same traffic takes $ser_floor s: ratio $(r "$ser_floor" "$denom") where reads and durable writes do not overlap on the one disk."
+    echo
+  fi
   # The CPU floors: both sites' CPU seconds spread perfectly over this machine's cores; on two
   # hosts, each site's own seconds over its own cores (the busier site sets it).
   ncpu=$(nproc)
