@@ -382,9 +382,9 @@ fn capture_is_idempotent_across_resends_restarts_and_reconnects() {
 }
 
 /// A chunk resent in the same batch as its first copy, or while that copy's undo entries
-/// are still being synced, has nothing left to capture: it is captured once (the pipeline
-/// asserts it in test builds) and written only once those entries are durable (asserted
-/// too: the write-ahead order), and every earlier point stays exact.
+/// are still being synced, has nothing left to capture: it is captured once (the undo log
+/// asserts it in test builds) and written only once those entries are durable (the pipeline
+/// asserts the write-ahead order), and every earlier point stays exact.
 #[test]
 fn chunks_resent_while_their_first_capture_is_in_flight_wait_for_it() {
     let dir = tmp();

@@ -256,10 +256,16 @@ impl UndoLog {
         len: u32,
         old: Option<&[u8]>,
     ) -> io::Result<Entry> {
-        debug_assert!(self
-            .coverage
-            .overlapping(disk, offset, offset + u64::from(len))
-            .is_empty());
+        // Checked in the applier's unit tests too, which run optimized: a second capture would
+        // record new data as old.
+        #[cfg(any(test, debug_assertions))]
+        assert!(
+            self.coverage
+                .overlapping(disk, offset, offset + u64::from(len))
+                .is_empty(),
+            "{}: {disk}:{offset}+{len} captured twice in one cycle",
+            self.path.display()
+        );
         let old = old.filter(|d| !is_zero(d));
         let mut scratch = std::mem::take(&mut self.scratch);
         let (enc, payload): (Enc, &[u8]) = match old {
